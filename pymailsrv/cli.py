@@ -1,0 +1,267 @@
+"""The ``pymailsrv`` command line (``python -m pymailsrv`` is the same group).
+
+Exit status: 0 ok; 1 a user error, told in one line on stderr, never a
+traceback; 2 a usage error (click's own). ``deliver`` is a local delivery
+agent that other MTAs call, so it answers in sysexits codes instead
+(``EX_NOUSER`` 67, ``EX_TEMPFAIL`` 75, ``EX_DATAERR`` 65), as procmail and
+Dovecot's ``dovecot-lda`` do.
+
+Every subcommand takes ``--root`` (or ``$PYMAILSRV_ROOT``) and ``--config``.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import functools
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from email.parser import BytesHeaderParser
+from pathlib import Path
+from typing import Any
+
+import click
+from tabulate import tabulate
+
+from pymailsrv.config import ConfigError, Settings, load_settings
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.storage import StorageError
+from pymailsrv.users import UserError, UserStore, check_user_name
+
+# sysexits.h, as mail delivery agents use them.
+EX_DATAERR = 65
+EX_NOUSER = 67
+EX_TEMPFAIL = 75
+
+
+def _settings(root: str | None, config: str | None, **overrides: Any) -> Settings:
+    try:
+        return load_settings(config, {"root": root, **overrides})
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def settings_options(command: Callable) -> Callable:
+    """The ``--root`` and ``--config`` options every subcommand takes."""
+    command = click.option("--config", type=click.Path(dir_okay=False),
+                           help="TOML settings file (default: $PYMAILSRV_CONFIG or ./pymailsrv.toml).")(command)
+    return click.option("--root", type=click.Path(file_okay=False), envvar="PYMAILSRV_ROOT",
+                        help="Data root holding the Maildirs (default ./mailboxes).")(command)
+
+
+def with_settings(command: Callable) -> Callable:
+    """Give a subcommand ``--root`` and ``--config``; it receives ``settings``."""
+
+    @settings_options
+    @functools.wraps(command)
+    def wrapper(root: str | None, config: str | None, **kwargs: Any) -> Any:
+        return command(settings=_settings(root, config), **kwargs)
+
+    return wrapper
+
+
+def _user_name(name: str) -> str:
+    try:
+        return check_user_name(name)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password may not be empty")
+    return password
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pymailsrv")
+def main() -> None:
+    """pymailsrv: an SMTP and POP3 mail server on Maildir."""
+
+
+# --- start ------------------------------------------------------------------------
+
+
+@main.command()
+@settings_options
+@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--smtp-port", type=int, help="SMTP port (default 2525; 0 picks a free port).")
+@click.option("--pop3-port", type=int, help="POP3 port (default 1100; 0 picks a free port).")
+@click.option("--domain", "domains", multiple=True, help="A mail domain this server is final for (repeatable).")
+@click.option("--trace", is_flag=True, default=None, help="Print every protocol line to stderr.")
+def start(root: str | None, config: str | None, host: str | None, smtp_port: int | None,
+          pop3_port: int | None, domains: tuple[str, ...], trace: bool | None) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM."""
+    from pymailsrv.server import MailServer
+
+    settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
+                         pop3={"port": pop3_port}, smtp={"port": smtp_port})
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stopping = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stopping.set())
+    server = MailServer(settings)
+    try:
+        server.start()
+    except OSError as error:
+        raise click.ClickException(f"cannot listen on {settings.host}: {error.strerror or error}") from None
+    click.echo(server.listening_line(), err=True)
+    try:
+        while not stopping.wait(timeout=1.0):
+            pass
+    finally:
+        server.stop()
+    logging.getLogger("pymailsrv.server").info("stopped")
+
+
+# --- user ---------------------------------------------------------------------------
+
+
+@main.group()
+def user() -> None:
+    """Manage local user accounts."""
+
+
+@user.command("add")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@click.option("--apop", is_flag=True, help="Also keep an APOP secret (weaker: stored in plain text, mode 0600).")
+@with_settings
+def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) -> None:
+    """Create a user and their Maildir."""
+    name = _user_name(name)
+    users = UserStore(settings.state_dir)
+    if users.exists(name):
+        raise click.ClickException(f"user {name!r} already exists")
+    password = _read_password(password_stdin)
+    try:
+        users.add(name, password, apop=apop)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    MaildirStore(settings.root).create_maildir(name)
+    click.echo(f"added user {name}")
+
+
+@user.command("remove")
+@click.argument("name")
+@click.option("--purge", is_flag=True, help="Also delete the user's Maildir and all their mail.")
+@with_settings
+def user_remove(settings: Settings, name: str, purge: bool) -> None:
+    """Remove a user (their mail stays on disk unless --purge)."""
+    name = _user_name(name)
+    try:
+        UserStore(settings.state_dir).remove(name)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    if purge:
+        MaildirStore(settings.root).remove_maildir(name)
+    click.echo(f"removed user {name}" + (" and their mail" if purge else ""))
+
+
+@user.command("passwd")
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+@with_settings
+def user_passwd(settings: Settings, name: str, password_stdin: bool) -> None:
+    """Change a user's password (and APOP secret, if they have one)."""
+    name = _user_name(name)
+    users = UserStore(settings.state_dir)
+    if not users.exists(name):
+        raise click.ClickException(f"no such user {name!r}")
+    try:
+        users.set_password(name, _read_password(password_stdin))
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"changed the password of {name}")
+
+
+@user.command("list")
+@with_settings
+def user_list(settings: Settings) -> None:
+    """List users with their message count and size on disk."""
+    store = MaildirStore(settings.root)
+    rows = []
+    for name in UserStore(settings.state_dir).names():
+        messages = store.messages(name)
+        rows.append((name, len(messages), sum(_file_size(path) for _, path in messages)))
+    click.echo(tabulate(rows, headers=["user", "messages", "bytes"]))
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+# --- mailbox -------------------------------------------------------------------------
+
+
+@main.group()
+def mailbox() -> None:
+    """Look into users' mailboxes."""
+
+
+@mailbox.command("list")
+@click.argument("name")
+@with_settings
+def mailbox_list(settings: Settings, name: str) -> None:
+    """List a user's messages as POP3 numbers them at login."""
+    name = _user_name(name)
+    if not UserStore(settings.state_dir).exists(name):
+        raise click.ClickException(f"no such user {name!r}")
+    parser = BytesHeaderParser(policy=email.policy.default)
+    rows = []
+    for msg_number, (info, path) in enumerate(MaildirStore(settings.root).messages(name), start=1):
+        try:
+            with open(path, "rb") as file:
+                headers = parser.parse(file)
+        except FileNotFoundError:
+            continue
+        rows.append((msg_number, info.uid, _header(headers, "Date"), _header(headers, "From"),
+                     _header(headers, "Subject"), info.size))
+    click.echo(tabulate(rows, headers=["#", "uid", "date", "from", "subject", "size"]))
+
+
+def _header(headers: Any, name: str) -> str:
+    try:
+        return str(headers.get(name, ""))
+    except Exception:  # a malformed header must not stop the listing
+        return "(unreadable)"
+
+
+# --- deliver ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@click.argument("file", type=click.File("rb"), default="-")
+@with_settings
+def deliver(settings: Settings, name: str, file: Any) -> None:
+    """Deliver one RFC 5322 message from FILE (default stdin) into NAME's Maildir."""
+    try:
+        user = check_user_name(name)
+    except UserError as error:
+        _exit(EX_NOUSER, str(error))
+    if not UserStore(settings.state_dir).exists(user):
+        _exit(EX_NOUSER, f"no such user {user!r}")
+    message = file.read()
+    if not message.strip():
+        _exit(EX_DATAERR, "the message is empty")
+    try:
+        queue_id = MaildirStore(settings.root).deliver(user, message)
+    except (StorageError, OSError) as error:
+        _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
+    click.echo(f"delivered to {user} as {queue_id}")
+
+
+def _exit(status: int, message: str) -> None:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(status)

@@ -1,0 +1,79 @@
+"""The command table: one row per protocol verb, the single source of truth.
+
+Each protocol module ends with a literal ``CommandTable(Command(...), ...)``
+that reads like its RFC's command summary (RFC 1939 §9, RFC 5321 §4.1). From
+that one table the session derives:
+
+* dispatch: which handler runs for a verb, and whether the verb is allowed in
+  the current state (unknown and known-but-wrong-state are different errors);
+* the capability listings: POP3 ``CAPA`` and SMTP ``EHLO`` keywords;
+* ``HELP``: the syntax line of every verb;
+* the state diagram: which verbs each state accepts and where they lead.
+
+Nothing looks a handler up by building a method name from client input.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+Handler = Callable[[Any, str], Any]  # (session, argument) -> Reply
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb of a protocol.
+
+    verb:        the command keyword, upper case, as on the wire.
+    handler:     the session method that answers it, given the argument text.
+    states:      the states in which the verb is valid.
+    syntax:      how the RFC writes it, for HELP and syntax errors.
+    rfc:         the section that defines it.
+    capability:  the CAPA line / EHLO keyword the verb brings, if any.
+    moves:       state -> next state when the command succeeds there (the
+                 edges of the state diagram; the handler makes the move).
+    secret:      the argument is a credential: traces show it masked.
+    """
+
+    verb: str
+    handler: Handler
+    states: frozenset[enum.Enum]
+    syntax: str
+    rfc: str
+    capability: str | None = None
+    moves: Mapping[enum.Enum, enum.Enum | None] = field(default_factory=lambda: MappingProxyType({}))
+    secret: bool = False
+
+
+class CommandTable:
+    """The commands of one protocol, looked up case-insensitively by verb."""
+
+    def __init__(self, *commands: Command) -> None:
+        self._by_verb = {command.verb: command for command in commands}
+        if len(self._by_verb) != len(commands):
+            raise ValueError("a verb appears twice in the command table")
+
+    def __iter__(self) -> Iterator[Command]:
+        return iter(self._by_verb.values())
+
+    def find(self, verb: str) -> Command | None:
+        return self._by_verb.get(verb.upper())
+
+    def allowed_in(self, state: enum.Enum) -> list[Command]:
+        return [command for command in self if state in command.states]
+
+    def capabilities(self) -> list[str]:
+        """The capabilities the commands bring, in table order."""
+        return [command.capability for command in self if command.capability]
+
+    def transitions(self) -> list[tuple[enum.Enum, str, enum.Enum | None]]:
+        """(from state, verb, to state) for every edge; None means the end."""
+        return [
+            (state, command.verb, target)
+            for command in self
+            for state, target in command.moves.items()
+        ]

@@ -1,0 +1,220 @@
+"""Settings: defaults, the TOML file, and command-line flags, in that order.
+
+A ``Settings`` value is frozen: it is made once at start-up and handed to
+every session. It comes from three layers, the later winning:
+
+1. the defaults below (most of them from ``limits.py``);
+2. a TOML file: ``--config FILE``, else ``$PYMAILSRV_CONFIG``, else
+   ``./pymailsrv.toml`` if it exists;
+3. the command-line flags (``--root`` also reads ``$PYMAILSRV_ROOT``).
+
+The file mirrors the dataclasses: top-level keys, then one table per
+protocol. An unknown key or a value of the wrong kind is a ``ConfigError``
+that names the key::
+
+    root = "/var/mail/pymailsrv"
+    domains = ["example.org"]
+    [pop3]
+    port = 110
+    failed_login_delay = 2.0
+    [smtp]
+    port = 25
+    bare_newline = "reject"
+    [relay]
+    trusted_networks = ["192.0.2.0/24"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pymailsrv import limits
+
+DEFAULT_ROOT = Path("./mailboxes")
+DEFAULT_CONFIG_FILE = Path("./pymailsrv.toml")
+
+
+class ConfigError(Exception):
+    """A bad setting; the message names it."""
+
+
+def _port(value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError("a port is 0-65535 (0 picks a free port)")
+
+
+def _positive(value: float) -> None:
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+
+
+def _not_negative(value: float) -> None:
+    if value < 0:
+        raise ValueError("must be 0 or more")
+
+
+def _recipient_limit(value: int) -> None:
+    if value < limits.SMTP_RECIPIENTS_RFC_MINIMUM:
+        raise ValueError(f"RFC 5321 §4.5.3.1.8 requires at least {limits.SMTP_RECIPIENTS_RFC_MINIMUM}")
+
+
+def _networks(value: tuple[str, ...]) -> None:
+    for network in value:
+        ipaddress.ip_network(network, strict=False)
+
+
+def _checked(default: Any, check: typing.Callable[[Any], None] | None = None, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"check": check}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Pop3Settings:
+    port: int = _checked(1100, _port)
+    failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, _not_negative)
+    command_line_max: int = _checked(limits.POP3_COMMAND_LINE_MAX, _positive)
+    autologout: float = _checked(float(limits.POP3_AUTOLOGOUT_SECONDS), _positive)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    port: int = _checked(2525, _port)
+    max_message_size: int = _checked(limits.SMTP_MESSAGE_SIZE_MAX, _positive)
+    max_recipients: int = _checked(limits.SMTP_RECIPIENTS_MAX, _recipient_limit)
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    # The local user who gets postmaster@ mail; None: the first user.
+    postmaster: str | None = None
+    command_timeout: float = _checked(float(limits.SMTP_COMMAND_TIMEOUT_SECONDS), _positive)
+    data_timeout: float = _checked(float(limits.SMTP_DATA_TIMEOUT_SECONDS), _positive)
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    # Client networks allowed to relay without authenticating; empty: nobody.
+    trusted_networks: tuple[str, ...] = _checked((), _networks)
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path = DEFAULT_ROOT
+    host: str = "127.0.0.1"
+    # The name this server gives itself in greetings and Received: headers.
+    hostname: str = field(default_factory=socket.gethostname)
+    domains: tuple[str, ...] = ("localhost",)
+    trace: bool = False
+    pop3: Pop3Settings = field(default_factory=Pop3Settings)
+    smtp: SmtpSettings = field(default_factory=SmtpSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+
+    @property
+    def state_dir(self) -> Path:
+        from pymailsrv.users import STATE_DIR_NAME
+
+        return self.root / STATE_DIR_NAME
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """``value`` from TOML or a flag as the field's type, or ConfigError naming ``key``."""
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        if value not in typing.get_args(kind):
+            choices = ", ".join(repr(choice) for choice in typing.get_args(kind))
+            raise ConfigError(f"bad value for {key!r}: {value!r} (choose one of {choices})")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        return _convert(value, kind, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            raise ConfigError(f"bad value for {key!r}: expected a list of strings")
+        return tuple(value)
+    if kind is Path:
+        if not isinstance(value, (str, os.PathLike)):
+            raise ConfigError(f"bad value for {key!r}: expected a path, got {value!r}")
+        return Path(value)
+    accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}[kind]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
+        raise ConfigError(f"bad value for {key!r}: expected {kind.__name__}, got {value!r}")
+    return kind(value)
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    arguments = {}
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown setting {key!r}")
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ConfigError(f"bad value for {key!r}: expected a table [{key}]")
+            arguments[name] = _build(kind, value, prefix=f"{key}.")
+            continue
+        converted = _convert(value, kind, key)
+        check = fields[name].metadata.get("check")
+        if check is not None and converted is not None:
+            try:
+                check(converted)
+            except ValueError as error:
+                raise ConfigError(f"bad value for {key!r}: {error}") from None
+        arguments[name] = converted
+    return cls(**arguments)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_file(explicit: str | os.PathLike | None) -> Path | None:
+    """Which TOML file applies: the flag, then $PYMAILSRV_CONFIG, then ./pymailsrv.toml."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get("PYMAILSRV_CONFIG"):
+        return Path(os.environ["PYMAILSRV_CONFIG"])
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Settings from the defaults, the TOML file and ``overrides`` (flags; None values skipped)."""
+    values: dict[str, Any] = {}
+    path = config_file(config)
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                values = tomllib.load(file)
+        except OSError as error:
+            raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+    values = _merge(values, _without_none(overrides or {}))
+    return _build(Settings, values)
+
+
+def _without_none(values: dict[str, Any]) -> dict[str, Any]:
+    cleaned = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _without_none(value)
+            if not value:
+                continue
+        if value is not None:
+            cleaned[key] = value
+    return cleaned

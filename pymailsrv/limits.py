@@ -1,0 +1,74 @@
+"""Every size, count and timeout pymailsrv enforces, each with where it comes from.
+
+These are the defaults; the ones a site may want to change are also settings
+(see ``config.py``), which start from the values here. Keeping them in one
+module means a reader can check each number against its RFC in one sitting.
+"""
+
+# --- POP3 -----------------------------------------------------------------
+
+# RFC 2449 §4: "Commands in the POP3 consist of a case-insensitive keyword,
+# possibly followed by one or more arguments ... may not exceed 255 octets,
+# including the terminating CRLF."
+POP3_COMMAND_LINE_MAX = 255
+
+# RFC 1939 §3: "A POP3 server MAY have an inactivity autologout timer. Such a
+# timer MUST be of at least 10 minutes' duration."
+POP3_AUTOLOGOUT_SECONDS = 10 * 60
+
+# Dovecot's choice (login_delay / auth_failure_delay): a failed login is
+# answered after 2 seconds, so a password cannot be guessed at line rate.
+POP3_FAILED_LOGIN_DELAY_SECONDS = 2.0
+
+# Dovecot's limits: pop3-login closes after 3 bad commands (CLIENT_MAX_BAD_
+# COMMANDS) and 3 failed logins; the pop3 process allows 20 bad commands.
+POP3_MAX_FAILED_LOGINS = 3
+POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN = 3
+POP3_MAX_BAD_COMMANDS_AFTER_LOGIN = 20
+
+# RFC 1939 §7: "The unique-id of a message is an arbitrary server-determined
+# string, consisting of one to 70 characters in the range 0x21 to 0x7E".
+POP3_UIDL_MAX = 70
+
+# --- SMTP -----------------------------------------------------------------
+
+# RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including
+# the command word and the <CRLF> is 512 octets." RFC 1870 §3 lets SIZE add
+# up to 26 octets, RFC 6531 §3.4 asks for room for UTF-8 paths: we allow the
+# base plus a generous margin for ESMTP parameters, per session, never grown.
+SMTP_COMMAND_LINE_MAX = 512
+SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE = 512
+
+# RFC 5321 §4.5.3.1.6: "The maximum total length of a text line including the
+# <CRLF> is 1000 octets (not counting the leading dot duplicated for
+# transparency)" - 998 characters + CRLF, plus the transparency dot.
+SMTP_TEXT_LINE_MAX = 1000 + 1
+
+# Postfix's message_size_limit default (10240000 octets).
+SMTP_MESSAGE_SIZE_MAX = 10_240_000
+
+# Postfix's smtpd_recipient_limit default; RFC 5321 §4.5.3.1.8 says a server
+# MUST accept at least 100 recipients, so the setting is never allowed below.
+SMTP_RECIPIENTS_MAX = 1000
+SMTP_RECIPIENTS_RFC_MINIMUM = 100
+
+# RFC 5321 §4.5.3.2.7: the server should wait at least 5 minutes for the next
+# command; §4.5.3.2.6 (DATA block): the client waits 10 minutes for the reply
+# to the final dot, so we wait as long between two DATA reads.
+SMTP_COMMAND_TIMEOUT_SECONDS = 5 * 60
+SMTP_DATA_TIMEOUT_SECONDS = 10 * 60
+
+# Postfix's smtpd_hard_error_limit default: after 20 errors the session ends.
+SMTP_MAX_ERRORS = 20
+
+# --- Transport ------------------------------------------------------------
+
+# How much one recv() asks the kernel for. A bigger buffer means fewer system
+# calls on large DATA transfers; the line limits above still bound memory.
+RECV_CHUNK = 64 * 1024
+
+# --- Maildir --------------------------------------------------------------
+
+# The Maildir specification (cr.yp.to/proto/maildir.html): "A program should
+# delete files in tmp that have not been accessed in 36 hours."
+MAILDIR_TMP_MAX_AGE_SECONDS = 36 * 60 * 60

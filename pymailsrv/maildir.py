@@ -1,0 +1,413 @@
+"""Maildir storage: durable delivery, the POP3 snapshot, deferred expunge.
+
+Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
+``ROOT/<user>/`` with ``tmp/ new/ cur/``, readable by mutt, Dovecot or Python's
+``mailbox.Maildir``. The rules we follow, and why:
+
+* Delivery writes the message into ``tmp/`` under a unique name, flushes and
+  fsyncs it, links it into ``new/`` and fsyncs ``new/``. Only then is it
+  acknowledged. A reader never sees a half-written file in ``new/`` or
+  ``cur/``, and an acknowledged message survives ``kill -9`` and power loss.
+  A message for several users is written once and hard-linked into each
+  ``new/``; if any link fails, the links already made are taken back, so it
+  is in every mailbox or in none.
+* The unique name is ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``
+  followed by ``,S=<octets on disk>,W=<octets as POP3 sends them>`` as
+  Maildir++ and Dovecot do, so STAT and LIST never open a message file.
+  Messages are stored with LF line ends, the Maildir convention; POP3 sends
+  them with CRLF (RFC 1939 §3), and W counts exactly that.
+* A file's *key* is its name up to the ``:2,`` info part: it stays the same
+  while the message moves from ``new/`` to ``cur/`` and gains flags. The
+  UIDL is the unique name itself (stable across sessions, RFC 1939 §7), or a
+  hash of it where the name does not fit the UIDL rules.
+* RFC 1939 §8 asks for an exclusive lock on the maildrop during a POP3
+  session. ``mailbox.Maildir.lock()`` does nothing, so we take an ``flock``
+  on ``ROOT/.pymailsrv/locks/<user>.lock``: it excludes other sessions in
+  this process and other processes alike, and the kernel releases it when a
+  crashed process dies, so no stale lock survives a crash.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import itertools
+import os
+import shutil
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
+from pymailsrv.storage import (
+    InsufficientStorage,
+    MaildropLocked,
+    MessageInfo,
+    MessageVanished,
+    StorageError,
+)
+from pymailsrv.users import STATE_DIR_NAME, check_user_name
+
+SUBDIRS = ("tmp", "new", "cur")
+# The Maildir spec's "info" separator; what follows ":2," are the flags.
+INFO_SEPARATOR = ":2,"
+SEEN_FLAG = "S"
+_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+_delivery_counter = itertools.count(1)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename or link into ``path`` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _storage_error(error: OSError, doing: str) -> StorageError:
+    if error.errno in _FULL_DISK_ERRNOS:
+        return InsufficientStorage(f"{doing}: {error.strerror}")
+    return StorageError(f"{doing}: {error.strerror or error}")
+
+
+def _safe_hostname() -> str:
+    # The spec: replace "/" with "\057" and ":" with "\072"; we also escape
+    # "," because it separates the S= and W= fields that follow.
+    host = socket.gethostname() or "localhost"
+    return host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+
+
+def pop3_lines(file: BinaryIO) -> Iterator[bytes]:
+    """The lines of a stored message without their line ends, LF or CRLF.
+
+    A last line without a line end is still a line: POP3 ends it with CRLF.
+    """
+    for line in file:
+        if line.endswith(b"\r\n"):
+            yield line[:-2]
+        elif line.endswith(b"\n"):
+            yield line[:-1]
+        else:
+            yield line
+
+
+def pop3_size(file: BinaryIO) -> int:
+    """Octets as POP3 sends the message: every line plus CRLF (RFC 1939 §11)."""
+    return sum(len(line) + 2 for line in pop3_lines(file))
+
+
+def _key_of(name: str) -> str:
+    return name.split(INFO_SEPARATOR, 1)[0].split(":", 1)[0]
+
+
+def _name_fields(key: str) -> dict[str, str]:
+    """The ``,S=…,W=…`` fields after the unique name."""
+    fields = {}
+    for part in key.split(",")[1:]:
+        field, _, value = part.partition("=")
+        fields[field] = value
+    return fields
+
+
+def uid_of(key: str) -> str:
+    """The UIDL of a message: its unique name, or a digest where that will not do."""
+    unique = key.split(",", 1)[0]
+    if 0 < len(unique) <= POP3_UIDL_MAX and all(0x21 <= ord(c) <= 0x7E for c in unique):
+        return unique
+    return hashlib.sha1(unique.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _arrival_order(key: str) -> tuple[int, str]:
+    seconds = key.split(".", 1)[0]
+    return (int(seconds) if seconds.isdigit() else 0, key)
+
+
+def _scan(maildir: Path) -> list[tuple[str, str]]:
+    """(key, "new/…" or "cur/…") for every message file, in arrival order.
+
+    Dot files and anything that is not a regular file are not messages; a
+    file that vanishes while we look simply is not listed.
+    """
+    found = []
+    for subdir in ("new", "cur"):
+        try:
+            entries = list(os.scandir(maildir / subdir))
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            try:
+                is_message = not entry.name.startswith(".") and entry.is_file(follow_symlinks=False)
+            except OSError:
+                continue
+            if is_message:
+                found.append((_key_of(entry.name), f"{subdir}/{entry.name}"))
+    found.sort(key=lambda pair: _arrival_order(pair[0]))
+    return found
+
+
+class MaildirStore:
+    """All mailboxes under one data root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.state_dir = self.root / STATE_DIR_NAME
+        self._host = _safe_hostname()
+
+    def maildir(self, user: str) -> Path:
+        # The name check is what keeps "../x" or "a/b" from leaving the root.
+        return self.root / check_user_name(user)
+
+    def create_maildir(self, user: str) -> Path:
+        path = self.maildir(user)
+        for subdir in SUBDIRS:
+            (path / subdir).mkdir(parents=True, exist_ok=True)
+        return path
+
+    def remove_maildir(self, user: str) -> None:
+        shutil.rmtree(self.maildir(user), ignore_errors=True)
+
+    # --- delivery ------------------------------------------------------------
+
+    def unique_name(self) -> tuple[str, str]:
+        """A new Maildir unique name and the short id we quote to clients."""
+        now = time.time()
+        queue_id = os.urandom(5).hex().upper()
+        name = (f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
+                f"Q{next(_delivery_counter)}R{queue_id}.{self._host}")
+        return name, queue_id
+
+    def receive(self, users: Iterable[str]) -> "IncomingMaildirMessage":
+        """Start receiving one message for these users (see IncomingMaildirMessage)."""
+        return IncomingMaildirMessage(self, [check_user_name(user) for user in users])
+
+    def deliver(self, user: str, message: bytes) -> str:
+        """Deliver one whole message to ``user``; returns its id once it is durable."""
+        text = message.replace(b"\r\n", b"\n")
+        if text and not text.endswith(b"\n"):
+            text += b"\n"
+        incoming = self.receive([user])
+        try:
+            incoming.write(text)
+            return incoming.commit()
+        except BaseException:
+            incoming.discard()
+            raise
+
+    # --- reading -----------------------------------------------------------
+
+    def open_maildrop(self, user: str) -> "MaildirMaildrop":
+        """Lock the user's maildrop for a POP3 session (raises MaildropLocked)."""
+        path = self.create_maildir(user)
+        lock_dir = self.state_dir / "locks"
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_dir / f"{user}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MaildropLocked(user) from None
+        return MaildirMaildrop(path, fd)
+
+    def messages(self, user: str) -> list[tuple[MessageInfo, Path]]:
+        """A read-only listing (no lock, nothing moved) for the CLI."""
+        maildir = self.maildir(user)
+        listing = []
+        for key, relative in _scan(maildir):
+            path = maildir / relative
+            try:
+                listing.append((MessageInfo(key, _pop3_size_of(key, path), uid_of(key)), path))
+            except FileNotFoundError:
+                continue
+        return listing
+
+    def remove_stale_files(self) -> int:
+        """Remove tmp/ files older than 36 hours, as the Maildir spec says; returns the count."""
+        cutoff = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS
+        removed = 0
+        for tmp in self.root.glob("*/tmp"):
+            for entry in os.scandir(tmp):
+                try:
+                    if entry.is_file(follow_symlinks=False) and entry.stat().st_atime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+
+def _pop3_size_of(key: str, path: Path) -> int:
+    recorded = _name_fields(key).get("W", "")
+    if recorded.isdigit():
+        return int(recorded)
+    with open(path, "rb") as file:
+        return pop3_size(file)
+
+
+class IncomingMaildirMessage:
+    """One message being written into ``tmp/`` as it arrives.
+
+    ``write`` takes text with LF line ends. ``commit`` makes it durable in
+    every recipient's ``new/`` (or none) and returns its queue id;
+    ``discard`` throws it away. Both remove the ``tmp/`` file.
+    """
+
+    def __init__(self, store: MaildirStore, users: list[str]) -> None:
+        if not users:
+            raise ValueError("a message needs at least one recipient")
+        self._users = users
+        self._maildirs = [store.create_maildir(user) for user in users]
+        self._name, self.queue_id = store.unique_name()
+        self._tmp_path = self._maildirs[0] / "tmp" / self._name
+        self.octets = 0
+        self._line_ends = 0
+        self._ends_with_newline = True
+        try:
+            self._file: BinaryIO | None = open(self._tmp_path, "xb")
+        except OSError as error:
+            raise _storage_error(error, "creating a file in tmp/") from error
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise _storage_error(error, "writing into tmp/") from error
+        self.octets += len(data)
+        self._line_ends += data.count(b"\n")
+        self._ends_with_newline = data.endswith(b"\n")
+
+    @property
+    def pop3_size(self) -> int:
+        # Each LF goes out as CRLF; a last line without one still gets CRLF.
+        return self.octets + self._line_ends + (0 if self._ends_with_newline else 2)
+
+    def commit(self) -> str:
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as error:
+            self.discard()
+            raise _storage_error(error, "syncing the message to disk") from error
+        self._file.close()
+        final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
+        linked: list[Path] = []
+        try:
+            for maildir in self._maildirs:
+                target = maildir / "new" / final_name
+                os.link(self._tmp_path, target)
+                linked.append(target)
+            for maildir in self._maildirs:
+                _fsync_directory(maildir / "new")
+        except OSError as error:
+            for target in linked:
+                target.unlink(missing_ok=True)
+            self.discard()
+            raise _storage_error(error, "linking the message into new/") from error
+        self._tmp_path.unlink(missing_ok=True)
+        return self.queue_id
+
+    def discard(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+
+class MaildirMaildrop:
+    """A user's Maildir while one POP3 session holds its lock."""
+
+    def __init__(self, path: Path, lock_fd: int) -> None:
+        self._path = path
+        self._lock_fd: int | None = lock_fd
+        self._files: dict[str, str] = {}  # key -> "cur/<name>"
+
+    def snapshot(self) -> list[MessageInfo]:
+        """Every message now present; new ones move to cur/ as the session has seen them."""
+        infos = []
+        for key, relative in _scan(self._path):
+            if relative.startswith("new/"):
+                relative = self._move_to_cur(relative)
+                if relative is None:
+                    continue
+            try:
+                size = _pop3_size_of(key, self._path / relative)
+            except FileNotFoundError:
+                continue
+            self._files[key] = relative
+            infos.append(MessageInfo(key, size, uid_of(key)))
+        return infos
+
+    def _move_to_cur(self, relative: str) -> str | None:
+        name = relative.split("/", 1)[1]
+        moved = f"cur/{name}" if INFO_SEPARATOR in name else f"cur/{name}{INFO_SEPARATOR}"
+        try:
+            os.rename(self._path / relative, self._path / moved)
+        except FileNotFoundError:
+            return None
+        return moved
+
+    def _relocate(self, key: str) -> bool:
+        """Find a message another program (a mail reader) renamed to change its flags."""
+        for found_key, relative in _scan(self._path):
+            if found_key == key:
+                self._files[key] = relative
+                return True
+        return False
+
+    def _open(self, key: str) -> BinaryIO:
+        for _attempt in range(2):
+            try:
+                return open(self._path / self._files[key], "rb")
+            except FileNotFoundError:
+                if not self._relocate(key):
+                    break
+        raise MessageVanished(key)
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        file = self._open(key)  # opened now, so a vanished message fails before +OK
+
+        def read() -> Iterator[bytes]:
+            with file:
+                yield from pop3_lines(file)
+
+        return read()
+
+    def mark_seen(self, key: str) -> None:
+        relative = self._files[key]
+        base, _, flags = relative.partition(INFO_SEPARATOR)
+        if SEEN_FLAG in flags:
+            return
+        seen = f"{base}{INFO_SEPARATOR}{''.join(sorted(flags + SEEN_FLAG))}"
+        try:
+            os.rename(self._path / relative, self._path / seen)
+        except FileNotFoundError:
+            return  # renamed or removed by someone else: nothing to mark
+        self._files[key] = seen
+
+    def expunge(self, keys: Iterable[str]) -> int:
+        failures = sum(not self._remove(key) for key in keys)
+        _fsync_directory(self._path / "cur")
+        return failures
+
+    def _remove(self, key: str) -> bool:
+        """Unlink one message; False only if it is still there afterwards."""
+        for _attempt in range(2):
+            try:
+                os.unlink(self._path / self._files[key])
+                return True
+            except FileNotFoundError:
+                if not self._relocate(key):
+                    return True  # already gone, as the user wanted
+            except OSError:
+                return False
+        return True
+
+    def release(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None

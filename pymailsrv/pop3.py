@@ -1,0 +1,410 @@
+"""POP3: the Post Office Protocol, version 3 (RFC 1939, RFC 2449, RFC 3206).
+
+Read this module beside RFC 1939. A POP3 session moves through three states
+(RFC 1939 §3)::
+
+    connect --> AUTHORIZATION --USER+PASS / APOP--> TRANSACTION --QUIT--> UPDATE --> close
+                      |                                   |
+                      +--QUIT--> close                    +--(connection lost)--> close, nothing deleted
+
+* AUTHORIZATION (§4): the client names itself with USER and PASS, or APOP.
+  Before saying ``+OK`` we take the maildrop lock (§8) and a *snapshot*:
+  the messages present now, their sizes and unique ids. Mail that arrives
+  during the session is not in the snapshot, so message numbers never change.
+* TRANSACTION (§5): STAT, LIST, RETR, DELE, NOOP, RSET, TOP, UIDL (and the
+  obsolete LAST of RFC 1460). DELE only *marks* a message.
+* UPDATE (§6): entered only by QUIT from TRANSACTION. Only here are the
+  marked messages removed. A client that disconnects without QUIT never
+  reaches UPDATE, so nothing it marked is deleted.
+
+Three ways to name a message, kept apart on purpose (Dovecot's glossary):
+
+* ``msg_number``: 1..n, as on the wire ("RETR 3");
+* ``index``: 0..n-1, the position in the snapshot (``msg_number - 1``);
+* ``key``: the store's own name for the message; only storage reads it.
+
+``_index()`` is the one place a msg_number from the client becomes an index.
+The command table at the foot of the module drives dispatch, CAPA and the
+state diagram; every handler returns a reply from ``replies.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import time
+from collections.abc import Iterator
+
+from pymailsrv import __version__
+from pymailsrv.commands import Command, CommandTable
+from pymailsrv.limits import (
+    POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
+    POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
+)
+from pymailsrv.replies import (
+    POP3_AUTH_FAILED,
+    POP3_AUTOLOGOUT,
+    POP3_CAPABILITIES_FOLLOW,
+    POP3_GREETING,
+    POP3_IN_USE,
+    POP3_LAST,
+    POP3_LINE_TOO_LONG,
+    POP3_LOGGED_IN,
+    POP3_MARKED_DELETED,
+    POP3_MESSAGE_DELETED,
+    POP3_MESSAGE_FOLLOWS,
+    POP3_MESSAGE_VANISHED,
+    POP3_NO_SUCH_MESSAGE,
+    POP3_NOOP,
+    POP3_RESET,
+    POP3_SCAN_LISTING,
+    POP3_SCAN_LISTINGS_FOLLOW,
+    POP3_SIGNING_OFF,
+    POP3_SIGNING_OFF_AFTER_UPDATE,
+    POP3_STAT,
+    POP3_STORAGE_FAILURE,
+    POP3_SYNTAX,
+    POP3_TOO_MANY_BAD_COMMANDS,
+    POP3_TOO_MANY_FAILED_LOGINS,
+    POP3_TOP_FOLLOWS,
+    POP3_UNIQUE_ID,
+    POP3_UNIQUE_IDS_FOLLOW,
+    POP3_UNKNOWN_COMMAND,
+    POP3_UPDATE_FAILED,
+    POP3_USER_ACCEPTED,
+    POP3_USER_FIRST,
+    POP3_WRONG_STATE,
+    CommandError,
+    Pop3Reply,
+    Reply,
+)
+from pymailsrv.session import Session
+from pymailsrv.storage import MaildropLocked, MessageInfo, MessageVanished, StorageError
+from pymailsrv.users import UserError, check_user_name
+
+log = logging.getLogger("pymailsrv.pop3")
+
+
+class Pop3State(enum.Enum):
+    """RFC 1939 §3."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+
+
+# RFC 2449 §6: capabilities of the server as a whole. The ones a command
+# brings (USER, TOP, UIDL) come from the command table instead.
+SESSION_CAPABILITIES = (
+    "RESP-CODES",  # §6.4: -ERR replies may carry [CODES]
+    "PIPELINING",  # §6.6: the transport answers pipelined commands in order
+    "EXPIRE NEVER",  # §6.7: we never delete mail on our own
+    "LOGIN-DELAY 0",  # §6.5: a client may log in again at once
+    f"IMPLEMENTATION pymailsrv-{__version__}",  # §6.9
+)
+
+# RFC 1939 §7: the APOP digest is MD5, written as 32 lower-case hex digits.
+_APOP_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
+class Pop3Session(Session):
+    protocol = "pop3"
+    UNKNOWN_COMMAND = POP3_UNKNOWN_COMMAND
+    WRONG_STATE = POP3_WRONG_STATE
+    LINE_TOO_LONG = POP3_LINE_TOO_LONG
+    INTERNAL_ERROR = POP3_STORAGE_FAILURE
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        # RFC 1939 §7: the greeting's timestamp is the APOP challenge; it must
+        # be different in every greeting, so it carries a random part.
+        self.apop_timestamp = (f"<{os.getpid()}.{secrets.token_hex(6)}.{int(time.time())}"
+                               f"@{self.settings.hostname}>")
+        self.pending_user: str | None = None  # named by USER, awaiting PASS
+        self.user: str | None = None
+        self.maildrop = None
+        self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
+        self.deleted: set[int] = set()  # indexes marked by DELE
+        self.highest_accessed = 0  # for LAST (RFC 1460)
+
+    # --- what the base class asks of a protocol ------------------------------
+
+    def initial_state(self) -> Pop3State:
+        return Pop3State.AUTHORIZATION
+
+    def greeting(self) -> Reply:
+        return POP3_GREETING.format(timestamp=self.apop_timestamp)
+
+    def timed_out(self) -> Reply:
+        return POP3_AUTOLOGOUT
+
+    @property
+    def line_limit(self) -> int:
+        return self.settings.pop3.command_line_max
+
+    @property
+    def timeout(self) -> float:
+        return self.settings.pop3.autologout
+
+    def max_errors(self) -> int:
+        if self.state is Pop3State.AUTHORIZATION:
+            return POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN
+        return POP3_MAX_BAD_COMMANDS_AFTER_LOGIN
+
+    def too_many_errors(self, last_error: Reply) -> Reply:
+        if last_error.code == POP3_AUTH_FAILED.code:
+            return POP3_TOO_MANY_FAILED_LOGINS
+        return POP3_TOO_MANY_BAD_COMMANDS
+
+    def is_error(self, reply: Reply) -> bool:
+        return not reply.ok
+
+    def close(self) -> None:
+        # RFC 1939 §6: a session that ends without QUIT never enters UPDATE,
+        # so the messages marked by DELE stay. We only give up the lock.
+        if self.maildrop is not None:
+            self.maildrop.release()
+            self.maildrop = None
+
+    # --- arguments -------------------------------------------------------------
+
+    def _arguments(self, verb: str, argument: str, minimum: int, maximum: int) -> list[str]:
+        words = argument.split()
+        if not minimum <= len(words) <= maximum:
+            raise CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
+        return words
+
+    def _number(self, verb: str, word: str) -> int:
+        # str.isdigit() admits other scripts' digits; the protocol means ASCII.
+        if not (word.isascii() and word.isdigit()):
+            raise CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
+        return int(word)
+
+    def _index(self, verb: str, word: str) -> int:
+        """The index of the live message the client calls ``word`` (a msg_number)."""
+        msg_number = self._number(verb, word)
+        if not 1 <= msg_number <= len(self.messages):
+            raise CommandError(POP3_NO_SUCH_MESSAGE)
+        index = msg_number - 1
+        if index in self.deleted:
+            # RFC 1939 §5: a message marked as deleted may not be referred to.
+            raise CommandError(POP3_MESSAGE_DELETED.format(msg_number=msg_number))
+        return index
+
+    def _live(self) -> Iterator[tuple[int, MessageInfo]]:
+        """(msg_number, message) for every message not marked as deleted."""
+        for index, message in enumerate(self.messages):
+            if index not in self.deleted:
+                yield index + 1, message
+
+    def _totals(self) -> tuple[int, int]:
+        live = [message.size for _, message in self._live()]
+        return len(live), sum(live)
+
+    def _lines(self, index: int) -> Iterator[bytes]:
+        try:
+            return self.maildrop.lines(self.messages[index].key)
+        except MessageVanished:
+            raise CommandError(POP3_MESSAGE_VANISHED.format(msg_number=index + 1)) from None
+
+    # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
+
+    def do_user(self, argument: str) -> Reply:
+        """USER name (RFC 1939 §7)."""
+        (self.pending_user,) = self._arguments("USER", argument, 1, 1)
+        return POP3_USER_ACCEPTED
+
+    def do_pass(self, argument: str) -> Reply:
+        """PASS string (RFC 1939 §7); the password may contain spaces."""
+        if self.pending_user is None:
+            raise CommandError(POP3_USER_FIRST)
+        name, self.pending_user = self.pending_user, None
+        return self._log_in(name, lambda user: self.context.users.check_password(user, argument))
+
+    def do_apop(self, argument: str) -> Reply:
+        """APOP name digest (RFC 1939 §7): MD5(timestamp + secret), no password sent."""
+        name, digest = self._arguments("APOP", argument, 2, 2)
+
+        def digest_matches(user: str) -> bool:
+            secret = self.context.users.apop_secret(user)
+            if secret is None or not _APOP_DIGEST.fullmatch(digest):
+                return False
+            expected = hashlib.md5((self.apop_timestamp + secret).encode("utf-8")).hexdigest()
+            return hmac.compare_digest(expected, digest)
+
+        return self._log_in(name, digest_matches)
+
+    def _log_in(self, name: str, credentials_valid) -> Reply:
+        try:
+            user = check_user_name(name)
+        except UserError:
+            user = None
+        if user is None or not credentials_valid(user):
+            return POP3_AUTH_FAILED.delayed(self.settings.pop3.failed_login_delay)
+        # RFC 1939 §8: lock the maildrop before saying +OK ...
+        try:
+            self.maildrop = self.context.store.open_maildrop(user)
+        except MaildropLocked:
+            return POP3_IN_USE
+        try:
+            # ... and take the snapshot the whole session works from.
+            self.messages = self.maildrop.snapshot()
+        except (StorageError, OSError):
+            self.close()
+            raise
+        self.user = user
+        self.enter(Pop3State.TRANSACTION)
+        count, size = self._totals()
+        return POP3_LOGGED_IN.format(user=user, count=count, size=size)
+
+    def do_quit(self, argument: str) -> Reply:
+        """QUIT (RFC 1939 §4 in AUTHORIZATION, §6 in TRANSACTION)."""
+        if self.state is Pop3State.AUTHORIZATION:
+            return POP3_SIGNING_OFF
+        # RFC 1939 §6: deletions happen only in UPDATE, entered only by QUIT.
+        self.enter(Pop3State.UPDATE)
+        keys = [self.messages[index].key for index in sorted(self.deleted)]
+        try:
+            failures = self.maildrop.expunge(keys)
+        except OSError:
+            log.exception("pop3 session %d: UPDATE failed for %s", self.session_id, self.user)
+            failures = len(keys)
+        finally:
+            self.close()
+        if failures:
+            return POP3_UPDATE_FAILED
+        count, _ = self._totals()
+        remaining = f"{count} messages left" if count else "maildrop empty"
+        return POP3_SIGNING_OFF_AFTER_UPDATE.format(remaining=remaining)
+
+    # --- TRANSACTION (RFC 1939 §5, §7) --------------------------------------
+
+    def do_stat(self, argument: str) -> Reply:
+        """STAT (RFC 1939 §5): the drop listing, "count size"."""
+        self._arguments("STAT", argument, 0, 0)
+        count, size = self._totals()
+        return POP3_STAT.format(count=count, size=size)
+
+    def do_list(self, argument: str) -> Reply:
+        """LIST [msg] (RFC 1939 §5): scan listings, "msg_number size"."""
+        (word,) = self._arguments("LIST", argument, 0, 1) or [None]
+        if word is not None:
+            index = self._index("LIST", word)
+            return POP3_SCAN_LISTING.format(msg_number=index + 1, size=self.messages[index].size)
+        count, size = self._totals()
+        listing = [f"{msg_number} {message.size}".encode() for msg_number, message in self._live()]
+        return POP3_SCAN_LISTINGS_FOLLOW.format(count=count, size=size).with_lines(listing)
+
+    def do_retr(self, argument: str) -> Reply:
+        """RETR msg (RFC 1939 §5): the whole message, byte-stuffed."""
+        (word,) = self._arguments("RETR", argument, 1, 1)
+        index = self._index("RETR", word)
+        lines = self._lines(index)
+        self.maildrop.mark_seen(self.messages[index].key)
+        self.highest_accessed = max(self.highest_accessed, index + 1)
+        return POP3_MESSAGE_FOLLOWS.format(size=self.messages[index].size).with_lines(lines)
+
+    def do_dele(self, argument: str) -> Reply:
+        """DELE msg (RFC 1939 §5): mark only; removal waits for UPDATE."""
+        (word,) = self._arguments("DELE", argument, 1, 1)
+        index = self._index("DELE", word)
+        self.deleted.add(index)
+        self.highest_accessed = max(self.highest_accessed, index + 1)
+        return POP3_MARKED_DELETED.format(msg_number=index + 1)
+
+    def do_noop(self, argument: str) -> Reply:
+        """NOOP (RFC 1939 §5)."""
+        self._arguments("NOOP", argument, 0, 0)
+        return POP3_NOOP
+
+    def do_rset(self, argument: str) -> Reply:
+        """RSET (RFC 1939 §5): unmark every message marked as deleted."""
+        self._arguments("RSET", argument, 0, 0)
+        self.deleted.clear()
+        self.highest_accessed = 0  # RFC 1460: RSET resets the LAST counter too
+        count, size = self._totals()
+        return POP3_RESET.format(count=count, size=size)
+
+    def do_top(self, argument: str) -> Reply:
+        """TOP msg n (RFC 1939 §7): the header, the blank line, and n body lines."""
+        word, count = self._arguments("TOP", argument, 2, 2)
+        index = self._index("TOP", word)
+        body_lines = self._number("TOP", count)
+        return POP3_TOP_FOLLOWS.with_lines(_top(self._lines(index), body_lines))
+
+    def do_uidl(self, argument: str) -> Reply:
+        """UIDL [msg] (RFC 1939 §7): unique-id listings, "msg_number uid"."""
+        (word,) = self._arguments("UIDL", argument, 0, 1) or [None]
+        if word is not None:
+            index = self._index("UIDL", word)
+            return POP3_UNIQUE_ID.format(msg_number=index + 1, uid=self.messages[index].uid)
+        listing = [f"{msg_number} {message.uid}".encode() for msg_number, message in self._live()]
+        return POP3_UNIQUE_IDS_FOLLOW.with_lines(listing)
+
+    def do_last(self, argument: str) -> Reply:
+        """LAST (RFC 1460, dropped by RFC 1725): the highest msg_number accessed.
+
+        Kept because the original design had it and old clients still ask.
+        RETR and DELE count as access; RSET sets it back to 0.
+        """
+        self._arguments("LAST", argument, 0, 0)
+        return POP3_LAST.format(msg_number=self.highest_accessed)
+
+    # --- both states -------------------------------------------------------------
+
+    def do_capa(self, argument: str) -> Reply:
+        """CAPA (RFC 2449 §5): the same list in every state, from the command table."""
+        self._arguments("CAPA", argument, 0, 0)
+        lines = [*self.commands.capabilities(), *SESSION_CAPABILITIES]
+        return POP3_CAPABILITIES_FOLLOW.with_lines(line.encode("ascii") for line in lines)
+
+
+def _top(lines: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
+    """The header, the empty line that ends it, then ``body_lines`` lines of body."""
+    try:
+        for line in lines:
+            yield line
+            if line == b"":
+                break
+        for _ in range(body_lines):
+            line = next(lines, None)
+            if line is None:
+                return
+            yield line
+    finally:
+        lines.close()  # stop reading the file early when n is small
+
+
+# --- The command table (RFC 1939 §9, RFC 2449 §5) --------------------------
+
+_AUTHORIZATION = frozenset({Pop3State.AUTHORIZATION})
+_TRANSACTION = frozenset({Pop3State.TRANSACTION})
+_BOTH = _AUTHORIZATION | _TRANSACTION
+
+Pop3Session.commands = CommandTable(
+    Command("USER", Pop3Session.do_user, _AUTHORIZATION, "USER name", "RFC 1939 §7",
+            capability="USER"),
+    Command("PASS", Pop3Session.do_pass, _AUTHORIZATION, "PASS string", "RFC 1939 §7",
+            moves={Pop3State.AUTHORIZATION: Pop3State.TRANSACTION}, secret=True),
+    Command("APOP", Pop3Session.do_apop, _AUTHORIZATION, "APOP name digest", "RFC 1939 §7",
+            moves={Pop3State.AUTHORIZATION: Pop3State.TRANSACTION}, secret=True),
+    Command("QUIT", Pop3Session.do_quit, _BOTH, "QUIT", "RFC 1939 §4, §6",
+            moves={Pop3State.AUTHORIZATION: None, Pop3State.TRANSACTION: Pop3State.UPDATE}),
+    Command("STAT", Pop3Session.do_stat, _TRANSACTION, "STAT", "RFC 1939 §5"),
+    Command("LIST", Pop3Session.do_list, _TRANSACTION, "LIST [msg]", "RFC 1939 §5"),
+    Command("RETR", Pop3Session.do_retr, _TRANSACTION, "RETR msg", "RFC 1939 §5"),
+    Command("DELE", Pop3Session.do_dele, _TRANSACTION, "DELE msg", "RFC 1939 §5"),
+    Command("NOOP", Pop3Session.do_noop, _TRANSACTION, "NOOP", "RFC 1939 §5"),
+    Command("RSET", Pop3Session.do_rset, _TRANSACTION, "RSET", "RFC 1939 §5"),
+    Command("TOP", Pop3Session.do_top, _TRANSACTION, "TOP msg n", "RFC 1939 §7",
+            capability="TOP"),
+    Command("UIDL", Pop3Session.do_uidl, _TRANSACTION, "UIDL [msg]", "RFC 1939 §7",
+            capability="UIDL"),
+    Command("LAST", Pop3Session.do_last, _TRANSACTION, "LAST", "RFC 1460 §4 (obsolete)"),
+    Command("CAPA", Pop3Session.do_capa, _BOTH, "CAPA", "RFC 2449 §5"),
+)

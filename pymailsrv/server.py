@@ -1,0 +1,142 @@
+"""The listeners: one ``ThreadingTCPServer`` per protocol, all in one process.
+
+``MailServer`` owns everything a running server shares - the settings, the
+user store, the Maildir store and the tracer, bundled as a ``ServerContext``
+that every session receives - and one ``Listener`` per protocol. Each
+listener accepts connections in its own thread and serves each connection in
+a thread of its own (``socketserver.ThreadingMixIn``, daemon threads).
+
+A connection that fails only ends itself: ``handle_error`` logs it and the
+listener carries on. ``stop()`` stops accepting, then shuts down the sockets
+of the connections still open, so their threads end promptly; a POP3 session
+cut off like that changes nothing in its maildrop (RFC 1939 §6).
+
+Port 0 means "pick a free port"; ``addresses`` tells which ports were bound,
+and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import threading
+from dataclasses import dataclass
+
+from pymailsrv.config import Settings
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.pop3 import Pop3Session
+from pymailsrv.session import Session
+from pymailsrv.trace import Tracer
+from pymailsrv.transport import SessionHandler
+from pymailsrv.users import UserStore
+
+log = logging.getLogger("pymailsrv.server")
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    """What every session of one server shares."""
+
+    settings: Settings
+    users: UserStore
+    store: MaildirStore
+    tracer: Tracer
+
+
+class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    # stop() shuts the connections down itself; no need to join their threads.
+    block_on_close = False
+
+    def __init__(self, name: str, address: tuple[str, int], session_class: type[Session],
+                 context: ServerContext) -> None:
+        self.name = name
+        self.session_class = session_class
+        self.context = context
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, SessionHandler)
+
+    def track(self, connection: socket.socket) -> None:
+        with self._open_lock:
+            self._open.add(connection)
+
+    def untrack(self, connection: socket.socket) -> None:
+        with self._open_lock:
+            self._open.discard(connection)
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            connections = list(self._open)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its own thread
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        log.exception("%s connection from %s failed", self.name, client_address[0])
+
+
+class MailServer:
+    """All listeners of one data root. Use as a context manager, or start()/stop()."""
+
+    def __init__(self, settings: Settings, tracer: Tracer | None = None) -> None:
+        self.settings = settings
+        self.context = ServerContext(
+            settings=settings,
+            users=UserStore(settings.state_dir),
+            store=MaildirStore(settings.root),
+            tracer=tracer or Tracer(enabled=settings.trace),
+        )
+        self.listeners: list[Listener] = []
+        self._threads: list[threading.Thread] = []
+
+    def _protocols(self) -> list[tuple[str, int, type[Session]]]:
+        """(listener name, port, session class) for every protocol this server speaks."""
+        return [("pop3", self.settings.pop3.port, Pop3Session)]
+
+    def start(self) -> "MailServer":
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        removed = self.context.store.remove_stale_files()
+        if removed:
+            log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
+        try:
+            for name, port, session_class in self._protocols():
+                address = (self.settings.host, port)
+                self.listeners.append(Listener(name, address, session_class, self.context))
+        except OSError:
+            self.stop()
+            raise
+        for listener in self.listeners:
+            thread = threading.Thread(target=listener.serve_forever, name=f"{listener.name}-listener",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    @property
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        return {listener.name: listener.server_address[:2] for listener in self.listeners}
+
+    def listening_line(self) -> str:
+        pairs = " ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items())
+        return f"listening {pairs}"
+
+    def stop(self) -> None:
+        for listener, thread in zip(self.listeners, self._threads):
+            listener.shutdown()
+            thread.join()
+        for listener in self.listeners:
+            listener.server_close()
+            listener.close_connections()
+        self.listeners.clear()
+        self._threads.clear()
+
+    def __enter__(self) -> "MailServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

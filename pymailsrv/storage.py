@@ -1,0 +1,77 @@
+"""The storage vocabulary the protocol sessions know, and nothing more.
+
+A session never sees a path. POP3 gets a ``Maildrop`` (RFC 1939's word for a
+user's mailbox while a session holds it); SMTP gets a ``Delivery`` that says
+which local users exist and takes a message as it streams in. ``maildir.py``
+implements both on Maildir folders; anything else that keeps these promises
+could stand in its place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StorageError(Exception):
+    """The store could not do what was asked; the session answers a temporary failure."""
+
+
+class MaildropLocked(StorageError):
+    """Another session holds the maildrop (RFC 1939 §8)."""
+
+
+class MessageVanished(StorageError):
+    """The message was removed underneath the session (by another program)."""
+
+
+class InsufficientStorage(StorageError):
+    """The disk is full (ENOSPC, EDQUOT): RFC 3463 X.3.1."""
+
+
+@dataclass(frozen=True)
+class MessageInfo:
+    """One message as a POP3 session's snapshot holds it."""
+
+    key: str  # the store's name for it, stable for the life of the message
+    size: int  # octets exactly as POP3 sends it: CRLF line ends (RFC 1939 §11)
+    uid: str  # the UIDL unique-id (RFC 1939 §7), stable across sessions
+
+
+class Maildrop(Protocol):
+    """A user's mailbox, held exclusively by one POP3 session."""
+
+    def snapshot(self) -> list[MessageInfo]:
+        """The messages present at login, in arrival order (msg_number - 1 = index)."""
+
+    def lines(self, key: str) -> Iterator[bytes]:
+        """The message's lines without line ends (raises MessageVanished)."""
+
+    def mark_seen(self, key: str) -> None:
+        """Remember that the user has read the message."""
+
+    def expunge(self, keys: Iterable[str]) -> int:
+        """Remove these messages for good; returns how many could not be removed."""
+
+    def release(self) -> None:
+        """Give up the maildrop lock."""
+
+
+class IncomingMessage(Protocol):
+    """A message being received, written to disk as it arrives."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def deliver(self, users: Iterable[str]) -> str:
+        """Make the message durable in every user's mailbox, or in none; returns its id."""
+
+    def discard(self) -> None: ...
+
+
+class Delivery(Protocol):
+    """What SMTP may ask of storage."""
+
+    def is_local_user(self, user: str) -> bool: ...
+
+    def receive(self) -> IncomingMessage: ...

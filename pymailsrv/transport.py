@@ -1,0 +1,166 @@
+"""The transport: the only code that touches a socket.
+
+``SessionHandler`` is a ``socketserver`` request handler (one thread per
+connection). It makes the protocol session, then loops: read one line, hand
+it to the session, send the reply the session returns. It knows nothing of
+POP3 or SMTP; everything protocol-shaped comes from the session.
+
+``Connection`` is the choke point for the wire:
+
+* ``read_line(limit)`` reads one line, line end included, never holding more
+  than ``limit`` octets of it in memory. A longer line is read through to its
+  end and thrown away, and reported as too long, so the session can refuse
+  it and stay in step with the client.
+* ``send(reply)`` queues the reply's lines. Output is flushed whenever the
+  input buffer holds no complete line, that is, before we would block
+  waiting for the client: pipelined commands (RFC 2920 §3, RFC 2449 §6.6)
+  get their replies in one write, in order, and a client waiting for an
+  answer always has it.
+* Every line read or written goes to the trace (``trace.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import socketserver
+import time
+from typing import TYPE_CHECKING
+
+from pymailsrv.limits import RECV_CHUNK
+from pymailsrv.replies import CRLF, After, Reply
+
+if TYPE_CHECKING:
+    from pymailsrv.session import Session
+    from pymailsrv.trace import Tracer
+
+log = logging.getLogger("pymailsrv.transport")
+
+# Flush the output buffer once it holds this much, even mid-reply (a RETR).
+OUTPUT_FLUSH_THRESHOLD = 256 * 1024
+
+
+class ConnectionClosed(Exception):
+    """The client went away."""
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, session: Session, tracer: Tracer) -> None:
+        self.sock = sock
+        self.session = session
+        self.tracer = tracer
+        self._input = bytearray()
+        self._output = bytearray()
+        # Message text (SMTP DATA) is traced as a summary: counted here.
+        self._text_lines = 0
+        self._text_octets = 0
+
+    # --- input -----------------------------------------------------------------
+
+    def _receive(self) -> bytes:
+        self.flush()  # never block for input while the client waits for replies
+        chunk = self.sock.recv(RECV_CHUNK)
+        if not chunk:
+            raise ConnectionClosed
+        return chunk
+
+    def read_line(self, limit: int) -> tuple[bytes, bool]:
+        """One line with its line end, and whether it was longer than ``limit``.
+
+        A line that runs past ``limit`` is consumed up to its LF and the first
+        ``limit`` octets are returned with True.
+        """
+        while True:
+            end = self._input.find(b"\n", 0, limit)
+            if end >= 0:
+                line = bytes(self._input[: end + 1])
+                del self._input[: end + 1]
+                return line, False
+            if len(self._input) >= limit:
+                head = bytes(self._input[:limit])
+                self._skip_rest_of_line()
+                return head, True
+            self._input += self._receive()
+
+    def _skip_rest_of_line(self) -> None:
+        while True:
+            end = self._input.find(b"\n")
+            if end >= 0:
+                del self._input[: end + 1]
+                return
+            self._input.clear()
+            self._input += self._receive()
+
+    # --- output ----------------------------------------------------------------
+
+    def send(self, reply: Reply) -> None:
+        if reply.delay:
+            self.flush()
+            time.sleep(reply.delay)
+        head = reply.head()
+        for line in head:
+            self._output += line.encode("utf-8", "replace") + CRLF
+        body_lines = body_octets = 0
+        for wire_line in reply.body():
+            self._output += wire_line
+            body_lines += 1
+            body_octets += len(wire_line)
+            if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
+                self.flush()
+        self.tracer.server_lines(self.session, head, body_lines, body_octets)
+        if reply.after is After.CLOSE:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._output:
+            self.sock.sendall(self._output)
+            self._output.clear()
+
+    # --- the session loop --------------------------------------------------------
+
+    def serve(self) -> None:
+        """Greet, then read lines and answer them until one side closes."""
+        session = self.session
+        reply: Reply | None = session.greeting()
+        self.send(reply)
+        while reply is None or reply.after is not After.CLOSE:
+            self.sock.settimeout(session.timeout)
+            try:
+                line, too_long = self.read_line(session.line_limit)
+            except TimeoutError:
+                self.send(session.timed_out())
+                return
+            reply = self._answer(line, too_long)
+            if reply is not None:
+                self.send(reply)
+
+    def _answer(self, line: bytes, too_long: bool) -> Reply | None:
+        session = self.session
+        if session.collecting_text:
+            self._text_lines += 1
+            self._text_octets += len(line)
+        else:
+            self.tracer.client_line(session, line)
+        reply = session.line_too_long() if too_long else session.handle_line(line)
+        if reply is not None and self._text_lines:
+            self.tracer.client_text(session, self._text_lines, self._text_octets)
+            self._text_lines = self._text_octets = 0
+        return reply
+
+
+class SessionHandler(socketserver.BaseRequestHandler):
+    """One connection: a session of the listener's protocol, served to the end."""
+
+    def handle(self) -> None:
+        listener = self.server
+        session = listener.session_class(listener.context, self.client_address)
+        connection = Connection(self.request, session, listener.context.tracer)
+        listener.track(self.request)
+        try:
+            connection.serve()
+        except (ConnectionClosed, OSError) as error:
+            log.debug("%s session %d from %s ended: %r", session.protocol, session.session_id,
+                      self.client_address[0], error)
+        finally:
+            listener.untrack(self.request)
+            session.close()
