@@ -1,0 +1,163 @@
+"""Shared fixtures: a temp data root, users, and a real server on 127.0.0.1.
+
+Every server a test starts listens on 127.0.0.1 port 0 and is stopped when
+the test ends, pass or fail. Clients are the standard library's own
+(``poplib``, ``smtplib``) or raw sockets where a test needs exact bytes.
+"""
+
+from __future__ import annotations
+
+import poplib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pymailsrv.config import Settings, load_settings
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.server import MailServer
+from pymailsrv.users import UserStore
+
+PASSWORD = "correct horse"
+CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
+
+
+def make_settings(root: Path, **overrides: object) -> Settings:
+    """Settings for a test server: free ports, no login delay, then ``overrides``.
+
+    ``overrides`` uses the TOML layout: ``pop3={"autologout": 1}``.
+    """
+    base = {"root": str(root), "host": "127.0.0.1", "pop3": {"port": 0, "failed_login_delay": 0},
+            "smtp": {"port": 0}}
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            base[key] = {**base.get(key, {}), **value}
+        else:
+            base[key] = value
+    return load_settings(config=None, overrides=base)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "mailboxes"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def users(root: Path) -> UserStore:
+    return UserStore(root / ".pymailsrv")
+
+
+@pytest.fixture
+def store(root: Path) -> MaildirStore:
+    return MaildirStore(root)
+
+
+@pytest.fixture
+def add_user(users: UserStore, store: MaildirStore):
+    """add_user(name, password=PASSWORD, apop=False): an account with its Maildir."""
+
+    def add(name: str, password: str = PASSWORD, apop: bool = False) -> str:
+        users.add(name, password, apop=apop)
+        store.create_maildir(name)
+        return name
+
+    return add
+
+
+@pytest.fixture
+def start_server(root: Path):
+    """start_server(**overrides) -> a running MailServer; all are stopped at teardown."""
+    started: list[MailServer] = []
+
+    def start(**overrides: object) -> MailServer:
+        server = MailServer(make_settings(root, **overrides)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server) -> MailServer:
+    return start_server()
+
+
+@pytest.fixture
+def pop3_address(server: MailServer) -> tuple[str, int]:
+    return server.addresses["pop3"]
+
+
+@pytest.fixture
+def pop3(pop3_address) -> Iterator:
+    """pop3() -> a connected poplib.POP3; all are closed at teardown."""
+    clients: list[poplib.POP3] = []
+
+    def connect(address: tuple[str, int] | None = None) -> poplib.POP3:
+        client = poplib.POP3(*(address or pop3_address), timeout=CLIENT_TIMEOUT)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        try:
+            client.close()
+        except OSError:
+            pass
+
+
+class RawClient:
+    """A line-level client for tests that need the exact bytes on the wire."""
+
+    def __init__(self, address: tuple[str, int]) -> None:
+        self.sock = socket.create_connection(address, timeout=CLIENT_TIMEOUT)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        """The next line from the server, with its CRLF."""
+        return self.file.readline()
+
+    def command(self, text: str) -> bytes:
+        self.send(text.encode() + b"\r\n")
+        return self.line()
+
+    def multiline(self) -> list[bytes]:
+        """Lines up to and including the terminating '.', CRLFs kept."""
+        lines = []
+        while True:
+            line = self.line()
+            if not line:
+                raise ConnectionError("server closed mid-reply")
+            lines.append(line)
+            if line == b".\r\n":
+                return lines
+
+    def closed(self) -> bool:
+        """True once the server has closed the connection."""
+        return self.file.read() == b""
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def raw():
+    """raw(address) -> a RawClient; all are closed at teardown."""
+    clients: list[RawClient] = []
+
+    def connect(address: tuple[str, int]) -> RawClient:
+        client = RawClient(address)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        client.close()
