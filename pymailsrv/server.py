@@ -27,6 +27,7 @@ from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.session import Session
+from pymailsrv.smtp import SmtpSession
 from pymailsrv.trace import Tracer
 from pymailsrv.transport import SessionHandler
 from pymailsrv.users import UserStore
@@ -96,13 +97,15 @@ class MailServer:
 
     def _protocols(self) -> list[tuple[str, int, type[Session]]]:
         """(listener name, port, session class) for every protocol this server speaks."""
-        return [("pop3", self.settings.pop3.port, Pop3Session)]
+        return [("pop3", self.settings.pop3.port, Pop3Session),
+                ("smtp", self.settings.smtp.port, SmtpSession)]
 
     def start(self) -> "MailServer":
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         removed = self.context.store.remove_stale_files()
         if removed:
             log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
+        self._check_postmaster()
         try:
             for name, port, session_class in self._protocols():
                 address = (self.settings.host, port)
@@ -116,6 +119,17 @@ class MailServer:
             thread.start()
             self._threads.append(thread)
         return self
+
+    def _check_postmaster(self) -> None:
+        """RFC 5321 §4.5.1: postmaster mail must be deliverable; warn if it is not."""
+        wanted = self.settings.smtp.postmaster
+        names = self.context.users.names()
+        if wanted and wanted not in names:
+            log.warning("smtp.postmaster is %r, but there is no such user: postmaster mail will be "
+                        "refused with 451 until that user exists", wanted)
+        elif not wanted and not names:
+            log.warning("there are no users yet: postmaster mail will be refused with 451 until "
+                        "one is added (the first user receives it)")
 
     @property
     def addresses(self) -> dict[str, tuple[str, int]]:

@@ -5,10 +5,11 @@ holding the protocol state. It never sees a socket (the transport owns that)
 nor a file name (storage owns those). The transport calls:
 
 * ``greeting()`` once, when the client connects;
-* ``handle_line(line)`` for every line the client sends, with its line end;
-  the answer is a ``Reply``, or None while the session is collecting input
-  that gets no reply per line (the text of an SMTP DATA command);
-* ``line_too_long()`` or ``timed_out()`` when the transport gave up on a line;
+* ``handle_line(line, too_long)`` for every line the client sends, with its
+  line end (a line longer than ``line_limit`` arrives cut short, with
+  ``too_long`` set); the answer is a ``Reply``, or None while the session is
+  collecting input that gets no reply per line (the text of SMTP DATA);
+* ``timed_out()`` when the client kept silent past ``timeout``;
 * ``close()`` when the connection ends, however it ends.
 
 ``line_limit`` and ``timeout`` tell the transport how long a line it may read
@@ -41,7 +42,7 @@ log = logging.getLogger("pymailsrv.session")
 
 _session_ids = itertools.count(1)
 
-LineHandler = Callable[[bytes], "Reply | None"]
+LineHandler = Callable[[bytes, bool], "Reply | None"]
 
 
 class Session:
@@ -97,11 +98,8 @@ class Session:
 
     # --- the shared machinery ----------------------------------------------
 
-    def handle_line(self, line: bytes) -> Reply | None:
-        return self._line_handler(line)
-
-    def line_too_long(self) -> Reply:
-        return self._counted(self.LINE_TOO_LONG)
+    def handle_line(self, line: bytes, too_long: bool = False) -> Reply | None:
+        return self._line_handler(line, too_long)
 
     @property
     def collecting_text(self) -> bool:
@@ -112,8 +110,10 @@ class Session:
         """Send the next lines to ``handler`` (None: back to commands)."""
         self._line_handler = handler or self.dispatch
 
-    def dispatch(self, line: bytes) -> Reply:
+    def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         """Look the verb up in the command table and run its handler."""
+        if too_long:
+            return self._counted(self.LINE_TOO_LONG)
         # surrogateescape keeps undecodable octets; parsers then refuse them.
         text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         verb, _, argument = text.partition(" ")

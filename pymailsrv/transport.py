@@ -51,9 +51,6 @@ class Connection:
         self.tracer = tracer
         self._input = bytearray()
         self._output = bytearray()
-        # Message text (SMTP DATA) is traced as a summary: counted here.
-        self._text_lines = 0
-        self._text_octets = 0
 
     # --- input -----------------------------------------------------------------
 
@@ -67,8 +64,9 @@ class Connection:
     def read_line(self, limit: int) -> tuple[bytes, bool]:
         """One line with its line end, and whether it was longer than ``limit``.
 
-        A line that runs past ``limit`` is consumed up to its LF and the first
-        ``limit`` octets are returned with True.
+        A line that runs past ``limit`` is consumed up to its LF; its first
+        ``limit`` octets come back with its own line end (CRLF or LF) and True,
+        so the session still knows how the line ended.
         """
         while True:
             end = self._input.find(b"\n", 0, limit)
@@ -78,16 +76,19 @@ class Connection:
                 return line, False
             if len(self._input) >= limit:
                 head = bytes(self._input[:limit])
-                self._skip_rest_of_line()
-                return head, True
+                return head + self._skip_rest_of_line(), True
             self._input += self._receive()
 
-    def _skip_rest_of_line(self) -> None:
+    def _skip_rest_of_line(self) -> bytes:
+        """Throw input away up to the next LF; return that line's end, CRLF or LF."""
+        previous = b""
         while True:
             end = self._input.find(b"\n")
             if end >= 0:
+                before = bytes(self._input[end - 1:end]) if end else previous
                 del self._input[: end + 1]
-                return
+                return b"\r\n" if before == b"\r" else b"\n"
+            previous = bytes(self._input[-1:])
             self._input.clear()
             self._input += self._receive()
 
@@ -135,17 +136,10 @@ class Connection:
                 self.send(reply)
 
     def _answer(self, line: bytes, too_long: bool) -> Reply | None:
-        session = self.session
-        if session.collecting_text:
-            self._text_lines += 1
-            self._text_octets += len(line)
-        else:
-            self.tracer.client_line(session, line)
-        reply = session.line_too_long() if too_long else session.handle_line(line)
-        if reply is not None and self._text_lines:
-            self.tracer.client_text(session, self._text_lines, self._text_octets)
-            self._text_lines = self._text_octets = 0
-        return reply
+        # Message text is traced by the session, as a summary, when it ends.
+        if not self.session.collecting_text:
+            self.tracer.client_line(self.session, line)
+        return self.session.handle_line(line, too_long)
 
 
 class SessionHandler(socketserver.BaseRequestHandler):

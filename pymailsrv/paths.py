@@ -1,0 +1,125 @@
+"""Reverse-paths, forward-paths and ESMTP parameters (RFC 5321 §4.1.2).
+
+The grammar we accept, from RFC 5321 §4.1.2 (with RFC 6531 §3.3 adding
+UTF-8 when the client asked for SMTPUTF8)::
+
+    Reverse-path   = Path / "<>"
+    Forward-path   = Path
+    Path           = "<" [ A-d-l ":" ] Mailbox ">"
+    Mailbox        = Local-part "@" ( Domain / address-literal )
+    Local-part     = Dot-string / Quoted-string
+    Mail-parameters = esmtp-param *(SP esmtp-param)
+    esmtp-param    = esmtp-keyword ["=" esmtp-value]
+
+An address without its angle brackets is refused: accepting it is how
+servers grew ambiguous parsers. A source route (``<@a,@b:user@c>``) is
+accepted and ignored, as §4.1.1.3 and Appendix C ask. ``%`` and ``!`` are
+ordinary characters of a local part: they never route mail anywhere.
+
+Every parser raises ``PathError`` with a short reason; the SMTP session turns
+that into ``501 5.1.3`` (a bad address) or ``501 5.5.4`` (bad parameters).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 5321 §4.5.3.1.1-3: local part 64 octets, domain 255, path 256.
+LOCAL_PART_MAX = 64
+DOMAIN_MAX = 255
+PATH_MAX = 256
+
+_ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
+# RFC 6531 §3.3: UTF8-non-ascii joins atext, qtext and domain labels. Whether
+# the client may use it (it sent SMTPUTF8) is the session's question. Lone
+# surrogates (undecodable octets) are not characters and never match.
+_UTF8 = "\u0080-\ud7ff\ue000-\U0010ffff"
+_ATOM = f"[{_ATEXT}{_UTF8}]+"
+_DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
+_LETTER_DIGIT = f"A-Za-z0-9{_UTF8}"
+_LABEL = rf"[{_LETTER_DIGIT}](?:[{_LETTER_DIGIT}-]*[{_LETTER_DIGIT}])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+# qtextSMTP / quoted-pairSMTP: printable text, a backslash escapes any of it.
+_QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"')
+_ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
+_SOURCE_ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+# esmtp-value: printable ASCII except "=" and SP (or UTF-8, RFC 6531 §3.3).
+_ESMTP_VALUE = re.compile(rf"[\x21-\x3c\x3e-\x7e{_UTF8}]+")
+
+
+class PathError(ValueError):
+    """The path or its parameters do not follow RFC 5321 §4.1.2."""
+
+
+@dataclass(frozen=True)
+class Address:
+    """A mailbox: ``local_part@domain``. The domain is kept lower-cased."""
+
+    local_part: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local_part}@{self.domain}" if self.domain else self.local_part
+
+    @property
+    def is_ascii(self) -> bool:
+        return str(self).isascii()
+
+
+def parse_path(text: str, *, null_allowed: bool) -> tuple[Address | None, str]:
+    """Parse ``<path>`` at the start of ``text``; return (address, the rest).
+
+    The address is None for the null reverse-path ``<>`` (when allowed). A
+    bare ``<Postmaster>`` (RFC 5321 §4.1.1.3) comes back with an empty domain.
+    """
+    text = text.lstrip(" ")  # tolerated: "MAIL FROM: <a@b>", as every MTA does
+    if not text.startswith("<"):
+        raise PathError("the address must be in angle brackets: <user@domain>")
+    end = text.find(">")
+    if end < 0:
+        raise PathError("no closing '>'")
+    inner, rest = text[1:end], text[end + 1:]
+    if rest and not rest.startswith(" "):
+        raise PathError("parameters must follow the path after a space")
+    if len(inner.encode("utf-8", "surrogateescape")) + 2 > PATH_MAX:
+        raise PathError(f"the path is longer than {PATH_MAX} octets")
+    if inner == "":
+        if not null_allowed:
+            raise PathError("the null path <> is not allowed here")
+        return None, rest.strip(" ")
+    route = _SOURCE_ROUTE.match(inner)
+    if route:
+        inner = inner[route.end():]  # RFC 5321 §4.1.1.3: source routes are ignored
+    if inner.lower() == "postmaster":
+        return Address("Postmaster", ""), rest.strip(" ")
+    return parse_mailbox(inner), rest.strip(" ")
+
+
+def parse_mailbox(text: str) -> Address:
+    local_part, at, domain = text.rpartition("@")
+    if not at or not local_part:
+        raise PathError("expected local-part@domain")
+    if not (_DOT_STRING.fullmatch(local_part) or _QUOTED_STRING.fullmatch(local_part)):
+        raise PathError(f"bad local part {local_part!r}")
+    if len(local_part.encode("utf-8", "surrogateescape")) > LOCAL_PART_MAX:
+        raise PathError(f"the local part is longer than {LOCAL_PART_MAX} octets")
+    if not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+        raise PathError(f"bad domain {domain!r}")
+    if len(domain.encode("utf-8", "surrogateescape")) > DOMAIN_MAX:
+        raise PathError(f"the domain is longer than {DOMAIN_MAX} octets")
+    return Address(local_part, domain.lower())
+
+
+def parse_parameters(text: str) -> dict[str, str | None]:
+    """``KEY=value KEY2`` -> {"KEY": "value", "KEY2": None}; keywords upper-cased."""
+    parameters: dict[str, str | None] = {}
+    for word in text.split():
+        keyword, equals, value = word.partition("=")
+        if not _ESMTP_KEYWORD.fullmatch(keyword):
+            raise PathError(f"bad parameter {word!r}")
+        if equals and not _ESMTP_VALUE.fullmatch(value):
+            raise PathError(f"bad value in parameter {word!r}")
+        parameters[keyword.upper()] = value if equals else None
+    return parameters

@@ -1,0 +1,536 @@
+"""SMTP: receiving mail for local users (RFC 5321, with ESMTP extensions).
+
+Read this module beside RFC 5321. A session is a conversation; inside it the
+client runs mail *transactions* (§3.3), each one MAIL, then RCPT (once per
+recipient), then DATA. The per-connection facts live on the session (the
+client's EHLO name); the per-transaction ones in an ``Envelope`` that MAIL
+starts and RSET, EHLO and the end of DATA throw away (aiosmtpd's split)::
+
+    CONNECTED --EHLO/HELO--> GREETED --MAIL--> MAIL --RCPT--> RCPT --DATA--> DATA
+                                ^                                             |
+                                +------------- <CRLF>.<CRLF>, 250 -----------+
+
+* A client must say EHLO or HELO before MAIL (§4.1.4); EHLO and RSET may
+  come at any time and abort the transaction in progress.
+* RCPT checks each recipient at once (§3.3): a local user of one of our
+  domains, ``postmaster`` of any of them (§4.5.1), or a refusal. We are never
+  an open relay: mail for other domains is refused (554 5.7.1) unless the
+  client is in ``relay.trusted_networks``.
+* DATA's text ends only at ``<CRLF>.<CRLF>`` (§4.1.1.4), with the leading
+  dot of stuffed lines removed (§4.5.2). See ``MessageText`` for why nothing
+  else - ``<LF>.<LF>``, ``<CR>.<CR>``, ``<LF>.<CRLF>`` - may end it (SMTP
+  smuggling, CVE-2023-51764). The text streams to disk as it comes.
+* ``250`` after DATA means the message is durable in every recipient's
+  Maildir (``maildir.py`` fsyncs before we answer).
+
+Extensions offered in the EHLO reply: PIPELINING (RFC 2920), SIZE (RFC 1870),
+8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463) and
+SMTPUTF8 (RFC 6531). The command table at the foot of the module drives
+dispatch, the EHLO keywords that belong to commands, and HELP.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass, field
+
+from pymailsrv.commands import Command, CommandTable
+from pymailsrv.limits import (
+    SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
+    SMTP_COMMAND_LINE_MAX,
+    SMTP_MAX_ERRORS,
+    SMTP_TEXT_LINE_MAX,
+)
+from pymailsrv.paths import Address, PathError, parse_parameters, parse_path
+from pymailsrv.replies import (
+    R214_HELP,
+    R220_GREETING,
+    R221_BYE,
+    R250_DELIVERED,
+    R250_EHLO,
+    R250_HELO,
+    R250_OK,
+    R250_RECIPIENT_OK,
+    R250_SENDER_OK,
+    R252_CANNOT_VRFY,
+    R354_START_DATA,
+    R421_TIMEOUT,
+    R421_TOO_MANY_ERRORS,
+    R451_LOCAL_ERROR,
+    R451_RELAY_UNAVAILABLE,
+    R452_INSUFFICIENT_STORAGE,
+    R452_TOO_MANY_RECIPIENTS,
+    R500_LINE_TOO_LONG,
+    R500_TEXT_LINE_TOO_LONG,
+    R500_UNKNOWN_COMMAND,
+    R501_BAD_ADDRESS,
+    R501_SYNTAX,
+    R502_NOT_IMPLEMENTED,
+    R503_BAD_SEQUENCE,
+    R503_WRONG_STATE,
+    R550_BARE_LINE_END,
+    R550_NO_SUCH_USER,
+    R552_TOO_BIG,
+    R553_NEEDS_SMTPUTF8,
+    R554_NO_VALID_RECIPIENTS,
+    R554_RELAY_DENIED,
+    R555_UNKNOWN_PARAMETER,
+    CommandError,
+    Reply,
+    SmtpReply,
+)
+from pymailsrv.session import Session
+from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
+from pymailsrv.users import UserError, check_user_name
+
+log = logging.getLogger("pymailsrv.smtp")
+
+POSTMASTER = "postmaster"
+
+# A client's EHLO/HELO name: printable, no spaces (RFC 5321 §4.1.4 forbids
+# refusing a name that does not match the client's address, so we check no
+# more than that it can go into a Received: header unharmed).
+_CLIENT_NAME = re.compile(r"[\x21-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+")
+
+
+class SmtpState(enum.Enum):
+    CONNECTED = "CONNECTED"  # greeted by us, waiting for EHLO/HELO
+    GREETED = "GREETED"  # EHLO/HELO done, no transaction open
+    MAIL = "MAIL"  # MAIL accepted: a transaction is open
+    RCPT = "RCPT"  # at least one recipient accepted
+    DATA = "DATA"  # reading the message text
+
+
+@dataclass
+class Envelope:
+    """One mail transaction (RFC 5321 §3.3)."""
+
+    reverse_path: Address | None = None  # None is the null path <> (bounces)
+    forward_paths: list[Address] = field(default_factory=list)
+    users: list[str] = field(default_factory=list)  # local users, each once
+    rejected_recipients: int = 0
+    smtputf8: bool = False  # RFC 6531: the client may use UTF-8 addresses
+
+
+class MessageText:
+    """The text after DATA, one line at a time (RFC 5321 §4.1.1.4, §4.5.2).
+
+    The transport splits input at LF, so each line arrives with its own end:
+    CRLF, or a bare LF. The text ends only at a line ".\\r\\n" that follows a
+    line which itself ended in CRLF - the ``<CRLF>.<CRLF>`` of §4.1.1.4.
+    SMTP smuggling (CVE-2023-51764) relies on a server also accepting
+    ``<LF>.<LF>``, ``<LF>.<CRLF>``, ``<CRLF>.<LF>`` or ``<CR>.<CR>``: a
+    relay ahead of us passes such a sequence along as text, and if we took
+    it for the end, what follows would run as a second, forged message.
+    Here none of them ends anything.
+
+    Bare line ends (RFC 5321 §2.3.8 allows only CRLF) follow the
+    ``smtp.bare_newline`` setting: ``normalize`` (Postfix 3.9's default)
+    treats a bare LF, and a bare CR, as a line end; ``reject`` refuses the
+    message once it has been read to its end. Either way a bare CR is never
+    stored as such. A line too long, a message too big or a storage failure
+    also refuse the message only at the end, so the session stays in step.
+    Text is stored with LF line ends, the Maildir convention.
+    """
+
+    def __init__(self, incoming: IncomingMessage, max_size: int, normalize_bare_newlines: bool) -> None:
+        self._incoming = incoming
+        self._max_size = max_size
+        self._normalize = normalize_bare_newlines
+        self._after_crlf = True  # the DATA command line itself ended in CRLF
+        self.lines_read = 0
+        self.octets_read = 0  # as sent, for the trace
+        self.octets = 0  # as stored, for the size limit
+        self.line_too_long = False
+        self.too_big = False
+        self.bare_line_end: str | None = None  # "LF" or "CR", the first seen
+        self.storage_error: StorageError | None = None
+
+    def feed(self, line: bytes, too_long: bool) -> bool:
+        """Take one line as read; True if it was the end of the text."""
+        if line == b".\r\n" and self._after_crlf and not too_long:
+            return True
+        self.lines_read += 1
+        self.octets_read += len(line)
+        if line.endswith(b"\r\n"):
+            content, self._after_crlf = line[:-2], True
+        else:
+            content, self._after_crlf = line[:-1], False
+            self._saw_bare("LF")
+        if too_long:
+            self.line_too_long = True
+            return False
+        # RFC 5321 §4.5.2: the client doubled a leading dot; undo that.
+        if content.startswith(b".") and len(content) > 1:
+            content = content[1:]
+        if b"\r" in content:
+            self._saw_bare("CR")
+            content = content.replace(b"\r", b"\n")
+        self._store(content + b"\n")
+        return False
+
+    def _saw_bare(self, what: str) -> None:
+        if self.bare_line_end is None:
+            self.bare_line_end = what
+
+    def _store(self, data: bytes) -> None:
+        if self.refusal() is not None:
+            return  # the message will be refused: stop writing, keep reading
+        self.octets += len(data)
+        if self.octets > self._max_size:
+            self.too_big = True
+            return
+        try:
+            self._incoming.write(data)
+        except StorageError as error:
+            self.storage_error = error
+
+    def refusal(self) -> Reply | None:
+        """The reply that refuses this text, or None if it may be delivered."""
+        if self.storage_error is not None:
+            return _storage_refusal(self.storage_error)
+        if self.line_too_long:
+            return R500_TEXT_LINE_TOO_LONG
+        if self.too_big:
+            return R552_TOO_BIG
+        if self.bare_line_end and not self._normalize:
+            return R550_BARE_LINE_END.format(char=self.bare_line_end)
+        return None
+
+
+def _storage_refusal(error: StorageError) -> Reply:
+    # RFC 3463 §3.4: X.3.1 "mail system full"; anything else is X.3.0.
+    return R452_INSUFFICIENT_STORAGE if isinstance(error, InsufficientStorage) else R451_LOCAL_ERROR
+
+
+def _unquoted(local_part: str) -> str:
+    """RFC 5321 §4.1.2: "alice" and alice are the same local part."""
+    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", local_part[1:-1])
+    return local_part
+
+
+class SmtpSession(Session):
+    protocol = "smtp"
+    UNKNOWN_COMMAND = R500_UNKNOWN_COMMAND
+    WRONG_STATE = R503_WRONG_STATE
+    LINE_TOO_LONG = R500_LINE_TOO_LONG
+    INTERNAL_ERROR = R451_LOCAL_ERROR
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.client_name: str | None = None  # from EHLO/HELO
+        self.esmtp = False  # EHLO (not HELO) was used
+        self.envelope = Envelope()
+        self.text: MessageText | None = None
+        self._incoming: IncomingMessage | None = None
+
+    # --- what the base class asks of a protocol ------------------------------
+
+    def initial_state(self) -> SmtpState:
+        return SmtpState.CONNECTED
+
+    def greeting(self) -> Reply:
+        return R220_GREETING.format(host=self.settings.hostname)
+
+    def timed_out(self) -> Reply:
+        return R421_TIMEOUT.format(host=self.settings.hostname)
+
+    @property
+    def line_limit(self) -> int:
+        if self.state is SmtpState.DATA:
+            return SMTP_TEXT_LINE_MAX
+        return SMTP_COMMAND_LINE_MAX + SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE
+
+    @property
+    def timeout(self) -> float:
+        if self.state is SmtpState.DATA:
+            return self.settings.smtp.data_timeout
+        return self.settings.smtp.command_timeout
+
+    def max_errors(self) -> int:
+        return SMTP_MAX_ERRORS
+
+    def too_many_errors(self, last_error: Reply) -> Reply:
+        return R421_TOO_MANY_ERRORS.format(host=self.settings.hostname)
+
+    def is_error(self, reply: Reply) -> bool:
+        return reply.is_error
+
+    def close(self) -> None:
+        self._discard_text()
+
+    def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
+        # RFC 5321 §4.5.3.1.4 allows 512 octets; only MAIL and RCPT may use
+        # the extra room their parameters need (RFC 1870 §3, RFC 6531 §3.4).
+        if len(line) > SMTP_COMMAND_LINE_MAX and line[:4].upper() not in (b"MAIL", b"RCPT"):
+            too_long = True
+        return super().dispatch(line, too_long)
+
+    # --- helpers -----------------------------------------------------------------
+
+    def _syntax_error(self, verb: str) -> CommandError:
+        return CommandError(R501_SYNTAX.format(syntax=self.commands.find(verb).syntax))
+
+    def _client_name_from(self, verb: str, argument: str) -> str:
+        words = argument.split()
+        if len(words) != 1 or not _CLIENT_NAME.fullmatch(words[0]):
+            raise self._syntax_error(verb)
+        return words[0]
+
+    def _path_argument(self, verb: str, keyword: str, argument: str, null_allowed: bool
+                       ) -> tuple[Address | None, dict[str, str | None]]:
+        """Parse "FROM:<path> params" / "TO:<path> params" (RFC 5321 §4.1.1.2-3)."""
+        head, colon, rest = argument.partition(":")
+        if not colon or head.strip().upper() != keyword:
+            raise self._syntax_error(verb)
+        try:
+            address, parameter_text = parse_path(rest, null_allowed=null_allowed)
+            parameters = parse_parameters(parameter_text)
+        except PathError as error:
+            raise CommandError(R501_BAD_ADDRESS.format(detail=error)) from None
+        return address, parameters
+
+    def _new_transaction(self) -> None:
+        """Forget the transaction in progress (RSET, EHLO, end of DATA)."""
+        self._discard_text()
+        self.envelope = Envelope()
+        self.enter(SmtpState.GREETED if self.client_name else SmtpState.CONNECTED)
+
+    def _discard_text(self) -> None:
+        if self._incoming is not None:
+            self._incoming.discard()
+            self._incoming = None
+        self.text = None
+        self.expect_lines(None)
+
+    def extensions(self) -> list[str]:
+        """The EHLO keywords (RFC 5321 §4.1.1.1), in the order we list them."""
+        return [
+            "PIPELINING",  # RFC 2920: the transport answers pipelined groups in order
+            f"SIZE {self.settings.smtp.max_message_size}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+            "SMTPUTF8",  # RFC 6531
+            *self.commands.capabilities(),
+        ]
+
+    # --- the session: EHLO, HELO, RSET, NOOP, QUIT, HELP, VRFY, EXPN ----------
+
+    def do_ehlo(self, argument: str) -> Reply:
+        """EHLO domain (RFC 5321 §4.1.1.1): greet, and list the extensions."""
+        self.client_name = self._client_name_from("EHLO", argument)
+        self.esmtp = True
+        self._new_transaction()
+        lines = [f"{self.settings.hostname} greets {self.client_name}", *self.extensions()]
+        return R250_EHLO.format(lines="\n".join(lines))
+
+    def do_helo(self, argument: str) -> Reply:
+        """HELO domain (RFC 5321 §4.1.1.1): greet, plain SMTP without extensions."""
+        self.client_name = self._client_name_from("HELO", argument)
+        self.esmtp = False
+        self._new_transaction()
+        return R250_HELO.format(host=self.settings.hostname, client=self.client_name)
+
+    def do_rset(self, argument: str) -> Reply:
+        """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""
+        if argument.strip():
+            raise self._syntax_error("RSET")
+        self._new_transaction()
+        return R250_OK
+
+    def do_noop(self, argument: str) -> Reply:
+        """NOOP [string] (RFC 5321 §4.1.1.9): the argument is ignored."""
+        return R250_OK
+
+    def do_quit(self, argument: str) -> Reply:
+        """QUIT (RFC 5321 §4.1.1.10)."""
+        return R221_BYE.format(host=self.settings.hostname)
+
+    def do_help(self, argument: str) -> Reply:
+        """HELP [string] (RFC 5321 §4.1.1.8): from the command table."""
+        command = self.commands.find(argument.strip()) if argument.strip() else None
+        commands = [command] if command else list(self.commands)
+        text = "\n".join(f"{command.syntax}  ({command.rfc})" for command in commands)
+        return R214_HELP.format(text=text)
+
+    def do_vrfy(self, argument: str) -> Reply:
+        """VRFY string (RFC 5321 §3.5.3): 252, so nobody can list our users."""
+        if not argument.strip():
+            raise self._syntax_error("VRFY")
+        return R252_CANNOT_VRFY
+
+    def do_expn(self, argument: str) -> Reply:
+        """EXPN string (RFC 5321 §3.5.2): not offered (§7.3 allows that)."""
+        return R502_NOT_IMPLEMENTED.format(verb="EXPN")
+
+    # --- the transaction: MAIL, RCPT, DATA ----------------------------------------
+
+    def do_mail(self, argument: str) -> Reply:
+        """MAIL FROM:<reverse-path> [parameters] (RFC 5321 §4.1.1.2)."""
+        sender, parameters = self._path_argument("MAIL", "FROM", argument, null_allowed=True)
+        envelope = Envelope(reverse_path=sender)
+        for keyword, value in parameters.items():
+            self._mail_parameter(envelope, keyword, value)
+        if sender is not None and not sender.is_ascii and not envelope.smtputf8:
+            raise CommandError(R553_NEEDS_SMTPUTF8)  # RFC 6531 §3.6
+        self.envelope = envelope
+        self.enter(SmtpState.MAIL)
+        return R250_SENDER_OK.format(address=sender or "")
+
+    def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
+        """Check one MAIL parameter of the extensions we offer."""
+        if keyword == "SIZE":  # RFC 1870 §6
+            if value is None or not (value.isascii() and value.isdigit()):
+                raise CommandError(R501_SYNTAX.format(syntax="SIZE=<octets>"))
+            if int(value) > self.settings.smtp.max_message_size:
+                raise CommandError(R552_TOO_BIG)
+        elif keyword == "BODY":  # RFC 6152 §2: 7BIT or 8BITMIME; both stored alike
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                raise CommandError(R501_SYNTAX.format(syntax="BODY=7BIT|8BITMIME"))
+        elif keyword == "SMTPUTF8":  # RFC 6531 §3.4: takes no value
+            if value is not None:
+                raise CommandError(R501_SYNTAX.format(syntax="SMTPUTF8"))
+            envelope.smtputf8 = True
+        else:
+            raise CommandError(R555_UNKNOWN_PARAMETER.format(parameter=keyword))
+
+    def do_rcpt(self, argument: str) -> Reply:
+        """RCPT TO:<forward-path> [parameters] (RFC 5321 §4.1.1.3)."""
+        try:
+            return self._accept_recipient(argument)
+        except CommandError:
+            self.envelope.rejected_recipients += 1
+            raise
+
+    def _accept_recipient(self, argument: str) -> Reply:
+        recipient, parameters = self._path_argument("RCPT", "TO", argument, null_allowed=False)
+        if parameters:  # we offer no RCPT parameters (no DSN, RFC 3461)
+            raise CommandError(R555_UNKNOWN_PARAMETER.format(parameter=next(iter(parameters))))
+        if not recipient.is_ascii and not self.envelope.smtputf8:
+            raise CommandError(R553_NEEDS_SMTPUTF8)
+        if len(self.envelope.forward_paths) >= self.settings.smtp.max_recipients:
+            raise CommandError(R452_TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
+        user = self._local_user(recipient)
+        self.envelope.forward_paths.append(recipient)
+        if user not in self.envelope.users:
+            self.envelope.users.append(user)
+        self.enter(SmtpState.RCPT)
+        return R250_RECIPIENT_OK.format(address=recipient)
+
+    def _local_user(self, recipient: Address) -> str:
+        """The local user who gets mail for ``recipient``, or the refusal."""
+        if recipient.domain and recipient.domain not in self.settings.domains:
+            if self._client_trusted():
+                raise CommandError(R451_RELAY_UNAVAILABLE.format(address=recipient))
+            raise CommandError(R554_RELAY_DENIED.format(address=recipient))
+        local_part = _unquoted(recipient.local_part).lower()
+        if local_part == POSTMASTER:
+            return self._postmaster()
+        try:
+            user = check_user_name(local_part)
+        except UserError:
+            user = None  # "../x", "a/b", UTF-8: never a user name
+        if user is None or not self.context.users.exists(user):
+            raise CommandError(R550_NO_SUCH_USER.format(address=recipient))
+        return user
+
+    def _postmaster(self) -> str:
+        """RFC 5321 §4.5.1: postmaster must be accepted for every domain."""
+        user = self.settings.smtp.postmaster or next(iter(self.context.users.names()), None)
+        if user is None or not self.context.users.exists(user):
+            log.error("postmaster mail cannot be delivered: no user to receive it")
+            raise CommandError(R451_LOCAL_ERROR)
+        return user
+
+    def _client_trusted(self) -> bool:
+        address = ipaddress.ip_address(self.peer[0])
+        return any(address in ipaddress.ip_network(network, strict=False)
+                   for network in self.settings.relay.trusted_networks)
+
+    def do_data(self, argument: str) -> Reply:
+        """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
+        if argument.strip():
+            raise self._syntax_error("DATA")
+        if not self.envelope.users:
+            if self.envelope.rejected_recipients:
+                raise CommandError(R554_NO_VALID_RECIPIENTS)  # RFC 5321 §3.3
+            raise CommandError(R503_BAD_SEQUENCE.format(detail="need RCPT first"))
+        try:
+            self._incoming = self.context.store.receive(self.envelope.users)
+            self._incoming.write(self._trace_header(self._incoming.queue_id))
+        except StorageError as error:
+            self._discard_text()
+            raise CommandError(_storage_refusal(error)) from None
+        self.text = MessageText(self._incoming, self.settings.smtp.max_message_size,
+                                self.settings.smtp.bare_newline == "normalize")
+        self.expect_lines(self._read_text)
+        self.enter(SmtpState.DATA)
+        return R354_START_DATA
+
+    def _read_text(self, line: bytes, too_long: bool) -> Reply | None:
+        if not self.text.feed(line, too_long):
+            return None
+        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read)
+        self.context.tracer.client_line(self, line)
+        refusal = self.text.refusal()
+        incoming, self._incoming = self._incoming, None
+        try:
+            if refusal is not None:
+                incoming.discard()
+                return self._counted(refusal)
+            try:
+                queue_id = incoming.commit()
+            except StorageError as error:
+                log.error("smtp session %d: delivery failed: %s", self.session_id, error)
+                return self._counted(_storage_refusal(error))
+            log.info("delivered %s from <%s> to %s (%d octets)", queue_id,
+                     self.envelope.reverse_path or "", ", ".join(self.envelope.users), self.text.octets)
+            return R250_DELIVERED.format(queue_id=queue_id)
+        finally:
+            self._new_transaction()
+
+    def _trace_header(self, queue_id: str) -> bytes:
+        """Return-Path: and Received: (RFC 5321 §4.4), LF line ends as stored."""
+        envelope = self.envelope
+        # RFC 3848 / RFC 6531 §3.7.3: the "with" protocol name.
+        protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        recipient = f"\n\tfor <{envelope.forward_paths[0]}>" if len(envelope.forward_paths) == 1 else ""
+        date = email.utils.formatdate(localtime=True)
+        header = (f"Return-Path: <{envelope.reverse_path or ''}>\n"
+                  f"Received: from {self.client_name} ([{self.peer[0]}])\n"
+                  f"\tby {self.settings.hostname} (pymailsrv) with {protocol} id {queue_id}"
+                  f"{recipient}; {date}\n")
+        return header.encode("utf-8")
+
+
+# --- The command table (RFC 5321 §4.1.1, §4.3.2) ---------------------------
+
+_CONNECTED, _GREETED, _MAIL, _RCPT, _DATA = SmtpState
+_ANY = frozenset({_CONNECTED, _GREETED, _MAIL, _RCPT})
+
+SmtpSession.commands = CommandTable(
+    Command("EHLO", SmtpSession.do_ehlo, _ANY, "EHLO domain", "RFC 5321 §4.1.1.1",
+            moves={state: _GREETED for state in _ANY}),
+    Command("HELO", SmtpSession.do_helo, _ANY, "HELO domain", "RFC 5321 §4.1.1.1",
+            moves={state: _GREETED for state in _ANY}),
+    Command("MAIL", SmtpSession.do_mail, frozenset({_GREETED}),
+            "MAIL FROM:<reverse-path> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]", "RFC 5321 §4.1.1.2",
+            moves={_GREETED: _MAIL}),
+    Command("RCPT", SmtpSession.do_rcpt, frozenset({_MAIL, _RCPT}), "RCPT TO:<forward-path>",
+            "RFC 5321 §4.1.1.3", moves={_MAIL: _RCPT, _RCPT: _RCPT}),
+    Command("DATA", SmtpSession.do_data, frozenset({_MAIL, _RCPT}), "DATA", "RFC 5321 §4.1.1.4",
+            moves={_RCPT: _DATA}),
+    Command("RSET", SmtpSession.do_rset, _ANY, "RSET", "RFC 5321 §4.1.1.5",
+            moves={_MAIL: _GREETED, _RCPT: _GREETED}),
+    Command("VRFY", SmtpSession.do_vrfy, _ANY, "VRFY string", "RFC 5321 §4.1.1.6"),
+    Command("EXPN", SmtpSession.do_expn, _ANY, "EXPN string", "RFC 5321 §4.1.1.7"),
+    Command("HELP", SmtpSession.do_help, _ANY, "HELP [string]", "RFC 5321 §4.1.1.8"),
+    Command("NOOP", SmtpSession.do_noop, _ANY, "NOOP [string]", "RFC 5321 §4.1.1.9"),
+    Command("QUIT", SmtpSession.do_quit, _ANY, "QUIT", "RFC 5321 §4.1.1.10",
+            moves={state: None for state in _ANY}),
+)
