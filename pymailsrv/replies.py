@@ -31,6 +31,8 @@ class After(enum.Enum):
 
     CONTINUE = "continue"
     CLOSE = "close"
+    # Begin the TLS handshake (STARTTLS, STLS); see Connection.start_tls.
+    START_TLS = "start-tls"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class Reply:
     def closing(self) -> "Reply":
         """This reply, after which the connection is closed."""
         return dataclasses.replace(self, after=After.CLOSE)
+
+    def starting_tls(self) -> "Reply":
+        """This reply, after which the TLS handshake begins."""
+        return dataclasses.replace(self, after=After.START_TLS)
 
     def delayed(self, seconds: float) -> "Reply":
         return dataclasses.replace(self, delay=seconds)

@@ -18,8 +18,8 @@ and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
 from __future__ import annotations
 
 import logging
-import socket
 import socketserver
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -29,7 +29,7 @@ from pymailsrv.pop3 import Pop3Session
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession
 from pymailsrv.trace import Tracer
-from pymailsrv.transport import SessionHandler
+from pymailsrv.transport import Connection, SessionHandler
 from pymailsrv.users import UserStore
 
 log = logging.getLogger("pymailsrv.server")
@@ -43,6 +43,7 @@ class ServerContext:
     users: UserStore
     store: MaildirStore
     tracer: Tracer
+    tls: ssl.SSLContext | None = None  # None: no certificate, no STARTTLS/STLS
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -52,19 +53,21 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     block_on_close = False
 
     def __init__(self, name: str, address: tuple[str, int], session_class: type[Session],
-                 context: ServerContext) -> None:
+                 context: ServerContext, implicit_tls: bool = False) -> None:
         self.name = name
         self.session_class = session_class
         self.context = context
-        self._open: set[socket.socket] = set()
+        # RFC 8314: on an implicit-TLS port the handshake comes before the greeting.
+        self.implicit_tls = implicit_tls
+        self._open: set[Connection] = set()
         self._open_lock = threading.Lock()
         super().__init__(address, SessionHandler)
 
-    def track(self, connection: socket.socket) -> None:
+    def track(self, connection: Connection) -> None:
         with self._open_lock:
             self._open.add(connection)
 
-    def untrack(self, connection: socket.socket) -> None:
+    def untrack(self, connection: Connection) -> None:
         with self._open_lock:
             self._open.discard(connection)
 
@@ -72,10 +75,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self._open_lock:
             connections = list(self._open)
         for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # already closed by its own thread
+            connection.shutdown()
 
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
         log.exception("%s connection from %s failed", self.name, client_address[0])

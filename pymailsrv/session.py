@@ -63,6 +63,7 @@ class Session:
         self.session_id = next(_session_ids)
         self.state: enum.Enum = self.initial_state()
         self.errors = 0
+        self.tls = False  # set by the transport once a TLS handshake is done
         self._line_handler: LineHandler = self.dispatch
 
     # --- what each protocol supplies -------------------------------------
@@ -95,6 +96,10 @@ class Session:
 
     def close(self) -> None:
         """The connection is gone; release whatever the session holds."""
+
+    def tls_started(self) -> None:
+        """The transport finished a TLS handshake; protocols forget what came before."""
+        self.tls = True
 
     # --- the shared machinery ----------------------------------------------
 

@@ -57,6 +57,11 @@ class Tracer:
             if body_lines:
                 self._emit(session, f"{session.state.name} S: [{body_lines} lines, {body_octets} octets]")
 
+    def event(self, session: Session, text: str) -> None:
+        """Something that is not a protocol line: a TLS handshake, say."""
+        if self.enabled:
+            self._emit(session, f"-- {text}")
+
     def state_change(self, session: Session, old: enum.Enum, new: enum.Enum) -> None:
         if self.enabled:
             self._emit(session, f"-- {old.name} -> {new.name}")

@@ -16,6 +16,11 @@ POP3 or SMTP; everything protocol-shaped comes from the session.
   waiting for the client: pipelined commands (RFC 2920 §3, RFC 2449 §6.6)
   get their replies in one write, in order, and a client waiting for an
   answer always has it.
+* ``start_tls()`` turns the connection into a TLS one after a STARTTLS or
+  STLS reply, or at once on an implicit-TLS port (RFC 8314). Plaintext the
+  client sent after the command is thrown away unread: executing it would
+  let a man in the middle inject commands into the protected session
+  (CVE-2011-0411; RFC 3207 §4.2, RFC 2595 §4).
 * Every line read or written goes to the trace (``trace.py``).
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import time
 from typing import TYPE_CHECKING
 
@@ -45,10 +51,12 @@ class ConnectionClosed(Exception):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, session: Session, tracer: Tracer) -> None:
+    def __init__(self, sock: socket.socket, session: Session, tracer: Tracer,
+                 tls_context: ssl.SSLContext | None = None) -> None:
         self.sock = sock
         self.session = session
         self.tracer = tracer
+        self.tls_context = tls_context
         self._input = bytearray()
         self._output = bytearray()
 
@@ -117,11 +125,29 @@ class Connection:
             self.sock.sendall(self._output)
             self._output.clear()
 
+    def start_tls(self) -> None:
+        """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
+        self.flush()
+        self._input.clear()  # plaintext pipelined after STARTTLS/STLS: never run
+        self.sock = self.tls_context.wrap_socket(self.sock, server_side=True)
+        self.tracer.event(self.session, f"TLS established: {self.sock.version()} {self.sock.cipher()[0]}")
+        self.session.tls_started()
+
+    def shutdown(self) -> None:
+        """Cut the connection from another thread (the server is stopping)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already closed by its own thread
+
     # --- the session loop --------------------------------------------------------
 
-    def serve(self) -> None:
+    def serve(self, implicit_tls: bool = False) -> None:
         """Greet, then read lines and answer them until one side closes."""
         session = self.session
+        if implicit_tls:
+            self.sock.settimeout(session.timeout)
+            self.start_tls()
         reply: Reply | None = session.greeting()
         self.send(reply)
         while reply is None or reply.after is not After.CLOSE:
@@ -134,6 +160,8 @@ class Connection:
             reply = self._answer(line, too_long)
             if reply is not None:
                 self.send(reply)
+                if reply.after is After.START_TLS:
+                    self.start_tls()
 
     def _answer(self, line: bytes, too_long: bool) -> Reply | None:
         # Message text is traced by the session, as a summary, when it ends.
@@ -147,14 +175,15 @@ class SessionHandler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         listener = self.server
-        session = listener.session_class(listener.context, self.client_address)
-        connection = Connection(self.request, session, listener.context.tracer)
-        listener.track(self.request)
+        context = listener.context
+        session = listener.session_class(context, self.client_address)
+        connection = Connection(self.request, session, context.tracer, context.tls)
+        listener.track(connection)
         try:
-            connection.serve()
-        except (ConnectionClosed, OSError) as error:
+            connection.serve(implicit_tls=listener.implicit_tls)
+        except (ConnectionClosed, OSError) as error:  # ssl.SSLError is an OSError too
             log.debug("%s session %d from %s ended: %r", session.protocol, session.session_id,
                       self.client_address[0], error)
         finally:
-            listener.untrack(self.request)
+            listener.untrack(connection)
             session.close()

@@ -1,0 +1,99 @@
+"""SASL exchanges shared by SMTP AUTH (RFC 4954) and POP3 AUTH (RFC 5034).
+
+Both protocols carry the same conversation: the server sends a challenge,
+the client answers with a line of base64, until the mechanism has what it
+needs. The client may send its first answer on the AUTH line itself (the
+*initial response*; "=" stands for an empty one) and may give up at any
+time by answering "*". Each mechanism below is a generator that yields its
+challenges and receives the decoded answers, so its steps read in order:
+
+* PLAIN (RFC 4616 §2): one answer, ``authzid NUL authcid NUL passwd``.
+* LOGIN (draft-murchison-sasl-login): "Username:", then "Password:".
+
+The sessions check the credentials against the user store, as for
+USER/PASS; this module knows nothing of users, sockets or replies.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+
+# RFC 4954 §4 / RFC 5034 §4: "*" cancels, "=" is an empty initial response.
+CANCEL = "*"
+EMPTY_INITIAL_RESPONSE = "="
+
+
+class SaslError(Exception):
+    """The client's answer is not what the mechanism expects (bad base64, bad form)."""
+
+
+class SaslCancelled(Exception):
+    """The client answered "*"."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    user: str
+    password: str
+
+
+Mechanism = Generator[bytes, bytes, Credentials]
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SaslError("credentials must be UTF-8") from None
+
+
+def plain() -> Mechanism:
+    """RFC 4616 §2: message = [authzid] UTF8NUL authcid UTF8NUL passwd."""
+    answer = yield b""  # the challenge is empty
+    parts = answer.split(b"\0")
+    if len(parts) != 3:
+        raise SaslError("PLAIN expects authzid NUL authcid NUL password")
+    authzid, authcid, password = (_text(part) for part in parts)
+    # We do not let one user act for another: authzid is empty or the user.
+    if authzid and authzid != authcid:
+        raise SaslError("authorization identity must be empty or the user itself")
+    return Credentials(authcid, password)
+
+
+def login() -> Mechanism:
+    """The LOGIN mechanism: two prompts, the user name then the password."""
+    user = yield b"Username:"
+    password = yield b"Password:"
+    return Credentials(_text(user), _text(password))
+
+
+MECHANISMS: dict[str, Callable[[], Mechanism]] = {"PLAIN": plain, "LOGIN": login}
+
+
+class SaslExchange:
+    """One AUTH exchange. ``answer()`` returns the next challenge (base64) or the Credentials."""
+
+    def __init__(self, mechanism: str) -> None:
+        self._steps = MECHANISMS[mechanism]()
+        self._challenge = next(self._steps)
+
+    def challenge(self) -> str:
+        """The pending challenge, base64-encoded as it goes on the wire."""
+        return base64.b64encode(self._challenge).decode("ascii")
+
+    def answer(self, line: str) -> str | Credentials:
+        if line.strip() == CANCEL:
+            raise SaslCancelled
+        text = "" if line.strip() == EMPTY_INITIAL_RESPONSE else line.strip()
+        try:
+            decoded = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise SaslError("the answer is not valid base64") from None
+        try:
+            self._challenge = self._steps.send(decoded)
+        except StopIteration as finished:
+            return finished.value
+        return self.challenge()

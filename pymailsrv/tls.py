@@ -1,0 +1,63 @@
+"""TLS contexts, and a self-signed certificate for a classroom or a first start.
+
+Only the standard library's ``ssl`` speaks TLS here. The server context
+requires TLS 1.2 or newer and keeps the library's default ciphers: we
+choose nothing cryptographic ourselves.
+
+``generate_self_signed`` writes a certificate and key with the
+``cryptography`` package (no hand-made ASN.1): good for a lab or for trying
+STARTTLS with ``curl --insecure``, not for mail from strangers, who will not
+trust it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+from pathlib import Path
+
+# A self-signed certificate is a lab tool; a year is long enough for a course.
+SELF_SIGNED_VALIDITY_DAYS = 365
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server-side context: TLS 1.2 minimum (RFC 8996 retired 1.0 and 1.1)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=cert, keyfile=key)
+    return context
+
+
+def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
+    """Write a self-signed certificate for ``hostname`` and its key (mode 0600)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    alternative_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost"),
+                                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=SELF_SIGNED_VALIDITY_DAYS))
+        .add_extension(x509.SubjectAlternativeName(alternative_names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    key_fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(key_fd, "wb") as key_file:
+        key_file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                         serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)  # also when the file already existed with wider rights
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
