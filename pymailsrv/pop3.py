@@ -259,6 +259,10 @@ class Pop3Session(Session):
             raise
         self.user = user
         self.enter(Pop3State.TRANSACTION)
+        # The limits are per state, as in Dovecot where pop3-login and pop3
+        # are separate processes with counters of their own: mistakes made
+        # before login do not eat into the 20 allowed after it.
+        self.errors = 0
         count, size = self._totals()
         return POP3_LOGGED_IN.format(user=user, count=count, size=size)
 
@@ -385,6 +389,8 @@ def _top(lines: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
 _AUTHORIZATION = frozenset({Pop3State.AUTHORIZATION})
 _TRANSACTION = frozenset({Pop3State.TRANSACTION})
 _BOTH = _AUTHORIZATION | _TRANSACTION
+
+Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK, then close", None),)
 
 Pop3Session.commands = CommandTable(
     Command("USER", Pop3Session.do_user, _AUTHORIZATION, "USER name", "RFC 1939 §7",

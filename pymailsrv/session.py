@@ -55,6 +55,10 @@ class Session:
     WRONG_STATE: ClassVar[Reply]  # with {verb} and {state}
     LINE_TOO_LONG: ClassVar[Reply]
     INTERNAL_ERROR: ClassVar[Reply]
+    # State changes made by something other than a command (the end of DATA's
+    # text, the close after UPDATE): (from, what happens, to; None = closed).
+    # With the command table's moves they make the whole state diagram.
+    OTHER_TRANSITIONS: ClassVar[tuple[tuple[enum.Enum, str, enum.Enum | None], ...]] = ()
 
     def __init__(self, context: ServerContext, peer: tuple[str, int]) -> None:
         self.context = context

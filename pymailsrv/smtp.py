@@ -513,6 +513,8 @@ class SmtpSession(Session):
 _CONNECTED, _GREETED, _MAIL, _RCPT, _DATA = SmtpState
 _ANY = frozenset({_CONNECTED, _GREETED, _MAIL, _RCPT})
 
+SmtpSession.OTHER_TRANSITIONS = ((_DATA, "<CRLF>.<CRLF>", _GREETED),)
+
 SmtpSession.commands = CommandTable(
     Command("EHLO", SmtpSession.do_ehlo, _ANY, "EHLO domain", "RFC 5321 §4.1.1.1",
             moves={state: _GREETED for state in _ANY}),
