@@ -22,6 +22,7 @@ that into ``501 5.1.3`` (a bad address) or ``501 5.5.4`` (bad parameters).
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -42,7 +43,9 @@ _LABEL = rf"[{_LETTER_DIGIT}](?:[{_LETTER_DIGIT}-]*[{_LETTER_DIGIT}])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # qtextSMTP / quoted-pairSMTP: printable text, a backslash escapes any of it.
 _QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"')
-_ADDRESS_LITERAL = re.compile(r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]")
+# RFC 5321 §4.1.3: "[" IPv4 "]" or "[IPv6:" IPv6 "]"; ``ipaddress`` then checks
+# the numbers (ASCII digits, each octet 0-255), which a pattern alone cannot.
+_ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]", re.IGNORECASE)
 _SOURCE_ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # esmtp-value: printable ASCII except "=" and SP (or UTF-8, RFC 6531 §3.3).
@@ -77,13 +80,13 @@ def parse_path(text: str, *, null_allowed: bool) -> tuple[Address | None, str]:
     text = text.lstrip(" ")  # tolerated: "MAIL FROM: <a@b>", as every MTA does
     if not text.startswith("<"):
         raise PathError("the address must be in angle brackets: <user@domain>")
-    end = text.find(">")
+    end = _closing_bracket(text)
     if end < 0:
         raise PathError("no closing '>'")
     inner, rest = text[1:end], text[end + 1:]
     if rest and not rest.startswith(" "):
         raise PathError("parameters must follow the path after a space")
-    if len(inner.encode("utf-8", "surrogateescape")) + 2 > PATH_MAX:
+    if _octets(inner) + 2 > PATH_MAX:
         raise PathError(f"the path is longer than {PATH_MAX} octets")
     if inner == "":
         if not null_allowed:
@@ -103,13 +106,57 @@ def parse_mailbox(text: str) -> Address:
         raise PathError("expected local-part@domain")
     if not (_DOT_STRING.fullmatch(local_part) or _QUOTED_STRING.fullmatch(local_part)):
         raise PathError(f"bad local part {local_part!r}")
-    if len(local_part.encode("utf-8", "surrogateescape")) > LOCAL_PART_MAX:
+    if _octets(local_part) > LOCAL_PART_MAX:
         raise PathError(f"the local part is longer than {LOCAL_PART_MAX} octets")
-    if not (_DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)):
+    if not (_DOMAIN.fullmatch(domain) or _is_address_literal(domain)):
         raise PathError(f"bad domain {domain!r}")
-    if len(domain.encode("utf-8", "surrogateescape")) > DOMAIN_MAX:
+    if _octets(domain) > DOMAIN_MAX:
         raise PathError(f"the domain is longer than {DOMAIN_MAX} octets")
     return Address(local_part, domain.lower())
+
+
+def _closing_bracket(text: str) -> int:
+    """The index of the ">" that closes the path opened at ``text[0]``, or -1.
+
+    A quoted local part may hold ">" (qtextSMTP, RFC 5321 §4.1.2), so the
+    first ">" is not always the end: skip quoted strings and their escapes.
+    """
+    quoted = escaped = False
+    for index, char in enumerate(text):
+        if escaped:
+            escaped = False
+        elif quoted and char == "\\":
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return index
+    return -1
+
+
+def _is_address_literal(domain: str) -> bool:
+    match = _ADDRESS_LITERAL.fullmatch(domain)
+    if match is None:
+        return False
+    try:
+        (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
+    except ValueError:
+        return False
+    return True
+
+
+def _octets(text: str) -> int:
+    """Octets ``text`` took on the wire, for the §4.5.3.1 limits.
+
+    The session decodes with surrogateescape, so an undecodable octet is one
+    character and counts as one. Other lone surrogates cannot come from the
+    wire, but a caller may pass them: count them rather than raise, since
+    the grammar refuses them anyway.
+    """
+    try:
+        return len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-8", "surrogatepass"))
 
 
 def parse_parameters(text: str) -> dict[str, str | None]:
