@@ -1,0 +1,855 @@
+#!/usr/bin/env python3
+"""Throughput and memory figures for pymailsrv, side by side with a peer.
+
+What it does (issue 9), all on 127.0.0.1 and in one run, so the figures can
+be compared as ratios:
+
+* Starts ``python -m pymailsrv start`` as a *subprocess* on free ports with a
+  temporary data root, N users and a private config file. A subprocess, not
+  a thread, so the server's own CPU time and memory can be read from
+  ``/proc/<pid>/stat`` and ``/proc/<pid>/status`` without the load
+  generator's share mixed in.
+* SMTP: M messages over C concurrent connections, each connection reused for
+  many MAIL/RCPT/DATA transactions (``smtplib``, no pipelining). A message
+  counts only once its file is in a Maildir ``new/``, not when the server
+  says 250. Sizes 2 KB and 100 KB at 1, 10 and 50 connections.
+* POP3: P clients (1 and 10), each on its own maildrop of 1000 2 KB messages
+  filled beforehand with ``MaildirStore.deliver``: log in, STAT, RETR every
+  message, QUIT. Nothing is deleted, so every run sees the same maildrop.
+* Memory: RSS idle, with 500 idle connections open, and while one 100 MB
+  message is received (``smtp.max_message_size`` is raised for that).
+* Peer: the same SMTP load against aiosmtpd with a handler that stores each
+  message in a ``mailbox.Maildir`` (which fsyncs the file; we also fsync
+  ``new/``, as pymailsrv does), if aiosmtpd is importable (``pip install
+  '.[bench]'``). It runs in a subprocess too: this script with
+  ``--serve-aiosmtpd``.
+
+Every rate is the median of 3 runs (min-max shown); latency is per SMTP
+transaction (MAIL+RCPT+DATA) or per POP3 RETR, over all runs of a scenario;
+CPU is the server's utime+stime per message; RSS is the server's peak
+(VmHWM) over the scenario, each scenario on a freshly started server.
+
+The load generator is Python too and shares the machine: on a small box it
+competes with the server for CPU, which is why only ratios within one run
+mean anything.
+
+    python scripts/bench.py --quick            # smoke test, well under a minute
+    python scripts/bench.py --json bench.json  # everything (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import poplib
+import re
+import resource
+import shutil
+import signal
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tabulate import tabulate
+
+HOST = "127.0.0.1"  # the network rule: listen on and connect to loopback only
+PASSWORD = "bench password"
+SIZES = {"2KB": 2 * 1024, "100KB": 100 * 1024}
+SMTP_CONCURRENCY = (1, 10, 50)
+POP3_CLIENTS = (1, 10)
+POP3_MAILDROP_MESSAGES = 1000
+RUNS = 3
+IDLE_CONNECTIONS = 500
+BIG_MESSAGE_OCTETS = 100 * 1024 * 1024
+
+# Bounds, so that nothing here can hang: seconds to wait for a server's
+# "listening" line, for a connection and its greeting, for any other client
+# socket operation, for one timed run, and for delivered files to show up
+# after the last 250.
+START_TIMEOUT = 15.0
+CONNECT_TIMEOUT = 10.0
+SOCKET_TIMEOUT = 30.0
+RUN_TIMEOUT = 120.0
+SETTLE_TIMEOUT = 30.0
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- Servers under test ----------------------------------------------------------
+
+
+class ServerProcess:
+    """A server in a subprocess that prints ``listening name=host:port ...`` on stderr.
+
+    ``stop()`` sends SIGTERM, waits, and kills if it must; the script calls it
+    in a ``finally`` and again at exit, so no server outlives the script.
+    """
+
+    running: list["ServerProcess"] = []
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.stderr_tail: list[str] = []
+        started = time.monotonic()
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True, errors="replace")
+        ServerProcess.running.append(self)
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._reader.start()
+        if not self._listening.wait(START_TIMEOUT) or not self.addresses:
+            self.stop()
+            # The last line of a traceback says what went wrong.
+            last = next((line.strip() for line in reversed(self.stderr_tail) if line.strip()), "no output")
+            raise RuntimeError(f"{name} did not start: {last}")
+        self.startup_seconds = time.monotonic() - started
+
+    def _read_stderr(self) -> None:
+        # Keep reading to the end, so a chatty server never blocks on a full pipe.
+        for line in self.process.stderr:
+            line = line.rstrip("\n")
+            self.stderr_tail = (self.stderr_tail + [line])[-20:]
+            if not self._listening.is_set() and line.startswith("listening"):
+                for name, host, port in re.findall(r"(\w+)=([^\s:]+):(\d+)", line):
+                    self.addresses[name] = (host, int(port))
+                self._listening.set()
+        self._listening.set()  # the process ended: stop waiting
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the server process, all its threads (proc(5))."""
+        with open(f"/proc/{self.pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        # After "pid (comm)": field 3 is fields[0], so utime (14) and stime (15) are [11], [12].
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+    def memory_mb(self, key: str) -> float:
+        """``VmRSS`` (now) or ``VmHWM`` (peak) from /proc/PID/status, in MB."""
+        with open(f"/proc/{self.pid}/status") as file:
+            for line in file:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self._reader.join(timeout=5)
+        if self in ServerProcess.running:
+            ServerProcess.running.remove(self)
+
+    @classmethod
+    def stop_all(cls) -> None:
+        for server in list(cls.running):
+            server.stop()
+
+
+@dataclass
+class Site:
+    """A temporary data root with its users, shared by pymailsrv and the peer's layout."""
+
+    root: Path
+    smtp_users: list[str]
+    pop3_users: list[str] = field(default_factory=list)
+
+    def count_new(self) -> int:
+        """Messages delivered so far: files in every SMTP user's ``new/``."""
+        total = 0
+        for user in self.smtp_users:
+            with os.scandir(self.root / user / "new") as entries:
+                total += sum(1 for entry in entries if not entry.name.startswith("."))
+        return total
+
+    def clear_new(self) -> None:
+        for user in self.smtp_users:
+            for path in (self.root / user / "new").iterdir():
+                path.unlink(missing_ok=True)
+
+
+def make_site(base: Path, name: str, smtp_users: int, pop3_users: int, pop3_messages: int) -> Site:
+    """A data root with users, their Maildirs, and filled POP3 maildrops."""
+    from pymailsrv.maildir import MaildirStore
+    from pymailsrv.users import UserStore
+
+    root = base / name
+    store = MaildirStore(root)
+    users = UserStore(store.state_dir)
+    site = Site(root, [f"user{i}" for i in range(smtp_users)], [f"pop{i}" for i in range(pop3_users)])
+    for user in site.smtp_users + site.pop3_users:
+        users.add(user, PASSWORD)
+        store.create_maildir(user)
+    for user in site.pop3_users:
+        for index in range(pop3_messages):
+            store.deliver(user, make_message(index, SIZES["2KB"], user))
+    return site
+
+
+def start_pymailsrv(site: Site, base: Path, max_message_size: int | None = None) -> ServerProcess:
+    # A private config file: no ./pymailsrv.toml or $PYMAILSRV_CONFIG of the
+    # user's leaks in, and failed logins are not slowed down.
+    config = base / f"pymailsrv-{site.root.name}.toml"
+    lines = ["[pop3]", "failed_login_delay = 0"]
+    if max_message_size:
+        lines += ["[smtp]", f"max_message_size = {max_message_size}"]
+    config.write_text("\n".join(lines) + "\n")
+    return ServerProcess("pymailsrv", [
+        sys.executable, "-m", "pymailsrv", "start", "--config", str(config), "--root", str(site.root),
+        "--host", HOST, "--pop3-port", "0", "--smtp-port", "0", "--domain", "localhost",
+    ])
+
+
+def start_aiosmtpd(site: Site, max_message_size: int | None = None) -> ServerProcess:
+    argv = [sys.executable, os.path.abspath(__file__), "--serve-aiosmtpd", str(site.root)]
+    if max_message_size:
+        argv += ["--max-message-size", str(max_message_size)]
+    return ServerProcess("aiosmtpd", argv)
+
+
+def serve_aiosmtpd(root: Path, max_message_size: int) -> None:
+    """The peer: aiosmtpd, delivering each message to ``mailbox.Maildir`` with fsync.
+
+    The handler is synchronous, like aiosmtpd's own ``handlers.Mailbox``:
+    ``Maildir.add`` writes to tmp/, fsyncs the file and links it into new/;
+    we then fsync new/ so the peer's 250 is as durable as pymailsrv's.
+    """
+    import mailbox
+
+    from aiosmtpd.smtp import SMTP
+
+    class MaildirHandler:
+        def __init__(self) -> None:
+            self.maildirs: dict[str, mailbox.Maildir] = {}
+
+        def _maildir(self, user: str) -> mailbox.Maildir | None:
+            if user not in self.maildirs:
+                path = root / user
+                if not user.isalnum() or not (path / "new").is_dir():
+                    return None
+                self.maildirs[user] = mailbox.Maildir(path, create=False)
+            return self.maildirs[user]
+
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            local, _, domain = address.rpartition("@")
+            if domain.lower() != "localhost" or self._maildir(local.lower()) is None:
+                return "550 5.1.1 no such user"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+        async def handle_DATA(self, server, session, envelope):
+            for address in envelope.rcpt_tos:
+                user = address.rpartition("@")[0].lower()
+                self.maildirs[user].add(envelope.content)
+                directory = os.open(root / user / "new", os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(directory)
+                finally:
+                    os.close(directory)
+            return "250 OK"
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        handler = MaildirHandler()
+        server = await loop.create_server(
+            lambda: SMTP(handler, data_size_limit=max_message_size, hostname="localhost"), HOST, 0)
+        port = server.sockets[0].getsockname()[1]
+        stopping = asyncio.Event()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, stopping.set)
+        print(f"listening smtp={HOST}:{port}", file=sys.stderr, flush=True)
+        await stopping.wait()
+        server.close()
+
+    asyncio.run(main())
+
+
+# --- Load generators ---------------------------------------------------------------
+
+
+def make_message(index: int, size: int, recipient: str) -> bytes:
+    """A plain RFC 5322 message of about ``size`` octets, in 76-character lines."""
+    header = (f"From: bench <bench@localhost>\r\nTo: <{recipient}@localhost>\r\n"
+              f"Subject: bench message {index}\r\nMessage-ID: <{index}.{os.getpid()}@bench.localhost>\r\n"
+              f"\r\n").encode()
+    line = b"The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\r\n"
+    body_lines = max(1, (size - len(header)) // len(line))
+    return header + line * body_lines
+
+
+@dataclass
+class Outcome:
+    """What one worker process measured."""
+
+    latencies: list[float] = field(default_factory=list)  # seconds per transaction
+    messages: int = 0
+    errors: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
+                    go: threading.Event, ready: threading.Barrier, outcome: Outcome,
+                    lock: threading.Lock, deadline: float) -> None:
+    """One SMTP connection: EHLO, then one MAIL/RCPT/DATA transaction per index."""
+    client = None
+    try:
+        client = smtplib.SMTP(HOST, port, timeout=CONNECT_TIMEOUT)
+        client.ehlo("bench.localhost")
+        client.sock.settimeout(SOCKET_TIMEOUT)
+    except (OSError, smtplib.SMTPException) as error:
+        with lock:
+            outcome.errors += len(indexes)
+            outcome.notes.append(f"connect: {error!r}")
+        client = None
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(timeout=START_TIMEOUT)
+    if client is None or not go.wait(timeout=START_TIMEOUT * 2):
+        return
+    latencies, errors = [], 0
+    for index in indexes:
+        if time.monotonic() > deadline:
+            errors += 1
+            continue
+        user = users[index % len(users)]
+        message = make_message(index, size, user)
+        started = time.perf_counter()
+        try:
+            client.sendmail("bench@localhost", [f"{user}@localhost"], message)
+        except (OSError, smtplib.SMTPException) as error:
+            errors += 1
+            with lock:
+                if len(outcome.notes) < 3:
+                    outcome.notes.append(f"send: {error!r}")
+            if isinstance(error, (OSError, smtplib.SMTPServerDisconnected)):
+                errors += len(indexes) - indexes.index(index) - 1
+                break
+            continue
+        latencies.append(time.perf_counter() - started)
+    with contextlib.suppress(OSError, smtplib.SMTPException):
+        client.quit()
+    with lock:
+        outcome.latencies += latencies
+        outcome.messages += len(latencies)
+        outcome.errors += errors
+
+
+def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barrier,
+                outcome: Outcome, lock: threading.Lock, deadline: float) -> None:
+    """One POP3 session: USER/PASS, STAT, RETR every message, QUIT (nothing deleted)."""
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(timeout=START_TIMEOUT)
+    if not go.wait(timeout=START_TIMEOUT * 2):
+        return
+    latencies, errors = [], 0
+    try:
+        client = poplib.POP3(HOST, port, timeout=CONNECT_TIMEOUT)
+        client.sock.settimeout(SOCKET_TIMEOUT)
+        client.user(user)
+        client.pass_(PASSWORD)
+        count, _ = client.stat()
+        for msg_number in range(1, count + 1):
+            if time.monotonic() > deadline:
+                errors += count - msg_number + 1
+                break
+            started = time.perf_counter()
+            client.retr(msg_number)
+            latencies.append(time.perf_counter() - started)
+        client.quit()
+    except (OSError, poplib.error_proto) as error:
+        errors += 1
+        with lock:
+            outcome.notes.append(f"{user}: {error!r}")
+    with lock:
+        outcome.latencies += latencies
+        outcome.messages += len(latencies)
+        outcome.errors += errors
+
+
+def load_worker(kind: str, port: int, jobs: list, size: int, users: list[str],
+                barrier, results) -> None:
+    """A load-generator process: one thread per connection in ``jobs``.
+
+    Several processes share the connections, so the client side is not held
+    to one core by the GIL. Each connects first, then all meet at ``barrier``
+    with the parent, which starts its clock when the barrier opens.
+    """
+    outcome, lock, go = Outcome(), threading.Lock(), threading.Event()
+    ready = threading.Barrier(len(jobs) + 1)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    if kind == "smtp":
+        threads = [threading.Thread(target=smtp_connection,
+                                    args=(port, indexes, size, users, go, ready, outcome, lock, deadline))
+                   for indexes in jobs]
+    else:
+        threads = [threading.Thread(target=pop3_client, args=(port, user, go, ready, outcome, lock, deadline))
+                   for user in jobs]
+    for thread in threads:
+        thread.start()
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(timeout=START_TIMEOUT)  # every connection of this process is open
+    try:
+        barrier.wait(timeout=START_TIMEOUT * 2)
+    except threading.BrokenBarrierError:
+        outcome.notes.append("start barrier broken")
+    go.set()
+    for thread in threads:
+        thread.join(timeout=RUN_TIMEOUT + SOCKET_TIMEOUT)
+    results.put(asdict(outcome))
+
+
+def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
+             done: callable) -> tuple[float, Outcome]:
+    """Spread ``jobs`` over worker processes, time them until ``done()`` is true.
+
+    Returns (seconds, merged outcome). The clock starts when every connection
+    is open and stops when ``done()`` holds (for SMTP: every acknowledged
+    message is in a ``new/``) or SETTLE_TIMEOUT after the workers finished.
+    """
+    context = multiprocessing.get_context("spawn")
+    processes = max(1, min(len(jobs), os.cpu_count() or 1))
+    shares = [jobs[i::processes] for i in range(processes)]
+    barrier = context.Barrier(processes + 1)
+    results = context.Queue()
+    workers = [context.Process(target=load_worker, args=(kind, port, share, size, users, barrier, results),
+                               daemon=True) for share in shares]
+    for worker in workers:
+        worker.start()
+    merged = Outcome()
+    try:
+        try:
+            barrier.wait(timeout=START_TIMEOUT * 2)
+        except threading.BrokenBarrierError:
+            raise RuntimeError("the load generator processes did not start") from None
+        started = time.perf_counter()
+        for _ in workers:
+            part = results.get(timeout=RUN_TIMEOUT + SOCKET_TIMEOUT * 2)
+            merged.latencies += part["latencies"]
+            merged.messages += part["messages"]
+            merged.errors += part["errors"]
+            merged.notes += part["notes"]
+        settle_until = time.monotonic() + SETTLE_TIMEOUT
+        while not done(merged) and time.monotonic() < settle_until:
+            time.sleep(0.002)
+        elapsed = time.perf_counter() - started
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
+    return elapsed, merged
+
+
+# --- Scenarios ----------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One row of the report, and one record of ``--json``."""
+
+    server: str
+    scenario: str
+    size: str | None
+    connections: int | None
+    msgs_per_s: float | None = None
+    msgs_per_s_min: float | None = None
+    msgs_per_s_max: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    cpu_ms_per_msg: float | None = None
+    rss_mb: float | None = None
+    messages: int | None = None
+    errors: int = 0
+    note: str = ""
+
+
+def percentile(values: list[float], fraction: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def summarise(record: Record, rates: list[float], latencies: list[float], cpu: float,
+              messages: int, server: ServerProcess) -> Record:
+    record.msgs_per_s = statistics.median(rates)
+    record.msgs_per_s_min, record.msgs_per_s_max = min(rates), max(rates)
+    record.p50_ms = _ms(percentile(latencies, 0.50))
+    record.p99_ms = _ms(percentile(latencies, 0.99))
+    record.cpu_ms_per_msg = cpu * 1000 / messages if messages else None
+    record.rss_mb = server.memory_mb("VmHWM")
+    record.messages = messages
+    return record
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections: int,
+                  messages: int, runs: int) -> Record:
+    port = server.addresses["smtp"][1]
+    record = Record(server.name, "smtp", size_name, connections)
+    rates, latencies, cpu, delivered = [], [], 0.0, 0
+    for _run in range(runs):
+        site.clear_new()
+        jobs = [list(range(start, messages, connections)) for start in range(connections)]
+        cpu_before = server.cpu_seconds()
+        elapsed, outcome = run_load("smtp", port, jobs, SIZES[size_name], site.smtp_users,
+                                    lambda merged: site.count_new() >= merged.messages)
+        cpu += server.cpu_seconds() - cpu_before
+        in_maildir = site.count_new()
+        delivered += in_maildir
+        rates.append(in_maildir / elapsed)
+        latencies += outcome.latencies
+        record.errors += outcome.errors
+        if outcome.notes and not record.note:
+            record.note = outcome.notes[0][:80]
+        if in_maildir < outcome.messages:
+            record.note = f"{outcome.messages - in_maildir} acknowledged but not in new/"
+    site.clear_new()
+    return summarise(record, rates, latencies, cpu, delivered, server)
+
+
+def pop3_scenario(server: ServerProcess, site: Site, clients: int, runs: int) -> Record:
+    port = server.addresses["pop3"][1]
+    record = Record(server.name, "pop3", "2KB", clients)
+    rates, latencies, cpu, retrieved = [], [], 0.0, 0
+    for _run in range(runs):
+        cpu_before = server.cpu_seconds()
+        elapsed, outcome = run_load("pop3", port, site.pop3_users[:clients], 0, [], lambda merged: True)
+        cpu += server.cpu_seconds() - cpu_before
+        retrieved += outcome.messages
+        rates.append(outcome.messages / elapsed)
+        latencies += outcome.latencies
+        record.errors += outcome.errors
+        if outcome.notes and not record.note:
+            record.note = outcome.notes[0][:80]
+    return summarise(record, rates, latencies, cpu, retrieved, server)
+
+
+def idle_connections_rss(server: ServerProcess, protocol: str, count: int) -> Record:
+    """RSS with ``count`` connections open, each greeted (so its thread exists), then idle."""
+    record = Record(server.name, f"rss-{count}-idle-{protocol}", None, count)
+    port = server.addresses[protocol][1]
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.create_connection((HOST, port), timeout=SOCKET_TIMEOUT)
+            sockets.append(sock)
+            sock.recv(512)  # the greeting: the server has a session for it
+        time.sleep(0.5)
+        record.rss_mb = server.memory_mb("VmRSS")
+    except OSError as error:
+        record.note = f"after {len(sockets)} connections: {error!r}"[:80]
+        record.rss_mb = server.memory_mb("VmRSS")
+    finally:
+        for sock in sockets:
+            sock.close()
+    return record
+
+
+def big_message_rss(server: ServerProcess, site: Site, octets: int) -> Record:
+    """Peak RSS while one message of ``octets`` streams in, and how much it rose."""
+    record = Record(server.name, "rss-100MB-message", "100MB", 1)
+    port = server.addresses["smtp"][1]
+    before = server.memory_mb("VmRSS")
+    peak = [before]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.02):
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], server.memory_mb("VmRSS"))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    line = b"x" * 76 + b"\r\n"
+    chunk = line * (1024 * 1024 // len(line))
+    try:
+        with smtplib.SMTP(HOST, port, timeout=SOCKET_TIMEOUT) as client:
+            client.ehlo("bench.localhost")
+            client.mail("bench@localhost")
+            client.rcpt(f"{site.smtp_users[0]}@localhost")
+            code, _ = client.docmd("DATA")
+            if code != 354:
+                raise smtplib.SMTPDataError(code, b"DATA refused")
+            client.sock.sendall(b"Subject: big\r\n\r\n")
+            for _ in range(octets // len(chunk)):
+                client.sock.sendall(chunk)
+            client.sock.sendall(b".\r\n")
+            code, text = client.getreply()
+            if code != 250:
+                record.note = f"{code} {text.decode(errors='replace')}"[:80]
+    except (OSError, smtplib.SMTPException) as error:
+        record.note = repr(error)[:80]
+    finally:
+        sampling.set()
+        sampler.join(timeout=5)
+    record.rss_mb = peak[0]
+    record.note = record.note or f"+{peak[0] - before:.1f} MB over {before:.1f} MB before"
+    site.clear_new()
+    return record
+
+
+# --- The run as a whole -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(server_factory) -> Iterator[ServerProcess]:
+    server = server_factory()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def attempt(records: list[Record], fallback: Record, server_factory, measure) -> None:
+    """Start a server, ``measure(server)`` into a record; a failure becomes a noted row.
+
+    One scenario that breaks (a server that will not start, a refused
+    connection) should not cost the figures of all the others.
+    """
+    try:
+        with running(server_factory) as server:
+            records.append(measure(server))
+    except (RuntimeError, OSError, smtplib.SMTPException, poplib.error_proto) as error:
+        fallback.note = f"failed: {error}"[:100]
+        records.append(fallback)
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """Room for the idle connections, on our side and (inherited) the server's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def filesystem_of(path: Path) -> str:
+    """The file system type under ``path`` (fsync costs differ a lot between them)."""
+    best, kind = "", "?"
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            parts = line.split()
+            if len(parts) > 2 and str(path).startswith(parts[1]) and len(parts[1]) > len(best):
+                best, kind = parts[1], parts[2]
+    return kind
+
+
+def aiosmtpd_available() -> bool:
+    try:
+        import aiosmtpd  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark pymailsrv (SMTP and POP3) against a peer.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: 2 KB x 10 connections SMTP, a small POP3 run, idle RSS")
+    parser.add_argument("--json", metavar="PATH", help="also write every record as JSON to PATH")
+    parser.add_argument("--peer", choices=["aiosmtpd", "postfix-smtp-source", "none"], default="aiosmtpd",
+                        help="what to compare with (default aiosmtpd, if installed)")
+    parser.add_argument("--messages", type=int, help="SMTP messages per run (default 600 for 2 KB, 300 for 100 KB)")
+    parser.add_argument("--users", type=int, default=10, help="SMTP recipients, round robin (default 10)")
+    parser.add_argument("--runs", type=int, default=RUNS, help="runs per scenario; the median is reported")
+    parser.add_argument("--tmpdir", help="where the temporary data roots go (its file system matters)")
+    # The peer server's own entry point (this script, in a subprocess).
+    parser.add_argument("--serve-aiosmtpd", metavar="ROOT", help=argparse.SUPPRESS)
+    parser.add_argument("--max-message-size", type=int, default=33554432, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.serve_aiosmtpd:
+        serve_aiosmtpd(Path(args.serve_aiosmtpd), args.max_message_size)
+        return 0
+
+    # SIGTERM ends the script like Ctrl-C does, through the finally clauses.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    raise_open_files_limit(IDLE_CONNECTIONS * 2 + 256)
+    notes: list[str] = []
+    records: list[Record] = []
+    base = Path(tempfile.mkdtemp(prefix="pymailsrv-bench-", dir=args.tmpdir))
+    try:
+        records = run_all(args, base, notes)
+    finally:
+        ServerProcess.stop_all()
+        shutil.rmtree(base, ignore_errors=True)
+    report(records, notes)
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(record) for record in records], indent=2) + "\n")
+        print(f"\nwrote {len(records)} records to {args.json}")
+    return 0
+
+
+def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Record]:
+    quick = args.quick
+    runs = max(1, args.runs)
+    smtp_plan = [("2KB", 10)] if quick else [(size, c) for size in SIZES for c in SMTP_CONCURRENCY]
+    pop3_plan = [1] if quick else list(POP3_CLIENTS)
+    pop3_messages = 100 if quick else POP3_MAILDROP_MESSAGES
+
+    def messages_for(size_name: str) -> int:
+        if args.messages:
+            return args.messages
+        return 200 if quick else (600 if size_name == "2KB" else 300)
+
+    peers: list[str] = []
+    if args.peer == "aiosmtpd":
+        if aiosmtpd_available():
+            peers.append("aiosmtpd")
+        else:
+            notes.append("aiosmtpd is not installed (pip install '.[bench]'): no peer figures")
+    elif args.peer == "postfix-smtp-source":
+        notes.append("smtp-source (Postfix) found at " + shutil.which("smtp-source")
+                     if shutil.which("smtp-source") else
+                     "smtp-source (Postfix) is not installed here: compare with issue 9's reference figures")
+        if shutil.which("smtp-source"):
+            peers.append("postfix-smtp-source")
+
+    print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
+          f"{runs} runs per scenario", file=sys.stderr)
+    site = make_site(base, "pymailsrv", args.users, max(pop3_plan), pop3_messages)
+    records: list[Record] = []
+
+    # Start-up and idle memory, then the SMTP scenarios, each on a fresh server.
+    with running(lambda: start_pymailsrv(site, base)) as server:
+        has_smtp = "smtp" in server.addresses
+        time.sleep(0.2)  # let start-up settle before reading the idle RSS
+        records.append(Record("pymailsrv", "rss-idle", None, 0, rss_mb=server.memory_mb("VmRSS"),
+                              note=f"listening after {server.startup_seconds:.2f} s"))
+    if not has_smtp:
+        notes.append("this pymailsrv has no SMTP listener yet (no smtp= in its listening line): "
+                     "SMTP scenarios skipped")
+        smtp_plan = []
+
+    for size_name, connections in smtp_plan:
+        progress(f"smtp {size_name} x {connections} connections")
+        count = messages_for(size_name)
+
+        def smtp(server: ServerProcess) -> Record:
+            return smtp_scenario(server, site, size_name, connections, count, runs)
+
+        attempt(records, Record("pymailsrv", "smtp", size_name, connections), lambda: start_pymailsrv(site, base), smtp)
+        if "aiosmtpd" in peers:
+            attempt(records, Record("aiosmtpd", "smtp", size_name, connections), lambda: start_aiosmtpd(site), smtp)
+        if "postfix-smtp-source" in peers:
+            attempt(records, Record("pymailsrv (smtp-source)", "smtp", size_name, connections),
+                    lambda: start_pymailsrv(site, base),
+                    lambda server: smtp_source_scenario(server, site, size_name, connections, count))
+
+    for clients in pop3_plan:
+        progress(f"pop3 2KB x {clients} clients over {pop3_messages}-message maildrops")
+        attempt(records, Record("pymailsrv", "pop3", "2KB", clients), lambda: start_pymailsrv(site, base),
+                lambda server: pop3_scenario(server, site, clients, runs))
+    if "aiosmtpd" in peers and pop3_plan:
+        notes.append("the peer is SMTP only: no POP3 comparison (issue 9 names Dovecot for that)")
+
+    if not quick:
+        protocol = "smtp" if has_smtp else "pop3"
+        progress(f"memory: {IDLE_CONNECTIONS} idle {protocol} connections")
+        servers = {"pymailsrv": lambda: start_pymailsrv(site, base)}
+        if "aiosmtpd" in peers and has_smtp:
+            servers["aiosmtpd"] = lambda: start_aiosmtpd(site)
+        for name, factory in servers.items():
+            attempt(records, Record(name, f"rss-{IDLE_CONNECTIONS}-idle-{protocol}", None, IDLE_CONNECTIONS),
+                    factory, lambda server: idle_connections_rss(server, protocol, IDLE_CONNECTIONS))
+        if has_smtp:
+            progress("memory: one 100 MB message")
+            # The size limit is raised for this one, so the message is really stored.
+            servers = {"pymailsrv": lambda: start_pymailsrv(site, base, BIG_MESSAGE_OCTETS * 2)}
+            if "aiosmtpd" in peers:
+                servers["aiosmtpd"] = lambda: start_aiosmtpd(site, BIG_MESSAGE_OCTETS * 2)
+            for name, factory in servers.items():
+                attempt(records, Record(name, "rss-100MB-message", "100MB", 1), factory,
+                        lambda server: big_message_rss(server, site, BIG_MESSAGE_OCTETS))
+    return records
+
+
+def smtp_source_scenario(server: ServerProcess, site: Site, size_name: str, connections: int,
+                         messages: int) -> Record:
+    """Postfix's smtp-source as the load generator against pymailsrv (one run, rate only)."""
+    record = Record("pymailsrv (smtp-source)", "smtp", size_name, connections)
+    host, port = server.addresses["smtp"]
+    site.clear_new()
+    argv = ["smtp-source", "-s", str(connections), "-m", str(messages), "-l", str(SIZES[size_name]),
+            "-f", "bench@localhost", "-t", f"{site.smtp_users[0]}@localhost", f"{host}:{port}"]
+    cpu_before = server.cpu_seconds()
+    started = time.perf_counter()
+    try:
+        subprocess.run(argv, timeout=RUN_TIMEOUT, check=True, capture_output=True)
+    except (OSError, subprocess.SubprocessError) as error:
+        record.note = repr(error)[:80]
+    settle_until = time.monotonic() + SETTLE_TIMEOUT
+    while site.count_new() < messages and time.monotonic() < settle_until:
+        time.sleep(0.002)
+    elapsed = time.perf_counter() - started
+    delivered = site.count_new()
+    record.msgs_per_s = record.msgs_per_s_min = record.msgs_per_s_max = delivered / elapsed
+    record.cpu_ms_per_msg = (server.cpu_seconds() - cpu_before) * 1000 / delivered if delivered else None
+    record.rss_mb = server.memory_mb("VmHWM")
+    record.messages = delivered
+    site.clear_new()
+    return record
+
+
+def progress(text: str) -> None:
+    print(f"... {text}", file=sys.stderr, flush=True)
+
+
+def report(records: list[Record], notes: list[str]) -> None:
+    def number(value: float | None, digits: int = 1) -> str:
+        return "" if value is None else f"{value:,.{digits}f}"
+
+    rows = []
+    for record in records:
+        rate = ""
+        if record.msgs_per_s is not None:
+            rate = f"{record.msgs_per_s:,.0f} ({record.msgs_per_s_min:,.0f}-{record.msgs_per_s_max:,.0f})"
+        rows.append([record.server, record.scenario, record.size or "", record.connections, rate,
+                     number(record.p50_ms, 2), number(record.p99_ms, 2), number(record.cpu_ms_per_msg, 2),
+                     number(record.rss_mb), record.errors or "", record.note])
+    print(tabulate(rows, headers=["server", "scenario", "size", "conns", "msg/s median (min-max)",
+                                  "p50 ms", "p99 ms", "CPU ms/msg", "RSS MB", "errors", "note"]))
+
+    ratios = []
+    for mine in records:
+        if mine.server != "pymailsrv" or mine.msgs_per_s is None:
+            continue
+        for peer in records:
+            if (peer.server == "aiosmtpd" and (peer.scenario, peer.size, peer.connections)
+                    == (mine.scenario, mine.size, mine.connections) and peer.msgs_per_s):
+                ratios.append([mine.scenario, mine.size, mine.connections, f"{mine.msgs_per_s:,.0f}",
+                               f"{peer.msgs_per_s:,.0f}", f"{mine.msgs_per_s / peer.msgs_per_s:.2f}x"])
+    if ratios:
+        print("\npymailsrv / aiosmtpd+Maildir (delivered messages/s, same run):")
+        print(tabulate(ratios, headers=["scenario", "size", "conns", "pymailsrv", "aiosmtpd", "ratio"]))
+    for note in notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        ServerProcess.stop_all()
