@@ -209,6 +209,8 @@ R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}")
 R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}")
 R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented")
 R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later")
+# RFC 3463 §3.6: X.5.4 "invalid command arguments" - the path was fine, a parameter was not.
+R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}")
 R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}")
 R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state")
 R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown")

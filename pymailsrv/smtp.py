@@ -68,6 +68,7 @@ from pymailsrv.replies import (
     R500_TEXT_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
     R501_BAD_ADDRESS,
+    R501_BAD_PARAMETER,
     R501_SYNTAX,
     R502_NOT_IMPLEMENTED,
     R503_BAD_SEQUENCE,
@@ -290,9 +291,13 @@ class SmtpSession(Session):
             raise self._syntax_error(verb)
         try:
             address, parameter_text = parse_path(rest, null_allowed=null_allowed)
-            parameters = parse_parameters(parameter_text)
         except PathError as error:
             raise CommandError(R501_BAD_ADDRESS.format(detail=error)) from None
+        # A malformed parameter is a bad argument (X.5.4), not a bad address (X.1.3).
+        try:
+            parameters = parse_parameters(parameter_text)
+        except PathError as error:
+            raise CommandError(R501_BAD_PARAMETER.format(detail=error)) from None
         return address, parameters
 
     def _new_transaction(self) -> None:
@@ -424,7 +429,9 @@ class SmtpSession(Session):
 
     def _local_user(self, recipient: Address) -> str:
         """The local user who gets mail for ``recipient``, or the refusal."""
-        if recipient.domain and recipient.domain not in self.settings.domains:
+        # Address keeps its domain lower-cased; a --domain may be written in capitals.
+        local_domains = {domain.lower() for domain in self.settings.domains}
+        if recipient.domain and recipient.domain not in local_domains:
             if self._client_trusted():
                 raise CommandError(R451_RELAY_UNAVAILABLE.format(address=recipient))
             raise CommandError(R554_RELAY_DENIED.format(address=recipient))
