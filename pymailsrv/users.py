@@ -55,8 +55,11 @@ def check_user_name(name: str) -> str:
     The pattern keeps a name a single, harmless path component: no "/", no
     "\\", no NUL, no leading dot (so never "..", never ".pymailsrv").
     """
-    lowered = name.lower()
-    if not USER_NAME_PATTERN.fullmatch(lowered) or not lowered.isascii():
+    # Check ASCII before lower-casing: str.lower() turns some non-ASCII
+    # look-alikes into ASCII (KELVIN SIGN U+212A becomes "k"), which would let
+    # a second spelling of a name through.
+    lowered = name.lower() if name.isascii() else ""
+    if not USER_NAME_PATTERN.fullmatch(lowered):
         raise UserError(f"invalid user name {name!r}: use 1-64 of a-z 0-9 . _ -, starting with a letter or digit")
     return lowered
 
@@ -146,6 +149,9 @@ class UserStore:
             yield users
             temporary = self.path.with_suffix(".tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            # O_CREAT's mode applies only to a new file; one left over by a
+            # crash keeps its old mode unless we set it.
+            os.fchmod(fd, 0o600)
             with os.fdopen(fd, "w", encoding="utf-8") as file:
                 json.dump({"users": users}, file, indent=2, sort_keys=True)
                 file.flush()
