@@ -1,0 +1,247 @@
+"""The Maildir store on a real disk: durable delivery, reading, stale files.
+
+Delivery must follow the Maildir spec (tmp/ -> fsync -> new/ -> fsync the
+directory), leave nothing in tmp/, and be all-or-none for several users.
+Reading must skip what is not a message and survive files that vanish.
+"""
+
+from __future__ import annotations
+
+import errno
+import mailbox
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from pymailsrv import maildir as maildir_module
+from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
+from pymailsrv.maildir import MaildirStore, pop3_lines, pop3_size, uid_of
+from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError
+from pymailsrv.users import UserError
+
+MESSAGE = b"Subject: hi\n\nhello\n"
+UNIQUE_NAME = re.compile(r"(\d+)\.M(\d{6})P(\d+)Q(\d+)R([0-9A-F]{10})\.([^,/:]+),S=(\d+),W=(\d+)")
+
+
+def listing(path: Path) -> list[str]:
+    return sorted(entry.name for entry in path.iterdir())
+
+
+# --- delivery ------------------------------------------------------------------------
+
+
+def test_delivery_writes_new_with_unique_name_and_sizes(store, root):
+    queue_id = store.deliver("alice", MESSAGE)
+    (name,) = listing(root / "alice" / "new")
+    match = UNIQUE_NAME.fullmatch(name)
+    assert match, name
+    seconds, _micro, pid, _counter, random_part, _host, disk, crlf = match.groups()
+    assert abs(int(seconds) - time.time()) < 60
+    assert int(pid) == os.getpid()
+    assert random_part == queue_id
+    assert int(disk) == len(MESSAGE) == (root / "alice" / "new" / name).stat().st_size
+    assert int(crlf) == len(MESSAGE.replace(b"\n", b"\r\n"))
+    assert listing(root / "alice" / "tmp") == [] and listing(root / "alice" / "cur") == []
+
+
+def test_delivery_stores_lf_line_ends_and_adds_a_final_newline(store, root):
+    store.deliver("alice", b"Subject: crlf\r\n\r\nno final newline")
+    (path,) = (root / "alice" / "new").iterdir()
+    assert path.read_bytes() == b"Subject: crlf\n\nno final newline\n"
+    assert path.name.endswith(",S=32,W=35")
+
+
+def test_every_delivery_gets_its_own_name(store, root):
+    ids = {store.deliver("alice", MESSAGE) for _ in range(20)}
+    assert len(ids) == 20
+    assert len(listing(root / "alice" / "new")) == 20
+
+
+def test_delivery_fsyncs_the_file_and_the_new_directory(store, root, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir_module.os, "fsync", recording_fsync)
+    store.deliver("alice", MESSAGE)
+    (name,) = listing(root / "alice" / "new")
+    tmp_file = str(root / "alice" / "tmp" / name.split(",")[0])
+    # The file is synced while still in tmp/, then the directory it was linked into.
+    assert synced == [tmp_file, str(root / "alice" / "new")]
+
+
+def test_delivered_mail_is_readable_by_python_mailbox(store, root):
+    store.deliver("alice", b"Subject: stdlib\n\nbody\n")
+    box = mailbox.Maildir(root / "alice", create=False)
+    (message,) = box.values()
+    assert message["Subject"] == "stdlib"
+    assert message.get_subdir() == "new"
+
+
+def test_one_message_for_several_users_is_in_every_maildir(store, root):
+    incoming = store.receive(["alice", "bob"])
+    incoming.write(MESSAGE)
+    incoming.commit()
+    (alice_name,) = listing(root / "alice" / "new")
+    assert listing(root / "bob" / "new") == [alice_name]
+    assert (root / "bob" / "new" / alice_name).stat().st_nlink == 2  # written once, linked twice
+    assert listing(root / "alice" / "tmp") == [] and listing(root / "bob" / "tmp") == []
+
+
+def test_delivery_to_several_users_is_all_or_none(store, root):
+    store.create_maildir("alice")
+    incoming = store.receive(["alice", "bob"])
+    incoming.write(MESSAGE)
+    # bob's new/ turns into a file before the commit: linking there fails.
+    (root / "bob" / "new").rmdir()
+    (root / "bob" / "new").write_bytes(b"")
+    with pytest.raises(StorageError):
+        incoming.commit()
+    assert listing(root / "alice" / "new") == []
+    assert listing(root / "alice" / "tmp") == []
+
+
+def test_discarded_message_leaves_nothing(store, root):
+    incoming = store.receive(["alice"])
+    incoming.write(MESSAGE)
+    incoming.discard()
+    assert listing(root / "alice" / "tmp") == [] and listing(root / "alice" / "new") == []
+
+
+def test_receive_refuses_invalid_user_names_creating_nothing(store, root):
+    for name in ("../escape", ".pymailsrv", "a/b"):
+        with pytest.raises(UserError):
+            store.receive([name])
+    with pytest.raises(ValueError):
+        store.receive([])
+    assert listing(root) == []
+
+
+def test_a_broken_tmp_directory_fails_delivery_cleanly(store, root):
+    store.create_maildir("alice")
+    (root / "alice" / "tmp").rmdir()
+    (root / "alice" / "tmp").symlink_to(root / "nowhere")  # a dangling tmp/
+    with pytest.raises(OSError):  # StorageError is one too
+        store.deliver("alice", MESSAGE)
+    assert listing(root / "alice" / "new") == []
+
+
+def test_a_full_disk_is_reported_as_insufficient_storage():
+    error = maildir_module._storage_error(OSError(errno.ENOSPC, "No space left on device"), "writing")
+    assert isinstance(error, InsufficientStorage)
+    assert not isinstance(maildir_module._storage_error(OSError(errno.EIO, "I/O"), "x"), InsufficientStorage)
+
+
+# --- reading -----------------------------------------------------------------------
+
+
+def test_listing_ignores_what_is_not_a_message(store, root):
+    store.deliver("alice", MESSAGE)
+    new = root / "alice" / "new"
+    (new / ".hidden").write_bytes(MESSAGE)
+    (new / "subdirectory").mkdir()
+    (new / "dangling").symlink_to(root / "nowhere")
+    (root / "alice" / "cur" / ".tmp-of-a-reader").write_bytes(MESSAGE)
+    (info, _path), = store.messages("alice")
+    assert info.size == 22
+    drop = store.open_maildrop("alice")
+    try:
+        assert [message.key for message in drop.snapshot()] == [info.key]
+    finally:
+        drop.release()
+    assert (new / ".hidden").exists() and (new / "subdirectory").is_dir()
+
+
+def test_snapshot_is_in_arrival_order_and_sizes_files_without_w(store, root):
+    cur = root / "alice" / "cur"
+    store.create_maildir("alice")
+    (cur / "1000000002.b.example:2,").write_bytes(b"B\n")
+    (cur / "1000000001.a.example:2,S").write_bytes(b"A\r\nline\r\n")
+    (cur / "999999999.z.example:2,").write_bytes(b"no newline")
+    drop = store.open_maildrop("alice")
+    try:
+        snapshot = drop.snapshot()
+    finally:
+        drop.release()
+    assert [message.uid for message in snapshot] == ["999999999.z.example", "1000000001.a.example",
+                                                     "1000000002.b.example"]
+    assert [message.size for message in snapshot] == [12, 9, 3]
+
+
+def test_a_message_that_vanishes_is_reported_not_crashed_on(store, root):
+    store.deliver("alice", MESSAGE)
+    drop = store.open_maildrop("alice")
+    try:
+        (message,) = drop.snapshot()
+        (path,) = (root / "alice" / "cur").iterdir()
+        path.unlink()
+        with pytest.raises(MessageVanished):
+            drop.lines(message.key)
+        drop.mark_seen(message.key)  # nothing to mark, no error
+        assert drop.expunge([message.key]) == 0  # already gone, as wanted
+    finally:
+        drop.release()
+
+
+def test_listing_of_a_user_without_a_maildir_is_empty(store):
+    assert store.messages("nobody") == []
+
+
+def test_pop3_lines_and_size_count_crlf_line_ends(tmp_path):
+    cases = {b"a\nb\n": ([b"a", b"b"], 6), b"a\r\nb\r\n": ([b"a", b"b"], 6),
+             b"a\nb": ([b"a", b"b"], 6), b"": ([], 0), b"\n\n": ([b"", b""], 4)}
+    for data, (lines, size) in cases.items():
+        path = tmp_path / "m"
+        path.write_bytes(data)
+        with open(path, "rb") as file:
+            assert list(pop3_lines(file)) == lines
+        with open(path, "rb") as file:
+            assert pop3_size(file) == size
+
+
+def test_uid_is_the_unique_name_or_a_digest_where_that_will_not_do():
+    assert uid_of("1700000000.M1P2Q3RABC.host,S=1,W=2") == "1700000000.M1P2Q3RABC.host"
+    long_key = "1." + "x" * 80
+    assert re.fullmatch(r"[0-9a-f]{40}", uid_of(long_key))
+    assert re.fullmatch(r"[0-9a-f]{40}", uid_of("1.h\u00e9st"))
+    assert uid_of(long_key) != uid_of(long_key + "y")
+
+
+def test_maildir_path_never_leaves_the_root(store):
+    with pytest.raises(UserError):
+        store.maildir("../../etc")
+
+
+# --- stale files (the Maildir spec: 36 hours) ----------------------------------------------
+
+
+def test_remove_stale_files_removes_only_old_tmp_files(store, root):
+    tmp = store.create_maildir("alice") / "tmp"
+    old, fresh = tmp / "old", tmp / "fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    (tmp / "olddir").mkdir()
+    long_ago = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS - 60
+    os.utime(old, (long_ago, long_ago))
+    os.utime(tmp / "olddir", (long_ago, long_ago))
+    recent = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS + 3600
+    os.utime(fresh, (recent, recent))
+    store.deliver("alice", MESSAGE)
+    assert store.remove_stale_files() == 1
+    assert listing(tmp) == ["fresh", "olddir"]
+    assert len(listing(root / "alice" / "new")) == 1
+
+
+def test_server_start_removes_stale_tmp_files(store, start_server):
+    tmp = store.create_maildir("alice") / "tmp"
+    (tmp / "old").write_bytes(b"x")
+    long_ago = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS - 60
+    os.utime(tmp / "old", (long_ago, long_ago))
+    start_server()
+    assert listing(tmp) == []
