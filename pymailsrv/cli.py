@@ -95,13 +95,19 @@ def main() -> None:
 @click.option("--pop3-port", type=int, help="POP3 port (default 1100; 0 picks a free port).")
 @click.option("--domain", "domains", multiple=True, help="A mail domain this server is final for (repeatable).")
 @click.option("--trace", is_flag=True, default=None, help="Print every protocol line to stderr.")
+@click.option("--trace-bodies", is_flag=True, default=None, help="Trace message text line by line, not summarised.")
+@click.option("--trace-format", type=click.Choice(["text", "json"]), help="Trace as text (default) or JSON lines.")
+@click.option("--annotate", is_flag=True, default=None, help="Say in the trace what each line means, with its RFC.")
+@click.option("--transcripts", is_flag=True, default=None, help="Save every session under ROOT/.pymailsrv/transcripts/.")
 def start(root: str | None, config: str | None, host: str | None, smtp_port: int | None,
-          pop3_port: int | None, domains: tuple[str, ...], trace: bool | None) -> None:
+          pop3_port: int | None, domains: tuple[str, ...], trace: bool | None, trace_bodies: bool | None,
+          trace_format: str | None, annotate: bool | None, transcripts: bool | None) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from pymailsrv.server import MailServer
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
-                         pop3={"port": pop3_port}, smtp={"port": smtp_port})
+                         trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
+                         transcripts=transcripts, pop3={"port": pop3_port}, smtp={"port": smtp_port})
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
@@ -265,3 +271,7 @@ def deliver(settings: Settings, name: str, file: Any) -> None:
 def _exit(status: int, message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(status)
+
+from pymailsrv.transcripts import transcripts_group  # noqa: E402  (it uses with_settings above)
+
+main.add_command(transcripts_group)

@@ -36,7 +36,8 @@ class Command:
     capability:  the CAPA line / EHLO keyword the verb brings, if any.
     moves:       state -> next state when the command succeeds there (the
                  edges of the state diagram; the handler makes the move).
-    secret:      the argument is a credential: traces show it masked.
+    secret_from: the index of the first argument word that is a credential:
+                 traces show it and all after it as ****; None if no secret.
     """
 
     verb: str
@@ -46,7 +47,7 @@ class Command:
     rfc: str
     capability: str | None = None
     moves: Mapping[enum.Enum, enum.Enum | None] = field(default_factory=lambda: MappingProxyType({}))
-    secret: bool = False
+    secret_from: int | None = None
 
 
 class CommandTable:

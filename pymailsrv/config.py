@@ -109,7 +109,14 @@ class Settings:
     # The name this server gives itself in greetings and Received: headers.
     hostname: str = field(default_factory=socket.gethostname)
     domains: tuple[str, ...] = ("localhost",)
+    # Teaching mode (trace.py): the live trace and how it looks ...
     trace: bool = False
+    trace_bodies: bool = False
+    trace_format: Literal["text", "json"] = "text"
+    annotate: bool = False
+    # ... and a saved transcript of every session, the newest N kept.
+    transcripts: bool = False
+    transcripts_keep: int = _checked(1000, _positive)
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)

@@ -42,6 +42,8 @@ class Reply:
     after: After = dataclasses.field(default=After.CONTINUE, kw_only=True)
     # Seconds the transport waits before sending (a failed login's delay).
     delay: float = dataclasses.field(default=0.0, kw_only=True)
+    # What the reply means and where the RFC says so: the --annotate text.
+    note: str = dataclasses.field(default="", kw_only=True)
 
     def head(self) -> list[str]:
         """The status line(s), without line ends: what a trace always shows."""
@@ -207,10 +209,10 @@ R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long")
 R500_TEXT_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "message has a line longer than 1000 octets")
 R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}")
 R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}")
-R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented")
-R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later")
 # RFC 3463 §3.6: X.5.4 "invalid command arguments" - the path was fine, a parameter was not.
 R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}")
+R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented")
+R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later")
 R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}")
 R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state")
 R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown")

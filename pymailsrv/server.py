@@ -28,7 +28,7 @@ from pymailsrv.maildir import MaildirStore
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession
-from pymailsrv.trace import Tracer
+from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
 from pymailsrv.users import UserStore
 
@@ -85,6 +85,19 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.exception("%s connection from %s failed", self.name, client_address[0])
 
 
+def trace_options(settings: Settings) -> TraceOptions:
+    """How to trace, from the settings; asking for bodies, JSON or notes turns the trace on."""
+    live = settings.trace or settings.trace_bodies or settings.annotate or settings.trace_format == "json"
+    return TraceOptions(
+        live=live,
+        bodies=settings.trace_bodies,
+        annotate=settings.annotate,
+        json=settings.trace_format == "json",
+        transcripts_dir=settings.state_dir / "transcripts" if settings.transcripts else None,
+        transcripts_keep=settings.transcripts_keep,
+    )
+
+
 class MailServer:
     """All listeners of one data root. Use as a context manager, or start()/stop()."""
 
@@ -94,7 +107,7 @@ class MailServer:
             settings=settings,
             users=UserStore(settings.state_dir),
             store=MaildirStore(settings.root),
-            tracer=tracer or Tracer(enabled=settings.trace),
+            tracer=tracer or Tracer(trace_options(settings)),
         )
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []

@@ -40,6 +40,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pymailsrv.session")
 
+
+class InputKind(enum.Enum):
+    """What the session takes the next client line to be."""
+
+    COMMANDS = "commands"
+    TEXT = "text"  # message text (SMTP DATA): traced as a summary
+    SECRET = "secret"  # a SASL response: traced as ****
+
 _session_ids = itertools.count(1)
 
 LineHandler = Callable[[bytes, bool], "Reply | None"]
@@ -67,8 +75,11 @@ class Session:
         self.session_id = next(_session_ids)
         self.state: enum.Enum = self.initial_state()
         self.errors = 0
+        self.commands_run = 0
+        self.user: str | None = None  # who logged in, once someone has
         self.tls = False  # set by the transport once a TLS handshake is done
         self._line_handler: LineHandler = self.dispatch
+        self._input_kind = InputKind.COMMANDS
 
     # --- what each protocol supplies -------------------------------------
 
@@ -113,11 +124,12 @@ class Session:
     @property
     def collecting_text(self) -> bool:
         """True while lines are message text, not commands (traces summarise them)."""
-        return self._line_handler != self.dispatch
+        return self._input_kind is InputKind.TEXT
 
-    def expect_lines(self, handler: LineHandler | None) -> None:
+    def expect_lines(self, handler: LineHandler | None, kind: InputKind | None = None) -> None:
         """Send the next lines to ``handler`` (None: back to commands)."""
         self._line_handler = handler or self.dispatch
+        self._input_kind = kind or (InputKind.TEXT if handler else InputKind.COMMANDS)
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         """Look the verb up in the command table and run its handler."""
@@ -127,6 +139,7 @@ class Session:
         text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
         verb, _, argument = text.partition(" ")
         command = self.commands.find(verb)
+        self.commands_run += 1
         if command is None:
             return self._counted(self.UNKNOWN_COMMAND)
         if self.state not in command.states:
@@ -160,8 +173,20 @@ class Session:
 
     def mask(self, line: bytes) -> bytes:
         """The line as a trace may show it: credentials replaced by ****."""
-        verb, space, _ = line.partition(b" ")
-        command = self.commands.find(verb.decode("ascii", "replace"))
-        if command is not None and command.secret and space:
-            return verb + b" ****"
-        return line
+        if self._input_kind is InputKind.SECRET:
+            return b"****"
+        words = line.split(b" ")
+        command = self.commands.find(words[0].decode("ascii", "replace"))
+        if command is None or command.secret_from is None:
+            return line
+        shown = 1 + command.secret_from  # the verb, then the public arguments
+        if len(words) <= shown:
+            return line
+        return b" ".join(words[:shown] + [b"****"])
+
+    def annotation(self, line: bytes) -> str:
+        """What a client line is, from the command table: its syntax and RFC section."""
+        if self._input_kind is not InputKind.COMMANDS:
+            return ""
+        command = self.commands.find(line.split(b" ", 1)[0].strip().decode("ascii", "replace"))
+        return f"{command.syntax}, {command.rfc}" if command else ""

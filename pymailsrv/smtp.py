@@ -482,8 +482,7 @@ class SmtpSession(Session):
     def _read_text(self, line: bytes, too_long: bool) -> Reply | None:
         if not self.text.feed(line, too_long):
             return None
-        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read)
-        self.context.tracer.client_line(self, line)
+        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, line)
         refusal = self.text.refusal()
         incoming, self._incoming = self._incoming, None
         try:

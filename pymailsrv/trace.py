@@ -1,67 +1,184 @@
 """The protocol trace: every line on the wire, in the RFCs' ``C:``/``S:`` notation.
 
-With ``--trace`` the transport reports each line it reads and writes here,
-and the sessions report their state changes. A line looks like::
+The transport reports each line it reads and writes here, and the sessions
+report their state changes. With ``--trace`` the events are printed live to
+stderr, one line each::
 
     01:02:03.456 pop3 #7 127.0.0.1 AUTHORIZATION C: USER alice
     01:02:03.457 pop3 #7 127.0.0.1 AUTHORIZATION S: +OK send PASS
     01:02:03.458 pop3 #7 127.0.0.1 AUTHORIZATION C: PASS ****
     01:02:03.470 pop3 #7 127.0.0.1 -- AUTHORIZATION -> TRANSACTION
 
-Credentials never reach the trace: the session masks its secret arguments
-(``Session.mask``) before a client line is written. Message text (a RETR
-body, SMTP DATA) is summarised as ``[N lines, M octets]``.
+* Credentials never reach a trace: the session masks them (``Session.mask``)
+  before a client line is recorded - ``PASS ****``, ``APOP alice ****``,
+  ``AUTH PLAIN ****`` and every line of a SASL exchange.
+* Message text (a RETR body, SMTP DATA) is summarised as
+  ``[212 lines, 14 380 octets]`` unless ``--trace-bodies``.
+* ``--annotate`` adds what a line means and where the RFC says so: client
+  lines from the command table (syntax and section), server lines from the
+  reply's ``note`` in the catalogue (``replies.py``).
+* ``--trace-format json`` prints one JSON object per event, for tools; the
+  text form is coloured on a terminal and plain when piped.
+* ``--transcripts`` also saves every session to its own file,
+  ``ROOT/.pymailsrv/transcripts/<time>-<protocol>-<id>.jsonl``: the same
+  events as JSON lines, between a ``session`` and an ``end`` record, which
+  ``pymailsrv transcripts list/show`` read back (``transcripts.py``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, TextIO
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, TextIO
 
 if TYPE_CHECKING:
     import enum
 
+    from pymailsrv.replies import Reply
     from pymailsrv.session import Session
+
+# ANSI colours for the text form on a terminal.
+_COLOURS = {"C": "\033[36m", "S+": "\033[32m", "S-": "\033[31m", "--": "\033[33m"}
+_DIM, _RESET = "\033[2m", "\033[0m"
+
+
+@dataclass(frozen=True)
+class TraceOptions:
+    live: bool = False  # print events to the stream as they happen
+    bodies: bool = False  # show message text line by line, not summarised
+    annotate: bool = False
+    json: bool = False
+    transcripts_dir: Path | None = None  # save each session there
+    transcripts_keep: int = 1000
+
+
+def octets_summary(lines: int, octets: int) -> str:
+    """``[212 lines, 14 380 octets]``: how message text appears in a trace."""
+    def grouped(number: int) -> str:
+        return f"{number:,}".replace(",", " ")
+
+    return f"[{grouped(lines)} lines, {grouped(octets)} octets]"
 
 
 class Tracer:
-    def __init__(self, enabled: bool = False, stream: TextIO | None = None) -> None:
-        self.enabled = enabled
+    def __init__(self, options: TraceOptions | None = None, stream: TextIO | None = None) -> None:
+        self.options = options or TraceOptions()
         self._stream = stream
         self._lock = threading.Lock()
+        self._transcripts: dict[int, IO[str]] = {}
 
-    def _emit(self, session: Session, text: str) -> None:
+    @property
+    def bodies(self) -> bool:
+        return self.options.bodies
+
+    @property
+    def active(self) -> bool:
+        return self.options.live or self.options.transcripts_dir is not None
+
+    # --- recording ---------------------------------------------------------------
+
+    def _record(self, session: Session, direction: str, line: str, note: str = "", **extra: object) -> None:
+        if not self.active:
+            return
         now = time.time()
-        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
-        line = f"{stamp} {session.protocol} #{session.session_id} {session.peer[0]} {text}"
-        stream = self._stream or sys.stderr
+        event = {"time": round(now, 3), "protocol": session.protocol, "session": session.session_id,
+                 "client": session.peer[0], "state": session.state.name, "dir": direction, "line": line,
+                 **({"note": note} if note else {}), **extra}
         with self._lock:
-            stream.write(line + "\n")
+            if self.options.live:
+                self._print(event, now)
+            transcript = self._transcripts.get(session.session_id)
+            if transcript is not None:
+                transcript.write(json.dumps(event, ensure_ascii=False) + "\n")
+
+    def _print(self, event: dict, now: float) -> None:
+        stream = self._stream or sys.stderr
+        if self.options.json:
+            stream.write(json.dumps(event, ensure_ascii=False) + "\n")
             stream.flush()
+            return
+        stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+        who = f"{event['protocol']} #{event['session']} {event['client']}"
+        if event["dir"] == "--":
+            text = f"-- {event['line']}"
+        else:
+            text = f"{event['state']} {event['dir']}: {event['line']}"
+        if self.options.annotate and event.get("note"):
+            text += f"   ; {event['note']}"
+        if stream.isatty():
+            key = event["dir"]
+            if key == "S":
+                key = "S-" if event["line"][:1] in ("-", "4", "5") else "S+"
+            text = f"{_COLOURS[key]}{text}{_RESET}"
+            stamp = f"{_DIM}{stamp}{_RESET}"
+        stream.write(f"{stamp} {who} {text}\n")
+        stream.flush()
 
-    def client_line(self, session: Session, line: bytes) -> None:
-        if self.enabled:
+    # --- what the transport and the sessions report --------------------------------
+
+    def session_started(self, session: Session) -> None:
+        directory = self.options.transcripts_dir
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{session.protocol}-{session.session_id}.jsonl"
+            transcript = open(directory / name, "w", encoding="utf-8")
+            header = {"record": "session", "protocol": session.protocol, "session": session.session_id,
+                      "client": session.peer[0], "time": round(time.time(), 3)}
+            transcript.write(json.dumps(header) + "\n")
+            with self._lock:
+                self._transcripts[session.session_id] = transcript
+
+    def session_ended(self, session: Session, outcome: str) -> None:
+        with self._lock:
+            transcript = self._transcripts.pop(session.session_id, None)
+        if transcript is not None:
+            footer = {"record": "end", "time": round(time.time(), 3), "user": session.user,
+                      "commands": session.commands_run, "outcome": outcome}
+            transcript.write(json.dumps(footer) + "\n")
+            transcript.close()
+            self._prune()
+
+    def _prune(self) -> None:
+        """Keep only the newest ``transcripts_keep`` transcripts."""
+        directory = self.options.transcripts_dir
+        names = sorted(path.name for path in directory.glob("*.jsonl"))
+        for name in names[: max(0, len(names) - self.options.transcripts_keep)]:
+            (directory / name).unlink(missing_ok=True)
+
+    def client_line(self, session: Session, line: bytes, pipelined: bool = False) -> None:
+        if self.active:
             shown = session.mask(line.rstrip(b"\r\n")).decode("utf-8", "backslashreplace")
-            self._emit(session, f"{session.state.name} C: {shown}")
+            ending = "CRLF" if line.endswith(b"\r\n") else "LF" if line.endswith(b"\n") else "none"
+            self._record(session, "C", shown, session.annotation(line), ending=ending, pipelined=pipelined)
 
-    def client_text(self, session: Session, lines: int, octets: int) -> None:
-        if self.enabled:
-            self._emit(session, f"{session.state.name} C: [{lines} lines, {octets} octets]")
+    def client_text_line(self, session: Session, line: bytes) -> None:
+        if self.active and self.bodies:
+            self._record(session, "C", line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
 
-    def server_lines(self, session: Session, head: list[str], body_lines: int, body_octets: int) -> None:
-        if self.enabled:
-            for line in head:
-                self._emit(session, f"{session.state.name} S: {line}")
-            if body_lines:
-                self._emit(session, f"{session.state.name} S: [{body_lines} lines, {body_octets} octets]")
+    def client_text(self, session: Session, lines: int, octets: int, end_line: bytes) -> None:
+        """The text has ended: its summary, then the line that ended it."""
+        if not self.bodies:  # with bodies, every line was recorded as it came
+            self._record(session, "C", octets_summary(lines, octets))
+            self._record(session, "C", end_line.rstrip(b"\r\n").decode("ascii", "backslashreplace"))
+
+    def server_reply(self, session: Session, reply: Reply) -> None:
+        for line in reply.head():
+            self._record(session, "S", line, reply.note)
+
+    def server_body_line(self, session: Session, wire_line: bytes) -> None:
+        self._record(session, "S", wire_line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+
+    def server_body(self, session: Session, lines: int, octets: int) -> None:
+        if lines and not self.bodies:
+            self._record(session, "S", octets_summary(lines, octets))
 
     def event(self, session: Session, text: str) -> None:
         """Something that is not a protocol line: a TLS handshake, say."""
-        if self.enabled:
-            self._emit(session, f"-- {text}")
+        self._record(session, "--", text)
 
     def state_change(self, session: Session, old: enum.Enum, new: enum.Enum) -> None:
-        if self.enabled:
-            self._emit(session, f"-- {old.name} -> {new.name}")
+        self._record(session, "--", f"{old.name} -> {new.name}")

@@ -59,6 +59,12 @@ class Connection:
         self.tls_context = tls_context
         self._input = bytearray()
         self._output = bytearray()
+        self.octets_in = 0
+        self.octets_out = 0
+        # True once the client sent something we have not yet answered with a
+        # flush: a line read without a fresh recv() was pipelined (the client
+        # did not wait for our previous reply). Transcripts record it.
+        self._received_since_flush = False
 
     # --- input -----------------------------------------------------------------
 
@@ -67,6 +73,8 @@ class Connection:
         chunk = self.sock.recv(RECV_CHUNK)
         if not chunk:
             raise ConnectionClosed
+        self.octets_in += len(chunk)
+        self._received_since_flush = True
         return chunk
 
     def read_line(self, limit: int) -> tuple[bytes, bool]:
@@ -106,24 +114,28 @@ class Connection:
         if reply.delay:
             self.flush()
             time.sleep(reply.delay)
-        head = reply.head()
-        for line in head:
+        for line in reply.head():
             self._output += line.encode("utf-8", "replace") + CRLF
+        self.tracer.server_reply(self.session, reply)
         body_lines = body_octets = 0
         for wire_line in reply.body():
             self._output += wire_line
             body_lines += 1
             body_octets += len(wire_line)
+            if self.tracer.bodies:
+                self.tracer.server_body_line(self.session, wire_line)
             if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
                 self.flush()
-        self.tracer.server_lines(self.session, head, body_lines, body_octets)
+        self.tracer.server_body(self.session, body_lines, body_octets)
         if reply.after is After.CLOSE:
             self.flush()
 
     def flush(self) -> None:
         if self._output:
             self.sock.sendall(self._output)
+            self.octets_out += len(self._output)
             self._output.clear()
+            self._received_since_flush = False
 
     def start_tls(self) -> None:
         """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
@@ -142,8 +154,13 @@ class Connection:
 
     # --- the session loop --------------------------------------------------------
 
-    def serve(self, implicit_tls: bool = False) -> None:
-        """Greet, then read lines and answer them until one side closes."""
+    def serve(self, implicit_tls: bool = False) -> str:
+        """Greet, then read lines and answer them until one side closes.
+
+        Returns how the session ended: "quit" (a closing reply to a command
+        the client sent, as QUIT or an error limit), or "timeout"; a client
+        that simply goes away raises ConnectionClosed instead.
+        """
         session = self.session
         if implicit_tls:
             self.sock.settimeout(session.timeout)
@@ -156,18 +173,21 @@ class Connection:
                 line, too_long = self.read_line(session.line_limit)
             except TimeoutError:
                 self.send(session.timed_out())
-                return
+                return "timeout"
             reply = self._answer(line, too_long)
             if reply is not None:
                 self.send(reply)
                 if reply.after is After.START_TLS:
                     self.start_tls()
+        return "closed: " + reply.summary
 
     def _answer(self, line: bytes, too_long: bool) -> Reply | None:
-        # Message text is traced by the session, as a summary, when it ends.
-        if not self.session.collecting_text:
-            self.tracer.client_line(self.session, line)
-        return self.session.handle_line(line, too_long)
+        session = self.session
+        if session.collecting_text:
+            self.tracer.client_text_line(session, line)  # else summarised at the end
+        else:
+            self.tracer.client_line(session, line, pipelined=not self._received_since_flush)
+        return session.handle_line(line, too_long)
 
 
 class SessionHandler(socketserver.BaseRequestHandler):
@@ -179,11 +199,23 @@ class SessionHandler(socketserver.BaseRequestHandler):
         session = listener.session_class(context, self.client_address)
         connection = Connection(self.request, session, context.tracer, context.tls)
         listener.track(connection)
+        context.tracer.session_started(session)
+        started = time.monotonic()
+        outcome = "dropped"
         try:
-            connection.serve(implicit_tls=listener.implicit_tls)
-        except (ConnectionClosed, OSError) as error:  # ssl.SSLError is an OSError too
-            log.debug("%s session %d from %s ended: %r", session.protocol, session.session_id,
-                      self.client_address[0], error)
+            outcome = connection.serve(implicit_tls=listener.implicit_tls)
+        except ConnectionClosed:
+            outcome = "dropped by client"
+        except ssl.SSLError as error:
+            outcome = f"TLS failed: {error.reason or error}"
+        except OSError as error:
+            outcome = f"network error: {error.strerror or error}"
         finally:
             listener.untrack(connection)
             session.close()
+            context.tracer.session_ended(session, outcome)
+            # One line per session end, never a password or message text.
+            log.info("%s session %d ended: client=%s user=%s commands=%d in=%d out=%d "
+                     "duration=%.1fs outcome=%s", session.protocol, session.session_id,
+                     self.client_address[0], session.user or "-", session.commands_run,
+                     connection.octets_in, connection.octets_out, time.monotonic() - started, outcome)
