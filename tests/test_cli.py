@@ -1,0 +1,329 @@
+"""The ``pymailsrv`` command line: exit codes, one-line errors, tables, and a real start.
+
+Most tests drive the click group in-process with ``CliRunner`` against a temp
+root; a few run ``python -m pymailsrv`` as a real subprocess, including the
+end-to-end test: start the server on port 0, log in with poplib, stop it with
+SIGTERM or SIGINT and expect exit status 0 with nothing alarming on stderr.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pymailsrv.cli import EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, main
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.users import UserStore
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+
+MESSAGE = b"From: Bob <bob@example.org>\nSubject: Hello there\nDate: Mon, 1 Jan 2024 10:00:00 +0000\n\nhi\n"
+START_TIMEOUT = 15  # seconds to wait for the "listening" line
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """No stray ./pymailsrv.toml or environment settings leak into a test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
+    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+
+
+@pytest.fixture
+def cli(root):
+    """cli(*args, input=None) -> click Result, with --root pointing at the temp root."""
+
+    def run(*args: str, input: str | bytes | None = None, root_option: bool = True):
+        arguments = list(args)
+        if root_option:
+            arguments += ["--root", str(root)]
+        return CliRunner().invoke(main, arguments, input=input)
+
+    return run
+
+
+def one_line_error(result) -> str:
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+# --- user add / remove / passwd / list -------------------------------------------------
+
+
+def test_user_add_with_password_stdin_creates_user_and_maildir(cli, root):
+    result = cli("user", "add", "Alice", "--password-stdin", input=f"{PASSWORD}\n")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "added user alice\n"
+    users = UserStore(root / ".pymailsrv")
+    assert users.check_password("alice", PASSWORD)
+    assert users.apop_secret("alice") is None
+    assert sorted(path.name for path in (root / "alice").iterdir()) == ["cur", "new", "tmp"]
+
+
+def test_user_add_prompts_twice_for_a_hidden_password(cli, root):
+    result = cli("user", "add", "alice", input="s3cret\ns3cret\n")
+    assert result.exit_code == 0, result.output
+    assert PASSWORD not in result.output and "s3cret" not in result.output
+    assert UserStore(root / ".pymailsrv").check_password("alice", "s3cret")
+
+
+def test_user_add_with_apop_keeps_the_secret(cli, root):
+    assert cli("user", "add", "alice", "--password-stdin", "--apop", input="pw\n").exit_code == 0
+    assert UserStore(root / ".pymailsrv").apop_secret("alice") == "pw"
+
+
+def test_duplicate_user_is_exit_1_with_one_line(cli):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    result = cli("user", "add", "ALICE", "--password-stdin", input="pw\n")
+    assert result.exit_code == 1
+    assert one_line_error(result) == "Error: user 'alice' already exists"
+
+
+@pytest.mark.parametrize("name", ["../evil", ".pymailsrv", "a/b", "_x", "caf\u00e9", "\u212aate"])
+def test_invalid_user_name_is_exit_1_and_creates_nothing(cli, root, name):
+    result = cli("user", "add", name, "--password-stdin", input="pw\n")
+    assert result.exit_code == 1
+    assert one_line_error(result).startswith("Error: invalid user name")
+    assert list(root.iterdir()) == []
+    assert not (root.parent / "evil").exists()
+
+
+def test_empty_password_is_refused(cli, root):
+    result = cli("user", "add", "alice", "--password-stdin", input="\n")
+    assert result.exit_code == 1
+    assert one_line_error(result) == "Error: the password may not be empty"
+    assert UserStore(root / ".pymailsrv").names() == []
+
+
+def test_user_remove_keeps_mail_and_purge_deletes_it(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    cli("user", "add", "bob", "--password-stdin", input="pw\n")
+    result = cli("user", "remove", "alice")
+    assert (result.exit_code, result.stdout) == (0, "removed user alice\n")
+    assert (root / "alice" / "new").is_dir()
+    result = cli("user", "remove", "bob", "--purge")
+    assert (result.exit_code, result.stdout) == (0, "removed user bob and their mail\n")
+    assert not (root / "bob").exists()
+    assert UserStore(root / ".pymailsrv").names() == []
+    result = cli("user", "remove", "bob")
+    assert result.exit_code == 1
+    assert one_line_error(result) == "Error: no such user 'bob'"
+
+
+def test_user_passwd_changes_the_password(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="old\n")
+    result = cli("user", "passwd", "alice", "--password-stdin", input="new\n")
+    assert (result.exit_code, result.stdout) == (0, "changed the password of alice\n")
+    assert UserStore(root / ".pymailsrv").check_password("alice", "new")
+    result = cli("user", "passwd", "nobody", "--password-stdin", input="x\n")
+    assert result.exit_code == 1 and one_line_error(result) == "Error: no such user 'nobody'"
+
+
+def test_user_list_is_a_table_of_users_messages_and_bytes(cli, root):
+    for name in ("bob", "alice"):
+        cli("user", "add", name, "--password-stdin", input="pw\n")
+    store = MaildirStore(root)
+    store.deliver("alice", MESSAGE)
+    store.deliver("alice", b"Subject: x\n\ny\n")
+    result = cli("user", "list")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert rows[0] == ["user", "messages", "bytes"]
+    assert set("".join(rows[1])) == {"-"}
+    assert rows[2:] == [["alice", "2", str(len(MESSAGE) + 14)], ["bob", "0", "0"]]
+
+
+def test_mailbox_list_is_a_table_of_messages(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    store = MaildirStore(root)
+    store.deliver("alice", MESSAGE)
+    (info, _), = store.messages("alice")
+    result = cli("mailbox", "list", "alice")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["#", "uid", "date", "from", "subject", "size"]
+    row = lines[2]
+    assert row.split()[:2] == ["1", info.uid]
+    assert "Mon, 01 Jan 2024 10:00:00 +0000" in row or "Mon, 1 Jan 2024 10:00:00 +0000" in row
+    assert "Bob <bob@example.org>" in row and "Hello there" in row
+    assert row.split()[-1] == str(info.size) == str(len(MESSAGE.replace(b"\n", b"\r\n")))
+    result = cli("mailbox", "list", "nobody")
+    assert result.exit_code == 1 and one_line_error(result) == "Error: no such user 'nobody'"
+
+
+# --- deliver (a local delivery agent: sysexits) ------------------------------------------
+
+
+def test_deliver_from_a_file_and_from_stdin(cli, root, tmp_path):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    message_file = tmp_path / "message.eml"
+    message_file.write_bytes(MESSAGE)
+    result = cli("deliver", "alice", str(message_file))
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"delivered to alice as [0-9A-F]{10}\n", result.stdout)
+    result = cli("deliver", "alice", input=b"Subject: from stdin\n\nbody\n")
+    assert result.exit_code == 0, result.output
+    bodies = sorted(path.read_bytes() for _, path in MaildirStore(root).messages("alice"))
+    assert bodies == sorted([MESSAGE, b"Subject: from stdin\n\nbody\n"])
+
+
+def test_deliver_to_an_unknown_or_invalid_user_is_ex_nouser(cli, root):
+    for name in ("nobody", "../x"):
+        result = cli("deliver", name, input=MESSAGE)
+        assert result.exit_code == EX_NOUSER == 67
+        assert one_line_error(result).startswith("Error: ")
+    assert list(root.iterdir()) == []
+
+
+def test_deliver_of_an_empty_message_is_ex_dataerr(cli):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    result = cli("deliver", "alice", input=b"\n \n")
+    assert result.exit_code == EX_DATAERR == 65
+    assert one_line_error(result) == "Error: the message is empty"
+
+
+def test_deliver_when_the_maildir_is_broken_is_ex_tempfail(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    (root / "alice" / "tmp").rmdir()
+    (root / "alice" / "tmp").write_bytes(b"")  # not a directory any more
+    result = cli("deliver", "alice", input=MESSAGE)
+    assert result.exit_code == EX_TEMPFAIL == 75
+    assert one_line_error(result).startswith("Error: cannot deliver now, try again later")
+
+
+def test_usage_errors_are_exit_2(cli):
+    assert cli("deliver").exit_code == 2
+    assert cli("user", "add").exit_code == 2
+    assert cli("deliver", "alice", "/no/such/file").exit_code == 2
+    assert cli("no-such-command", root_option=False).exit_code == 2
+
+
+# --- where the root comes from ------------------------------------------------------------
+
+
+def test_root_comes_from_the_environment_when_not_given(root, monkeypatch):
+    monkeypatch.setenv("PYMAILSRV_ROOT", str(root))
+    result = CliRunner().invoke(main, ["user", "add", "alice", "--password-stdin"], input="pw\n")
+    assert result.exit_code == 0, result.output
+    assert UserStore(root / ".pymailsrv").exists("alice")
+
+
+def test_root_flag_wins_over_the_environment(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("PYMAILSRV_ROOT", str(tmp_path / "elsewhere"))
+    result = CliRunner().invoke(main, ["user", "add", "alice", "--password-stdin", "--root", str(root)],
+                                input="pw\n")
+    assert result.exit_code == 0, result.output
+    assert (root / "alice").is_dir() and not (tmp_path / "elsewhere").exists()
+
+
+def test_default_root_is_mailboxes_in_the_working_directory(tmp_path):
+    result = CliRunner().invoke(main, ["user", "add", "alice", "--password-stdin"], input="pw\n")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "mailboxes" / "alice" / "new").is_dir()
+
+
+def test_unknown_key_in_the_config_file_is_one_line_naming_it(cli, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('[pop3]\nport = 110\nautologut = 5\n')
+    result = cli("user", "list", "--config", str(config))
+    assert result.exit_code == 1
+    assert one_line_error(result) == "Error: unknown setting 'pop3.autologut'"
+
+
+def test_config_file_is_found_in_the_working_directory(cli, tmp_path):
+    (tmp_path / "pymailsrv.toml").write_text('bogus = 1\n')
+    result = cli("user", "list")
+    assert result.exit_code == 1
+    assert one_line_error(result) == "Error: unknown setting 'bogus'"
+
+
+# --- real subprocesses ---------------------------------------------------------------------
+
+
+def run_cli(*args: str, input: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pymailsrv", *args], input=input, capture_output=True,
+                          timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_user_add_and_deliver_as_real_processes(root):
+    added = run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    assert (added.returncode, added.stdout, added.stderr) == (0, b"added user alice\n", b"")
+    again = run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    assert (again.returncode, again.stderr) == (1, b"Error: user 'alice' already exists\n")
+    delivered = run_cli("deliver", "alice", env={"PYMAILSRV_ROOT": str(root)}, input=MESSAGE)
+    assert delivered.returncode == 0, delivered.stderr
+    missing = run_cli("deliver", "nobody", "--root", str(root), input=MESSAGE)
+    assert (missing.returncode, missing.stderr) == (67, b"Error: no such user 'nobody'\n")
+    assert len(MaildirStore(root).messages("alice")) == 1
+
+
+class RunningServer:
+    """``python -m pymailsrv start`` as a child process, with its stderr read line by line."""
+
+    def __init__(self, root: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--pop3-port", "0",
+             "--smtp-port", "0"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.stderr: list[bytes] = []
+
+    def wait_for_listening(self) -> tuple[str, int]:
+        deadline = time.monotonic() + START_TIMEOUT
+        stream = self.process.stderr
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            line = stream.readline()
+            if not line:
+                break
+            self.stderr.append(line)
+            match = re.search(rb"^listening pop3=([\d.]+):(\d+)", line)
+            if match:
+                assert re.fullmatch(rb"listening pop3=127\.0\.0\.1:\d+ smtp=127\.0\.0\.1:\d+\n", line), line
+                return match.group(1).decode(), int(match.group(2))
+        self.stop()
+        pytest.fail(f"no listening line within {START_TIMEOUT} s: {b''.join(self.stderr)!r}")
+
+    def signal(self, number: int) -> tuple[int, bytes]:
+        self.process.send_signal(number)
+        _, rest = self.process.communicate(timeout=START_TIMEOUT)
+        return self.process.returncode, b"".join(self.stderr) + rest
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate(timeout=START_TIMEOUT)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_start_serves_pop3_and_stops_cleanly_on_signal(root, stop_signal):
+    added = run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    assert added.returncode == 0
+    run_cli("deliver", "alice", "--root", str(root), input=MESSAGE)
+    server = RunningServer(root)
+    try:
+        host, port = server.wait_for_listening()
+        client = poplib.POP3(host, port, timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        assert client.pass_("pw") == f"+OK alice's maildrop has 1 messages ({len(MESSAGE) + 5} octets)".encode()
+        assert client.retr(1)[1][1] == b"Subject: Hello there"
+        client.quit()
+        status, stderr = server.signal(stop_signal)
+    finally:
+        server.stop()
+    assert status == 0, stderr
+    assert b"Traceback" not in stderr
+    assert b"Aborted!" not in stderr
+    assert sum(line.startswith(b"listening ") for line in stderr.splitlines()) == 1
