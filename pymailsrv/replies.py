@@ -138,87 +138,138 @@ class CommandError(Exception):
 
 
 # --- POP3 catalogue (RFC 1939, RFC 2449 §8, RFC 3206) ----------------------
+# Each note says what the reply means and where the RFC says so: the trace
+# shows it with --annotate.
 
 
-def _ok(text: str) -> Pop3Reply:
-    return Pop3Reply(ok=True, text=text)
+def _ok(text: str, note: str) -> Pop3Reply:
+    return Pop3Reply(ok=True, text=text, note=note)
 
 
-def _err(text: str, code: str | None = None) -> Pop3Reply:
-    return Pop3Reply(ok=False, text=text, code=code)
+def _err(text: str, note: str, code: str | None = None) -> Pop3Reply:
+    return Pop3Reply(ok=False, text=text, code=code, note=note)
 
 
-POP3_GREETING = _ok("pymailsrv POP3 server ready {timestamp}")
-POP3_SIGNING_OFF = _ok("pymailsrv POP3 server signing off").closing()
-POP3_SIGNING_OFF_AFTER_UPDATE = _ok("pymailsrv POP3 server signing off ({remaining})").closing()
-POP3_USER_ACCEPTED = _ok("send PASS")
-POP3_LOGGED_IN = _ok("{user}'s maildrop has {count} messages ({size} octets)")
-POP3_STAT = _ok("{count} {size}")
-POP3_SCAN_LISTING = _ok("{msg_number} {size}")
-POP3_SCAN_LISTINGS_FOLLOW = _ok("{count} messages ({size} octets)")
-POP3_UNIQUE_ID = _ok("{msg_number} {uid}")
-POP3_UNIQUE_IDS_FOLLOW = _ok("unique-id listing follows")
-POP3_MESSAGE_FOLLOWS = _ok("{size} octets")
-POP3_TOP_FOLLOWS = _ok("top of message follows")
-POP3_MARKED_DELETED = _ok("message {msg_number} deleted")
-POP3_NOOP = _ok("")
-POP3_RESET = _ok("maildrop has {count} messages ({size} octets)")
-POP3_LAST = _ok("{msg_number}")
-POP3_CAPABILITIES_FOLLOW = _ok("capability list follows")
+POP3_GREETING = _ok("pymailsrv POP3 server ready {timestamp}",
+                    "greeting; <...> is the APOP challenge, RFC 1939 §4, §7")
+POP3_SIGNING_OFF = _ok("pymailsrv POP3 server signing off",
+                       "QUIT before login: nothing changes, RFC 1939 §4").closing()
+POP3_SIGNING_OFF_AFTER_UPDATE = _ok("pymailsrv POP3 server signing off ({remaining})",
+                                    "UPDATE done: messages marked by DELE are gone, RFC 1939 §6").closing()
+POP3_USER_ACCEPTED = _ok("send PASS", "name noted; the password comes next, RFC 1939 §7")
+POP3_LOGGED_IN = _ok("{user}'s maildrop has {count} messages ({size} octets)",
+                     "maildrop locked and snapshot taken: TRANSACTION state, RFC 1939 §4, §8")
+POP3_STAT = _ok("{count} {size}", "drop listing: message count and octets, RFC 1939 §5")
+POP3_SCAN_LISTING = _ok("{msg_number} {size}", "scan listing: number and exact octets, RFC 1939 §5")
+POP3_SCAN_LISTINGS_FOLLOW = _ok("{count} messages ({size} octets)",
+                                "one scan listing per line, then '.', RFC 1939 §5")
+POP3_UNIQUE_ID = _ok("{msg_number} {uid}", "unique-id listing, stable across sessions, RFC 1939 §7")
+POP3_UNIQUE_IDS_FOLLOW = _ok("unique-id listing follows", "one unique-id per line, then '.', RFC 1939 §7")
+POP3_MESSAGE_FOLLOWS = _ok("{size} octets", "the message follows, byte-stuffed, then '.', RFC 1939 §3, §5")
+POP3_TOP_FOLLOWS = _ok("top of message follows", "header, blank line, n body lines, RFC 1939 §7")
+POP3_MARKED_DELETED = _ok("message {msg_number} deleted",
+                          "only marked: removed at QUIT (UPDATE), RFC 1939 §5, §6")
+POP3_NOOP = _ok("", "nothing to do, RFC 1939 §5")
+POP3_RESET = _ok("maildrop has {count} messages ({size} octets)", "all DELE marks removed, RFC 1939 §5")
+POP3_LAST = _ok("{msg_number}", "highest message number accessed, RFC 1460 (obsolete)")
+POP3_CAPABILITIES_FOLLOW = _ok("capability list follows", "one capability per line, then '.', RFC 2449 §5")
 
-POP3_UNKNOWN_COMMAND = _err("unknown command")
-POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state")
-POP3_SYNTAX = _err("syntax: {syntax}")
-POP3_LINE_TOO_LONG = _err("command line too long")
-POP3_USER_FIRST = _err("send USER first")
-POP3_NO_SUCH_MESSAGE = _err("no such message")
-POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted")
-POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished from the maildrop")
+POP3_UNKNOWN_COMMAND = _err("unknown command", "no such POP3 command, RFC 1939 §3")
+POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state",
+                        "a known command, but not in this state, RFC 1939 §3")
+POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 1939 §3")
+POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
+POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
+POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
+POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
+                            "marked messages may not be used, RFC 1939 §5")
+POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished from the maildrop",
+                             "another program removed the file during the session")
 # RFC 3206 §4: AUTH says the credentials were wrong, not that the server is ill.
-POP3_AUTH_FAILED = _err("invalid user name or password", code="AUTH")
+POP3_AUTH_FAILED = _err("invalid user name or password",
+                        "credentials refused, after a delay against guessing, RFC 3206 §4", code="AUTH")
 # RFC 2449 §8.1.1: IN-USE means the maildrop lock could not be had.
-POP3_IN_USE = _err("maildrop is locked by another session", code="IN-USE")
+POP3_IN_USE = _err("maildrop is locked by another session",
+                   "maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.1", code="IN-USE")
 # RFC 3206 §3: SYS/TEMP is a passing failure the user may simply retry.
-POP3_STORAGE_FAILURE = _err("temporary storage failure, try again later", code="SYS/TEMP")
-POP3_UPDATE_FAILED = _err("some deleted messages were not removed", code="SYS/TEMP").closing()
-POP3_TOO_MANY_BAD_COMMANDS = _err("too many bad commands, closing").closing()
-POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing", code="AUTH").closing()
-POP3_AUTOLOGOUT = _err("autologout: idle for too long").closing()
+POP3_STORAGE_FAILURE = _err("temporary storage failure, try again later",
+                            "server-side failure, retry later, RFC 3206 §3", code="SYS/TEMP")
+POP3_UPDATE_FAILED = _err("some deleted messages were not removed",
+                          "UPDATE could not remove everything, RFC 1939 §6 / RFC 3206 §3",
+                          code="SYS/TEMP").closing()
+POP3_TOO_MANY_BAD_COMMANDS = _err("too many bad commands, closing",
+                                  "error limit reached (3 before login, 20 after)").closing()
+POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
+                                   "third failed login: the connection closes, RFC 3206 §4",
+                                   code="AUTH").closing()
+POP3_AUTOLOGOUT = _err("autologout: idle for too long",
+                       "inactivity timer expired, no UPDATE, RFC 1939 §3").closing()
 
 
 # --- SMTP catalogue (RFC 5321 §4.2, RFC 3463) ------------------------------
 
-R220_GREETING = SmtpReply(220, None, "{host} ESMTP pymailsrv")
-R221_BYE = SmtpReply(221, "2.0.0", "{host} closing connection").closing()
-R214_HELP = SmtpReply(214, "2.0.0", "{text}")
-R250_OK = SmtpReply(250, "2.0.0", "OK")
-R250_HELO = SmtpReply(250, None, "{host} greets {client}")
-R250_EHLO = SmtpReply(250, None, "{lines}")
-R250_SENDER_OK = SmtpReply(250, "2.1.0", "sender <{address}> OK")
-R250_RECIPIENT_OK = SmtpReply(250, "2.1.5", "recipient <{address}> OK")
-R250_DELIVERED = SmtpReply(250, "2.0.0", "OK {queue_id}")
-R252_CANNOT_VRFY = SmtpReply(252, "2.5.0", "cannot VRFY user, but will accept message and attempt delivery")
-R354_START_DATA = SmtpReply(354, None, "end data with <CR><LF>.<CR><LF>")
-R421_TIMEOUT = SmtpReply(421, "4.4.2", "{host} error: timeout exceeded").closing()
-R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors").closing()
-R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later")
-R452_INSUFFICIENT_STORAGE = SmtpReply(452, "4.3.1", "insufficient system storage")
-R452_TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "too many recipients")
-R500_UNKNOWN_COMMAND = SmtpReply(500, "5.5.2", "command not recognized")
-R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long")
-R500_TEXT_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "message has a line longer than 1000 octets")
-R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}")
-R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}")
+R220_GREETING = SmtpReply(220, None, "{host} ESMTP pymailsrv",
+                          note="service ready; the client speaks next, RFC 5321 §4.2, §3.1")
+R221_BYE = SmtpReply(221, "2.0.0", "{host} closing connection",
+                     note="closing after QUIT, RFC 5321 §4.1.1.10").closing()
+R214_HELP = SmtpReply(214, "2.0.0", "{text}", note="help, from the command table, RFC 5321 §4.1.1.8")
+R250_OK = SmtpReply(250, "2.0.0", "OK", note="requested action completed, RFC 5321 §4.2.2")
+R250_HELO = SmtpReply(250, None, "{host} greets {client}",
+                      note="greeted: plain SMTP, no extensions, RFC 5321 §4.1.1.1")
+R250_EHLO = SmtpReply(250, None, "{lines}",
+                      note="greeted; each further line is an extension we offer, RFC 5321 §4.1.1.1")
+R250_SENDER_OK = SmtpReply(250, "2.1.0", "sender <{address}> OK",
+                           note="transaction started, reverse-path noted, RFC 5321 §4.1.1.2")
+R250_RECIPIENT_OK = SmtpReply(250, "2.1.5", "recipient <{address}> OK",
+                              note="recipient accepted, RFC 5321 §4.1.1.3")
+R250_DELIVERED = SmtpReply(250, "2.0.0", "OK {queue_id}",
+                           note="message safely on disk in every mailbox, RFC 5321 §4.1.1.4, §6.1")
+R252_CANNOT_VRFY = SmtpReply(252, "2.5.0", "cannot VRFY user, but will accept message and attempt delivery",
+                             note="we do not tell who exists, RFC 5321 §3.5.3, §7.3")
+R354_START_DATA = SmtpReply(354, None, "end data with <CR><LF>.<CR><LF>",
+                            note="send the message; a line with a lone '.' ends it, RFC 5321 §4.1.1.4")
+R421_TIMEOUT = SmtpReply(421, "4.4.2", "{host} error: timeout exceeded",
+                         note="client silent too long, closing, RFC 5321 §4.5.3.2").closing()
+R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors",
+                                 note="error limit reached, closing (Postfix's hard limit)").closing()
+R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later",
+                             note="temporary failure on our side; the client retries, RFC 3463 X.3.0")
+R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later",
+                                   note="relaying allowed but not yet possible, RFC 3463 X.4.0")
+R452_INSUFFICIENT_STORAGE = SmtpReply(452, "4.3.1", "insufficient system storage",
+                                      note="disk full: try again later, RFC 3463 X.3.1")
+R452_TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "too many recipients",
+                                     note="recipient limit: send the rest in another transaction, "
+                                          "RFC 5321 §4.5.3.1.10")
+R500_UNKNOWN_COMMAND = SmtpReply(500, "5.5.2", "command not recognized",
+                                 note="no such SMTP command, RFC 5321 §4.2.4")
+R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long",
+                               note="command line over 512 octets, RFC 5321 §4.5.3.1.4")
+R500_TEXT_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "message has a line longer than 1000 octets",
+                                    note="text line over 1000 octets: message refused, RFC 5321 §4.5.3.1.6")
+R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}", note="bad arguments, RFC 5321 §4.2.2")
+R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}",
+                             note="the path does not follow the grammar, RFC 5321 §4.1.2")
 # RFC 3463 §3.6: X.5.4 "invalid command arguments" - the path was fine, a parameter was not.
-R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}")
-R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented")
-R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later")
-R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}")
-R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state")
-R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown")
-R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received")
-R552_TOO_BIG = SmtpReply(552, "5.3.4", "message size exceeds fixed limit")
-R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter")
-R554_RELAY_DENIED = SmtpReply(554, "5.7.1", "<{address}>: relay access denied")
-R554_NO_VALID_RECIPIENTS = SmtpReply(554, "5.5.1", "no valid recipients")
-R555_UNKNOWN_PARAMETER = SmtpReply(555, "5.5.4", "unsupported parameter {parameter}")
+R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}",
+                               note="a malformed ESMTP parameter, RFC 5321 §4.1.2")
+R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented",
+                                 note="a command we choose not to offer, RFC 5321 §4.2.4")
+R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}",
+                              note="commands out of order, RFC 5321 §3.3, §4.1.4")
+R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state",
+                             note="commands out of order, RFC 5321 §3.3, §4.1.4")
+R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown",
+                              note="no such mailbox here, RFC 5321 §3.3 / RFC 3463 X.1.1")
+R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received",
+                               note="only CRLF ends a line, RFC 5321 §2.3.8 (smtp.bare_newline = reject)")
+R552_TOO_BIG = SmtpReply(552, "5.3.4", "message size exceeds fixed limit",
+                         note="over the SIZE limit, RFC 1870 §6 / RFC 3463 X.3.4")
+R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
+                                note="UTF-8 addresses need MAIL ... SMTPUTF8, RFC 6531 §3.6")
+R554_RELAY_DENIED = SmtpReply(554, "5.7.1", "<{address}>: relay access denied",
+                              note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2")
+R554_NO_VALID_RECIPIENTS = SmtpReply(554, "5.5.1", "no valid recipients",
+                                     note="DATA after every RCPT was refused, RFC 5321 §3.3")
+R555_UNKNOWN_PARAMETER = SmtpReply(555, "5.5.4", "unsupported parameter {parameter}",
+                                   note="a MAIL/RCPT parameter we do not offer, RFC 5321 §4.1.1.11")
