@@ -92,6 +92,12 @@ log = logging.getLogger("pymailsrv.smtp")
 
 POSTMASTER = "postmaster"
 
+# RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF, "not
+# counting the leading dot duplicated for transparency". The transport reads
+# up to SMTP_TEXT_LINE_MAX (1001) to leave room for that dot; a line that
+# carries none must still stop at 1000.
+TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
+
 # A client's EHLO/HELO name: printable, no spaces (RFC 5321 §4.1.4 forbids
 # refusing a name that does not match the client's address, so we check no
 # more than that it can go into a Received: header unharmed).
@@ -162,6 +168,8 @@ class MessageText:
         else:
             content, self._after_crlf = line[:-1], False
             self._saw_bare("LF")
+        if len(line) - line.startswith(b".") > TEXT_LINE_OCTETS:
+            too_long = True
         if too_long:
             self.line_too_long = True
             return False
