@@ -1,0 +1,528 @@
+"""What every conformance check stands on: a raw line client, the check record, the probe.
+
+The prober (``probe.py``) talks to *any* POP3 or SMTP server, not only to
+pymailsrv, so nothing here imports the server's modules. It is a client, and
+a deliberately plain one: ``LineClient`` is a socket plus CRLF, so a check
+can send exact bytes - a bare LF in the middle of DATA, a 600-octet command
+line - that a library such as ``smtplib`` would tidy up or refuse to send.
+
+A check is data (``Check``): a stable id a teacher can cite, the RFC section
+it enforces, what it needs from the command line (``needs``), and ``run``,
+a short function that plays one dialogue through a ``Probe`` and either
+returns (PASS), raises ``Failed`` (FAIL) or raises ``Skipped`` (SKIP, e.g.
+when the extension under test is not advertised). The catalogues themselves
+are in ``probe_checks_pop3.py`` and ``probe_checks_smtp.py``.
+
+A ``Probe`` is made fresh for every check. It opens connections (greeting
+read, TLS or STARTTLS/STLS done as asked), logs in, and, for checks that
+need mail in the maildrop, sends it first over SMTP with a unique token in
+an ``X-Probe-Token`` header, so the check can find *its* messages among
+whatever the maildrop already holds. After the check, ``cleanup()`` deletes
+every message it sent. Everything the check itself says and hears is kept in
+``transcript`` as ``C:``/``S:`` lines in the RFCs' example notation; the
+set-up and clean-up dialogues are not, so a FAIL shows only what matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+CRLF = b"\r\n"
+
+# No reply line we expect is anywhere near this long (RFC 1939 §3 allows 512
+# octets, RFC 5321 §4.5.3.1.5 the same); it only bounds our memory.
+MAX_REPLY_LINE = 64 * 1024
+# A multi-line reply longer than this is not one we asked for.
+MAX_REPLY_LINES = 100_000
+
+# How many times, and how often, to look for mail just sent: a server may
+# hand it to a delivery agent that needs a moment (Postfix to Dovecot).
+DELIVERY_POLLS = 25
+DELIVERY_POLL_SECONDS = 0.2
+# A session cut off without QUIT may keep the maildrop lock until the
+# server notices the closed socket; a login that finds it locked retries.
+LOCK_RETRIES = 25
+LOCK_RETRY_SECONDS = 0.1
+# Only the newest messages are searched for a check's token: the probe's own
+# mail is what just arrived, and a big maildrop must not make every check slow.
+SEARCH_NEWEST = 50
+
+TOKEN_HEADER = "X-Probe-Token"
+
+
+class Failed(Exception):
+    """The server broke the rule the check is about: the message says how."""
+
+
+class Skipped(Exception):
+    """The check cannot run here (an extension is not offered, say)."""
+
+
+class ConnectionClosed(Failed):
+    """The server closed the connection when the check expected a reply."""
+
+
+def fail_unless(condition: bool, expected: str, got: object) -> None:
+    """Raise ``Failed("expected …, got …")`` unless ``condition`` holds."""
+    if not condition:
+        raise Failed(f"expected {expected}, got {_shown(got)}")
+
+
+def _shown(got: object) -> str:
+    if isinstance(got, bytes):
+        return repr(got)[1:]
+    if isinstance(got, SmtpReply):
+        return repr(got.text)
+    if isinstance(got, str):
+        return repr(got)
+    return str(got)
+
+
+# --- the line client -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SmtpReply:
+    """One SMTP reply (RFC 5321 §4.2): the code and the text of every line."""
+
+    code: int
+    lines: list[str]
+    wire: list[bytes]  # exactly as received, CRLFs kept
+
+    @property
+    def text(self) -> str:
+        return " | ".join(f"{self.code} {line}" for line in self.lines)
+
+    @property
+    def enhanced(self) -> str | None:
+        """The RFC 3463 code at the start of the last line, if any."""
+        match = re.match(r"([245])\.\d{1,3}\.\d{1,3}(?: |$)", self.lines[-1])
+        return match.group(0).strip() if match else None
+
+
+class LineClient:
+    """A socket that speaks in CRLF lines and records the dialogue.
+
+    ``send`` puts exact bytes on the wire; the readers return lines as they
+    came. ``transcript`` is the probe's, or None for set-up dialogues that a
+    report should not show.
+    """
+
+    def __init__(self, address: tuple[str, int], timeout: float,
+                 transcript: list[str] | None, tls: ssl.SSLContext | None = None) -> None:
+        self.address = address
+        self.transcript = transcript
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self._buffer = bytearray()
+        self.greeting: object = None  # set by Probe.connect: a str (POP3) or SmtpReply
+        self.last_line = b""  # the last status line read, exactly as sent
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=address[0])
+
+    def _note(self, side: str, data: bytes) -> None:
+        if self.transcript is not None:
+            self.transcript.append(f"{side}: {data.decode('utf-8', 'replace')}")
+
+    def send(self, data: bytes, shown: str | None = None) -> None:
+        """Send ``data`` as it is; ``shown`` replaces it in the transcript (a password)."""
+        self.sock.sendall(data)
+        if shown is not None:
+            self._note("C", shown.encode())
+        else:
+            for line in data.splitlines() or [b""]:
+                self._note("C", line)
+
+    def send_line(self, text: str, shown: str | None = None) -> None:
+        self.send(text.encode("utf-8") + CRLF, shown)
+
+    def line(self) -> bytes:
+        """The next line from the server, with whatever ended it."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[: end + 1])
+                del self._buffer[: end + 1]
+                return line
+            if len(self._buffer) > MAX_REPLY_LINE:
+                raise Failed(f"reply line longer than {MAX_REPLY_LINE} octets")
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise Failed("no reply: timed out waiting for the server") from None
+            except ConnectionResetError:
+                chunk = b""
+            if not chunk:
+                raise ConnectionClosed("the server closed the connection instead of replying")
+            self._buffer += chunk
+
+    def closed_by_server(self, wait: float = 2.0) -> bool:
+        """True if the server closes the connection within ``wait`` seconds."""
+        if self._buffer:
+            return False
+        self.sock.settimeout(wait)
+        try:
+            return self.sock.recv(1) == b""
+        except TimeoutError:
+            return False
+        except OSError:
+            return True
+
+    def start_tls(self, context: ssl.SSLContext) -> None:
+        """After STARTTLS/STLS: handshake; anything buffered was plaintext and is dropped."""
+        self._buffer.clear()
+        self.sock = context.wrap_socket(self.sock, server_hostname=self.address[0])
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # --- POP3 (RFC 1939 §3) ---------------------------------------------------
+
+    def pop3_reply(self) -> str:
+        """One status line, without its line end."""
+        line = self.line()
+        self.last_line = line
+        self._note("S", line.rstrip(b"\r\n"))
+        return line.rstrip(b"\r\n").decode("utf-8", "replace")
+
+    def pop3(self, command: str, shown: str | None = None) -> str:
+        """Send a command, return its status line."""
+        self.send_line(command, shown)
+        return self.pop3_reply()
+
+    def pop3_body(self) -> list[bytes]:
+        """The lines of a multi-line reply, exactly as sent, up to and without the '.' line."""
+        raw = []
+        while len(raw) < MAX_REPLY_LINES:
+            line = self.line()
+            if line == b".\r\n":
+                self._note("S", f"({len(raw)} lines) .".encode())
+                return raw
+            raw.append(line)
+        raise Failed(f"multi-line reply has no end after {MAX_REPLY_LINES} lines")
+
+    def pop3_multi(self, command: str) -> tuple[str, list[bytes] | None]:
+        """A multi-line command: its status line and, on +OK, the raw body lines."""
+        status = self.pop3(command)
+        if not status.startswith("+OK"):
+            return status, None
+        return status, self.pop3_body()
+
+    # --- SMTP (RFC 5321 §4.2) -------------------------------------------------
+
+    def smtp_reply(self) -> SmtpReply:
+        """One reply, continuation lines (``250-``) included."""
+        lines, wire = [], []
+        while len(wire) < MAX_REPLY_LINES:
+            line = self.line()
+            wire.append(line)
+            self._note("S", line.rstrip(b"\r\n"))
+            text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+            if not re.match(r"[2-5]\d\d([ -]|$)", text):
+                raise Failed(f"expected an SMTP reply line (3 digits), got {text!r}")
+            lines.append(text[4:])
+            if text[3:4] != "-":
+                return SmtpReply(int(text[:3]), lines, wire)
+        raise Failed("SMTP reply with no last line")
+
+    def smtp(self, command: str) -> SmtpReply:
+        self.send_line(command)
+        return self.smtp_reply()
+
+
+def unstuffed(raw: Iterable[bytes]) -> list[bytes]:
+    """Body lines with the line end cut and byte-stuffing undone (RFC 1939 §3)."""
+    lines = []
+    for line in raw:
+        line = line[:-2] if line.endswith(CRLF) else line.rstrip(b"\n")
+        lines.append(line[1:] if line.startswith(b"..") else line)
+    return lines
+
+
+def octets(raw: Iterable[bytes]) -> int:
+    """The size of a message as RETR sent it: un-stuffed lines, each with CRLF (RFC 1939 §11)."""
+    return sum(len(line) + 2 for line in unstuffed(raw))
+
+
+# --- the check record ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Check:
+    """One conformance check.
+
+    id:     stable name, ``protocol.what-is-checked``; teachers cite it.
+    rfc:    the section whose rule is checked.
+    title:  the rule, in one line.
+    run:    the dialogue; returns for PASS, raises Failed or Skipped.
+    needs:  what the command line must give (see ``NEEDS``); SKIP otherwise.
+    """
+
+    id: str
+    rfc: str
+    title: str
+    run: Callable[["Probe"], None]
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class Target:
+    """What the command line says to probe, and with what."""
+
+    protocol: str  # "pop3" or "smtp"
+    address: tuple[str, int]
+    user: str | None = None
+    password: str | None = None
+    pop3: tuple[str, int] | None = None  # where to read mail (the target itself for pop3)
+    smtp: tuple[str, int] | None = None  # where to send it (the target itself for smtp)
+    rcpt: str | None = None  # the probed user's address
+    tls: str = "none"  # "none", "tls" (implicit, RFC 8314) or "starttls"
+    slow: bool = False
+    timeout: float = 10.0
+    insecure: bool = True  # a probe checks protocol, not certificates
+
+
+# What a check may need, when the command line provides it, and what to say if not.
+NEEDS: dict[str, tuple[Callable[[Target], bool], str]] = {
+    "login": (lambda t: bool(t.user and t.password and t.pop3),
+              "needs a POP3 login: --user and --password-stdin (and --pop3 for smtp)"),
+    "rcpt": (lambda t: bool(t.rcpt and t.smtp), "needs --rcpt (and --smtp for pop3)"),
+    "mail": (lambda t: bool(t.user and t.password and t.pop3 and t.smtp and t.rcpt),
+             "needs mail: --smtp and --rcpt, plus the POP3 login"),
+    "slow": (lambda t: t.slow, "slow: run with --slow"),
+}
+
+
+def missing_need(check: Check, target: Target) -> str | None:
+    """Why ``check`` cannot run against ``target``, or None if it can."""
+    for need in check.needs:
+        available, reason = NEEDS[need]
+        if not available(target):
+            return reason
+    return None
+
+
+# --- the probe: one check's connections, mail and transcript --------------------------
+
+
+@dataclass
+class Sent:
+    """A message a check sent, found again by its token."""
+
+    token: str
+    text: bytes  # as the client meant it: CRLF lines, not dot-stuffed
+
+
+@dataclass
+class Probe:
+    target: Target
+    transcript: list[str] = field(default_factory=list)
+    sent: list[Sent] = field(default_factory=list)
+    _clients: list[LineClient] = field(default_factory=list)
+
+    # --- connections -------------------------------------------------------
+
+    def _tls_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context()
+        if self.target.insecure:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    def _open(self, address: tuple[str, int], quiet: bool, tls: bool) -> LineClient:
+        client = LineClient(address, self.target.timeout, None if quiet else self.transcript,
+                            self._tls_context() if tls else None)
+        self._clients.append(client)
+        return client
+
+    def connect(self, quiet: bool = False) -> LineClient:
+        """A connection to the probed server; its greeting is in ``.greeting``."""
+        mode = self.target.tls
+        client = self._open(self.target.address, quiet, tls=mode == "tls")
+        if self.target.protocol == "pop3":
+            client.greeting = client.pop3_reply()
+            if mode == "starttls":
+                self._stls(client)
+        else:
+            client.greeting = client.smtp_reply()
+            if mode == "starttls":
+                self._starttls(client)
+        return client
+
+    def _stls(self, client: LineClient) -> None:
+        reply = client.pop3("STLS")  # RFC 2595 §4
+        if not reply.startswith("+OK"):
+            raise Failed(f"STLS refused: {reply!r}")
+        client.start_tls(self._tls_context())
+
+    def _starttls(self, client: LineClient) -> None:
+        client.smtp("EHLO probe.invalid")
+        reply = client.smtp("STARTTLS")  # RFC 3207 §4
+        if reply.code != 220:
+            raise Failed(f"STARTTLS refused: {reply.text!r}")
+        client.start_tls(self._tls_context())
+
+    def pop3_connect(self, quiet: bool = False) -> LineClient:
+        """A POP3 connection: the target itself, or ``--pop3`` when probing SMTP."""
+        if self.target.protocol == "pop3":
+            return self.connect(quiet)
+        client = self._open(self.target.pop3, quiet, tls=False)
+        client.greeting = client.pop3_reply()
+        return client
+
+    def login(self, quiet: bool = False) -> LineClient:
+        """A POP3 session in the TRANSACTION state (USER/PASS, RFC 1939 §7).
+
+        A maildrop still locked by a session the probe just cut off is
+        waited for; any other refusal fails the check.
+        """
+        for _ in range(LOCK_RETRIES):
+            client = self.pop3_connect(quiet)
+            reply = client.pop3(f"USER {self.target.user}")
+            fail_unless(reply.startswith("+OK"), "+OK to USER", reply)
+            reply = client.pop3(f"PASS {self.target.password}", shown="PASS ****")
+            if reply.startswith("+OK"):
+                return client
+            client.close()
+            if "[IN-USE]" not in reply and "lock" not in reply.lower():
+                break
+            time.sleep(LOCK_RETRY_SECONDS)
+        raise Failed(f"cannot log in as {self.target.user}: {reply!r}")
+
+    def close_all(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+    # --- mail ------------------------------------------------------------------
+
+    def message(self, body: Iterable[bytes] = (b"A message sent by pymailsrv probe.",),
+                subject: str = "probe") -> Sent:
+        """A new message (CRLF lines, not yet dot-stuffed) with a fresh token."""
+        token = secrets.token_hex(8)
+        header = [f"From: <probe@probe.invalid>", f"To: <{self.target.rcpt}>",
+                  f"Subject: {subject} {token}", f"Message-ID: <{token}@probe.invalid>",
+                  f"{TOKEN_HEADER}: {token}"]
+        lines = [line.encode() for line in header] + [b""] + list(body)
+        return Sent(token, b"".join(line + CRLF for line in lines))
+
+    def smtp_send(self, message: Sent, client: LineClient | None = None, parameters: str = "") -> SmtpReply:
+        """Send ``message`` to ``--rcpt`` (dot-stuffed, RFC 5321 §4.5.2); the reply to the dot.
+
+        With ``client`` the dialogue runs there (and shows in the
+        transcript); otherwise on a quiet connection of its own.
+        """
+        own = client is None
+        if own:
+            client = self._open(self.target.smtp, quiet=True, tls=False)
+            client.smtp_reply()
+            reply = client.smtp("EHLO probe.invalid")
+            fail_unless(reply.code == 250, "250 to EHLO", reply)
+        self.sent.append(message)  # even if refused: clean-up then finds nothing
+        for command, wanted in ((f"MAIL FROM:<> {parameters}".rstrip(), 250), (f"RCPT TO:<{self.target.rcpt}>", 250),
+                                ("DATA", 354)):
+            reply = client.smtp(command)
+            if reply.code != wanted:
+                raise Failed(f"cannot send mail to {self.target.rcpt}: {command} got {reply.text!r}")
+        stuffed = b"".join((b"." + line if line.startswith(b".") else line) + CRLF
+                           for line in message.text.split(CRLF)[:-1])
+        client.send(stuffed + b".\r\n", shown=f"({stuffed.count(CRLF)} lines of text) .")
+        reply = client.smtp_reply()
+        if own:
+            client.smtp("QUIT")
+            client.close()
+        return reply
+
+    def deliver(self, *messages: Sent) -> None:
+        """Send each message over SMTP and wait until POP3 shows it (the check's set-up)."""
+        for message in messages:
+            reply = self.smtp_send(message)
+            if reply.code != 250:
+                raise Failed(f"set-up: the SMTP server refused the probe's message: {reply.text!r}")
+        self.wait_for(*messages)
+
+    def wait_for(self, *messages: Sent) -> None:
+        tokens = {message.token for message in messages}
+        for _ in range(DELIVERY_POLLS):
+            client = self.login(quiet=True)
+            found = self.find(client, tokens)
+            client.pop3("QUIT")
+            client.close()
+            if len(found) == len(tokens):
+                return
+            time.sleep(DELIVERY_POLL_SECONDS)
+        raise Failed("set-up: mail sent over SMTP never appeared in the POP3 maildrop")
+
+    def find(self, client: LineClient, tokens: Iterable[str]) -> dict[str, int]:
+        """token -> msg_number, among the newest messages of a logged-in session.
+
+        The set-up dialogue is quiet: it runs on ``client`` with the
+        transcript switched off for a moment.
+        """
+        wanted = set(tokens)
+        saved, client.transcript = client.transcript, None
+        try:
+            # LIST, not STAT: after a DELE the live numbers are not 1..count.
+            status, listing = client.pop3_multi("LIST")
+            fail_unless(listing is not None, "+OK to LIST", status)
+            live = sorted(int(line.split()[0]) for line in unstuffed(listing)
+                          if line.split()[:1] and line.split()[0].isdigit())
+            found: dict[str, int] = {}
+            for msg_number in reversed(live[-SEARCH_NEWEST:]):
+                status, lines = client.pop3_multi(f"TOP {msg_number} 0")
+                if lines is None:  # TOP is optional (RFC 1939 §7); RETR is not
+                    status, lines = client.pop3_multi(f"RETR {msg_number}")
+                for line in unstuffed(lines or []):
+                    name, _, value = line.decode("utf-8", "replace").partition(":")
+                    if name.lower() == TOKEN_HEADER.lower() and value.strip() in wanted:
+                        found[value.strip()] = msg_number
+                if len(found) == len(wanted):
+                    break
+            return found
+        finally:
+            client.transcript = saved
+
+    def numbers(self, client: LineClient, *messages: Sent) -> list[int]:
+        """The msg_numbers of ``messages`` in this session, in order."""
+        found = self.find(client, [message.token for message in messages])
+        missing = [message.token for message in messages if message.token not in found]
+        if missing:
+            raise Failed(f"the probe's message {missing[0]} is not in the maildrop")
+        return [found[message.token] for message in messages]
+
+    def cleanup(self) -> None:
+        """Delete every message this check sent that is still there (best effort)."""
+        self.close_all()
+        can_log_in, _ = NEEDS["login"]
+        if not self.sent or not can_log_in(self.target):
+            return
+        try:
+            client = self.login(quiet=True)
+            found = self.find(client, [message.token for message in self.sent])
+            for msg_number in found.values():
+                client.pop3(f"DELE {msg_number}")
+            client.pop3("QUIT")
+        except (Failed, OSError):
+            pass  # clean-up must never turn a result around
+        finally:
+            self.close_all()
+
+
+def apop_digest(timestamp: str, secret: str) -> str:
+    """RFC 1939 §7: MD5 of the greeting's timestamp followed by the shared secret."""
+    return hashlib.md5((timestamp + secret).encode("utf-8")).hexdigest()
+
+
+def apop_timestamp(greeting: str) -> str | None:
+    """The ``<…@…>`` msg-id in a POP3 greeting, if the server offers APOP."""
+    match = re.search(r"<[^<>\s]*@[^<>\s]*>", greeting)
+    return match.group(0) if match else None

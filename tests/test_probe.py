@@ -1,0 +1,179 @@
+"""``pymailsrv probe`` against pymailsrv itself, the catalogue as data, and the reports.
+
+pymailsrv must pass its own probe: every check PASSes, and only the ones
+that idle for minutes (``--slow``) are skipped. The servers are real ones on
+127.0.0.1 port 0, from the conftest fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import xml.etree.ElementTree as ET
+
+import pytest
+from click.testing import CliRunner
+
+from pymailsrv.probe import CATALOGUES, FAIL, PASS, SKIP, probe, run_probe, summary, text_report
+from pymailsrv.probe_base import NEEDS, Target
+from pymailsrv.probe_checks_pop3 import POP3_CHECKS
+from pymailsrv.probe_checks_smtp import SMTP_CHECKS
+from tests.conftest import PASSWORD
+
+# Check ids pymailsrv is known to fail, each with the bug report that explains
+# it. Empty: the self-probe below must then find no FAIL at all.
+KNOWN_FAILURES: dict[str, str] = {}
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+def mail_server(start_server, add_user):
+    """A running pymailsrv with user alice (APOP enabled), and what to probe it with."""
+    add_user("alice", apop=True)
+    server = start_server()
+    return server
+
+
+def target_for(server, protocol: str, **overrides) -> Target:
+    addresses = server.addresses
+    fields = dict(protocol=protocol, address=addresses[protocol], user="alice", password=PASSWORD,
+                  pop3=addresses["pop3"], smtp=addresses["smtp"], rcpt="alice@localhost", timeout=TIMEOUT)
+    return Target(**{**fields, **overrides})
+
+
+def cli_arguments(server, protocol: str) -> list[str]:
+    def address(name: str) -> str:
+        host, port = server.addresses[name]
+        return f"{host}:{port}"
+
+    other = "smtp" if protocol == "pop3" else "pop3"
+    return [protocol, address(protocol), "--user", "alice", "--password-stdin", f"--{other}", address(other),
+            "--rcpt", "alice@localhost", "--timeout", str(TIMEOUT)]
+
+
+# --- the catalogue is data -------------------------------------------------------------
+
+
+def test_the_catalogues_are_as_large_as_the_issue_asks():
+    assert len(POP3_CHECKS) >= 35
+    assert len(SMTP_CHECKS) >= 30
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "smtp"])
+def test_every_check_has_a_stable_unique_id_and_an_rfc_section(protocol):
+    checks = CATALOGUES[protocol]
+    ids = [check.id for check in checks]
+    assert len(set(ids)) == len(ids)
+    for check in checks:
+        assert re.fullmatch(rf"{protocol}\.[a-z0-9]+(-[a-z0-9]+)*", check.id), check.id
+        assert re.match(r"RFC \d+ §\d", check.rfc), check.rfc
+        assert check.title and callable(check.run)
+        assert set(check.needs) <= set(NEEDS), check.id
+
+
+# --- pymailsrv passes its own probe ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["pop3", "smtp"])
+def test_pymailsrv_passes_its_own_probe(mail_server, store, protocol):
+    results = run_probe(target_for(mail_server, protocol))
+    report = text_report(results)
+    failed = {result.id for result in results if result.status == FAIL}
+    assert failed == set(KNOWN_FAILURES) & failed, report
+    skipped = {result.id for result in results if result.status == SKIP}
+    slow = {check.id for check in CATALOGUES[protocol] if "slow" in check.needs}
+    assert skipped == slow, report
+    # Every check cleaned up after itself: the maildrop is as empty as it started.
+    assert store.messages("alice") == []
+
+
+def test_checks_whose_options_are_missing_are_skipped_with_the_reason(mail_server):
+    results = run_probe(target_for(mail_server, "pop3", user=None, password=None, smtp=None, rcpt=None))
+    by_id = {result.id: result for result in results}
+    assert by_id["pop3.greeting-ok"].status == PASS
+    assert by_id["pop3.user-pass-login"].status == SKIP
+    assert "--user" in by_id["pop3.user-pass-login"].detail
+    assert by_id["pop3.retr-byte-stuffing"].status == SKIP
+    assert not [result for result in results if result.status == FAIL], text_report(results)
+
+
+def test_a_probe_of_the_wrong_protocol_fails_and_shows_what_came_back(mail_server):
+    target = target_for(mail_server, "pop3", address=mail_server.addresses["smtp"])
+    (result,) = run_probe(target, only=["pop3.greeting-ok"])
+    assert result.status == FAIL
+    assert "220" in result.detail and "+OK" in result.detail
+    assert result.transcript[0].startswith("S: 220")
+
+
+def test_a_server_that_is_not_there_fails_every_check_that_connects():
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        address = placeholder.getsockname()
+    # The port is closed again now: connecting is refused.
+    results = run_probe(Target("smtp", address, timeout=TIMEOUT), only=["smtp.greeting-220", "smtp.ehlo-250"])
+    assert [result.status for result in results] == [FAIL, FAIL]
+    assert "connection error" in results[0].detail
+
+
+# --- the command line and its report formats ------------------------------------------------
+
+
+def test_the_text_report_ends_with_the_summary_and_exit_status_0(mail_server):
+    arguments = cli_arguments(mail_server, "pop3") + ["--only", "pop3.uidl-*", "--only", "pop3.greeting-ok"]
+    outcome = CliRunner().invoke(probe, arguments, input=PASSWORD + "\n")
+    assert outcome.exit_code == 0, outcome.output
+    lines = outcome.output.splitlines()
+    assert lines[0].split()[:5] == ["check", "rfc", "result", "sent", "came"]
+    assert lines[-1] == "5 passed, 0 failed, 0 skipped"
+    assert "PASS ****" in outcome.output and PASSWORD not in outcome.output
+
+
+def test_a_failed_check_makes_the_exit_status_1(mail_server):
+    host, port = mail_server.addresses["smtp"]
+    outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--only", "pop3.greeting-ok"])
+    assert outcome.exit_code == 1
+    assert "FAIL" in outcome.output and "220" in outcome.output
+    assert outcome.output.splitlines()[-1] == "0 passed, 1 failed, 0 skipped"
+
+
+def test_json_format_lists_one_object_per_check(mail_server):
+    arguments = cli_arguments(mail_server, "smtp") + ["--only", "smtp.smuggling-*", "--format", "json"]
+    outcome = CliRunner().invoke(probe, arguments, input=PASSWORD + "\n")
+    assert outcome.exit_code == 0, outcome.output
+    report = json.loads(outcome.stdout)
+    assert [result["id"] for result in report] == [check.id for check in SMTP_CHECKS
+                                                    if check.id.startswith("smtp.smuggling-")]
+    assert {result["status"] for result in report} == {PASS}
+    assert report[0]["rfc"].startswith("RFC 5321") and report[0]["transcript"][0].startswith("S: 220")
+
+
+def test_junit_format_has_a_testcase_per_check_with_failures_and_skips(mail_server):
+    host, port = mail_server.addresses["pop3"]
+    arguments = ["pop3", f"{host}:{port}", "--format", "junit",
+                 "--only", "pop3.greeting-ok", "--only", "pop3.user-pass-login"]
+    outcome = CliRunner().invoke(probe, arguments)
+    assert outcome.exit_code == 0, outcome.output
+    suite = ET.fromstring(outcome.stdout).find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("2", "0", "1")
+    cases = {case.get("name"): case for case in suite.iter("testcase")}
+    assert cases["pop3.greeting-ok"].find("skipped") is None
+    assert cases["pop3.user-pass-login"].find("skipped") is not None
+
+
+def test_only_with_no_matching_check_is_a_usage_error(mail_server):
+    host, port = mail_server.addresses["pop3"]
+    outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--only", "pop3.no-such-check"])
+    assert outcome.exit_code == 2
+    assert "no check id matches" in outcome.output
+
+
+def test_an_address_without_a_port_is_a_usage_error():
+    outcome = CliRunner().invoke(probe, ["smtp", "localhost"])
+    assert outcome.exit_code == 2
+    assert "HOST:PORT" in outcome.output
+
+
+def test_summary_counts_each_status():
+    results = run_probe(Target("pop3", ("127.0.0.1", 9), slow=False), only=["pop3.autologout-*"])
+    assert summary(results) == "0 passed, 0 failed, 1 skipped"
