@@ -1,0 +1,108 @@
+"""Settings: defaults, then the TOML file, then flags; bad input is one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pymailsrv import limits
+from pymailsrv.config import DEFAULT_ROOT, ConfigError, Settings, config_file, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+
+
+def write(tmp_path: Path, text: str, name: str = "settings.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as refusal:
+        load_settings(write(tmp_path, text))
+    message = str(refusal.value)
+    assert "\n" not in message
+    return message
+
+
+def test_defaults_come_from_limits():
+    settings = load_settings()
+    assert settings == Settings()
+    assert settings.root == DEFAULT_ROOT == Path("mailboxes")
+    assert (settings.host, settings.pop3.port, settings.smtp.port) == ("127.0.0.1", 1100, 2525)
+    assert settings.pop3.command_line_max == limits.POP3_COMMAND_LINE_MAX == 255
+    assert settings.pop3.autologout == limits.POP3_AUTOLOGOUT_SECONDS == 600
+    assert settings.pop3.failed_login_delay == 2.0
+    assert settings.state_dir == Path("mailboxes/.pymailsrv")
+
+
+def test_file_values_override_defaults_and_flags_override_the_file(tmp_path):
+    path = write(tmp_path, 'root = "/srv/mail"\ndomains = ["example.org"]\n'
+                           '[pop3]\nport = 110\nautologout = 900\nfailed_login_delay = 1\n')
+    settings = load_settings(path)
+    assert settings.root == Path("/srv/mail")
+    assert settings.domains == ("example.org",)
+    assert (settings.pop3.port, settings.pop3.autologout, settings.pop3.failed_login_delay) == (110, 900.0, 1.0)
+    assert settings.smtp.port == 2525  # untouched tables keep their defaults
+    flagged = load_settings(path, {"root": "/tmp/r", "pop3": {"port": 0, "autologout": None}})
+    assert flagged.root == Path("/tmp/r")
+    assert flagged.pop3.port == 0
+    assert flagged.pop3.autologout == 900.0  # a flag not given (None) does not override
+
+
+def test_config_file_is_the_flag_then_the_environment_then_the_working_directory(tmp_path, monkeypatch):
+    assert config_file(None) is None
+    local = write(tmp_path, "", "pymailsrv.toml")
+    assert config_file(None) == Path("pymailsrv.toml")
+    monkeypatch.setenv("PYMAILSRV_CONFIG", str(tmp_path / "env.toml"))
+    assert config_file(None) == tmp_path / "env.toml"
+    assert config_file(local) == local
+
+
+def test_environment_config_file_is_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYMAILSRV_CONFIG", str(write(tmp_path, "[pop3]\nport = 1234\n")))
+    assert load_settings().pop3.port == 1234
+
+
+@pytest.mark.parametrize("text, key", [
+    ("bogus = 1\n", "'bogus'"),
+    ("[pop3]\nautologut = 5\n", "'pop3.autologut'"),
+    ("[nosuchtable]\nx = 1\n", "'nosuchtable'"),
+])
+def test_unknown_key_is_named(tmp_path, text, key):
+    assert error_for(tmp_path, text) == f"unknown setting {key}"
+
+
+@pytest.mark.parametrize("text, key", [
+    ("[pop3]\nport = \"110\"\n", "pop3.port"),
+    ("[pop3]\nport = 70000\n", "pop3.port"),
+    ("[pop3]\nport = true\n", "pop3.port"),
+    ("[pop3]\nautologout = 0\n", "pop3.autologout"),
+    ("[pop3]\nfailed_login_delay = -1\n", "pop3.failed_login_delay"),
+    ("[pop3]\ncommand_line_max = 1.5\n", "pop3.command_line_max"),
+    ("domains = \"example.org\"\n", "domains"),
+    ("pop3 = 5\n", "pop3"),
+    ("trace = \"yes\"\n", "trace"),
+    ("[smtp]\nbare_newline = \"maybe\"\n", "smtp.bare_newline"),
+])
+def test_bad_value_is_named(tmp_path, text, key):
+    assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    assert error_for(tmp_path, "[pop3\nport = 1\n").startswith("config file ")
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="^cannot read config file '.*nothere.toml': No such file"):
+        load_settings(tmp_path / "nothere.toml")
+
+
+def test_settings_are_frozen():
+    with pytest.raises(AttributeError):
+        Settings().root = Path("x")  # type: ignore[misc]
