@@ -202,6 +202,9 @@ class MaildirStore:
 
     def open_maildrop(self, user: str) -> "MaildirMaildrop":
         """Lock the user's maildrop for a POP3 session (raises MaildropLocked)."""
+        # The lock file is named after the checked, lower-cased name: "ALICE"
+        # and "alice" are one maildrop and must meet at one lock.
+        user = check_user_name(user)
         path = self.create_maildir(user)
         lock_dir = self.state_dir / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)

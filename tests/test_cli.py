@@ -327,3 +327,15 @@ def test_start_serves_pop3_and_stops_cleanly_on_signal(root, stop_signal):
     assert b"Traceback" not in stderr
     assert b"Aborted!" not in stderr
     assert sum(line.startswith(b"listening ") for line in stderr.splitlines()) == 1
+
+
+def test_start_on_a_port_in_use_is_exit_1_without_a_traceback(root):
+    import socket
+
+    run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli("start", "--root", str(root), "--pop3-port", str(port), "--smtp-port", "0")
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == b"Error: cannot listen on 127.0.0.1: Address already in use"

@@ -371,3 +371,12 @@ def test_uidl_values_look_like_rfc1939_unique_ids(login, store):
     deliver(store, 2)
     client, _ = login()
     assert all(re.fullmatch(rb"[\x21-\x7e]{1,70}", uid) for uid in _uidl(client))
+
+
+def test_the_lock_belongs_to_the_maildrop_whatever_the_spelling_of_the_name(alice, store):
+    held = store.open_maildrop("alice")
+    try:
+        with pytest.raises(MaildropLocked):
+            store.open_maildrop("ALICE")
+    finally:
+        held.release()
