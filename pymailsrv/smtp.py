@@ -268,7 +268,12 @@ class SmtpSession(Session):
         return R421_TOO_MANY_ERRORS.format(host=self.settings.hostname)
 
     def is_error(self, reply: Reply) -> bool:
-        return reply.is_error
+        # RFC 5321 §4.5.3.1.10: the client is to send recipients refused with
+        # 452 in a later transaction. A pipelining client has sent them all
+        # before it sees the first 452; counting them would close the session
+        # and lose the recipients already accepted (Postfix does not count
+        # them either: smtpd_recipient_overshoot_limit).
+        return reply.is_error and reply != R452_TOO_MANY_RECIPIENTS
 
     def close(self) -> None:
         self._discard_text()

@@ -12,6 +12,7 @@ The helpers here are shared with ``test_smtp_data.py``.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import socket
 import time
@@ -132,6 +133,26 @@ def greeted(connect):
         return client
 
     return greeted
+
+
+# --- the catalogue ------------------------------------------------------------------------
+
+
+SMTP_REPLIES = {name: value for name, value in vars(R).items() if isinstance(value, R.SmtpReply)}
+
+
+@pytest.mark.parametrize("name", sorted(SMTP_REPLIES))
+def test_catalogue_reply_has_an_enhanced_code_of_its_own_class(name):
+    # RFC 2034 §3 (ENHANCEDSTATUSCODES): every reply but the greeting, the
+    # EHLO/HELO reply and 354 carries class.subject.detail, and the class is
+    # the reply code's first digit (RFC 3463 §2).
+    reply = SMTP_REPLIES[name]
+    assert str(reply.code) == name[1:4]
+    if name in {"R220_GREETING", "R250_EHLO", "R250_HELO", "R354_START_DATA"}:
+        assert reply.enhanced is None
+    else:
+        assert re.fullmatch(r"[245]\.\d{1,3}\.\d{1,3}", reply.enhanced)
+        assert reply.enhanced[0] == str(reply.code)[0]
 
 
 # --- greeting, EHLO, HELO -------------------------------------------------------------------
@@ -607,6 +628,21 @@ def test_recipient_limit_keeps_the_first_n_and_refuses_the_next_with_452(start_s
     assert exchange(client, "DATA") == wire(R.R354_START_DATA)
 
 
+def test_recipients_over_the_limit_do_not_count_as_errors(start_server, greeted, alice):
+    # RFC 5321 §4.5.3.1.10: a client that gets 452 sends those recipients in a
+    # later transaction. A pipelining client sends every RCPT before it sees
+    # the first 452, so the overshoot must not run into the error limit and
+    # cost it the transaction it already has (Postfix: smtpd_recipient_overshoot_limit).
+    server = start_server(smtp={"max_recipients": 100})
+    client = greeted(server.addresses["smtp"])
+    exchange(client, "MAIL FROM:<a@example.org>")
+    client.send(b"RCPT TO:<alice@localhost>\r\n" * 130 + b"DATA\r\n")
+    replies = [read_reply(client) for _ in range(131)]
+    assert replies[:100] == [wire(R.R250_RECIPIENT_OK, address="alice@localhost")] * 100
+    assert replies[100:130] == [wire(R.R452_TOO_MANY_RECIPIENTS)] * 30
+    assert replies[130] == wire(R.R354_START_DATA)
+
+
 def test_recipient_limit_below_the_rfc_minimum_is_refused_by_config(root):
     # RFC 5321 §4.5.3.1.8: a server MUST accept at least 100 recipients.
     with pytest.raises(ConfigError, match="max_recipients"):
@@ -714,9 +750,10 @@ def test_pipelined_transaction_is_answered_in_order(connect, server, alice, bob)
     ]
 
 
-def test_pipelined_replies_arrive_in_one_piece(greeted, alice):
-    # Replies to a pipelined group are flushed together once the input is
-    # used up (RFC 2920 §3), not one write per command.
+def test_pipelined_replies_are_flushed_once_the_input_is_used_up(greeted, alice):
+    # RFC 2920 §3: the server may hold replies while more commands wait in its
+    # input, but must send them before it waits for more: no command follows
+    # this group, and every reply still arrives.
     client = greeted()
     client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<alice@localhost>\r\nNOOP\r\n")
     expected = (wire(R.R250_SENDER_OK, address="a@example.org")
