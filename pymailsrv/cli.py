@@ -281,3 +281,6 @@ main.add_command(transcripts_group)
 from pymailsrv.explain import explain  # noqa: E402
 
 main.add_command(explain)
+from pymailsrv.mailview import show_command  # noqa: E402
+
+mailbox.add_command(show_command(with_settings), "show")

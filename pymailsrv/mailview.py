@@ -1,0 +1,307 @@
+"""``pymailsrv mailbox show NAME N``: one stored message, taken apart for a class.
+
+A message on disk has three layers, and this view keeps them apart because
+students mix them up:
+
+* the *envelope* facts the server knows but the message text does not say:
+  which maildrop holds it, its Maildir file (``new/`` until a POP3 session
+  has seen it, then ``cur/`` with flags such as ``S`` for seen), its UIDL
+  (RFC 1939 §7), its size on disk and as POP3 sends it (CRLF line ends,
+  RFC 1939 §11), and the reverse-path our SMTP server recorded in
+  ``Return-Path:`` when it took the message in (RFC 5321 §4.4);
+* the *header* fields of RFC 5322 §3.6 and MIME (RFC 2045), decoded with the
+  standard ``email`` package under ``email.policy.default``: encoded words
+  such as ``=?utf-8?q?Gr=C3=BC=C3=9Fe?=`` (RFC 2047) come out as text, and
+  where decoding changed a field its raw form is shown under it;
+* the *MIME structure* (RFC 2046): a tree of parts, each with its content
+  type, filename, transfer encoding and size, both decoded and as it sits
+  in the message (base64 makes a part about a third bigger, RFC 2045 §6.8).
+
+Messages are numbered as ``mailbox list`` numbers them and as a POP3 session
+would at login: ``MaildirStore.messages`` order, from 1.
+"""
+
+from __future__ import annotations
+
+import datetime
+import email
+import email.policy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage, Message
+from pathlib import Path
+
+import click
+
+from pymailsrv.config import Settings
+from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
+from pymailsrv.storage import MessageInfo
+from pymailsrv.users import UserError, UserStore, check_user_name
+
+# The fields shown, in the order a reader meets them: identity and date
+# (RFC 5322 §3.6.4, §3.6.1), originator and destination (§3.6.2, §3.6.3),
+# subject (§3.6.5), then MIME's (RFC 2045 §4, §5, §6).
+HEADER_FIELDS = ("Message-ID", "Date", "From", "To", "Reply-To", "Subject",
+                 "MIME-Version", "Content-Type", "Content-Transfer-Encoding")
+
+# Transfer encodings that leave the octets as they are (RFC 2045 §6.2): for
+# these the decoded and the stored size are the same, so only one is shown.
+IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
+
+
+class MailviewError(Exception):
+    """The message cannot be shown; the text says why, in one line."""
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    name: str
+    value: str | None  # decoded; None when the message has no such field
+    raw: str | None = None  # as stored, unfolded, when decoding changed it
+
+
+@dataclass(frozen=True)
+class Part:
+    """One node of the MIME tree."""
+
+    content_type: str
+    charset: str | None
+    filename: str | None
+    disposition: str | None  # "inline", "attachment" or None (RFC 2183)
+    encoding: str | None  # Content-Transfer-Encoding, lower case
+    decoded_size: int | None  # the payload after undoing the encoding; None for containers
+    stored_size: int | None  # the payload as it sits in the message
+    defects: tuple[str, ...]
+    children: tuple[Part, ...] = ()
+
+
+@dataclass(frozen=True)
+class MessageView:
+    user: str
+    msg_number: int
+    count: int  # messages in the maildrop
+    info: MessageInfo
+    file: str  # "new/<name>" or "cur/<name>", relative to the Maildir
+    disk_size: int
+    delivered: datetime.datetime | None
+    return_path: str | None
+    headers: tuple[HeaderField, ...]
+    structure: Part
+
+    @property
+    def flags(self) -> str:
+        """The Maildir info flags after ":2," (empty while the file is in new/)."""
+        _, _, flags = self.file.partition(INFO_SEPARATOR)
+        return flags
+
+    @property
+    def seen(self) -> bool:
+        return SEEN_FLAG in self.flags
+
+
+# --- finding and reading the message ---------------------------------------------------
+
+
+def parse_msg_number(text: str) -> int:
+    """A message number as the user typed it: 1, 2, ... (ASCII digits only)."""
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
+        raise MailviewError(f"bad message number {text!r}: use 1, 2, ... as `mailbox list` shows")
+    return int(text)
+
+
+def view_message(store: MaildirStore, users: UserStore, name: str, msg_number: int) -> MessageView:
+    """Find message ``msg_number`` of ``name``'s maildrop and take it apart."""
+    try:
+        user = check_user_name(name)
+    except UserError as error:
+        raise MailviewError(str(error)) from None
+    if not users.exists(user):
+        raise MailviewError(f"no such user {user!r}")
+    # Two tries: a POP3 session may move the file from new/ to cur/ (or add a
+    # flag) between our listing and our open, which changes its path only.
+    for _attempt in range(2):
+        listing = store.messages(user)
+        if not 1 <= msg_number <= len(listing):
+            have = f"{len(listing)} message{'s' if len(listing) != 1 else ''}"
+            raise MailviewError(f"no message {msg_number}: {user}'s maildrop has {have}")
+        info, path = listing[msg_number - 1]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        return build_view(user, msg_number, len(listing), info, path, data)
+    raise MailviewError(f"message {msg_number} of {user} vanished while being read; try again")
+
+
+def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: Path,
+               data: bytes) -> MessageView:
+    """The view of one message whose bytes have been read."""
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    return MessageView(
+        user=user,
+        msg_number=msg_number,
+        count=count,
+        info=info,
+        file=f"{path.parent.name}/{path.name}",
+        disk_size=len(data),
+        delivered=_delivery_time(info.key),
+        return_path=_decoded(message, "Return-Path"),
+        headers=tuple(field for name in HEADER_FIELDS for field in header_fields(message, name)),
+        structure=mime_tree(message),
+    )
+
+
+def _delivery_time(key: str) -> datetime.datetime | None:
+    # The Maildir unique name starts with the delivery time in seconds.
+    seconds = key.split(".", 1)[0]
+    if not seconds.isdigit():
+        return None
+    return datetime.datetime.fromtimestamp(int(seconds)).astimezone()
+
+
+# --- header fields ----------------------------------------------------------------
+
+
+def _normalized(text: str) -> str:
+    # RFC 5322 §2.2.3: unfolding removes the line breaks; runs of white space
+    # then mean the same as one space, so they do not count as a change.
+    return " ".join(text.split())
+
+
+def _decoded(message: Message, name: str) -> str | None:
+    value = message.get(name)
+    return None if value is None else _normalized(str(value))
+
+
+def header_fields(message: EmailMessage, name: str) -> list[HeaderField]:
+    """Every occurrence of field ``name``, decoded, with its raw form where that differs."""
+    raw_values = [value for field, value in message.raw_items() if field.lower() == name.lower()]
+    if not raw_values:
+        return [HeaderField(name, None)]
+    fields = []
+    for raw in raw_values:
+        raw = _normalized(raw)
+        try:
+            # The policy parses the raw value into a header object that knows
+            # its field's grammar (addresses, dates, encoded words).
+            value = _normalized(str(email.policy.default.header_factory(name, raw)))
+        except Exception:  # a malformed field is shown as it is, not fatal
+            value = raw
+        fields.append(HeaderField(name, value, raw if raw != value else None))
+    return fields
+
+
+# --- MIME structure ------------------------------------------------------------------
+
+
+def mime_tree(part: Message) -> Part:
+    """The part and everything inside it (RFC 2046), as ``Part`` records."""
+    encoding = part.get("Content-Transfer-Encoding")
+    encoding = str(encoding).strip().lower() if encoding is not None else None
+    defects = tuple(type(defect).__name__ for defect in part.defects)
+    if part.is_multipart():
+        # multipart/* holds a list of parts; message/rfc822 a list of one message.
+        children = tuple(mime_tree(child) for child in part.get_payload())
+        decoded_size = stored_size = None
+    else:
+        children = ()
+        stored = part.get_payload()
+        stored_size = len(stored.encode("utf-8", "surrogateescape")) if isinstance(stored, str) else None
+        payload = part.get_payload(decode=True)
+        decoded_size = len(payload) if payload is not None else stored_size
+    return Part(
+        content_type=part.get_content_type(),
+        charset=part.get_param("charset") if part.get_content_maintype() == "text" else None,
+        filename=part.get_filename(),
+        disposition=part.get_content_disposition(),
+        encoding=encoding,
+        decoded_size=decoded_size,
+        stored_size=stored_size,
+        defects=defects,
+        children=children,
+    )
+
+
+def describe_part(part: Part) -> str:
+    """One line about a part: type, filename, disposition, encoding, sizes."""
+    facts = [part.content_type + (f"; charset={part.charset}" if part.charset else "")]
+    if part.filename is not None:
+        facts.append(f'"{part.filename}"')
+    if part.disposition is not None:
+        facts.append(part.disposition)
+    if part.children:
+        facts.append(f"{len(part.children)} part{'s' if len(part.children) != 1 else ''}")
+    else:
+        if part.encoding and part.encoding not in IDENTITY_ENCODINGS:
+            facts.append(f"{part.encoding}, {part.decoded_size} octets decoded ({part.stored_size} as stored)")
+        else:
+            facts.append(f"{part.encoding + ', ' if part.encoding else ''}{part.decoded_size} octets")
+    if part.defects:
+        facts.append("defects: " + ", ".join(part.defects))
+    return ", ".join(facts)
+
+
+def tree_lines(part: Part, prefix: str = "", last: bool = True, root: bool = True) -> Iterator[str]:
+    """The MIME tree drawn as `tree` draws directories."""
+    branch = "" if root else ("└── " if last else "├── ")
+    yield prefix + branch + describe_part(part)
+    inner = prefix + ("" if root else ("    " if last else "│   "))
+    for position, child in enumerate(part.children):
+        yield from tree_lines(child, inner, position == len(part.children) - 1, root=False)
+
+
+# --- the whole view -----------------------------------------------------------------------
+
+
+def render(view: MessageView) -> str:
+    """The view as text for a terminal."""
+    info = view.info
+    where = "new/ (no POP3 session has listed it yet)" if view.file.startswith("new/") else "cur/"
+    flags = (view.flags + (" (seen)" if view.seen else "")) if view.flags else "none"
+    delivered = view.delivered.strftime("%Y-%m-%d %H:%M:%S %z") if view.delivered else "unknown"
+    facts = [
+        ("maildrop", f"{view.user}, message {view.msg_number} of {view.count}"),
+        ("uid", f"{info.uid}  (UIDL, RFC 1939 §7)"),
+        ("size", f"{view.disk_size} octets on disk, {info.size} as POP3 sends it "
+                 "(CRLF line ends, RFC 1939 §11)"),
+        ("folder", where),
+        ("file", view.file),
+        ("flags", flags),
+        ("delivered", delivered),
+        ("return path", f"{view.return_path or '(none)'}  (the envelope's MAIL FROM, RFC 5321 §4.4)"),
+    ]
+    lines = ["Envelope (what the server knows)"]
+    lines += [f"  {label + ':':<13}{value}" for label, value in facts]
+    lines += ["", "Header (decoded with email.policy.default; raw form below a field decoding changed)"]
+    width = max(len(name) for name in HEADER_FIELDS) + 2
+    for field in view.headers:
+        label = f"{field.name}:"
+        lines.append(f"  {label:<{width}}{field.value if field.value is not None else '(absent)'}")
+        if field.raw is not None:
+            lines.append(f"  {'':<{width}}raw: {field.raw}")
+    lines += ["", "MIME structure (RFC 2046)"]
+    lines += ["  " + line for line in tree_lines(view.structure)]
+    return "\n".join(lines) + "\n"
+
+
+def show_command(with_settings: Callable) -> click.Command:
+    """The ``mailbox show`` command; cli.py hands in its ``with_settings``.
+
+    Taking the decorator as an argument lets this module stay free of an
+    import of cli.py, which imports this module to register the command.
+    """
+
+    @click.command("show")
+    @click.argument("name")
+    @click.argument("msg_number", metavar="N")
+    @with_settings
+    def mailbox_show(settings: Settings, name: str, msg_number: str) -> None:
+        """Show message N of NAME: envelope, decoded header fields, MIME tree."""
+        try:
+            view = view_message(MaildirStore(settings.root), UserStore(settings.state_dir), name,
+                                parse_msg_number(msg_number))
+        except MailviewError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(render(view), nl=False)
+
+    return mailbox_show

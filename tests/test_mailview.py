@@ -1,0 +1,159 @@
+"""``pymailsrv mailbox show``: envelope facts, decoded header fields, the MIME tree."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+import smtplib
+
+import pytest
+from click.testing import CliRunner
+
+from pymailsrv.cli import main
+from pymailsrv.mailview import MailviewError, mime_tree, parse_msg_number
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+
+ATTACHMENT = bytes(range(256)) * 4  # 1024 octets: base64 makes 1368 of them, plus line ends
+ATTACHMENT_BASE64 = base64.encodebytes(ATTACHMENT)  # lines of 76 characters, LF-ended
+
+# Written out by hand, as a mail program would send it, so the test sees the
+# exact octets: multipart/mixed holding a text/plain + text/html alternative
+# and a PDF attachment; the Subject and From carry RFC 2047 encoded words.
+MULTIPART = b"""\
+Message-ID: <lesson1@school.example>
+Date: Mon, 06 May 2024 10:00:00 +0200
+From: =?utf-8?q?J=C3=BCrgen_M=C3=BCller?= <juergen@school.example>
+To: alice@localhost
+Reply-To: teacher@school.example
+Subject: =?utf-8?b?R3LDvMOfZSBhdXMgS8O2bG4=?=
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+This is a multi-part message in MIME format.
+
+--outer
+Content-Type: multipart/alternative; boundary="inner"
+
+--inner
+Content-Type: text/plain; charset="utf-8"
+Content-Transfer-Encoding: quoted-printable
+
+Gr=C3=BC=C3=9Fe!
+
+--inner
+Content-Type: text/html; charset="utf-8"
+Content-Transfer-Encoding: 7bit
+
+<p>Hello</p>
+
+--inner--
+
+--outer
+Content-Type: application/pdf
+Content-Disposition: attachment; filename="notes.pdf"
+Content-Transfer-Encoding: base64
+
+""" + ATTACHMENT_BASE64 + b"""
+--outer--
+"""
+
+
+def show(root, *args: str):
+    return CliRunner().invoke(main, ["mailbox", "show", "--root", str(root), *args])
+
+
+@pytest.fixture
+def alice_with_multipart(add_user, store):
+    add_user("alice")
+    store.deliver("alice", b"Subject: first\n\nplain text\n")
+    store.deliver("alice", MULTIPART)
+    return "alice"
+
+
+def test_header_fields_are_decoded_and_the_raw_encoded_words_shown(root, alice_with_multipart):
+    result = show(root, "alice", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "  Subject:                   Grüße aus Köln" in lines
+    assert "                             raw: =?utf-8?b?R3LDvMOfZSBhdXMgS8O2bG4=?=" in lines
+    assert "  From:                      Jürgen Müller <juergen@school.example>" in lines
+    assert "  Message-ID:                <lesson1@school.example>" in lines
+    assert "  Date:                      Mon, 06 May 2024 10:00:00 +0200" in lines
+    assert "  Reply-To:                  teacher@school.example" in lines
+    assert "  MIME-Version:              1.0" in lines
+    assert '  Content-Type:              multipart/mixed; boundary="outer"' in lines
+    assert "  Content-Transfer-Encoding: (absent)" in lines
+
+
+def test_mime_structure_is_an_indented_tree_with_part_sizes(root, alice_with_multipart):
+    output = show(root, "alice", "2").output
+    tree = output[output.index("MIME structure (RFC 2046)\n"):].splitlines()[1:]
+    assert tree == [
+        "  multipart/mixed, 2 parts",
+        "  ├── multipart/alternative, 2 parts",
+        "  │   ├── text/plain; charset=utf-8, quoted-printable, 9 octets decoded (17 as stored)",
+        "  │   └── text/html; charset=utf-8, 7bit, 13 octets",
+        f'  └── application/pdf, "notes.pdf", attachment, base64, 1024 octets decoded '
+        f"({len(ATTACHMENT_BASE64)} as stored)",
+    ]
+
+
+def test_envelope_facts_come_from_the_maildir(root, store, alice_with_multipart):
+    info, path = store.messages("alice")[1]
+    output = show(root, "alice", "2").output
+    assert "  maildrop:    alice, message 2 of 2\n" in output
+    assert f"  uid:         {info.uid}  (UIDL, RFC 1939 §7)\n" in output
+    assert (f"  size:        {path.stat().st_size} octets on disk, {info.size} as POP3 sends it "
+            "(CRLF line ends, RFC 1939 §11)\n") in output
+    assert f"  file:        new/{path.name}\n" in output
+    assert "  flags:       none\n" in output
+    assert re.search(r"\n  delivered:   \d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4}\n", output)
+
+
+def test_a_message_read_over_pop3_shows_as_seen_in_cur(root, alice_with_multipart, pop3):
+    client = pop3()
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.retr(2)
+    client.quit()
+    output = show(root, "alice", "2").output
+    assert re.search(r"\n  file:        cur/\S+:2,S\n", output)
+    assert "  flags:       S (seen)\n" in output
+    assert "  folder:      cur/\n" in output
+
+
+def test_smtp_envelope_sender_shows_as_return_path(root, add_user, server):
+    add_user("alice")
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.sendmail("bob@example.org", ["alice@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
+    output = show(root, "alice", "1").output
+    assert "  return path: <bob@example.org>  (the envelope's MAIL FROM, RFC 5321 §4.4)\n" in output
+
+
+@pytest.mark.parametrize("arguments, error", [
+    (("bob", "1"), "Error: no such user 'bob'\n"),
+    (("alice", "3"), "Error: no message 3: alice's maildrop has 2 messages\n"),
+    (("alice", "0"), "Error: bad message number '0': use 1, 2, ... as `mailbox list` shows\n"),
+    (("alice", "x"), "Error: bad message number 'x': use 1, 2, ... as `mailbox list` shows\n"),
+    (("../etc", "1"), "Error: invalid user name '../etc': use 1-64 of a-z 0-9 . _ -, "
+                      "starting with a letter or digit\n"),
+])
+def test_unknown_user_or_bad_number_is_a_one_line_error(root, alice_with_multipart, arguments, error):
+    result = show(root, *arguments)
+    assert result.exit_code == 1
+    assert result.output == error
+
+
+def test_single_part_message_is_a_tree_of_one():
+    message = email.message_from_bytes(b"Subject: x\n\nhello\n", policy=email.policy.default)
+    part = mime_tree(message)
+    assert (part.content_type, part.charset, part.children, part.decoded_size) == ("text/plain", None, (), 6)
+
+
+def test_message_numbers_are_ascii_digits_from_one():
+    assert parse_msg_number("12") == 12
+    for bad in ("0", "-1", "١", "1.0", ""):
+        with pytest.raises(MailviewError):
+            parse_msg_number(bad)
