@@ -278,9 +278,10 @@ main.add_command(transcripts_group)
 
 # Teaching commands of issue 6. Each module takes with_settings as an argument
 # instead of importing this module, which would be an import cycle.
+from pymailsrv.classroom import classroom_group  # noqa: E402
 from pymailsrv.explain import explain  # noqa: E402
-
-main.add_command(explain)
 from pymailsrv.mailview import show_command  # noqa: E402
 
+main.add_command(explain)
+main.add_command(classroom_group(with_settings))
 mailbox.add_command(show_command(with_settings), "show")

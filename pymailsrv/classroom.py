@@ -1,0 +1,231 @@
+"""``pymailsrv classroom``: accounts for a class, and a clean slate after it.
+
+``classroom setup --students 24`` makes ``student01`` .. ``student24``, each
+with a Maildir and a password, and prints a sheet the teacher can hand out:
+user, password, address, and where the SMTP and POP3 servers listen. The
+same rows can go to a CSV file for a mail merge; that file holds passwords,
+so it is created readable by its owner only (mode 0600), like users.json.
+
+* Names are the prefix and a number zero-padded to the width of the count,
+  at least two digits, so they sort in order in every listing (student01 ..
+  student09, student10; student001 .. student120).
+* Passwords come from ``secrets`` (the OS's CSPRNG), 12 characters from an
+  alphabet without look-alikes (no 0/o, 1/l/i), in three groups of four so
+  they can be read aloud and typed from paper: ``k7dm-q3xa-9fpe``. That is
+  31**12, about 59 bits: plenty for a classroom server, and the passwords
+  are stored only as scrypt hashes (users.py). ``--password-stdin`` gives
+  everyone one password instead, for a class that should share it.
+* An account that already exists is left alone, password included, and
+  named in a note: running setup twice never locks a student out.
+
+``classroom reset`` empties every student mailbox between lessons. It takes
+each maildrop's lock first, as a POP3 session does (RFC 1939 §8), so a
+student who is still logged in keeps a consistent session: that mailbox is
+skipped with a note, and the teacher can run reset again later.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import secrets
+from collections.abc import Callable
+from dataclasses import astuple, dataclass
+
+import click
+from tabulate import tabulate
+
+from pymailsrv.config import Settings
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.storage import MaildropLocked
+from pymailsrv.users import UserError, UserStore, check_user_name
+
+DEFAULT_PREFIX = "student"
+NUMBER_MIN_DIGITS = 2
+
+# Lower case and digits minus the ones that look alike on paper or a projector.
+PASSWORD_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+PASSWORD_GROUPS = 3
+PASSWORD_GROUP_LENGTH = 4
+
+# Listening on every address is no address a student can type; the sheet
+# then names the machine instead.
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::", "[::]"}
+
+
+@dataclass(frozen=True)
+class Account:
+    """One row of the sheet handed to a student (and of the CSV file)."""
+
+    user: str
+    password: str
+    address: str
+    smtp: str  # host:port
+    pop3: str  # host:port
+
+
+SHEET_HEADERS = ("user", "password", "address", "SMTP server", "POP3 server")  # Account's fields
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    created: list[Account]
+    skipped: list[str]  # names that already existed
+
+
+@dataclass(frozen=True)
+class ResetResult:
+    removed: dict[str, int]  # user -> messages removed
+    busy: list[str]  # users whose maildrop a POP3 session holds
+    failures: int  # messages that could not be removed
+
+
+def _count(number: int, noun: str, plural: str | None = None) -> str:
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def student_names(prefix: str, count: int) -> list[str]:
+    """``prefix01`` .. ``prefixNN``, padded to the width of ``count`` (at least 2 digits)."""
+    if count < 1:
+        raise ValueError("a class has at least one student")
+    width = max(NUMBER_MIN_DIGITS, len(str(count)))
+    try:
+        return [check_user_name(f"{prefix}{number:0{width}d}") for number in range(1, count + 1)]
+    except UserError as error:
+        raise ValueError(f"prefix {prefix!r} does not make valid user names: {error}") from None
+
+
+def is_student(name: str, prefix: str) -> bool:
+    """True for names ``setup`` makes with this prefix: the prefix, then digits only."""
+    return re.fullmatch(re.escape(prefix.lower()) + r"[0-9]+", name) is not None
+
+
+def generate_password() -> str:
+    """A random password that survives being read aloud, e.g. ``k7dm-q3xa-9fpe``."""
+    groups = ("".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_GROUP_LENGTH))
+              for _ in range(PASSWORD_GROUPS))
+    return "-".join(groups)
+
+
+def server_host(settings: Settings) -> str:
+    """The host a student should connect to (``settings.host`` unless it is a wildcard)."""
+    return settings.hostname if settings.host in _WILDCARD_HOSTS else settings.host
+
+
+def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
+                shared_password: str | None = None) -> SetupResult:
+    """Create the class's accounts and Maildirs; existing accounts are skipped untouched."""
+    users = UserStore(settings.state_dir)
+    store = MaildirStore(settings.root)
+    host = server_host(settings)
+    created, skipped = [], []
+    for name in student_names(prefix, count):
+        if users.exists(name):
+            skipped.append(name)
+            continue
+        password = shared_password if shared_password is not None else generate_password()
+        try:
+            users.add(name, password)
+        except UserError:  # created by someone else since we looked
+            skipped.append(name)
+            continue
+        store.create_maildir(name)
+        created.append(Account(name, password, f"{name}@{settings.domains[0]}",
+                               f"{host}:{settings.smtp.port}", f"{host}:{settings.pop3.port}"))
+    return SetupResult(created, skipped)
+
+
+def write_csv(path: str | os.PathLike, accounts: list[Account]) -> None:
+    """The sheet as CSV, readable by its owner only: it holds passwords."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(SHEET_HEADERS)
+        writer.writerows(astuple(account) for account in accounts)
+
+
+def reset_class(settings: Settings, prefix: str = DEFAULT_PREFIX) -> ResetResult:
+    """Remove every message from every student maildrop that no session holds."""
+    store = MaildirStore(settings.root)
+    removed: dict[str, int] = {}
+    busy: list[str] = []
+    failures = 0
+    for name in UserStore(settings.state_dir).names():
+        if not is_student(name, prefix):
+            continue
+        try:
+            maildrop = store.open_maildrop(name)
+        except MaildropLocked:
+            busy.append(name)
+            continue
+        try:
+            keys = [message.key for message in maildrop.snapshot()]
+            failed = maildrop.expunge(keys)
+        finally:
+            maildrop.release()
+        removed[name] = len(keys) - failed
+        failures += failed
+    return ResetResult(removed, busy, failures)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def classroom_group(with_settings: Callable) -> click.Group:
+    """The ``classroom`` commands; cli.py hands in its ``with_settings``.
+
+    Taking the decorator as an argument lets this module stay free of an
+    import of cli.py, which imports this module to register the group.
+    """
+
+    @click.group()
+    def classroom() -> None:
+        """Accounts for a class of students."""
+
+    @classroom.command("setup")
+    @click.option("--students", type=click.IntRange(min=1), required=True, help="How many accounts.")
+    @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="User names are PREFIX01, ...")
+    @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
+                  help="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
+    @click.option("--password-stdin", is_flag=True,
+                  help="One password for everyone, from the first line of stdin.")
+    @with_settings
+    def setup(settings: Settings, students: int, prefix: str, csv_path: str | None,
+              password_stdin: bool) -> None:
+        """Create student accounts and print a sheet to hand out."""
+        shared = None
+        if password_stdin:
+            from pymailsrv.cli import _read_password  # here: cli.py imports this module
+
+            shared = _read_password(from_stdin=True)
+        try:
+            result = setup_class(settings, students, prefix, shared)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+        for name in result.skipped:
+            click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
+        click.echo(tabulate([astuple(account) for account in result.created], headers=SHEET_HEADERS))
+        if csv_path is not None:
+            write_csv(csv_path, result.created)
+            click.echo(f"wrote {_count(len(result.created), 'account')} to {csv_path} (mode 0600)", err=True)
+        click.echo(f"created {_count(len(result.created), 'account')}, skipped {len(result.skipped)}",
+                   err=True)
+
+    @classroom.command("reset")
+    @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
+                  help="Empty the mailboxes of PREFIX followed by digits.")
+    @with_settings
+    def reset(settings: Settings, prefix: str) -> None:
+        """Empty every student mailbox (accounts and passwords stay)."""
+        result = reset_class(settings, prefix)
+        for name in result.busy:
+            click.echo(f"note: {name} is logged in over POP3: mailbox left as it is", err=True)
+        total = sum(result.removed.values())
+        click.echo(f"removed {_count(total, 'message')} "
+                   f"from {_count(len(result.removed), 'mailbox', 'mailboxes')}")
+        if result.failures:
+            raise click.ClickException(f"{_count(result.failures, 'message')} could not be removed")
+
+    return classroom

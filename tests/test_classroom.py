@@ -1,0 +1,154 @@
+"""``pymailsrv classroom``: accounts students can log in with, and a reset between lessons."""
+
+from __future__ import annotations
+
+import csv
+import stat
+
+import pytest
+from click.testing import CliRunner
+
+from pymailsrv.classroom import PASSWORD_ALPHABET, generate_password, is_student, student_names
+from pymailsrv.cli import main
+from tests.conftest import PASSWORD
+
+SHEET_HEADERS = ["user", "password", "address", "SMTP server", "POP3 server"]
+
+
+def classroom(root, *args: str, input: str | None = None):
+    command, *rest = args
+    return CliRunner().invoke(main, ["classroom", command, "--root", str(root), *rest], input=input)
+
+
+def sheet_rows(output: str) -> list[list[str]]:
+    """The rows of the printed sheet (tabulate's "simple" table: header, dashes, rows)."""
+    lines = output.splitlines()
+    assert lines[0].split() == ["user", "password", "address", "SMTP", "server", "POP3", "server"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    return [line.split() for line in lines[2:]]
+
+
+def test_setup_creates_accounts_that_log_in_over_pop3_with_the_printed_password(root, pop3):
+    result = classroom(root, "setup", "--students", "3")
+    assert result.exit_code == 0, result.output
+    rows = sheet_rows(result.stdout)
+    assert [row[0] for row in rows] == ["student01", "student02", "student03"]
+    for user, password, address, smtp, pop3_server in rows:
+        assert address == f"{user}@localhost"
+        assert (smtp, pop3_server) == ("127.0.0.1:2525", "127.0.0.1:1100")  # the defaults
+        assert (root / user / "new").is_dir()
+        client = pop3()
+        client.user(user)
+        assert client.pass_(password).startswith(b"+OK")
+        client.quit()
+    assert len({row[1] for row in rows}) == 3, "every student gets their own password"
+
+
+def test_sheet_shows_the_configured_domain_host_and_ports(root, tmp_path):
+    config = tmp_path / "class.toml"
+    config.write_text('host = "192.0.2.10"\ndomains = ["school.example", "other.example"]\n'
+                      "[smtp]\nport = 2626\n[pop3]\nport = 1110\n")
+    result = classroom(root, "setup", "--students", "1", "--config", str(config))
+    assert sheet_rows(result.stdout)[0][2:] == ["student01@school.example", "192.0.2.10:2626",
+                                                "192.0.2.10:1110"]
+
+
+def test_csv_holds_the_same_rows_and_only_its_owner_may_read_it(root, tmp_path):
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("old\n")
+    sheet.chmod(0o644)  # an existing file is narrowed too
+    result = classroom(root, "setup", "--students", "2", "--csv", str(sheet))
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(sheet.stat().st_mode) == 0o600
+    with open(sheet, newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == SHEET_HEADERS
+    assert rows[1:] == sheet_rows(result.stdout)
+
+
+def test_shared_password_from_stdin(root, pop3):
+    result = classroom(root, "setup", "--students", "2", "--password-stdin", input="lesson one\n")
+    assert result.exit_code == 0, result.output
+    for user in ("student01", "student02"):
+        client = pop3()
+        client.user(user)
+        assert client.pass_("lesson one").startswith(b"+OK")
+        client.quit()
+
+
+def test_existing_accounts_are_skipped_with_their_password_unchanged(root, add_user, users):
+    add_user("student02")
+    result = classroom(root, "setup", "--students", "3")
+    assert result.exit_code == 0, result.output
+    assert [row[0] for row in sheet_rows(result.stdout)] == ["student01", "student03"]
+    assert "note: student02 already exists: skipped, password unchanged\n" in result.stderr
+    assert users.check_password("student02", PASSWORD)
+
+
+def test_prefix_and_zero_padding_follow_the_class_size(root, users):
+    result = classroom(root, "setup", "--students", "3", "--prefix", "Lab")
+    assert result.exit_code == 0, result.output
+    assert users.names() == ["lab01", "lab02", "lab03"]
+    assert student_names("s", 9)[-1] == "s09"
+    assert student_names("s", 120)[:1] + student_names("s", 120)[-1:] == ["s001", "s120"]
+
+
+def test_a_prefix_that_makes_bad_names_is_a_one_line_error(root):
+    result = classroom(root, "setup", "--students", "2", "--prefix", "../x")
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: prefix '../x'")
+
+
+def test_passwords_are_three_groups_from_the_unambiguous_alphabet():
+    password = generate_password()
+    groups = password.split("-")
+    assert [len(group) for group in groups] == [4, 4, 4]
+    assert set("".join(groups)) <= set(PASSWORD_ALPHABET)
+    assert not set("0o1li") & set(PASSWORD_ALPHABET)
+
+
+def test_reset_empties_student_mailboxes_only(root, add_user, store):
+    for name in ("student01", "student02", "teacher"):
+        add_user(name)
+    store.deliver("student01", b"Subject: a\n\nx\n")
+    store.deliver("student01", b"Subject: b\n\nx\n")
+    store.deliver("student02", b"Subject: c\n\nx\n")
+    store.deliver("teacher", b"Subject: d\n\nx\n")
+    result = classroom(root, "reset")
+    assert result.exit_code == 0, result.output
+    assert result.output == "removed 3 messages from 2 mailboxes\n"
+    assert store.messages("student01") == store.messages("student02") == []
+    assert len(store.messages("teacher")) == 1
+
+
+def test_reset_leaves_a_mailbox_alone_while_its_student_is_logged_in(root, add_user, store, pop3):
+    add_user("student01")
+    add_user("student02")
+    store.deliver("student01", b"Subject: a\n\nx\n")
+    store.deliver("student02", b"Subject: b\n\nx\n")
+    client = pop3()
+    client.user("student01")
+    client.pass_(PASSWORD)  # holds the maildrop lock (RFC 1939 §8)
+    result = classroom(root, "reset")
+    assert result.exit_code == 0, result.output
+    assert "note: student01 is logged in over POP3: mailbox left as it is\n" in result.stderr
+    assert result.stdout == "removed 1 message from 1 mailbox\n"
+    assert len(store.messages("student01")) == 1
+    assert client.stat() == (1, 17)  # the session's snapshot is intact
+    client.quit()
+
+
+@pytest.mark.parametrize("name, prefix, expected", [
+    ("student01", "student", True),
+    ("student123", "student", True),
+    ("student", "student", False),
+    ("student01x", "student", False),
+    ("studentteacher", "student", False),
+    ("lab01", "Lab", True),
+])
+def test_which_users_count_as_students(name, prefix, expected):
+    assert is_student(name, prefix) is expected
+
+
+def test_students_must_be_at_least_one(root):
+    assert classroom(root, "setup", "--students", "0").exit_code == 2
