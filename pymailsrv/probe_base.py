@@ -80,9 +80,7 @@ def _shown(got: object) -> str:
         return repr(got)[1:]
     if isinstance(got, SmtpReply):
         return repr(got.text)
-    if isinstance(got, str):
-        return repr(got)
-    return str(got)
+    return str(got)  # a description; callers pass a server's line as repr(line)
 
 
 # --- the line client -----------------------------------------------------------
@@ -120,6 +118,8 @@ class LineClient:
         self.address = address
         self.transcript = transcript
         self.sock = socket.create_connection(address, timeout=timeout)
+        # Each command is one write and waits for its reply: never hold it back (Nagle).
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()
         self.greeting: object = None  # set by Probe.connect: a str (POP3) or SmtpReply
         self.last_line = b""  # the last status line read, exactly as sent
@@ -388,7 +388,7 @@ class Probe:
         for _ in range(LOCK_RETRIES):
             client = self.pop3_connect(quiet)
             reply = client.pop3(f"USER {self.target.user}")
-            fail_unless(reply.startswith("+OK"), "+OK to USER", reply)
+            fail_unless(reply.startswith("+OK"), "+OK to USER", repr(reply))
             reply = client.pop3(f"PASS {self.target.password}", shown="PASS ****")
             if reply.startswith("+OK"):
                 return client
@@ -473,7 +473,7 @@ class Probe:
         try:
             # LIST, not STAT: after a DELE the live numbers are not 1..count.
             status, listing = client.pop3_multi("LIST")
-            fail_unless(listing is not None, "+OK to LIST", status)
+            fail_unless(listing is not None, "+OK to LIST", repr(status))
             live = sorted(int(line.split()[0]) for line in unstuffed(listing)
                           if line.split()[:1] and line.split()[0].isdigit())
             found: dict[str, int] = {}

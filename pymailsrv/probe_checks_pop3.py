@@ -49,12 +49,12 @@ THREE_LINE_BODY = (b"body line 1", b"body line 2", b"body line 3")
 
 
 def ok(reply: str, command: str) -> str:
-    fail_unless(reply.startswith("+OK"), f"+OK to {command}", reply)
+    fail_unless(reply.startswith("+OK"), f"+OK to {command}", repr(reply))
     return reply
 
 
 def err(reply: str, command: str) -> str:
-    fail_unless(reply.startswith("-ERR"), f"-ERR to {command}", reply)
+    fail_unless(reply.startswith("-ERR"), f"-ERR to {command}", repr(reply))
     return reply
 
 
@@ -62,14 +62,14 @@ def stat(client: LineClient) -> tuple[int, int]:
     """STAT's drop listing: (count, size), RFC 1939 §5."""
     reply = client.pop3("STAT")
     match = re.match(r"\+OK (\d+) (\d+)(?: |$)", reply)
-    fail_unless(match is not None, "'+OK count size' to STAT", reply)
+    fail_unless(match is not None, "'+OK count size' to STAT", repr(reply))
     return int(match.group(1)), int(match.group(2))
 
 
 def multi(client: LineClient, command: str) -> list[bytes]:
     """The raw body of a multi-line reply, failing on -ERR."""
     status, lines = client.pop3_multi(command)
-    fail_unless(lines is not None, f"+OK and a multi-line reply to {command}", status)
+    fail_unless(lines is not None, f"+OK and a multi-line reply to {command}", repr(status))
     return lines
 
 
@@ -197,7 +197,7 @@ def list_one(p: Probe) -> None:
     size = listing(client, "LIST")[msg_number]
     reply = client.pop3(f"LIST {msg_number}")
     fail_unless(reply.split()[:3] == ["+OK", str(msg_number), size],
-                f"'+OK {msg_number} {size}', as the multi-line LIST said", reply)
+                f"'+OK {msg_number} {size}', as the multi-line LIST said", repr(reply))
 
 
 def list_no_such_message_err(p: Probe) -> None:
@@ -389,7 +389,7 @@ def message_numbers_stable(p: Probe) -> None:
     ok(client.pop3(f"DELE {first_number}"), "DELE")
     reply = ok(client.pop3(f"LIST {second_number}"), f"LIST {second_number}")
     fail_unless(reply.split()[1:3] == [str(second_number), size],
-                f"'+OK {second_number} {size}': numbers do not move after DELE", reply)
+                f"'+OK {second_number} {size}': numbers do not move after DELE", repr(reply))
     found = p.find(client, [second.token])
     fail_unless(found.get(second.token) == second_number, f"message {second_number} to be the same one",
                 found)
@@ -419,7 +419,7 @@ def _uid(p: Probe, client: LineClient, message) -> str:
     if reply.startswith("-ERR"):
         raise Skipped(f"UIDL is not supported (optional, RFC 1939 §7): {reply!r}")
     match = re.match(rf"\+OK {msg_number} ([\x21-\x7e]{{1,70}})(?: |$)", reply)
-    fail_unless(match is not None, f"'+OK {msg_number} uid'", reply)
+    fail_unless(match is not None, f"'+OK {msg_number} uid'", repr(reply))
     return match.group(1)
 
 

@@ -95,7 +95,7 @@ def stored_body(p: Probe, message) -> list[bytes]:
     client = p.login()
     (msg_number,) = p.numbers(client, message)
     status, raw = client.pop3_multi(f"RETR {msg_number}")
-    fail_unless(raw is not None, "+OK to RETR", status)
+    fail_unless(raw is not None, "+OK to RETR", repr(status))
     return unstuffed(raw)
 
 

@@ -1,0 +1,396 @@
+"""The prober against small servers that each break one rule: exactly the right checks FAIL.
+
+A prober is only as good as the bugs it notices. Each fake here is a tiny
+``socketserver`` POP3 or SMTP server, correct enough to pass the catalogue,
+with one switch that breaks one rule of the RFCs:
+
+* POP3 ``lf_sizes``: LIST and STAT count LF line ends, not the CRLF that
+  RETR sends (RFC 1939 §11);
+* POP3 ``no_stuffing``: lines starting with '.' are sent as they are
+  (RFC 1939 §3);
+* POP3 ``delete_at_dele``: DELE removes the file at once, so RSET or a
+  dropped connection cannot save it (RFC 1939 §6; Twisted's old design);
+* SMTP ``bare_lf_ends_data``: ``<LF>.<LF>`` and friends end the text
+  (RFC 5321 §4.1.1.4; the SMTP smuggling of CVE-2023-51764).
+
+With every switch off the fake passes, which shows that the FAILs below
+come from the one rule broken. The fake POP3 serves the Maildir that
+pymailsrv's own SMTP delivers into; the fake SMTP delivers into it, and the
+probe reads the mail back through pymailsrv's POP3.
+
+Every fake listens on 127.0.0.1 port 0, reads with a 5-second timeout, and
+is shut down by its fixture, pass or fail.
+"""
+
+from __future__ import annotations
+
+import re
+import socketserver
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.probe import FAIL, PASS, SKIP, run_probe, text_report
+from pymailsrv.probe_base import Target
+from tests.conftest import PASSWORD
+
+SOCKET_TIMEOUT = 5.0
+MAX_COMMANDS = 1000  # per connection: a runaway client cannot keep a fake busy
+MAX_TEXT_LINES = 10_000
+POP3_LINE_MAX = 255  # RFC 2449 §4
+SMTP_LINE_MAX = 512  # RFC 5321 §4.5.3.1.4
+
+
+class FakeServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    block_on_close = False
+
+
+class LineHandler(socketserver.StreamRequestHandler):
+    timeout = SOCKET_TIMEOUT
+    # Replies go out a line at a time; without this, Nagle's algorithm and
+    # the client's delayed ACK hold each small write back for ~40 ms.
+    disable_nagle_algorithm = True
+
+    def send(self, *lines: bytes | str) -> None:
+        for line in lines:
+            self.wfile.write((line.encode() if isinstance(line, str) else line) + b"\r\n")
+
+    def commands(self) -> Iterator[tuple[bytes, str, str]]:
+        """(raw line, VERB, argument) for each command, until the client goes."""
+        for _ in range(MAX_COMMANDS):
+            try:
+                line = self.rfile.readline(4096)
+            except OSError:
+                return
+            if not line:
+                return
+            verb, _, argument = line.rstrip(b"\r\n").decode("utf-8", "replace").partition(" ")
+            yield line, verb.upper(), argument
+
+
+# --- a fake POP3 server ----------------------------------------------------------------------
+
+
+@dataclass
+class FakeMessage:
+    path: Path
+    lines: list[bytes]  # without line ends, as read at login
+    uid: str
+
+
+class FakePop3(LineHandler):
+    """RFC 1939 for one user, alice, on her Maildir; ``self.server.broken`` names the bug."""
+
+    def handle(self) -> None:
+        server = self.server
+        self.messages: list[FakeMessage] | None = None  # None: AUTHORIZATION
+        self.deleted: set[int] = set()
+        user = None
+        self.send("+OK fake POP3 ready")
+        try:
+            for line, verb, argument in self.commands():
+                if len(line) > POP3_LINE_MAX:
+                    self.send("-ERR line too long")
+                elif verb == "CAPA":
+                    self.send("+OK", "USER", "TOP", "UIDL", ".")
+                elif verb == "QUIT":
+                    self.quit()
+                    return
+                elif self.messages is None:
+                    if verb == "USER" and argument:
+                        user = argument
+                        self.send("+OK")
+                    elif verb == "PASS" and user == "alice" and argument == PASSWORD:
+                        if not server.lock.acquire(blocking=False):
+                            self.send("-ERR [IN-USE] maildrop locked")
+                            continue
+                        self.messages = server.snapshot()
+                        self.send("+OK logged in")
+                    else:
+                        self.send("-ERR")
+                else:
+                    self.transaction(verb, argument)
+        finally:
+            if self.messages is not None:
+                server.lock.release()
+
+    def quit(self) -> None:
+        if self.messages is not None:  # UPDATE
+            for index in self.deleted:
+                self.messages[index].path.unlink(missing_ok=True)
+        self.send("+OK bye")
+
+    def size(self, message: FakeMessage) -> int:
+        line_end = 1 if self.server.broken == "lf_sizes" else 2
+        return sum(len(line) + line_end for line in message.lines)
+
+    def number(self, word: str) -> int | None:
+        """The index of message ``word``, or None after sending -ERR."""
+        if not word.isdigit() or not 1 <= int(word) <= len(self.messages) or int(word) - 1 in self.deleted:
+            self.send("-ERR no such message")
+            return None
+        return int(word) - 1
+
+    def body(self, lines: list[bytes]) -> None:
+        for line in lines:
+            stuff = line.startswith(b".") and self.server.broken != "no_stuffing"
+            self.send(b"." + line if stuff else line)
+        self.send(".")
+
+    def transaction(self, verb: str, argument: str) -> None:
+        words = argument.split()
+        live = [(index, message) for index, message in enumerate(self.messages) if index not in self.deleted]
+        if verb == "STAT":
+            self.send(f"+OK {len(live)} {sum(self.size(message) for _, message in live)}")
+        elif verb in ("LIST", "UIDL") and not words:
+            self.send("+OK")
+            for index, message in live:
+                self.send(f"{index + 1} {self.size(message) if verb == 'LIST' else message.uid}")
+            self.send(".")
+        elif verb in ("LIST", "UIDL", "RETR", "DELE", "TOP") and words:
+            index = self.number(words[0])
+            if index is None:
+                return
+            message = self.messages[index]
+            if verb == "LIST":
+                self.send(f"+OK {index + 1} {self.size(message)}")
+            elif verb == "UIDL":
+                self.send(f"+OK {index + 1} {message.uid}")
+            elif verb == "RETR":
+                self.send(f"+OK {self.size(message)} octets")
+                self.body(message.lines)
+            elif verb == "TOP" and len(words) == 2 and words[1].isdigit():
+                header_end = message.lines.index(b"") + 1
+                self.send("+OK")
+                self.body(message.lines[: header_end + int(words[1])])
+            elif verb == "DELE":
+                self.deleted.add(index)
+                if self.server.broken == "delete_at_dele":
+                    message.path.unlink(missing_ok=True)
+                self.send("+OK deleted")
+            else:
+                self.send("-ERR syntax")
+        elif verb == "NOOP" and not words:
+            self.send("+OK")
+        elif verb == "RSET":
+            self.deleted.clear()
+            self.send("+OK")
+        else:
+            self.send("-ERR")
+
+
+class FakePop3Server(FakeServer):
+    def __init__(self, maildir: Path, broken: str | None) -> None:
+        self.maildir = maildir
+        self.broken = broken
+        self.lock = threading.Lock()  # RFC 1939 §4: one session per maildrop
+        super().__init__(("127.0.0.1", 0), FakePop3)
+
+    def snapshot(self) -> list[FakeMessage]:
+        paths = sorted((path for subdir in ("new", "cur") for path in (self.maildir / subdir).iterdir()),
+                       key=lambda path: path.name)
+        return [FakeMessage(path, path.read_bytes().split(b"\n")[:-1], path.name.split(":")[0])
+                for path in paths]
+
+
+# --- a fake SMTP server ------------------------------------------------------------------------
+
+
+class FakeSmtp(LineHandler):
+    """RFC 5321 for alice@localhost; ``self.server.broken`` names the bug."""
+
+    def handle(self) -> None:
+        greeted, sender, recipients = False, None, []
+        self.send("220 fake ESMTP")
+        for line, verb, argument in self.commands():
+            if len(line) > SMTP_LINE_MAX:
+                self.send("500 line too long")
+            elif verb in ("EHLO", "HELO"):
+                if not argument:
+                    self.send("501 syntax: EHLO domain")
+                    continue
+                greeted, sender, recipients = True, None, []
+                self.send("250-fake greets you", "250 PIPELINING") if verb == "EHLO" else self.send("250 fake")
+            elif verb == "MAIL":
+                match = re.fullmatch(r"FROM:<([^>]*)>( .*)?", argument, re.IGNORECASE)
+                if not greeted or sender is not None:
+                    self.send("503 bad sequence")
+                elif match is None:
+                    self.send("501 syntax: MAIL FROM:<address>")
+                elif match.group(2):
+                    self.send("555 no parameters are supported")
+                else:
+                    sender = match.group(1)
+                    self.send("250 sender OK")
+            elif verb == "RCPT":
+                match = re.fullmatch(r"TO:<([^>]*)>", argument, re.IGNORECASE)
+                address = match.group(1).lower() if match else ""
+                if sender is None:
+                    self.send("503 bad sequence")
+                elif match is None:
+                    self.send("501 syntax: RCPT TO:<address>")
+                elif address in ("postmaster", "postmaster@localhost", "alice@localhost"):
+                    recipients.append(address)
+                    self.send("250 recipient OK")
+                else:
+                    self.send("554 relay access denied" if not address.endswith("@localhost") else "550 no")
+            elif verb == "DATA":
+                if sender is None or not recipients:
+                    self.send("503 bad sequence")
+                    continue
+                self.send("354 go ahead")
+                self.server.store.deliver("alice", self.text())
+                sender, recipients = None, []
+                self.send("250 delivered")
+            elif verb == "RSET":
+                sender, recipients = None, []
+                self.send("250 OK")
+            elif verb == "NOOP":
+                self.send("250 OK")
+            elif verb == "VRFY":
+                self.send("252 cannot VRFY")
+            elif verb == "EXPN":
+                self.send("502 EXPN not implemented")
+            elif verb == "HELP":
+                self.send("214 see RFC 5321")
+            elif verb == "QUIT":
+                self.send("221 bye")
+                return
+            else:
+                self.send("500 command not recognized")
+
+    def text(self) -> bytes:
+        """The text after DATA, un-stuffed, with LF line ends."""
+        stored, after_crlf = [], True
+        for _ in range(MAX_TEXT_LINES):
+            line = self.rfile.readline(4096)
+            if not line:
+                break
+            if self.server.broken == "bare_lf_ends_data":
+                if line.rstrip(b"\r\n") == b".":
+                    break
+            elif line == b".\r\n" and after_crlf:
+                break
+            after_crlf = line.endswith(b"\r\n")
+            content = line.rstrip(b"\r\n")
+            stored.append(content[1:] if content.startswith(b"..") else content)
+        return b"".join(line + b"\n" for line in stored)
+
+
+class FakeSmtpServer(FakeServer):
+    def __init__(self, store: MaildirStore, broken: str | None) -> None:
+        self.store = store
+        self.broken = broken
+        super().__init__(("127.0.0.1", 0), FakeSmtp)
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pymailsrv(start_server, add_user):
+    add_user("alice")
+    return start_server()
+
+
+@pytest.fixture
+def fake():
+    """fake(server_class, *arguments) -> a started fake server; all are stopped at teardown."""
+    started = []
+
+    def start(server_class, *arguments):
+        server = server_class(*arguments)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return server
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=SOCKET_TIMEOUT)
+
+
+def statuses(results) -> dict[str, set[str]]:
+    grouped = {PASS: set(), FAIL: set(), SKIP: set()}
+    for result in results:
+        grouped[result.status].add(result.id)
+    return grouped
+
+
+# --- POP3 ------------------------------------------------------------------------------------------
+
+POP3_BROKEN = {
+    None: set(),
+    "lf_sizes": {"pop3.retr-size-matches-list"},
+    "no_stuffing": {"pop3.retr-byte-stuffing"},
+    "delete_at_dele": {"pop3.dele-deferred-until-quit", "pop3.disconnect-without-quit-keeps-mail"},
+}
+# The fake offers no APOP timestamp; the timeout check needs --slow.
+POP3_SKIPPED = {"pop3.apop-login", "pop3.apop-bad-digest-err", "pop3.apop-timestamp-unique",
+                "pop3.autologout-at-least-10-minutes"}
+
+
+@pytest.mark.parametrize("broken", POP3_BROKEN, ids=lambda broken: broken or "correct")
+def test_a_pop3_server_breaking_one_rule_fails_exactly_its_checks(pymailsrv, fake, store, broken):
+    server = fake(FakePop3Server, store.maildir("alice"), broken)
+    target = Target("pop3", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=server.server_address[:2], smtp=pymailsrv.addresses["smtp"], rcpt="alice@localhost",
+                    timeout=SOCKET_TIMEOUT)
+    results = run_probe(target)
+    outcome = statuses(results)
+    assert outcome[FAIL] == POP3_BROKEN[broken], text_report(results)
+    assert outcome[SKIP] == POP3_SKIPPED, text_report(results)
+    assert store.messages("alice") == []  # the probe cleaned up, even after its FAILs
+
+
+def test_the_failure_says_what_came_back(pymailsrv, fake, store):
+    server = fake(FakePop3Server, store.maildir("alice"), "lf_sizes")
+    target = Target("pop3", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=server.server_address[:2], smtp=pymailsrv.addresses["smtp"], rcpt="alice@localhost",
+                    timeout=SOCKET_TIMEOUT)
+    (result,) = run_probe(target, only=["pop3.retr-size-matches-list"])
+    assert result.status == FAIL
+    assert re.search(r"expected LIST's (\d+) octets .*, got (\d+) octets", result.detail)
+    assert result.sent[-2:] == ["LIST", "RETR 1"]
+
+
+# --- SMTP ------------------------------------------------------------------------------------------
+
+SMTP_BROKEN = {
+    None: set(),
+    "bare_lf_ends_data": {"smtp.smuggling-lf-dot-lf", "smtp.smuggling-lf-dot-crlf", "smtp.smuggling-crlf-dot-lf"},
+}
+# The fake advertises PIPELINING only; the timeout check needs --slow.
+SMTP_SKIPPED = {"smtp.size-refused-at-mail", "smtp.size-within-limit-accepted", "smtp.8bitmime-accepted",
+                "smtp.8bitmime-round-trip", "smtp.smtputf8-accepted", "smtp.enhanced-status-codes",
+                "smtp.idle-5-minutes-allowed"}
+
+
+@pytest.mark.parametrize("broken", SMTP_BROKEN, ids=lambda broken: broken or "correct")
+def test_an_smtp_server_breaking_one_rule_fails_exactly_its_checks(pymailsrv, fake, store, broken):
+    server = fake(FakeSmtpServer, store, broken)
+    target = Target("smtp", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=pymailsrv.addresses["pop3"], smtp=server.server_address[:2], rcpt="alice@localhost",
+                    timeout=SOCKET_TIMEOUT)
+    results = run_probe(target)
+    outcome = statuses(results)
+    assert outcome[FAIL] == SMTP_BROKEN[broken], text_report(results)
+    assert outcome[SKIP] == SMTP_SKIPPED, text_report(results)
+    assert store.messages("alice") == []
+
+
+def test_a_smuggled_command_shows_in_what_came_back(pymailsrv, fake, store):
+    server = fake(FakeSmtpServer, store, "bare_lf_ends_data")
+    target = Target("smtp", server.server_address[:2], smtp=server.server_address[:2], rcpt="alice@localhost",
+                    timeout=SOCKET_TIMEOUT)
+    (result,) = run_probe(target, only=["smtp.smuggling-lf-dot-lf"])
+    assert result.status == FAIL
+    assert "got 250 500 500 221" in result.detail
