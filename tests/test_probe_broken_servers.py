@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 import socketserver
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ import pytest
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.probe import FAIL, PASS, SKIP, run_probe, text_report
 from pymailsrv.probe_base import Target
+from pymailsrv.tls import generate_self_signed, server_context
 from tests.conftest import PASSWORD
 
 SOCKET_TIMEOUT = 5.0
@@ -98,7 +100,12 @@ class FakePop3(LineHandler):
                 if len(line) > POP3_LINE_MAX:
                     self.send("-ERR line too long")
                 elif verb == "CAPA":
-                    self.send("+OK", "USER", "TOP", "UIDL", ".")
+                    self.send("+OK", "USER", "TOP", "UIDL", *(["STLS"] if server.tls else []), ".")
+                elif verb == "STLS" and server.tls and self.messages is None:
+                    self.send("+OK begin TLS")  # RFC 2595 §4
+                    self.connection = server.tls.wrap_socket(self.connection, server_side=True)
+                    self.rfile = self.connection.makefile("rb")
+                    self.wfile = self.connection.makefile("wb", buffering=0)
                 elif verb == "QUIT":
                     self.quit()
                     return
@@ -186,11 +193,21 @@ class FakePop3(LineHandler):
 
 
 class FakePop3Server(FakeServer):
-    def __init__(self, maildir: Path, broken: str | None) -> None:
+    def __init__(self, maildir: Path, broken: str | None, tls: ssl.SSLContext | None = None,
+                 implicit_tls: bool = False) -> None:
         self.maildir = maildir
         self.broken = broken
+        self.tls = tls  # offers STLS when set
+        self.implicit_tls = implicit_tls  # RFC 8314: the handshake before the greeting
         self.lock = threading.Lock()  # RFC 1939 §4: one session per maildrop
         super().__init__(("127.0.0.1", 0), FakePop3)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.implicit_tls:
+            sock.settimeout(SOCKET_TIMEOUT)
+            sock = self.tls.wrap_socket(sock, server_side=True)
+        return sock, address
 
     def snapshot(self) -> list[FakeMessage]:
         paths = sorted((path for subdir in ("new", "cur") for path in (self.maildir / subdir).iterdir()),
@@ -394,3 +411,24 @@ def test_a_smuggled_command_shows_in_what_came_back(pymailsrv, fake, store):
     (result,) = run_probe(target, only=["smtp.smuggling-lf-dot-lf"])
     assert result.status == FAIL
     assert "got 250 500 500 221" in result.detail
+
+
+# --- TLS ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_context(tmp_path) -> ssl.SSLContext:
+    generate_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "localhost")
+    return server_context(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+@pytest.mark.parametrize("mode", ["tls", "starttls"])
+def test_the_probe_speaks_implicit_tls_and_stls(pymailsrv, fake, store, tls_context, mode):
+    server = fake(FakePop3Server, store.maildir("alice"), None, tls_context, mode == "tls")
+    target = Target("pop3", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=server.server_address[:2], smtp=pymailsrv.addresses["smtp"], rcpt="alice@localhost",
+                    tls=mode, timeout=SOCKET_TIMEOUT)
+    results = run_probe(target, only=["pop3.greeting-ok", "pop3.user-pass-login", "pop3.retr-byte-stuffing"])
+    assert [result.status for result in results] == [PASS, PASS, PASS], text_report(results)
+    if mode == "starttls":
+        assert results[1].sent[:2] == ["STLS", "USER alice"]
