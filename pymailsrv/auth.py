@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import threading
+import time
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
@@ -97,3 +100,38 @@ class SaslExchange:
         except StopIteration as finished:
             return finished.value
         return self.challenge()
+
+
+class FailureThrottle:
+    """Failed logins per client address, over a sliding window (Postfix's anvil idea).
+
+    Shared by every session of a server. Once an address has failed
+    ``limit`` times within ``window`` seconds, ``blocked`` says so and the
+    sessions refuse its attempts without checking them, so a password
+    cannot be guessed at line rate from many connections. Other addresses
+    are never slowed by it.
+    """
+
+    def __init__(self, limit: int, window: float) -> None:
+        self._limit = limit
+        self._window = window
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> deque[float]:
+        failures = self._failures.setdefault(address, deque())
+        while failures and failures[0] <= now - self._window:
+            failures.popleft()
+        return failures
+
+    def blocked(self, address: str) -> bool:
+        with self._lock:
+            blocked = len(self._recent(address, time.monotonic())) >= self._limit
+            if not self._failures[address]:
+                del self._failures[address]  # keep the table as small as the attackers
+            return blocked
+
+    def failed(self, address: str) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._recent(address, now).append(now)

@@ -82,6 +82,8 @@ class Pop3Settings:
     failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, _not_negative)
     command_line_max: int = _checked(limits.POP3_COMMAND_LINE_MAX, _positive)
     autologout: float = _checked(float(limits.POP3_AUTOLOGOUT_SECONDS), _positive)
+    # RFC 8314 implicit TLS (POP3S, usually 995); None: no such listener.
+    pop3s_port: int | None = _checked(None, _port)
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,37 @@ class SmtpSettings:
     postmaster: str | None = None
     command_timeout: float = _checked(float(limits.SMTP_COMMAND_TIMEOUT_SECONDS), _positive)
     data_timeout: float = _checked(float(limits.SMTP_DATA_TIMEOUT_SECONDS), _positive)
+    # RFC 8314 implicit TLS (SMTPS, usually 465) and RFC 6409 submission
+    # (usually 587, AUTH required before MAIL); None: no such listener.
+    smtps_port: int | None = _checked(None, _port)
+    submission_port: int | None = _checked(None, _port)
 
 
 @dataclass(frozen=True)
 class RelaySettings:
     # Client networks allowed to relay without authenticating; empty: nobody.
     trusted_networks: tuple[str, ...] = _checked((), _networks)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    # PEM files; with neither, 'start' uses ROOT/.pymailsrv/tls/ if
+    # 'pymailsrv cert generate' made a pair there, and offers no TLS if not.
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    # Clients that may send a password over an unencrypted connection (as
+    # Dovecot allows localhost); others must use TLS first.
+    local_networks: tuple[str, ...] = _checked(("127.0.0.0/8", "::1/128"), _networks)
+    # Failed logins one connection may make before it is closed ...
+    max_failures_per_connection: int = _checked(limits.AUTH_MAX_FAILURES_PER_CONNECTION, _positive)
+    # ... and one client address within failure_window seconds before its
+    # further attempts are refused unchecked (other addresses are not slowed).
+    max_failures_per_address: int = _checked(limits.AUTH_MAX_FAILURES_PER_ADDRESS, _positive)
+    failure_window: float = _checked(float(limits.AUTH_FAILURE_WINDOW_SECONDS), _positive)
 
 
 @dataclass(frozen=True)
@@ -117,9 +144,14 @@ class Settings:
     # ... and a saved transcript of every session, the newest N kept.
     transcripts: bool = False
     transcripts_keep: int = _checked(1000, _positive)
+    # Let passwords cross unencrypted connections from anywhere (a lab on
+    # its own network); off, only auth.local_networks may (RFC 8314 §3).
+    allow_plaintext_auth: bool = False
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def state_dir(self) -> Path:

@@ -30,6 +30,20 @@ POP3_MAX_BAD_COMMANDS_AFTER_LOGIN = 20
 # string, consisting of one to 70 characters in the range 0x21 to 0x7E".
 POP3_UIDL_MAX = 70
 
+# --- Authentication (both protocols) ----------------------------------------
+
+# Dovecot closes a login connection after 3 failed attempts; we do the same
+# for SMTP AUTH, so one connection cannot try passwords at line rate.
+AUTH_MAX_FAILURES_PER_CONNECTION = 3
+# Across connections, one client address may fail this often in the window
+# before its attempts are refused without checking (Postfix's anvil idea).
+AUTH_MAX_FAILURES_PER_ADDRESS = 10
+AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
+
+# RFC 4954 §4: a SASL response line may be up to 12288 octets (RFC 5034 §4
+# lifts POP3's 255-octet limit for AUTH the same way).
+SASL_LINE_MAX = 12288
+
 # --- SMTP -----------------------------------------------------------------
 
 # RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including

@@ -18,16 +18,21 @@ and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
 from __future__ import annotations
 
 import logging
+import socket
 import socketserver
 import ssl
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from pymailsrv.config import Settings
+from pymailsrv.auth import FailureThrottle
+from pymailsrv.config import ConfigError, Settings
+from pymailsrv.limits import AUTH_FAILURE_WINDOW_SECONDS, AUTH_MAX_FAILURES_PER_ADDRESS
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession
+from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
 from pymailsrv.users import UserStore
@@ -48,11 +53,17 @@ class ServerContext:
     store: MaildirStore
     tracer: Tracer
     tls: ssl.SSLContext | None = None  # None: no certificate, no STARTTLS/STLS
+    # Failed logins per client address, shared by every session.
+    throttle: FailureThrottle = field(default_factory=lambda: FailureThrottle(
+        AUTH_MAX_FAILURES_PER_ADDRESS, AUTH_FAILURE_WINDOW_SECONDS))
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # socketserver's default backlog of 5 drops connections when 50 clients
+    # arrive at once (seen in scripts/bench.py); the kernel caps it anyway.
+    request_queue_size = socket.SOMAXCONN
     # stop() shuts the connections down itself; no need to join their threads.
     block_on_close = False
 
@@ -85,6 +96,27 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         log.exception("%s connection from %s failed", self.name, client_address[0])
 
 
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context: the configured pair, else the generated one, else None."""
+    cert, key = settings.tls.cert, settings.tls.key
+    if (cert is None) != (key is None):
+        raise ConfigError("tls.cert and tls.key must be given together")
+    if cert is None:
+        cert, key = default_certificate_paths(settings)
+        if not (cert.is_file() and key.is_file()):
+            return None
+    try:
+        return server_context(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load the TLS certificate {str(cert)!r}: {error}") from None
+
+
+def default_certificate_paths(settings: Settings) -> tuple[Path, Path]:
+    """Where 'pymailsrv cert generate' writes, and 'start' looks when none is configured."""
+    directory = settings.state_dir / "tls"
+    return directory / "cert.pem", directory / "key.pem"
+
+
 def trace_options(settings: Settings) -> TraceOptions:
     """How to trace, from the settings; asking for bodies, JSON or notes turns the trace on."""
     live = settings.trace or settings.trace_bodies or settings.annotate or settings.trace_format == "json"
@@ -108,14 +140,25 @@ class MailServer:
             users=UserStore(settings.state_dir),
             store=MaildirStore(settings.root),
             tracer=tracer or Tracer(trace_options(settings)),
+            throttle=FailureThrottle(settings.auth.max_failures_per_address, settings.auth.failure_window),
+            tls=tls_context(settings),
         )
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
 
-    def _protocols(self) -> list[tuple[str, int, type[Session]]]:
-        """(listener name, port, session class) for every protocol this server speaks."""
-        return [("pop3", self.settings.pop3.port, Pop3Session),
-                ("smtp", self.settings.smtp.port, SmtpSession)]
+    def _protocols(self) -> list[tuple[str, int, type[Session], bool]]:
+        """(listener name, port, session class, implicit TLS) for every listener asked for."""
+        pop3, smtp = self.settings.pop3, self.settings.smtp
+        wanted = [("pop3", pop3.port, Pop3Session, False),
+                  ("smtp", smtp.port, SmtpSession, False),
+                  ("pop3s", pop3.pop3s_port, Pop3Session, True),
+                  ("smtps", smtp.smtps_port, SmtpSession, True)]
+        chosen = [listener for listener in wanted if listener[1] is not None]
+        for name, _, _, implicit_tls in chosen:
+            if implicit_tls and self.context.tls is None:
+                raise ConfigError(f"the {name} port needs a TLS certificate: give --tls-cert and "
+                                  f"--tls-key, or run 'pymailsrv cert generate'")
+        return chosen
 
     def start(self) -> "MailServer":
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -124,10 +167,10 @@ class MailServer:
             log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
         self._check_postmaster()
         try:
-            for name, port, session_class in self._protocols():
+            for name, port, session_class, implicit_tls in self._protocols():
                 address = (self.settings.host, port)
-                self.listeners.append(Listener(name, address, session_class, self.context))
-        except OSError:
+                self.listeners.append(Listener(name, address, session_class, self.context, implicit_tls))
+        except (OSError, ConfigError):
             self.stop()
             raise
         for listener in self.listeners:
