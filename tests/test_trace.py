@@ -1,0 +1,185 @@
+"""The teaching trace: live lines, masking, annotations, JSON, and saved transcripts."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import poplib
+import re
+import smtplib
+
+import pytest
+from click.testing import CliRunner
+
+from pymailsrv.cli import main
+from pymailsrv.server import MailServer, trace_options
+from pymailsrv.trace import Tracer, octets_summary
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+
+
+@pytest.fixture
+def traced(root):
+    """traced(**overrides) -> (server, stream): a server whose trace goes to a StringIO."""
+    servers = []
+
+    def start(**overrides):
+        settings = make_settings(root, **overrides)
+        stream = io.StringIO()
+        server = MailServer(settings, tracer=Tracer(trace_options(settings), stream)).start()
+        servers.append(server)
+        return server, stream
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _lines(stream: io.StringIO) -> list[str]:
+    """Trace lines without the clock and with session numbers made stable."""
+    return [re.sub(r"#\d+", "#N", line.split(" ", 1)[1]) for line in stream.getvalue().splitlines()]
+
+
+def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(traced, add_user, store):
+    add_user("alice")
+    store.deliver("alice", b"Subject: hi\n\nhello\n")
+    server, stream = traced(trace=True)
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.retr(1)
+    client.quit()
+    server.stop()
+    lines = _lines(stream)
+    assert lines[0].startswith("pop3 #N 127.0.0.1 AUTHORIZATION S: +OK pymailsrv POP3 server ready <")
+    assert lines[1:] == [
+        "pop3 #N 127.0.0.1 AUTHORIZATION C: USER alice",
+        "pop3 #N 127.0.0.1 AUTHORIZATION S: +OK send PASS",
+        "pop3 #N 127.0.0.1 AUTHORIZATION C: PASS ****",
+        "pop3 #N 127.0.0.1 -- AUTHORIZATION -> TRANSACTION",
+        "pop3 #N 127.0.0.1 TRANSACTION S: +OK alice's maildrop has 1 messages (22 octets)",
+        "pop3 #N 127.0.0.1 TRANSACTION C: RETR 1",
+        "pop3 #N 127.0.0.1 TRANSACTION S: +OK 22 octets",
+        "pop3 #N 127.0.0.1 TRANSACTION S: [4 lines, 25 octets]",
+        "pop3 #N 127.0.0.1 TRANSACTION C: QUIT",
+        "pop3 #N 127.0.0.1 -- TRANSACTION -> UPDATE",
+        "pop3 #N 127.0.0.1 UPDATE S: +OK pymailsrv POP3 server signing off (1 messages left)",
+    ]
+    assert PASSWORD not in stream.getvalue()
+
+
+def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
+    add_user("alice", apop=True)
+    server, stream = traced(trace=True)
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.apop("alice", PASSWORD)
+    client.quit()
+    server.stop()
+    timestamp = re.search(rb"<[^>]+>", client.welcome).group(0)
+    digest = hashlib.md5(timestamp + PASSWORD.encode()).hexdigest()
+    assert "pop3 #N 127.0.0.1 AUTHORIZATION C: APOP alice ****" in _lines(stream)
+    assert digest not in stream.getvalue()
+
+
+def test_smtp_data_is_summarised_and_state_changes_have_their_own_lines(traced, add_user):
+    add_user("alice")
+    server, stream = traced(trace=True)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.sendmail("bob@example.org", ["alice@localhost"], b"Subject: x\r\n\r\none\r\ntwo\r\n")
+    server.stop()
+    lines = _lines(stream)
+    start = lines.index("smtp #N 127.0.0.1 DATA S: 354 end data with <CR><LF>.<CR><LF>")
+    assert lines[start + 1:start + 4] == [
+        "smtp #N 127.0.0.1 DATA C: [4 lines, 24 octets]",
+        "smtp #N 127.0.0.1 DATA C: .",
+        "smtp #N 127.0.0.1 -- DATA -> GREETED",
+    ]
+    assert lines[start + 4].startswith("smtp #N 127.0.0.1 GREETED S: 250 2.0.0 OK ")
+
+
+def test_trace_bodies_shows_the_message_text_line_by_line(traced, add_user):
+    add_user("alice")
+    server, stream = traced(trace_bodies=True)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.sendmail("bob@example.org", ["alice@localhost"], b"Subject: x\r\n\r\n.dotted\r\n")
+    server.stop()
+    lines = _lines(stream)
+    start = lines.index("smtp #N 127.0.0.1 DATA S: 354 end data with <CR><LF>.<CR><LF>")
+    assert lines[start + 1:start + 5] == [
+        "smtp #N 127.0.0.1 DATA C: Subject: x",
+        "smtp #N 127.0.0.1 DATA C: ",
+        "smtp #N 127.0.0.1 DATA C: ..dotted",  # as on the wire: still byte-stuffed
+        "smtp #N 127.0.0.1 DATA C: .",
+    ]
+
+
+def test_annotate_says_what_each_line_means_and_where_the_rfc_says_so(traced, add_user):
+    add_user("alice")
+    server, stream = traced(annotate=True)
+    first = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    first.user("alice")
+    first.pass_(PASSWORD)
+    second = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    second.user("alice")
+    with pytest.raises(poplib.error_proto):
+        second.pass_(PASSWORD)
+    first.quit()
+    second.close()
+    server.stop()
+    lines = _lines(stream)
+    assert ("pop3 #N 127.0.0.1 AUTHORIZATION S: -ERR [IN-USE] maildrop is locked by another session"
+            "   ; maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.1") in lines
+    assert "pop3 #N 127.0.0.1 AUTHORIZATION C: USER alice   ; USER name, RFC 1939 §7" in lines
+
+
+def test_json_trace_gives_one_object_per_event(traced, add_user):
+    add_user("alice")
+    server, stream = traced(trace_format="json")
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.quit()
+    server.stop()
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(event["dir"], event["line"]) for event in events[1:]] == [
+        ("C", "USER alice"), ("S", "+OK send PASS"), ("C", "QUIT"),
+        ("S", "+OK pymailsrv POP3 server signing off")]
+    assert {event["protocol"] for event in events} == {"pop3"}
+    assert events[1]["ending"] == "CRLF" and events[1]["state"] == "AUTHORIZATION"
+
+
+def test_octets_are_grouped_by_thousands_as_the_issue_shows():
+    assert octets_summary(212, 14380) == "[212 lines, 14 380 octets]"
+
+
+def test_transcripts_list_and_show_replay_a_saved_session(traced, add_user, root):
+    add_user("alice")
+    server, _ = traced(transcripts=True)
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.quit()
+    server.stop()
+    runner = CliRunner()
+    listing = runner.invoke(main, ["transcripts", "list", "--root", str(root)])
+    assert listing.exit_code == 0, listing.output
+    row = listing.output.splitlines()[2].split()
+    transcript_id = row[0]
+    assert row[3:7] == ["pop3", "127.0.0.1", "alice", "3"]
+    assert " ".join(row[7:]) == "closed: +OK pymailsrv POP3 server signing off (maildrop empty)"
+    shown = runner.invoke(main, ["transcripts", "show", "--root", str(root), transcript_id])
+    assert shown.exit_code == 0, shown.output
+    assert shown.output.splitlines()[2:5] == ["AUTHORIZATION C: USER alice", "AUTHORIZATION S: +OK send PASS",
+                                              "AUTHORIZATION C: PASS ****"]
+    assert PASSWORD not in shown.output
+    missing = runner.invoke(main, ["transcripts", "show", "--root", str(root), "nope"])
+    assert missing.exit_code == 1
+    assert missing.output == "Error: no transcript 'nope' (see 'pymailsrv transcripts list')\n"
+
+
+def test_only_the_newest_transcripts_are_kept(traced, add_user, root):
+    server, _ = traced(transcripts=True, transcripts_keep=2)
+    for _ in range(4):
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.quit()
+    server.stop()
+    assert len(list((root / ".pymailsrv" / "transcripts").glob("*.jsonl"))) == 2
