@@ -642,3 +642,37 @@ def test_curl_sends_a_message(server, smtp_address, store, tmp_path, alice):
     [stored_message] = stored(store, "alice")
     assert without_trace(stored_message) == message.replace(b"\r\n", b"\n")
     assert b"Received: from curl.example ([127.0.0.1])" in stored_message
+
+
+def test_readme_smtplib_example_delivers(server, smtp_address, store, alice):
+    # The README's first-message snippet, pointed at the test server.
+    from email.message import EmailMessage
+
+    message = EmailMessage()
+    message["From"] = "bob@example.org"
+    message["To"] = "alice@localhost"
+    message["Subject"] = "hello over SMTP"
+    message.set_content("Hi Alice!\n")
+    with smtplib.SMTP(*smtp_address, timeout=CLIENT_TIMEOUT) as client:
+        assert client.send_message(message) == {}
+    [stored_message] = stored(store, "alice")
+    assert stored_message.startswith(b"Return-Path: <bob@example.org>\n")
+    assert stored_message.endswith(b"\n\nHi Alice!\n")
+
+
+def test_recipient_maildir_that_cannot_be_opened_at_data_is_451(greeted, store, alice, bob):
+    client = greeted()
+    assert exchange(client, "MAIL FROM:<a@example.org>").startswith(b"250 ")
+    assert exchange(client, "RCPT TO:<alice@localhost>").startswith(b"250 ")
+    assert exchange(client, "RCPT TO:<bob@localhost>").startswith(b"250 ")
+    bob_new = store.maildir("bob") / "new"
+    bob_new.rmdir()
+    bob_new.write_bytes(b"not a directory")
+    try:
+        assert exchange(client, "DATA") == wire(R.R451_LOCAL_ERROR)
+        assert stored(store, "alice") == []
+        assert list((store.maildir("alice") / "tmp").iterdir()) == []
+        assert exchange(client, "RSET") == wire(R.R250_OK)
+    finally:
+        bob_new.unlink()
+        bob_new.mkdir()
