@@ -285,3 +285,5 @@ from pymailsrv.mailview import show_command  # noqa: E402
 main.add_command(explain)
 main.add_command(classroom_group(with_settings))
 mailbox.add_command(show_command(with_settings), "show")
+from pymailsrv.probe import probe  # noqa: E402  (registered last: it imports the protocol modules)
+main.add_command(probe)

@@ -177,3 +177,11 @@ def test_an_address_without_a_port_is_a_usage_error():
 def test_summary_counts_each_status():
     results = run_probe(Target("pop3", ("127.0.0.1", 9), slow=False), only=["pop3.autologout-*"])
     assert summary(results) == "0 passed, 0 failed, 1 skipped"
+
+
+def test_probe_is_a_subcommand_of_pymailsrv():
+    from pymailsrv.cli import main
+
+    outcome = CliRunner().invoke(main, ["probe", "--help"])
+    assert outcome.exit_code == 0
+    assert "{pop3|smtp} ADDRESS" in outcome.output
