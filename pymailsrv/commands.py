@@ -34,6 +34,9 @@ class Command:
     syntax:      how the RFC writes it, for HELP and syntax errors.
     rfc:         the section that defines it.
     capability:  the CAPA line / EHLO keyword the verb brings, if any.
+    offered:     whether the session offers the verb right now (STARTTLS only
+                 with a certificate and before TLS; AUTH only where a
+                 password may be sent); listings leave out what is not.
     moves:       state -> next state when the command succeeds there (the
                  edges of the state diagram; the handler makes the move).
     secret_from: the index of the first argument word that is a credential:
@@ -46,6 +49,7 @@ class Command:
     syntax: str
     rfc: str
     capability: str | None = None
+    offered: Callable[[Any], bool] | None = None
     moves: Mapping[enum.Enum, enum.Enum | None] = field(default_factory=lambda: MappingProxyType({}))
     secret_from: int | None = None
 
@@ -67,9 +71,11 @@ class CommandTable:
     def allowed_in(self, state: enum.Enum) -> list[Command]:
         return [command for command in self if state in command.states]
 
-    def capabilities(self) -> list[str]:
-        """The capabilities the commands bring, in table order."""
-        return [command.capability for command in self if command.capability]
+    def capabilities(self, session: Any = None) -> list[str]:
+        """The capabilities the commands bring, in table order; with a session,
+        only those it offers now."""
+        return [command.capability for command in self if command.capability
+                and (session is None or command.offered is None or command.offered(session))]
 
     def transitions(self) -> list[tuple[enum.Enum, str, enum.Enum | None]]:
         """(from state, verb, to state) for every edge; None means the end."""

@@ -38,16 +38,27 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from pymailsrv import __version__
+from pymailsrv.auth import Credentials
 from pymailsrv.commands import Command, CommandTable
 from pymailsrv.limits import (
     POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
 )
 from pymailsrv.replies import (
+    POP3_ADDRESS_BLOCKED,
+    POP3_ALREADY_TLS,
+    POP3_AUTH_CANCELLED,
     POP3_AUTH_FAILED,
+    POP3_AUTH_MALFORMED,
+    POP3_BEGIN_TLS,
+    POP3_CHALLENGE,
+    POP3_MECHANISMS_FOLLOW,
+    POP3_PRIVACY_REQUIRED,
+    POP3_TLS_UNAVAILABLE,
+    POP3_UNSUPPORTED_MECHANISM,
     POP3_AUTOLOGOUT,
     POP3_CAPABILITIES_FOLLOW,
     POP3_GREETING,
@@ -85,7 +96,6 @@ from pymailsrv.replies import (
 )
 from pymailsrv.session import Session
 from pymailsrv.storage import MaildropLocked, MessageInfo, MessageVanished, StorageError
-from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.pop3")
 
@@ -106,7 +116,12 @@ SESSION_CAPABILITIES = (
     "EXPIRE NEVER",  # §6.7: we never delete mail on our own
     "LOGIN-DELAY 0",  # §6.5: a client may log in again at once
     f"IMPLEMENTATION pymailsrv-{__version__}",  # §6.9
+    "AUTH-RESP-CODE",  # RFC 3206 §6: [AUTH] and [SYS/...] codes on failures
 )
+
+# RFC 5034: the SASL mechanisms POP3 AUTH offers. PLAIN sends the password,
+# so it is offered only where USER/PASS would be (TLS or a local network).
+SASL_MECHANISMS = ("PLAIN",)
 
 # RFC 1939 §7: the APOP digest is MD5, written as 32 lower-case hex digits.
 _APOP_DIGEST = re.compile(r"[0-9a-f]{32}")
@@ -118,6 +133,8 @@ class Pop3Session(Session):
     WRONG_STATE = POP3_WRONG_STATE
     LINE_TOO_LONG = POP3_LINE_TOO_LONG
     INTERNAL_ERROR = POP3_STORAGE_FAILURE
+    SASL_CANCELLED = POP3_AUTH_CANCELLED
+    SASL_MALFORMED = POP3_AUTH_MALFORMED
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -143,8 +160,7 @@ class Pop3Session(Session):
     def timed_out(self) -> Reply:
         return POP3_AUTOLOGOUT
 
-    @property
-    def line_limit(self) -> int:
+    def command_line_limit(self) -> int:
         return self.settings.pop3.command_line_max
 
     @property
@@ -163,6 +179,10 @@ class Pop3Session(Session):
 
     def is_error(self, reply: Reply) -> bool:
         return not reply.ok
+
+    def tls_started(self) -> None:
+        super().tls_started()
+        self.pending_user = None  # RFC 2595 §4: forget what was said in plaintext
 
     def close(self) -> None:
         # RFC 1939 §6: a session that ends without QUIT never enters UPDATE,
@@ -214,9 +234,21 @@ class Pop3Session(Session):
 
     # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
 
+    def do_stls(self, argument: str) -> Reply:
+        """STLS (RFC 2595 §4): the TLS handshake, then the session starts afresh."""
+        self._arguments("STLS", argument, 0, 0)
+        if self.tls:
+            raise CommandError(POP3_ALREADY_TLS)
+        if self.context.tls is None:
+            raise CommandError(POP3_TLS_UNAVAILABLE)
+        return POP3_BEGIN_TLS
+
     def do_user(self, argument: str) -> Reply:
-        """USER name (RFC 1939 §7)."""
-        (self.pending_user,) = self._arguments("USER", argument, 1, 1)
+        """USER name (RFC 1939 §7); refused where the password could be overheard."""
+        (name,) = self._arguments("USER", argument, 1, 1)
+        if not self.plaintext_auth_allowed():
+            raise CommandError(POP3_PRIVACY_REQUIRED)
+        self.pending_user = name
         return POP3_USER_ACCEPTED
 
     def do_pass(self, argument: str) -> Reply:
@@ -239,12 +271,30 @@ class Pop3Session(Session):
 
         return self._log_in(name, digest_matches)
 
-    def _log_in(self, name: str, credentials_valid) -> Reply:
-        try:
-            user = check_user_name(name)
-        except UserError:
-            user = None
-        if user is None or not credentials_valid(user):
+    def do_auth(self, argument: str) -> Reply:
+        """AUTH [mechanism [initial-response]] (RFC 5034 §4); bare AUTH lists them."""
+        words = self._arguments("AUTH", argument, 0, 2)
+        if not words:
+            return POP3_MECHANISMS_FOLLOW.with_lines(name.encode("ascii") for name in SASL_MECHANISMS)
+        mechanism = words[0].upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise CommandError(POP3_UNSUPPORTED_MECHANISM)
+        if not self.plaintext_auth_allowed():
+            raise CommandError(POP3_PRIVACY_REQUIRED)
+        return self.start_sasl(mechanism, words[1] if len(words) == 2 else None)
+
+    def sasl_challenge(self, challenge: str) -> Reply:
+        return POP3_CHALLENGE.format(challenge=challenge)
+
+    def sasl_finished(self, credentials: Credentials) -> Reply:
+        return self._log_in(credentials.user,
+                            lambda user: self.context.users.check_password(user, credentials.password))
+
+    def _log_in(self, name: str, credentials_valid: Callable[[str], bool]) -> Reply:
+        if self.login_blocked():
+            return POP3_ADDRESS_BLOCKED.delayed(self.settings.pop3.failed_login_delay)
+        user = self.check_login(name, credentials_valid)
+        if user is None:
             return POP3_AUTH_FAILED.delayed(self.settings.pop3.failed_login_delay)
         # RFC 1939 §8: lock the maildrop before saying +OK ...
         try:
@@ -268,6 +318,7 @@ class Pop3Session(Session):
 
     def do_quit(self, argument: str) -> Reply:
         """QUIT (RFC 1939 §4 in AUTHORIZATION, §6 in TRANSACTION)."""
+        self._arguments("QUIT", argument, 0, 0)
         if self.state is Pop3State.AUTHORIZATION:
             return POP3_SIGNING_OFF
         # RFC 1939 §6: deletions happen only in UPDATE, entered only by QUIT.
@@ -364,7 +415,7 @@ class Pop3Session(Session):
     def do_capa(self, argument: str) -> Reply:
         """CAPA (RFC 2449 §5): the same list in every state, from the command table."""
         self._arguments("CAPA", argument, 0, 0)
-        lines = [*self.commands.capabilities(), *SESSION_CAPABILITIES]
+        lines = [*self.commands.capabilities(self), *SESSION_CAPABILITIES]
         return POP3_CAPABILITIES_FOLLOW.with_lines(line.encode("ascii") for line in lines)
 
 
@@ -393,11 +444,17 @@ _BOTH = _AUTHORIZATION | _TRANSACTION
 Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK, then close", None),)
 
 Pop3Session.commands = CommandTable(
+    Command("STLS", Pop3Session.do_stls, _AUTHORIZATION, "STLS", "RFC 2595 §4", capability="STLS",
+            offered=lambda session: session.context.tls is not None and not session.tls),
     Command("USER", Pop3Session.do_user, _AUTHORIZATION, "USER name", "RFC 1939 §7",
-            capability="USER"),
+            capability="USER", offered=Pop3Session.plaintext_auth_allowed),
     Command("PASS", Pop3Session.do_pass, _AUTHORIZATION, "PASS string", "RFC 1939 §7",
             moves={Pop3State.AUTHORIZATION: Pop3State.TRANSACTION}, secret_from=0),
     Command("APOP", Pop3Session.do_apop, _AUTHORIZATION, "APOP name digest", "RFC 1939 §7",
+            moves={Pop3State.AUTHORIZATION: Pop3State.TRANSACTION}, secret_from=1),
+    Command("AUTH", Pop3Session.do_auth, _AUTHORIZATION, "AUTH [mechanism [initial-response]]",
+            "RFC 5034 §4", capability="SASL " + " ".join(SASL_MECHANISMS),
+            offered=Pop3Session.plaintext_auth_allowed,
             moves={Pop3State.AUTHORIZATION: Pop3State.TRANSACTION}, secret_from=1),
     Command("QUIT", Pop3Session.do_quit, _BOTH, "QUIT", "RFC 1939 §4, §6",
             moves={Pop3State.AUTHORIZATION: None, Pop3State.TRANSACTION: Pop3State.UPDATE}),

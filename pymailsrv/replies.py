@@ -104,6 +104,14 @@ class Pop3Reply(Reply):
 
 
 @dataclass(frozen=True)
+class Pop3Challenge(Pop3Reply):
+    """RFC 5034 §4: during AUTH the server sends "+ " and a base64 challenge."""
+
+    def head(self) -> list[str]:
+        return [f"+ {self.text}"]
+
+
+@dataclass(frozen=True)
 class SmtpReply(Reply):
     code: int
     # RFC 3463 enhanced status code ("class.subject.detail"), None where RFC
@@ -173,6 +181,11 @@ POP3_NOOP = _ok("", "nothing to do, RFC 1939 §5")
 POP3_RESET = _ok("maildrop has {count} messages ({size} octets)", "all DELE marks removed, RFC 1939 §5")
 POP3_LAST = _ok("{msg_number}", "highest message number accessed, RFC 1460 (obsolete)")
 POP3_CAPABILITIES_FOLLOW = _ok("capability list follows", "one capability per line, then '.', RFC 2449 §5")
+POP3_BEGIN_TLS = _ok("begin TLS negotiation",
+                     "TLS handshake next; the session then starts afresh, RFC 2595 §4").starting_tls()
+POP3_MECHANISMS_FOLLOW = _ok("SASL mechanisms follow", "one mechanism per line, then '.', RFC 5034 §4")
+POP3_CHALLENGE = Pop3Challenge(ok=True, text="{challenge}", note="SASL challenge: answer in base64, or * to cancel, "
+                                                         "RFC 5034 §4")
 
 POP3_UNKNOWN_COMMAND = _err("unknown command", "no such POP3 command, RFC 1939 §3")
 POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state",
@@ -180,6 +193,18 @@ POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state",
 POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 1939 §3")
 POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
 POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
+POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here without TLS: use STLS first",
+                             "no password over an unencrypted connection, RFC 8314 §3 / RFC 2595 §2.3",
+                             code="PRIVACYREQUIRED")
+POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
+                            "TLS needs a certificate on the server, RFC 2595 §4")
+POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")
+POP3_UNSUPPORTED_MECHANISM = _err("unsupported SASL mechanism", "see CAPA's SASL line, RFC 5034 §4")
+POP3_AUTH_CANCELLED = _err("authentication cancelled", "the client answered *, RFC 5034 §4")
+POP3_AUTH_MALFORMED = _err("malformed SASL response", "not base64, or not what the mechanism expects, "
+                                                      "RFC 5034 §4")
+POP3_ADDRESS_BLOCKED = _err("too many failed logins from your address, try again later",
+                            "failed logins are limited per client address", code="SYS/TEMP")
 POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
 POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
                             "marked messages may not be used, RFC 1939 §5")
@@ -188,9 +213,9 @@ POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished from the maildro
 # RFC 3206 §4: AUTH says the credentials were wrong, not that the server is ill.
 POP3_AUTH_FAILED = _err("invalid user name or password",
                         "credentials refused, after a delay against guessing, RFC 3206 §4", code="AUTH")
-# RFC 2449 §8.1.1: IN-USE means the maildrop lock could not be had.
+# RFC 2449 §8.1.2: IN-USE means the maildrop lock could not be had.
 POP3_IN_USE = _err("maildrop is locked by another session",
-                   "maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.1", code="IN-USE")
+                   "maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.2", code="IN-USE")
 # RFC 3206 §3: SYS/TEMP is a passing failure the user may simply retry.
 POP3_STORAGE_FAILURE = _err("temporary storage failure, try again later",
                             "server-side failure, retry later, RFC 3206 §3", code="SYS/TEMP")

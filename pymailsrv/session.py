@@ -27,18 +27,29 @@ state (``max_errors``); past it the session answers once more and closes.
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar
 
+from pymailsrv.auth import Credentials, SaslCancelled, SaslError, SaslExchange
 from pymailsrv.commands import Command, CommandTable
+from pymailsrv.limits import SASL_LINE_MAX
 from pymailsrv.replies import CommandError, Reply
+from pymailsrv.users import UserError, check_user_name
 
 if TYPE_CHECKING:
     from pymailsrv.server import ServerContext
 
 log = logging.getLogger("pymailsrv.session")
+
+
+def in_networks(address: str, networks: Iterable[str]) -> bool:
+    """Is ``address`` inside one of ``networks`` ("192.0.2.0/24", "::1/128")?"""
+    ip = ipaddress.ip_address(address)
+    return any(ip in ipaddress.ip_network(network, strict=False) for network in networks)
 
 
 class InputKind(enum.Enum):
@@ -63,6 +74,8 @@ class Session:
     WRONG_STATE: ClassVar[Reply]  # with {verb} and {state}
     LINE_TOO_LONG: ClassVar[Reply]
     INTERNAL_ERROR: ClassVar[Reply]
+    SASL_CANCELLED: ClassVar[Reply]  # the client answered "*"
+    SASL_MALFORMED: ClassVar[Reply]  # not base64, or not what the mechanism wants
     # State changes made by something other than a command (the end of DATA's
     # text, the close after UPDATE): (from, what happens, to; None = closed).
     # With the command table's moves they make the whole state diagram.
@@ -94,6 +107,12 @@ class Session:
 
     @property
     def line_limit(self) -> int:
+        """The longest line the transport may hand over now."""
+        if self._input_kind is InputKind.SECRET:
+            return SASL_LINE_MAX
+        return self.command_line_limit()
+
+    def command_line_limit(self) -> int:
         raise NotImplementedError
 
     @property
@@ -147,15 +166,19 @@ class Session:
         return self._counted(self._run(command, argument))
 
     def _run(self, command: Command, argument: str) -> Reply:
+        return self._guarded(command.verb, command.handler, self, argument)
+
+    def _guarded(self, what: str, function: Callable[..., Reply], *arguments: object) -> Reply:
+        """Run a handler; a refusal becomes its reply, anything else a temporary failure."""
         try:
-            return command.handler(self, argument)
+            return function(*arguments)
         except CommandError as refusal:
             return refusal.reply
         except Exception:
             # A bug or a storage failure: the log gets the traceback, the
             # client a temporary failure, never the exception's text.
             log.exception("%s session %d from %s: %s failed", self.protocol, self.session_id,
-                          self.peer[0], command.verb)
+                          self.peer[0], what)
             return self.INTERNAL_ERROR
 
     def _counted(self, reply: Reply) -> Reply:
@@ -164,6 +187,69 @@ class Session:
             if self.errors >= self.max_errors():
                 return self.too_many_errors(reply).delayed(reply.delay)
         return reply
+
+    # --- authentication, shared by both protocols ------------------------------
+
+    def plaintext_auth_allowed(self) -> bool:
+        """May a password cross this connection? Over TLS, from a local network,
+        or where the site allows it (Dovecot's disable_plaintext_auth rule)."""
+        return (self.tls or self.settings.allow_plaintext_auth
+                or in_networks(self.peer[0], self.settings.auth.local_networks))
+
+    def check_login(self, name: str, credentials_valid: Callable[[str], bool]) -> str | None:
+        """The user ``name`` names, if the credentials hold; else None, and the
+        client address is charged one failure (``FailureThrottle``)."""
+        try:
+            user = check_user_name(name)
+        except UserError:
+            user = None  # not a possible user name: fails like a wrong password
+        if user is not None and credentials_valid(user):
+            return user
+        self.context.throttle.failed(self.peer[0])
+        return None
+
+    def login_blocked(self) -> bool:
+        """Has this client address failed too often lately to be heard at all?"""
+        return self.context.throttle.blocked(self.peer[0])
+
+    def start_sasl(self, mechanism: str, initial_response: str | None) -> Reply:
+        """Begin a SASL exchange (RFC 4954 §4, RFC 5034 §4); the protocol supplies
+        ``sasl_challenge`` (how a challenge goes on the wire) and
+        ``sasl_finished`` (what to do with the credentials)."""
+        exchange = SaslExchange(mechanism)
+        if initial_response is None:
+            return self._next_sasl_challenge(exchange, exchange.challenge())
+        return self._sasl_step(exchange, initial_response)
+
+    def sasl_challenge(self, challenge: str) -> Reply:
+        raise NotImplementedError
+
+    def sasl_finished(self, credentials: Credentials) -> Reply:
+        raise NotImplementedError
+
+    def _next_sasl_challenge(self, exchange: SaslExchange, challenge: str) -> Reply:
+        # The answer is a credential: the trace shows it as ****.
+        self.expect_lines(functools.partial(self._sasl_answer, exchange), InputKind.SECRET)
+        return self.sasl_challenge(challenge)
+
+    def _sasl_answer(self, exchange: SaslExchange, line: bytes, too_long: bool) -> Reply:
+        """A continuation line; counted here, as dispatch counts command replies."""
+        self.expect_lines(None)
+        if too_long:
+            return self._counted(self.SASL_MALFORMED)
+        answer = line.rstrip(b"\r\n").decode("ascii", "replace")
+        return self._counted(self._guarded("AUTH", self._sasl_step, exchange, answer))
+
+    def _sasl_step(self, exchange: SaslExchange, answer: str) -> Reply:
+        try:
+            outcome = exchange.answer(answer)
+        except SaslCancelled:
+            return self.SASL_CANCELLED
+        except SaslError:
+            return self.SASL_MALFORMED
+        if isinstance(outcome, Credentials):
+            return self.sasl_finished(outcome)
+        return self._next_sasl_challenge(exchange, outcome)
 
     def enter(self, state: enum.Enum) -> None:
         """Every state change goes through here, so the trace can show it."""

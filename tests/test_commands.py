@@ -19,6 +19,7 @@ AUTHORIZATION, TRANSACTION, UPDATE = Pop3State.AUTHORIZATION, Pop3State.TRANSACT
 
 # RFC 1939 §9 (and RFC 2449 §5, RFC 1460 for LAST): verb -> states it is valid in.
 RFC_STATES = {
+    "STLS": {AUTHORIZATION}, "AUTH": {AUTHORIZATION},  # RFC 2595 §4, RFC 5034 §4
     "USER": {AUTHORIZATION}, "PASS": {AUTHORIZATION}, "APOP": {AUTHORIZATION},
     "QUIT": {AUTHORIZATION, TRANSACTION},
     "STAT": {TRANSACTION}, "LIST": {TRANSACTION}, "RETR": {TRANSACTION}, "DELE": {TRANSACTION},
@@ -28,6 +29,7 @@ RFC_STATES = {
 }
 
 RFC_SYNTAX = {
+    "STLS": "STLS", "AUTH": "AUTH [mechanism [initial-response]]",
     "USER": "USER name", "PASS": "PASS string", "APOP": "APOP name digest", "QUIT": "QUIT",
     "STAT": "STAT", "LIST": "LIST [msg]", "RETR": "RETR msg", "DELE": "DELE msg", "NOOP": "NOOP",
     "RSET": "RSET", "TOP": "TOP msg n", "UIDL": "UIDL [msg]", "LAST": "LAST", "CAPA": "CAPA",
@@ -64,15 +66,18 @@ def test_lookup_is_case_insensitive_and_exact():
 
 
 def test_capabilities_are_derived_from_the_table():
-    assert TABLE.capabilities() == ["USER", "TOP", "UIDL"]
-    assert {command.verb for command in TABLE if command.capability} == {"USER", "TOP", "UIDL"}
+    assert TABLE.capabilities() == ["STLS", "USER", "SASL PLAIN", "TOP", "UIDL"]
+    assert {command.verb for command in TABLE if command.capability} == {"STLS", "USER", "AUTH", "TOP",
+                                                                          "UIDL"}
     assert SESSION_CAPABILITIES[:4] == ("RESP-CODES", "PIPELINING", "EXPIRE NEVER", "LOGIN-DELAY 0")
     assert SESSION_CAPABILITIES[4].startswith("IMPLEMENTATION pymailsrv-")
+    assert SESSION_CAPABILITIES[5] == "AUTH-RESP-CODE"
 
 
 def test_transitions_are_the_rfc_state_diagram():
     assert sorted(TABLE.transitions(), key=lambda edge: (edge[0].name, edge[1])) == [
         (AUTHORIZATION, "APOP", TRANSACTION),
+        (AUTHORIZATION, "AUTH", TRANSACTION),
         (AUTHORIZATION, "PASS", TRANSACTION),
         (AUTHORIZATION, "QUIT", None),
         (TRANSACTION, "QUIT", UPDATE),
@@ -81,8 +86,8 @@ def test_transitions_are_the_rfc_state_diagram():
 
 def test_credentials_are_marked_secret_for_the_trace():
     secret = {command.verb for command in TABLE
-              if getattr(command, "secret", False) or getattr(command, "secret_from", None) is not None}
-    assert secret == {"PASS", "APOP"}
+              if command.secret_from is not None}
+    assert secret == {"PASS", "APOP", "AUTH"}
 
 
 def test_a_verb_may_appear_only_once():

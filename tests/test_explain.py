@@ -32,9 +32,11 @@ connect -> AUTHORIZATION
   command          on success              defined in              syntax
 
 AUTHORIZATION
+  STLS             (stays)                 RFC 2595 §4             STLS
   USER             (stays)                 RFC 1939 §7             USER name
   PASS             -> TRANSACTION          RFC 1939 §7             PASS string
   APOP             -> TRANSACTION          RFC 1939 §7             APOP name digest
+  AUTH             -> TRANSACTION          RFC 5034 §4             AUTH [mechanism [initial-response]]
   QUIT             -> (connection closed)  RFC 1939 §4, §6         QUIT
   CAPA             (stays)                 RFC 2449 §5             CAPA
 

@@ -167,9 +167,10 @@ def test_quit_in_authorization_signs_off_and_closes(connect):
 
 
 def test_capa_lists_the_same_capabilities_in_both_states(connect, login):
-    expected = [b"+OK capability list follows\r\n", b"USER\r\n", b"TOP\r\n", b"UIDL\r\n",
-                b"RESP-CODES\r\n", b"PIPELINING\r\n", b"EXPIRE NEVER\r\n", b"LOGIN-DELAY 0\r\n",
-                re.compile(rb"IMPLEMENTATION pymailsrv-\d+\.\d+\.\d+\r\n"), b".\r\n"]
+    expected = [b"+OK capability list follows\r\n", b"USER\r\n", b"SASL PLAIN\r\n", b"TOP\r\n",
+                b"UIDL\r\n", b"RESP-CODES\r\n", b"PIPELINING\r\n", b"EXPIRE NEVER\r\n",
+                b"LOGIN-DELAY 0\r\n", re.compile(rb"IMPLEMENTATION pymailsrv-\d+\.\d+\.\d+\r\n"),
+                b"AUTH-RESP-CODE\r\n", b".\r\n"]
     for client in (connect(), login()):
         client.send(b"CAPA\r\n")
         lines = client.multiline()
@@ -180,8 +181,9 @@ def test_capa_lists_the_same_capabilities_in_both_states(connect, login):
 
 def test_capa_through_poplib_matches_the_command_table(pop3, alice):
     capabilities = pop3().capa()
-    assert set(capabilities) == {"USER", "TOP", "UIDL", "RESP-CODES", "PIPELINING", "EXPIRE",
-                                 "LOGIN-DELAY", "IMPLEMENTATION"}
+    assert set(capabilities) == {"USER", "SASL", "TOP", "UIDL", "RESP-CODES", "PIPELINING", "EXPIRE",
+                                 "LOGIN-DELAY", "IMPLEMENTATION", "AUTH-RESP-CODE"}
+    assert capabilities["SASL"] == ["PLAIN"]
     assert capabilities["EXPIRE"] == ["NEVER"]
     assert capabilities["LOGIN-DELAY"] == ["0"]
 
