@@ -99,23 +99,33 @@ def main() -> None:
 @click.option("--trace-format", type=click.Choice(["text", "json"]), help="Trace as text (default) or JSON lines.")
 @click.option("--annotate", is_flag=True, default=None, help="Say in the trace what each line means, with its RFC.")
 @click.option("--transcripts", is_flag=True, default=None, help="Save every session under ROOT/.pymailsrv/transcripts/.")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (default: the 'cert generate' pair).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
+@click.option("--pop3s-port", type=int, help="Implicit-TLS POP3 port, e.g. 995 (RFC 8314; default off).")
+@click.option("--smtps-port", type=int, help="Implicit-TLS SMTP port, e.g. 465 (RFC 8314; default off).")
+@click.option("--submission-port", type=int, help="Submission port, e.g. 587 (RFC 6409: AUTH before MAIL; default off).")
 def start(root: str | None, config: str | None, host: str | None, smtp_port: int | None,
           pop3_port: int | None, domains: tuple[str, ...], trace: bool | None, trace_bodies: bool | None,
-          trace_format: str | None, annotate: bool | None, transcripts: bool | None) -> None:
+          trace_format: str | None, annotate: bool | None, transcripts: bool | None, tls_cert: str | None,
+          tls_key: str | None, pop3s_port: int | None, smtps_port: int | None,
+          submission_port: int | None) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from pymailsrv.server import MailServer
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
-                         transcripts=transcripts, pop3={"port": pop3_port}, smtp={"port": smtp_port})
+                         transcripts=transcripts, tls={"cert": tls_cert, "key": tls_key},
+                         pop3={"port": pop3_port, "pop3s_port": pop3s_port},
+                         smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port})
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stopping.set())
-    server = MailServer(settings)
     try:
-        server.start()
+        server = MailServer(settings).start()
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot listen on {settings.host}: {error.strerror or error}") from None
     click.echo(server.listening_line(), err=True)
@@ -125,6 +135,30 @@ def start(root: str | None, config: str | None, host: str | None, smtp_port: int
     finally:
         server.stop()
     logging.getLogger("pymailsrv.server").info("stopped")
+
+
+# --- cert -----------------------------------------------------------------------------
+
+
+@main.group()
+def cert() -> None:
+    """TLS certificates."""
+
+
+@cert.command("generate")
+@click.option("--hostname", help="Name the certificate is for (default: the server's hostname).")
+@click.option("--force", is_flag=True, help="Replace a pair that already exists.")
+@with_settings
+def cert_generate(settings: Settings, hostname: str | None, force: bool) -> None:
+    """Write a self-signed certificate and key that 'start' then uses (for a lab)."""
+    from pymailsrv.server import default_certificate_paths
+    from pymailsrv.tls import generate_self_signed
+
+    cert_path, key_path = default_certificate_paths(settings)
+    if cert_path.exists() and not force:
+        raise click.ClickException(f"{cert_path} already exists (use --force to replace it)")
+    generate_self_signed(cert_path, key_path, hostname or settings.hostname)
+    click.echo(f"wrote {cert_path} and {key_path} (self-signed for {hostname or settings.hostname})")
 
 
 # --- user ---------------------------------------------------------------------------

@@ -263,8 +263,11 @@ class IncomingMaildirMessage:
         if not users:
             raise ValueError("a message needs at least one recipient")
         self._users = users
-        self._maildirs = [store.create_maildir(user) for user in users]
         self._name, self.queue_id = store.unique_name()
+        try:
+            self._maildirs = [store.create_maildir(user) for user in users]
+        except OSError as error:
+            raise _storage_error(error, "opening a recipient's Maildir") from error
         self._tmp_path = self._maildirs[0] / "tmp" / self._name
         self.octets = 0
         self._line_ends = 0

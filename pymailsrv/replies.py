@@ -44,6 +44,8 @@ class Reply:
     delay: float = dataclasses.field(default=0.0, kw_only=True)
     # What the reply means and where the RFC says so: the --annotate text.
     note: str = dataclasses.field(default="", kw_only=True)
+    # A reply sent straight after this one, unasked (SMTP's closing 421).
+    then: "Reply | None" = dataclasses.field(default=None, kw_only=True)
 
     def head(self) -> list[str]:
         """The status line(s), without line ends: what a trace always shows."""
@@ -71,6 +73,10 @@ class Reply:
 
     def delayed(self, seconds: float) -> "Reply":
         return dataclasses.replace(self, delay=seconds)
+
+    def followed_by(self, other: "Reply") -> "Reply":
+        """This reply, then ``other`` at once; what happens after is ``other``'s."""
+        return dataclasses.replace(self, then=other, after=other.after)
 
 
 @dataclass(frozen=True)
@@ -235,9 +241,14 @@ POP3_AUTOLOGOUT = _err("autologout: idle for too long",
 
 R220_GREETING = SmtpReply(220, None, "{host} ESMTP pymailsrv",
                           note="service ready; the client speaks next, RFC 5321 §4.2, §3.1")
+R220_READY_FOR_TLS = SmtpReply(220, "2.0.0", "ready to start TLS",
+                               note="TLS handshake next; the session then starts afresh, "
+                                    "RFC 3207 §4").starting_tls()
 R221_BYE = SmtpReply(221, "2.0.0", "{host} closing connection",
                      note="closing after QUIT, RFC 5321 §4.1.1.10").closing()
 R214_HELP = SmtpReply(214, "2.0.0", "{text}", note="help, from the command table, RFC 5321 §4.1.1.8")
+R235_AUTHENTICATED = SmtpReply(235, "2.7.0", "authentication successful",
+                               note="logged in: this session may now relay, RFC 4954 §6")
 R250_OK = SmtpReply(250, "2.0.0", "OK", note="requested action completed, RFC 5321 §4.2.2")
 R250_HELO = SmtpReply(250, None, "{host} greets {client}",
                       note="greeted: plain SMTP, no extensions, RFC 5321 §4.1.1.1")
@@ -251,12 +262,16 @@ R250_DELIVERED = SmtpReply(250, "2.0.0", "OK {queue_id}",
                            note="message safely on disk in every mailbox, RFC 5321 §4.1.1.4, §6.1")
 R252_CANNOT_VRFY = SmtpReply(252, "2.5.0", "cannot VRFY user, but will accept message and attempt delivery",
                              note="we do not tell who exists, RFC 5321 §3.5.3, §7.3")
+R334_CHALLENGE = SmtpReply(334, None, "{challenge}",
+                           note="SASL challenge: answer in base64, or * to cancel, RFC 4954 §4")
 R354_START_DATA = SmtpReply(354, None, "end data with <CR><LF>.<CR><LF>",
                             note="send the message; a line with a lone '.' ends it, RFC 5321 §4.1.1.4")
 R421_TIMEOUT = SmtpReply(421, "4.4.2", "{host} error: timeout exceeded",
                          note="client silent too long, closing, RFC 5321 §4.5.3.2").closing()
 R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors",
                                  note="error limit reached, closing (Postfix's hard limit)").closing()
+R421_TOO_MANY_AUTH_FAILURES = SmtpReply(421, "4.7.0", "{host} too many failed authentications",
+                                        note="failed logins are limited per connection").closing()
 R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later",
                              note="temporary failure on our side; the client retries, RFC 3463 X.3.0")
 R451_RELAY_UNAVAILABLE = SmtpReply(451, "4.4.0", "<{address}>: relaying is not available yet, try again later",
@@ -266,6 +281,10 @@ R452_INSUFFICIENT_STORAGE = SmtpReply(452, "4.3.1", "insufficient system storage
 R452_TOO_MANY_RECIPIENTS = SmtpReply(452, "4.5.3", "too many recipients",
                                      note="recipient limit: send the rest in another transaction, "
                                           "RFC 5321 §4.5.3.1.10")
+R454_ADDRESS_BLOCKED = SmtpReply(454, "4.7.0", "too many failed authentications from your address, "
+                                 "try again later",
+                                 note="temporary authentication failure: limited per client address, "
+                                      "RFC 4954 §6")
 R500_UNKNOWN_COMMAND = SmtpReply(500, "5.5.2", "command not recognized",
                                  note="no such SMTP command, RFC 5321 §4.2.4")
 R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long",
@@ -278,18 +297,38 @@ R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}",
 # RFC 3463 §3.6: X.5.4 "invalid command arguments" - the path was fine, a parameter was not.
 R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}",
                                note="a malformed ESMTP parameter, RFC 5321 §4.1.2")
+R501_AUTH_CANCELLED = SmtpReply(501, "5.0.0", "authentication cancelled",
+                                note="the client answered *, RFC 4954 §4")
+R501_AUTH_MALFORMED = SmtpReply(501, "5.5.2", "cannot decode the response",
+                                note="not base64, or not what the mechanism expects, RFC 4954 §4")
 R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented",
                                  note="a command we choose not to offer, RFC 5321 §4.2.4")
 R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}",
                               note="commands out of order, RFC 5321 §3.3, §4.1.4")
 R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state",
                              note="commands out of order, RFC 5321 §3.3, §4.1.4")
+R503_ALREADY_TLS = SmtpReply(503, "5.5.1", "TLS already active", note="STARTTLS only once, RFC 3207 §4")
+R503_ALREADY_AUTHENTICATED = SmtpReply(503, "5.5.1", "already authenticated",
+                                       note="AUTH only once per session, RFC 4954 §4")
+R504_UNKNOWN_MECHANISM = SmtpReply(504, "5.5.4", "unrecognized authentication type",
+                                   note="see the AUTH line of EHLO, RFC 4954 §4")
+R530_AUTH_REQUIRED = SmtpReply(530, "5.7.0", "authentication required",
+                               note="the submission port takes mail only after AUTH, RFC 6409 §4.3 / "
+                                    "RFC 4954 §6")
+R535_AUTH_FAILED = SmtpReply(535, "5.7.8", "authentication credentials invalid",
+                             note="wrong user name or password, RFC 4954 §6")
+R538_ENCRYPTION_REQUIRED = SmtpReply(538, "5.7.11", "encryption required for requested authentication "
+                                                    "mechanism",
+                                     note="no password over an unencrypted connection: STARTTLS first, "
+                                          "RFC 4954 §6")
 R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown",
                               note="no such mailbox here, RFC 5321 §3.3 / RFC 3463 X.1.1")
 R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received",
                                note="only CRLF ends a line, RFC 5321 §2.3.8 (smtp.bare_newline = reject)")
 R552_TOO_BIG = SmtpReply(552, "5.3.4", "message size exceeds fixed limit",
                          note="over the SIZE limit, RFC 1870 §6 / RFC 3463 X.3.4")
+R553_SENDER_NOT_OWNED = SmtpReply(553, "5.7.1", "<{address}>: sender address not owned by user {user}",
+                                  note="a submitting user may only send as themselves, RFC 6409 §6.1")
 R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
                                 note="UTF-8 addresses need MAIL ... SMTPUTF8, RFC 6531 §3.6")
 R554_RELAY_DENIED = SmtpReply(554, "5.7.1", "<{address}>: relay access denied",

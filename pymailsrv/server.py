@@ -31,7 +31,7 @@ from pymailsrv.limits import AUTH_FAILURE_WINDOW_SECONDS, AUTH_MAX_FAILURES_PER_
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.session import Session
-from pymailsrv.smtp import SmtpSession
+from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
@@ -152,7 +152,8 @@ class MailServer:
         wanted = [("pop3", pop3.port, Pop3Session, False),
                   ("smtp", smtp.port, SmtpSession, False),
                   ("pop3s", pop3.pop3s_port, Pop3Session, True),
-                  ("smtps", smtp.smtps_port, SmtpSession, True)]
+                  ("smtps", smtp.smtps_port, SmtpSession, True),
+                  ("submission", smtp.submission_port, SubmissionSession, False)]
         chosen = [listener for listener in wanted if listener[1] is not None]
         for name, _, _, implicit_tls in chosen:
             if implicit_tls and self.context.tls is None:

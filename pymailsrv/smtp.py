@@ -31,13 +31,14 @@ dispatch, the EHLO keywords that belong to commands, and HELP.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import enum
-import ipaddress
 import logging
 import re
 from dataclasses import dataclass, field
 
+from pymailsrv.auth import Credentials
 from pymailsrv.commands import Command, CommandTable
 from pymailsrv.limits import (
     SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
@@ -49,6 +50,20 @@ from pymailsrv.paths import Address, PathError, parse_parameters, parse_path
 from pymailsrv.replies import (
     R214_HELP,
     R220_GREETING,
+    R220_READY_FOR_TLS,
+    R235_AUTHENTICATED,
+    R334_CHALLENGE,
+    R421_TOO_MANY_AUTH_FAILURES,
+    R454_ADDRESS_BLOCKED,
+    R501_AUTH_CANCELLED,
+    R501_AUTH_MALFORMED,
+    R503_ALREADY_AUTHENTICATED,
+    R503_ALREADY_TLS,
+    R504_UNKNOWN_MECHANISM,
+    R530_AUTH_REQUIRED,
+    R535_AUTH_FAILED,
+    R538_ENCRYPTION_REQUIRED,
+    R553_SENDER_NOT_OWNED,
     R221_BYE,
     R250_DELIVERED,
     R250_EHLO,
@@ -84,13 +99,17 @@ from pymailsrv.replies import (
     Reply,
     SmtpReply,
 )
-from pymailsrv.session import Session
+from pymailsrv.session import Session, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.smtp")
 
 POSTMASTER = "postmaster"
+
+# RFC 4954: the SASL mechanisms AUTH offers. Both send the password itself,
+# so AUTH is offered only where that is safe (TLS or a local network).
+SASL_MECHANISMS = ("PLAIN", "LOGIN")
 
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF, "not
 # counting the leading dot duplicated for transparency". The transport reads
@@ -229,6 +248,8 @@ class SmtpSession(Session):
     WRONG_STATE = R503_WRONG_STATE
     LINE_TOO_LONG = R500_LINE_TOO_LONG
     INTERNAL_ERROR = R451_LOCAL_ERROR
+    SASL_CANCELLED = R501_AUTH_CANCELLED
+    SASL_MALFORMED = R501_AUTH_MALFORMED
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -237,6 +258,7 @@ class SmtpSession(Session):
         self.envelope = Envelope()
         self.text: MessageText | None = None
         self._incoming: IncomingMessage | None = None
+        self.auth_failures = 0
 
     # --- what the base class asks of a protocol ------------------------------
 
@@ -249,8 +271,7 @@ class SmtpSession(Session):
     def timed_out(self) -> Reply:
         return R421_TIMEOUT.format(host=self.settings.hostname)
 
-    @property
-    def line_limit(self) -> int:
+    def command_line_limit(self) -> int:
         if self.state is SmtpState.DATA:
             return SMTP_TEXT_LINE_MAX
         return SMTP_COMMAND_LINE_MAX + SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE
@@ -265,7 +286,9 @@ class SmtpSession(Session):
         return SMTP_MAX_ERRORS
 
     def too_many_errors(self, last_error: Reply) -> Reply:
-        return R421_TOO_MANY_ERRORS.format(host=self.settings.hostname)
+        # RFC 5321 §3.8 lets a server send 421 unasked: the client still sees
+        # its 20th error, then the reason the connection closes.
+        return last_error.followed_by(R421_TOO_MANY_ERRORS.format(host=self.settings.hostname))
 
     def is_error(self, reply: Reply) -> bool:
         # RFC 5321 §4.5.3.1.10: the client is to send recipients refused with
@@ -277,6 +300,14 @@ class SmtpSession(Session):
 
     def close(self) -> None:
         self._discard_text()
+
+    def tls_started(self) -> None:
+        """RFC 3207 §4.2: forget everything the client said before TLS, EHLO included."""
+        super().tls_started()
+        self.client_name = None
+        self.esmtp = False
+        self.user = None
+        self._new_transaction()
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         # RFC 5321 §4.5.3.1.4 allows 512 octets; only MAIL and RCPT may use
@@ -334,7 +365,7 @@ class SmtpSession(Session):
             "8BITMIME",  # RFC 6152
             "ENHANCEDSTATUSCODES",  # RFC 2034
             "SMTPUTF8",  # RFC 6531
-            *self.commands.capabilities(),
+            *self.commands.capabilities(self),  # STARTTLS and AUTH, when offered
         ]
 
     # --- the session: EHLO, HELO, RSET, NOOP, QUIT, HELP, VRFY, EXPN ----------
@@ -366,15 +397,63 @@ class SmtpSession(Session):
         return R250_OK
 
     def do_quit(self, argument: str) -> Reply:
-        """QUIT (RFC 5321 §4.1.1.10)."""
+        """QUIT (RFC 5321 §4.1.1.10): takes no argument."""
+        if argument.strip():
+            raise self._syntax_error("QUIT")
         return R221_BYE.format(host=self.settings.hostname)
 
     def do_help(self, argument: str) -> Reply:
         """HELP [string] (RFC 5321 §4.1.1.8): from the command table."""
         command = self.commands.find(argument.strip()) if argument.strip() else None
         commands = [command] if command else list(self.commands)
-        text = "\n".join(f"{command.syntax}  ({command.rfc})" for command in commands)
+        # Reply text is US-ASCII (RFC 5321 §4.2): no section sign on the wire.
+        text = "\n".join(f"{command.syntax}  ({command.rfc.replace('§', 'section ')})"
+                         for command in commands)
         return R214_HELP.format(text=text)
+
+    # --- TLS and authentication (RFC 3207, RFC 4954) ------------------------------
+
+    def do_starttls(self, argument: str) -> Reply:
+        """STARTTLS (RFC 3207 §4): the TLS handshake, then the session starts afresh."""
+        if argument.strip():
+            raise self._syntax_error("STARTTLS")
+        if self.tls:
+            raise CommandError(R503_ALREADY_TLS)
+        if self.context.tls is None:
+            raise CommandError(R502_NOT_IMPLEMENTED.format(verb="STARTTLS"))
+        return R220_READY_FOR_TLS
+
+    def do_auth(self, argument: str) -> Reply:
+        """AUTH mechanism [initial-response] (RFC 4954 §4)."""
+        words = argument.split()
+        if not 1 <= len(words) <= 2:
+            raise self._syntax_error("AUTH")
+        if self.user is not None:
+            raise CommandError(R503_ALREADY_AUTHENTICATED)
+        mechanism = words[0].upper()
+        if mechanism not in SASL_MECHANISMS:
+            raise CommandError(R504_UNKNOWN_MECHANISM)
+        if not self.plaintext_auth_allowed():
+            raise CommandError(R538_ENCRYPTION_REQUIRED)
+        return self.start_sasl(mechanism, words[1] if len(words) == 2 else None)
+
+    def sasl_challenge(self, challenge: str) -> Reply:
+        return R334_CHALLENGE.format(challenge=challenge)
+
+    def sasl_finished(self, credentials: Credentials) -> Reply:
+        delay = self.settings.pop3.failed_login_delay  # one failed-login delay for both protocols
+        if self.login_blocked():
+            return R454_ADDRESS_BLOCKED.delayed(delay)
+        user = self.check_login(credentials.user,
+                                lambda name: self.context.users.check_password(name, credentials.password))
+        if user is None:
+            self.auth_failures += 1
+            if self.auth_failures >= self.settings.auth.max_failures_per_connection:
+                return R535_AUTH_FAILED.delayed(delay).followed_by(
+                    R421_TOO_MANY_AUTH_FAILURES.format(host=self.settings.hostname))
+            return R535_AUTH_FAILED.delayed(delay)
+        self.user = user
+        return R235_AUTHENTICATED
 
     def do_vrfy(self, argument: str) -> Reply:
         """VRFY string (RFC 5321 §3.5.3): 252, so nobody can list our users."""
@@ -414,6 +493,8 @@ class SmtpSession(Session):
             if value is not None:
                 raise CommandError(R501_SYNTAX.format(syntax="SMTPUTF8"))
             envelope.smtputf8 = True
+        elif keyword == "AUTH" and value is not None:
+            pass  # RFC 4954 §5: who the client says submitted it; we trust only our own AUTH
         else:
             raise CommandError(R555_UNKNOWN_PARAMETER.format(parameter=keyword))
 
@@ -445,7 +526,9 @@ class SmtpSession(Session):
         # Address keeps its domain lower-cased; a --domain may be written in capitals.
         local_domains = {domain.lower() for domain in self.settings.domains}
         if recipient.domain and recipient.domain not in local_domains:
-            if self._client_trusted():
+            # Relaying is for clients who logged in or sit in a trusted network;
+            # the outbound queue that would carry their mail is not built yet.
+            if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
                 raise CommandError(R451_RELAY_UNAVAILABLE.format(address=recipient))
             raise CommandError(R554_RELAY_DENIED.format(address=recipient))
         local_part = _unquoted(recipient.local_part).lower()
@@ -466,11 +549,6 @@ class SmtpSession(Session):
             log.error("postmaster mail cannot be delivered: no user to receive it")
             raise CommandError(R451_LOCAL_ERROR)
         return user
-
-    def _client_trusted(self) -> bool:
-        address = ipaddress.ip_address(self.peer[0])
-        return any(address in ipaddress.ip_network(network, strict=False)
-                   for network in self.settings.relay.trusted_networks)
 
     def do_data(self, argument: str) -> Reply:
         """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
@@ -516,8 +594,11 @@ class SmtpSession(Session):
     def _trace_header(self, queue_id: str) -> bytes:
         """Return-Path: and Received: (RFC 5321 §4.4), LF line ends as stored."""
         envelope = self.envelope
-        # RFC 3848 / RFC 6531 §3.7.3: the "with" protocol name.
-        protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        # RFC 3848 / RFC 6531 §3.7.3: the "with" protocol name, S for TLS, A for AUTH.
+        protocol = "SMTP"
+        if self.esmtp:
+            protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + ("S" if self.tls else "") + (
+                "A" if self.user else "")
         recipient = f"\n\tfor <{envelope.forward_paths[0]}>" if len(envelope.forward_paths) == 1 else ""
         date = email.utils.formatdate(localtime=True)
         header = (f"Return-Path: <{envelope.reverse_path or ''}>\n"
@@ -535,6 +616,13 @@ _ANY = frozenset({_CONNECTED, _GREETED, _MAIL, _RCPT})
 SmtpSession.OTHER_TRANSITIONS = ((_DATA, "<CRLF>.<CRLF>", _GREETED),)
 
 SmtpSession.commands = CommandTable(
+    Command("STARTTLS", SmtpSession.do_starttls, frozenset({_CONNECTED, _GREETED}), "STARTTLS",
+            "RFC 3207 §4", capability="STARTTLS",
+            offered=lambda session: session.context.tls is not None and not session.tls,
+            moves={_CONNECTED: _CONNECTED, _GREETED: _CONNECTED}),
+    Command("AUTH", SmtpSession.do_auth, frozenset({_GREETED}), "AUTH mechanism [initial-response]",
+            "RFC 4954 §4", capability="AUTH " + " ".join(SASL_MECHANISMS),
+            offered=SmtpSession.plaintext_auth_allowed, secret_from=1),
     Command("EHLO", SmtpSession.do_ehlo, _ANY, "EHLO domain", "RFC 5321 §4.1.1.1",
             moves={state: _GREETED for state in _ANY}),
     Command("HELO", SmtpSession.do_helo, _ANY, "HELO domain", "RFC 5321 §4.1.1.1",
@@ -555,3 +643,28 @@ SmtpSession.commands = CommandTable(
     Command("QUIT", SmtpSession.do_quit, _ANY, "QUIT", "RFC 5321 §4.1.1.10",
             moves={state: None for state in _ANY}),
 )
+
+
+class SubmissionSession(SmtpSession):
+    """Message submission (RFC 6409): the port a user's mail program sends through.
+
+    The same SMTP, with two rules more: MAIL needs a logged-in user (RFC 6409
+    §4.3, answered 530 as RFC 4954 §6 says), and that user may send only as
+    themselves, an address of their own name in one of our domains (§6.1).
+    """
+
+    def do_mail(self, argument: str) -> Reply:
+        """MAIL FROM:<reverse-path> (RFC 6409 §4.3, §6.1): AUTH first, own address only."""
+        if self.user is None:
+            raise CommandError(R530_AUTH_REQUIRED)
+        sender, _ = self._path_argument("MAIL", "FROM", argument, null_allowed=True)
+        owned = (sender is not None and sender.domain in {domain.lower() for domain in self.settings.domains}
+                 and _unquoted(sender.local_part).lower() == self.user)
+        if not owned:
+            raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
+        return super().do_mail(argument)
+
+
+SubmissionSession.commands = CommandTable(*(
+    dataclasses.replace(command, handler=SubmissionSession.do_mail) if command.verb == "MAIL" else command
+    for command in SmtpSession.commands))

@@ -127,6 +127,8 @@ class Connection:
             if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
                 self.flush()
         self.tracer.server_body(self.session, body_lines, body_octets)
+        if reply.then is not None:
+            self.send(reply.then)
         if reply.after is After.CLOSE:
             self.flush()
 
