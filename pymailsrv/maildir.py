@@ -41,6 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from pymailsrv.durable import fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
     InsufficientStorage,
@@ -58,15 +59,6 @@ SEEN_FLAG = "S"
 _FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 _delivery_counter = itertools.count(1)
-
-
-def _fsync_directory(path: Path) -> None:
-    """Make a rename or link into ``path`` durable (the directory entry itself)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _storage_error(error: OSError, doing: str) -> StorageError:
@@ -309,7 +301,7 @@ class IncomingMaildirMessage:
                 os.link(self._tmp_path, target)
                 linked.append(target)
             for maildir in self._maildirs:
-                _fsync_directory(maildir / "new")
+                fsync_directory(maildir / "new")
         except OSError as error:
             for target in linked:
                 target.unlink(missing_ok=True)
@@ -397,7 +389,7 @@ class MaildirMaildrop:
 
     def expunge(self, keys: Iterable[str]) -> int:
         failures = sum(not self._remove(key) for key in keys)
-        _fsync_directory(self._path / "cur")
+        fsync_directory(self._path / "cur")
         return failures
 
     def _remove(self, key: str) -> bool:

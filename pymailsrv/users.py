@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import fcntl
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
 
 # Server state lives here, beside the users' Maildirs; a user name can never
 # be this (it may not start with a dot).
@@ -97,28 +96,23 @@ def verify_password(password: str, phc: str) -> bool:
 _DECOY_HASH = hash_password(secrets.token_hex(8))
 
 
+def _read_users(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)["users"]
+
+
 class UserStore:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / "users.json"
         self._lock_path = self.state_dir / "users.lock"
-        self._cache_lock = threading.Lock()
-        self._cache: tuple[tuple[int, int, int], dict] | None = None
+        self._file = ChangedFile(self.path, _read_users, missing={})
 
     # --- reading ---------------------------------------------------------------
 
     def _load(self) -> dict[str, dict[str, str]]:
         """The users, re-read only when the file changed on disk."""
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return {}
-        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-        with self._cache_lock:
-            if self._cache is None or self._cache[0] != signature:
-                with open(self.path, encoding="utf-8") as file:
-                    self._cache = (signature, json.load(file)["users"])
-            return self._cache[1]
+        return self._file.get()
 
     def names(self) -> list[str]:
         return sorted(self._load())
@@ -142,26 +136,10 @@ class UserStore:
     @contextlib.contextmanager
     def _editing(self) -> Iterator[dict[str, dict[str, str]]]:
         """Read, let the caller change, and atomically write the users, under the lock."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(self._lock_path):
             users = dict(self._load())
             yield users
-            temporary = self.path.with_suffix(".tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            # O_CREAT's mode applies only to a new file; one left over by a
-            # crash keeps its old mode unless we set it.
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as file:
-                json.dump({"users": users}, file, indent=2, sort_keys=True)
-                file.flush()
-                os.fsync(file.fileno())
-            os.replace(temporary, self.path)
-            directory = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            write_atomically(self.path, json.dumps({"users": users}, indent=2, sort_keys=True).encode("utf-8"))
 
     def add(self, name: str, password: str, apop: bool = False) -> None:
         with self._editing() as users:

@@ -1,0 +1,98 @@
+"""Files that survive a crash, and files that a running server re-reads.
+
+Three small tools that ``users.py``, ``aliases.py`` and ``outqueue.py``
+share, so that the discipline is written once:
+
+* ``fsync_directory(path)``: a ``rename`` or ``link`` is only durable once
+  the directory that holds the new name is fsynced (``fsync(2)``: syncing a
+  file "does not necessarily ensure that the entry in the directory
+  containing the file has also reached disk").
+* ``write_atomically(path, data)``: the new content goes into a temporary
+  file beside the old one, is fsynced, renamed over it (``rename(2)`` is
+  atomic: a reader sees the old file or the new one, never half of one) and
+  the directory is fsynced. A crash at any point leaves the old file or the
+  new one.
+* ``exclusive_lock(path)``: an ``flock`` held for a read-modify-write, so two
+  writers (the CLI and a running server, or two CLI runs) cannot both read
+  the old content and each write back their own change. The kernel drops
+  the lock when the process dies: no stale lock survives a crash.
+* ``ChangedFile``: the parsed content of a file, parsed again only when the
+  file's identity (inode, modification time, size) changes. An atomic
+  rewrite always changes the inode, so an edit through the CLI is seen at
+  once; so is an edit in a text editor, which changes the time or size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def fsync_directory(path: Path) -> None:
+    """Make a rename or link into ``path`` durable (the directory entry itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: old content or new after a crash, never a mix."""
+    temporary = path.with_name(path.name + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        # O_CREAT's mode applies only to a new file; one left over by a
+        # crash keeps its old mode unless we set it.
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    os.replace(temporary, path)
+    fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if need be) for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file drops the lock
+
+
+class ChangedFile(Generic[T]):
+    """``parse(path)``'s result, recomputed only when the file changes on disk.
+
+    ``get()`` returns ``missing`` while the file does not exist. Threads may
+    share one ``ChangedFile``: the check and the re-read happen under a lock.
+    """
+
+    def __init__(self, path: Path, parse: Callable[[Path], T], missing: T) -> None:
+        self.path = path
+        self._parse = parse
+        self._missing = missing
+        self._lock = threading.Lock()
+        self._cache: tuple[tuple[int, int, int], T] | None = None
+
+    def get(self) -> T:
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            return self._missing
+        signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            if self._cache is None or self._cache[0] != signature:
+                self._cache = (signature, self._parse(self.path))
+            return self._cache[1]
