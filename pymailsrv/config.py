@@ -147,6 +147,8 @@ class Settings:
     # Let passwords cross unencrypted connections from anywhere (a lab on
     # its own network); off, only auth.local_networks may (RFC 8314 §3).
     allow_plaintext_auth: bool = False
+    # Fault scripts for testing mail clients (faults.py); never on a real server.
+    faults: tuple[str, ...] = ()
     pop3: Pop3Settings = field(default_factory=Pop3Settings)
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)

@@ -180,6 +180,9 @@ class Pop3Session(Session):
     def is_error(self, reply: Reply) -> bool:
         return not reply.ok
 
+    def named_user(self) -> str | None:
+        return self.user or self.pending_user
+
     def tls_started(self) -> None:
         super().tls_started()
         self.pending_user = None  # RFC 2595 §4: forget what was said in plaintext

@@ -33,6 +33,10 @@ class After(enum.Enum):
     CLOSE = "close"
     # Begin the TLS handshake (STARTTLS, STLS); see Connection.start_tls.
     START_TLS = "start-tls"
+    # Injected faults (faults.py): hang up without sending the reply at all,
+    # or after sending it only in part (a multi-line reply without its end).
+    DROP = "drop"
+    DROP_MID = "drop-mid"
 
 
 @dataclass(frozen=True)
@@ -106,7 +110,8 @@ class Pop3Reply(Reply):
                 yield b"." + line + CRLF
             else:
                 yield line + CRLF
-        yield b"." + CRLF
+        if self.after is not After.DROP_MID:  # a reply cut off never reaches its end
+            yield b"." + CRLF
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
+from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import AUTH_FAILURE_WINDOW_SECONDS, AUTH_MAX_FAILURES_PER_ADDRESS
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.pop3 import Pop3Session
@@ -53,6 +54,8 @@ class ServerContext:
     store: MaildirStore
     tracer: Tracer
     tls: ssl.SSLContext | None = None  # None: no certificate, no STARTTLS/STLS
+    # Injected faults (faults.py); empty on a server run for real.
+    faults: FaultPlan = field(default_factory=FaultPlan)
     # Failed logins per client address, shared by every session.
     throttle: FailureThrottle = field(default_factory=lambda: FailureThrottle(
         AUTH_MAX_FAILURES_PER_ADDRESS, AUTH_FAILURE_WINDOW_SECONDS))
@@ -111,6 +114,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError(f"cannot load the TLS certificate {str(cert)!r}: {error}") from None
 
 
+def fault_plan(settings: Settings) -> FaultPlan:
+    try:
+        return FaultPlan(settings.faults)
+    except FaultError as error:
+        raise ConfigError(str(error)) from None
+
+
 def default_certificate_paths(settings: Settings) -> tuple[Path, Path]:
     """Where 'pymailsrv cert generate' writes, and 'start' looks when none is configured."""
     directory = settings.state_dir / "tls"
@@ -142,6 +152,7 @@ class MailServer:
             tracer=tracer or Tracer(trace_options(settings)),
             throttle=FailureThrottle(settings.auth.max_failures_per_address, settings.auth.failure_window),
             tls=tls_context(settings),
+            faults=fault_plan(settings),
         )
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []

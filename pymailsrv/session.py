@@ -26,6 +26,7 @@ state (``max_errors``); past it the session answers once more and closes.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import ipaddress
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, ClassVar
 from pymailsrv.auth import Credentials, SaslCancelled, SaslError, SaslExchange
 from pymailsrv.commands import Command, CommandTable
 from pymailsrv.limits import SASL_LINE_MAX
-from pymailsrv.replies import CommandError, Reply
+from pymailsrv.replies import After, CommandError, Reply
 from pymailsrv.users import UserError, check_user_name
 
 if TYPE_CHECKING:
@@ -93,6 +94,10 @@ class Session:
         self.tls = False  # set by the transport once a TLS handshake is done
         self._line_handler: LineHandler = self.dispatch
         self._input_kind = InputKind.COMMANDS
+        # Injected faults (faults.py): matching commands seen per fault, and
+        # whether to hang up at the next line of message text.
+        self.fault_counts: dict[str, int] = {}
+        self.drop_in_text = False
 
     # --- what each protocol supplies -------------------------------------
 
@@ -138,6 +143,8 @@ class Session:
     # --- the shared machinery ----------------------------------------------
 
     def handle_line(self, line: bytes, too_long: bool = False) -> Reply | None:
+        if self.drop_in_text and self.collecting_text:
+            return dataclasses.replace(self.INTERNAL_ERROR, after=After.DROP)
         return self._line_handler(line, too_long)
 
     @property
@@ -163,6 +170,9 @@ class Session:
             return self._counted(self.UNKNOWN_COMMAND)
         if self.state not in command.states:
             return self._counted(self.WRONG_STATE.format(verb=command.verb, state=self.state.name))
+        faults = self.context.faults
+        if faults:
+            return self._counted(faults.run(self, command.verb, argument, lambda: self._run(command, argument)))
         return self._counted(self._run(command, argument))
 
     def _run(self, command: Command, argument: str) -> Reply:
@@ -189,6 +199,10 @@ class Session:
         return reply
 
     # --- authentication, shared by both protocols ------------------------------
+
+    def named_user(self) -> str | None:
+        """The user the client has logged in as, or says it is about to."""
+        return self.user
 
     def plaintext_auth_allowed(self) -> bool:
         """May a password cross this connection? Over TLS, from a local network,

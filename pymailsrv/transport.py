@@ -45,6 +45,9 @@ log = logging.getLogger("pymailsrv.transport")
 # Flush the output buffer once it holds this much, even mid-reply (a RETR).
 OUTPUT_FLUSH_THRESHOLD = 256 * 1024
 
+# Replies after which the connection ends (the last two only by injected faults).
+_ENDINGS = (After.CLOSE, After.DROP, After.DROP_MID)
+
 
 class ConnectionClosed(Exception):
     """The client went away."""
@@ -111,6 +114,8 @@ class Connection:
     # --- output ----------------------------------------------------------------
 
     def send(self, reply: Reply) -> None:
+        if reply.after is After.DROP:
+            return  # an injected fault: hang up without a word
         if reply.delay:
             self.flush()
             time.sleep(reply.delay)
@@ -129,7 +134,7 @@ class Connection:
         self.tracer.server_body(self.session, body_lines, body_octets)
         if reply.then is not None:
             self.send(reply.then)
-        if reply.after is After.CLOSE:
+        if reply.after in (After.CLOSE, After.DROP_MID):
             self.flush()
 
     def flush(self) -> None:
@@ -169,7 +174,7 @@ class Connection:
             self.start_tls()
         reply: Reply | None = session.greeting()
         self.send(reply)
-        while reply is None or reply.after is not After.CLOSE:
+        while reply is None or reply.after not in _ENDINGS:
             self.sock.settimeout(session.timeout)
             try:
                 line, too_long = self.read_line(session.line_limit)
@@ -181,6 +186,8 @@ class Connection:
                 self.send(reply)
                 if reply.after is After.START_TLS:
                     self.start_tls()
+        if reply.after is not After.CLOSE:
+            return f"fault: {reply.after.value}"
         return "closed: " + reply.summary
 
     def _answer(self, line: bytes, too_long: bool) -> Reply | None:

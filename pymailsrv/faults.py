@@ -1,0 +1,179 @@
+"""Deterministic fault scripts: make the server misbehave on purpose, exactly when asked.
+
+Code that sends or fetches mail must cope with a server that says no, stalls
+or hangs up. A fault script says precisely when that happens, so a test of
+that code is repeatable (unlike "chaos" servers that fail at random)::
+
+    smtp:RCPT#2=452 4.2.2 mailbox full      the 2nd RCPT of each session gets 452
+    smtp:MAIL=421                           every MAIL gets 421, and the server hangs up
+    pop3:RETR 3=-ERR [SYS/TEMP] disk error  RETR 3 fails
+    smtp:RCPT[bob@localhost]=550 5.1.1 no   only RCPTs that name bob@localhost
+    pop3:PASS[alice]=-ERR [AUTH] refused    refuse alice's logins
+    smtp:DATA=drop-mid                      hang up in the middle of the message text
+    pop3:RETR=drop-mid                      hang up halfway through the message
+    smtp:EHLO=drop                          hang up instead of answering
+    smtp:MAIL*1=delay 500                   the first MAIL on this server waits 0.5 s
+
+The grammar::
+
+    spec    = protocol ":" step [ "[" match "]" ] [ "#" nth ] [ "*" times ] "=" action
+    step    = VERB [ " " argument ]   the command, and optionally how its argument starts
+    match   = text the argument or the logged-in user must contain
+    nth     = fire at the nth matching command of each session (default: every one)
+    times   = fire at most this many times on this server (default: no limit)
+    action  = a reply ("452 4.2.2 text", "-ERR [CODE] text", "+OK text", "421")
+            | "drop" | "drop-mid" | "delay MILLISECONDS"
+
+A reply or ``drop`` replaces the command: its handler never runs, so nothing
+is stored or changed for this or any other session. ``delay`` runs it and
+answers late; ``drop-mid`` runs it, then hangs up partway (halfway through a
+multi-line reply, or after the first line of DATA's text, discarded). Every
+fault that fires is marked in the trace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pymailsrv.replies import After, Pop3Reply, Reply, SmtpReply
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from pymailsrv.session import Session
+
+_SPEC = re.compile(
+    r"(?P<protocol>smtp|pop3):(?P<verb>[A-Za-z]+)(?: (?P<argument>[^\[#*=]+))?"
+    r"(?:\[(?P<match>[^\]]+)\])?(?:#(?P<nth>\d+))?(?:\*(?P<times>\d+))?=(?P<action>.+)",
+    re.IGNORECASE)
+_SMTP_REPLY = re.compile(r"(?P<code>[2-5]\d\d)(?: (?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?(?: (?P<text>.*))?")
+_POP3_REPLY = re.compile(r"(?P<status>\+OK|-ERR)(?: \[(?P<code>[^\]]+)\])?(?: (?P<text>.*))?")
+_DELAY = re.compile(r"delay (?P<milliseconds>\d+)")
+
+DROP = "drop"
+DROP_MID = "drop-mid"
+
+
+class FaultError(ValueError):
+    """A fault spec that does not follow the grammar; the message says why."""
+
+
+def _reply(protocol: str, action: str) -> Reply:
+    """The reply a fault answers with, parsed from the spec's action."""
+    if protocol == "smtp":
+        found = _SMTP_REPLY.fullmatch(action)
+        if not found:
+            raise FaultError(f"an SMTP fault reply looks like '452 4.2.2 text', not {action!r}")
+        code = int(found["code"])
+        reply = SmtpReply(code, found["enhanced"], found["text"] or "injected fault",
+                          note="an injected fault (--fault)")
+        # RFC 5321 §3.8: a 421 means the server is closing the connection.
+        return reply.closing() if code == 421 else reply
+    found = _POP3_REPLY.fullmatch(action)
+    if not found:
+        raise FaultError(f"a POP3 fault reply looks like '-ERR [SYS/TEMP] text', not {action!r}")
+    return Pop3Reply(ok=found["status"] == "+OK", text=found["text"] or "injected fault", code=found["code"],
+                     note="an injected fault (--fault)")
+
+
+@dataclass
+class Fault:
+    spec: str
+    protocol: str
+    verb: str
+    argument: str | None
+    match: str | None
+    nth: int | None
+    times: int | None
+    action: str  # DROP, DROP_MID, "delay", or "reply"
+    reply: Reply | None = None
+    delay: float = 0.0
+    fired: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Fault":
+        found = _SPEC.fullmatch(spec.strip())
+        if not found:
+            raise FaultError(f"bad fault {spec!r}: expected PROTOCOL:VERB[#N][*N]=ACTION, "
+                             f"e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'")
+        protocol, action = found["protocol"].lower(), found["action"].strip()
+        fault = cls(spec=spec.strip(), protocol=protocol, verb=found["verb"].upper(),
+                    argument=found["argument"].strip() if found["argument"] else None, match=found["match"],
+                    nth=int(found["nth"]) if found["nth"] else None,
+                    times=int(found["times"]) if found["times"] else None, action="reply")
+        delay = _DELAY.fullmatch(action)
+        if action in (DROP, DROP_MID):
+            fault.action = action
+        elif delay:
+            fault.action, fault.delay = "delay", int(delay["milliseconds"]) / 1000
+        else:
+            fault.reply = _reply(protocol, action)
+        return fault
+
+    def matches(self, session: Session, verb: str, argument: str) -> bool:
+        if session.protocol not in (self.protocol, "submission") or verb != self.verb:
+            return False
+        if self.argument is not None and not argument.upper().startswith(self.argument.upper()):
+            return False
+        return (self.match is None or self.match.lower() in argument.lower()
+                or self.match == session.named_user())
+
+    def claim(self, occurrence: int) -> bool:
+        """Should the fault fire for this session's ``occurrence``-th matching command?"""
+        if self.nth is not None and occurrence != self.nth:
+            return False
+        with self._lock:  # sessions run in threads of their own
+            if self.times is not None and self.fired >= self.times:
+                return False
+            self.fired += 1
+            return True
+
+
+class FaultPlan:
+    """The faults of one server; sessions ask it before running each command."""
+
+    def __init__(self, specs: tuple[str, ...] | list[str] = ()) -> None:
+        self.faults = [Fault.parse(spec) for spec in specs]
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def add(self, spec: str) -> Fault:
+        fault = Fault.parse(spec)
+        self.faults.append(fault)
+        return fault
+
+    def run(self, session: Session, verb: str, argument: str, handler: Callable[[], Reply]) -> Reply:
+        """The reply to a command: its handler's, unless a fault fires."""
+        for fault in self.faults:
+            if not fault.matches(session, verb, argument):
+                continue
+            occurrence = session.fault_counts[fault.spec] = session.fault_counts.get(fault.spec, 0) + 1
+            if fault.claim(occurrence):
+                session.context.tracer.event(session, f"FAULT injected: {fault.spec}")
+                return _apply(fault, session, handler)
+        return handler()
+
+
+def _apply(fault: Fault, session: Session, handler: Callable[[], Reply]) -> Reply:
+    if fault.reply is not None:
+        return fault.reply
+    if fault.action == DROP:
+        return dataclasses.replace(session.INTERNAL_ERROR, after=After.DROP)
+    reply = handler()
+    if fault.action == "delay":
+        return reply.delayed(reply.delay + fault.delay)
+    # drop-mid: at DATA's first line of text; halfway through a multi-line
+    # reply, its end never sent; after a one-line reply.
+    if session.collecting_text:
+        session.drop_in_text = True
+        return reply
+    if isinstance(reply, Pop3Reply) and reply.lines is not None:
+        lines = list(reply.lines)
+        return dataclasses.replace(reply, lines=lines[: len(lines) // 2], after=After.DROP_MID)
+    return reply.closing()

@@ -1,0 +1,45 @@
+"""The ``mail_server`` fixture for pytest, registered through the pytest11 entry point.
+
+``pip install pymailsrv`` is enough to have it in any test suite::
+
+    import smtplib
+    import pytest
+
+    @pytest.mark.mail_server(users={"alice": "secret"}, faults=["smtp:RCPT#2=452 4.2.2 mailbox full"])
+    def test_second_recipient_is_retried(mail_server):
+        with smtplib.SMTP(mail_server.host, mail_server.smtp_port) as client:
+            refused = client.sendmail("me@example.org", ["alice@localhost", "alice@localhost"], b"hi")
+        assert refused == {"alice@localhost": (452, b"4.2.2 mailbox full")}
+
+The marker takes ``users``, ``faults`` and ``domains``; ``--mail-fault SPEC``
+(repeatable) adds faults to every mail_server of the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from pymailsrv.testing import MailServer
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--mail-fault", action="append", default=[], metavar="SPEC",
+                     help="a pymailsrv fault script for every mail_server fixture (repeatable)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "mail_server(users=None, faults=None, domains=None): "
+                                       "configure the pymailsrv mail_server fixture")
+
+
+@pytest.fixture
+def mail_server(request: pytest.FixtureRequest) -> Iterator[MailServer]:
+    """A running pymailsrv (SMTP and POP3 on 127.0.0.1), stopped after the test."""
+    marker = request.node.get_closest_marker("mail_server")
+    options = dict(marker.kwargs) if marker else {}
+    faults = [*request.config.getoption("--mail-fault"), *options.get("faults", ())]
+    with MailServer(users=options.get("users"), domains=tuple(options.get("domains", ("localhost",))),
+                    faults=faults) as server:
+        yield server

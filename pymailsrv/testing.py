@@ -1,0 +1,154 @@
+"""An embedded mail server for the tests of code that sends or fetches mail.
+
+``MailServer`` starts SMTP and POP3 on 127.0.0.1, on free ports, over a
+temporary data root, inside the test process (threads, no subprocess), and
+stops and removes it all when the ``with`` block ends, whether the test
+passed or not::
+
+    from pymailsrv.testing import MailServer
+
+    def test_welcome_mail_is_sent():
+        with MailServer(users={"alice": "secret"}) as server:
+            send_welcome("alice@localhost", smtp_host=server.host, smtp_port=server.smtp_port)
+            [message] = server.wait_for_messages("alice", 1)
+            assert message["Subject"] == "Welcome"
+
+Installed with pymailsrv, the pytest plugin (``pytest_plugin.py``) offers the
+same server as the ``mail_server`` fixture. ``faults`` takes fault scripts
+(``faults.py``) such as ``"smtp:RCPT#2=452 4.2.2 mailbox full"``, to see how
+the code under test copes with a server that says no.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import tempfile
+import time
+from email.message import EmailMessage
+from email.parser import BytesParser
+from pathlib import Path
+from types import TracebackType
+
+from pymailsrv.config import load_settings
+from pymailsrv.server import MailServer as _Server
+from pymailsrv.users import check_user_name
+
+# How often wait_for_messages looks at the Maildir while it waits.
+POLL_SECONDS = 0.02
+
+
+class MailServer:
+    """SMTP and POP3 for one test: a context manager (or start()/stop())."""
+
+    def __init__(self, users: dict[str, str] | None = None, *, domains: tuple[str, ...] = ("localhost",),
+                 faults: tuple[str, ...] | list[str] = (), trace: bool = False) -> None:
+        self._users = dict(users or {})
+        self._domains = tuple(domains)
+        self._faults = tuple(faults)
+        self._trace = trace
+        self._directory: tempfile.TemporaryDirectory | None = None
+        self._server: _Server | None = None
+        self._parser = BytesParser(policy=email.policy.default)
+
+    # --- life cycle ---------------------------------------------------------------
+
+    def start(self) -> "MailServer":
+        self._directory = tempfile.TemporaryDirectory(prefix="pymailsrv-test-")
+        settings = load_settings(config=None, overrides={
+            "root": self._directory.name, "host": "127.0.0.1", "domains": list(self._domains),
+            "trace": self._trace, "faults": list(self._faults),
+            # A test wants answers now: no delay after a wrong password.
+            "pop3": {"port": 0, "failed_login_delay": 0}, "smtp": {"port": 0},
+        })
+        try:
+            self._server = _Server(settings).start()
+            for name, password in self._users.items():
+                self.add_user(name, password)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._directory is not None:
+            self._directory.cleanup()
+            self._directory = None
+
+    def __enter__(self) -> "MailServer":
+        return self.start()
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.stop()
+
+    # --- where it listens -----------------------------------------------------------
+
+    @property
+    def _running(self) -> _Server:
+        if self._server is None:
+            raise RuntimeError("the mail server is not running (use it inside 'with MailServer() as server')")
+        return self._server
+
+    @property
+    def host(self) -> str:
+        return self._running.addresses["smtp"][0]
+
+    @property
+    def smtp_port(self) -> int:
+        return self._running.addresses["smtp"][1]
+
+    @property
+    def pop3_port(self) -> int:
+        return self._running.addresses["pop3"][1]
+
+    @property
+    def root(self) -> Path:
+        return self._running.settings.root
+
+    # --- users and mail ----------------------------------------------------------------
+
+    def add_user(self, name: str, password: str) -> str:
+        """Create an account and its Maildir; returns its address in the first domain."""
+        context = self._running.context
+        user = check_user_name(name)
+        context.users.add(user, password)
+        context.store.create_maildir(user)
+        return f"{user}@{self._domains[0]}"
+
+    def add_fault(self, spec: str) -> None:
+        """Add a fault script while the server runs (``faults.py`` grammar)."""
+        self._running.context.faults.add(spec)
+
+    def deliver(self, user: str, message: bytes | str | EmailMessage) -> str:
+        """Put a message straight into ``user``'s Maildir; returns its queue id."""
+        if isinstance(message, EmailMessage):
+            message = message.as_bytes(policy=email.policy.SMTP)
+        elif isinstance(message, str):
+            message = message.encode("utf-8")
+        return self._running.context.store.deliver(check_user_name(user), message)
+
+    def messages(self, user: str) -> list[EmailMessage]:
+        """Every message in ``user``'s mailbox, oldest first, parsed."""
+        parsed = []
+        for _, path in self._running.context.store.messages(check_user_name(user)):
+            try:
+                with open(path, "rb") as file:
+                    parsed.append(self._parser.parse(file))
+            except FileNotFoundError:
+                continue  # a POP3 client deleted it meanwhile
+        return parsed
+
+    def wait_for_messages(self, user: str, count: int, timeout: float = 5.0) -> list[EmailMessage]:
+        """Wait until ``user`` has at least ``count`` messages; AssertionError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages(user)
+            if len(found) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_SECONDS)
+        if len(found) < count:
+            raise AssertionError(f"{user} has {len(found)} messages after {timeout} s, expected {count}")
+        return found

@@ -1,0 +1,231 @@
+"""The test kit: pymailsrv.testing.MailServer, the mail_server fixture, and fault scripts.
+
+Each fault kind is observed the way application code would meet it: through
+a real smtplib or poplib client.
+"""
+
+from __future__ import annotations
+
+import io
+import poplib
+import smtplib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pymailsrv.faults import Fault, FaultError
+from pymailsrv.server import MailServer as Server, trace_options
+from pymailsrv.testing import MailServer
+from pymailsrv.trace import Tracer
+from tests.conftest import CLIENT_TIMEOUT, make_settings
+
+MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"
+
+
+def send_welcome(address: str, host: str, port: int) -> None:
+    """The 'application code' under test: it sends one mail with smtplib."""
+    with smtplib.SMTP(host, port, timeout=CLIENT_TIMEOUT) as client:
+        client.sendmail("app@example.org", [address], b"Subject: Welcome\r\n\r\nHello!\r\n")
+
+
+# --- MailServer and the fixture ----------------------------------------------------------
+
+
+@pytest.mark.mail_server(users={"alice": "secret"})
+def test_the_fixture_serves_a_test_of_code_that_sends_mail(mail_server):
+    send_welcome("alice@localhost", mail_server.host, mail_server.smtp_port)
+    [message] = mail_server.wait_for_messages("alice", 1)
+    assert message["Subject"] == "Welcome"
+    assert message.get_content() == "Hello!\n"
+
+
+def test_mail_server_is_a_context_manager_that_cleans_up_even_when_the_test_fails():
+    with pytest.raises(ZeroDivisionError):
+        with MailServer(users={"bob": "pw"}) as server:
+            root, port = server.root, server.pop3_port
+            raise ZeroDivisionError
+    assert not root.exists()
+    with pytest.raises(OSError):
+        poplib.POP3("127.0.0.1", port, timeout=1)
+
+
+def test_users_deliver_and_pop3_see_the_same_mailbox():
+    with MailServer() as server:
+        assert server.add_user("carol", "pw") == "carol@localhost"
+        server.deliver("carol", "Subject: one\n\nfirst\n")
+        client = poplib.POP3(server.host, server.pop3_port, timeout=CLIENT_TIMEOUT)
+        client.user("carol")
+        client.pass_("pw")
+        assert client.stat() == (1, 23)
+        client.quit()
+        assert [message["Subject"] for message in server.messages("carol")] == ["one"]
+
+
+def test_wait_for_messages_gives_up_with_a_clear_assertion():
+    with MailServer(users={"dave": "pw"}) as server:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="dave has 0 messages after 0.2 s, expected 1"):
+            server.wait_for_messages("dave", 1, timeout=0.2)
+        assert time.monotonic() - started < 2
+
+
+# --- faults, seen from real clients --------------------------------------------------------
+
+
+@pytest.mark.mail_server(users={"alice": "pw", "bob": "pw"}, faults=["smtp:RCPT#2=452 4.2.2 mailbox full"])
+def test_a_reply_fault_answers_the_nth_command_of_each_session(mail_server):
+    for _ in range(2):  # each session counts its own RCPTs
+        with smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+            refused = client.sendmail("me@example.org", ["alice@localhost", "bob@localhost"], MESSAGE)
+        assert refused == {"bob@localhost": (452, b"4.2.2 mailbox full")}
+    assert len(mail_server.messages("alice")) == 2
+    assert mail_server.messages("bob") == []  # the fault changed nothing stored
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:MAIL=421"])
+def test_a_421_fault_closes_the_connection(mail_server):
+    client = smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT)
+    client.ehlo()
+    assert client.mail("me@example.org") == (421, b"injected fault")
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.noop()
+
+
+def _pop3_login(server: MailServer, user: str = "alice", password: str = "pw") -> poplib.POP3:
+    client = poplib.POP3(server.host, server.pop3_port, timeout=CLIENT_TIMEOUT)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["pop3:RETR 3=-ERR [SYS/TEMP] disk error"])
+def test_a_pop3_fault_matches_the_command_argument(mail_server):
+    for number in range(3):
+        mail_server.deliver("alice", f"Subject: {number}\n\n{number}\n")
+    client = _pop3_login(mail_server)
+    assert client.retr(2)[0] == b"+OK 17 octets"
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[SYS/TEMP\] disk error"):
+        client.retr(3)
+    client.quit()
+
+
+@pytest.mark.mail_server(users={"alice": "pw", "bob": "pw"}, faults=["pop3:PASS[alice]=-ERR [AUTH] refused"])
+def test_a_login_can_be_refused_for_one_user_only(mail_server):
+    with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] refused"):
+        _pop3_login(mail_server, "alice")
+    _pop3_login(mail_server, "bob").quit()
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:RCPT[bob@localhost]=550 5.1.1 no such user"])
+def test_a_fault_can_match_a_recipient(mail_server):
+    mail_server.add_user("bob", "pw")
+    with smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+        refused = client.sendmail("me@example.org", ["alice@localhost", "bob@localhost"], MESSAGE)
+    assert refused == {"bob@localhost": (550, b"5.1.1 no such user")}
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:EHLO=drop"])
+def test_a_drop_fault_hangs_up_instead_of_answering(mail_server):
+    client = smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT)
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        client.ehlo()
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:DATA=drop-mid"])
+def test_dropping_in_the_middle_of_data_stores_nothing(mail_server):
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        with smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+            client.sendmail("me@example.org", ["alice@localhost"], MESSAGE)
+    time.sleep(0.2)
+    assert mail_server.messages("alice") == []
+    assert list((mail_server.root / "alice" / "tmp").iterdir()) == []
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["pop3:RETR=drop-mid"])
+def test_dropping_in_the_middle_of_retr_deletes_nothing(mail_server):
+    mail_server.deliver("alice", b"Subject: long\n\n" + b"line\n" * 100)
+    client = _pop3_login(mail_server)
+    client.dele(1)  # marked, but the session will never reach UPDATE
+    client.rset()
+    client.dele(1)
+    with pytest.raises((poplib.error_proto, EOFError, OSError)):
+        client.retr(1)
+    time.sleep(0.2)
+    assert len(mail_server.messages("alice")) == 1
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:NOOP*1=delay 300"])
+def test_a_delay_fault_answers_late_and_fires_only_as_often_as_asked(mail_server):
+    with smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+        started = time.monotonic()
+        assert client.noop() == (250, b"2.0.0 OK")
+        assert time.monotonic() - started >= 0.3
+        started = time.monotonic()
+        assert client.noop() == (250, b"2.0.0 OK")
+        assert time.monotonic() - started < 0.3
+
+
+def test_faults_can_be_added_while_the_server_runs():
+    with MailServer(users={"alice": "pw"}) as server:
+        server.add_fault("smtp:VRFY=502 5.5.1 not today")
+        with smtplib.SMTP(server.host, server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+            assert client.verify("alice") == (502, b"5.5.1 not today")
+
+
+def test_a_server_with_faults_that_do_not_match_answers_exactly_as_without(root, add_user):
+    add_user("alice")
+
+    def dialogue(faults: tuple[str, ...]) -> list[tuple[int, bytes]]:
+        server = Server(make_settings(root, faults=list(faults), hostname="test.example")).start()
+        try:
+            with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+                replies = [client.ehlo("client.example"), client.mail("a@example.org"),
+                           client.rcpt("alice@localhost"), client.rcpt("nobody@localhost"), client.rset(),
+                           client.noop()]
+        finally:
+            server.stop()
+        return replies
+
+    assert dialogue(()) == dialogue(("smtp:EXPN=500 nope", "pop3:RETR=drop"))
+
+
+def test_the_trace_marks_every_injected_fault(root, add_user):
+    add_user("alice")
+    settings = make_settings(root, trace=True, faults=["smtp:NOOP=250 2.0.0 faked"])
+    stream = io.StringIO()
+    server = Server(settings, tracer=Tracer(trace_options(settings), stream)).start()
+    try:
+        with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.noop() == (250, b"2.0.0 faked")
+    finally:
+        server.stop()
+    assert "-- FAULT injected: smtp:NOOP=250 2.0.0 faked" in stream.getvalue()
+
+
+# --- the grammar ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["smtp:RCPT#2=452 4.2.2 mailbox full", "smtp:MAIL=421",
+                                  "pop3:RETR 3=-ERR [SYS/TEMP] disk error", "smtp:DATA=drop-mid",
+                                  "pop3:PASS[alice]*2=-ERR [AUTH] no", "smtp:MAIL=delay 50"])
+def test_the_issues_examples_parse(spec):
+    assert Fault.parse(spec).spec == spec
+
+
+@pytest.mark.parametrize("spec", ["RCPT=452", "imap:LOGIN=NO", "smtp:RCPT=45", "smtp:RCPT=hello",
+                                  "pop3:RETR=OK fine", "smtp:RCPT#x=452", "smtp:MAIL=delay fast"])
+def test_a_bad_spec_is_refused_with_the_reason(spec):
+    with pytest.raises(FaultError):
+        Fault.parse(spec)
+
+
+def test_the_cli_takes_faults_and_refuses_a_bad_one_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pymailsrv", "start", "--root", str(tmp_path),
+                             "--pop3-port", "0", "--smtp-port", "0", "--fault", "smtp:RCPT=nonsense"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "Error: an SMTP fault reply looks like '452 4.2.2 text', not 'nonsense'")
+    assert "Traceback" not in result.stderr
