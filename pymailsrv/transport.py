@@ -27,6 +27,7 @@ POP3 or SMTP; everything protocol-shaped comes from the session.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -64,10 +65,10 @@ class Connection:
         self._output = bytearray()
         self.octets_in = 0
         self.octets_out = 0
-        # True once the client sent something we have not yet answered with a
-        # flush: a line read without a fresh recv() was pipelined (the client
-        # did not wait for our previous reply). Transcripts record it.
-        self._received_since_flush = False
+        # Whether the line read last was pipelined: sent before our reply to
+        # the line before it - or our greeting - went out. Transcripts record
+        # it, and ``pymailsrv grade`` judges clients by it.
+        self.line_pipelined = False
 
     # --- input -----------------------------------------------------------------
 
@@ -77,8 +78,14 @@ class Connection:
         if not chunk:
             raise ConnectionClosed
         self.octets_in += len(chunk)
-        self._received_since_flush = True
         return chunk
+
+    def _input_waiting(self) -> bool:
+        """Has the client sent octets we have not read yet? Never blocks."""
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
+            return True
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return bool(readable)
 
     def read_line(self, limit: int) -> tuple[bytes, bool]:
         """One line with its line end, and whether it was longer than ``limit``.
@@ -87,6 +94,9 @@ class Connection:
         ``limit`` octets come back with its own line end (CRLF or LF) and True,
         so the session still knows how the line ended.
         """
+        # Replies not yet sent while the next line is already here, in our
+        # buffer or the kernel's: the client did not wait for them.
+        self.line_pipelined = bool(self._output) and (bool(self._input) or self._input_waiting())
         while True:
             end = self._input.find(b"\n", 0, limit)
             if end >= 0:
@@ -142,7 +152,6 @@ class Connection:
             self.sock.sendall(self._output)
             self.octets_out += len(self._output)
             self._output.clear()
-            self._received_since_flush = False
 
     def start_tls(self) -> None:
         """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
@@ -195,7 +204,7 @@ class Connection:
         if session.collecting_text:
             self.tracer.client_text_line(session, line)  # else summarised at the end
         else:
-            self.tracer.client_line(session, line, pipelined=not self._received_since_flush)
+            self.tracer.client_line(session, line, pipelined=self.line_pipelined)
         return session.handle_line(line, too_long)
 
 
