@@ -143,19 +143,32 @@ class Session:
     # --- the shared machinery ----------------------------------------------
 
     def handle_line(self, line: bytes, too_long: bool = False) -> Reply | None:
-        if self.drop_in_text and self.collecting_text:
-            return dataclasses.replace(self.INTERNAL_ERROR, after=After.DROP)
         return self._line_handler(line, too_long)
+
+    def handle_text(self, block: bytes, too_long: bool = False) -> tuple[Reply | None, bytes]:
+        """Whole lines of message text (while ``collecting_text``): the reply, if
+        the text ended, and the part of ``block`` after its end, not yet read."""
+        if self.drop_in_text:
+            return dataclasses.replace(self.INTERNAL_ERROR, after=After.DROP), b""
+        return self.take_text(block, too_long)
+
+    def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
+        raise NotImplementedError  # only protocols that collect text (SMTP DATA)
 
     @property
     def collecting_text(self) -> bool:
         """True while lines are message text, not commands (traces summarise them)."""
         return self._input_kind is InputKind.TEXT
 
-    def expect_lines(self, handler: LineHandler | None, kind: InputKind | None = None) -> None:
+    def expect_lines(self, handler: LineHandler | None, kind: InputKind = InputKind.SECRET) -> None:
         """Send the next lines to ``handler`` (None: back to commands)."""
         self._line_handler = handler or self.dispatch
-        self._input_kind = kind or (InputKind.TEXT if handler else InputKind.COMMANDS)
+        self._input_kind = kind if handler else InputKind.COMMANDS
+
+    def expect_text(self) -> None:
+        """What comes next is message text, for ``take_text``, until it ends."""
+        self._line_handler = self.dispatch
+        self._input_kind = InputKind.TEXT
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         """Look the verb up in the command table and run its handler."""

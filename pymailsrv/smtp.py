@@ -176,6 +176,36 @@ class MessageText:
         self.bare_line_end: str | None = None  # "LF" or "CR", the first seen
         self.storage_error: StorageError | None = None
 
+    def feed_block(self, block: bytes, too_long: bool) -> int | None:
+        """Take whole lines at once; the offset just past the end line, or None.
+
+        Most text is plain: CRLF line ends, no leading dot, no line too long.
+        A block of such lines is stored in one piece, with each CRLF made LF;
+        a block with anything else in it goes through ``feed`` line by line.
+        """
+        if not too_long and self._plain(block):
+            line_count = block.count(b"\n")
+            self.lines_read += line_count
+            self.octets_read += len(block)
+            self._after_crlf = True
+            self._store(block.replace(b"\r\n", b"\n"))
+            return None
+        offset = 0
+        while offset < len(block):
+            end = block.find(b"\n", offset) + 1 or len(block)
+            if self.feed(block[offset:end], too_long):
+                return end
+            offset = end
+        return None
+
+    @staticmethod
+    def _plain(block: bytes) -> bool:
+        """Only CRLF line ends, no line starting with a dot, none over the limit."""
+        line_ends = block.count(b"\n")
+        return (block.count(b"\r\n") == line_ends == block.count(b"\r") and not block.startswith(b".")
+                and b"\n." not in block
+                and max(map(len, block.split(b"\n"))) < TEXT_LINE_OCTETS)
+
     def feed(self, line: bytes, too_long: bool) -> bool:
         """Take one line as read; True if it was the end of the text."""
         if line == b".\r\n" and self._after_crlf and not too_long:
@@ -566,14 +596,19 @@ class SmtpSession(Session):
             raise CommandError(_storage_refusal(error)) from None
         self.text = MessageText(self._incoming, self.settings.smtp.max_message_size,
                                 self.settings.smtp.bare_newline == "normalize")
-        self.expect_lines(self._read_text)
+        self.expect_text()
         self.enter(SmtpState.DATA)
         return R354_START_DATA
 
-    def _read_text(self, line: bytes, too_long: bool) -> Reply | None:
-        if not self.text.feed(line, too_long):
-            return None
-        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, line)
+    def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
+        end = self.text.feed_block(block, too_long)
+        if end is None:
+            return None, b""
+        return self._end_of_text(), block[end:]
+
+    def _end_of_text(self) -> Reply:
+        """<CRLF>.<CRLF> came: refuse the text, or deliver it and say 250."""
+        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, b".")
         refusal = self.text.refusal()
         incoming, self._incoming = self._incoming, None
         try:
