@@ -1,0 +1,525 @@
+"""What ``pymailsrv grade`` judges: the client's side of a saved session, one rule each.
+
+The prober (``probe.py``) judges a *server*; this catalogue judges a
+*client*, from what pymailsrv recorded while a student's program talked to
+it (``trace.py``, ``transcripts.py``). Every client line of a transcript
+carries how it ended (``ending``: CRLF or LF) and whether it was
+``pipelined``, sent before our previous reply - the greeting included - had
+gone out. That, with the server's own lines, is enough to grade the rules a
+client must keep.
+
+A criterion is data (``Criterion``): a stable id a teacher can cite
+(``smtp.waits-for-greeting``), the protocol, the RFC section, the rule in
+one line, and ``check``, a function of the transcript that returns
+``(verdict, evidence)``:
+
+* ``True`` (PASS) or ``False`` (FAIL), with the line that shows it;
+* ``None`` (N/A) when the session never came near the rule - no DATA, no
+  password, no refusal - or the transcript cannot tell (message text
+  summarised because the server ran without ``--trace-bodies``).
+
+Only the client is judged. What the server did (a 421 for too many errors,
+a timeout while the client was typing DATA) never counts against it, and a
+rule the client could not have known about is N/A: a POP3 client that
+never asked CAPA was never told that STLS was offered.
+
+The catalogues, ``SMTP_CRITERIA`` and ``POP3_CRITERIA``, are at the foot of
+the module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from pymailsrv.pop3 import SESSION_CAPABILITIES
+from pymailsrv.replies import POP3_WRONG_STATE
+from pymailsrv.transcripts import Transcript
+
+Verdict = tuple["bool | None", str]
+
+# RFC 5321 §4.2.1 says not to repeat a refused request; a third identical
+# try in a row is where a retry turns into a loop.
+MAX_IDENTICAL_REFUSALS = 2
+# RFC 1939 §3: one command in the wrong state is a slip; the second is a pattern.
+MAX_WRONG_STATE_COMMANDS = 1
+# SASL mechanisms that put the password itself on the wire (RFC 4616, and
+# the de-facto LOGIN); challenge-response ones such as CRAM-MD5 do not.
+CLEARTEXT_MECHANISMS = {"PLAIN", "LOGIN"}
+
+# How the tracer writes summarised message text: "[212 lines, 14 380 octets]".
+_SUMMARY = re.compile(r"\[([\d ]+) lines?, ([\d ]+) octets?\]")
+# A client line recorded as "****": a credential the session masked.
+_MASK = "****"
+# POP3_WRONG_STATE's text with its fields as patterns, so a reworded
+# catalogue entry cannot silently stop this criterion from matching.
+_WRONG_STATE = re.compile(re.escape("-ERR " + POP3_WRONG_STATE.text)
+                          .replace(re.escape("{verb}"), r"(?P<verb>\S+)")
+                          .replace(re.escape("{state}"), r"(?P<state>\S+)"))
+
+
+# --- reading a transcript -----------------------------------------------------------
+
+
+@dataclass
+class Exchange:
+    """One client command line and what followed it, up to the next command.
+
+    ``text`` holds the lines of SMTP DATA (recorded without an ``ending``,
+    only with ``--trace-bodies``; otherwise a summary and the final dot), and
+    ``after_text`` the server's lines once the text had ended.
+    """
+
+    index: int  # position of the command in transcript.events
+    event: dict
+    replies: list[str] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    after_text: list[dict] = field(default_factory=list)
+    tls_before: bool = False  # a TLS handshake had been done when it was sent
+
+    @property
+    def line(self) -> str:
+        return self.event["line"]
+
+    @property
+    def verb(self) -> str:
+        return self.line.split(" ", 1)[0].upper()
+
+    @property
+    def arguments(self) -> list[str]:
+        return self.line.split()[1:]
+
+    @property
+    def reply(self) -> str:
+        """The first line of the server's answer ("" if none came)."""
+        return self.replies[0] if self.replies else ""
+
+    @property
+    def pipelined(self) -> bool:
+        return bool(self.event.get("pipelined"))
+
+
+def is_command(event: dict) -> bool:
+    """A client line read as a command (or a SASL answer), not as message text."""
+    return event["dir"] == "C" and "ending" in event
+
+
+def is_tls_start(event: dict) -> bool:
+    return event["dir"] == "--" and event["line"].startswith("TLS established")
+
+
+def exchanges(transcript: Transcript) -> list[Exchange]:
+    """The transcript as command -> replies, in order."""
+    found: list[Exchange] = []
+    tls = False
+    for index, event in enumerate(transcript.events):
+        if is_tls_start(event):
+            tls = True
+        elif is_command(event):
+            found.append(Exchange(index, event, tls_before=tls))
+        elif found and event["dir"] == "C":
+            found[-1].text.append(event["line"])
+        elif found and event["dir"] == "S":
+            if found[-1].text:
+                found[-1].after_text.append(event)
+            else:
+                found[-1].replies.append(event["line"])
+    return found
+
+
+def refused(protocol: str, reply: str) -> bool:
+    """A negative reply: SMTP 4xx/5xx (RFC 5321 §4.2.1), POP3 -ERR (RFC 1939 §3)."""
+    if protocol == "smtp":
+        return reply[:1] in ("4", "5")
+    return reply.startswith("-ERR")
+
+
+def shown(line: str, width: int = 60) -> str:
+    """A line for an evidence column, quoted and cut to a readable width."""
+    return repr(line if len(line) <= width else line[: width - 1] + "…")
+
+
+def counted(number: int, noun: str) -> str:
+    """``1 line``, ``2 lines``: evidence reads as a sentence."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _ending(event: dict) -> str:
+    return {"CRLF": "CRLF", "LF": "a bare LF", "none": "no line end"}.get(event["ending"], event["ending"])
+
+
+# --- rules both protocols share ------------------------------------------------------
+
+
+def waits_for_greeting(t: Transcript) -> Verdict:
+    """RFC 5321 §3.1, RFC 1939 §4: the server speaks first; the client waits for it."""
+    commands = exchanges(t)
+    if not commands:
+        return None, "the client sent no command"
+    first = commands[0]
+    greeting = next((event for event in t.events[: first.index] if event["dir"] == "S"), None)
+    if greeting is None or first.pipelined:
+        return False, f"{shown(first.line)} was sent before the greeting went out"
+    return True, f"{shown(first.line)} came after the greeting {shown(greeting['line'], 40)}"
+
+
+def uses_crlf(t: Transcript) -> Verdict:
+    """RFC 5321 §2.3.8, RFC 1939 §3: every command line ends in CR LF."""
+    commands = exchanges(t)
+    if not commands:
+        return None, "the client sent no command"
+    wrong = [exchange for exchange in commands if exchange.event["ending"] != "CRLF"]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        return False, f"{shown(wrong[0].line)} ended in {_ending(wrong[0].event)}{more}"
+    return True, f"all {len(commands)} command lines ended in CRLF"
+
+
+def _pipelining_offered(t: Transcript, exchange: Exchange) -> bool:
+    """Did this reply advertise PIPELINING (EHLO keyword, or a CAPA line)?"""
+    if t.header["protocol"] == "smtp":
+        return exchange.verb == "EHLO" and any(
+            re.match(r"250[ -]PIPELINING\b", line, re.IGNORECASE) for line in exchange.replies)
+    if exchange.verb != "CAPA" or not exchange.reply.startswith("+OK"):
+        return False
+    listed = exchange.replies[1:]
+    if len(listed) == 1 and _SUMMARY.fullmatch(listed[0]):
+        # Run without --trace-bodies, the list itself was not recorded;
+        # pymailsrv's CAPA always carries its session capabilities.
+        return "PIPELINING" in SESSION_CAPABILITIES
+    return any(line.split()[:1] == ["PIPELINING"] for line in listed)
+
+
+def waits_for_replies(t: Transcript) -> Verdict:
+    """RFC 2920 §3, RFC 2449 §6.6: no command before the last reply, unless PIPELINING was offered."""
+    commands = exchanges(t)
+    if len(commands) < 2:
+        return None, "fewer than two commands: nothing to wait between"
+    asked = "EHLO" if t.header["protocol"] == "smtp" else "CAPA"
+    offered = False
+    previous = commands[0]  # the first line is waits-for-greeting's business
+    if _pipelining_offered(t, previous):
+        offered = True
+    for exchange in commands[1:]:
+        if exchange.tls_before and not previous.tls_before:
+            offered = False  # RFC 3207 §4.2, RFC 2595 §4: forget what was said before TLS
+        if exchange.pipelined and not offered:
+            return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
+                           f"and no {asked} reply had offered PIPELINING")
+        if _pipelining_offered(t, exchange):
+            offered = True
+        previous = exchange
+    pipelined = sum(exchange.pipelined for exchange in commands[1:])
+    if pipelined:
+        return True, f"{counted(pipelined, 'pipelined line')}, all after {asked} offered PIPELINING"
+    return True, f"waited for the reply to each of {len(commands)} commands"
+
+
+def _issues_quit(t: Transcript, closing_reply: str) -> Verdict:
+    quit_ = next((exchange for exchange in exchanges(t) if exchange.verb == "QUIT"), None)
+    if quit_ is not None:
+        return True, f"QUIT, answered {shown(quit_.reply or '(nothing)', 40)}"
+    if t.end is None:
+        return None, "the session is still in progress (no end record)"
+    outcome = t.end["outcome"]
+    if outcome.startswith("dropped"):
+        return False, "the client closed the connection without QUIT"
+    if outcome == "timeout":
+        return False, f"the client went silent until the server gave up ({closing_reply})"
+    return None, f"the server ended the session: {shown(outcome, 50)}"
+
+
+def smtp_issues_quit(t: Transcript) -> Verdict:
+    """RFC 5321 §4.1.1.10: the client MUST NOT close the channel before it sends QUIT."""
+    return _issues_quit(t, "421 timeout")
+
+
+def pop3_issues_quit(t: Transcript) -> Verdict:
+    """RFC 1939 §6: only QUIT enters UPDATE; without it, DELE changes nothing."""
+    return _issues_quit(t, "autologout")
+
+
+def no_repeated_refusals(t: Transcript) -> Verdict:
+    """RFC 5321 §4.2.1: a client SHOULD NOT repeat the exact request that was refused."""
+    protocol = t.header["protocol"]
+    run: list[Exchange] = []
+    refusals = 0
+    for exchange in exchanges(t):
+        if not refused(protocol, exchange.reply):
+            run = []
+            continue
+        refusals += 1
+        if _MASK in exchange.line:
+            run = []  # masked credentials: two "PASS ****" may be two different passwords
+            continue
+        run = run + [exchange] if run and run[-1].line == exchange.line else [exchange]
+        if len(run) > MAX_IDENTICAL_REFUSALS:
+            return False, f"{shown(run[0].line)} refused {len(run)} times in a row ({shown(exchange.reply, 40)})"
+    if not refusals:
+        return None, "no command was refused"
+    return True, (f"{counted(refusals, 'refused command')}, none sent again unchanged "
+                  f"more than {MAX_IDENTICAL_REFUSALS} times")
+
+
+def _tls_offered(t: Transcript, exchange: Exchange) -> bool | None:
+    """Did this reply offer STARTTLS/STLS? None: CAPA's list was not recorded."""
+    if t.header["protocol"] == "smtp":
+        return exchange.verb == "EHLO" and any(
+            re.match(r"250[ -]STARTTLS\b", line, re.IGNORECASE) for line in exchange.replies)
+    if exchange.verb != "CAPA" or not exchange.reply.startswith("+OK"):
+        return False
+    listed = exchange.replies[1:]
+    if len(listed) == 1 and _SUMMARY.fullmatch(listed[0]):
+        return None  # STLS is listed only when the server has a certificate: cannot tell
+    return any(line.split()[:1] == ["STLS"] for line in listed)
+
+
+def _sends_password(t: Transcript, exchange: Exchange) -> bool:
+    if exchange.verb == "PASS" and t.header["protocol"] == "pop3":
+        return True
+    mechanism = exchange.arguments[:1]
+    return exchange.verb == "AUTH" and bool(mechanism) and mechanism[0].upper() in CLEARTEXT_MECHANISMS
+
+
+def no_password_before_tls(t: Transcript) -> Verdict:
+    """RFC 8314 §3, RFC 2595 §2.3: where TLS is offered, no password crosses before it."""
+    starter = "STARTTLS" if t.header["protocol"] == "smtp" else "STLS"
+    offered: bool | None = False
+    for exchange in exchanges(t):
+        if exchange.tls_before:
+            if _sends_password(t, exchange):
+                return True, f"{shown(exchange.line)} was sent over TLS"
+            continue
+        if _sends_password(t, exchange):
+            if offered:
+                return False, f"{shown(exchange.line)} was sent in the clear after the server offered {starter}"
+            if offered is None:
+                return None, (f"{shown(exchange.line)} was sent in the clear; whether {starter} was offered "
+                              "is not recorded (CAPA's list needs --trace-bodies)")
+            return None, f"a password was sent in the clear, but {starter} had not been offered"
+        seen = _tls_offered(t, exchange)
+        if seen or (seen is None and offered is False):
+            offered = seen
+    return None, "no password was sent"
+
+
+# --- SMTP ----------------------------------------------------------------------------
+
+
+def ehlo_before_mail(t: Transcript) -> Verdict:
+    """RFC 5321 §4.1.4: EHLO or HELO before the first MAIL (and again after STARTTLS)."""
+    greeted = None
+    tls = False
+    mails = 0
+    for exchange in exchanges(t):
+        if exchange.tls_before and not tls:
+            tls, greeted = True, None  # RFC 3207 §4.2: the session starts afresh
+        if exchange.verb in ("EHLO", "HELO") and exchange.reply.startswith("250"):
+            greeted = exchange
+        elif exchange.verb == "MAIL":
+            mails += 1
+            if greeted is None:
+                after_tls = " since STARTTLS" if tls else ""
+                return False, (f"{shown(exchange.line)} came before any EHLO/HELO{after_tls} "
+                               f"({shown(exchange.reply, 40)})")
+    if not mails:
+        return None, "the client sent no MAIL"
+    return True, f"{shown(greeted.line)} came before MAIL"
+
+
+def _data_texts(t: Transcript) -> Iterator[Exchange]:
+    """DATA commands that got 354, so the client sent message text."""
+    for exchange in exchanges(t):
+        if exchange.verb == "DATA" and exchange.reply.startswith("354"):
+            yield exchange
+
+
+def _summarised(exchange: Exchange) -> bool:
+    return len(exchange.text) <= 2 and bool(exchange.text) and bool(_SUMMARY.fullmatch(exchange.text[0]))
+
+
+def dot_stuffs_text(t: Transcript) -> Verdict:
+    """RFC 5321 §4.5.2: a text line that starts with '.' gets one more '.' in front."""
+    texts = list(_data_texts(t))
+    if not texts:
+        return None, "no message text was sent"
+    recorded = [exchange for exchange in texts if not _summarised(exchange)]
+    if not recorded:
+        return None, "message text is summarised in this transcript (run the server with --trace-bodies)"
+    dotted = 0
+    for exchange in recorded:
+        lines = exchange.text[:-1] if exchange.text[-1:] == ["."] else exchange.text
+        for line in lines:  # as on the wire: a stuffed line still has both dots
+            if line.startswith("."):
+                dotted += 1
+                if line[1:2] not in (".", ""):
+                    return False, f"text line {shown(line)} was sent without its stuffing dot"
+    if not dotted:
+        return None, "no text line starts with '.'"
+    return True, f"{counted(dotted, 'text line')} starting with '.', stuffed"
+
+
+def ends_data_correctly(t: Transcript) -> Verdict:
+    """RFC 5321 §4.1.1.4: the text ends with a line holding only '.' (<CRLF>.<CRLF>)."""
+    texts = list(_data_texts(t))
+    if not texts:
+        return None, "no message text was sent"
+    for exchange in texts:
+        replies = exchange.after_text
+        if not replies:
+            return False, "the text never ended: the connection closed without a '.' line"
+        if replies[0]["state"] == "DATA":  # answered while still reading text: the timeout
+            return False, f"the text never ended with '.': the server gave up ({shown(replies[0]['line'], 40)})"
+    last = texts[-1].after_text[0]["line"]
+    return True, f"{counted(len(texts), 'message text')} ended with '.', answered {shown(last, 40)}"
+
+
+def no_data_without_recipients(t: Transcript) -> Verdict:
+    """RFC 5321 §3.3: no DATA once every RCPT was refused (RFC 2920 §3: unless pipelined)."""
+    accepted, refusals, datas = 0, [], 0
+    for exchange in exchanges(t):
+        if exchange.verb in ("MAIL", "RSET", "EHLO", "HELO"):
+            accepted, refusals = 0, []
+        elif exchange.verb == "RCPT":
+            if exchange.reply.startswith("2"):
+                accepted += 1
+            else:
+                refusals.append(exchange)
+        elif exchange.verb == "DATA":
+            datas += 1
+            # A pipelined DATA went out before the RCPT replies came back
+            # (RFC 2920 §3): the client learns of the refusals from its 554.
+            if accepted == 0 and not exchange.pipelined:
+                if refusals:
+                    return False, (f"DATA after every RCPT was refused ({shown(refusals[-1].line, 30)}: "
+                                   f"{shown(refusals[-1].reply, 40)})")
+                return False, f"DATA with no recipient at all ({shown(exchange.reply, 40)})"
+            accepted = 0
+    if not datas:
+        return None, "the client sent no DATA"
+    return True, f"{counted(datas, 'DATA command')}, each after an accepted recipient"
+
+
+# --- POP3 ----------------------------------------------------------------------------
+
+
+def _listed_numbers(exchange: Exchange) -> tuple[int, set[int]]:
+    """What a STAT, LIST or UIDL reply told the client: (message count, numbers named)."""
+    if not exchange.reply.startswith("+OK"):
+        return 0, set()
+    words = exchange.reply.split()
+    count = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+    if exchange.verb == "STAT":
+        return count, set()
+    if exchange.arguments:  # LIST n / UIDL n: "+OK n ..." names that one message
+        return 0, {count} if count else set()
+    listed = exchange.replies[1:]
+    if len(listed) == 1 and (summary := _SUMMARY.fullmatch(listed[0])):
+        lines = int(summary.group(1).replace(" ", "")) - 1  # the final "." is counted
+        return max(count if exchange.verb == "LIST" else 0, lines), set()
+    numbers = {int(line.split()[0]) for line in listed if line.split()[:1] and line.split()[0].isdigit()}
+    return max(numbers, default=0), numbers
+
+
+def uses_listed_numbers(t: Transcript) -> Verdict:
+    """RFC 1939 §5: RETR/DELE/TOP name messages STAT/LIST/UIDL reported, never a deleted one."""
+    highest, named, deleted = 0, set(), set()
+    uses = 0
+    for exchange in exchanges(t):
+        if exchange.verb in ("STAT", "LIST", "UIDL"):
+            count, numbers = _listed_numbers(exchange)
+            highest = max(highest, count)
+            named |= numbers
+        elif exchange.verb == "RSET" and exchange.reply.startswith("+OK"):
+            deleted.clear()
+        elif exchange.verb in ("RETR", "DELE", "TOP") and exchange.arguments:
+            uses += 1
+            word = exchange.arguments[0]
+            number = int(word) if word.isdigit() else None
+            if number in deleted:
+                return False, f"{shown(exchange.line)} names a message this session had deleted"
+            if number is None or not (1 <= number <= highest or number in named):
+                listed = f"1-{highest}" if highest else "nothing (no STAT, LIST or UIDL first)"
+                return False, f"{shown(exchange.line)} but the server had listed {listed}"
+            if exchange.verb == "DELE" and exchange.reply.startswith("+OK"):
+                deleted.add(number)
+    if not uses:
+        return None, "no RETR, DELE or TOP"
+    return True, f"{counted(uses, 'RETR/DELE/TOP command')}, all on listed messages"
+
+
+def commands_in_right_state(t: Transcript) -> Verdict:
+    """RFC 1939 §3: each command only in a state that allows it (one slip is forgiven)."""
+    commands = exchanges(t)
+    if not commands:
+        return None, "the client sent no command"
+    wrong = [(exchange, match) for exchange in commands if (match := _WRONG_STATE.match(exchange.reply))]
+    listed = ", ".join(f"{match['verb']} in {match['state']}" for _, match in wrong)
+    if len(wrong) > MAX_WRONG_STATE_COMMANDS:
+        return False, f"{len(wrong)} commands in the wrong state: {listed}"
+    if wrong:
+        return True, f"one command in the wrong state, not repeated: {listed}"
+    return True, f"all {len(commands)} commands in a state that allows them"
+
+
+# --- the catalogues ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One rule a client keeps.
+
+    id:        stable name, ``protocol.what-is-judged``; teachers cite it.
+    protocol:  "smtp" or "pop3": the transcripts it applies to.
+    rfc:       the section that states the rule.
+    title:     the rule, in one line.
+    check:     transcript -> (True/False/None, the evidence line).
+    """
+
+    id: str
+    protocol: str
+    rfc: str
+    title: str
+    check: Callable[[Transcript], Verdict]
+
+
+SMTP_CRITERIA = [
+    Criterion("smtp.waits-for-greeting", "smtp", "RFC 5321 §3.1, §4.3.2",
+              "sends nothing before the 220 greeting", waits_for_greeting),
+    Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8", "ends every command line with CRLF", uses_crlf),
+    Criterion("smtp.waits-for-replies", "smtp", "RFC 2920 §3",
+              "waits for each reply unless EHLO offered PIPELINING", waits_for_replies),
+    Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4", "says EHLO or HELO before MAIL",
+              ehlo_before_mail),
+    Criterion("smtp.dot-stuffs-text", "smtp", "RFC 5321 §4.5.2",
+              "doubles the dot of text lines that start with '.'", dot_stuffs_text),
+    Criterion("smtp.ends-data-correctly", "smtp", "RFC 5321 §4.1.1.4",
+              "ends the text with <CRLF>.<CRLF>", ends_data_correctly),
+    Criterion("smtp.no-data-without-recipients", "smtp", "RFC 5321 §3.3",
+              "sends no DATA once every RCPT was refused", no_data_without_recipients),
+    Criterion("smtp.no-repeated-refusals", "smtp", "RFC 5321 §4.2.1",
+              "does not repeat a refused command unchanged", no_repeated_refusals),
+    Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §3, RFC 3207 §4",
+              "no AUTH PLAIN/LOGIN before STARTTLS when it was offered", no_password_before_tls),
+    Criterion("smtp.issues-quit", "smtp", "RFC 5321 §4.1.1.10", "ends the session with QUIT", smtp_issues_quit),
+]
+
+POP3_CRITERIA = [
+    Criterion("pop3.waits-for-greeting", "pop3", "RFC 1939 §4", "sends nothing before the +OK greeting",
+              waits_for_greeting),
+    Criterion("pop3.uses-crlf", "pop3", "RFC 1939 §3", "ends every command line with CRLF", uses_crlf),
+    Criterion("pop3.waits-for-replies", "pop3", "RFC 2449 §6.6",
+              "waits for each reply unless CAPA listed PIPELINING", waits_for_replies),
+    Criterion("pop3.uses-listed-numbers", "pop3", "RFC 1939 §5",
+              "RETR/DELE/TOP only messages STAT/LIST/UIDL reported", uses_listed_numbers),
+    Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
+              "no command in the wrong state more than once", commands_in_right_state),
+    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 1939 §3",
+              "does not repeat a refused command unchanged", no_repeated_refusals),
+    Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §3",
+              "no PASS/AUTH before STLS when CAPA offered it", no_password_before_tls),
+    Criterion("pop3.issues-quit", "pop3", "RFC 1939 §6", "ends the session with QUIT", pop3_issues_quit),
+]
+
+CRITERIA: dict[str, list[Criterion]] = {"smtp": SMTP_CRITERIA, "pop3": POP3_CRITERIA}

@@ -1,0 +1,461 @@
+"""pymailsrv grade: scripted clients that break one rule each fail exactly that criterion.
+
+Every test runs real client sessions over loopback against a server started
+with transcripts on (and --trace-bodies where message text matters), stops
+the server so each transcript has its end record, and grades what was saved.
+The well-behaved clients are the standard library's own, smtplib and poplib.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import poplib
+import smtplib
+import ssl
+import time
+import xml.etree.ElementTree as ET
+
+import pytest
+import trustme
+from click.testing import CliRunner
+
+from pymailsrv.cli import main
+from pymailsrv.grade import FAIL, NA, PASS, grade
+from pymailsrv.grade_criteria import CRITERIA
+from pymailsrv.server import MailServer, trace_options
+from pymailsrv.trace import Tracer
+from pymailsrv.transcripts import load_all
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
+
+# Long enough that a client's first line is surely waiting before our greeting goes out.
+SLOW_START_SECONDS = 0.3
+# How long to wait for the server to write a transcript's end record.
+END_RECORD_POLLS, END_RECORD_POLL_SECONDS = 50, 0.02
+
+
+class SlowStartTracer(Tracer):
+    """A tracer that takes its time opening a transcript, so the greeting goes out late."""
+
+    def session_started(self, session) -> None:
+        time.sleep(SLOW_START_SECONDS)
+        super().session_started(session)
+
+
+@pytest.fixture
+def classroom(root, add_user):
+    """classroom(**overrides) -> a server saving transcripts; alice exists; all stopped at teardown."""
+    add_user("alice")
+    servers: list[MailServer] = []
+
+    def start(tracer_class=Tracer, **overrides) -> MailServer:
+        settings = make_settings(root, transcripts=True, **overrides)
+        server = MailServer(settings, tracer=tracer_class(trace_options(settings), io.StringIO())).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def graded(root, server: MailServer):
+    """Stop the server, then grade every transcript it saved, oldest first."""
+    server.stop()
+    for _ in range(END_RECORD_POLLS):
+        transcripts = load_all(root / ".pymailsrv")
+        if transcripts and all(transcript.end for transcript in transcripts):
+            break
+        time.sleep(END_RECORD_POLL_SECONDS)
+    return [grade(transcript) for transcript in sorted(transcripts, key=lambda t: t.header["time"])]
+
+
+def verdicts(result) -> dict[str, str]:
+    return {item.criterion: item.result for item in result.results}
+
+
+def failed(result) -> list[str]:
+    return [item.criterion for item in result.results if item.result == FAIL]
+
+
+def smtp_reply(client: RawClient) -> list[bytes]:
+    """The lines of one SMTP reply: up to the line with a space after the code."""
+    lines = [client.line()]
+    while lines[-1][3:4] == b"-":
+        lines.append(client.line())
+    return lines
+
+
+def smtp_command(client: RawClient, line: str, end: bytes = b"\r\n") -> list[bytes]:
+    client.send(line.encode() + end)
+    return smtp_reply(client)
+
+
+def raw_smtp(server: MailServer) -> RawClient:
+    client = RawClient(server.addresses["smtp"])
+    assert smtp_reply(client)[0].startswith(b"220")
+    return client
+
+
+def raw_pop3_login(server: MailServer) -> RawClient:
+    client = RawClient(server.addresses["pop3"])
+    assert client.line().startswith(b"+OK")
+    assert client.command("USER alice").startswith(b"+OK")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK")
+    return client
+
+
+def send_text(client: RawClient, text: bytes) -> list[bytes]:
+    """MAIL, RCPT alice, DATA and the text (ending included), each reply awaited."""
+    assert smtp_command(client, "MAIL FROM:<bob@example.org>")[0].startswith(b"250")
+    assert smtp_command(client, "RCPT TO:<alice@localhost>")[0].startswith(b"250")
+    assert smtp_command(client, "DATA")[0].startswith(b"354")
+    client.send(text)
+    return smtp_reply(client)
+
+
+def test_every_criterion_is_data_with_a_stable_id_and_an_rfc():
+    for protocol, criteria in CRITERIA.items():
+        ids = [criterion.id for criterion in criteria]
+        assert len(ids) == len(set(ids))
+        for criterion in criteria:
+            assert criterion.id.startswith(f"{protocol}.") and criterion.protocol == protocol
+            assert criterion.rfc.startswith("RFC ") and "§" in criterion.rfc
+            assert callable(criterion.check) and criterion.title
+
+
+# --- well-behaved clients ----------------------------------------------------------
+
+
+def test_smtplib_and_poplib_sessions_fail_nothing(classroom, root):
+    server = classroom(trace_bodies=True)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.sendmail("bob@example.org", ["alice@localhost"],
+                        b"Subject: hi\r\n\r\n.a line with a leading dot\r\nbye\r\n")
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.capa()
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.stat()
+    client.list()
+    client.retr(1)
+    client.dele(1)
+    client.quit()
+    smtp, pop3 = graded(root, server)
+    assert (smtp.protocol, pop3.protocol) == ("smtp", "pop3")
+    assert failed(smtp) == [] and failed(pop3) == []
+    assert verdicts(smtp) == {
+        "smtp.waits-for-greeting": PASS, "smtp.uses-crlf": PASS, "smtp.waits-for-replies": PASS,
+        "smtp.ehlo-before-mail": PASS, "smtp.dot-stuffs-text": PASS, "smtp.ends-data-correctly": PASS,
+        "smtp.no-data-without-recipients": PASS, "smtp.no-repeated-refusals": NA,
+        "smtp.no-password-before-tls": NA, "smtp.issues-quit": PASS}
+    assert verdicts(pop3) == {
+        "pop3.waits-for-greeting": PASS, "pop3.uses-crlf": PASS, "pop3.waits-for-replies": PASS,
+        "pop3.uses-listed-numbers": PASS, "pop3.commands-in-right-state": PASS,
+        "pop3.no-repeated-refusals": NA, "pop3.no-password-before-tls": NA, "pop3.issues-quit": PASS}
+    assert smtp.score == "8/8" and pop3.score == "6/6"
+    assert (smtp.user, pop3.user) == ("bob", "alice")
+
+
+# --- one broken rule each ------------------------------------------------------------
+
+
+def test_lf_only_line_endings_fail_uses_crlf(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    for line in ("EHLO student.example", "MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "RSET"):
+        assert smtp_command(client, line, end=b"\n")[-1][:1] == b"2"
+    smtp_command(client, "QUIT", end=b"\n")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.uses-crlf"]
+    evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
+    assert evidence == "'EHLO student.example' ended in a bare LF (and 4 more)"
+
+
+def test_talking_before_the_greeting_fails_waits_for_greeting(classroom, root):
+    server = classroom(tracer_class=SlowStartTracer)
+    client = RawClient(server.addresses["smtp"])
+    client.send(b"EHLO student.example\r\n")  # at once, before reading anything
+    assert smtp_reply(client)[0].startswith(b"220")
+    assert smtp_reply(client)[0].startswith(b"250")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.waits-for-greeting"]
+
+
+def test_pop3_pipelining_without_asking_capa_fails_waits_for_replies(classroom, root):
+    server = classroom()
+    client = raw_pop3_login(server)
+    client.send(b"STAT\r\nLIST\r\n")  # two commands, no waiting: PIPELINING never seen
+    assert client.line().startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.waits-for-replies"]
+
+
+def test_pop3_pipelining_after_capa_listed_it_passes(classroom, root):
+    server = classroom()
+    client = raw_pop3_login(server)
+    client.send(b"CAPA\r\n")
+    assert client.line().startswith(b"+OK")
+    assert b"PIPELINING\r\n" in client.multiline()
+    client.send(b"STAT\r\nLIST\r\n")
+    assert client.line().startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == []
+    assert verdicts(result)["pop3.waits-for-replies"] == PASS
+
+
+def test_mail_before_ehlo_fails_ehlo_before_mail(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    assert smtp_command(client, "MAIL FROM:<bob@example.org>")[0].startswith(b"503")
+    assert smtp_command(client, "EHLO student.example")[-1].startswith(b"250 ")
+    assert send_text(client, b"Subject: x\r\n\r\nhello\r\n.\r\n")[0].startswith(b"250")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.ehlo-before-mail"]
+
+
+def test_a_leading_dot_sent_unstuffed_fails_dot_stuffs_text(classroom, root):
+    server = classroom(trace_bodies=True)
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    assert send_text(client, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")[0].startswith(b"250")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.dot-stuffs-text"]
+
+
+def test_dot_stuffing_is_not_applicable_when_bodies_were_not_traced(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    send_text(client, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["smtp.dot-stuffs-text"] == NA
+    assert failed(result) == []
+
+
+def test_data_after_every_rcpt_was_refused_fails_no_data_without_recipients(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    smtp_command(client, "MAIL FROM:<bob@example.org>")
+    assert smtp_command(client, "RCPT TO:<nobody@localhost>")[0].startswith(b"550")
+    assert smtp_command(client, "DATA")[0].startswith(b"554")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.no-data-without-recipients"]
+    assert verdicts(result)["smtp.ends-data-correctly"] == NA
+
+
+def test_pipelined_data_after_refused_rcpt_is_allowed_once_ehlo_offered_pipelining(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    client.send(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<nobody@localhost>\r\nDATA\r\n")  # RFC 2920 §3
+    assert [smtp_reply(client)[0][:3] for _ in range(3)] == [b"250", b"550", b"554"]
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == []
+    assert verdicts(result)["smtp.waits-for-replies"] == PASS
+
+
+def test_the_same_refused_command_three_times_fails_no_repeated_refusals(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    smtp_command(client, "MAIL FROM:<bob@example.org>")
+    for _ in range(3):
+        assert smtp_command(client, "RCPT TO:<nobody@localhost>")[0].startswith(b"550")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.no-repeated-refusals"]
+
+
+def test_closing_without_quit_fails_issues_quit(classroom, root):
+    server = classroom()
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.stat()
+    client.close()
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.issues-quit"]
+    assert result.outcome == "dropped by client"
+
+
+def test_pop3_commands_in_the_wrong_state_twice_fail(classroom, root):
+    server = classroom()
+    client = RawClient(server.addresses["pop3"])
+    client.line()
+    assert client.command("STAT").startswith(b"-ERR")  # not logged in yet
+    assert client.command("LIST").startswith(b"-ERR")
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.commands-in-right-state"]
+
+
+def test_retr_of_a_number_never_listed_fails_uses_listed_numbers(classroom, root, store):
+    store.deliver("alice", b"Subject: one\n\nhello\n")
+    server = classroom()
+    client = raw_pop3_login(server)
+    assert client.command("RETR 1").startswith(b"+OK")  # right by luck: nothing listed it
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.uses-listed-numbers"]
+
+
+# --- passwords and TLS ---------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """(tls settings, client context) for a server with a trustme certificate."""
+    authority = trustme.CA()
+    issued = authority.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    issued.private_key_pem.write_to_path(tmp_path / "key.pem")
+    context = ssl.create_default_context()
+    authority.configure_trust(context)
+    return {"cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}, context
+
+
+def test_smtp_auth_before_offered_starttls_fails_no_password_before_tls(classroom, root, certificate):
+    tls, _ = certificate
+    server = classroom(tls=tls)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo("student.example")
+        assert client.has_extn("starttls")
+        client.login("alice", PASSWORD)  # allowed from loopback, but in the clear
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.no-password-before-tls"]
+    assert result.user == "alice"  # from the end record: AUTH succeeded
+
+
+def test_smtp_auth_after_starttls_passes(classroom, root, certificate):
+    tls, context = certificate
+    server = classroom(tls=tls)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.starttls(context=context)
+        client.login("alice", PASSWORD)
+        client.sendmail("alice@localhost", ["alice@localhost"], b"Subject: x\r\n\r\nhi\r\n")
+    (result,) = graded(root, server)
+    assert failed(result) == []
+    assert verdicts(result)["smtp.no-password-before-tls"] == PASS
+    assert verdicts(result)["smtp.ehlo-before-mail"] == PASS  # smtplib says EHLO again after TLS
+
+
+def test_pop3_pass_after_capa_offered_stls_fails_no_password_before_tls(classroom, root, certificate):
+    tls, _ = certificate
+    server = classroom(tls=tls, trace_bodies=True)  # CAPA's list is recorded only with bodies
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    assert "STLS" in client.capa()
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.quit()
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.no-password-before-tls"]
+
+
+def test_pop3_auth_plain_after_stls_passes(classroom, root, certificate):
+    tls, context = certificate
+    server = classroom(tls=tls, trace_bodies=True)
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.capa()
+    client.stls(context=context)
+    token = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    assert client._shortcmd(f"AUTH PLAIN {token}").startswith(b"+OK")
+    client.quit()
+    (result,) = graded(root, server)
+    assert failed(result) == []
+    assert verdicts(result)["pop3.no-password-before-tls"] == PASS
+
+
+# --- the command line ----------------------------------------------------------------
+
+
+@pytest.fixture
+def class_of_two(classroom, root):
+    """Two saved sessions: alice's POP3 (no QUIT) and bob's SMTP (well-behaved); their ids."""
+    server = classroom()
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.close()
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as smtp:
+        smtp.sendmail("bob@example.org", ["alice@localhost"], b"Subject: x\r\n\r\nhi\r\n")
+    pop3, smtp_result = graded(root, server)
+    return pop3.transcript, smtp_result.transcript
+
+
+def run(root, *arguments: str):
+    return CliRunner().invoke(main, ["grade", "--root", str(root), *arguments])
+
+
+def test_grade_user_prints_a_table_and_a_score_for_each_of_their_sessions(class_of_two, root):
+    pop3_id, _ = class_of_two
+    result = run(root, "--user", "alice")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith(f"{pop3_id}: pop3 session of alice from 127.0.0.1, ")
+    assert lines[0].endswith(", dropped by client")
+    assert lines[1].split() == ["criterion", "rfc", "result", "evidence"]
+    assert any(line.startswith("pop3.issues-quit") and " FAIL " in line and
+               "closed the connection without QUIT" in line for line in lines)
+    assert lines[-1] == "score 4/5: 4 passed, 1 failed, 3 not applicable"
+    assert "smtp" not in result.output  # bob's session is not alice's
+
+
+def test_grade_user_matches_the_local_part_of_mail_from(class_of_two, root):
+    _, smtp_id = class_of_two
+    result = run(root, "--user", "Bob", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    (document,) = json.loads(result.stdout)
+    assert (document["transcript"], document["user"], document["score"]) == (smtp_id, "bob", "7/7")
+    assert document["failed"] == []
+    assert {item["criterion"]: item["result"] for item in document["results"]}["smtp.issues-quit"] == PASS
+
+
+def test_grade_all_as_junit_has_a_testsuite_per_transcript_and_a_testcase_per_criterion(class_of_two, root):
+    pop3_id, smtp_id = class_of_two
+    result = run(root, "--all", "--format", "junit")
+    assert result.exit_code == 0, result.stderr
+    suites = ET.fromstring(result.stdout).findall("testsuite")
+    assert [suite.get("name") for suite in suites] == [pop3_id, smtp_id]
+    pop3_suite = suites[0]
+    assert len(pop3_suite.findall("testcase")) == len(CRITERIA["pop3"])
+    assert (pop3_suite.get("failures"), pop3_suite.get("skipped")) == ("1", "3")
+    failing = [case.get("name") for case in pop3_suite.findall("testcase") if case.find("failure") is not None]
+    assert failing == ["pop3.issues-quit"]
+
+
+def test_grade_all_as_csv_writes_one_row_per_transcript_into_a_file(class_of_two, root, tmp_path):
+    pop3_id, smtp_id = class_of_two
+    output = tmp_path / "class.csv"
+    result = run(root, "--all", "--format", "csv", "--output", str(output))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""
+    rows = list(csv.DictReader(output.open(encoding="utf-8")))
+    assert [(row["transcript"], row["user"], row["protocol"], row["score"], row["failed"]) for row in rows] == [
+        (pop3_id, "alice", "pop3", "4/5", "pop3.issues-quit"), (smtp_id, "bob", "smtp", "7/7", "")]
+
+
+def test_grade_one_transcript_by_id_and_usage_errors(class_of_two, root):
+    pop3_id, _ = class_of_two
+    result = run(root, "--transcript", pop3_id, "--format", "csv")
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 2
+    assert run(root).exit_code == 2  # nothing chosen
+    assert run(root, "--all", "--user", "alice").exit_code == 2  # two choices
+    missing = run(root, "--transcript", "nope")
+    assert missing.exit_code == 2 and "no transcript 'nope'" in missing.stderr
+    nobody = run(root, "--user", "carol")
+    assert nobody.exit_code == 0 and "no saved transcripts of user 'carol'" in nobody.stderr
