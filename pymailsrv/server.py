@@ -173,13 +173,15 @@ class MailServer:
         return chosen
 
     def start(self) -> "MailServer":
+        # A listener that cannot run is a one-line config error, before any warning.
+        protocols = self._protocols()
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         removed = self.context.store.remove_stale_files()
         if removed:
             log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
         self._check_postmaster()
         try:
-            for name, port, session_class, implicit_tls in self._protocols():
+            for name, port, session_class, implicit_tls in protocols:
                 address = (self.settings.host, port)
                 self.listeners.append(Listener(name, address, session_class, self.context, implicit_tls))
         except (OSError, ConfigError):

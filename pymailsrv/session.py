@@ -288,11 +288,14 @@ class Session:
         """The line as a trace may show it: credentials replaced by ****."""
         if self._input_kind is InputKind.SECRET:
             return b"****"
-        words = line.split(b" ")
-        command = self.commands.find(words[0].decode("ascii", "replace"))
+        # Split at any whitespace, as the handlers do: "AUTH PLAIN<TAB>secret"
+        # logs in, so it must be masked too.
+        verb = line.split(None, 1)[:1]
+        command = self.commands.find(verb[0].decode("ascii", "replace")) if verb else None
         if command is None or command.secret_from is None:
             return line
         shown = 1 + command.secret_from  # the verb, then the public arguments
+        words = line.split(None, shown)
         if len(words) <= shown:
             return line
         return b" ".join(words[:shown] + [b"****"])

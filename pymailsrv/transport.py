@@ -258,6 +258,10 @@ class SessionHandler(socketserver.BaseRequestHandler):
             outcome = f"network error: {error.strerror or error}"
         finally:
             listener.untrack(connection)
+            if connection.sock is not self.request:
+                # socketserver closes only the socket it accepted; the TLS
+                # one that took over its descriptor is ours to close.
+                connection.sock.close()
             session.close()
             context.tracer.session_ended(session, outcome)
             # One line per session end, never a password or message text.

@@ -1,0 +1,516 @@
+"""SMTP AUTH (RFC 4954) and POP3 AUTH (RFC 5034), and where passwords may go.
+
+Both protocols carry the same SASL exchanges (PLAIN, RFC 4616; LOGIN for
+SMTP): the credential on the AUTH line itself (the initial response) or on
+a line of its own after a challenge, ``*`` to cancel. Every reply is
+compared with the catalogue.
+
+Guessing is slowed three ways: each failure waits ``failed_login_delay``,
+a connection closes after ``auth.max_failures_per_connection`` failures,
+and an address that failed ``auth.max_failures_per_address`` times is
+refused unchecked - other addresses are not. The tests use 127.0.0.2 as a
+second client address (all of 127.0.0.0/8 is loopback on Linux).
+
+A password may cross only a TLS connection or one from ``auth.local_networks``
+(Dovecot's disable_plaintext_auth). To be a client "not local", the tests
+set that list to 127.0.0.1 alone and connect from 127.0.0.2.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import smtplib
+import time
+
+import pytest
+
+from pymailsrv import replies as R
+from pymailsrv.server import MailServer, trace_options
+from pymailsrv.trace import Tracer
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+from tests.test_pop3 import wire as pop3_wire
+from tests.test_smtp import exchange, read_reply, wire
+from tests.test_starttls import (  # noqa: F401  (fixtures)
+    CLIENT_NAME,
+    TlsClient,
+    capa,
+    capa_lines,
+    client,
+    ehlo_wire,
+    plain,
+    pop3_stls,
+    smtp_starttls,
+    tls_files,
+)
+
+NOT_LOCAL = "127.0.0.2"  # a client address outside auth.local_networks = 127.0.0.1/32
+ONLY_LOOPBACK_ONE = {"local_networks": ["127.0.0.1/32"]}
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+@pytest.fixture
+def alice(add_user) -> str:
+    return add_user("alice", apop=True)
+
+
+@pytest.fixture
+def smtp_at(client):
+    """smtp_at(server, source="127.0.0.1", ehlo=True) -> a TlsClient past the greeting (and EHLO)."""
+
+    def connect(server: MailServer, source: str = "127.0.0.1", ehlo: bool = True,
+                listener: str = "smtp") -> TlsClient:
+        connected = client(server.addresses[listener], source)
+        assert read_reply(connected) == wire(R.R220_GREETING, host=server.settings.hostname)
+        if ehlo:
+            assert exchange(connected, f"EHLO {CLIENT_NAME}").startswith(b"250-")
+        return connected
+
+    return connect
+
+
+@pytest.fixture
+def pop3_at(client):
+    """pop3_at(server, source="127.0.0.1") -> a TlsClient past the POP3 greeting (kept as .greeting)."""
+
+    def connect(server: MailServer, source: str = "127.0.0.1") -> TlsClient:
+        connected = client(server.addresses["pop3"], source)
+        connected.greeting = connected.line()
+        assert connected.greeting.startswith(b"+OK pymailsrv POP3 server ready <")
+        return connected
+
+    return connect
+
+
+@pytest.fixture
+def smtp(server, smtp_at):
+    return lambda **options: smtp_at(server, **options)
+
+
+@pytest.fixture
+def pop3(server, pop3_at):
+    return lambda **options: pop3_at(server, **options)
+
+
+# --- SMTP AUTH PLAIN and LOGIN (RFC 4954 §4) ---------------------------------------------
+
+
+def test_auth_plain_with_initial_response_is_235(smtp, alice):
+    assert exchange(smtp(), f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_auth_plain_after_an_empty_challenge_is_235(smtp, alice):
+    client = smtp()
+    assert exchange(client, "AUTH PLAIN") == wire(R.R334_CHALLENGE, challenge="") == b"334 \r\n"
+    assert exchange(client, plain()) == wire(R.R235_AUTHENTICATED)
+
+
+def test_auth_plain_with_the_user_as_authorization_identity_is_235(smtp, alice):
+    credential = base64.b64encode(f"alice\0alice\0{PASSWORD}".encode()).decode()
+    assert exchange(smtp(), f"AUTH PLAIN {credential}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_auth_plain_acting_for_another_user_is_refused(smtp, alice):
+    credential = base64.b64encode(f"bob\0alice\0{PASSWORD}".encode()).decode()
+    assert exchange(smtp(), f"AUTH PLAIN {credential}") == wire(R.R501_AUTH_MALFORMED)
+
+
+def test_auth_login_prompts_for_user_name_then_password(smtp, alice):
+    client = smtp()
+    assert exchange(client, "AUTH LOGIN") == wire(R.R334_CHALLENGE, challenge=b64("Username:"))
+    assert exchange(client, b64("alice")) == wire(R.R334_CHALLENGE, challenge=b64("Password:"))
+    assert exchange(client, b64(PASSWORD)) == wire(R.R235_AUTHENTICATED)
+
+
+def test_auth_login_with_the_user_name_as_initial_response(smtp, alice):
+    client = smtp()
+    assert exchange(client, f"AUTH LOGIN {b64('alice')}") == wire(R.R334_CHALLENGE, challenge=b64("Password:"))
+    assert exchange(client, b64(PASSWORD)) == wire(R.R235_AUTHENTICATED)
+
+
+def test_auth_mechanism_name_is_case_insensitive(smtp, alice):
+    assert exchange(smtp(), f"AUTH plain {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_smtplib_logs_in_with_each_mechanism(server, alice, mechanism):
+    with smtplib.SMTP(*server.addresses["smtp"], local_hostname=CLIENT_NAME, timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        assert client.esmtp_features["auth"] == " PLAIN LOGIN"
+        client.user, client.password = "alice", PASSWORD
+        authobject = {"PLAIN": client.auth_plain, "LOGIN": client.auth_login}[mechanism]
+        assert client.auth(mechanism, authobject) == (235, b"2.7.0 authentication successful")
+
+
+@pytest.mark.parametrize("command", ["AUTH PLAIN", "AUTH LOGIN", f"AUTH LOGIN {b64('alice')}"])
+def test_star_cancels_the_exchange_with_501(smtp, alice, command):
+    client = smtp()
+    assert exchange(client, command).startswith(b"334 ")
+    assert exchange(client, "*") == wire(R.R501_AUTH_CANCELLED) == b"501 5.0.0 authentication cancelled\r\n"
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)  # free to try again
+
+
+@pytest.mark.parametrize("response", ["not-base64!", "YWJj=", "YQ", b64("no nul bytes")])
+def test_initial_response_that_is_not_plain_base64_is_501(smtp, alice, response):
+    assert exchange(smtp(), f"AUTH PLAIN {response}") == wire(R.R501_AUTH_MALFORMED)
+
+
+def test_continuation_that_is_not_base64_is_501(smtp, alice):
+    client = smtp()
+    assert exchange(client, "AUTH LOGIN") == wire(R.R334_CHALLENGE, challenge=b64("Username:"))
+    assert exchange(client, "!!!") == wire(R.R501_AUTH_MALFORMED) == b"501 5.5.2 cannot decode the response\r\n"
+    assert exchange(client, "NOOP") == wire(R.R250_OK)  # back to commands
+
+
+def test_wrong_password_is_535(smtp, alice):
+    assert exchange(smtp(), f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+
+
+def test_unknown_user_is_the_same_535(smtp, alice):
+    assert exchange(smtp(), f"AUTH PLAIN {plain(user='mallory')}") == wire(R.R535_AUTH_FAILED)
+
+
+def test_impossible_user_name_is_535_not_a_crash(smtp, alice):
+    assert exchange(smtp(), f"AUTH PLAIN {plain(user='../etc')}") == wire(R.R535_AUTH_FAILED)
+
+
+def test_failed_auth_waits_the_configured_delay(start_server, smtp_at, alice):
+    server = start_server(pop3={"failed_login_delay": 0.2})
+    client = smtp_at(server)
+    started = time.monotonic()
+    assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    assert time.monotonic() - started >= 0.2
+    started = time.monotonic()
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+    assert time.monotonic() - started < 0.2  # success is never slowed
+
+
+def test_auth_twice_is_503(smtp, alice):
+    client = smtp()
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R503_ALREADY_AUTHENTICATED)
+
+
+def test_auth_inside_a_transaction_is_503(smtp, alice):
+    client = smtp()
+    assert exchange(client, "MAIL FROM:<bob@example.org>").startswith(b"250 ")
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R503_WRONG_STATE, verb="AUTH", state="MAIL")
+
+
+def test_auth_before_ehlo_is_503(smtp, alice):
+    assert exchange(smtp(ehlo=False), f"AUTH PLAIN {plain()}") == wire(R.R503_WRONG_STATE, verb="AUTH",
+                                                                         state="CONNECTED")
+
+
+def test_unknown_mechanism_is_504(smtp, alice):
+    assert exchange(smtp(), "AUTH CRAM-MD5") == wire(R.R504_UNKNOWN_MECHANISM)
+
+
+@pytest.mark.parametrize("command", ["AUTH", "AUTH PLAIN a b"])
+def test_auth_with_no_mechanism_or_too_many_words_is_a_syntax_error(smtp, command):
+    assert exchange(smtp(), command) == wire(R.R501_SYNTAX, syntax="AUTH mechanism [initial-response]")
+
+
+def test_third_failure_on_a_connection_is_535_then_421_and_close(server, smtp, alice):
+    client = smtp()
+    for _ in range(2):
+        assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    assert read_reply(client) == wire(R.R421_TOO_MANY_AUTH_FAILURES, host=server.settings.hostname)
+    assert client.closed()
+
+
+def test_failures_in_the_continuation_form_count_too(server, smtp, alice):
+    client = smtp()
+    for _ in range(3):
+        assert exchange(client, "AUTH PLAIN") == b"334 \r\n"
+        last = exchange(client, plain(password="wrong"))
+    assert last == wire(R.R535_AUTH_FAILED)
+    assert read_reply(client) == wire(R.R421_TOO_MANY_AUTH_FAILURES, host=server.settings.hostname)
+    assert client.closed()
+
+
+def test_address_that_failed_too_often_is_454_even_with_the_right_password(start_server, smtp_at, alice):
+    server = start_server(auth={"max_failures_per_address": 2})
+    for _ in range(2):
+        client = smtp_at(server)
+        assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    third = smtp_at(server)
+    assert exchange(third, f"AUTH PLAIN {plain()}") == wire(R.R454_ADDRESS_BLOCKED)
+    # Another address is not slowed by it.
+    other = smtp_at(server, source="127.0.0.2")
+    assert exchange(other, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, pop3_at, alice):
+    server = start_server(auth={"max_failures_per_address": 2})
+    client = pop3_at(server)
+    for _ in range(2):
+        assert client.command(f"AUTH PLAIN {plain(password='wrong')}") == pop3_wire(R.POP3_AUTH_FAILED)
+    # A new connection: a third failure on the first would close it (RFC 3206 §4).
+    assert pop3_at(server).command(f"AUTH PLAIN {plain()}") == pop3_wire(R.POP3_ADDRESS_BLOCKED)
+    other = pop3_at(server, source="127.0.0.2")
+    assert other.command(f"AUTH PLAIN {plain()}").startswith(b"+OK alice's maildrop has ")
+
+
+def test_throttle_forgets_failures_after_the_window(start_server, smtp_at, alice):
+    server = start_server(auth={"max_failures_per_address": 1, "failure_window": 0.3})
+    client = smtp_at(server)
+    assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R454_ADDRESS_BLOCKED)
+    time.sleep(0.35)
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_sasl_answer_may_be_longer_than_a_command_line(smtp, alice):
+    # RFC 4954 §4: a response line may run to 12288 octets, past SMTP's 512.
+    client = smtp()
+    assert exchange(client, "AUTH PLAIN") == b"334 \r\n"
+    assert exchange(client, plain(password="x" * 3000)) == wire(R.R535_AUTH_FAILED)
+
+
+def test_sasl_answer_over_12288_octets_is_501_and_the_session_goes_on(smtp, alice):
+    client = smtp()
+    assert exchange(client, "AUTH PLAIN") == b"334 \r\n"
+    assert exchange(client, "A" * 13000) == wire(R.R501_AUTH_MALFORMED)
+    assert exchange(client, "NOOP") == wire(R.R250_OK)
+
+
+# --- POP3 AUTH (RFC 5034) ---------------------------------------------------------------------
+
+
+def test_pop3_auth_plain_with_initial_response_logs_in(pop3, alice):
+    assert pop3().command(f"AUTH PLAIN {plain()}") == pop3_wire(R.POP3_LOGGED_IN, user="alice", count=0, size=0)
+
+
+def test_pop3_auth_plain_after_a_continuation_logs_in(pop3, alice, store):
+    store.deliver("alice", b"Subject: hi\n\nhello\n")
+    client = pop3()
+    assert client.command("AUTH PLAIN") == pop3_wire(R.POP3_CHALLENGE, challenge="") == b"+ \r\n"
+    assert client.command(plain()) == pop3_wire(R.POP3_LOGGED_IN, user="alice", count=1, size=22)
+    assert client.command("STAT") == pop3_wire(R.POP3_STAT, count=1, size=22)
+
+
+def test_pop3_auth_star_cancels(pop3, alice):
+    client = pop3()
+    assert client.command("AUTH PLAIN") == b"+ \r\n"
+    assert client.command("*") == pop3_wire(R.POP3_AUTH_CANCELLED) == b"-ERR authentication cancelled\r\n"
+    assert client.command(f"AUTH PLAIN {plain()}").startswith(b"+OK alice's maildrop has ")
+
+
+@pytest.mark.parametrize("response", ["not-base64!", b64("no nul bytes")])
+def test_pop3_auth_bad_response_is_malformed(pop3, alice, response):
+    client = pop3()
+    assert client.command(f"AUTH PLAIN {response}") == pop3_wire(R.POP3_AUTH_MALFORMED)
+    assert client.command("AUTH PLAIN") == b"+ \r\n"
+    assert client.command(response) == pop3_wire(R.POP3_AUTH_MALFORMED)
+
+
+def test_pop3_auth_failure_is_err_auth(pop3, alice):
+    reply = pop3().command(f"AUTH PLAIN {plain(password='wrong')}")
+    assert reply == pop3_wire(R.POP3_AUTH_FAILED) == b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_pop3_auth_failure_waits_the_configured_delay(start_server, pop3_at, alice):
+    server = start_server(pop3={"failed_login_delay": 0.2})
+    client = pop3_at(server)
+    started = time.monotonic()
+    assert client.command(f"AUTH PLAIN {plain(password='wrong')}") == pop3_wire(R.POP3_AUTH_FAILED)
+    assert time.monotonic() - started >= 0.2
+
+
+def test_pop3_third_auth_failure_closes(pop3, alice):
+    client = pop3()
+    for _ in range(2):
+        assert client.command(f"AUTH PLAIN {plain(password='wrong')}") == pop3_wire(R.POP3_AUTH_FAILED)
+    assert client.command(f"AUTH PLAIN {plain(password='wrong')}") == pop3_wire(R.POP3_TOO_MANY_FAILED_LOGINS)
+    assert client.closed()
+
+
+def test_pop3_bare_auth_lists_the_mechanisms(pop3):
+    client = pop3()
+    assert client.command("AUTH") == pop3_wire(R.POP3_MECHANISMS_FOLLOW)
+    assert client.multiline() == [b"PLAIN\r\n", b".\r\n"]
+
+
+def test_pop3_unknown_mechanism_is_refused(pop3):
+    assert pop3().command("AUTH CRAM-MD5") == pop3_wire(R.POP3_UNSUPPORTED_MECHANISM)
+
+
+def test_pop3_capa_lists_sasl_plain_and_auth_resp_code(pop3):
+    lines = capa(pop3())
+    assert lines == capa_lines()
+    assert b"SASL PLAIN\r\n" in lines and b"AUTH-RESP-CODE\r\n" in lines
+
+
+# --- passwords only over TLS or from a local network (RFC 8314 §3) -----------------------------
+
+
+@pytest.fixture
+def guarded(start_server, tls_files):
+    """A server with a certificate where only 127.0.0.1 counts as local."""
+    return start_server(auth=ONLY_LOOPBACK_ONE, tls=tls_files.settings())
+
+
+def test_pop3_user_from_a_non_local_address_is_privacy_required(guarded, pop3_at, alice):
+    reply = pop3_at(guarded, source=NOT_LOCAL).command("USER alice")
+    assert reply == pop3_wire(R.POP3_PRIVACY_REQUIRED)
+    assert reply.startswith(b"-ERR [PRIVACYREQUIRED] ")
+
+
+def test_pop3_auth_plain_from_a_non_local_address_is_privacy_required(guarded, pop3_at, alice):
+    client = pop3_at(guarded, source=NOT_LOCAL)
+    assert client.command(f"AUTH PLAIN {plain()}") == pop3_wire(R.POP3_PRIVACY_REQUIRED)
+    assert client.command("AUTH PLAIN") == pop3_wire(R.POP3_PRIVACY_REQUIRED)
+
+
+def test_pop3_capa_from_a_non_local_address_lacks_user_and_sasl(guarded, pop3_at):
+    assert capa(pop3_at(guarded, source=NOT_LOCAL)) == capa_lines(stls=True, user=False)
+
+
+def test_pop3_after_stls_a_non_local_address_may_log_in(guarded, pop3_at, alice, tls_files):
+    client = pop3_at(guarded, source=NOT_LOCAL)
+    pop3_stls(client, tls_files.client_context())
+    assert capa(client) == capa_lines()
+    assert client.command("USER alice") == pop3_wire(R.POP3_USER_ACCEPTED)
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK alice's maildrop has ")
+
+
+def test_pop3_auth_plain_after_stls_from_a_non_local_address(guarded, pop3_at, alice, tls_files):
+    client = pop3_at(guarded, source=NOT_LOCAL)
+    pop3_stls(client, tls_files.client_context())
+    assert client.command(f"AUTH PLAIN {plain()}").startswith(b"+OK alice's maildrop has ")
+
+
+def test_pop3_apop_works_without_tls_from_a_non_local_address(guarded, pop3_at, users, alice):
+    client = pop3_at(guarded, source=NOT_LOCAL)
+    greeting = client.greeting.decode()
+    timestamp = greeting[greeting.index("<"):greeting.index(">") + 1]
+    digest = hashlib.md5((timestamp + users.apop_secret("alice")).encode()).hexdigest()
+    # RFC 1939 §7: APOP never sends the password, so it needs no TLS.
+    assert client.command(f"APOP alice {digest}").startswith(b"+OK alice's maildrop has ")
+
+
+def test_smtp_ehlo_from_a_non_local_address_lacks_auth(guarded, smtp_at):
+    client = smtp_at(guarded, source=NOT_LOCAL, ehlo=False)
+    assert exchange(client, f"EHLO {CLIENT_NAME}") == ehlo_wire(guarded, starttls=True, auth=False)
+
+
+@pytest.mark.parametrize("command", [f"AUTH PLAIN {plain()}", "AUTH PLAIN", "AUTH LOGIN"])
+def test_smtp_auth_from_a_non_local_address_is_538(guarded, smtp_at, alice, command):
+    client = smtp_at(guarded, source=NOT_LOCAL)
+    assert exchange(client, command) == wire(R.R538_ENCRYPTION_REQUIRED)
+    assert wire(R.R538_ENCRYPTION_REQUIRED).startswith(b"538 5.7.11 encryption required")
+
+
+def test_smtp_after_starttls_a_non_local_address_is_offered_auth_and_logs_in(guarded, smtp_at, alice,
+                                                                             tls_files):
+    client = smtp_at(guarded, source=NOT_LOCAL, ehlo=False)
+    smtp_starttls(client, tls_files.client_context())
+    assert exchange(client, f"EHLO {CLIENT_NAME}") == ehlo_wire(guarded)
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_allow_plaintext_auth_lifts_the_refusal(start_server, smtp_at, pop3_at, alice):
+    server = start_server(auth=ONLY_LOOPBACK_ONE, allow_plaintext_auth=True)
+    smtp = smtp_at(server, source=NOT_LOCAL, ehlo=False)
+    assert exchange(smtp, f"EHLO {CLIENT_NAME}") == ehlo_wire(server)
+    assert exchange(smtp, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+    pop3 = pop3_at(server, source=NOT_LOCAL)
+    assert capa(pop3) == capa_lines()
+    assert pop3.command("USER alice") == pop3_wire(R.POP3_USER_ACCEPTED)
+    assert pop3.command(f"PASS {PASSWORD}").startswith(b"+OK alice's maildrop has ")
+
+
+# --- no password in a trace ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def traced(root):
+    """traced(**overrides) -> (server, stream): a server whose trace goes to a StringIO."""
+    servers = []
+
+    def start(**overrides):
+        settings = make_settings(root, **overrides)
+        stream = io.StringIO()
+        server = MailServer(settings, tracer=Tracer(trace_options(settings), stream)).start()
+        servers.append(server)
+        return server, stream
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def assert_no_secret(trace: str, *secrets: str) -> None:
+    for secret in (PASSWORD, *secrets):
+        assert secret not in trace
+
+
+def test_smtp_trace_masks_auth_plain_in_both_forms(traced, smtp_at, alice):
+    server, stream = traced(trace=True)
+    client = smtp_at(server)
+    assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+    second = smtp_at(server)
+    assert exchange(second, "AUTH PLAIN") == b"334 \r\n"
+    assert exchange(second, plain(password="wrong guess")) == wire(R.R535_AUTH_FAILED)
+    server.stop()
+    trace = stream.getvalue()
+    assert "C: AUTH PLAIN ****" in trace
+    assert "C: ****" in trace
+    assert_no_secret(trace, plain(), plain(password="wrong guess"), "wrong guess")
+
+
+def test_smtp_trace_masks_auth_login_user_and_password(traced, smtp_at, alice):
+    server, stream = traced(trace=True)
+    client = smtp_at(server)
+    assert exchange(client, f"AUTH LOGIN {b64('alice')}").startswith(b"334 ")
+    assert exchange(client, b64(PASSWORD)) == wire(R.R235_AUTHENTICATED)
+    server.stop()
+    trace = stream.getvalue()
+    assert "C: AUTH LOGIN ****" in trace
+    assert trace.count("C: ****") == 1
+    assert_no_secret(trace, b64("alice"), b64(PASSWORD))
+
+
+def test_pop3_trace_masks_auth_plain_in_both_forms(traced, pop3_at, alice):
+    server, stream = traced(trace=True)
+    client = pop3_at(server)
+    assert client.command("AUTH PLAIN") == b"+ \r\n"
+    assert client.command(plain(password="wrong guess")) == pop3_wire(R.POP3_AUTH_FAILED)
+    assert client.command(f"AUTH PLAIN {plain()}").startswith(b"+OK ")
+    server.stop()
+    trace = stream.getvalue()
+    assert "C: AUTH PLAIN ****" in trace
+    assert "C: ****" in trace
+    assert_no_secret(trace, plain(), plain(password="wrong guess"), "wrong guess")
+
+
+def test_json_trace_and_transcripts_mask_auth_too(traced, smtp_at, root, alice):
+    server, stream = traced(trace_format="json", transcripts=True)
+    client = smtp_at(server)
+    assert exchange(client, "AUTH PLAIN") == b"334 \r\n"
+    assert exchange(client, plain()) == wire(R.R235_AUTHENTICATED)
+    assert exchange(client, "QUIT").startswith(b"221 ")
+    assert client.closed()
+    server.stop()
+    transcripts = "".join(path.read_text() for path in (root / ".pymailsrv" / "transcripts").rglob("*")
+                          if path.is_file())
+    assert "****" in stream.getvalue() and "****" in transcripts
+    assert_no_secret(stream.getvalue() + transcripts, plain())
+
+
+@pytest.mark.parametrize("separator", ["\t", " \t", "  "])
+def test_trace_masks_a_credential_after_any_whitespace(traced, smtp_at, alice, separator):
+    # dispatch splits arguments at any whitespace, so a tab before the
+    # initial response still logs in: the trace must mask it the same way.
+    server, stream = traced(trace=True)
+    client = smtp_at(server)
+    assert exchange(client, f"AUTH PLAIN{separator}{plain()}") == wire(R.R235_AUTHENTICATED)
+    server.stop()
+    assert "C: AUTH PLAIN ****" in stream.getvalue()
+    assert_no_secret(stream.getvalue(), plain())

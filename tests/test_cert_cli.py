@@ -1,0 +1,154 @@
+"""``pymailsrv cert generate``: a self-signed pair for a lab, which ``start`` then uses.
+
+The pair goes to ``ROOT/.pymailsrv/tls/`` (the key readable by its owner
+alone), an existing pair is kept unless ``--force`` says otherwise, and a
+server started without ``--tls-cert`` offers STARTTLS/STLS with it. A client
+that trusts the certificate file itself can then verify the server.
+"""
+
+from __future__ import annotations
+
+import poplib
+import re
+import smtplib
+import ssl
+import stat
+
+import pytest
+from click.testing import CliRunner
+from cryptography import x509
+
+from pymailsrv import replies as R
+from pymailsrv.cli import main
+from pymailsrv.config import ConfigError
+from pymailsrv.server import MailServer
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+from tests.test_pop3 import wire as pop3_wire
+from tests.test_implicit_tls import listening_line, start_process, stop_process
+from tests.test_starttls import CLIENT_NAME
+
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch, tmp_path):
+    """No stray ./pymailsrv.toml or environment settings leak into a test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
+    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+
+
+@pytest.fixture
+def tls_dir(root):
+    return root / ".pymailsrv" / "tls"
+
+
+def generate(root, *args: str):
+    return CliRunner().invoke(main, ["cert", "generate", "--root", str(root), *args])
+
+
+def trusting(cert_path) -> ssl.SSLContext:
+    """A client context whose only trust anchor is the self-signed certificate itself."""
+    return ssl.create_default_context(cafile=str(cert_path))
+
+
+def names_in(cert_path) -> set[str]:
+    certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return {str(name) for name in alternative.get_values_for_type(x509.DNSName)} | {
+        str(address) for address in alternative.get_values_for_type(x509.IPAddress)}
+
+
+# --- cert generate ----------------------------------------------------------------------------
+
+
+def test_generate_writes_cert_and_key_under_the_state_directory(root, tls_dir):
+    result = generate(root, "--hostname", "mail.example.org")
+    assert result.exit_code == 0, result.output
+    cert, key = tls_dir / "cert.pem", tls_dir / "key.pem"
+    assert result.output == f"wrote {cert} and {key} (self-signed for mail.example.org)\n"
+    assert cert.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----\n")
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----\n")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert names_in(cert) == {"mail.example.org", "localhost", "127.0.0.1"}
+    ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a matching pair
+
+
+def test_generate_names_the_servers_hostname_by_default(root, tls_dir):
+    settings = make_settings(root)
+    assert generate(root).exit_code == 0
+    assert settings.hostname in names_in(tls_dir / "cert.pem")
+
+
+def test_generate_refuses_to_overwrite_without_force(root, tls_dir):
+    assert generate(root).exit_code == 0
+    before = (tls_dir / "cert.pem").read_bytes(), (tls_dir / "key.pem").read_bytes()
+    result = generate(root)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tls_dir / 'cert.pem'} already exists (use --force to replace it)\n"
+    assert ((tls_dir / "cert.pem").read_bytes(), (tls_dir / "key.pem").read_bytes()) == before
+
+
+def test_generate_with_force_replaces_the_pair_and_keeps_the_key_private(root, tls_dir):
+    assert generate(root).exit_code == 0
+    old_cert = (tls_dir / "cert.pem").read_bytes()
+    (tls_dir / "key.pem").chmod(0o644)
+    assert generate(root, "--force").exit_code == 0
+    assert (tls_dir / "cert.pem").read_bytes() != old_cert
+    assert stat.S_IMODE((tls_dir / "key.pem").stat().st_mode) == 0o600
+
+
+# --- start uses the generated pair -------------------------------------------------------------
+
+
+def test_without_a_generated_pair_there_is_no_starttls(root, start_server):
+    server = start_server()
+    with smtplib.SMTP(*server.addresses["smtp"], local_hostname=CLIENT_NAME, timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        assert not client.has_extn("starttls")
+
+
+def test_server_without_tls_cert_uses_the_generated_pair(root, tls_dir, start_server, add_user):
+    add_user("alice")
+    assert generate(root).exit_code == 0
+    server = start_server()
+    context = trusting(tls_dir / "cert.pem")
+    with smtplib.SMTP(*server.addresses["smtp"], local_hostname=CLIENT_NAME, timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        assert client.has_extn("starttls")
+        assert client.starttls(context=context) == (220, b"2.0.0 ready to start TLS")
+        client.ehlo()
+        assert not client.has_extn("starttls")
+    pop3 = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    try:
+        assert pop3.stls(context=context) == pop3_wire(R.POP3_BEGIN_TLS).rstrip()
+        pop3.user("alice")
+        assert pop3.pass_(PASSWORD).startswith(b"+OK alice's maildrop has 0 messages")
+    finally:
+        pop3.close()
+
+
+def test_tls_cert_without_tls_key_is_a_config_error(root, tls_dir):
+    assert generate(root).exit_code == 0
+    with pytest.raises(ConfigError, match="^tls.cert and tls.key must be given together$"):
+        MailServer(make_settings(root, tls={"cert": str(tls_dir / "cert.pem")}))
+
+
+def test_unreadable_certificate_is_a_config_error_naming_it(root, tmp_path):
+    bogus = tmp_path / "bogus.pem"
+    bogus.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=f"^cannot load the TLS certificate '{re.escape(str(bogus))}': "):
+        MailServer(make_settings(root, tls={"cert": str(bogus), "key": str(bogus)}))
+
+
+def test_start_as_a_process_offers_starttls_with_the_generated_pair(root, tls_dir):
+    assert generate(root).exit_code == 0
+    process = start_process(root)
+    try:
+        line = listening_line(process)
+        host, port = re.search(rb" smtp=([\d.]+):(\d+)", line).groups()
+        with smtplib.SMTP(host.decode(), int(port), local_hostname=CLIENT_NAME, timeout=CLIENT_TIMEOUT) as client:
+            client.starttls(context=trusting(tls_dir / "cert.pem"))
+            assert client.sock.version() in ("TLSv1.2", "TLSv1.3")
+            assert client.noop() == (250, b"2.0.0 OK")
+    finally:
+        stop_process(process)
