@@ -29,7 +29,6 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import hashlib
 import itertools
@@ -44,11 +43,10 @@ from typing import BinaryIO
 from pymailsrv.durable import fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
-    InsufficientStorage,
     MaildropLocked,
     MessageInfo,
     MessageVanished,
-    StorageError,
+    storage_error,
 )
 from pymailsrv.users import STATE_DIR_NAME, check_user_name
 
@@ -56,15 +54,8 @@ SUBDIRS = ("tmp", "new", "cur")
 # The Maildir spec's "info" separator; what follows ":2," are the flags.
 INFO_SEPARATOR = ":2,"
 SEEN_FLAG = "S"
-_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 _delivery_counter = itertools.count(1)
-
-
-def _storage_error(error: OSError, doing: str) -> StorageError:
-    if error.errno in _FULL_DISK_ERRNOS:
-        return InsufficientStorage(f"{doing}: {error.strerror}")
-    return StorageError(f"{doing}: {error.strerror or error}")
 
 
 def _safe_hostname() -> str:
@@ -259,7 +250,7 @@ class IncomingMaildirMessage:
         try:
             self._maildirs = [store.create_maildir(user) for user in users]
         except OSError as error:
-            raise _storage_error(error, "opening a recipient's Maildir") from error
+            raise storage_error(error, "opening a recipient's Maildir") from error
         self._tmp_path = self._maildirs[0] / "tmp" / self._name
         self.octets = 0
         self._line_ends = 0
@@ -267,7 +258,7 @@ class IncomingMaildirMessage:
         try:
             self._file: BinaryIO | None = open(self._tmp_path, "xb")
         except OSError as error:
-            raise _storage_error(error, "creating a file in tmp/") from error
+            raise storage_error(error, "creating a file in tmp/") from error
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -275,7 +266,7 @@ class IncomingMaildirMessage:
         try:
             self._file.write(data)
         except OSError as error:
-            raise _storage_error(error, "writing into tmp/") from error
+            raise storage_error(error, "writing into tmp/") from error
         self.octets += len(data)
         self._line_ends += data.count(b"\n")
         self._ends_with_newline = data.endswith(b"\n")
@@ -291,7 +282,7 @@ class IncomingMaildirMessage:
             os.fsync(self._file.fileno())
         except OSError as error:
             self.discard()
-            raise _storage_error(error, "syncing the message to disk") from error
+            raise storage_error(error, "syncing the message to disk") from error
         self._file.close()
         final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
         linked: list[Path] = []
@@ -306,7 +297,7 @@ class IncomingMaildirMessage:
             for target in linked:
                 target.unlink(missing_ok=True)
             self.discard()
-            raise _storage_error(error, "linking the message into new/") from error
+            raise storage_error(error, "linking the message into new/") from error
         self._tmp_path.unlink(missing_ok=True)
         return self.queue_id
 

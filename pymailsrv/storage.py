@@ -9,6 +9,8 @@ could stand in its place.
 
 from __future__ import annotations
 
+import errno
+
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,6 +30,16 @@ class MessageVanished(StorageError):
 
 class InsufficientStorage(StorageError):
     """The disk is full (ENOSPC, EDQUOT): RFC 3463 X.3.1."""
+
+
+_FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def storage_error(error: OSError, doing: str) -> StorageError:
+    """The StorageError for an OSError met while ``doing`` something (a full disk is its own kind)."""
+    if error.errno in _FULL_DISK_ERRNOS:
+        return InsufficientStorage(f"{doing}: {error.strerror}")
+    return StorageError(f"{doing}: {error.strerror or error}")
 
 
 @dataclass(frozen=True)

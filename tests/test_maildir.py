@@ -19,7 +19,7 @@ import pytest
 from pymailsrv import maildir as maildir_module
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.maildir import MaildirStore, pop3_lines, pop3_size, uid_of
-from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError
+from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError, storage_error
 from pymailsrv.users import UserError
 
 MESSAGE = b"Subject: hi\n\nhello\n"
@@ -133,9 +133,9 @@ def test_a_broken_tmp_directory_fails_delivery_cleanly(store, root):
 
 
 def test_a_full_disk_is_reported_as_insufficient_storage():
-    error = maildir_module._storage_error(OSError(errno.ENOSPC, "No space left on device"), "writing")
+    error = storage_error(OSError(errno.ENOSPC, "No space left on device"), "writing")
     assert isinstance(error, InsufficientStorage)
-    assert not isinstance(maildir_module._storage_error(OSError(errno.EIO, "I/O"), "x"), InsufficientStorage)
+    assert not isinstance(storage_error(OSError(errno.EIO, "I/O"), "x"), InsufficientStorage)
 
 
 # --- reading -----------------------------------------------------------------------
