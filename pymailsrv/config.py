@@ -22,6 +22,7 @@ that names the key::
     bare_newline = "reject"
     [relay]
     trusted_networks = ["192.0.2.0/24"]
+    smarthost = "mail.example.net:587"
 """
 
 from __future__ import annotations
@@ -102,10 +103,55 @@ class SmtpSettings:
     submission_port: int | None = _checked(None, _port)
 
 
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """"host:port", "host" or "[v6 address]:port" as (host, port); ValueError if malformed."""
+    host, port = text, str(default_port)
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"expected [address]:port, got {text!r}")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {text!r}")
+    _port(int(port))
+    return host, int(port)
+
+
+def _host_port(value: str) -> None:
+    parse_host_port(value, 25)
+
+
 @dataclass(frozen=True)
 class RelaySettings:
     # Client networks allowed to relay without authenticating; empty: nobody.
     trusted_networks: tuple[str, ...] = _checked((), _networks)
+    # --- outbound delivery (outqueue.py, relay.py) ---
+    # "host:port" that takes all outbound mail; None: each domain's MX hosts.
+    smarthost: str | None = _checked(None, _host_port)
+    # AUTH at the smarthost (RFC 4954), only ever after STARTTLS.
+    smarthost_user: str | None = None
+    smarthost_password: str | None = None
+    # "opportunistic": STARTTLS when offered, certificate unchecked (as for
+    # MX hosts); "required": STARTTLS or no delivery; "verified": required,
+    # and the certificate must match the name (CAs: smarthost_ca_file, else
+    # the system's).
+    smarthost_tls: Literal["opportunistic", "required", "verified"] = "opportunistic"
+    smarthost_ca_file: Path | None = None
+    # The port of MX hosts (25 on the Internet; tests use a free port).
+    port: int = _checked(25, _port)
+    # "address:port" of the DNS server for MX lookups; None: the system's.
+    dns_server: str | None = _checked(None, lambda value: parse_host_port(value, 53))
+    workers: int = _checked(limits.RELAY_WORKERS, _positive)
+    # Retries (Postfix's minimal_backoff_time, maximal_backoff_time,
+    # maximal_queue_lifetime), in seconds.
+    min_backoff: float = _checked(float(limits.QUEUE_MIN_BACKOFF_SECONDS), _positive)
+    max_backoff: float = _checked(float(limits.QUEUE_MAX_BACKOFF_SECONDS), _positive)
+    max_queue_lifetime: float = _checked(float(limits.QUEUE_MAX_LIFETIME_SECONDS), _not_negative)
+    queue_scan_interval: float = _checked(limits.QUEUE_SCAN_INTERVAL_SECONDS, _positive)
+    timeout: float = _checked(float(limits.SMTP_CLIENT_TIMEOUT_SECONDS), _positive)
+    max_hops: int = _checked(limits.SMTP_MAX_HOPS, _positive)
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,37 @@ RECV_CHUNK = 64 * 1024
 # The Maildir specification (cr.yp.to/proto/maildir.html): "A program should
 # delete files in tmp that have not been accessed in 36 hours."
 MAILDIR_TMP_MAX_AGE_SECONDS = 36 * 60 * 60
+
+# --- Relay: the outbound queue and its delivery workers ----------------------
+
+# Postfix's defaults: minimal_backoff_time 300 s (the first retry comes 5
+# minutes after a temporary failure), each later wait doubles up to
+# maximal_backoff_time 4000 s (about 67 minutes), and maximal_queue_lifetime
+# 5 days: a message still undelivered then is bounced. RFC 5321 §4.5.4.1
+# asks for "at least 30 minutes" between retries and "at least 4-5 days"
+# before giving up; the doubling starts sooner, for a short outage.
+QUEUE_MIN_BACKOFF_SECONDS = 5 * 60
+QUEUE_MAX_BACKOFF_SECONDS = 4000
+QUEUE_MAX_LIFETIME_SECONDS = 5 * 24 * 60 * 60
+
+# How often the workers look into the queue directory for messages that have
+# come due, or that 'pymailsrv queue flush' (another process) made due. A
+# message enqueued by this server wakes them at once.
+QUEUE_SCAN_INTERVAL_SECONDS = 1.0
+
+# Delivery threads: Postfix's default_process_limit is 100, but a teaching
+# server on one machine needs only a few connections out at a time.
+RELAY_WORKERS = 4
+
+# RFC 5321 §4.5.3.2: the client's timeouts run from 2 minutes (DATA
+# initiation) to 10 minutes (the reply to the final dot); smtplib has one
+# timeout for every socket operation, so we use the common 5 minutes of the
+# greeting, MAIL and RCPT (§4.5.3.2.1-3).
+SMTP_CLIENT_TIMEOUT_SECONDS = 5 * 60
+
+# The loop guard. RFC 5321 §6.3: counting Received: fields is "an effective,
+# although rarely optimal, method of detecting loops", and servers "SHOULD
+# use a large rejection threshold, normally at least 100". Postfix uses 50
+# (hopcount_limit); issue 5 asked for 30, which still leaves room for any
+# real path, and 'relay.max_hops' lets a site raise it.
+SMTP_MAX_HOPS = 30

@@ -1,0 +1,310 @@
+"""Aliases: local names that stand for other local users and outside addresses.
+
+The table is a plain text file, ``ROOT/.pymailsrv/aliases``, in the
+spirit of sendmail's ``/etc/aliases`` (aliases(5)), so a person can edit it
+as well as ``pymailsrv alias add/remove``::
+
+    # name: target, target ...
+    staff: alice, bob
+    sales: carol, orders@shop.example.net
+    carol: carol, carol@home.example.org     # keep a copy, and forward one
+    list: staff,
+      sales                                  # a line that starts with a space continues the one before
+
+A target is a local name (a user or another alias) or an address
+``local@domain``; an address in one of our own domains counts as its local
+part. Names follow the rules of user names (``users.check_user_name``).
+
+Expansion (``AliasTable.expand``) follows the targets recursively, as
+RFC 5321 §3.9.1 describes aliases: the envelope recipient is replaced by
+the targets, and the original envelope sender is kept (the bounce address
+stays the sender's, not ours). Two rules keep it finite and unsurprising:
+
+* a name that is already being expanded further up is not expanded again.
+  If it is a user, that user gets the mail (``carol: carol, carol@home``
+  keeps a copy, as in sendmail); if not, it is a loop, logged and skipped;
+* every target is delivered to once, however many paths lead to it.
+
+``postmaster`` (RFC 5321 §4.5.1 requires it) and ``abuse`` (RFC 2142 §2)
+exist even when the file does not name them: they point to
+``smtp.postmaster``, else to the first user. A line in the file overrides
+that.
+
+The server re-reads the file when it changes on disk (``durable.ChangedFile``),
+so an edit applies without a restart. The CLI's changes are read-modify-
+write under an ``flock`` with an atomic rewrite; they keep the comments, the
+order and the layout of every line they do not change. A line that cannot
+be parsed is logged and skipped, never fatal: one typo must not stop mail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
+from pymailsrv.paths import PathError, parse_path
+from pymailsrv.users import UserError, check_user_name
+
+log = logging.getLogger("pymailsrv.aliases")
+
+ALIASES_FILE_NAME = "aliases"
+# RFC 5321 §4.5.1 (postmaster) and RFC 2142 §2 (abuse): names every mail
+# domain should answer, so they exist unless the file says otherwise.
+DEFAULT_ALIASES = ("postmaster", "abuse")
+
+_NAME_LINE = re.compile(r"\s*([^\s:#][^:]*?)\s*:(.*)")
+# A comment starts at a "#" that begins the line or follows white space; a
+# "#" inside an address (it is legal in a local part) is not one.
+_COMMENT = re.compile(r"(?:^|(?<=\s))#")
+
+
+class AliasError(Exception):
+    """An alias change that cannot be made; the message says why."""
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """Where mail for one local name goes."""
+
+    users: tuple[str, ...] = ()  # local users, for Maildir delivery
+    external: tuple[str, ...] = ()  # addresses elsewhere, for the outbound queue
+    # Problems met on the way (already logged): loops, unknown names.
+    problems: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        """True if the mail goes anywhere at all."""
+        return bool(self.users or self.external)
+
+
+@dataclass
+class _Entry:
+    """One alias as the file has it: the lines it spans and its targets."""
+
+    name: str
+    targets: list[str]
+    # Indexes into the file's lines: every line that defines it, first one
+    # first (a name defined twice has two runs of lines).
+    lines: list[int]
+
+
+@dataclass
+class _AliasFile:
+    lines: list[str] = field(default_factory=list)
+    entries: dict[str, _Entry] = field(default_factory=dict)
+
+
+def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
+    """A target as we keep it: a checked local name, or a checked address.
+
+    An address in one of ``local_domains`` becomes its local part.
+    """
+    target = target.strip()
+    if "@" not in target:
+        return _checked_name(target)
+    try:
+        address, rest = parse_path(f"<{target}>", null_allowed=False)
+    except PathError as error:
+        raise AliasError(f"invalid target {target!r}: {error}") from None
+    if rest.strip() or not address.domain:
+        raise AliasError(f"invalid target {target!r}")
+    if address.domain in {domain.lower() for domain in local_domains}:
+        return _checked_name(address.local_part)
+    return str(address)
+
+
+def _checked_name(name: str) -> str:
+    try:
+        return check_user_name(name)
+    except UserError as error:
+        raise AliasError(str(error).replace("user name", "name")) from None
+
+
+def _parse(text: str, where: str = "aliases") -> _AliasFile:
+    """Lines and entries of an aliases file; bad lines are logged and skipped."""
+    parsed = _AliasFile(lines=text.splitlines())
+    current: _Entry | None = None
+    for number, line in enumerate(parsed.lines):
+        content = _COMMENT.split(line, 1)[0]
+        if not content.strip():
+            continue
+        if line[0] in " \t" and current is not None:  # continuation (aliases(5))
+            current.targets.extend(part.strip() for part in content.split(",") if part.strip())
+            current.lines.append(number)
+            continue
+        match = _NAME_LINE.fullmatch(content)
+        try:
+            if match is None:
+                raise AliasError("expected 'name: target, target'")
+            name = _checked_name(match.group(1))
+        except AliasError as error:
+            log.warning("%s line %d skipped: %s", where, number + 1, error)
+            current = None
+            continue
+        targets = [part.strip() for part in match.group(2).split(",") if part.strip()]
+        if name in parsed.entries:
+            # newaliases warns and keeps both lists; we do the same.
+            log.warning("%s line %d: %r is defined again; its targets are added", where, number + 1, name)
+            current = parsed.entries[name]
+            current.targets.extend(targets)
+            current.lines.append(number)
+        else:
+            current = parsed.entries[name] = _Entry(name, targets, [number])
+    return parsed
+
+
+def _read(path: Path) -> _AliasFile:
+    return _parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
+
+
+class AliasTable:
+    """The aliases of one data root, re-read when the file changes.
+
+    ``user_names`` says which local users exist now (``UserStore.names``);
+    ``postmaster`` is the user that the default aliases point to, None for
+    the first user.
+    """
+
+    def __init__(self, state_dir: Path, user_names: Callable[[], list[str]],
+                 domains: Iterable[str] = ("localhost",), postmaster: str | None = None) -> None:
+        self.state_dir = Path(state_dir)
+        self.path = self.state_dir / ALIASES_FILE_NAME
+        self._lock_path = self.state_dir / "aliases.lock"
+        self._user_names = user_names
+        self.domains = tuple(domain.lower() for domain in domains)
+        self._postmaster = postmaster
+        self._file = ChangedFile(self.path, _read, missing=_AliasFile())
+
+    # --- reading ---------------------------------------------------------------
+
+    def table(self) -> dict[str, list[str]]:
+        """Every alias and its targets as written, the defaults included."""
+        aliases = {name: list(entry.targets) for name, entry in self._file.get().entries.items()}
+        postmaster = self._postmaster or next(iter(self._user_names()), None)
+        for name in DEFAULT_ALIASES:
+            if name not in aliases and postmaster is not None:
+                aliases[name] = [postmaster]
+        return aliases
+
+    def defined_in_file(self) -> set[str]:
+        return set(self._file.get().entries)
+
+    def expand(self, local_part: str) -> Expansion:
+        """Where mail for ``local_part`` goes: users and outside addresses.
+
+        A name that is neither an alias nor a user expands to nothing
+        (``bool(expansion)`` is False): RCPT answers 550 for it.
+        """
+        aliases = self.table()
+        users = set(self._user_names())
+        found_users: list[str] = []
+        external: list[str] = []
+        problems: list[str] = []
+        done: set[str] = set()
+
+        def visit(target: str, path: tuple[str, ...]) -> None:
+            try:
+                target = check_target(target, self.domains)
+            except AliasError as error:
+                problems.append(f"{' -> '.join(path)}: {error}")
+                return
+            if "@" in target:
+                if target not in external:
+                    external.append(target)
+                return
+            if target in path or target not in aliases:
+                if target in users:
+                    if target not in found_users:
+                        found_users.append(target)
+                elif target in path:
+                    problems.append(f"alias loop: {' -> '.join(path + (target,))}")
+                elif path:  # a bad target; an unknown recipient itself is only a 550
+                    problems.append(f"{' -> '.join(path + (target,))}: no such user or alias")
+                return
+            if target in done:
+                return  # reached again by another path: its targets are in already
+            done.add(target)
+            for next_target in aliases[target]:
+                visit(next_target, path + (target,))
+
+        try:
+            name = _checked_name(local_part)
+        except AliasError:
+            return Expansion()
+        visit(name, ())
+        for problem in problems:
+            log.warning("expanding %r: %s", name, problem)
+        return Expansion(tuple(found_users), tuple(external), tuple(problems))
+
+    # --- changing ----------------------------------------------------------------
+
+    def add(self, name: str, targets: Iterable[str]) -> list[str]:
+        """Add targets to ``name`` (created if need be); returns its targets now."""
+        name = _checked_name(name)
+        checked = [check_target(target, self.domains) for target in targets]
+        if not checked:
+            raise AliasError("give at least one target")
+        with self._editing() as (parsed, lines):
+            entry = parsed.entries.get(name)
+            if entry is None:
+                lines.append(_format(name, checked))
+                return checked
+            targets = entry.targets + [target for target in checked if target not in entry.targets]
+            _replace_entry(lines, entry, _format(name, targets))
+            return targets
+
+    def remove(self, name: str, targets: Iterable[str] = ()) -> list[str]:
+        """Remove ``name``, or only some of its targets; returns the targets left."""
+        name = _checked_name(name)
+        unwanted = {check_target(target, self.domains) for target in targets}
+        with self._editing() as (parsed, lines):
+            entry = parsed.entries.get(name)
+            if entry is None:
+                raise AliasError(f"no alias {name!r} in {self.path}")
+            left = []
+            if unwanted:
+                kept = [target for target in entry.targets
+                        if _canonical(target, self.domains) not in unwanted]
+                missing = unwanted - {_canonical(target, self.domains) for target in entry.targets}
+                if missing:
+                    raise AliasError(f"{name!r} has no target {', '.join(sorted(missing))}")
+                left = kept
+            _replace_entry(lines, entry, _format(name, left) if left else None)
+            return left
+
+    @contextlib.contextmanager
+    def _editing(self) -> Iterator[tuple[_AliasFile, list[str | None]]]:
+        """The file parsed and its lines, under the lock; the changed lines are written back."""
+        with exclusive_lock(self._lock_path):
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                text = ""
+            parsed = _parse(text, str(self.path))
+            lines: list[str | None] = list(parsed.lines)
+            yield parsed, lines
+            text = "".join(line + "\n" for line in lines if line is not None)
+            # Not secret, unlike users.json: anyone may read where mail goes.
+            write_atomically(self.path, text.encode("utf-8"), mode=0o644)
+
+
+def _canonical(target: str, domains: Iterable[str]) -> str:
+    try:
+        return check_target(target, domains)
+    except AliasError:
+        return target
+
+
+def _format(name: str, targets: list[str]) -> str:
+    return f"{name}: {', '.join(targets)}"
+
+
+def _replace_entry(lines: list[str | None], entry: _Entry, new_line: str | None) -> None:
+    """Put ``new_line`` where the entry was (None: drop it), keeping line numbers valid."""
+    for number in entry.lines:
+        lines[number] = None
+    lines[entry.lines[0]] = new_line

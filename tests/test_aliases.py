@@ -1,0 +1,120 @@
+"""The aliases file: parsing, recursive expansion with loop detection, edits."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+
+from pymailsrv.aliases import AliasError, AliasTable, Expansion
+from pymailsrv.users import UserStore
+
+
+@pytest.fixture
+def aliases(root, add_user) -> AliasTable:
+    for name in ("alice", "bob", "carol"):
+        add_user(name)
+    return AliasTable(root / ".pymailsrv", UserStore(root / ".pymailsrv").names, domains=["example.com"])
+
+
+def write(table: AliasTable, text: str) -> None:
+    table.path.parent.mkdir(parents=True, exist_ok=True)
+    table.path.write_text(text)
+
+
+def test_an_alias_expands_to_users_and_outside_addresses(aliases):
+    write(aliases, "staff: alice, bob\nsales: carol, orders@shop.example.net\n")
+    assert aliases.expand("staff") == Expansion(users=("alice", "bob"))
+    assert aliases.expand("Sales") == Expansion(users=("carol",), external=("orders@shop.example.net",))
+
+
+def test_expansion_is_recursive_and_gives_each_target_once(aliases):
+    write(aliases, "all: staff, team, x@example.net\nstaff: alice, bob\nteam: bob, carol, X@EXAMPLE.NET\n")
+    assert aliases.expand("all") == Expansion(users=("alice", "bob", "carol"), external=("X@example.net",
+                                                                                        "x@example.net"))
+
+
+def test_a_user_is_a_user_and_an_unknown_name_goes_nowhere(aliases):
+    assert aliases.expand("alice") == Expansion(users=("alice",))
+    assert not aliases.expand("nobody")
+    assert not aliases.expand("../etc")
+
+
+def test_a_loop_is_logged_and_skipped_never_followed_forever(aliases, caplog):
+    write(aliases, "ping: pong, keep@example.net\npong: ping\nself: self\n")
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.aliases"):
+        expansion = aliases.expand("ping")
+        assert not aliases.expand("self")
+    assert expansion.external == ("keep@example.net",) and expansion.users == ()
+    assert expansion.problems == ("alias loop: ping -> pong -> ping",)
+    assert "alias loop: ping -> pong -> ping" in caplog.text
+
+
+def test_an_alias_that_names_its_own_user_keeps_a_copy(aliases):
+    write(aliases, "carol: carol, carol@home.example.org\n")
+    assert aliases.expand("carol") == Expansion(users=("carol",), external=("carol@home.example.org",))
+
+
+def test_an_address_in_our_own_domain_is_a_local_name(aliases):
+    write(aliases, "boss: Alice@Example.COM\n")
+    assert aliases.expand("boss") == Expansion(users=("alice",))
+
+
+def test_an_unknown_target_is_reported(aliases):
+    write(aliases, "team: alice, ghost\n")
+    expansion = aliases.expand("team")
+    assert expansion.users == ("alice",) and expansion.problems == ("team -> ghost: no such user or alias",)
+
+
+def test_postmaster_and_abuse_exist_by_default(aliases, root):
+    assert aliases.expand("postmaster") == Expansion(users=("alice",))  # the first user
+    assert aliases.expand("ABUSE") == Expansion(users=("alice",))
+    configured = AliasTable(root / ".pymailsrv", lambda: ["alice", "bob"], postmaster="bob")
+    assert configured.expand("postmaster") == Expansion(users=("bob",))
+    write(aliases, "abuse: carol\n")
+    assert aliases.expand("abuse") == Expansion(users=("carol",))
+
+
+def test_comments_continuations_and_bad_lines(aliases, caplog):
+    write(aliases, "# who gets what\n\nlist: alice,   # the first\n  bob\nthis is not an alias\n"
+                   "odd#name@example.net: x\nteam: a#b@example.net\n")
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.aliases"):
+        assert aliases.expand("list") == Expansion(users=("alice", "bob"))
+    assert aliases.expand("team").external == ("a#b@example.net",)
+    assert "line 5 skipped" in caplog.text and "line 6 skipped" in caplog.text
+
+
+def test_a_change_on_disk_applies_at_once(aliases):
+    write(aliases, "team: alice\n")
+    assert aliases.expand("team").users == ("alice",)
+    write(aliases, "team: alice, bob\n")  # an editor's save: same inode, new size
+    assert aliases.expand("team").users == ("alice", "bob")
+
+
+def test_add_and_remove_keep_the_rest_of_the_file_as_written(aliases):
+    write(aliases, "# our aliases\nstaff:   alice   # in the office\nsales: carol\n")
+    assert aliases.add("staff", ["bob", "alice"]) == ["alice", "bob"]
+    assert aliases.add("new", ["x@example.net"]) == ["x@example.net"]
+    assert aliases.remove("staff", ["alice@example.com"]) == ["bob"]
+    assert aliases.remove("sales") == []
+    assert aliases.path.read_text() == "# our aliases\nstaff: bob\nnew: x@example.net\n"
+    assert aliases.remove("new", ["x@example.net"]) == []
+    assert aliases.path.read_text() == "# our aliases\nstaff: bob\n"
+    assert os.stat(aliases.path).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("name, targets", [("../x", ["alice"]), ("ok", ["a b"]), ("ok", ["x@"]), ("ok", [])])
+def test_bad_names_and_targets_are_refused(aliases, name, targets):
+    with pytest.raises(AliasError):
+        aliases.add(name, targets)
+    assert not aliases.path.exists()
+
+
+def test_removing_what_is_not_there_is_an_error(aliases):
+    write(aliases, "staff: alice\n")
+    with pytest.raises(AliasError):
+        aliases.remove("nobody")
+    with pytest.raises(AliasError):
+        aliases.remove("staff", ["bob"])
+
