@@ -1,0 +1,102 @@
+"""Bounces: delivery status notifications (RFC 3464) built with ``email``.
+
+When mail cannot be delivered, the sender hears of it through a message to
+the envelope's reverse-path (RFC 5321 §4.5.5, §6.1), sent with the null
+reverse-path ``<>`` so that a bounce can never itself bounce. Its shape is
+RFC 3464's (with RFC 6522's multipart/report)::
+
+    multipart/report; report-type=delivery-status
+    ├── text/plain                 for the person: what failed, and why
+    ├── message/delivery-status    for programs: one block for the message
+    │                              (Reporting-MTA, Arrival-Date), then one per
+    │                              recipient (Final-Recipient, Action, Status,
+    │                              Remote-MTA, Diagnostic-Code, Last-Attempt-Date)
+    └── text/rfc822-headers        the original message's header, not its body
+
+Every field is built by the standard library's ``email`` package; nothing
+here formats MIME by hand. Statuses are RFC 3463 codes; a diagnostic keeps
+the remote server's own reply ("smtp; 550 5.1.1 ...", RFC 3464 §2.3.6).
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import re
+from collections.abc import Iterable
+from email.message import Message
+from email.mime.base import MIMEBase
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+
+from pymailsrv.outqueue import QueueEntry, Recipient
+
+# Stored like every message here: LF line ends (Maildir's convention); the
+# relay turns them into CRLF on the wire.
+_POLICY = email.policy.SMTP.clone(linesep="\n")
+
+
+def original_header(message: bytes) -> str:
+    """The header section of a message: everything before the first empty line."""
+    header = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+    return header.replace(b"\r\n", b"\n").decode("utf-8", errors="replace") + "\n"
+
+
+def _status_block(fields: Iterable[tuple[str, str]]) -> Message:
+    block = Message()
+    for name, value in fields:
+        block[name] = value
+    return block
+
+
+def _text_part(text: str, subtype: str) -> MIMEText:
+    # Plain ASCII stays readable as it is; anything else is UTF-8 (base64).
+    part = MIMEText(text, subtype, "us-ascii" if text.isascii() else "utf-8")
+    del part["MIME-Version"]  # only the top-level message carries it
+    return part
+
+
+def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, reporting_mta: str,
+                 now: float) -> bytes:
+    """A DSN to ``entry.sender`` saying that ``failures`` failed; LF line ends."""
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = f"<{entry.sender}>"
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = email.utils.formatdate(now, localtime=True)
+    report["Message-ID"] = email.utils.make_msgid(idstring=entry.queue_id, domain=reporting_mta)
+    # RFC 3834 §5: a message sent automatically in reply to another says so,
+    # so that vacation programs and the like do not answer it.
+    report["Auto-Submitted"] = "auto-replied"
+
+    lines = [f"This is the mail system at {reporting_mta}.", "",
+             "Your message could not be delivered to the recipients below. It has",
+             "been given up for good: sending it again unchanged will not help.", ""]
+    for recipient in failures:
+        lines.append(f"<{recipient.address}>: {recipient.last_error or recipient.status}")
+    lines += ["", "The delivery report and the header of your message follow.", ""]
+    report.attach(_text_part("\n".join(lines), "plain"))
+
+    status = MIMEBase("message", "delivery-status")
+    del status["MIME-Version"]  # only the top-level message carries it
+    blocks = [_status_block([
+        ("Reporting-MTA", f"dns; {reporting_mta}"),
+        ("X-Queue-ID", entry.queue_id),
+        ("Arrival-Date", email.utils.formatdate(entry.created, localtime=True)),
+    ])]
+    for recipient in failures:
+        fields = [("Final-Recipient", f"rfc822; {recipient.address}"),
+                  ("Action", "failed"),
+                  ("Status", recipient.status or "5.0.0")]
+        if recipient.remote_mta:
+            fields.append(("Remote-MTA", f"dns; {recipient.remote_mta}"))
+        if recipient.last_error:
+            fields.append(("Diagnostic-Code", recipient.last_error))
+        fields.append(("Last-Attempt-Date", email.utils.formatdate(now, localtime=True)))
+        blocks.append(_status_block(fields))
+    status.set_payload(blocks)
+    report.attach(status)
+
+    header = original_header(original)
+    report.attach(_text_part(header, "rfc822-headers"))
+    return report.as_bytes(policy=_POLICY)

@@ -1,0 +1,454 @@
+"""The outbound queue: mail for other hosts, kept on disk until it is delivered.
+
+(Named ``outqueue``, not ``queue``: a module called ``queue`` next to
+``relay.py`` would stand in for the standard library's ``queue`` whenever
+this directory is on ``sys.path``, e.g. when a file here is run as a script.)
+
+An MTA that answers ``250`` to DATA has taken responsibility for the message
+(RFC 5321 §4.1.1.4, §6.1): it may not lose it afterwards, crash or not. So a
+message for another host is written to ``ROOT/.pymailsrv/queue/`` before
+the client hears 250, with the discipline of ``maildir.py``::
+
+    queue/tmp/<id>   the text being received: written, flushed, fsynced
+    queue/<id>.msg   ... then renamed here
+    queue/<id>.json  the envelope, written atomically (durable.write_atomically),
+                     then the directory is fsynced: now the message is queued
+
+The envelope file is the commit record: a message is in the queue exactly
+when its ``.json`` exists. A crash before that leaves a ``.msg`` without an
+envelope (or a file in ``tmp/``), which nobody was promised and which
+``remove_stale_files`` clears; deleting removes the ``.json`` first for the
+same reason.
+
+The envelope holds the reverse-path (``""`` is the null path ``<>``), the
+arrival time, the next attempt time, how many attempts were made, and every
+recipient with its own state: ``pending`` until a delivery attempt says
+``delivered`` or ``failed`` for it. One message to two hosts can thus be
+delivered to one and retried for the other (RFC 5321 §4.5.4.1 asks that
+recipients of one message be tracked apart).
+
+Retries follow ``RetryPolicy``: after a temporary failure the next attempt
+waits ``min_backoff``, then twice as long each time up to ``max_backoff``;
+a recipient still pending ``max_queue_lifetime`` after arrival has failed.
+
+Every change to an envelope (``record``, ``flush``, ``delete``) is a read-
+modify-write under one ``flock``, so the server's delivery threads and a
+``pymailsrv queue`` command in another process never undo each other's work.
+Nothing here speaks SMTP; ``relay.py`` does, and reports back through
+``record``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from pymailsrv.durable import exclusive_lock, fsync_directory, write_atomically
+from pymailsrv.limits import (
+    MAILDIR_TMP_MAX_AGE_SECONDS,
+    QUEUE_MAX_BACKOFF_SECONDS,
+    QUEUE_MAX_LIFETIME_SECONDS,
+    QUEUE_MIN_BACKOFF_SECONDS,
+)
+from pymailsrv.storage import storage_error
+
+log = logging.getLogger("pymailsrv.outqueue")
+
+QUEUE_DIR_NAME = "queue"
+
+
+class State(enum.StrEnum):
+    """A recipient's state in the queue."""
+
+    PENDING = "pending"  # not yet delivered: due now or after a temporary failure
+    DELIVERED = "delivered"  # the next hop answered 250 (RFC 5321 §6.1: now its job)
+    FAILED = "failed"  # a permanent failure, or it stayed pending too long
+
+
+@dataclass
+class Recipient:
+    """One forward-path of a queued message, and what became of it so far."""
+
+    address: str
+    state: State = State.PENDING
+    attempts: int = 0
+    # From the last attempt: the RFC 3463 status ("4.4.1"), the diagnostic
+    # as a DSN reports it ("smtp; 451 4.7.1 try again later", RFC 3464
+    # §2.3.6) and the host that gave it.
+    status: str | None = None
+    last_error: str | None = None
+    remote_mta: str | None = None
+    # A failure is reported to the sender once: True once a bounce for it is queued.
+    reported: bool = False
+
+
+@dataclass
+class QueueEntry:
+    """One queued message: its envelope, as ``<id>.json`` keeps it."""
+
+    queue_id: str
+    sender: str  # the reverse-path; "" is the null path <> (never bounced)
+    recipients: list[Recipient]
+    created: float  # arrival time (the DSN's Arrival-Date)
+    next_attempt: float
+    attempts: int = 0
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [recipient for recipient in self.recipients if recipient.state is State.PENDING]
+
+    @property
+    def unreported_failures(self) -> list[Recipient]:
+        return [recipient for recipient in self.recipients
+                if recipient.state is State.FAILED and not recipient.reported]
+
+    @property
+    def finished(self) -> bool:
+        """Nothing is left to do for it: no recipient pending, every failure reported."""
+        return not self.pending and not self.unreported_failures
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=2).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "QueueEntry":
+        record = json.loads(data)
+        recipients = [Recipient(**{**item, "state": State(item["state"])}) for item in record.pop("recipients")]
+        return cls(recipients=recipients, **record)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one delivery attempt did for one recipient."""
+
+    state: State  # DELIVERED, FAILED, or PENDING for a temporary failure
+    status: str  # RFC 3463 enhanced status code
+    diagnostic: str  # RFC 3464 §2.3.6 diagnostic-type; text, e.g. "smtp; 550 5.1.1 no such user"
+    remote_mta: str | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try again after a temporary failure, and when to give up (Postfix's defaults)."""
+
+    min_backoff: float = QUEUE_MIN_BACKOFF_SECONDS
+    max_backoff: float = QUEUE_MAX_BACKOFF_SECONDS
+    max_queue_lifetime: float = QUEUE_MAX_LIFETIME_SECONDS
+
+    @classmethod
+    def from_settings(cls, relay: object) -> "RetryPolicy":
+        return cls(relay.min_backoff, relay.max_backoff, relay.max_queue_lifetime)
+
+    def delay(self, attempts: int) -> float:
+        """The wait after the ``attempts``-th attempt failed: 5, 10, 20, 40, 66.7, 66.7 ... minutes."""
+        return min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
+
+
+def _new_queue_id() -> str:
+    # Hex seconds first, so ids sort by arrival; 32 random bits make two
+    # messages in one second (or two processes) distinct.
+    return f"{int(time.time()):08X}{secrets.token_hex(4).upper()}"
+
+
+class OutboundQueue:
+    """The queue directory of one data root."""
+
+    def __init__(self, state_dir: Path, retry: RetryPolicy = RetryPolicy()) -> None:
+        self.directory = Path(state_dir) / QUEUE_DIR_NAME
+        self.retry = retry
+        self._lock_path = self.directory / "lock"
+        # Called after every enqueue: the relay sets it to wake its workers.
+        self.wakeup: Callable[[], None] | None = None
+
+    def _ensure_directories(self) -> None:
+        (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}.msg"
+
+    def _envelope_path(self, queue_id: str) -> Path:
+        return self.directory / f"{queue_id}.json"
+
+    # --- putting mail in ---------------------------------------------------------
+
+    def receive(self) -> "IncomingQueueMessage":
+        """Start receiving a message as it streams in (see IncomingQueueMessage)."""
+        return IncomingQueueMessage(self)
+
+    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes | Path,
+                now: float | None = None) -> str:
+        """Queue a whole message for ``recipients``; returns its id once it is durable.
+
+        ``message`` is the text (LF or CRLF line ends), or the path of a file
+        that is already durable on disk (the SMTP session's spool file): it
+        is hard-linked, not copied, when it is on the same file system.
+        """
+        recipients = _at_least_one(recipients)
+        if isinstance(message, Path):
+            return self._enqueue_file(sender, recipients, message, now)
+        incoming = self.receive()
+        try:
+            incoming.write(message)
+            return incoming.commit(sender, recipients, now)
+        except BaseException:
+            incoming.discard()
+            raise
+
+    def _enqueue_file(self, sender: str, recipients: Iterable[str], path: Path, now: float | None) -> str:
+        recipients = list(recipients)
+        try:
+            self._ensure_directories()
+            while True:
+                queue_id = _new_queue_id()
+                try:
+                    os.link(path, self.message_path(queue_id))
+                    break
+                except FileExistsError:
+                    continue  # the same id twice: draw again
+                except OSError:
+                    # Another file system (EXDEV) or no hard links: copy it,
+                    # through tmp/ like any other message.
+                    with open(path, "rb") as file:
+                        return self.enqueue(sender, recipients, file.read(), now)
+            self._commit_envelope(queue_id, sender, recipients, now)
+        except OSError as error:
+            raise storage_error(error, "queueing the message") from error
+        return queue_id
+
+    def _commit_envelope(self, queue_id: str, sender: str, recipients: list[str], now: float | None) -> None:
+        now = time.time() if now is None else now
+        entry = QueueEntry(queue_id, sender, [Recipient(address) for address in recipients],
+                           created=now, next_attempt=now)
+        # write_atomically fsyncs the directory after the rename, which makes
+        # the .msg's name durable too: it lives in the same directory.
+        write_atomically(self._envelope_path(queue_id), entry.to_json())
+        log.info("queued %s from <%s> to %s", queue_id, sender, ", ".join(recipients))
+        if self.wakeup is not None:
+            self.wakeup()
+
+    # --- reading ---------------------------------------------------------------
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        return sorted(name[:-5] for name in names if name.endswith(".json"))
+
+    def get(self, queue_id: str) -> QueueEntry | None:
+        """The entry, or None if it is not (or no longer) queued or cannot be read."""
+        try:
+            data = self._envelope_path(queue_id).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return QueueEntry.from_json(data)
+        except (ValueError, KeyError, TypeError) as error:
+            log.error("queue entry %s is unreadable, skipped: %s", queue_id, error)
+            return None
+
+    def entries(self) -> list[QueueEntry]:
+        return [entry for entry in map(self.get, self.ids()) if entry is not None]
+
+    def due(self, now: float | None = None) -> list[QueueEntry]:
+        """Entries with work to do now, the longest-waiting first."""
+        now = time.time() if now is None else now
+        due = [entry for entry in self.entries()
+               if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)]
+        return sorted(due, key=lambda entry: entry.next_attempt)
+
+    # --- changing ----------------------------------------------------------------
+
+    def _update(self, queue_id: str, change: Callable[[QueueEntry], None]) -> QueueEntry | None:
+        """Read, change and rewrite one envelope under the queue lock; None if it is gone."""
+        self._ensure_directories()
+        with exclusive_lock(self._lock_path):
+            entry = self.get(queue_id)
+            if entry is None:
+                return None
+            change(entry)
+            write_atomically(self._envelope_path(queue_id), entry.to_json())
+            return entry
+
+    def record(self, queue_id: str, outcomes: dict[str, Outcome], now: float | None = None) -> QueueEntry | None:
+        """Write down one delivery attempt's outcomes and schedule the next attempt.
+
+        ``outcomes`` maps recipient addresses to what happened; recipients
+        not in it were not tried. A temporary failure past the queue
+        lifetime is a failure: the message has waited long enough.
+        """
+        now = time.time() if now is None else now
+
+        def change(entry: QueueEntry) -> None:
+            entry.attempts += 1
+            expired = now - entry.created >= self.retry.max_queue_lifetime
+            for recipient in entry.pending:
+                outcome = outcomes.get(recipient.address)
+                if outcome is None:
+                    continue
+                recipient.attempts += 1
+                recipient.status = outcome.status
+                recipient.remote_mta = outcome.remote_mta
+                recipient.last_error = None if outcome.state is State.DELIVERED else outcome.diagnostic
+                if outcome.state is State.PENDING and expired:
+                    # RFC 3463 X.4.7 is "delivery time expired", but it also
+                    # says to report "the code for the actual problem" when
+                    # known, so the last status stays; only its class turns
+                    # permanent, as Action: failed says.
+                    recipient.status = "5" + outcome.status[1:]
+                    recipient.last_error = (f"{outcome.diagnostic} (gave up after "
+                                            f"{format_duration(now - entry.created)} in the queue)")
+                    recipient.state = State.FAILED
+                else:
+                    recipient.state = outcome.state
+            if entry.pending:
+                entry.next_attempt = now + self.retry.delay(entry.attempts)
+
+        return self._update(queue_id, change)
+
+    def mark_reported(self, queue_id: str, addresses: Iterable[str]) -> QueueEntry | None:
+        """Remember that the failures of ``addresses`` have been reported (or need not be)."""
+        addresses = set(addresses)
+
+        def change(entry: QueueEntry) -> None:
+            for recipient in entry.recipients:
+                if recipient.address in addresses:
+                    recipient.reported = True
+
+        return self._update(queue_id, change)
+
+    def postpone(self, queue_id: str, until: float) -> QueueEntry | None:
+        """Leave a message alone until ``until`` (after a failure of our own)."""
+
+        def change(entry: QueueEntry) -> None:
+            entry.next_attempt = until
+
+        return self._update(queue_id, change)
+
+    def flush(self, now: float | None = None) -> int:
+        """Make every message with pending recipients due now; returns how many."""
+        now = time.time() if now is None else now
+        flushed = 0
+        for queue_id in self.ids():
+            def change(entry: QueueEntry) -> None:
+                entry.next_attempt = min(entry.next_attempt, now)
+            entry = self._update(queue_id, change)
+            flushed += entry is not None and bool(entry.pending)
+        if self.wakeup is not None:
+            self.wakeup()
+        return flushed
+
+    def delete(self, queue_id: str) -> bool:
+        """Remove a message from the queue; False if it was not there."""
+        if not self._envelope_path(queue_id).exists():
+            return False
+        with exclusive_lock(self._lock_path):
+            try:
+                # The envelope first: a crash between the two leaves a
+                # stale .msg, never an envelope without its message.
+                self._envelope_path(queue_id).unlink()
+            except FileNotFoundError:
+                return False
+            self.message_path(queue_id).unlink(missing_ok=True)
+            fsync_directory(self.directory)
+        log.info("removed %s from the queue", queue_id)
+        return True
+
+    def remove_stale_files(self, now: float | None = None) -> int:
+        """Remove what crashed enqueues left: old tmp/ files and .msg files without an envelope.
+
+        Old means older than Maildir's 36 hours for tmp/: far longer than any
+        enqueue takes, so one in progress (in another process) is never hit.
+        """
+        cutoff = (time.time() if now is None else now) - MAILDIR_TMP_MAX_AGE_SECONDS
+        removed = 0
+        queued = set(self.ids())
+        candidates = [path for path in self.directory.glob("*.msg") if path.stem not in queued]
+        candidates += list((self.directory / "tmp").glob("*"))
+        for path in candidates:
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+
+class IncomingQueueMessage:
+    """One message being written into ``queue/tmp/`` as it arrives.
+
+    The queue's twin of ``maildir.IncomingMaildirMessage``: ``write`` as the
+    text comes in, then ``commit(sender, recipients)`` makes it durable and
+    queued and returns its id, or ``discard`` throws it away. Both leave
+    nothing in ``tmp/``. Errors are ``StorageError``s.
+    """
+
+    def __init__(self, queue: OutboundQueue) -> None:
+        self._queue = queue
+        try:
+            queue._ensure_directories()
+        except OSError as error:
+            raise storage_error(error, "creating the queue directory") from error
+        while True:
+            self.queue_id = _new_queue_id()
+            self._tmp_path = queue.directory / "tmp" / self.queue_id
+            try:
+                self._file: BinaryIO = open(self._tmp_path, "xb")
+                break
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise storage_error(error, "creating a file in queue/tmp/") from error
+        self.octets = 0
+
+    def write(self, data: bytes) -> None:
+        try:
+            self._file.write(data)
+        except OSError as error:
+            raise storage_error(error, "writing into queue/tmp/") from error
+        self.octets += len(data)
+
+    def commit(self, sender: str, recipients: Iterable[str], now: float | None = None) -> str:
+        recipients = _at_least_one(recipients)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.rename(self._tmp_path, self._queue.message_path(self.queue_id))
+            self._queue._commit_envelope(self.queue_id, sender, recipients, now)
+        except OSError as error:
+            self.discard()
+            self._queue.message_path(self.queue_id).unlink(missing_ok=True)
+            raise storage_error(error, "queueing the message") from error
+        return self.queue_id
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self._tmp_path.unlink(missing_ok=True)
+
+
+def _at_least_one(recipients: Iterable[str]) -> list[str]:
+    recipients = list(recipients)
+    if not recipients:
+        raise ValueError("a queued message needs at least one recipient")
+    return recipients
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: 42s, 5m, 3h, 5d."""
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"

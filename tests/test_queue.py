@@ -1,0 +1,155 @@
+"""The outbound queue on disk: durable enqueue, per-recipient state, retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
+from pymailsrv.outqueue import OutboundQueue, Outcome, RetryPolicy, State
+
+MESSAGE = b"Subject: hi\n\nbody\n"
+DELIVERED = Outcome(State.DELIVERED, "2.0.0", "smtp; 250 2.0.0 OK", "mx.example.net")
+DEFERRED = Outcome(State.PENDING, "4.2.2", "smtp; 452 4.2.2 mailbox full", "mx.example.net")
+FAILED = Outcome(State.FAILED, "5.1.1", "smtp; 550 5.1.1 no such user", "mx.example.net")
+
+
+@pytest.fixture
+def queue(root) -> OutboundQueue:
+    return OutboundQueue(root / ".pymailsrv", RetryPolicy(min_backoff=10, max_backoff=35, max_queue_lifetime=100))
+
+
+def test_an_enqueued_message_is_a_message_file_and_an_envelope(queue):
+    queue_id = queue.enqueue("alice@example.org", ["bob@example.net", "carol@example.com"], MESSAGE, now=1000.0)
+    assert queue.message_path(queue_id).read_bytes() == MESSAGE
+    envelope = json.loads((queue.directory / f"{queue_id}.json").read_text())
+    assert envelope["sender"] == "alice@example.org" and envelope["created"] == 1000.0
+    assert [(r["address"], r["state"], r["attempts"]) for r in envelope["recipients"]] == [
+        ("bob@example.net", "pending", 0), ("carol@example.com", "pending", 0)]
+    assert os.listdir(queue.directory / "tmp") == []
+
+
+def test_a_spool_file_is_hard_linked_not_copied(queue, tmp_path):
+    spool = tmp_path / "spool"
+    spool.write_bytes(MESSAGE)
+    queue_id = queue.enqueue("", ["bob@example.net"], spool)
+    assert os.path.samefile(spool, queue.message_path(queue_id))
+    assert queue.get(queue_id).sender == ""
+
+
+def test_a_streamed_message_is_queued_only_on_commit(queue):
+    incoming = queue.receive()
+    incoming.write(b"Subject: hi\n\n")
+    assert queue.ids() == []
+    incoming.write(b"body\n")
+    queue_id = incoming.commit("alice@example.org", ["bob@example.net"])
+    assert queue.ids() == [queue_id] and queue.message_path(queue_id).read_bytes() == MESSAGE
+    discarded = queue.receive()
+    discarded.write(b"never mind")
+    discarded.discard()
+    assert queue.ids() == [queue_id] and os.listdir(queue.directory / "tmp") == []
+
+
+def test_a_queue_opened_anew_holds_everything_as_before(queue, root):
+    first = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
+    second = queue.enqueue("a@example.org", ["c@example.net"], MESSAGE)
+    queue.record(first, {"b@example.net": DEFERRED})
+    reopened = OutboundQueue(root / ".pymailsrv")
+    assert reopened.ids() == sorted([first, second])
+    assert reopened.get(first).recipients[0].last_error == DEFERRED.diagnostic
+
+
+def test_each_recipient_keeps_its_own_outcome(queue):
+    queue_id = queue.enqueue("a@example.org", ["ok@x.net", "later@x.net", "bad@x.net"], MESSAGE, now=0.0)
+    entry = queue.record(queue_id, {"ok@x.net": DELIVERED, "later@x.net": DEFERRED, "bad@x.net": FAILED},
+                         now=1.0)
+    assert [(r.address, r.state, r.attempts, r.last_error) for r in entry.recipients] == [
+        ("ok@x.net", State.DELIVERED, 1, None),
+        ("later@x.net", State.PENDING, 1, DEFERRED.diagnostic),
+        ("bad@x.net", State.FAILED, 1, FAILED.diagnostic)]
+    assert [r.address for r in entry.unreported_failures] == ["bad@x.net"]
+    assert entry.next_attempt == 1.0 + 10 and not entry.finished
+    # A later attempt touches only the recipient still pending.
+    entry = queue.record(queue_id, {"later@x.net": DELIVERED}, now=12.0)
+    assert [r.state for r in entry.recipients] == [State.DELIVERED, State.DELIVERED, State.FAILED]
+    entry = queue.mark_reported(queue_id, ["bad@x.net"])
+    assert entry.finished
+
+
+def test_the_backoff_doubles_up_to_its_maximum():
+    policy = RetryPolicy()  # Postfix's defaults
+    assert [policy.delay(n) for n in range(1, 7)] == [300, 600, 1200, 2400, 4000, 4000]
+    assert policy.max_queue_lifetime == 5 * 24 * 3600
+
+
+def test_retries_are_scheduled_with_backoff(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
+    waits = []
+    now = 0.0
+    for _ in range(4):
+        entry = queue.record(queue_id, {"b@example.net": DEFERRED}, now=now)
+        waits.append(entry.next_attempt - now)
+        now = entry.next_attempt
+    assert waits == [10, 20, 35, 35]
+
+
+def test_a_recipient_deferred_past_the_queue_lifetime_fails(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
+    entry = queue.record(queue_id, {"b@example.net": DEFERRED}, now=100.0)
+    [recipient] = entry.recipients
+    assert recipient.state is State.FAILED and recipient.status == "5.2.2"
+    assert recipient.last_error.startswith(DEFERRED.diagnostic)
+
+
+def test_due_lists_what_may_be_tried_now_longest_waiting_first(queue):
+    late = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=50.0)
+    early = queue.enqueue("a@example.org", ["c@example.net"], MESSAGE, now=10.0)
+    waiting = queue.enqueue("a@example.org", ["d@example.net"], MESSAGE, now=0.0)
+    queue.record(waiting, {"d@example.net": DEFERRED}, now=60.0)  # due at 70
+    assert [entry.queue_id for entry in queue.due(now=60.0)] == [early, late]
+    assert [entry.queue_id for entry in queue.due(now=70.0)] == [early, late, waiting]
+
+
+def test_flush_makes_everything_due_now(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
+    queue.record(queue_id, {"b@example.net": DEFERRED}, now=1.0)
+    assert queue.due(now=2.0) == []
+    woken = []
+    queue.wakeup = lambda: woken.append(True)
+    assert queue.flush(now=2.0) == 1
+    assert [entry.queue_id for entry in queue.due(now=2.0)] == [queue_id] and woken
+
+
+def test_delete_removes_the_envelope_and_the_message(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
+    assert queue.delete(queue_id)
+    assert queue.ids() == [] and not queue.message_path(queue_id).exists()
+    assert not queue.delete(queue_id)
+    assert queue.record(queue_id, {"b@example.net": DELIVERED}) is None
+
+
+def test_an_unreadable_envelope_is_skipped_not_fatal(queue):
+    good = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
+    (queue.directory / "BROKEN.json").write_text("{not json")
+    assert [entry.queue_id for entry in queue.entries()] == [good]
+
+
+def test_leftovers_of_a_crashed_enqueue_are_removed_once_old(queue):
+    queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
+    orphan = queue.directory / "ORPHAN.msg"  # a crash between the .msg and its envelope
+    orphan.write_bytes(MESSAGE)
+    stale = queue.directory / "tmp" / "STALE"
+    stale.write_bytes(b"half a mess")
+    assert queue.remove_stale_files() == 0  # too young: may be an enqueue in progress
+    assert queue.remove_stale_files(now=time.time() + MAILDIR_TMP_MAX_AGE_SECONDS + 1) == 2
+    assert not orphan.exists() and not stale.exists() and len(queue.ids()) == 1
+
+
+def test_a_message_needs_a_recipient(queue):
+    with pytest.raises(ValueError):
+        queue.enqueue("a@example.org", [], MESSAGE)
+    assert queue.ids() == [] and not list(queue.directory.glob("*.msg"))
+
