@@ -104,9 +104,10 @@ def main() -> None:
 @click.option("--pop3s-port", type=int, help="Implicit-TLS POP3 port, e.g. 995 (RFC 8314; default off).")
 @click.option("--smtps-port", type=int, help="Implicit-TLS SMTP port, e.g. 465 (RFC 8314; default off).")
 @click.option("--submission-port", type=int, help="Submission port, e.g. 587 (RFC 6409: AUTH before MAIL; default off).")
+@click.option("--smarthost", metavar="HOST:PORT", help="Send all outbound mail through this host (default: MX lookup).")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Misbehave on purpose, for testing clients, e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'.")
-def start(root: str | None, config: str | None, host: str | None, smtp_port: int | None,
+def start(root: str | None, config: str | None, host: str | None, smarthost: str | None, smtp_port: int | None,
           pop3_port: int | None, domains: tuple[str, ...], trace: bool | None, trace_bodies: bool | None,
           trace_format: str | None, annotate: bool | None, transcripts: bool | None, tls_cert: str | None,
           tls_key: str | None, pop3s_port: int | None, smtps_port: int | None,
@@ -118,7 +119,8 @@ def start(root: str | None, config: str | None, host: str | None, smtp_port: int
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
                          transcripts=transcripts, tls={"cert": tls_cert, "key": tls_key}, faults=faults or None,
                          pop3={"port": pop3_port, "pop3s_port": pop3s_port},
-                         smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port})
+                         smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port},
+                         relay={"smarthost": smarthost})
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stopping = threading.Event()
@@ -325,3 +327,9 @@ from pymailsrv.probe import probe  # noqa: E402  (registered last: it imports th
 main.add_command(probe)
 from pymailsrv.grade import grade_command  # noqa: E402  (takes with_settings: no import cycle)
 main.add_command(grade_command(with_settings))
+
+# The outbound side of issue 5 (cli_relay.py takes with_settings, as above).
+from pymailsrv.cli_relay import alias_group, queue_group  # noqa: E402
+
+main.add_command(alias_group(with_settings))
+main.add_command(queue_group(with_settings))

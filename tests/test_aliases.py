@@ -1,4 +1,4 @@
-"""The aliases file: parsing, recursive expansion with loop detection, edits."""
+"""The aliases file: parsing, recursive expansion with loop detection, edits, the CLI."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import logging
 import os
 
 import pytest
+from click.testing import CliRunner
 
 from pymailsrv.aliases import AliasError, AliasTable, Expansion
+from pymailsrv.cli import main
 from pymailsrv.users import UserStore
 
 
@@ -118,3 +120,19 @@ def test_removing_what_is_not_there_is_an_error(aliases):
     with pytest.raises(AliasError):
         aliases.remove("staff", ["bob"])
 
+
+def test_the_alias_commands(root, add_user):
+    add_user("alice")
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(main, [*args, "--root", str(root)])
+
+    assert run("alias", "add", "Team", "alice", "bob@example.net").output.strip() == "team: alice, bob@example.net"
+    listing = run("alias", "list").output
+    assert "team" in listing and "alice, bob@example.net" in listing
+    assert "postmaster (default)" in listing and "abuse (default)" in listing
+    assert run("alias", "remove", "team", "bob@example.net").output.strip() == "team: alice"
+    assert run("alias", "remove", "team").output.strip() == "removed alias team"
+    refused = run("alias", "add", "bad/name", "alice")
+    assert refused.exit_code == 1 and "invalid name" in refused.output

@@ -1,4 +1,4 @@
-"""The outbound queue on disk: durable enqueue, per-recipient state, retries."""
+"""The outbound queue on disk: durable enqueue, per-recipient state, retries, the CLI."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import os
 import time
 
 import pytest
+from click.testing import CliRunner
 
+from pymailsrv.cli import main
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.outqueue import OutboundQueue, Outcome, RetryPolicy, State
 
@@ -153,3 +155,25 @@ def test_a_message_needs_a_recipient(queue):
         queue.enqueue("a@example.org", [], MESSAGE)
     assert queue.ids() == [] and not list(queue.directory.glob("*.msg"))
 
+
+# --- the CLI -------------------------------------------------------------------------
+
+
+def test_queue_list_flush_and_delete(queue, root):
+    runner = CliRunner()
+    assert "the queue is empty" in runner.invoke(main, ["queue", "list", "--root", str(root)]).output
+    queue_id = queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE)
+    queue.record(queue_id, {"bob@example.net": DEFERRED})
+    listing = runner.invoke(main, ["queue", "list", "--root", str(root)])
+    assert listing.exit_code == 0
+    for column in ("id", "age", "sender", "recipients", "attempts", "next try", "last error"):
+        assert column in listing.output
+    assert queue_id in listing.output and "<alice@example.org>" in listing.output
+    assert "452 4.2.2 mailbox full" in listing.output and "in 10s" in listing.output
+    flushed = runner.invoke(main, ["queue", "flush", "--root", str(root)])
+    assert flushed.output.strip() == "1 message due now"
+    assert "now" in runner.invoke(main, ["queue", "list", "--root", str(root)]).output
+    assert runner.invoke(main, ["queue", "delete", queue_id, "--root", str(root)]).exit_code == 0
+    missing = runner.invoke(main, ["queue", "delete", queue_id, "--root", str(root)])
+    assert missing.exit_code == 1 and "no message" in missing.output
+    assert queue.ids() == []

@@ -1,0 +1,126 @@
+"""``pymailsrv alias ...`` and ``pymailsrv queue ...``: the outbound side's commands.
+
+Both groups are built by functions that take ``cli.with_settings`` as an
+argument, so this module need not import ``cli`` (which imports it: a
+cycle). Each works on the files directly and is safe beside a running
+server: the server re-reads the aliases file when it changes, and notices
+a flushed or deleted queue entry at its next look into the queue.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import click
+from tabulate import tabulate
+
+from pymailsrv.aliases import AliasError, AliasTable
+from pymailsrv.config import Settings
+from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration
+from pymailsrv.users import UserStore
+
+# A queue listing is one line per message; longer errors are cut to this.
+LAST_ERROR_COLUMN_WIDTH = 60
+
+
+def _aliases(settings: Settings) -> AliasTable:
+    return AliasTable(settings.state_dir, UserStore(settings.state_dir).names, settings.domains,
+                      settings.smtp.postmaster)
+
+
+def alias_group(with_settings: Callable) -> click.Group:
+    @click.group("alias")
+    def alias() -> None:
+        """Aliases: local names for users and outside addresses (ROOT/.pymailsrv/aliases)."""
+
+    @alias.command("add")
+    @click.argument("name")
+    @click.argument("targets", nargs=-1, required=True)
+    @with_settings
+    def alias_add(settings: Settings, name: str, targets: tuple[str, ...]) -> None:
+        """Make NAME deliver to TARGETs too (users, aliases or user@domain)."""
+        try:
+            now = _aliases(settings).add(name, targets)
+        except AliasError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"{name.lower()}: {', '.join(now)}")
+
+    @alias.command("remove")
+    @click.argument("name")
+    @click.argument("targets", nargs=-1)
+    @with_settings
+    def alias_remove(settings: Settings, name: str, targets: tuple[str, ...]) -> None:
+        """Remove the alias NAME, or only the TARGETs given."""
+        try:
+            left = _aliases(settings).remove(name, targets)
+        except AliasError as error:
+            raise click.ClickException(str(error)) from None
+        click.echo(f"{name.lower()}: {', '.join(left)}" if left else f"removed alias {name.lower()}")
+
+    @alias.command("list")
+    @with_settings
+    def alias_list(settings: Settings) -> None:
+        """List every alias, its targets and where its mail ends up."""
+        table = _aliases(settings)
+        in_file = table.defined_in_file()
+        rows = []
+        for name, targets in sorted(table.table().items()):
+            expansion = table.expand(name)
+            where = [*expansion.users, *expansion.external] or ["(nowhere)"]
+            rows.append((name + ("" if name in in_file else " (default)"), ", ".join(targets), ", ".join(where)))
+        click.echo(tabulate(rows, headers=["alias", "targets", "delivers to"]))
+
+    return alias
+
+
+def _row(entry: QueueEntry, now: float) -> tuple:
+    pending = entry.pending
+    errors = [recipient.last_error for recipient in entry.recipients
+              if recipient.last_error and recipient.state is not State.DELIVERED]
+    last_error = errors[-1] if errors else ""
+    if len(last_error) > LAST_ERROR_COLUMN_WIDTH:
+        last_error = last_error[:LAST_ERROR_COLUMN_WIDTH - 1] + "…"
+    recipients = ", ".join(f"{recipient.address}" + ("" if recipient.state is State.PENDING
+                                                     else f" ({recipient.state})")
+                           for recipient in entry.recipients)
+    next_try = "-" if not pending else ("now" if entry.next_attempt <= now
+                                        else "in " + format_duration(entry.next_attempt - now))
+    return (entry.queue_id, format_duration(now - entry.created), f"<{entry.sender}>", recipients, entry.attempts,
+            next_try, last_error)
+
+
+def queue_group(with_settings: Callable) -> click.Group:
+    @click.group("queue")
+    def queue() -> None:
+        """The outbound queue (ROOT/.pymailsrv/queue): mail waiting for other hosts."""
+
+    @queue.command("list")
+    @with_settings
+    def queue_list(settings: Settings) -> None:
+        """List queued messages, oldest first."""
+        now = time.time()
+        entries = OutboundQueue(settings.state_dir).entries()
+        if not entries:
+            click.echo("the queue is empty")
+            return
+        click.echo(tabulate([_row(entry, now) for entry in entries],
+                            headers=["id", "age", "sender", "recipients", "attempts", "next try", "last error"]))
+
+    @queue.command("flush")
+    @with_settings
+    def queue_flush(settings: Settings) -> None:
+        """Make every queued message due now (a running server tries them at once)."""
+        count = OutboundQueue(settings.state_dir).flush()
+        click.echo(f"{count} message{'' if count == 1 else 's'} due now")
+
+    @queue.command("delete")
+    @click.argument("queue_id")
+    @with_settings
+    def queue_delete(settings: Settings, queue_id: str) -> None:
+        """Remove message QUEUE_ID from the queue, unsent and unbounced."""
+        if not OutboundQueue(settings.state_dir).delete(queue_id.upper()):
+            raise click.ClickException(f"no message {queue_id!r} in the queue")
+        click.echo(f"deleted {queue_id.upper()}")
+
+    return queue
