@@ -25,12 +25,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pymailsrv.aliases import AliasTable
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
 from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import AUTH_FAILURE_WINDOW_SECONDS, AUTH_MAX_FAILURES_PER_ADDRESS
 from pymailsrv.maildir import MaildirStore
+from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.pop3 import Pop3Session
+from pymailsrv.relay import Relay
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
@@ -54,6 +57,10 @@ class ServerContext:
     store: MaildirStore
     tracer: Tracer
     tls: ssl.SSLContext | None = None  # None: no certificate, no STARTTLS/STLS
+    # The aliases file and the outbound queue (issue 5); None only in a
+    # context built by hand for a test.
+    aliases: AliasTable | None = None
+    queue: OutboundQueue | None = None
     # Injected faults (faults.py); empty on a server run for real.
     faults: FaultPlan = field(default_factory=FaultPlan)
     # Failed logins per client address, shared by every session.
@@ -145,17 +152,22 @@ class MailServer:
 
     def __init__(self, settings: Settings, tracer: Tracer | None = None) -> None:
         self.settings = settings
+        users = UserStore(settings.state_dir)
         self.context = ServerContext(
             settings=settings,
-            users=UserStore(settings.state_dir),
+            users=users,
             store=MaildirStore(settings.root),
             tracer=tracer or Tracer(trace_options(settings)),
             throttle=FailureThrottle(settings.auth.max_failures_per_address, settings.auth.failure_window),
             tls=tls_context(settings),
+            aliases=AliasTable(settings.state_dir, users.names, settings.domains, settings.smtp.postmaster),
+            queue=OutboundQueue(settings.state_dir, RetryPolicy.from_settings(settings.relay)),
             faults=fault_plan(settings),
         )
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
+        # The delivery threads for the outbound queue (relay.py).
+        self.relay = Relay(self.context)
 
     def _protocols(self) -> list[tuple[str, int, type[Session], bool]]:
         """(listener name, port, session class, implicit TLS) for every listener asked for."""
@@ -192,6 +204,7 @@ class MailServer:
                                       name=f"{listener.name}-listener", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.relay.start()  # resumes whatever the queue holds from before
         return self
 
     def _check_postmaster(self) -> None:
@@ -214,6 +227,7 @@ class MailServer:
         return f"listening {pairs}"
 
     def stop(self) -> None:
+        self.relay.stop()
         for listener, thread in zip(self.listeners, self._threads):
             listener.shutdown()
             thread.join()

@@ -61,3 +61,19 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
                                          serialization.NoEncryption()))
     os.chmod(key_path, 0o600)  # also when the file already existed with wider rights
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def client_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
+    """A client-side context for the relay's STARTTLS (RFC 3207).
+
+    Opportunistic TLS to an MX host (RFC 7435) does not check the
+    certificate: without DANE or MTA-STS nothing ties the MX host's name to
+    the recipient's domain, so MTAs accept any certificate and still gain
+    encryption against a passive listener. A smarthost is a host we chose by
+    name, so its certificate can be checked, and is when ``verify``.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -1,0 +1,551 @@
+"""The relay: delivery threads that take queued mail to other hosts.
+
+Read this module beside RFC 5321 §5 (address resolution) and §4.5.4
+(retries). ``outqueue.py`` keeps the messages; this module decides where
+each recipient's mail goes, speaks SMTP to that host with the standard
+library's ``smtplib``, and writes every recipient's outcome back::
+
+    due message --> recipients by domain --> route --> SMTP transaction --> record()
+                                              |                              |
+                        smarthost, or MX hosts by preference,          250: delivered
+                        or the domain itself (implicit MX)             4xx, no answer: retry later
+                                                                       5xx: failed --> bounce
+
+Routing (RFC 5321 §5.1). With ``relay.smarthost`` every message goes to that
+one host. Otherwise the domain's MX records are tried in order of
+preference (equal preferences in random order, to share the load); a host
+that cannot be reached, or that refuses us before MAIL, makes us try the
+next one. A domain without MX records is its own mail host (the "implicit
+MX": its A/AAAA records). A single MX record "." is a null MX (RFC 7505): the
+domain takes no mail, and the recipient fails at once (5.1.10), as it does
+for a domain that does not exist (5.1.2). A recipient in one of our own
+domains is delivered locally, through the aliases.
+
+Outcomes are per recipient (§4.5.4.1): one RCPT may get 250 and the next
+550 in the same transaction, and each is honoured. A 4xx reply, or losing
+the connection, leaves the recipient pending for the queue's next retry;
+a 5xx reply fails it.
+
+TLS. When a host offers STARTTLS (RFC 3207) we use it, without checking
+its certificate (opportunistic TLS, RFC 7435; see ``tls.client_context``).
+A smarthost can be made to require TLS, and to verify its certificate
+(``relay.smarthost_tls``); its AUTH password (RFC 4954) is sent only over
+TLS.
+
+Failures go back to the sender as one RFC 3464 bounce per attempt
+(``dsn.py``), sent from the null reverse-path. A message whose own
+reverse-path is null is never bounced (RFC 5321 §4.5.5: that is how bounce
+loops are prevented); a message that has passed through more than
+``relay.max_hops`` servers (counted by its Received: fields, §6.3) is
+failed, not relayed, as a mail loop.
+
+Threads: ``relay.workers`` threads each claim one due message at a time, so
+at most that many connections go out at once. An enqueue wakes them; so
+does a periodic look into the queue directory, which is how a ``pymailsrv
+queue flush`` from another process is noticed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import smtplib
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dns.exception
+import dns.name
+import dns.resolver
+
+from pymailsrv.config import parse_host_port
+from pymailsrv.dsn import build_bounce
+from pymailsrv.outqueue import Outcome, QueueEntry, State
+from pymailsrv.storage import StorageError
+from pymailsrv.tls import client_context
+
+if TYPE_CHECKING:
+    from pymailsrv.server import ServerContext
+
+log = logging.getLogger("pymailsrv.relay")
+
+# RFC 3463 statuses for what we find out ourselves, with no reply to quote.
+STATUS_DELIVERED = "2.0.0"
+STATUS_NO_SUCH_USER = "5.1.1"  # X.1.1 bad destination mailbox address
+STATUS_NO_SUCH_DOMAIN = "5.1.2"  # X.1.2 bad destination system address
+STATUS_NULL_MX = "5.1.10"  # RFC 7505 §4.2: recipient address has null MX
+STATUS_LOCAL_ERROR = "4.3.0"  # X.3.0 other or undefined mail system status
+STATUS_NO_ANSWER = "4.4.1"  # X.4.1 no answer from host
+STATUS_BAD_CONNECTION = "4.4.2"  # X.4.2 bad connection
+STATUS_DNS_FAILURE = "4.4.3"  # X.4.3 directory server failure
+STATUS_LOOP = "5.4.6"  # X.4.6 routing loop detected
+STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 §3.5: non-ASCII address, server without SMTPUTF8
+STATUS_SECURITY = "4.7.0"  # X.7.0 other security status (TLS or AUTH at the smarthost)
+
+# RFC 3464 §2.3.6: a diagnostic that is not an SMTP reply names its own type.
+DIAGNOSTIC_TYPE = "X-pymailsrv"
+
+# How long stop() waits for a delivery in progress. One that takes longer
+# is cut off when the process ends; its recipients are still pending in the
+# queue and are tried again on the next start (RFC 5321 §6.1 accepts the
+# rare duplicate this can cause, never a loss).
+STOP_WAIT_SECONDS = 5.0
+
+_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
+_RETURN_PATH = re.compile(rb"\Areturn-path:[^\n]*\n(?:[ \t][^\n]*\n)*", re.IGNORECASE)
+
+
+class RouteError(Exception):
+    """No host to try for a domain; ``outcome`` says whether to retry."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.diagnostic)
+        self.outcome = outcome
+
+
+class HopFailed(Exception):
+    """This host could not take the mail before MAIL: try the next one."""
+
+    def __init__(self, hop: "Hop", status: str, diagnostic: str) -> None:
+        super().__init__(diagnostic)
+        self.outcome = Outcome(State.PENDING, status, diagnostic, hop.name)
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One place to try: a mail host's name, one of its addresses, and the port."""
+
+    name: str
+    address: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.address}]:{self.port}"
+
+
+def _local_diagnostic(text: str) -> str:
+    return f"{DIAGNOSTIC_TYPE}; {text}"
+
+
+def outcome_of_reply(code: int, reply: bytes, hop: Hop) -> Outcome:
+    """An SMTP reply as an outcome: 2xx delivered, 5xx failed, anything else retried."""
+    text = reply.decode("utf-8", errors="replace").replace("\n", " ")
+    match = _ENHANCED_STATUS.match(text)
+    klass = str(code)[0]
+    state = {"2": State.DELIVERED, "5": State.FAILED}.get(klass, State.PENDING)
+    status = match.group(0) if match and match.group(1) == klass else f"{klass}.0.0"
+    if state is State.PENDING and not status.startswith("4"):
+        status = "4.0.0"  # an odd reply (3xx where none belongs) is no reason to give up
+    return Outcome(state, status, f"smtp; {code} {text}", hop.name)
+
+
+def count_hops(message: bytes) -> int:
+    """How many Received: fields the message's header has (RFC 5321 §6.3)."""
+    header = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+    return len(_RECEIVED.findall(header))
+
+
+def without_return_path(message: bytes) -> bytes:
+    """The message without the Return-Path: field our SMTP server put first.
+
+    RFC 5321 §4.4: Return-Path is added at final delivery only; a message
+    passed on must not carry one. Ours is always the first line, so we need
+    not (and, as a relay, must not) look any further into the message.
+    """
+    return _RETURN_PATH.sub(b"", message, count=1)
+
+
+def wire_format(message: bytes) -> bytes:
+    """CRLF line ends for SMTP (RFC 5321 §2.3.8); smtplib does not convert bytes."""
+    return re.sub(rb"\r?\n", b"\r\n", message)
+
+
+class MxResolver:
+    """Where mail for a domain goes, from DNS (RFC 5321 §5.1, RFC 7505)."""
+
+    def __init__(self, dns_server: str | None = None) -> None:
+        self._dns_server = dns_server
+        self._resolver: dns.resolver.Resolver | None = None
+
+    def _get_resolver(self, domain: str) -> dns.resolver.Resolver:
+        if self._resolver is None:
+            try:
+                resolver = dns.resolver.Resolver(configure=self._dns_server is None)
+            except dns.exception.DNSException as error:  # e.g. no /etc/resolv.conf
+                raise _dns_failure(domain, error) from None
+            if self._dns_server is not None:
+                host, port = parse_host_port(self._dns_server, 53)
+                resolver.nameservers = [host]
+                resolver.port = port
+            self._resolver = resolver
+        return self._resolver
+
+    def hops(self, domain: str, port: int) -> list[Hop]:
+        """Every (host, address) to try for ``domain``, best first; RouteError if none."""
+        resolver = self._get_resolver(domain)
+        implicit = False
+        try:
+            records = list(resolver.resolve(domain, "MX"))
+        except dns.resolver.NXDOMAIN:
+            raise RouteError(Outcome(State.FAILED, STATUS_NO_SUCH_DOMAIN,
+                                     _local_diagnostic(f"the domain {domain} does not exist"))) from None
+        except dns.resolver.NoAnswer:
+            records, implicit = [], True
+        except dns.exception.DNSException as error:
+            raise _dns_failure(domain, error) from None
+        if len(records) == 1 and records[0].exchange == dns.name.root:
+            raise RouteError(Outcome(State.FAILED, STATUS_NULL_MX, _local_diagnostic(
+                f"{domain} has a null MX record (RFC 7505): it accepts no mail")))
+        # Lowest preference first; among equals a random order (§5.1).
+        records.sort(key=lambda record: (record.preference, random.random()))
+        names = [domain] if implicit else [record.exchange.to_text(omit_final_dot=True) for record in records
+                                           if record.exchange != dns.name.root]
+        hops: list[Hop] = []
+        lookup_failed: dns.exception.DNSException | None = None
+        for name in names:
+            for rdtype in ("A", "AAAA"):  # both families, IPv4 first
+                try:
+                    hops += [Hop(name, record.address, port) for record in resolver.resolve(name, rdtype)]
+                except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                    continue
+                except dns.exception.DNSException as error:
+                    lookup_failed = error
+        if hops:
+            return hops
+        if lookup_failed is not None:
+            raise _dns_failure(domain, lookup_failed)
+        if implicit:
+            raise RouteError(Outcome(State.FAILED, STATUS_NO_SUCH_DOMAIN, _local_diagnostic(
+                f"{domain} has no MX record and no address: it takes no mail")))
+        # MX records whose hosts have no address: perhaps a mistake being fixed.
+        raise RouteError(Outcome(State.PENDING, STATUS_DNS_FAILURE, _local_diagnostic(
+            f"no MX host of {domain} has an address ({', '.join(names)})")))
+
+
+def _dns_failure(domain: str, error: Exception) -> RouteError:
+    return RouteError(Outcome(State.PENDING, STATUS_DNS_FAILURE,
+                              _local_diagnostic(f"DNS lookup for {domain} failed: {error}")))
+
+
+class Relay:
+    """The delivery threads of one server (``start``/``stop``), and one delivery attempt (``attempt``)."""
+
+    def __init__(self, context: "ServerContext") -> None:
+        self.context = context
+        self.settings = context.settings
+        self.queue = context.queue
+        relay = self.settings.relay
+        self._smarthost = parse_host_port(relay.smarthost, 25) if relay.smarthost else None
+        self._resolver = MxResolver(relay.dns_server)
+        self._local_domains = {domain.lower() for domain in self.settings.domains}
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._wakeup = threading.Condition()
+        self._wakeups = 0  # counts wake() calls, so a wake between two looks is not lost
+        self._claim_lock = threading.Lock()
+        self._in_flight: set[str] = set()
+
+    # --- the threads -----------------------------------------------------------
+
+    def start(self) -> "Relay":
+        removed = self.queue.remove_stale_files()
+        if removed:
+            log.info("removed %d stale files from the queue", removed)
+        queued = len(self.queue.ids())
+        if queued:
+            log.info("resuming %d queued message%s", queued, "" if queued == 1 else "s")
+        self._stopping.clear()
+        self.queue.wakeup = self.wake
+        for number in range(1, self.settings.relay.workers + 1):
+            thread = threading.Thread(target=self._work, name=f"relay-{number}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.wake()
+        deadline = time.monotonic() + STOP_WAIT_SECONDS
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._threads.clear()
+        if self.queue.wakeup == self.wake:
+            self.queue.wakeup = None
+
+    def wake(self) -> None:
+        """Look into the queue now (called after an enqueue or a flush)."""
+        with self._wakeup:
+            self._wakeups += 1
+            self._wakeup.notify_all()
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            with self._wakeup:
+                seen = self._wakeups
+            queue_id = self._claim()
+            if queue_id is None:
+                with self._wakeup:
+                    self._wakeup.wait_for(lambda: self._wakeups != seen or self._stopping.is_set(),
+                                          timeout=self.settings.relay.queue_scan_interval)
+                continue
+            try:
+                self.attempt(queue_id)
+            except Exception:  # one broken message must not stop a worker
+                log.exception("delivery of %s failed unexpectedly; it stays queued", queue_id)
+            finally:
+                with self._claim_lock:
+                    self._in_flight.discard(queue_id)
+
+    def _claim(self) -> str | None:
+        """A due message that no other thread is delivering, now ours; None if none."""
+        with self._claim_lock:
+            for entry in self.queue.due():
+                if entry.queue_id not in self._in_flight:
+                    self._in_flight.add(entry.queue_id)
+                    return entry.queue_id
+        return None
+
+    def run_once(self) -> int:
+        """Make one attempt at every due message, in this thread; returns how many.
+
+        For tests and for watching a delivery step by step; the threads call
+        ``attempt`` the same way.
+        """
+        attempted = 0
+        while (queue_id := self._claim()) is not None:
+            try:
+                self.attempt(queue_id)
+            finally:
+                with self._claim_lock:
+                    self._in_flight.discard(queue_id)
+            attempted += 1
+        return attempted
+
+    # --- one attempt at one message ----------------------------------------------
+
+    def attempt(self, queue_id: str) -> None:
+        """Try every pending recipient once, record the outcomes, bounce failures."""
+        entry = self.queue.get(queue_id)
+        if entry is None:
+            return  # delivered or deleted meanwhile
+        try:
+            message = self.queue.message_path(queue_id).read_bytes()
+        except FileNotFoundError:
+            log.error("%s: the message file is missing; removing the entry", queue_id)
+            self.queue.delete(queue_id)
+            return
+        now = time.time()
+        if entry.pending and entry.next_attempt <= now:
+            outcomes = self._deliver(entry, message)
+            for address, outcome in outcomes.items():
+                log.info("%s: to=<%s> relay=%s %s: %s", queue_id, address, outcome.remote_mta or "none",
+                         outcome.state, outcome.diagnostic)
+            entry = self.queue.record(queue_id, outcomes)  # now: after the attempt, which took time
+            if entry is None:
+                return
+        if entry.unreported_failures:
+            entry = self._report(entry, message)
+        if entry is not None and entry.finished:
+            self.queue.delete(queue_id)
+
+    def _deliver(self, entry: QueueEntry, message: bytes) -> dict[str, Outcome]:
+        pending = [recipient.address for recipient in entry.pending]
+        hops = count_hops(message)
+        if hops > self.settings.relay.max_hops:
+            loop = Outcome(State.FAILED, STATUS_LOOP, _local_diagnostic(
+                f"mail loop: the message has {hops} Received: header fields, more than "
+                f"{self.settings.relay.max_hops} (RFC 5321 §6.3)"))
+            return {address: loop for address in pending}
+        outgoing = wire_format(without_return_path(message))
+        outcomes: dict[str, Outcome] = {}
+        by_domain: dict[str, list[str]] = {}
+        for address in pending:
+            domain = address.rpartition("@")[2].lower()
+            if domain in self._local_domains:
+                outcomes[address] = self.deliver_locally(entry.sender, address, message)
+            else:
+                by_domain.setdefault(domain, []).append(address)
+        if self._smarthost is not None and by_domain:
+            # The smarthost takes every recipient in one transaction.
+            host, port = self._smarthost
+            by_domain = {"": [address for addresses in by_domain.values() for address in addresses]}
+        for domain, addresses in by_domain.items():
+            try:
+                hops_to_try = [Hop(host, host, port)] if self._smarthost else self._route(domain)
+            except RouteError as error:
+                outcomes.update(dict.fromkeys(addresses, error.outcome))
+                continue
+            outcomes.update(self._send(hops_to_try, entry.sender, addresses, outgoing))
+        return outcomes
+
+    def _route(self, domain: str) -> list[Hop]:
+        port = self.settings.relay.port
+        if domain.startswith("["):  # an address literal (RFC 5321 §4.1.3): no DNS
+            address = re.sub(r"(?i)^ipv6:", "", domain[1:-1])
+            return [Hop(domain, address, port)]
+        return self._resolver.hops(domain, port)
+
+    def _send(self, hops: list[Hop], sender: str, recipients: list[str], data: bytes) -> dict[str, Outcome]:
+        """Try the hops in order until one takes part in a transaction (§5.1)."""
+        failure: HopFailed | None = None
+        for hop in hops:
+            try:
+                return self._transaction(hop, sender, recipients, data)
+            except HopFailed as error:
+                log.info("%s: %s", hop, error)
+                failure = error
+        return dict.fromkeys(recipients, failure.outcome)
+
+    def _transaction(self, hop: Hop, sender: str, recipients: list[str], data: bytes) -> dict[str, Outcome]:
+        try:
+            # Connecting in the constructor also tells smtplib the host's
+            # name, which STARTTLS needs for SNI and certificate checks.
+            client = smtplib.SMTP(hop.address, hop.port, local_hostname=self.settings.hostname,
+                                  timeout=self.settings.relay.timeout)
+        except smtplib.SMTPConnectError as error:  # a greeting other than 220
+            outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
+            raise HopFailed(hop, "4" + outcome.status[1:], outcome.diagnostic) from None
+        except (OSError, smtplib.SMTPException) as error:
+            raise HopFailed(hop, STATUS_NO_ANSWER,
+                            _local_diagnostic(f"connect to {hop}: {error.strerror or error}")) from None
+        try:
+            try:
+                self._hello(client, hop)
+            except (OSError, smtplib.SMTPException) as error:
+                raise HopFailed(hop, STATUS_BAD_CONNECTION,
+                                _local_diagnostic(f"{hop} failed before MAIL: {error}")) from None
+            return self._mail(client, hop, sender, recipients, data)
+        finally:
+            client.close()
+
+    def _hello(self, client: smtplib.SMTP, hop: Hop) -> None:
+        """EHLO (or HELO), STARTTLS when offered, AUTH at the smarthost."""
+        code, reply = client.ehlo()
+        if code != 250:
+            code, reply = client.helo()
+            if code != 250:
+                raise HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
+        relay = self.settings.relay
+        policy = relay.smarthost_tls if self._smarthost else "opportunistic"
+        if client.has_extn("starttls"):
+            client.starttls(context=client_context(policy == "verified", relay.smarthost_ca_file))
+            client.ehlo()  # RFC 3207 §4.2: start over; the server may offer more now
+        elif policy != "opportunistic":
+            raise HopFailed(hop, STATUS_SECURITY, _local_diagnostic(
+                f"{hop} does not offer STARTTLS, which relay.smarthost_tls requires"))
+        if self._smarthost and relay.smarthost_user:
+            if not isinstance(client.sock, ssl.SSLSocket):
+                raise HopFailed(hop, STATUS_SECURITY, _local_diagnostic(
+                    f"will not send the smarthost password to {hop} without TLS"))
+            try:
+                client.login(relay.smarthost_user, relay.smarthost_password or "")
+            except smtplib.SMTPAuthenticationError as error:
+                # Our configuration is wrong, not the sender's mail: retry
+                # (Postfix's smtp_sasl_auth_soft_bounce does the same).
+                raise HopFailed(hop, STATUS_SECURITY, outcome_of_reply(
+                    error.smtp_code, error.smtp_error, hop).diagnostic) from None
+
+    def _mail(self, client: smtplib.SMTP, hop: Hop, sender: str, recipients: list[str],
+              data: bytes) -> dict[str, Outcome]:
+        """MAIL, one RCPT per recipient, DATA: every recipient gets its own outcome."""
+        options = []
+        if client.has_extn("size"):
+            options.append(f"SIZE={len(data)}")  # RFC 1870
+        if not data.isascii() and client.has_extn("8bitmime"):
+            options.append("BODY=8BITMIME")  # RFC 6152
+        if not (sender.isascii() and all(address.isascii() for address in recipients)):
+            if not client.has_extn("smtputf8"):
+                return dict.fromkeys(recipients, Outcome(State.FAILED, STATUS_NEEDS_SMTPUTF8, _local_diagnostic(
+                    f"{hop.name} does not offer SMTPUTF8, which a non-ASCII address needs"), hop.name))
+            options.append("SMTPUTF8")  # RFC 6531
+        outcomes: dict[str, Outcome] = {}
+        try:
+            code, reply = client.mail(sender, options)
+            if code != 250:
+                _quietly(client.rset)
+                return dict.fromkeys(recipients, outcome_of_reply(code, reply, hop))
+            accepted = []
+            for address in recipients:
+                code, reply = client.rcpt(address)
+                if code in (250, 251):
+                    accepted.append(address)
+                else:
+                    outcomes[address] = outcome_of_reply(code, reply, hop)
+            if not accepted:
+                _quietly(client.rset)
+                return outcomes
+            try:
+                code, reply = client.data(data)
+            except smtplib.SMTPDataError as error:  # DATA itself refused (no 354)
+                code, reply = error.smtp_code, error.smtp_error
+            outcomes.update(dict.fromkeys(accepted, outcome_of_reply(code, reply, hop)))
+            _quietly(client.quit)
+        except (OSError, smtplib.SMTPException) as error:
+            lost = Outcome(State.PENDING, STATUS_BAD_CONNECTION,
+                           _local_diagnostic(f"lost connection with {hop}: {error}"), hop.name)
+            for address in recipients:
+                outcomes.setdefault(address, lost)
+        return outcomes
+
+    # --- local recipients and bounces -----------------------------------------------
+
+    def deliver_locally(self, sender: str, address: str, message: bytes) -> Outcome:
+        """Deliver to an address of our own domain, through the aliases."""
+        local_part = address.rpartition("@")[0]
+        expansion = self.context.aliases.expand(local_part)
+        if not expansion:
+            return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
+                           _local_diagnostic(f"no such user or alias here: {local_part}"))
+        try:
+            if expansion.external:
+                # Forwarded on, keeping the original sender for bounces.
+                self.queue.enqueue(sender, expansion.external, message)
+            if expansion.users:
+                text = without_return_path(message).replace(b"\r\n", b"\n")
+                incoming = self.context.store.receive(expansion.users)
+                try:
+                    incoming.write(f"Return-Path: <{sender}>\n".encode("utf-8") + text)
+                    incoming.commit()
+                except BaseException:
+                    incoming.discard()
+                    raise
+        except StorageError as error:
+            return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
+        return Outcome(State.DELIVERED, STATUS_DELIVERED, _local_diagnostic("delivered locally"))
+
+    def _report(self, entry: QueueEntry, message: bytes) -> QueueEntry | None:
+        """Bounce the failures not yet reported (RFC 3464), unless the sender is <>."""
+        failures = entry.unreported_failures
+        addresses = [recipient.address for recipient in failures]
+        if not entry.sender:
+            # RFC 5321 §4.5.5: a message from <> is itself a notification;
+            # bouncing it could start an endless exchange of bounces.
+            log.info("%s: not bounced, the sender is <>: %s", entry.queue_id, ", ".join(addresses))
+            return self.queue.mark_reported(entry.queue_id, addresses)
+        bounce = build_bounce(entry, failures, message, self.settings.hostname, time.time())
+        try:
+            outcome = None
+            if entry.sender.rpartition("@")[2].lower() in self._local_domains:
+                outcome = self.deliver_locally("", entry.sender, bounce)
+                if outcome.state is State.FAILED:
+                    log.warning("%s: the bounce to <%s> cannot be delivered: %s", entry.queue_id,
+                                entry.sender, outcome.diagnostic)
+            if outcome is None or outcome.state is State.PENDING:
+                bounce_id = self.queue.enqueue("", [entry.sender], bounce)
+                log.info("%s: bounce %s queued for <%s>", entry.queue_id, bounce_id, entry.sender)
+        except StorageError as error:
+            log.error("%s: cannot queue the bounce, will try again: %s", entry.queue_id, error)
+            return self.queue.postpone(entry.queue_id, time.time() + self.queue.retry.min_backoff)
+        return self.queue.mark_reported(entry.queue_id, addresses)
+
+
+def _quietly(command) -> None:
+    """RSET or QUIT, whose failure changes nothing we have learnt."""
+    try:
+        command()
+    except (OSError, smtplib.SMTPException):
+        pass

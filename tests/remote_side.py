@@ -1,0 +1,120 @@
+"""The other end of the relay, for tests: a tiny DNS server and an SMTP sink.
+
+Both listen on 127.0.0.1, port 0 (a free port), and are stopped by the
+fixtures in ``test_relay.py`` whatever the test's result.
+
+``FakeDns`` answers from a dict, with ``dnslib`` building the packets: a
+name it does not know is NXDOMAIN, a known name without the asked type is
+an empty answer (NOERROR, no records), as a real server says "no MX here".
+
+``Sink`` is an ``aiosmtpd`` server that keeps what it receives and can be
+told to misbehave: a reply per recipient (``rcpt_replies``), replies for
+the next DATA commands (``data_replies``), STARTTLS with a given context.
+"""
+
+from __future__ import annotations
+
+import socketserver
+import threading
+import time
+from dataclasses import dataclass
+
+from aiosmtpd.controller import Controller
+from dnslib import QTYPE, RCODE, RR, A, DNSRecord, MX
+
+POLL_SECONDS = 0.05  # how often the DNS thread checks for shutdown()
+
+
+class _DnsHandler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        data, sock = self.request
+        request = DNSRecord.parse(data)
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".").lower()
+        kind = QTYPE[request.q.qtype]
+        zone = self.server.zone
+        if name not in zone:
+            reply.header.rcode = RCODE.NXDOMAIN
+        for value in zone.get(name, {}).get(kind, []):
+            if kind == "MX":
+                preference, exchange = value
+                reply.add_answer(RR(name, QTYPE.MX, rdata=MX(exchange, preference), ttl=60))
+            elif kind == "A":
+                reply.add_answer(RR(name, QTYPE.A, rdata=A(value), ttl=60))
+        sock.sendto(reply.pack(), self.client_address)
+
+
+class FakeDns:
+    """zone: {"example.net": {"MX": [(10, "mx1.example.net")]}, "mx1.example.net": {"A": ["127.0.0.1"]}}."""
+
+    def __init__(self, zone: dict[str, dict[str, list]]) -> None:
+        self.server = socketserver.ThreadingUDPServer(("127.0.0.1", 0), _DnsHandler)
+        self.server.zone = zone
+        self.address = "127.0.0.1:%d" % self.server.server_address[1]
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(POLL_SECONDS,), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._thread.join()
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    tls: bool
+
+
+class SinkHandler:
+    def __init__(self) -> None:
+        self.messages: list[Received] = []
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_replies: list[str] = []
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.data_replies:
+            return self.data_replies.pop(0)
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
+                                      session.ssl is not None))
+        return "250 2.0.0 OK queued"
+
+
+class _FreePortController(Controller):
+    """aiosmtpd's Controller, on port 0: learn the bound port before the self-test connection."""
+
+    def _trigger_server(self) -> None:
+        self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class Sink:
+    def __init__(self, **controller_options) -> None:
+        self.handler = SinkHandler()
+        self.controller = _FreePortController(self.handler, hostname="127.0.0.1", port=0,
+                                              **controller_options)
+        self.controller.start()
+        self.port = self.controller.port
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> list[Received]:
+        """The messages, once there are ``count`` (fails the test after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count:
+            assert time.monotonic() < deadline, f"the sink got {len(self.messages)} of {count} messages"
+            time.sleep(0.02)
+        return self.messages
+
+    def stop(self) -> None:
+        self.controller.stop()

@@ -1,0 +1,455 @@
+"""The relay against a real remote side: a DNS server and an SMTP sink on 127.0.0.1.
+
+Most tests drive one delivery attempt at a time with ``Relay.run_once()``
+on a MailServer that is built but not started, so each step can be looked
+at; the last ones run the delivery threads, and a real ``pymailsrv start``
+process that is killed with messages in its queue.
+
+Every MX host's address is 127.0.0.1 (where the sink listens, on the port
+``relay.port`` names) or 127.0.0.3, where nothing listens on that port: a
+refused connection, as from an MX host that is down.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+from aiosmtpd.smtp import AuthResult
+
+from pymailsrv.outqueue import OutboundQueue, State
+from pymailsrv.relay import MxResolver, RouteError, count_hops
+from pymailsrv.server import MailServer
+from tests.conftest import make_settings
+from tests.remote_side import FakeDns, Sink
+
+SENDER = "alice@localhost"  # a local user: her bounces land in her Maildir
+MESSAGE = b"From: Alice <alice@localhost>\nSubject: greetings\n\nHello over there.\n.a line with a dot\n"
+
+ZONE = {
+    # MX 10 is down (nothing listens on 127.0.0.3), MX 20 is the sink.
+    "example.net": {"MX": [(20, "mx2.example.net"), (10, "mx1.example.net")]},
+    "mx1.example.net": {"A": ["127.0.0.3"]},
+    "mx2.example.net": {"A": ["127.0.0.1"]},
+    "ordered.example": {"MX": [(30, "c.example.net"), (10, "a.example.net"), (20, "b.example.net")]},
+    "a.example.net": {"A": ["127.0.0.5"]},
+    "b.example.net": {"A": ["127.0.0.6"]},
+    "c.example.net": {"A": ["127.0.0.7"]},
+    "implicit.example": {"A": ["127.0.0.1"]},  # no MX: the domain is its own mail host
+    "nullmx.example": {"MX": [(0, ".")]},  # RFC 7505: takes no mail
+    "noaddress.example": {"TXT": []},  # exists, but neither MX nor A
+}
+
+
+@pytest.fixture(scope="module")
+def dns():
+    server = FakeDns(ZONE)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sink():
+    started = []
+
+    def start(**options) -> Sink:
+        sink = Sink(**options)
+        started.append(sink)
+        return sink
+
+    yield start
+    for sink in started:
+        sink.stop()
+
+
+@pytest.fixture
+def mta(root, dns, add_user):
+    """mta(sink, **relay) -> a MailServer (not started) whose relay sends to ``sink``."""
+    add_user("alice")
+
+    def build(sink: Sink | None, **relay) -> MailServer:
+        relay = {"dns_server": dns.address, "min_backoff": 60.0, "port": sink.port if sink else 1, **relay}
+        return MailServer(make_settings(root, relay=relay))
+
+    return build
+
+
+def maildir_messages(root: Path, user: str) -> list[email.message.EmailMessage]:
+    return [email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
+            for path in sorted((root / user / "new").iterdir())]
+
+
+def delivery_status(bounce: email.message.EmailMessage) -> tuple[dict, list[dict]]:
+    """The per-message block and the per-recipient blocks of a DSN, as dicts."""
+    assert bounce.get_content_type() == "multipart/report"
+    assert bounce.get_param("report-type") == "delivery-status"
+    human, status, headers = bounce.iter_parts()
+    assert human.get_content_type() == "text/plain"
+    assert status.get_content_type() == "message/delivery-status"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    first, *recipients = status.get_payload()
+    # Long fields may be folded (RFC 5322 §2.2.3); unfolded they start with a space.
+    return ({name: value.strip() for name, value in first.items()},
+            [{name: value.strip() for name, value in block.items()} for block in recipients])
+
+
+# --- routing (RFC 5321 §5.1, RFC 7505) ------------------------------------------
+
+
+def test_mx_hosts_are_tried_in_order_of_preference(dns):
+    hops = MxResolver(dns.address).hops("ordered.example", 25)
+    assert [hop.name for hop in hops] == ["a.example.net", "b.example.net", "c.example.net"]
+
+
+def test_a_domain_without_mx_is_its_own_mail_host(dns):
+    assert [(hop.name, hop.address) for hop in MxResolver(dns.address).hops("implicit.example", 25)] == [
+        ("implicit.example", "127.0.0.1")]
+
+
+@pytest.mark.parametrize("domain, status", [("nullmx.example", "5.1.10"), ("nowhere.example", "5.1.2"),
+                                            ("noaddress.example", "5.1.2")])
+def test_a_domain_that_takes_no_mail_fails_at_once(dns, domain, status):
+    with pytest.raises(RouteError) as raised:
+        MxResolver(dns.address).hops(domain, 25)
+    assert raised.value.outcome.state is State.FAILED
+    assert raised.value.outcome.status == status
+
+
+def test_an_unreachable_dns_server_is_a_temporary_failure():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = "127.0.0.1:%d" % unused.getsockname()[1]
+        resolver = MxResolver(address)
+        resolver._get_resolver("example.net").lifetime = 0.3
+        with pytest.raises(RouteError) as raised:
+            resolver.hops("example.net", 25)
+    assert raised.value.outcome.state is State.PENDING
+    assert raised.value.outcome.status == "4.4.3"
+
+
+def test_the_next_mx_takes_the_mail_when_the_first_refuses_connections(mta, sink):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    assert server.relay.run_once() == 1
+    [received] = remote.messages
+    assert received.mail_from == SENDER and received.rcpt_tos == ["bob@example.net"]
+    assert server.context.queue.ids() == []  # done: nothing left in the queue
+
+
+def test_implicit_mx_delivery(mta, sink):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["carol@implicit.example"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages[0].rcpt_tos == ["carol@implicit.example"]
+
+
+def test_null_mx_fails_at_once_and_bounces_with_status_5_1_10(mta, sink, root):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["dan@nullmx.example"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages == [] and server.context.queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    assert recipient["Final-Recipient"] == "rfc822; dan@nullmx.example"
+    assert recipient["Status"] == "5.1.10"
+
+
+# --- what is sent ------------------------------------------------------------------
+
+
+def test_the_message_goes_out_with_crlf_stuffed_dots_and_without_return_path(mta, sink):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], b"Return-Path: <alice@localhost>\n" + MESSAGE)
+    server.relay.run_once()
+    # aiosmtpd undoes the dot-stuffing; the text arrives as it was, in CRLF.
+    assert remote.messages[0].content == MESSAGE.replace(b"\n", b"\r\n")
+
+
+def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certificate(mta, sink):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("mx2.example.net").configure_cert(context)
+    remote = sink(tls_context=context)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages[0].tls  # a CA nobody trusts, and still encrypted
+
+
+# --- outcomes per recipient, retries, bounces ----------------------------------------
+
+
+def test_a_451_is_retried_after_the_backoff_and_then_delivered(mta, sink):
+    remote = sink()
+    remote.handler.data_replies.append("451 4.3.0 try again later")
+    server = mta(remote, min_backoff=0.2)
+    queue = server.context.queue
+    queue_id = queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    before = time.time()
+    server.relay.run_once()
+    entry = queue.get(queue_id)
+    [recipient] = entry.pending
+    assert recipient.last_error == "smtp; 451 4.3.0 try again later" and recipient.status == "4.3.0"
+    assert before + 0.2 <= entry.next_attempt <= time.time() + 0.2
+    assert server.relay.run_once() == 0  # not due yet
+    time.sleep(0.25)
+    assert server.relay.run_once() == 1
+    assert len(remote.messages) == 1 and queue.ids() == []
+
+
+def test_one_recipient_accepted_and_one_refused_are_both_honoured(mta, sink, root):
+    remote = sink()
+    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: no such user"
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net", "nobody@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    assert bounce["To"].addresses[0].addr_spec == "alice@localhost" and bounce["Return-Path"] == "<>"
+    per_message, [recipient] = delivery_status(bounce)
+    assert per_message["Reporting-MTA"].startswith("dns; ")
+    assert per_message["Arrival-Date"]
+    assert recipient == {
+        "Final-Recipient": "rfc822; nobody@example.net", "Action": "failed", "Status": "5.1.1",
+        "Remote-MTA": "dns; mx2.example.net",
+        "Diagnostic-Code": "smtp; 550 5.1.1 <nobody@example.net>: no such user",
+        "Last-Attempt-Date": recipient["Last-Attempt-Date"]}
+    original_header = list(bounce.iter_parts())[2].get_content()
+    assert "Subject: greetings" in original_header and "Hello over there" not in original_header
+
+
+def test_a_temporary_and_a_permanent_refusal_in_one_transaction(mta, sink, root):
+    remote = sink()
+    remote.handler.rcpt_replies.update({"full@example.net": "452 4.2.2 mailbox full",
+                                        "gone@example.net": "550 5.1.1 gone"})
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["full@example.net", "gone@example.net"], MESSAGE)
+    server.relay.run_once()
+    entry = server.context.queue.get(queue_id)
+    states = {recipient.address: (recipient.state, recipient.reported) for recipient in entry.recipients}
+    assert states == {"full@example.net": (State.PENDING, False), "gone@example.net": (State.FAILED, True)}
+    [bounce] = maildir_messages(root, "alice")
+    assert [block["Final-Recipient"] for block in delivery_status(bounce)[1]] == ["rfc822; gone@example.net"]
+
+
+def test_a_refused_sender_fails_every_recipient(mta, sink, root):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    remote.handler.handle_MAIL = _refuse_mail
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    assert delivery_status(bounce)[1][0]["Status"] == "5.7.1"
+
+
+async def _refuse_mail(server, session, envelope, address, mail_options):
+    return "550 5.7.1 we do not take mail from you"
+
+
+def test_a_message_from_the_null_sender_is_never_bounced(mta, sink, root):
+    remote = sink()
+    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    server = mta(remote)
+    server.context.queue.enqueue("", ["nobody@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert server.context.queue.ids() == []  # dropped, not bounced
+    assert maildir_messages(root, "alice") == []
+    assert server.relay.run_once() == 0
+
+
+def test_a_bounce_to_an_outside_sender_is_queued_from_the_null_path(mta, sink):
+    remote = sink()
+    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    server = mta(remote)
+    server.context.queue.enqueue("erin@example.net", ["nobody@example.net"], MESSAGE)
+    server.relay.run_once()  # fails nobody@, queues the bounce, delivers the bounce
+    [bounce] = remote.messages
+    assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["erin@example.net"]
+    parsed = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    assert delivery_status(parsed)[1][0]["Final-Recipient"] == "rfc822; nobody@example.net"
+
+
+def test_a_message_that_stays_deferred_too_long_fails_with_its_last_error(mta, sink, root):
+    remote = sink()
+    remote.handler.data_replies.append("451 4.3.0 try again later")
+    server = mta(remote, max_queue_lifetime=0.0)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert recipient["Status"] == "5.3.0"
+    assert recipient["Diagnostic-Code"].startswith("smtp; 451 4.3.0 try again later (gave up after")
+
+
+def test_a_message_with_more_than_30_received_fields_is_failed_as_a_loop(mta, sink, root):
+    remote = sink()
+    server = mta(remote)
+    looping = b"".join(b"Received: from hop%d by hop%d\n" % (n, n + 1) for n in range(31)) + MESSAGE
+    assert count_hops(looping) == 31
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], looping)
+    server.relay.run_once()
+    assert remote.messages == []
+    [bounce] = maildir_messages(root, "alice")
+    assert delivery_status(bounce)[1][0]["Status"] == "5.4.6"
+
+
+def test_thirty_received_fields_still_pass(mta, sink):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"],
+                                 b"Received: from a by b\n" * 30 + MESSAGE)
+    server.relay.run_once()
+    assert len(remote.messages) == 1
+
+
+def test_an_unreachable_host_is_retried_later(mta, sink):
+    server = mta(None)  # port 1: nothing listens there
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert recipient.status == "4.4.1" and "Connection refused" in recipient.last_error
+
+
+# --- local recipients and aliases --------------------------------------------------------
+
+
+def test_an_alias_forwards_outside_keeping_the_original_sender(mta, sink, root, add_user):
+    remote = sink()
+    server = mta(remote)
+    add_user("frank")
+    server.context.aliases.add("team", ["frank", "bob@example.net"])
+    server.context.queue.enqueue("someone@example.org", ["team@localhost"], MESSAGE)
+    server.relay.run_once()  # team@localhost: frank's Maildir, and a new entry for bob
+    assert len(maildir_messages(root, "frank")) == 1
+    assert maildir_messages(root, "frank")[0]["Return-Path"] == "<someone@example.org>"
+    [received] = remote.messages
+    assert received.mail_from == "someone@example.org" and received.rcpt_tos == ["bob@example.net"]
+
+
+def test_an_unknown_local_recipient_fails_with_5_1_1(mta, root):
+    server = mta(None)
+    server.context.queue.enqueue(SENDER, ["nobody@localhost"], MESSAGE)
+    server.relay.run_once()
+    assert delivery_status(maildir_messages(root, "alice")[0])[1][0]["Status"] == "5.1.1"
+
+
+# --- the smarthost ---------------------------------------------------------------------------
+
+
+def test_a_smarthost_takes_all_mail_whatever_the_domains_mx(mta, sink):
+    remote = sink()
+    server = mta(None, smarthost=f"127.0.0.1:{remote.port}")
+    server.context.queue.enqueue(SENDER, ["x@nullmx.example", "y@nowhere.example"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages[0].rcpt_tos == ["x@nullmx.example", "y@nowhere.example"]
+
+
+def test_a_smarthost_with_verified_tls_and_auth(mta, sink, tmp_path):
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append((auth_data.login, auth_data.password, session.ssl is not None))
+        return AuthResult(success=auth_data.password == b"s3cret")
+
+    remote = sink(tls_context=server_context, authenticator=authenticator, auth_require_tls=True)
+    server = mta(None, smarthost=f"localhost:{remote.port}", smarthost_tls="verified",
+                 smarthost_ca_file=str(ca_file), smarthost_user="relay", smarthost_password="s3cret")
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert logins == [(b"relay", b"s3cret", True)]
+    assert remote.messages[0].tls
+
+
+def test_a_smarthost_whose_certificate_does_not_verify_is_not_used(mta, sink, tmp_path):
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(server_context)
+    other_ca = tmp_path / "other.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    remote = sink(tls_context=server_context)
+    server = mta(None, smarthost=f"localhost:{remote.port}", smarthost_tls="verified",
+                 smarthost_ca_file=str(other_ca))
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages == []
+    assert server.context.queue.get(queue_id).pending[0].status == "4.4.2"
+
+
+# --- the delivery threads, and a crash -------------------------------------------------------
+
+
+def test_the_running_server_delivers_what_is_enqueued(start_server, dns, sink, add_user):
+    remote = sink()
+    server = start_server(relay={"dns_server": dns.address, "port": remote.port})
+    server.context.queue.enqueue("x@example.org", ["bob@example.net"], MESSAGE)
+    remote.wait_for(1)
+
+
+def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
+    """kill -9 with messages queued and deferred; the next start delivers them all."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        nowhere = closed.getsockname()[1]  # nothing listens here once closed
+    config = tmp_path / "pymailsrv.toml"
+    config.write_text("[relay]\nmin_backoff = 0.2\nqueue_scan_interval = 0.1\n")
+    queue = OutboundQueue(root / ".pymailsrv")
+    ids = [queue.enqueue("x@example.org", [f"r{n}@example.net"], MESSAGE) for n in range(3)]
+
+    first = _start_process(root, config, f"127.0.0.1:{nowhere}")
+    try:
+        deadline = time.monotonic() + 10
+        while not all(queue.get(queue_id).attempts for queue_id in ids):  # each one tried and deferred
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=10)
+    assert sorted(queue.ids()) == sorted(ids)
+
+    remote = sink()
+    second = _start_process(root, config, f"127.0.0.1:{remote.port}")
+    try:
+        received = remote.wait_for(3)
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(timeout=10)
+    assert sorted(address for message in received for address in message.rcpt_tos) == [
+        "r0@example.net", "r1@example.net", "r2@example.net"]
+    assert queue.ids() == []
+
+
+def _start_process(root: Path, config: Path, smarthost: str) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--config", str(config),
+         "--smtp-port", "0", "--pop3-port", "0", "--smarthost", smarthost],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    for line in process.stderr:  # up to the "listening ..." line
+        if line.startswith("listening"):
+            break
+        assert time.monotonic() < deadline
+    else:
+        process.kill()
+        raise AssertionError("the server did not start")
+    # Keep reading stderr so the server never blocks on a full pipe.
+    threading.Thread(target=process.stderr.read, daemon=True).start()
+    return process
