@@ -102,6 +102,11 @@ class SaslExchange:
         return self.challenge()
 
 
+# The throttle's table is swept of stale addresses once it reaches twice
+# its size after the last sweep, and never below this many entries.
+THROTTLE_SWEEP_MINIMUM = 64
+
+
 class FailureThrottle:
     """Failed logins per client address, over a sliding window (Postfix's anvil idea).
 
@@ -116,6 +121,7 @@ class FailureThrottle:
         self._limit = limit
         self._window = window
         self._failures: dict[str, deque[float]] = {}
+        self._swept_size = THROTTLE_SWEEP_MINIMUM
         self._lock = threading.Lock()
 
     def _recent(self, address: str, now: float) -> deque[float]:
@@ -135,3 +141,10 @@ class FailureThrottle:
         with self._lock:
             now = time.monotonic()
             self._recent(address, now).append(now)
+            # Addresses that never come back would stay forever: once the table
+            # has doubled since the last sweep, drop every address whose
+            # failures have all left the window (amortised O(1) a failure).
+            if len(self._failures) >= 2 * self._swept_size:
+                for stale in [key for key, times in self._failures.items() if times[-1] <= now - self._window]:
+                    del self._failures[stale]
+                self._swept_size = max(len(self._failures), THROTTLE_SWEEP_MINIMUM)
