@@ -32,10 +32,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pymailsrv.pop3 import SESSION_CAPABILITIES
 from pymailsrv.replies import POP3_WRONG_STATE
-from pymailsrv.transcripts import Transcript
+
+if TYPE_CHECKING:  # transcripts.py imports cli.py, which imports the grader
+    from pymailsrv.transcripts import Transcript
 
 Verdict = tuple["bool | None", str]
 
@@ -368,7 +371,7 @@ def ends_data_correctly(t: Transcript) -> Verdict:
     for exchange in texts:
         replies = exchange.after_text
         if not replies:
-            return False, "the text never ended: the connection closed without a '.' line"
+            return False, "the text never ended: the connection closed before <CRLF>.<CRLF>"
         if replies[0]["state"] == "DATA":  # answered while still reading text: the timeout
             return False, f"the text never ended with '.': the server gave up ({shown(replies[0]['line'], 40)})"
     last = texts[-1].after_text[0]["line"]

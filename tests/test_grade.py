@@ -15,6 +15,8 @@ import json
 import poplib
 import smtplib
 import ssl
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 
@@ -124,6 +126,12 @@ def test_every_criterion_is_data_with_a_stable_id_and_an_rfc():
             assert criterion.id.startswith(f"{protocol}.") and criterion.protocol == protocol
             assert criterion.rfc.startswith("RFC ") and "§" in criterion.rfc
             assert callable(criterion.check) and criterion.title
+
+
+@pytest.mark.parametrize("module", ["pymailsrv.grade", "pymailsrv.grade_criteria"])
+def test_the_grader_imports_on_its_own_without_an_import_cycle(module):
+    # transcripts.py reaches for cli.py at import time, and cli.py imports the grader.
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True, timeout=CLIENT_TIMEOUT)
 
 
 # --- well-behaved clients ----------------------------------------------------------
