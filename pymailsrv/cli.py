@@ -105,20 +105,21 @@ def main() -> None:
 @click.option("--smtps-port", type=int, help="Implicit-TLS SMTP port, e.g. 465 (RFC 8314; default off).")
 @click.option("--submission-port", type=int, help="Submission port, e.g. 587 (RFC 6409: AUTH before MAIL; default off).")
 @click.option("--smarthost", metavar="HOST:PORT", help="Send all outbound mail through this host (default: MX lookup).")
+@click.option("--run-as", metavar="USER", help="Started as root: become USER once the ports are bound.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Misbehave on purpose, for testing clients, e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'.")
 def start(root: str | None, config: str | None, host: str | None, smarthost: str | None, smtp_port: int | None,
           pop3_port: int | None, domains: tuple[str, ...], trace: bool | None, trace_bodies: bool | None,
           trace_format: str | None, annotate: bool | None, transcripts: bool | None, tls_cert: str | None,
           tls_key: str | None, pop3s_port: int | None, smtps_port: int | None,
-          submission_port: int | None, faults: tuple[str, ...]) -> None:
+          submission_port: int | None, run_as: str | None, faults: tuple[str, ...]) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from pymailsrv.server import MailServer
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
                          transcripts=transcripts, tls={"cert": tls_cert, "key": tls_key}, faults=faults or None,
-                         pop3={"port": pop3_port, "pop3s_port": pop3s_port},
+                         run_as=run_as, pop3={"port": pop3_port, "pop3s_port": pop3s_port},
                          smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port},
                          relay={"smarthost": smarthost})
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,

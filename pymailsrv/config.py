@@ -23,6 +23,8 @@ that names the key::
     [relay]
     trusted_networks = ["192.0.2.0/24"]
     smarthost = "mail.example.net:587"
+    [limits]
+    max_connections_per_address = 20
 """
 
 from __future__ import annotations
@@ -176,6 +178,16 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    # Open connections, all listeners together, and per client address; over
+    # either the listener refuses at once (421 / -ERR [SYS/TEMP]).
+    max_connections: int = _checked(limits.MAX_CONNECTIONS, _positive)
+    max_connections_per_address: int = _checked(limits.MAX_CONNECTIONS_PER_ADDRESS, _positive)
+    # Logged-in POP3 sessions of one user from one address (-ERR [IN-USE]).
+    pop3_sessions_per_user_address: int = _checked(limits.POP3_MAX_SESSIONS_PER_USER_ADDRESS, _positive)
+
+
+@dataclass(frozen=True)
 class Settings:
     root: Path = DEFAULT_ROOT
     host: str = "127.0.0.1"
@@ -200,6 +212,10 @@ class Settings:
     relay: RelaySettings = field(default_factory=RelaySettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    # The account to become once the ports are bound ('start --run-as');
+    # None: stay who we are.
+    run_as: str | None = None
+    limits: LimitSettings = field(default_factory=LimitSettings)  # last: the name shadows the module
 
     @property
     def state_dir(self) -> Path:

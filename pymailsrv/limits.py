@@ -75,6 +75,27 @@ SMTP_DATA_TIMEOUT_SECONDS = 10 * 60
 # Postfix's smtpd_hard_error_limit default: after 20 errors the session ends.
 SMTP_MAX_ERRORS = 20
 
+# --- Connections (every listener together) ----------------------------------
+
+# One pymailsrv process serves every protocol, one thread and one socket per
+# connection. 500 open connections stay well inside the usual 1024 open-file
+# limit (ulimit -n), leaving room for the Maildir files, lock files and
+# listening sockets those sessions use, and a few MB of thread stacks each
+# (only touched pages count). A connection over the cap is refused by the
+# accepting thread itself, so refused connections start no thread at all.
+MAX_CONNECTIONS = 500
+
+# Postfix's anvil: smtpd_client_connection_count_limit defaults to 50 ("1/2
+# of the default process limit"), so one client address cannot take more than
+# a tenth of the server here. Counted across all listeners, as the threads
+# and file descriptors a client holds are the process's, whatever the port.
+MAX_CONNECTIONS_PER_ADDRESS = 50
+
+# Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of
+# one user from one client address. (Our maildrop lock already allows only
+# one POP3 session per user; see ServerContext.pop3_sessions.)
+POP3_MAX_SESSIONS_PER_USER_ADDRESS = 10
+
 # --- Transport ------------------------------------------------------------
 
 # How much one recv() asks the kernel for. A bigger buffer means fewer system

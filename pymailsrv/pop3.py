@@ -123,6 +123,13 @@ SESSION_CAPABILITIES = (
 # so it is offered only where USER/PASS would be (TLS or a local network).
 SASL_MECHANISMS = ("PLAIN",)
 
+# Over the cap on logged-in sessions per (user, client address), Dovecot's
+# mail_max_userip_connections (see ServerContext.pop3_sessions). RFC 2449
+# §8.1.2: IN-USE, as for the maildrop lock. (Its place is replies.py.)
+POP3_TOO_MANY_SESSIONS = Pop3Reply(ok=False, text="too many sessions", code="IN-USE",
+                                   note="too many sessions of this user from this address, "
+                                        "RFC 2449 §8.1.2")
+
 # RFC 1939 §7: the APOP digest is MD5, written as 32 lower-case hex digits.
 _APOP_DIGEST = re.compile(r"[0-9a-f]{32}")
 
@@ -148,6 +155,7 @@ class Pop3Session(Session):
         self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
         self.deleted: set[int] = set()  # indexes marked by DELE
         self.highest_accessed = 0  # for LAST (RFC 1460)
+        self._session_slot: tuple[str, str] | None = None  # counted in context.pop3_sessions
 
     # --- what the base class asks of a protocol ------------------------------
 
@@ -193,6 +201,9 @@ class Pop3Session(Session):
         if self.maildrop is not None:
             self.maildrop.release()
             self.maildrop = None
+        if self._session_slot is not None:
+            self.context.pop3_sessions.give_back(self._session_slot)
+            self._session_slot = None
 
     # --- arguments -------------------------------------------------------------
 
@@ -299,11 +310,19 @@ class Pop3Session(Session):
         user = self.check_login(name, credentials_valid)
         if user is None:
             return POP3_AUTH_FAILED.delayed(self.settings.pop3.failed_login_delay)
+        # Counted before the lock, so a refusal names the cap that refused.
+        if not self.context.pop3_sessions.take((user, self.peer[0])):
+            return POP3_TOO_MANY_SESSIONS
+        self._session_slot = (user, self.peer[0])
         # RFC 1939 §8: lock the maildrop before saying +OK ...
         try:
             self.maildrop = self.context.store.open_maildrop(user)
         except MaildropLocked:
+            self.close()
             return POP3_IN_USE
+        except BaseException:
+            self.close()
+            raise
         try:
             # ... and take the snapshot the whole session works from.
             self.messages = self.maildrop.snapshot()

@@ -13,15 +13,30 @@ cut off like that changes nothing in its maildrop (RFC 1939 §6).
 
 Port 0 means "pick a free port"; ``addresses`` tells which ports were bound,
 and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
+
+Two guards stand before any session starts:
+
+* Connection caps (``ConnectionLimits``): one count of open connections for
+  the whole server and one per client address, shared by every listener,
+  since the threads and sockets a client holds are the process's whatever
+  the port. Over a cap the *accepting* thread writes the refusal itself
+  (``421 4.7.0`` / ``-ERR [SYS/TEMP]``) and closes: a flood of refused
+  connections starts no thread. A connection counts until its thread ends.
+* Privileges: started as root to bind ports 25/110/465/587/995, the server
+  becomes the ``run_as`` user once every listener is bound and before it
+  touches a mailbox, then checks that user can write the data root.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pwd
 import socket
 import socketserver
 import ssl
 import threading
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,11 +44,18 @@ from pymailsrv.aliases import AliasTable
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
 from pymailsrv.faults import FaultError, FaultPlan
-from pymailsrv.limits import AUTH_FAILURE_WINDOW_SECONDS, AUTH_MAX_FAILURES_PER_ADDRESS
+from pymailsrv.limits import (
+    AUTH_FAILURE_WINDOW_SECONDS,
+    AUTH_MAX_FAILURES_PER_ADDRESS,
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_ADDRESS,
+    POP3_MAX_SESSIONS_PER_USER_ADDRESS,
+)
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
+from pymailsrv.replies import Pop3Reply, Reply, SmtpReply
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
@@ -46,6 +68,77 @@ log = logging.getLogger("pymailsrv.server")
 # How often a listener checks whether stop() was asked for. socketserver's
 # default (0.5 s) makes every stop take half a second per listener.
 LISTENER_POLL_SECONDS = 0.05
+
+
+# The refusals a listener writes itself when a connection cap is reached
+# (their place is the catalogue in replies.py). RFC 5321 §3.1 lets a server
+# that will not serve a client answer 421 in place of its greeting; RFC
+# 3206 §3: SYS/TEMP says the failure passes and the client may retry.
+R421_TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "{host} too many connections",
+                                      note="connection cap reached, try again later "
+                                           "(Postfix's anvil), RFC 5321 §3.1").closing()
+POP3_TOO_MANY_CONNECTIONS = Pop3Reply(ok=False, text="too many connections", code="SYS/TEMP",
+                                      note="connection cap reached, try again later, "
+                                           "RFC 3206 §3").closing()
+
+
+class Tally:
+    """How many of something are open per key, each key capped at ``limit``.
+
+    Thread-safe; keys whose count falls to 0 are forgotten, so the table is
+    never bigger than what is open now.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._counts: dict[Hashable, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: Hashable) -> bool:
+        """Count one more for ``key``, unless that would pass the limit."""
+        with self._lock:
+            count = self._counts.get(key, 0)
+            if count >= self.limit:
+                return False
+            self._counts[key] = count + 1
+            return True
+
+    def give_back(self, key: Hashable) -> None:
+        with self._lock:
+            count = self._counts.pop(key) - 1
+            if count:
+                self._counts[key] = count
+
+    def __getitem__(self, key: Hashable) -> int:
+        with self._lock:
+            return self._counts.get(key, 0)
+
+
+class ConnectionLimits:
+    """Open connections: at most ``total`` in all, ``per_address`` from one address."""
+
+    def __init__(self, total: int, per_address: int) -> None:
+        self.total = Tally(total)
+        self.per_address = Tally(per_address)
+        self._lock = threading.Lock()  # both counts change together
+
+    def admit(self, address: str) -> bool:
+        with self._lock:
+            if not self.total.take(None):
+                return False
+            if not self.per_address.take(address):
+                self.total.give_back(None)
+                return False
+            return True
+
+    def release(self, address: str) -> None:
+        with self._lock:
+            self.per_address.give_back(address)
+            self.total.give_back(None)
+
+    @property
+    def open(self) -> int:
+        return self.total[None]
 
 
 @dataclass(frozen=True)
@@ -66,6 +159,15 @@ class ServerContext:
     # Failed logins per client address, shared by every session.
     throttle: FailureThrottle = field(default_factory=lambda: FailureThrottle(
         AUTH_MAX_FAILURES_PER_ADDRESS, AUTH_FAILURE_WINDOW_SECONDS))
+    # Open connections, shared by every listener (see ConnectionLimits).
+    connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(
+        MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS))
+    # Logged-in POP3 sessions per (user, client address), Dovecot's
+    # mail_max_userip_connections. The maildrop lock (RFC 1939 §8) already
+    # lets only one session per user in, so with the default cap of 10 the
+    # lock answers first; the cap is what still holds where the lock would
+    # not (a lower setting, or a store whose lock allows readers side by side).
+    pop3_sessions: Tally = field(default_factory=lambda: Tally(POP3_MAX_SESSIONS_PER_USER_ADDRESS))
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -104,6 +206,46 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
 
     def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
         log.exception("%s connection from %s failed", self.name, client_address[0])
+
+    # --- the connection caps: socketserver's hooks, in the accepting thread ------
+
+    def verify_request(self, request: socket.socket, client_address: tuple[str, int]) -> bool:
+        """Admit the connection, or refuse it here: no thread is started for it."""
+        if self.context.connections.admit(client_address[0]):
+            return True
+        log.warning("%s connection from %s refused: too many connections (%d open)",
+                    self.name, client_address[0], self.context.connections.open)
+        self._refuse(request)
+        return False  # socketserver then closes the socket
+
+    def _refuse(self, request: socket.socket) -> None:
+        if self.implicit_tls:
+            return  # no plaintext before the handshake: just close
+        refusal: Reply = POP3_TOO_MANY_CONNECTIONS
+        if self.session_class.protocol == "smtp":
+            refusal = R421_TOO_MANY_CONNECTIONS.format(host=self.context.settings.hostname)
+        wire = b"".join(line.encode("ascii") + b"\r\n" for line in refusal.head())
+        # Non-blocking: a new socket's send buffer is empty, so these few
+        # octets go in at once; a peer that does not read cannot hold up
+        # the accepting thread, and if the send fails we close anyway.
+        try:
+            request.setblocking(False)
+            request.send(wire)
+        except OSError:
+            pass
+
+    def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.context.connections.release(client_address[0])  # no thread, no session
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.context.connections.release(client_address[0])
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -147,6 +289,71 @@ def trace_options(settings: Settings) -> TraceOptions:
     )
 
 
+def account_to_run_as(name: str) -> pwd.struct_passwd:
+    """The account ``run_as`` names, if this process may become it (else ConfigError)."""
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        raise ConfigError(f"--run-as: there is no user {name!r} on this system") from None
+    if os.geteuid() != 0 and account.pw_uid != os.geteuid():
+        raise ConfigError(f"--run-as {name}: only root can change user (this process runs as "
+                          f"uid {os.geteuid()})")
+    return account
+
+
+def drop_privileges(account: pwd.struct_passwd) -> None:
+    """Become ``account`` for good: no supplementary groups, its gid, its uid.
+
+    The order matters: once the uid is not 0 the groups can no longer be
+    changed. As root, setuid sets the real, effective and saved uid alike, so
+    there is no way back; we check that rather than trust it.
+    """
+    if os.geteuid() != 0:
+        return  # already that account (account_to_run_as checked)
+    os.setgroups([])
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+    if account.pw_uid != 0:
+        try:
+            os.setuid(0)
+        except PermissionError:
+            pass
+        else:
+            raise ConfigError(f"could not drop root privileges for --run-as {account.pw_name}")
+    log.info("running as %s (uid %d, gid %d)", account.pw_name, account.pw_uid, account.pw_gid)
+
+
+def check_data_root(settings: Settings) -> None:
+    """Make sure the data root is there and ours to write, or say plainly what to fix."""
+    who = _current_user()
+    root, state_dir = settings.root, settings.state_dir
+    advice = f"the data root must belong to the user the server runs as: chown -R {who} {str(root)!r}"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create {str(state_dir)!r} as {who}: {error.strerror}; {advice}") from None
+    # Every directory the server writes into (state: locks, queue, transcripts;
+    # each Maildir's tmp/new/cur): one made by a command run as root would
+    # otherwise fail only at the first delivery, with a 451.
+    writable = [root, state_dir, *sorted(path for path in state_dir.iterdir() if path.is_dir())]
+    writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
+    writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur"))
+    for path in writable:
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{str(path)!r} is not writable by {who}; {advice}")
+    # The files it reads: users.json, aliases.
+    for path in sorted(state_dir.iterdir()):
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
+
+
+def _current_user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
 class MailServer:
     """All listeners of one data root. Use as a context manager, or start()/stop()."""
 
@@ -159,6 +366,9 @@ class MailServer:
             store=MaildirStore(settings.root),
             tracer=tracer or Tracer(trace_options(settings)),
             throttle=FailureThrottle(settings.auth.max_failures_per_address, settings.auth.failure_window),
+            connections=ConnectionLimits(settings.limits.max_connections,
+                                         settings.limits.max_connections_per_address),
+            pop3_sessions=Tally(settings.limits.pop3_sessions_per_user_address),
             tls=tls_context(settings),
             aliases=AliasTable(settings.state_dir, users.names, settings.domains, settings.smtp.postmaster),
             queue=OutboundQueue(settings.state_dir, RetryPolicy.from_settings(settings.relay)),
@@ -185,17 +395,26 @@ class MailServer:
         return chosen
 
     def start(self) -> "MailServer":
-        # A listener that cannot run is a one-line config error, before any warning.
+        """Bind every listener, become ``run_as``, tidy the data root, then serve."""
+        # A listener that cannot run, or an account that does not exist, is a
+        # one-line config error, before any warning.
         protocols = self._protocols()
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
-        removed = self.context.store.remove_stale_files()
-        if removed:
-            log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
-        self._check_postmaster()
+        account = account_to_run_as(self.settings.run_as) if self.settings.run_as else None
         try:
             for name, port, session_class, implicit_tls in protocols:
                 address = (self.settings.host, port)
                 self.listeners.append(Listener(name, address, session_class, self.context, implicit_tls))
+            # Nothing below runs as root if run_as is set: no mailbox is
+            # touched before this line.
+            if account is not None:
+                drop_privileges(account)
+            elif os.geteuid() == 0:
+                log.warning("running as root: give --run-as USER to drop privileges once the ports are bound")
+            check_data_root(self.settings)
+            removed = self.context.store.remove_stale_files()
+            if removed:
+                log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
+            self._check_postmaster()
         except (OSError, ConfigError):
             self.stop()
             raise

@@ -1,0 +1,114 @@
+"""Logs: one line per session end and one per delivery, never a password or a message.
+
+The operator's log says who connected, as whom, how much went each way and
+how it ended (``transport.py``), and what was delivered to whom (``smtp.py``).
+It must never hold what a client sent as a secret or as mail: these tests log
+in every way the server knows (USER/PASS, APOP, POP3 and SMTP AUTH, a wrong
+password too), send and fetch a message, and look for the secrets and the
+message text in every log record, in the live trace and in the transcripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import poplib
+import re
+import smtplib
+import uuid
+
+import pytest
+
+from pymailsrv.server import MailServer, trace_options
+from pymailsrv.trace import Tracer
+from tests.conftest import CLIENT_TIMEOUT, RawClient, make_settings
+
+SESSION_END = re.compile(r"(pop3|smtp) session \d+ ended: client=127\.0\.0\.1 user=(\S+) commands=\d+ "
+                         r"in=\d+ out=\d+ duration=\d+\.\ds outcome=.+")
+DELIVERY = re.compile(r"delivered [0-9A-F]+ from <sender@example\.org> to alice, bob \(\d+ octets\)")
+
+
+@pytest.fixture
+def secrets() -> dict[str, str]:
+    unique = uuid.uuid4().hex
+    return {"password": f"pw-{unique}-right", "wrong": f"pw-{unique}-wrong",
+            "subject": f"subject-{unique}", "body": f"body-line-{unique}"}
+
+
+def run_everything(server: MailServer, secrets: dict[str, str]) -> None:
+    """Every login the server knows, a wrong one, a delivery and a RETR."""
+    password, wrong = secrets["password"], secrets["wrong"]
+    smtp, pop3 = server.addresses["smtp"], server.addresses["pop3"]
+    message = (f"Subject: {secrets['subject']}\r\n\r\n{secrets['body']}\r\n").encode()
+
+    with smtplib.SMTP(*smtp, timeout=CLIENT_TIMEOUT) as client:
+        client.login("alice", password)  # AUTH PLAIN
+        assert client.sendmail("sender@example.org", ["alice@localhost", "bob@localhost"], message) == {}
+    with smtplib.SMTP(*smtp, timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        client.user, client.password = "alice", password
+        assert client.auth("LOGIN", client.auth_login)[0] == 235
+    with smtplib.SMTP(*smtp, timeout=CLIENT_TIMEOUT) as client:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("alice", wrong)
+
+    client = poplib.POP3(*pop3, timeout=CLIENT_TIMEOUT)  # USER/PASS, then RETR
+    client.user("alice")
+    client.pass_(password)
+    assert secrets["body"].encode() in client.retr(1)[1]
+    client.quit()
+    client = poplib.POP3(*pop3, timeout=CLIENT_TIMEOUT)
+    client.apop("alice", password)
+    client.quit()
+    client = poplib.POP3(*pop3, timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    with pytest.raises(poplib.error_proto):
+        client.pass_(wrong)
+    client.close()
+    raw = RawClient(pop3)  # AUTH PLAIN, its answer on a line of its own
+    raw.line()
+    assert raw.command("AUTH PLAIN") == b"+ \r\n"
+    assert raw.command(base64.b64encode(f"\0alice\0{password}".encode()).decode()).startswith(b"+OK")
+    assert raw.command("QUIT").startswith(b"+OK")
+    raw.close()
+
+
+def forbidden(secrets: dict[str, str]) -> list[str]:
+    """The secrets and message text, and the encodings in which they crossed the wire."""
+    password = secrets["password"]
+    return [*secrets.values(),
+            base64.b64encode(f"\0alice\0{password}".encode()).decode(),
+            base64.b64encode(password.encode()).decode()]
+
+
+def test_logs_have_one_line_per_session_and_delivery_and_no_secret(root, add_user, caplog, secrets):
+    add_user("alice", secrets["password"], apop=True)
+    add_user("bob")
+    caplog.set_level(logging.DEBUG, logger="pymailsrv")
+    with MailServer(make_settings(root)) as server:
+        run_everything(server, secrets)
+    records = [record for record in caplog.records if record.name.startswith("pymailsrv")]
+    text = "\n".join(record.getMessage() + (record.exc_text or "") for record in records)
+    for secret in forbidden(secrets):
+        assert secret not in text
+    ended = [match for record in records if (match := SESSION_END.fullmatch(record.getMessage()))]
+    # Three SMTP sessions and four POP3 ones; the two with the wrong password log no user.
+    assert sorted((match[1], match[2]) for match in ended) == \
+        [("pop3", "-")] + [("pop3", "alice")] * 3 + [("smtp", "-")] + [("smtp", "alice")] * 2
+    assert len([record for record in records if DELIVERY.fullmatch(record.getMessage())]) == 1
+
+
+def test_trace_and_transcripts_mask_secrets_and_summarise_mail(root, add_user, secrets):
+    add_user("alice", secrets["password"], apop=True)
+    add_user("bob")
+    settings = make_settings(root, trace=True, transcripts=True)
+    stream = io.StringIO()
+    with MailServer(settings, tracer=Tracer(trace_options(settings), stream=stream)) as server:
+        run_everything(server, secrets)
+    transcripts = "".join(path.read_text() for path in (root / ".pymailsrv" / "transcripts").iterdir())
+    assert "PASS ****" in stream.getvalue() and "PASS ****" in transcripts
+    for secret in forbidden(secrets):
+        assert secret not in stream.getvalue()
+        assert secret not in transcripts

@@ -1,0 +1,150 @@
+"""Running for real: ``start --run-as USER`` binds as root, then becomes USER.
+
+The order is what matters: every listener is bound while the process is
+root (ports below 1024 need it), then the process drops its supplementary
+groups, sets its gid and its uid, and only then touches the data root. The
+tests start ``python -m pymailsrv start`` as a process and read its
+credentials from ``/proc/PID/status``. They need root and ``useradd`` to
+make a throwaway system user, and are skipped without them; the refusals
+that need neither run everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import pwd
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pymailsrv.config import ConfigError
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.server import account_to_run_as
+from pymailsrv.users import UserStore
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+from tests.test_crash import ServerProcess
+
+
+@pytest.fixture
+def system_user():
+    """A throwaway system account (no home, no shell); removed at teardown."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd")
+    name = f"pymt{uuid.uuid4().hex[:8]}"
+    made = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                           "--shell", "/usr/sbin/nologin", name], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"useradd failed: {made.stderr.decode().strip()}")
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        subprocess.run(["userdel", name], capture_output=True)
+        subprocess.run(["groupdel", name], capture_output=True)  # if userdel left it
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory every user may enter (pytest's own tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="pymailsrv-run-as-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_root(parent: Path, owner: pwd.struct_passwd | None) -> Path:
+    """A data root with alice, as 'user add' run by root leaves it; then chown -R to ``owner``."""
+    root = parent / "root"
+    UserStore(root / ".pymailsrv").add("alice", PASSWORD)
+    MaildirStore(root).create_maildir("alice")
+    if owner is not None:
+        for path in [root, *root.rglob("*")]:
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    return root
+
+
+def credentials(pid: int) -> dict[str, list[int]]:
+    """Uid, Gid (real, effective, saved, fs) and Groups from /proc/PID/status."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return {key: [int(value) for value in re.search(rf"^{key}:[ \t]*(.*)$", status, re.MULTILINE)[1].split()]
+            for key in ("Uid", "Gid", "Groups")}
+
+
+def start_fails(root: Path, *arguments: str) -> str:
+    """Run 'start' expecting it to refuse; returns the last line of its stderr."""
+    server = ServerProcess(root, *arguments)
+    try:
+        assert server.wait_exit() == 1
+    finally:
+        server.stop()
+    return server.output().strip().splitlines()[-1]
+
+
+# --- dropping privileges ---------------------------------------------------------------
+
+
+def test_run_as_drops_to_that_user_after_binding_and_still_serves(system_user, shared_dir):
+    root = make_root(shared_dir, system_user)
+    server = ServerProcess(root, "--run-as", system_user.pw_name).wait_listening()
+    try:
+        uid, gid = system_user.pw_uid, system_user.pw_gid
+        assert credentials(server.pid) == {"Uid": [uid] * 4, "Gid": [gid] * 4, "Groups": []}
+        with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.sendmail("a@example.org", ["alice@localhost"], b"Subject: hi\r\n\r\nhi\r\n") == {}
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        assert client.pass_(PASSWORD).startswith(b"+OK")
+        assert client.stat()[0] == 1
+        client.quit()
+        assert f"running as {system_user.pw_name} (uid {uid}, gid {gid})" in server.output()
+    finally:
+        server.stop()
+    # Whatever the server made (the message, the lock file) belongs to the user.
+    assert {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")} == {(uid, gid)}
+
+
+@pytest.mark.parametrize("root_owned, problem", [
+    ("", "{root}"),  # the data root itself
+    ("alice/new", "{root}/alice/new"),  # a Maildir made by 'user add' as root
+    (".pymailsrv/users.json", "{root}/.pymailsrv/users.json"),
+])
+def test_run_as_refuses_a_data_root_the_user_cannot_write(system_user, shared_dir, root_owned, problem):
+    root = make_root(shared_dir, system_user)
+    os.chown(root / root_owned, 0, 0)
+    line = start_fails(root, "--run-as", system_user.pw_name)
+    name = system_user.pw_name
+    path = problem.format(root=root)
+    kind = "readable" if path.endswith(".json") else "writable"
+    assert line == (f"Error: {path!r} is not {kind} by {name}; the data root must belong to the user "
+                    f"the server runs as: chown -R {name} {str(root)!r}")
+
+
+# --- refusals that need no root --------------------------------------------------------------
+
+
+def test_run_as_an_unknown_user_is_refused_in_one_line(tmp_path):
+    root = tmp_path / "root"
+    assert start_fails(root, "--run-as", "no-such-user-here") == \
+        "Error: --run-as: there is no user 'no-such-user-here' on this system"
+    assert not root.exists()  # refused before anything was touched
+
+
+def test_only_root_may_run_as_another_user(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)
+    with pytest.raises(ConfigError, match=r"^--run-as root: only root can change user "
+                                          r"\(this process runs as uid 4321\)$"):
+        account_to_run_as("root")
+
+
+def test_a_non_root_user_may_name_itself(monkeypatch):
+    account = pwd.getpwuid(os.geteuid())
+    monkeypatch.setattr(os, "geteuid", lambda: account.pw_uid)
+    assert account_to_run_as(account.pw_name) == account
