@@ -30,7 +30,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import BinaryIO, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -42,6 +42,20 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def discard_file(file: BinaryIO, path: Path) -> None:
+    """Close a half-written file and remove it, whatever the close says.
+
+    On a full disk, close() flushes the buffer again, the write fails again
+    and close raises: the file must go all the same, or tmp/ keeps it.
+    """
+    try:
+        file.close()
+    except OSError:
+        pass
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:

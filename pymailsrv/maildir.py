@@ -40,7 +40,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from pymailsrv.durable import fsync_directory
+from pymailsrv.durable import discard_file, fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
     MaildropLocked,
@@ -302,9 +302,7 @@ class IncomingMaildirMessage:
         return self.queue_id
 
     def discard(self) -> None:
-        if self._file is not None and not self._file.closed:
-            self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+        discard_file(self._file, self._tmp_path)
 
 
 class MaildirMaildrop:

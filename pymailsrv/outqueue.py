@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from pymailsrv.durable import exclusive_lock, fsync_directory, write_atomically
+from pymailsrv.durable import discard_file, exclusive_lock, fsync_directory, write_atomically
 from pymailsrv.limits import (
     MAILDIR_TMP_MAX_AGE_SECONDS,
     QUEUE_MAX_BACKOFF_SECONDS,
@@ -433,9 +433,7 @@ class IncomingQueueMessage:
         return self.queue_id
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self._tmp_path.unlink(missing_ok=True)
+        discard_file(self._file, self._tmp_path)
 
 
 def _at_least_one(recipients: Iterable[str]) -> list[str]:

@@ -116,17 +116,11 @@ def servers():
 
 # --- a real full disk -------------------------------------------------------------------
 
-# IncomingMaildirMessage.discard() closes the tmp/ file before unlinking it;
-# on a full disk close() flushes the buffered text again, raises ENOSPC as a
-# bare OSError, and the unlink never runs. The transport takes that OSError
-# for a network error: the client gets no reply at all, and the half file
-# stays in tmp/ until the 36-hour clean-up. (commit() goes the same way
-# when its flush fails.) maildir.py is not ours to change here: reported.
-DISCARD_BUG = ("maildir.IncomingMaildirMessage.discard: close() re-flushes the failed buffer, raises "
-               "ENOSPC, skips the unlink; the session drops with no 452 and tmp/ keeps the file")
+# On a full disk, close() retries the write that failed and raises again:
+# discard_file (durable.py) must remove the tmp/ file all the same, and the
+# client must get its 452, not a dropped connection.
 
 
-@pytest.mark.xfail(strict=True, reason=DISCARD_BUG)
 def test_full_disk_gets_452_and_leaves_nothing(tiny_root, servers):
     make_user(tiny_root)
     server = servers(make_settings(tiny_root))
@@ -144,10 +138,7 @@ def test_full_disk_leaves_pop3_working_and_mail_flows_once_space_is_back(tiny_ro
     assert smtp_transaction(smtp).startswith(b"250 ")
     filler = tiny_root / "filler"
     fill(filler)
-    try:
-        assert not smtp_transaction(smtp).startswith(b"250 ")  # never a 250 for what is not on disk
-    except (AssertionError, OSError):
-        pass  # the dropped session of DISCARD_BUG; its own test above says what is wrong
+    assert smtp_transaction(smtp) == R452  # never a 250 for what is not on disk
     assert len(files(tiny_root)["new"]) == 1
 
     # POP3 needs no room to read and delete, so a user can make some.
