@@ -37,6 +37,7 @@ import enum
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pymailsrv.auth import Credentials
 from pymailsrv.commands import Command, CommandTable
@@ -76,7 +77,6 @@ from pymailsrv.replies import (
     R421_TIMEOUT,
     R421_TOO_MANY_ERRORS,
     R451_LOCAL_ERROR,
-    R451_RELAY_UNAVAILABLE,
     R452_INSUFFICIENT_STORAGE,
     R452_TOO_MANY_RECIPIENTS,
     R500_LINE_TOO_LONG,
@@ -101,7 +101,9 @@ from pymailsrv.replies import (
 )
 from pymailsrv.session import Session, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
-from pymailsrv.users import UserError, check_user_name
+
+if TYPE_CHECKING:
+    from pymailsrv.server import ServerContext
 
 log = logging.getLogger("pymailsrv.smtp")
 
@@ -138,8 +140,53 @@ class Envelope:
     reverse_path: Address | None = None  # None is the null path <> (bounces)
     forward_paths: list[Address] = field(default_factory=list)
     users: list[str] = field(default_factory=list)  # local users, each once
+    relay_recipients: list[str] = field(default_factory=list)  # for the outbound queue, each once
     rejected_recipients: int = 0
     smtputf8: bool = False  # RFC 6531: the client may use UTF-8 addresses
+
+
+class Spool:
+    """Where one message's text goes as it arrives: the local users' Maildirs,
+    the outbound queue (relay.py), or both.
+
+    ``commit`` queues first, then delivers locally; if the local delivery
+    fails the queued copy is taken back, so a 451 leaves nothing behind
+    (RFC 5321 §6.1: 250 means the whole message is our responsibility).
+    """
+
+    def __init__(self, context: ServerContext, envelope: Envelope) -> None:
+        self._queue = context.queue
+        self._local = context.store.receive(envelope.users) if envelope.users else None
+        try:
+            self._outbound = self._queue.receive() if envelope.relay_recipients else None
+        except StorageError:
+            self.discard()
+            raise
+        self.queue_id = (self._local or self._outbound).queue_id
+
+    def _parts(self) -> list[IncomingMessage]:
+        return [part for part in (self._local, self._outbound) if part is not None]
+
+    def write(self, data: bytes) -> None:
+        for part in self._parts():
+            part.write(data)
+
+    def commit(self, envelope: Envelope) -> str:
+        queued = None
+        if self._outbound is not None:
+            queued = self._outbound.commit(str(envelope.reverse_path or ""), envelope.relay_recipients)
+        if self._local is not None:
+            try:
+                self._local.commit()
+            except StorageError:
+                if queued is not None:
+                    self._queue.delete(queued)
+                raise
+        return self.queue_id
+
+    def discard(self) -> None:
+        for part in self._parts():
+            part.discard()
 
 
 class MessageText:
@@ -544,52 +591,52 @@ class SmtpSession(Session):
             raise CommandError(R553_NEEDS_SMTPUTF8)
         if len(self.envelope.forward_paths) >= self.settings.smtp.max_recipients:
             raise CommandError(R452_TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
-        user = self._local_user(recipient)
+        users, relay_to = self._route(recipient)
         self.envelope.forward_paths.append(recipient)
-        if user not in self.envelope.users:
-            self.envelope.users.append(user)
+        self.envelope.users.extend(user for user in users if user not in self.envelope.users)
+        self.envelope.relay_recipients.extend(
+            address for address in relay_to if address not in self.envelope.relay_recipients)
         self.enter(SmtpState.RCPT)
         return R250_RECIPIENT_OK.format(address=recipient)
 
-    def _local_user(self, recipient: Address) -> str:
-        """The local user who gets mail for ``recipient``, or the refusal."""
+    def _is_local_domain(self, domain: str) -> bool:
         # Address keeps its domain lower-cased; a --domain may be written in capitals.
-        local_domains = {domain.lower() for domain in self.settings.domains}
-        if recipient.domain and recipient.domain not in local_domains:
-            # Relaying is for clients who logged in or sit in a trusted network;
-            # the outbound queue that would carry their mail is not built yet.
-            if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
-                raise CommandError(R451_RELAY_UNAVAILABLE.format(address=recipient))
-            raise CommandError(R554_RELAY_DENIED.format(address=recipient))
-        local_part = _unquoted(recipient.local_part).lower()
-        if local_part == POSTMASTER:
-            return self._postmaster()
-        try:
-            user = check_user_name(local_part)
-        except UserError:
-            user = None  # "../x", "a/b", UTF-8: never a user name
-        if user is None or not self.context.users.exists(user):
-            raise CommandError(R550_NO_SUCH_USER.format(address=recipient))
-        return user
+        return domain in {local.lower() for local in self.settings.domains}
 
-    def _postmaster(self) -> str:
-        """RFC 5321 §4.5.1: postmaster must be accepted for every domain."""
-        user = self.settings.smtp.postmaster or next(iter(self.context.users.names()), None)
-        if user is None or not self.context.users.exists(user):
+    def _route(self, recipient: Address) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Where mail for ``recipient`` goes: (local users, addresses to relay to),
+        or the refusal. A bare <Postmaster> has no domain and is ours."""
+        if recipient.domain and not self._is_local_domain(recipient.domain):
+            # Relaying is only for clients who logged in or sit in a trusted
+            # network; for anyone else we are never an open relay.
+            if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
+                return (), (str(recipient),)
+            raise CommandError(R554_RELAY_DENIED.format(address=recipient))
+        local_part = _unquoted(recipient.local_part)
+        # Aliases (aliases.py) name users and outside addresses; a plain user
+        # name expands to itself. "../x", "a/b" or UTF-8 expand to nothing.
+        # Not lower-cased here: str.lower() would turn the Kelvin sign into
+        # "k"; user names are checked as ASCII first, then lower-cased.
+        expansion = self.context.aliases.expand(local_part)
+        if expansion:
+            return expansion.users, expansion.external
+        if local_part.isascii() and local_part.lower() == POSTMASTER:
+            # RFC 5321 §4.5.1: postmaster must be accepted; with no user at all
+            # there is nobody to deliver to yet, which is a passing state.
             log.error("postmaster mail cannot be delivered: no user to receive it")
             raise CommandError(R451_LOCAL_ERROR)
-        return user
+        raise CommandError(R550_NO_SUCH_USER.format(address=recipient))
 
     def do_data(self, argument: str) -> Reply:
         """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
         if argument.strip():
             raise self._syntax_error("DATA")
-        if not self.envelope.users:
+        if not (self.envelope.users or self.envelope.relay_recipients):
             if self.envelope.rejected_recipients:
                 raise CommandError(R554_NO_VALID_RECIPIENTS)  # RFC 5321 §3.3
             raise CommandError(R503_BAD_SEQUENCE.format(detail="need RCPT first"))
         try:
-            self._incoming = self.context.store.receive(self.envelope.users)
+            self._incoming = Spool(self.context, self.envelope)
             self._incoming.write(self._trace_header(self._incoming.queue_id))
         except StorageError as error:
             self._discard_text()
@@ -616,12 +663,13 @@ class SmtpSession(Session):
                 incoming.discard()
                 return self._counted(refusal)
             try:
-                queue_id = incoming.commit()
+                queue_id = incoming.commit(self.envelope)
             except StorageError as error:
+                incoming.discard()
                 log.error("smtp session %d: delivery failed: %s", self.session_id, error)
                 return self._counted(_storage_refusal(error))
-            log.info("delivered %s from <%s> to %s (%d octets)", queue_id,
-                     self.envelope.reverse_path or "", ", ".join(self.envelope.users), self.text.octets)
+            log.info("delivered %s from <%s> to %s (%d octets)", queue_id, self.envelope.reverse_path or "",
+                     ", ".join(self.envelope.users + self.envelope.relay_recipients), self.text.octets)
             return R250_DELIVERED.format(queue_id=queue_id)
         finally:
             self._new_transaction()
@@ -693,8 +741,10 @@ class SubmissionSession(SmtpSession):
         if self.user is None:
             raise CommandError(R530_AUTH_REQUIRED)
         sender, _ = self._path_argument("MAIL", "FROM", argument, null_allowed=True)
-        owned = (sender is not None and sender.domain in {domain.lower() for domain in self.settings.domains}
-                 and _unquoted(sender.local_part).lower() == self.user)
+        # The user's own name, or an alias that delivers to them, in one of our domains.
+        local_part = _unquoted(sender.local_part) if sender else ""
+        owned = (sender is not None and self._is_local_domain(sender.domain)
+                 and self.user in self.context.aliases.expand(local_part).users)
         if not owned:
             raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
         return super().do_mail(argument)

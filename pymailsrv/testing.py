@@ -35,6 +35,8 @@ from pymailsrv.users import check_user_name
 
 # How often wait_for_messages looks at the Maildir while it waits.
 POLL_SECONDS = 0.02
+# The discard port on loopback: nothing listens there, so nothing is sent.
+CLOSED_LOOPBACK_PORT = "127.0.0.1:9"
 
 
 class MailServer:
@@ -59,6 +61,9 @@ class MailServer:
             "trace": self._trace, "faults": list(self._faults),
             # A test wants answers now: no delay after a wrong password.
             "pop3": {"port": 0, "failed_login_delay": 0}, "smtp": {"port": 0},
+            # Mail relayed by the code under test never leaves the machine:
+            # it waits in the queue (queued()), its next hop a closed port.
+            "relay": {"smarthost": CLOSED_LOOPBACK_PORT},
         })
         try:
             self._server = _Server(settings).start()
@@ -140,6 +145,11 @@ class MailServer:
             except FileNotFoundError:
                 continue  # a POP3 client deleted it meanwhile
         return parsed
+
+    def queued(self) -> list[tuple[str, list[str]]]:
+        """Mail waiting to be relayed elsewhere: (sender, recipients) per message."""
+        return [(entry.sender, [recipient.address for recipient in entry.recipients])
+                for entry in self._running.context.queue.entries()]
 
     def wait_for_messages(self, user: str, count: int, timeout: float = 5.0) -> list[EmailMessage]:
         """Wait until ``user`` has at least ``count`` messages; AssertionError after ``timeout``."""

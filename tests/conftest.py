@@ -21,6 +21,7 @@ from pymailsrv.users import UserStore
 
 PASSWORD = "correct horse"
 CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
+CLOSED_LOOPBACK_PORT = "127.0.0.1:9"  # the discard port; nothing listens there
 
 
 def make_settings(root: Path, **overrides: object) -> Settings:
@@ -30,6 +31,11 @@ def make_settings(root: Path, **overrides: object) -> Settings:
     """
     base = {"root": str(root), "host": "127.0.0.1", "pop3": {"port": 0, "failed_login_delay": 0},
             "smtp": {"port": 0}}
+    relay = overrides.get("relay", {})
+    if "smarthost" not in relay and "dns_server" not in relay:
+        # Mail a test relays stays on this machine, unless the test routes it
+        # itself: the delivery threads send it to a closed loopback port.
+        base["relay"] = {"smarthost": CLOSED_LOOPBACK_PORT}
     for key, value in overrides.items():
         if isinstance(value, dict):
             base[key] = {**base.get(key, {}), **value}

@@ -482,10 +482,6 @@ def test_upper_case_local_part_reaches_the_same_user(smtp_client, alice, root):
     assert len(stored(root)) == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "smtp.SmtpSession._local_user lower-cases the local part before check_user_name, so KELVIN SIGN "
-    "(U+212A) becomes 'k' and '\u212aate' reaches user kate; users.check_user_name checks ASCII first "
-    "for exactly this reason"))
 def test_kelvin_sign_look_alike_does_not_reach_kate(smtp_client, add_user):
     add_user("kate")
     client = smtp_client(b"MAIL FROM:<a@example.org> SMTPUTF8")

@@ -16,6 +16,7 @@ import email
 import email.policy
 import os
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -453,3 +454,38 @@ def _start_process(root: Path, config: Path, smarthost: str) -> subprocess.Popen
     # Keep reading stderr so the server never blocks on a full pipe.
     threading.Thread(target=process.stderr.read, daemon=True).start()
     return process
+
+
+# --- from SMTP in to the remote side: the session queues, the relay sends ----------------------
+
+
+@pytest.fixture
+def relaying_server(start_server, dns, sink, add_user):
+    """(server, sink): a running server whose relay reaches the sink as example.net's MX."""
+    add_user("alice")
+    remote = sink()
+    server = start_server(relay={"dns_server": dns.address, "port": remote.port})
+    return server, remote
+
+
+def test_mail_to_an_alias_that_points_outside_is_relayed_with_the_original_sender(relaying_server):
+    server, remote = relaying_server
+    server.context.aliases.add("carol", ["carol@example.net", "alice"])
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
+        client.sendmail("x@example.org", ["carol@localhost"], b"Subject: forwarded\r\n\r\nhello\r\n")
+    [received] = remote.wait_for(1)
+    assert (received.mail_from, received.rcpt_tos) == ("x@example.org", ["carol@example.net"])
+    assert b"Subject: forwarded" in received.content and b"Return-Path" not in received.content
+    assert len(server.context.store.messages("alice")) == 1  # the alias keeps a local copy too
+
+
+def test_an_authenticated_client_reaches_another_domain_through_the_queue(relaying_server):
+    server, remote = relaying_server
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
+        client.login("alice", "correct horse")
+        refused = client.sendmail("alice@localhost", ["bob@example.net"], b"Subject: out\r\n\r\nbye\r\n")
+    assert refused == {}
+    [received] = remote.wait_for(1)
+    assert (received.mail_from, received.rcpt_tos) == ("alice@localhost", ["bob@example.net"])
+    received_header = email.message_from_bytes(received.content, policy=email.policy.default)["Received"]
+    assert " with ESMTPA id " in received_header

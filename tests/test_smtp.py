@@ -546,13 +546,20 @@ def test_rcpt_percent_hack_does_not_relay(greeted):
         R.R550_NO_SUCH_USER, address="alice%example.com@localhost")
 
 
-def test_rcpt_from_a_trusted_network_is_not_denied_but_relay_is_unavailable(start_server, greeted):
-    # relay.trusted_networks lifts the refusal; the outbound queue does not
-    # exist yet, so the answer is a temporary failure rather than 250.
+def test_rcpt_from_a_trusted_network_is_relayed_through_the_outbound_queue(start_server, greeted):
+    # relay.trusted_networks lifts the refusal: the message is queued for the
+    # relay (outqueue.py) before the 250, with the original envelope sender.
     server = start_server(relay={"trusted_networks": ["127.0.0.0/8"]})
     client = greeted(server.addresses["smtp"])
     exchange(client, "MAIL FROM:<a@example.org>")
-    assert exchange(client, "RCPT TO:<bob@example.com>") == wire(R.R451_RELAY_UNAVAILABLE, address="bob@example.com")
+    assert exchange(client, "RCPT TO:<bob@example.com>") == wire(R.R250_RECIPIENT_OK, address="bob@example.com")
+    assert exchange(client, "DATA") == wire(R.R354_START_DATA)
+    reply = exchange(client, "Subject: out\r\n\r\nbye\r\n.")
+    assert reply.startswith(b"250 2.0.0 OK ")
+    [entry] = server.context.queue.entries()
+    assert (entry.sender, [recipient.address for recipient in entry.recipients]) == ("a@example.org",
+                                                                                   ["bob@example.com"])
+    assert entry.queue_id == reply.split()[-1].decode()
 
 
 def test_trusted_networks_that_do_not_hold_the_client_change_nothing(start_server, greeted):
