@@ -82,6 +82,8 @@ from pymailsrv.replies import (
     POP3_SYNTAX,
     POP3_TOO_MANY_BAD_COMMANDS,
     POP3_TOO_MANY_FAILED_LOGINS,
+    POP3_TOO_MANY_CONNECTIONS,
+    POP3_TOO_MANY_SESSIONS,
     POP3_TOP_FOLLOWS,
     POP3_UNIQUE_ID,
     POP3_UNIQUE_IDS_FOLLOW,
@@ -91,7 +93,6 @@ from pymailsrv.replies import (
     POP3_USER_FIRST,
     POP3_WRONG_STATE,
     CommandError,
-    Pop3Reply,
     Reply,
 )
 from pymailsrv.session import Session
@@ -119,16 +120,13 @@ SESSION_CAPABILITIES = (
     "AUTH-RESP-CODE",  # RFC 3206 §6: [AUTH] and [SYS/...] codes on failures
 )
 
+# -ERR replies that are no bad command (RFC 3206): a refused login, which
+# has a limit of its own, and a failure on our side (SYS/TEMP).
+_NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_STORAGE_FAILURE.code)
+
 # RFC 5034: the SASL mechanisms POP3 AUTH offers. PLAIN sends the password,
 # so it is offered only where USER/PASS would be (TLS or a local network).
 SASL_MECHANISMS = ("PLAIN",)
-
-# Over the cap on logged-in sessions per (user, client address), Dovecot's
-# mail_max_userip_connections (see ServerContext.pop3_sessions). RFC 2449
-# §8.1.2: IN-USE, as for the maildrop lock. (Its place is replies.py.)
-POP3_TOO_MANY_SESSIONS = Pop3Reply(ok=False, text="too many sessions", code="IN-USE",
-                                   note="too many sessions of this user from this address, "
-                                        "RFC 2449 §8.1.2")
 
 # RFC 1939 §7: the APOP digest is MD5, written as 32 lower-case hex digits.
 _APOP_DIGEST = re.compile(r"[0-9a-f]{32}")
@@ -140,6 +138,7 @@ class Pop3Session(Session):
     WRONG_STATE = POP3_WRONG_STATE
     LINE_TOO_LONG = POP3_LINE_TOO_LONG
     INTERNAL_ERROR = POP3_STORAGE_FAILURE
+    TOO_MANY_CONNECTIONS = POP3_TOO_MANY_CONNECTIONS
     SASL_CANCELLED = POP3_AUTH_CANCELLED
     SASL_MALFORMED = POP3_AUTH_MALFORMED
 
@@ -155,6 +154,7 @@ class Pop3Session(Session):
         self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
         self.deleted: set[int] = set()  # indexes marked by DELE
         self.highest_accessed = 0  # for LAST (RFC 1460)
+        self.failed_logins = 0
         self._session_slot: tuple[str, str] | None = None  # counted in context.pop3_sessions
 
     # --- what the base class asks of a protocol ------------------------------
@@ -181,12 +181,11 @@ class Pop3Session(Session):
         return POP3_MAX_BAD_COMMANDS_AFTER_LOGIN
 
     def too_many_errors(self, last_error: Reply) -> Reply:
-        if last_error.code == POP3_AUTH_FAILED.code:
-            return POP3_TOO_MANY_FAILED_LOGINS
         return POP3_TOO_MANY_BAD_COMMANDS
 
     def is_error(self, reply: Reply) -> bool:
-        return not reply.ok
+        # Failed logins are counted in _log_in (auth.max_failures_per_connection).
+        return not reply.ok and reply.code not in _NOT_BAD_COMMANDS
 
     def named_user(self) -> str | None:
         return self.user or self.pending_user
@@ -305,11 +304,14 @@ class Pop3Session(Session):
                             lambda user: self.context.users.check_password(user, credentials.password))
 
     def _log_in(self, name: str, credentials_valid: Callable[[str], bool]) -> Reply:
-        if self.login_blocked():
-            return POP3_ADDRESS_BLOCKED.delayed(self.settings.pop3.failed_login_delay)
-        user = self.check_login(name, credentials_valid)
+        delay = self.settings.pop3.failed_login_delay
+        blocked = self.login_blocked()
+        user = None if blocked else self.check_login(name, credentials_valid)
         if user is None:
-            return POP3_AUTH_FAILED.delayed(self.settings.pop3.failed_login_delay)
+            self.failed_logins += 1
+            if self.failed_logins >= self.settings.auth.max_failures_per_connection:
+                return POP3_TOO_MANY_FAILED_LOGINS.delayed(delay)
+            return (POP3_ADDRESS_BLOCKED if blocked else POP3_AUTH_FAILED).delayed(delay)
         # Counted before the lock, so a refusal names the cap that refused.
         if not self.context.pop3_sessions.take((user, self.peer[0])):
             return POP3_TOO_MANY_SESSIONS

@@ -409,7 +409,7 @@ class Probe:
                 subject: str = "probe") -> Sent:
         """A new message (CRLF lines, not yet dot-stuffed) with a fresh token."""
         token = secrets.token_hex(8)
-        header = [f"From: <probe@probe.invalid>", f"To: <{self.target.rcpt}>",
+        header = ["From: <probe@probe.invalid>", f"To: <{self.target.rcpt}>",
                   f"Subject: {subject} {token}", f"Message-ID: <{token}@probe.invalid>",
                   f"{TOKEN_HEADER}: {token}"]
         lines = [line.encode() for line in header] + [b""] + list(body)

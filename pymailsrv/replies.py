@@ -214,6 +214,12 @@ POP3_UNSUPPORTED_MECHANISM = _err("unsupported SASL mechanism", "see CAPA's SASL
 POP3_AUTH_CANCELLED = _err("authentication cancelled", "the client answered *, RFC 5034 §4")
 POP3_AUTH_MALFORMED = _err("malformed SASL response", "not base64, or not what the mechanism expects, "
                                                       "RFC 5034 §4")
+POP3_TOO_MANY_SESSIONS = _err("too many sessions",
+                              "too many sessions of this user from this address (Dovecot's "
+                              "mail_max_userip_connections), RFC 2449 §8.1.2", code="IN-USE")
+# Written by the accepting thread itself, in place of the greeting.
+POP3_TOO_MANY_CONNECTIONS = _err("too many connections", "connection cap reached, try again later, "
+                                                         "RFC 3206 §3", code="SYS/TEMP").closing()
 POP3_ADDRESS_BLOCKED = _err("too many failed logins from your address, try again later",
                             "failed logins are limited per client address", code="SYS/TEMP")
 POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
@@ -275,6 +281,11 @@ R421_TIMEOUT = SmtpReply(421, "4.4.2", "{host} error: timeout exceeded",
                          note="client silent too long, closing, RFC 5321 §4.5.3.2").closing()
 R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors",
                                  note="error limit reached, closing (Postfix's hard limit)").closing()
+# RFC 5321 §3.1: a server that will not serve a client may answer 421 in
+# place of its greeting; written by the accepting thread itself.
+R421_TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "{host} too many connections",
+                                      note="connection cap reached, try again later (Postfix's anvil), "
+                                           "RFC 5321 §3.1").closing()
 R421_TOO_MANY_AUTH_FAILURES = SmtpReply(421, "4.7.0", "{host} too many failed authentications",
                                         note="failed logins are limited per connection").closing()
 R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later",

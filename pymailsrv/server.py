@@ -55,7 +55,6 @@ from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
-from pymailsrv.replies import Pop3Reply, Reply, SmtpReply
 from pymailsrv.session import Session
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
@@ -69,17 +68,6 @@ log = logging.getLogger("pymailsrv.server")
 # default (0.5 s) makes every stop take half a second per listener.
 LISTENER_POLL_SECONDS = 0.05
 
-
-# The refusals a listener writes itself when a connection cap is reached
-# (their place is the catalogue in replies.py). RFC 5321 §3.1 lets a server
-# that will not serve a client answer 421 in place of its greeting; RFC
-# 3206 §3: SYS/TEMP says the failure passes and the client may retry.
-R421_TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "{host} too many connections",
-                                      note="connection cap reached, try again later "
-                                           "(Postfix's anvil), RFC 5321 §3.1").closing()
-POP3_TOO_MANY_CONNECTIONS = Pop3Reply(ok=False, text="too many connections", code="SYS/TEMP",
-                                      note="connection cap reached, try again later, "
-                                           "RFC 3206 §3").closing()
 
 
 class Tally:
@@ -221,9 +209,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def _refuse(self, request: socket.socket) -> None:
         if self.implicit_tls:
             return  # no plaintext before the handshake: just close
-        refusal: Reply = POP3_TOO_MANY_CONNECTIONS
-        if self.session_class.protocol == "smtp":
-            refusal = R421_TOO_MANY_CONNECTIONS.format(host=self.context.settings.hostname)
+        refusal = self.session_class.TOO_MANY_CONNECTIONS.format(host=self.context.settings.hostname)
         wire = b"".join(line.encode("ascii") + b"\r\n" for line in refusal.head())
         # Non-blocking: a new socket's send buffer is empty, so these few
         # octets go in at once; a peer that does not read cannot hold up

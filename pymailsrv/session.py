@@ -75,6 +75,7 @@ class Session:
     WRONG_STATE: ClassVar[Reply]  # with {verb} and {state}
     LINE_TOO_LONG: ClassVar[Reply]
     INTERNAL_ERROR: ClassVar[Reply]
+    TOO_MANY_CONNECTIONS: ClassVar[Reply]  # with {host}: the listener's refusal over a cap
     SASL_CANCELLED: ClassVar[Reply]  # the client answered "*"
     SASL_MALFORMED: ClassVar[Reply]  # not base64, or not what the mechanism wants
     # State changes made by something other than a command (the end of DATA's

@@ -55,6 +55,7 @@ from pymailsrv.replies import (
     R235_AUTHENTICATED,
     R334_CHALLENGE,
     R421_TOO_MANY_AUTH_FAILURES,
+    R421_TOO_MANY_CONNECTIONS,
     R454_ADDRESS_BLOCKED,
     R501_AUTH_CANCELLED,
     R501_AUTH_MALFORMED,
@@ -97,7 +98,6 @@ from pymailsrv.replies import (
     R555_UNKNOWN_PARAMETER,
     CommandError,
     Reply,
-    SmtpReply,
 )
 from pymailsrv.session import Session, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
@@ -325,6 +325,7 @@ class SmtpSession(Session):
     WRONG_STATE = R503_WRONG_STATE
     LINE_TOO_LONG = R500_LINE_TOO_LONG
     INTERNAL_ERROR = R451_LOCAL_ERROR
+    TOO_MANY_CONNECTIONS = R421_TOO_MANY_CONNECTIONS
     SASL_CANCELLED = R501_AUTH_CANCELLED
     SASL_MALFORMED = R501_AUTH_MALFORMED
 

@@ -20,8 +20,8 @@ import time
 import pytest
 
 from pymailsrv.config import ConfigError, load_settings
-from pymailsrv.pop3 import POP3_TOO_MANY_SESSIONS
-from pymailsrv.server import POP3_TOO_MANY_CONNECTIONS, R421_TOO_MANY_CONNECTIONS, ConnectionLimits, Tally
+from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
+from pymailsrv.server import ConnectionLimits, Tally
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
 
 OTHER_ADDRESS = "127.0.0.2"
