@@ -285,12 +285,17 @@ class IncomingMaildirMessage:
             raise storage_error(error, "syncing the message to disk") from error
         self._file.close()
         final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
+        first, *others = [maildir / "new" / final_name for maildir in self._maildirs]
         linked: list[Path] = []
         try:
-            for maildir in self._maildirs:
-                target = maildir / "new" / final_name
+            # Links for the other recipients, then the tmp/ file itself renamed
+            # into the first one's new/: one directory operation fewer than a
+            # last link and an unlink, and each one costs a journal write.
+            for target in others:
                 os.link(self._tmp_path, target)
                 linked.append(target)
+            os.rename(self._tmp_path, first)
+            linked.append(first)
             for maildir in self._maildirs:
                 fsync_directory(maildir / "new")
         except OSError as error:
@@ -298,7 +303,6 @@ class IncomingMaildirMessage:
                 target.unlink(missing_ok=True)
             self.discard()
             raise storage_error(error, "linking the message into new/") from error
-        self._tmp_path.unlink(missing_ok=True)
         return self.queue_id
 
     def discard(self) -> None:
