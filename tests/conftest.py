@@ -7,6 +7,7 @@ the test ends, pass or fail. Clients are the standard library's own
 
 from __future__ import annotations
 
+import io
 import poplib
 import socket
 from collections.abc import Iterator
@@ -16,7 +17,8 @@ import pytest
 
 from pymailsrv.config import Settings, load_settings
 from pymailsrv.maildir import MaildirStore
-from pymailsrv.server import MailServer
+from pymailsrv.server import MailServer, trace_options
+from pymailsrv.trace import Tracer
 from pymailsrv.users import UserStore
 
 PASSWORD = "correct horse"
@@ -114,6 +116,31 @@ def pop3(pop3_address) -> Iterator:
             client.close()
         except OSError:
             pass
+
+
+@pytest.fixture
+def traced(root):
+    """traced(**overrides) -> (server, stream): a server whose trace goes to a StringIO."""
+    servers = []
+
+    def start(**overrides):
+        settings = make_settings(root, **overrides)
+        stream = io.StringIO()
+        server = MailServer(settings, tracer=Tracer(trace_options(settings), stream)).start()
+        servers.append(server)
+        return server, stream
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def clean_environment(monkeypatch, tmp_path):
+    """No stray ./pymailsrv.toml or environment settings leak into a test."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
+    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
 
 
 class RawClient:

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import smtplib
 import time
 
 import pytest
 
 from pymailsrv import replies as R
-from pymailsrv.server import MailServer, trace_options
-from pymailsrv.trace import Tracer
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+from pymailsrv.server import MailServer
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 from tests.test_pop3 import wire as pop3_wire
 from tests.test_smtp import exchange, read_reply, wire
 from tests.test_starttls import (  # noqa: F401  (fixtures)
@@ -427,23 +425,6 @@ def test_allow_plaintext_auth_lifts_the_refusal(start_server, smtp_at, pop3_at, 
 
 
 # --- no password in a trace ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def traced(root):
-    """traced(**overrides) -> (server, stream): a server whose trace goes to a StringIO."""
-    servers = []
-
-    def start(**overrides):
-        settings = make_settings(root, **overrides)
-        stream = io.StringIO()
-        server = MailServer(settings, tracer=Tracer(trace_options(settings), stream)).start()
-        servers.append(server)
-        return server, stream
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def assert_no_secret(trace: str, *secrets: str) -> None:

@@ -29,12 +29,7 @@ from tests.test_starttls import CLIENT_NAME
 
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch, tmp_path):
-    """No stray ./pymailsrv.toml or environment settings leak into a test."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
-    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture

@@ -30,12 +30,7 @@ MESSAGE = b"From: Bob <bob@example.org>\nSubject: Hello there\nDate: Mon, 1 Jan 
 START_TIMEOUT = 15  # seconds to wait for the "listening" line
 
 
-@pytest.fixture(autouse=True)
-def clean_environment(monkeypatch, tmp_path):
-    """No stray ./pymailsrv.toml or environment settings leak into a test."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
-    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+pytestmark = pytest.mark.usefixtures("clean_environment")
 
 
 @pytest.fixture

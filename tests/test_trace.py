@@ -13,26 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from pymailsrv.cli import main
-from pymailsrv.server import MailServer, trace_options
-from pymailsrv.trace import Tracer, octets_summary
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
-
-
-@pytest.fixture
-def traced(root):
-    """traced(**overrides) -> (server, stream): a server whose trace goes to a StringIO."""
-    servers = []
-
-    def start(**overrides):
-        settings = make_settings(root, **overrides)
-        stream = io.StringIO()
-        server = MailServer(settings, tracer=Tracer(trace_options(settings), stream)).start()
-        servers.append(server)
-        return server, stream
-
-    yield start
-    for server in servers:
-        server.stop()
+from pymailsrv.trace import octets_summary
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 
 
 def _lines(stream: io.StringIO) -> list[str]:
