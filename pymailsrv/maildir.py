@@ -5,12 +5,12 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
 ``mailbox.Maildir``. The rules we follow, and why:
 
 * Delivery writes the message into ``tmp/`` under a unique name, flushes and
-  fsyncs it, links it into ``new/`` and fsyncs ``new/``. Only then is it
+  fsyncs it, renames it into ``new/`` and fsyncs ``new/``. Only then is it
   acknowledged. A reader never sees a half-written file in ``new/`` or
   ``cur/``, and an acknowledged message survives ``kill -9`` and power loss.
-  A message for several users is written once and hard-linked into each
-  ``new/``; if any link fails, the links already made are taken back, so it
-  is in every mailbox or in none.
+  A message for several users is written once and hard-linked into the
+  others' ``new/``; if any step fails, every entry already made is taken
+  back, so it is in every mailbox or in none.
 * The unique name is ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``
   followed by ``,S=<octets on disk>,W=<octets as POP3 sends them>`` as
   Maildir++ and Dovecot do, so STAT and LIST never open a message file.

@@ -335,7 +335,7 @@ class SmtpSession(Session):
         self.esmtp = False  # EHLO (not HELO) was used
         self.envelope = Envelope()
         self.text: MessageText | None = None
-        self._incoming: IncomingMessage | None = None
+        self._incoming: Spool | None = None
         self.auth_failures = 0
 
     # --- what the base class asks of a protocol ------------------------------

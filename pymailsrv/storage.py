@@ -1,10 +1,10 @@
 """The storage vocabulary the protocol sessions know, and nothing more.
 
 A session never sees a path. POP3 gets a ``Maildrop`` (RFC 1939's word for a
-user's mailbox while a session holds it); SMTP gets a ``Delivery`` that says
-which local users exist and takes a message as it streams in. ``maildir.py``
-implements both on Maildir folders; anything else that keeps these promises
-could stand in its place.
+user's mailbox while a session holds it); SMTP gets an ``IncomingMessage`` to
+write a message into as it streams in. ``maildir.py`` implements both on
+Maildir folders (``MailStore``), ``outqueue.py`` the second for mail going
+elsewhere; anything else that keeps these promises could stand in their place.
 """
 
 from __future__ import annotations
@@ -71,19 +71,25 @@ class Maildrop(Protocol):
 
 
 class IncomingMessage(Protocol):
-    """A message being received, written to disk as it arrives."""
+    """A message being received, written to disk as it arrives.
+
+    Each store commits it its own way (``commit()`` into Maildirs,
+    ``commit(sender, recipients)`` into the outbound queue); until then it
+    can be written to or thrown away, and it already has its id.
+    """
+
+    queue_id: str
 
     def write(self, data: bytes) -> None: ...
-
-    def deliver(self, users: Iterable[str]) -> str:
-        """Make the message durable in every user's mailbox, or in none; returns its id."""
 
     def discard(self) -> None: ...
 
 
-class Delivery(Protocol):
-    """What SMTP may ask of storage."""
+class MailStore(Protocol):
+    """What the sessions may ask of the mailboxes."""
 
-    def is_local_user(self, user: str) -> bool: ...
+    def open_maildrop(self, user: str) -> Maildrop:
+        """Lock a user's maildrop for a POP3 session (raises MaildropLocked)."""
 
-    def receive(self) -> IncomingMessage: ...
+    def receive(self, users: Iterable[str]) -> IncomingMessage:
+        """Start receiving one message for these local users."""
