@@ -95,8 +95,10 @@ class Connection:
         so the session still knows how the line ended.
         """
         # Replies not yet sent while the next line is already here, in our
-        # buffer or the kernel's: the client did not wait for them.
-        self.line_pipelined = bool(self._output) and (bool(self._input) or self._input_waiting())
+        # buffer or the kernel's: the client did not wait for them. Only a
+        # trace records it, so without one we spare the select() call.
+        self.line_pipelined = (self.tracer.active and bool(self._output)
+                               and (bool(self._input) or self._input_waiting()))
         while True:
             end = self._input.find(b"\n", 0, limit)
             if end >= 0:
