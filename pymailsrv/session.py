@@ -5,10 +5,13 @@ holding the protocol state. It never sees a socket (the transport owns that)
 nor a file name (storage owns those). The transport calls:
 
 * ``greeting()`` once, when the client connects;
-* ``handle_line(line, too_long)`` for every line the client sends, with its
-  line end (a line longer than ``line_limit`` arrives cut short, with
-  ``too_long`` set); the answer is a ``Reply``, or None while the session is
-  collecting input that gets no reply per line (the text of SMTP DATA);
+* ``handle_line(line, too_long)`` for every command line the client sends,
+  with its line end (a line longer than ``line_limit`` arrives cut short,
+  with ``too_long`` set), and for every line of a SASL exchange: the answer
+  is a ``Reply``;
+* ``handle_text(block, too_long)`` instead while ``collecting_text`` (SMTP
+  DATA): whole lines of message text at once; the answer is the reply once
+  the text has ended (else None) and whatever came after its end;
 * ``timed_out()`` when the client kept silent past ``timeout``;
 * ``close()`` when the connection ends, however it ends.
 
@@ -60,9 +63,10 @@ class InputKind(enum.Enum):
     TEXT = "text"  # message text (SMTP DATA): traced as a summary
     SECRET = "secret"  # a SASL response: traced as ****
 
+
 _session_ids = itertools.count(1)
 
-LineHandler = Callable[[bytes, bool], "Reply | None"]
+LineHandler = Callable[[bytes, bool], Reply]
 
 
 class Session:
@@ -143,7 +147,7 @@ class Session:
 
     # --- the shared machinery ----------------------------------------------
 
-    def handle_line(self, line: bytes, too_long: bool = False) -> Reply | None:
+    def handle_line(self, line: bytes, too_long: bool = False) -> Reply:
         return self._line_handler(line, too_long)
 
     def handle_text(self, block: bytes, too_long: bool = False) -> tuple[Reply | None, bytes]:

@@ -219,7 +219,7 @@ class Connection:
             return f"fault: {reply.after.value}"
         return "closed: " + reply.summary
 
-    def _answer(self, line: bytes, too_long: bool) -> Reply | None:
+    def _answer(self, line: bytes, too_long: bool) -> Reply:
         self.tracer.client_line(self.session, line, pipelined=self.line_pipelined)
         return self.session.handle_line(line, too_long)
 
