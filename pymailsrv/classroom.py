@@ -19,7 +19,7 @@ so it is created readable by its owner only (mode 0600), like users.json.
   named in a note: running setup twice never locks a student out.
 
 ``classroom reset`` empties every student mailbox between lessons. It takes
-each maildrop's lock first, as a POP3 session does (RFC 1939 §8), so a
+each maildrop's lock first, as a POP3 session does (RFC 1939 §4), so a
 student who is still logged in keeps a consistent session: that mailbox is
 skipped with a note, and the teacher can run reset again later.
 """

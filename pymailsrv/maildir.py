@@ -20,7 +20,7 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   while the message moves from ``new/`` to ``cur/`` and gains flags. The
   UIDL is the unique name itself (stable across sessions, RFC 1939 §7), or a
   hash of it where the name does not fit the UIDL rules.
-* RFC 1939 §8 asks for an exclusive lock on the maildrop during a POP3
+* RFC 1939 §4 asks for an exclusive lock on the maildrop during a POP3
   session. ``mailbox.Maildir.lock()`` does nothing, so we take an ``flock``
   on ``ROOT/.pymailsrv/locks/<user>.lock``: it excludes other sessions in
   this process and other processes alike, and the kernel releases it when a

@@ -8,7 +8,7 @@ Read this module beside RFC 1939. A POP3 session moves through three states
                       +--QUIT--> close                    +--(connection lost)--> close, nothing deleted
 
 * AUTHORIZATION (§4): the client names itself with USER and PASS, or APOP.
-  Before saying ``+OK`` we take the maildrop lock (§8) and a *snapshot*:
+  Before saying ``+OK`` we take the maildrop lock (§4) and a *snapshot*:
   the messages present now, their sizes and unique ids. Mail that arrives
   during the session is not in the snapshot, so message numbers never change.
 * TRANSACTION (§5): STAT, LIST, RETR, DELE, NOOP, RSET, TOP, UIDL (and the
@@ -316,7 +316,7 @@ class Pop3Session(Session):
         if not self.context.pop3_sessions.take((user, self.peer[0])):
             return POP3_TOO_MANY_SESSIONS
         self._session_slot = (user, self.peer[0])
-        # RFC 1939 §8: lock the maildrop before saying +OK ...
+        # RFC 1939 §4: lock the maildrop before saying +OK ...
         try:
             self.maildrop = self.context.store.open_maildrop(user)
         except MaildropLocked:

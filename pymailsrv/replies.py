@@ -177,7 +177,7 @@ POP3_SIGNING_OFF_AFTER_UPDATE = _ok("pymailsrv POP3 server signing off ({remaini
                                     "UPDATE done: messages marked by DELE are gone, RFC 1939 §6").closing()
 POP3_USER_ACCEPTED = _ok("send PASS", "name noted; the password comes next, RFC 1939 §7")
 POP3_LOGGED_IN = _ok("{user}'s maildrop has {count} messages ({size} octets)",
-                     "maildrop locked and snapshot taken: TRANSACTION state, RFC 1939 §4, §8")
+                     "maildrop locked and snapshot taken: TRANSACTION state, RFC 1939 §4")
 POP3_STAT = _ok("{count} {size}", "drop listing: message count and octets, RFC 1939 §5")
 POP3_SCAN_LISTING = _ok("{msg_number} {size}", "scan listing: number and exact octets, RFC 1939 §5")
 POP3_SCAN_LISTINGS_FOLLOW = _ok("{count} messages ({size} octets)",
@@ -232,7 +232,7 @@ POP3_AUTH_FAILED = _err("invalid user name or password",
                         "credentials refused, after a delay against guessing, RFC 3206 §4", code="AUTH")
 # RFC 2449 §8.1.2: IN-USE means the maildrop lock could not be had.
 POP3_IN_USE = _err("maildrop is locked by another session",
-                   "maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.2", code="IN-USE")
+                   "maildrop locked by another session, RFC 1939 §4 / RFC 2449 §8.1.2", code="IN-USE")
 # RFC 3206 §3: SYS/TEMP is a passing failure the user may simply retry.
 POP3_STORAGE_FAILURE = _err("temporary storage failure, try again later",
                             "server-side failure, retry later, RFC 3206 §3", code="SYS/TEMP")

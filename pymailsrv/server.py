@@ -151,7 +151,7 @@ class ServerContext:
     connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(
         MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS))
     # Logged-in POP3 sessions per (user, client address), Dovecot's
-    # mail_max_userip_connections. The maildrop lock (RFC 1939 §8) already
+    # mail_max_userip_connections. The maildrop lock (RFC 1939 §4) already
     # lets only one session per user in, so with the default cap of 10 the
     # lock answers first; the cap is what still holds where the lock would
     # not (a lower setting, or a store whose lock allows readers side by side).

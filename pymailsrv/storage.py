@@ -21,7 +21,7 @@ class StorageError(Exception):
 
 
 class MaildropLocked(StorageError):
-    """Another session holds the maildrop (RFC 1939 §8)."""
+    """Another session holds the maildrop (RFC 1939 §4)."""
 
 
 class MessageVanished(StorageError):

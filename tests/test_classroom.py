@@ -128,7 +128,7 @@ def test_reset_leaves_a_mailbox_alone_while_its_student_is_logged_in(root, add_u
     store.deliver("student02", b"Subject: b\n\nx\n")
     client = pop3()
     client.user("student01")
-    client.pass_(PASSWORD)  # holds the maildrop lock (RFC 1939 §8)
+    client.pass_(PASSWORD)  # holds the maildrop lock (RFC 1939 §4)
     result = classroom(root, "reset")
     assert result.exit_code == 0, result.output
     assert "note: student01 is logged in over POP3: mailbox left as it is\n" in result.stderr

@@ -228,7 +228,7 @@ def test_uidl_of_a_message_survives_its_neighbours_deletion(login, store):
     assert _uidl(client) == before[1:]
 
 
-# --- the maildrop lock (RFC 1939 §8) ------------------------------------------------
+# --- the maildrop lock (RFC 1939 §4) ------------------------------------------------
 
 
 def test_second_login_to_a_locked_maildrop_gets_in_use(login):

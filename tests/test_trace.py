@@ -110,7 +110,7 @@ def test_annotate_says_what_each_line_means_and_where_the_rfc_says_so(traced, ad
     server.stop()
     lines = _lines(stream)
     assert ("pop3 #N 127.0.0.1 AUTHORIZATION S: -ERR [IN-USE] maildrop is locked by another session"
-            "   ; maildrop locked by another session, RFC 1939 §8 / RFC 2449 §8.1.2") in lines
+            "   ; maildrop locked by another session, RFC 1939 §4 / RFC 2449 §8.1.2") in lines
     assert "pop3 #N 127.0.0.1 AUTHORIZATION C: USER alice   ; USER name, RFC 1939 §7" in lines
 
 
