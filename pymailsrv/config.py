@@ -295,10 +295,15 @@ def config_file(explicit: str | os.PathLike | None) -> Path | None:
     return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
 
 
-def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings from the defaults, the TOML file and ``overrides`` (flags; None values skipped)."""
+def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,
+                  *, read_files: bool = True) -> Settings:
+    """Settings from the defaults, the TOML file and ``overrides`` (flags; None values skipped).
+
+    ``read_files=False`` ignores $PYMAILSRV_CONFIG and ./pymailsrv.toml: a
+    server embedded in a test must not change with the directory it runs in.
+    """
     values: dict[str, Any] = {}
-    path = config_file(config)
+    path = config_file(config) if read_files else None
     if path is not None:
         try:
             with open(path, "rb") as file:

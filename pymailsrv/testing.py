@@ -56,7 +56,7 @@ class MailServer:
 
     def start(self) -> "MailServer":
         self._directory = tempfile.TemporaryDirectory(prefix="pymailsrv-test-")
-        settings = load_settings(config=None, overrides={
+        settings = load_settings(read_files=False, overrides={
             "root": self._directory.name, "host": "127.0.0.1", "domains": list(self._domains),
             "trace": self._trace, "faults": list(self._faults),
             # A test wants answers now: no delay after a wrong password.

@@ -18,12 +18,12 @@ import pytest
 from pymailsrv.config import Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import MailServer, trace_options
+from pymailsrv.testing import CLOSED_LOOPBACK_PORT
 from pymailsrv.trace import Tracer
 from pymailsrv.users import UserStore
 
 PASSWORD = "correct horse"
 CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
-CLOSED_LOOPBACK_PORT = "127.0.0.1:9"  # the discard port; nothing listens there
 
 
 def make_settings(root: Path, **overrides: object) -> Settings:
@@ -43,7 +43,7 @@ def make_settings(root: Path, **overrides: object) -> Settings:
             base[key] = {**base.get(key, {}), **value}
         else:
             base[key] = value
-    return load_settings(config=None, overrides=base)
+    return load_settings(read_files=False, overrides=base)
 
 
 @pytest.fixture

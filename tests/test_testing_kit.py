@@ -229,3 +229,13 @@ def test_the_cli_takes_faults_and_refuses_a_bad_one_in_one_line(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "Error: an SMTP fault reply looks like '452 4.2.2 text', not 'nonsense'")
     assert "Traceback" not in result.stderr
+
+
+def test_the_embedded_server_ignores_a_config_file_in_the_working_directory(tmp_path, monkeypatch):
+    # A project's own ./pymailsrv.toml (or $PYMAILSRV_CONFIG) must not change its tests' server.
+    (tmp_path / "pymailsrv.toml").write_text("[smtp]\nmax_message_size = 10\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYMAILSRV_CONFIG", str(tmp_path / "pymailsrv.toml"))
+    with MailServer(users={"alice": "pw"}) as server:
+        send_welcome("alice@localhost", server.host, server.smtp_port)
+        assert len(server.wait_for_messages("alice", 1)) == 1
