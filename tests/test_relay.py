@@ -12,8 +12,10 @@ refused connection, as from an MX host that is down.
 
 from __future__ import annotations
 
+import dataclasses
 import email
 import email.policy
+import errno
 import os
 import signal
 import smtplib
@@ -29,8 +31,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
-from pymailsrv.outqueue import OutboundQueue, State
-from pymailsrv.relay import MxResolver, RouteError, count_hops
+from pymailsrv.outqueue import OutboundQueue, RetryPolicy, State
+from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import make_settings
 from tests.remote_side import FakeDns, Sink
@@ -403,6 +405,32 @@ def test_the_running_server_delivers_what_is_enqueued(start_server, dns, sink, a
     server = start_server(relay={"dns_server": dns.address, "port": remote.port})
     server.context.queue.enqueue("x@example.org", ["bob@example.net"], MESSAGE)
     remote.wait_for(1)
+
+
+class _DiskFullQueue(OutboundQueue):
+    """A queue whose disk fills up just as an attempt's outcome is written down."""
+
+    def record(self, queue_id, outcomes, now=None):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(root, dns, sink):
+    """The envelope's next_attempt never moves, so the relay holds the message back itself."""
+    remote = sink()
+    settings = make_settings(root, relay={"dns_server": dns.address, "port": remote.port,
+                                          "min_backoff": 60.0, "queue_scan_interval": 0.05})
+    server = MailServer(settings)
+    server.context = dataclasses.replace(server.context, queue=_DiskFullQueue(
+        settings.state_dir, RetryPolicy.from_settings(settings.relay)))
+    server.relay = Relay(server.context)
+    server.start()
+    try:
+        server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+        remote.wait_for(1)
+        time.sleep(1.0)  # without the hold, the sink got this message ~1000 times a second
+        assert len(remote.messages) == 1
+    finally:
+        server.stop()
 
 
 def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
