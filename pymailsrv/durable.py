@@ -1,6 +1,6 @@
 """Files that survive a crash, and files that a running server re-reads.
 
-Three small tools that ``users.py``, ``aliases.py`` and ``outqueue.py``
+Four small tools that ``users.py``, ``aliases.py`` and ``outqueue.py``
 share, so that the discipline is written once:
 
 * ``fsync_directory(path)``: a ``rename`` or ``link`` is only durable once

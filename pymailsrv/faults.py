@@ -116,7 +116,9 @@ class Fault:
         return fault
 
     def matches(self, session: Session, verb: str, argument: str) -> bool:
-        if session.protocol not in (self.protocol, "submission") or verb != self.verb:
+        # Submission sessions are SMTP sessions (protocol "smtp"), so an
+        # smtp: fault reaches port 587 too, as a test of a mail client expects.
+        if session.protocol != self.protocol or verb != self.verb:
             return False
         if self.argument is not None and not argument.upper().startswith(self.argument.upper()):
             return False

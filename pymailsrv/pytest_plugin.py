@@ -6,7 +6,7 @@
     import pytest
 
     @pytest.mark.mail_server(users={"alice": "secret"}, faults=["smtp:RCPT#2=452 4.2.2 mailbox full"])
-    def test_second_recipient_is_retried(mail_server):
+    def test_a_full_mailbox_refuses_the_second_recipient(mail_server):
         with smtplib.SMTP(mail_server.host, mail_server.smtp_port) as client:
             refused = client.sendmail("me@example.org", ["alice@localhost", "alice@localhost"], b"hi")
         assert refused == {"alice@localhost": (452, b"4.2.2 mailbox full")}

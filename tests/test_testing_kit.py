@@ -204,6 +204,19 @@ def test_the_trace_marks_every_injected_fault(root, add_user):
     assert "-- FAULT injected: smtp:NOOP=250 2.0.0 faked" in stream.getvalue()
 
 
+def test_an_smtp_fault_reaches_the_submission_port_and_a_pop3_fault_does_not(root, add_user):
+    add_user("alice")
+    settings = make_settings(root, smtp={"submission_port": 0}, hostname="test.example",
+                             faults=["smtp:NOOP=250 2.0.0 faked", "pop3:QUIT=-ERR faked"])
+    server = Server(settings).start()
+    try:
+        with smtplib.SMTP(*server.addresses["submission"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.noop() == (250, b"2.0.0 faked")
+            assert client.quit() == (221, b"2.0.0 test.example closing connection")
+    finally:
+        server.stop()
+
+
 # --- the grammar ----------------------------------------------------------------------------
 
 
