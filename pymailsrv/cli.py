@@ -25,9 +25,16 @@ from typing import Any
 import click
 from tabulate import tabulate
 
+from pymailsrv.classroom import classroom_group
+from pymailsrv.cli_relay import alias_group, queue_group
 from pymailsrv.config import ConfigError, Settings, load_settings
+from pymailsrv.explain import explain
+from pymailsrv.grade import grade_command
 from pymailsrv.maildir import MaildirStore
+from pymailsrv.mailview import show_command
+from pymailsrv.probe import probe
 from pymailsrv.storage import StorageError
+from pymailsrv.transcripts import transcripts_group
 from pymailsrv.users import UserError, UserStore, check_user_name
 
 # sysexits.h, as mail delivery agents use them.
@@ -311,26 +318,16 @@ def _exit(status: int, message: str) -> None:
     click.echo(f"Error: {message}", err=True)
     sys.exit(status)
 
-from pymailsrv.transcripts import transcripts_group  # noqa: E402  (it uses with_settings above)
 
-main.add_command(transcripts_group)
+# --- commands that live in their own modules ----------------------------------------
+# Each of them takes with_settings as an argument rather than importing this
+# module, so they import nothing from here and the imports stay at the top.
 
-# Teaching commands of issue 6. Each module takes with_settings as an argument
-# instead of importing this module, which would be an import cycle.
-from pymailsrv.classroom import classroom_group  # noqa: E402
-from pymailsrv.explain import explain  # noqa: E402
-from pymailsrv.mailview import show_command  # noqa: E402
-
+main.add_command(transcripts_group(with_settings))
 main.add_command(explain)
 main.add_command(classroom_group(with_settings))
 mailbox.add_command(show_command(with_settings), "show")
-from pymailsrv.probe import probe  # noqa: E402  (registered last: it imports the protocol modules)
 main.add_command(probe)
-from pymailsrv.grade import grade_command  # noqa: E402  (takes with_settings: no import cycle)
 main.add_command(grade_command(with_settings))
-
-# The outbound side of issue 5 (cli_relay.py takes with_settings, as above).
-from pymailsrv.cli_relay import alias_group, queue_group  # noqa: E402
-
 main.add_command(alias_group(with_settings))
 main.add_command(queue_group(with_settings))

@@ -34,18 +34,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 from tabulate import tabulate
 
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
-
-if TYPE_CHECKING:
-    from pymailsrv.transcripts import Transcript
-
-# transcripts.py is imported where it is used: at import time it reaches for
-# cli.py (its with_settings), and cli.py imports this module.
+from pymailsrv.transcripts import SUFFIX, Transcript, load, load_all, transcripts_dir
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -139,8 +133,6 @@ def grade(transcript: Transcript) -> Grade:
 
 def select(state_dir: Path, user: str | None, ids: Iterable[str], everything: bool) -> list[Transcript]:
     """The transcripts the command line names, oldest first."""
-    from pymailsrv.transcripts import SUFFIX, load, load_all, transcripts_dir
-
     ids = list(ids)
     if ids:
         chosen = []
@@ -258,8 +250,6 @@ def grade_command(with_settings: Callable) -> click.Command:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
         grades = [grade(transcript) for transcript in select(settings.state_dir, user, transcript_ids, everything)]
         if not grades:
-            from pymailsrv.transcripts import transcripts_dir
-
             whose = f" of user {user!r}" if user else ""
             click.echo(f"no saved transcripts{whose} under {transcripts_dir(settings.state_dir)}", err=True)
         report = REPORTS[output_format](grades)

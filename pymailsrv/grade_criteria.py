@@ -32,13 +32,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from pymailsrv.pop3 import SESSION_CAPABILITIES
 from pymailsrv.replies import POP3_WRONG_STATE
-
-if TYPE_CHECKING:  # transcripts.py imports cli.py, which imports the grader
-    from pymailsrv.transcripts import Transcript
+from pymailsrv.transcripts import Transcript
 
 Verdict = tuple["bool | None", str]
 

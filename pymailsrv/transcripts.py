@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,42 +84,42 @@ def format_event(event: dict) -> str:
     return f"{event['state']} {event['dir']}: {event['line']}"
 
 
-@click.group("transcripts")
-def transcripts_group() -> None:
-    """Saved protocol sessions (start the server with --transcripts)."""
+# --- the command line --------------------------------------------------------------
 
 
-def _settings_command(function):
-    from pymailsrv.cli import with_settings  # here: cli imports this module
+def transcripts_group(with_settings: Callable) -> click.Group:
+    """The ``transcripts`` commands; cli.py passes its ``with_settings`` (no import cycle)."""
 
-    return with_settings(function)
+    @click.group("transcripts")
+    def transcripts() -> None:
+        """Saved protocol sessions (start the server with --transcripts)."""
 
+    @transcripts.command("list")
+    @with_settings
+    def list_transcripts(settings) -> None:
+        """List saved sessions, oldest first."""
+        rows = []
+        for transcript in load_all(settings.state_dir):
+            header = transcript.header
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header["time"]))
+            commands = transcript.end["commands"] if transcript.end else "-"
+            rows.append((transcript.id, started, header["protocol"], header["client"], transcript.user or "-",
+                         commands, transcript.outcome))
+        click.echo(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
 
-@transcripts_group.command("list")
-@_settings_command
-def list_transcripts(settings) -> None:
-    """List saved sessions, oldest first."""
-    rows = []
-    for transcript in load_all(settings.state_dir):
+    @transcripts.command("show")
+    @click.argument("transcript_id")
+    @with_settings
+    def show_transcript(settings, transcript_id: str) -> None:
+        """Replay one saved session, line by line."""
+        path = transcripts_dir(settings.state_dir) / f"{transcript_id}{SUFFIX}"
+        if "/" in transcript_id or not path.is_file():
+            raise click.ClickException(f"no transcript {transcript_id!r} (see 'pymailsrv transcripts list')")
+        transcript = load(path)
         header = transcript.header
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header["time"]))
-        commands = transcript.end["commands"] if transcript.end else "-"
-        rows.append((transcript.id, started, header["protocol"], header["client"], transcript.user or "-",
-                     commands, transcript.outcome))
-    click.echo(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
+        click.echo(f"{header['protocol']} session {header['session']} from {header['client']}")
+        for event in transcript.events:
+            click.echo(format_event(event))
+        click.echo(f"-- ended: {transcript.outcome}")
 
-
-@transcripts_group.command("show")
-@click.argument("transcript_id")
-@_settings_command
-def show_transcript(settings, transcript_id: str) -> None:
-    """Replay one saved session, line by line."""
-    path = transcripts_dir(settings.state_dir) / f"{transcript_id}{SUFFIX}"
-    if "/" in transcript_id or not path.is_file():
-        raise click.ClickException(f"no transcript {transcript_id!r} (see 'pymailsrv transcripts list')")
-    transcript = load(path)
-    header = transcript.header
-    click.echo(f"{header['protocol']} session {header['session']} from {header['client']}")
-    for event in transcript.events:
-        click.echo(format_event(event))
-    click.echo(f"-- ended: {transcript.outcome}")
+    return transcripts
