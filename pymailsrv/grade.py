@@ -39,7 +39,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
-from pymailsrv.transcripts import SUFFIX, Transcript, load, load_all, transcripts_dir
+from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -131,25 +131,21 @@ def grade(transcript: Transcript) -> Grade:
                  transcript.header.get("time", 0.0), transcript.outcome, results)
 
 
-def select(state_dir: Path, user: str | None, ids: Iterable[str], everything: bool) -> list[Transcript]:
-    """The transcripts the command line names, oldest first."""
+def select(state_dir: Path, user: str | None, ids: Iterable[str],
+           everything: bool) -> tuple[list[Transcript], list[str]]:
+    """The transcripts the command line names, oldest first, and notes on files that are none."""
     ids = list(ids)
     if ids:
-        chosen = []
-        directory = transcripts_dir(state_dir)
-        for transcript_id in ids:
-            path = directory / f"{transcript_id}{SUFFIX}"
-            if "/" in transcript_id or not path.is_file():
-                raise click.BadParameter(f"no transcript {transcript_id!r} (see 'pymailsrv transcripts list')",
-                                         param_hint="--transcript")
-            try:
-                chosen.append(load(path))
-            except (OSError, ValueError) as error:
-                raise click.BadParameter(f"{transcript_id}: {error}", param_hint="--transcript") from None
-        return chosen
+        try:
+            return [find(state_dir, transcript_id) for transcript_id in ids], []
+        except TranscriptError as error:
+            raise click.BadParameter(str(error), param_hint="--transcript") from None
+    found, unreadable = load_all(state_dir)
     # File names start with the time to the second only; the header has it to the millisecond.
-    found = sorted(load_all(state_dir), key=lambda transcript: transcript.header.get("time", 0.0))
-    return found if everything else [transcript for transcript in found if belongs_to(transcript, user)]
+    found.sort(key=lambda transcript: transcript.header["time"])
+    if not everything:
+        found = [transcript for transcript in found if belongs_to(transcript, user)]
+    return found, unreadable
 
 
 # --- reports ------------------------------------------------------------------------
@@ -248,7 +244,10 @@ def grade_command(with_settings: Callable) -> click.Command:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
-        grades = [grade(transcript) for transcript in select(settings.state_dir, user, transcript_ids, everything)]
+        chosen, unreadable = select(settings.state_dir, user, transcript_ids, everything)
+        for note in unreadable:
+            click.echo(f"note: skipped {note}", err=True)
+        grades = [grade(transcript) for transcript in chosen]
         if not grades:
             whose = f" of user {user!r}" if user else ""
             click.echo(f"no saved transcripts{whose} under {transcripts_dir(settings.state_dir)}", err=True)

@@ -10,7 +10,10 @@ lines in ``ROOT/.pymailsrv/transcripts/<time>-<protocol>-<id>.jsonl``:
 * a ``{"record": "end", ...}`` line: user, commands, outcome.
 
 A transcript's id is its file name without ``.jsonl``. A session still in
-progress (or cut off by a crash) simply has no ``end`` record yet.
+progress (or cut off by a crash) simply has no ``end`` record yet, and a
+last line cut short is left out. A file that is no transcript at all (edited
+by hand, garbage, a directory) is skipped by ``list`` with a note on stderr;
+``show`` refuses it with a one-line error.
 """
 
 from __future__ import annotations
@@ -47,34 +50,91 @@ def transcripts_dir(state_dir: Path) -> Path:
     return state_dir / "transcripts"
 
 
+# The fields list, show and the grader read from each record, with their
+# types. The tracer always writes them; a file without them was edited by
+# hand or is not a transcript at all.
+HEADER_FIELDS = {"protocol": str, "session": int, "client": str, "time": (int, float)}
+EVENT_FIELDS = {"state": str, "dir": str, "line": str}
+END_FIELDS = {"user": (str, type(None)), "commands": int, "outcome": str}
+
+
+class TranscriptError(ValueError):
+    """No transcript to read by that id, or a file that is not one; the message says why."""
+
+
 def load(path: Path) -> Transcript:
+    """The transcript in ``path``: TranscriptError if the file holds none, OSError if unreadable."""
     transcript = None
-    with open(path, encoding="utf-8") as file:
-        for line in file:
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
-            if record.get("record") == "session":
-                transcript = Transcript(path.name[: -len(SUFFIX)], record)
-            elif record.get("record") == "end" and transcript is not None:
+                record = json.loads(line.decode("utf-8"))
+            except (ValueError, RecursionError):
+                # A line cut short by a crash, perhaps inside a UTF-8 sequence
+                # (the tracer writes whole lines otherwise), or brackets nested
+                # deeper than the parser recurses.
+                continue
+            if not isinstance(record, dict):  # a cut line never parses as anything else
+                raise TranscriptError(f"line {number} is not a JSON object")
+            kind = record.get("record")
+            if kind == "session":
+                _check(record, HEADER_FIELDS, number)
+                _check_date(record["time"], number)
+                transcript = Transcript(path.name.removesuffix(SUFFIX), record)
+            elif transcript is None:
+                raise TranscriptError(f"line {number} comes before the session record")
+            elif kind == "end":
+                _check(record, END_FIELDS, number)
                 transcript.end = record
-            elif transcript is not None:
+            else:
+                _check(record, EVENT_FIELDS, number)
                 transcript.events.append(record)
     if transcript is None:
-        raise ValueError(f"{path.name} is not a transcript")
+        raise TranscriptError("no session record: not a transcript")
     return transcript
 
 
-def load_all(state_dir: Path) -> list[Transcript]:
+def _check(record: dict, fields: dict[str, type | tuple[type, ...]], number: int) -> None:
+    for name, kind in fields.items():
+        if not isinstance(record.get(name), kind):
+            raise TranscriptError(f"line {number} has no valid {name!r}")
+
+
+def _check_date(seconds: float, number: int) -> None:
+    """A session's time is a number, but JSON also allows NaN and 1e300, which are no date."""
+    try:
+        time.localtime(seconds)
+    except (OverflowError, OSError, ValueError):
+        raise TranscriptError(f"line {number} has a 'time' that is no date") from None
+
+
+def find(state_dir: Path, transcript_id: str) -> Transcript:
+    """The transcript with this id; TranscriptError, saying why, if there is none to read."""
+    path = transcripts_dir(state_dir) / f"{transcript_id}{SUFFIX}"
+    # An id names a file in the directory, never a path that leads elsewhere.
+    if "/" in transcript_id or not path.exists():
+        raise TranscriptError(f"no transcript {transcript_id!r} (see 'pymailsrv transcripts list')")
+    try:
+        return load(path)
+    except (OSError, TranscriptError) as error:
+        raise TranscriptError(f"transcript {transcript_id!r} cannot be read: {_reason(error)}") from None
+
+
+def load_all(state_dir: Path) -> tuple[list[Transcript], list[str]]:
+    """Every transcript, by file name, and an "ID: why" note for each file that cannot be read."""
     directory = transcripts_dir(state_dir)
-    found = []
+    found, unreadable = [], []
     for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
         try:
             found.append(load(path))
-        except (OSError, ValueError):
-            continue
-    return found
+        except (OSError, TranscriptError) as error:
+            unreadable.append(f"{path.name.removesuffix(SUFFIX)}: {_reason(error)}")
+    return found, unreadable
+
+
+def _reason(error: OSError | TranscriptError) -> str:
+    # An OSError's str() repeats the path; its strerror ("Is a directory") is the news.
+    return getattr(error, "strerror", None) or str(error)
 
 
 def format_event(event: dict) -> str:
@@ -98,8 +158,11 @@ def transcripts_group(with_settings: Callable) -> click.Group:
     @with_settings
     def list_transcripts(settings) -> None:
         """List saved sessions, oldest first."""
+        found, unreadable = load_all(settings.state_dir)
+        for note in unreadable:
+            click.echo(f"note: skipped {note}", err=True)
         rows = []
-        for transcript in load_all(settings.state_dir):
+        for transcript in found:
             header = transcript.header
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header["time"]))
             commands = transcript.end["commands"] if transcript.end else "-"
@@ -112,10 +175,10 @@ def transcripts_group(with_settings: Callable) -> click.Group:
     @with_settings
     def show_transcript(settings, transcript_id: str) -> None:
         """Replay one saved session, line by line."""
-        path = transcripts_dir(settings.state_dir) / f"{transcript_id}{SUFFIX}"
-        if "/" in transcript_id or not path.is_file():
-            raise click.ClickException(f"no transcript {transcript_id!r} (see 'pymailsrv transcripts list')")
-        transcript = load(path)
+        try:
+            transcript = find(settings.state_dir, transcript_id)
+        except TranscriptError as error:
+            raise click.ClickException(str(error)) from None
         header = transcript.header
         click.echo(f"{header['protocol']} session {header['session']} from {header['client']}")
         for event in transcript.events:

@@ -67,7 +67,7 @@ def graded(root, server: MailServer):
     """Stop the server, then grade every transcript it saved, oldest first."""
     server.stop()
     for _ in range(END_RECORD_POLLS):
-        transcripts = load_all(root / ".pymailsrv")
+        transcripts, _ = load_all(root / ".pymailsrv")
         if transcripts and all(transcript.end for transcript in transcripts):
             break
         time.sleep(END_RECORD_POLL_SECONDS)
@@ -467,3 +467,17 @@ def test_grade_one_transcript_by_id_and_usage_errors(class_of_two, root):
     assert missing.exit_code == 2 and "no transcript 'nope'" in missing.stderr
     nobody = run(root, "--user", "carol")
     assert nobody.exit_code == 0 and "no saved transcripts of user 'carol'" in nobody.stderr
+
+
+def test_a_file_that_is_no_transcript_is_noted_and_skipped_or_refused_by_id(root):
+    directory = root / ".pymailsrv" / "transcripts"
+    directory.mkdir(parents=True)
+    (directory / "junk.jsonl").write_bytes(b"\x00\xff garbage")
+    everything = run(root, "--all")
+    assert everything.exit_code == 0
+    assert everything.stderr.splitlines() == ["note: skipped junk: no session record: not a transcript",
+                                              f"no saved transcripts under {directory}"]
+    by_id = run(root, "--transcript", "junk")
+    assert by_id.exit_code == 2
+    assert by_id.stderr.splitlines()[-1] == ("Error: Invalid value for --transcript: transcript 'junk' cannot be "
+                                             "read: no session record: not a transcript")

@@ -165,3 +165,71 @@ def test_only_the_newest_transcripts_are_kept(traced, add_user, root):
         client.quit()
     server.stop()
     assert len(list((root / ".pymailsrv" / "transcripts").glob("*.jsonl"))) == 2
+
+
+# --- transcripts that are not: hand-edited, garbage, cut short ---------------------------
+
+# A transcript as the tracer writes it: session record, one event, end record.
+GOOD_RECORDS = [
+    {"record": "session", "protocol": "pop3", "session": 7, "client": "127.0.0.1", "time": 1700000000.0},
+    {"time": 1700000000.5, "protocol": "pop3", "session": 7, "client": "127.0.0.1", "state": "AUTHORIZATION",
+     "dir": "C", "line": "QUIT", "ending": "CRLF", "pipelined": False},
+    {"record": "end", "time": 1700000001.0, "user": None, "commands": 1, "outcome": "closed: +OK bye"},
+]
+GOOD_TEXT = "".join(json.dumps(record) + "\n" for record in GOOD_RECORDS)
+
+# File content -> why it is no transcript, as list and show say it.
+MALFORMED = {
+    "garbage": (b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x00", "no session record: not a transcript"),
+    "invalid-utf8": ('{"record": "session", "protocol": "p\xff"}\n'.encode("latin-1"),
+                     "no session record: not a transcript"),
+    "truncated": (b'{"record": "sess', "no session record: not a transcript"),
+    "empty": (b"", "no session record: not a transcript"),
+    "not-an-object": (GOOD_TEXT.encode() + b"[1, 2]\n", "line 4 is not a JSON object"),
+    "headless": ("".join(json.dumps(record) + "\n" for record in GOOD_RECORDS[1:]).encode(),
+                 "line 1 comes before the session record"),
+    "no-client": (json.dumps({**GOOD_RECORDS[0], "client": None}).encode() + b"\n", "line 1 has no valid 'client'"),
+    "event-without-line": (GOOD_TEXT.replace('"line": "QUIT", ', "").encode(), "line 2 has no valid 'line'"),
+    "time-no-date": (GOOD_TEXT.replace("1700000000.0", "1e300", 1).encode(), "line 1 has a 'time' that is no date"),
+    "time-nan": (GOOD_TEXT.replace("1700000000.0", "NaN", 1).encode(), "line 1 has a 'time' that is no date"),
+    "deeply-nested": (b"[" * 100_000 + b"\n", "no session record: not a transcript"),
+}
+
+
+@pytest.fixture
+def transcripts(root):
+    """ROOT/.pymailsrv/transcripts holding 'good', every MALFORMED file, and a directory 'folder'."""
+    directory = root / ".pymailsrv" / "transcripts"
+    directory.mkdir(parents=True)
+    (directory / "good.jsonl").write_text(GOOD_TEXT, encoding="utf-8")
+    for name, (content, _) in MALFORMED.items():
+        (directory / f"{name}.jsonl").write_bytes(content)
+    (directory / "folder.jsonl").mkdir()
+    return directory
+
+
+def test_transcripts_list_shows_the_good_and_notes_each_bad_one_on_stderr(transcripts, root):
+    result = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.stdout.splitlines()[2:]] == ["good"]
+    expected = {f"note: skipped {name}: {reason}" for name, (_, reason) in MALFORMED.items()}
+    assert set(result.stderr.splitlines()) == expected | {"note: skipped folder: Is a directory"}
+
+
+@pytest.mark.parametrize("name", [*MALFORMED, "folder"])
+def test_transcripts_show_refuses_a_bad_one_in_one_line(transcripts, root, name):
+    result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), name])
+    assert result.exit_code == 1
+    reason = MALFORMED[name][1] if name in MALFORMED else "Is a directory"
+    assert result.stderr == f"Error: transcript {name!r} cannot be read: {reason}\n"
+    assert result.stdout == ""
+
+
+def test_a_last_line_cut_inside_a_utf8_sequence_is_left_out(transcripts, root):
+    # A crash while the tracer wrote "S: +OK é" leaves half of the two octets of "é".
+    started = "".join(json.dumps(record) + "\n" for record in GOOD_RECORDS[:2])
+    cut = '{"state": "AUTHORIZATION", "dir": "S", "line": "+OK é'.encode()[:-1]
+    (transcripts / "crashed.jsonl").write_bytes(started.encode() + cut)
+    result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "crashed"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "pop3 session 7 from 127.0.0.1\nAUTHORIZATION C: QUIT\n-- ended: (in progress)\n"
