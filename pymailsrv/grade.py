@@ -244,6 +244,9 @@ def grade_command(with_settings: Callable) -> click.Command:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
+        # click.Path checked the file itself but not the directory it goes into: that now, not after grading.
+        if output is not None and not Path(output).parent.is_dir():
+            raise click.BadParameter(f"no directory {Path(output).parent} to write into", param_hint="--output")
         chosen, unreadable = select(settings.state_dir, user, transcript_ids, everything)
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)
@@ -253,7 +256,10 @@ def grade_command(with_settings: Callable) -> click.Command:
             click.echo(f"no saved transcripts{whose} under {transcripts_dir(settings.state_dir)}", err=True)
         report = REPORTS[output_format](grades)
         if output is not None:
-            Path(output).write_text(report + "\n", encoding="utf-8")
+            try:
+                Path(output).write_text(report + "\n", encoding="utf-8")
+            except OSError as error:  # what no check beforehand can rule out: a full disk, say
+                raise click.ClickException(f"cannot write {output}: {error.strerror}") from None
             click.echo(f"graded {len(grades)} transcripts into {output}", err=True)
         else:
             click.echo(report)

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 import trustme
@@ -481,3 +482,22 @@ def test_a_file_that_is_no_transcript_is_noted_and_skipped_or_refused_by_id(root
     assert by_id.exit_code == 2
     assert by_id.stderr.splitlines()[-1] == ("Error: Invalid value for --transcript: transcript 'junk' cannot be "
                                              "read: no session record: not a transcript")
+
+
+def test_an_output_path_in_no_directory_or_naming_one_is_refused_before_grading(root, tmp_path):
+    missing = run(root, "--all", "--output", str(tmp_path / "no-such-dir" / "class.csv"))
+    assert missing.exit_code == 2
+    assert missing.stderr.splitlines()[-1] == (f"Error: Invalid value for --output: "
+                                               f"no directory {tmp_path / 'no-such-dir'} to write into")
+    assert not (tmp_path / "no-such-dir").exists()
+    directory = run(root, "--all", "--output", str(tmp_path))
+    assert directory.exit_code == 2
+    assert directory.stderr.splitlines()[-1] == f"Error: Invalid value for '--output': File '{tmp_path}' is a directory."
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
+def test_an_output_file_that_fails_to_write_is_a_one_line_error(root):
+    full = run(root, "--all", "--output", "/dev/full")  # every write there fails with ENOSPC
+    assert full.exit_code == 1
+    assert full.stderr.splitlines()[-1] == "Error: cannot write /dev/full: No space left on device"
+    assert "Traceback" not in full.output
