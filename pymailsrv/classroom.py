@@ -32,6 +32,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import click
 from tabulate import tabulate
@@ -195,6 +196,10 @@ def classroom_group(with_settings: Callable) -> click.Group:
     def setup(settings: Settings, students: int, prefix: str, csv_path: str | None,
               password_stdin: bool) -> None:
         """Create student accounts and print a sheet to hand out."""
+        # click.Path checked the file itself but not the directory it goes into:
+        # that now, before any account exists, so a typo does not leave half a class.
+        if csv_path is not None and not Path(csv_path).parent.is_dir():
+            raise click.BadParameter(f"no directory {Path(csv_path).parent} to write into", param_hint="--csv")
         shared = None
         if password_stdin:
             from pymailsrv.cli import _read_password  # here: cli.py imports this module
@@ -208,7 +213,11 @@ def classroom_group(with_settings: Callable) -> click.Group:
             click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
         click.echo(tabulate([astuple(account) for account in result.created], headers=SHEET_HEADERS))
         if csv_path is not None:
-            write_csv(csv_path, result.created)
+            try:
+                write_csv(csv_path, result.created)
+            except OSError as error:  # what no check beforehand can rule out: a full disk, say
+                raise click.ClickException(f"cannot write {csv_path}: {error.strerror} "
+                                           "(the accounts exist: their passwords are in the sheet above)") from None
             click.echo(f"wrote {_count(len(result.created), 'account')} to {csv_path} (mode 0600)", err=True)
         click.echo(f"created {_count(len(result.created), 'account')}, skipped {len(result.skipped)}",
                    err=True)

@@ -152,3 +152,16 @@ def test_which_users_count_as_students(name, prefix, expected):
 
 def test_students_must_be_at_least_one(root):
     assert classroom(root, "setup", "--students", "0").exit_code == 2
+
+
+@pytest.mark.parametrize("where", ["no-such-dir/sheet.csv", "."])
+def test_a_csv_path_that_cannot_be_written_is_refused_before_any_account_exists(root, users, tmp_path, where):
+    sheet = tmp_path / where
+    result = classroom(root, "setup", "--students", "2", "--csv", str(sheet))
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    expected = (f"Error: Invalid value for --csv: no directory {sheet.parent} to write into" if where != "."
+                else f"Error: Invalid value for '--csv': File '{sheet}' is a directory.")
+    assert result.stderr.splitlines()[-1] == expected
+    assert users.names() == []
+    assert [path.name for path in root.iterdir() if path.name != ".pymailsrv"] == []
