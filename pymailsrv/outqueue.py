@@ -47,6 +47,7 @@ import logging
 import os
 import secrets
 import time
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,9 +122,54 @@ class QueueEntry:
 
     @classmethod
     def from_json(cls, data: bytes) -> "QueueEntry":
-        record = json.loads(data)
-        recipients = [Recipient(**{**item, "state": State(item["state"])}) for item in record.pop("recipients")]
-        return cls(recipients=recipients, **record)
+        """The entry an envelope file holds; ValueError if it is not one.
+
+        The file may have been edited by hand, truncated or put there by
+        mistake, so every field's type is checked here, once: a wrong type
+        that got through would fail much later, in a delivery thread.
+        """
+        return _from_record(cls, json.loads(data))
+
+
+def _from_record(cls: type, record: object) -> object:
+    """An instance of the dataclass ``cls`` from a JSON object, each field checked against its type hint."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, not {type(record).__name__}")
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    unknown = record.keys() - fields.keys()
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field {', '.join(sorted(unknown))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, field in fields.items():
+        if name in record:
+            values[name] = _from_value(hints[name], record[name], f"{cls.__name__}.{name}")
+        elif field.default is dataclasses.MISSING:
+            raise ValueError(f"{cls.__name__}: missing field {name}")
+    return cls(**values)
+
+
+def _from_value(hint: object, value: object, where: str) -> object:
+    """``value`` from JSON as the type ``hint`` says; ValueError if it is not of that type."""
+    if typing.get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: expected a list")
+        [item_hint] = typing.get_args(hint)
+        return [_from_value(item_hint, item, where) for item in value]
+    if dataclasses.is_dataclass(hint):
+        return _from_record(hint, value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, hint))}") from None
+    # JSON has one kind of number: an int is a fine float. A bool is an int
+    # to isinstance, but never what a count or a time means.
+    allowed = typing.get_args(hint) or (hint,)  # str | None -> (str, NoneType)
+    allowed += (int,) if float in allowed else ()
+    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+        raise ValueError(f"{where}: {type(value).__name__} where {getattr(hint, '__name__', hint)} belongs")
+    return value
 
 
 @dataclass(frozen=True)
@@ -168,6 +214,8 @@ class OutboundQueue:
         self._lock_path = self.directory / "lock"
         # Called after every enqueue: the relay sets it to wake its workers.
         self.wakeup: Callable[[], None] | None = None
+        # Names of broken envelope files already logged (see get()).
+        self._warned: set[str] = set()
 
     def _ensure_directories(self) -> None:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
@@ -245,16 +293,34 @@ class OutboundQueue:
         return sorted(name[:-5] for name in names if name.endswith(".json"))
 
     def get(self, queue_id: str) -> QueueEntry | None:
-        """The entry, or None if it is not (or no longer) queued or cannot be read."""
+        """The entry, or None if it is not (or no longer) queued or cannot be read.
+
+        A broken entry (a directory named ``x.json``, a file that is not an
+        envelope, one whose id is not its file name) is skipped, never
+        raised: it must not stop the delivery threads or ``queue list``.
+        It stays where it is for a person to look at.
+        """
+        path = self._envelope_path(queue_id)
         try:
-            data = self._envelope_path(queue_id).read_bytes()
-        except (FileNotFoundError, NotADirectoryError):
+            entry = QueueEntry.from_json(path.read_bytes())
+            if entry.queue_id != queue_id:
+                # Else the relay would claim an id that get() never finds, again and again.
+                raise ValueError(f"it says it is {entry.queue_id!r}")
+        except FileNotFoundError:
+            return None  # delivered or deleted meanwhile
+        except (OSError, ValueError) as error:
+            self._warn_broken(path, error)
             return None
-        try:
-            return QueueEntry.from_json(data)
-        except (ValueError, KeyError, TypeError) as error:
-            log.error("queue entry %s is unreadable, skipped: %s", queue_id, error)
-            return None
+        self._warned.discard(path.name)
+        return entry
+
+    def _warn_broken(self, path: Path, error: Exception) -> None:
+        """Log a broken entry once, not at every look into the queue (once a second)."""
+        if path.name not in self._warned:
+            self._warned.add(path.name)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error  # the path once
+            log.warning("%s is not a readable queue entry, skipped (move it away to silence this): %s",
+                        path, reason)
 
     def entries(self) -> list[QueueEntry]:
         return [entry for entry in map(self.get, self.ids()) if entry is not None]
@@ -381,6 +447,8 @@ class OutboundQueue:
                     removed += 1
             except FileNotFoundError:
                 continue
+            except OSError as error:  # e.g. a directory someone put there: theirs to remove
+                log.warning("cannot remove stale %s: %s", path, error.strerror or error)
         return removed
 
 

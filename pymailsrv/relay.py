@@ -253,6 +253,7 @@ class Relay:
         # (ENOSPC while recording the outcome), and then next_attempt in the
         # envelope never moves and the message would be due again at once.
         self._held: dict[str, float] = {}
+        self._queue_unreadable = False  # the last look into the queue failed (logged once)
 
     # --- the threads -----------------------------------------------------------
 
@@ -291,7 +292,16 @@ class Relay:
         while not self._stopping.is_set():
             with self._wakeup:
                 seen = self._wakeups
-            queue_id = self._claim()
+            try:
+                queue_id = self._claim()
+            except Exception:  # e.g. the queue directory unreadable: look again after the wait
+                if not self._queue_unreadable:  # once, not at every look by every worker
+                    log.exception("cannot look into the queue; trying again every %gs",
+                                  self.settings.relay.queue_scan_interval)
+                self._queue_unreadable = True
+                queue_id = None
+            else:
+                self._queue_unreadable = False
             if queue_id is None:
                 with self._wakeup:
                     self._wakeup.wait_for(lambda: self._wakeups != seen or self._stopping.is_set(),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,7 @@ from click.testing import CliRunner
 
 from pymailsrv.cli import main
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
-from pymailsrv.outqueue import OutboundQueue, Outcome, RetryPolicy, State
+from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
 
 MESSAGE = b"Subject: hi\n\nbody\n"
 DELIVERED = Outcome(State.DELIVERED, "2.0.0", "smtp; 250 2.0.0 OK", "mx.example.net")
@@ -133,10 +136,42 @@ def test_delete_removes_the_envelope_and_the_message(queue):
     assert queue.record(queue_id, {"b@example.net": DELIVERED}) is None
 
 
-def test_an_unreadable_envelope_is_skipped_not_fatal(queue):
+def put_broken_entries(queue: OutboundQueue) -> list[str]:
+    """What a stray mkdir, a crash or a hand edit leaves in the queue; returns the file names."""
+    queue.directory.mkdir(parents=True, exist_ok=True)
+    (queue.directory / "STRAY.json").mkdir()
+    (queue.directory / "GARBAGE.json").write_bytes(b"{not json \xff")
+    envelope = json.loads(QueueEntry("WRONGTYPES", "a@example.org", [Recipient("b@example.net")],
+                                     created=0.0, next_attempt=0.0).to_json())
+    (queue.directory / "WRONGTYPES.json").write_text(json.dumps(
+        {**envelope, "created": "yesterday", "recipients": "b@example.net"}))
+    (queue.directory / "OTHERNAME.json").write_text(json.dumps(envelope))  # a copy: its id is not its name
+    return ["STRAY.json", "GARBAGE.json", "WRONGTYPES.json", "OTHERNAME.json"]
+
+
+def test_broken_envelopes_are_skipped_with_one_warning_each(queue, caplog):
     good = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
-    (queue.directory / "BROKEN.json").write_text("{not json")
-    assert [entry.queue_id for entry in queue.entries()] == [good]
+    broken = put_broken_entries(queue)
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.outqueue"):
+        for _ in range(3):  # the relay looks once a second: one warning each, not one a look
+            assert [entry.queue_id for entry in queue.entries()] == [good]
+            assert [entry.queue_id for entry in queue.due()] == [good]
+    warned = [name for record in caplog.records for name in broken if f"/{name} is not a" in record.getMessage()]
+    assert sorted(warned) == sorted(broken)
+    assert queue.flush() == 1 and queue.remove_stale_files() == 0
+
+
+@pytest.mark.parametrize("field, value", [("created", "yesterday"), ("attempts", True), ("recipients", "bob"),
+                                          ("recipients", [{"address": "b", "state": "lost"}]),
+                                          ("recipients", [{"address": "b", "status": 451}]),
+                                          ("sender", None), ("unknown", 1)])
+def test_an_envelope_with_a_wrong_field_is_refused_when_read(field, value):
+    envelope = json.loads(QueueEntry("A", "a@example.org", [Recipient("b")], 1.0, 2.0).to_json())
+    with pytest.raises(ValueError):
+        QueueEntry.from_json(json.dumps({**envelope, field: value}).encode())
+    del envelope["sender"]
+    with pytest.raises(ValueError, match="missing field sender"):
+        QueueEntry.from_json(json.dumps(envelope).encode())
 
 
 def test_leftovers_of_a_crashed_enqueue_are_removed_once_old(queue):
@@ -177,3 +212,16 @@ def test_queue_list_flush_and_delete(queue, root):
     missing = runner.invoke(main, ["queue", "delete", queue_id, "--root", str(root)])
     assert missing.exit_code == 1 and "no message" in missing.output
     assert queue.ids() == []
+
+
+def test_queue_list_shows_the_good_entries_beside_broken_ones(queue, root, clean_environment):
+    """A real process, so stderr is what a person sees: one line per broken file, no traceback."""
+    good = queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE)
+    broken = put_broken_entries(queue)
+    listing = subprocess.run([sys.executable, "-m", "pymailsrv", "queue", "list", "--root", str(root)],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0
+    assert [line.split()[0] for line in listing.stdout.splitlines()[2:]] == [good]
+    warnings = listing.stderr.splitlines()
+    assert sorted(line.split(" is not a")[0].rsplit("/", 1)[1] for line in warnings) == sorted(broken)
+    assert all(" is not a readable queue entry, skipped" in line for line in warnings)

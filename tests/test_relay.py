@@ -35,6 +35,7 @@ from pymailsrv.outqueue import OutboundQueue, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import make_settings
+from tests.test_queue import put_broken_entries
 from tests.remote_side import FakeDns, Sink
 
 SENDER = "alice@localhost"  # a local user: her bounces land in her Maildir
@@ -405,6 +406,22 @@ def test_the_running_server_delivers_what_is_enqueued(start_server, dns, sink, a
     server = start_server(relay={"dns_server": dns.address, "port": remote.port})
     server.context.queue.enqueue("x@example.org", ["bob@example.net"], MESSAGE)
     remote.wait_for(1)
+
+
+def test_broken_queue_files_neither_stop_the_delivery_threads_nor_the_good_mail(start_server, dns, sink):
+    remote = sink()
+    server = start_server(relay={"dns_server": dns.address, "port": remote.port, "queue_scan_interval": 0.05})
+    queue = server.context.queue
+    # First the queue directory is a file for a while: every look into it fails.
+    queue.directory.write_bytes(b"not a directory")
+    time.sleep(0.3)  # several looks, by every worker
+    queue.directory.unlink()
+    # Then it holds broken entries beside the good one.
+    put_broken_entries(queue)
+    queue.enqueue("x@example.org", ["bob@example.net"], MESSAGE)
+    [received] = remote.wait_for(1)
+    assert received.rcpt_tos == ["bob@example.net"]
+    assert all(thread.is_alive() for thread in server.relay._threads)
 
 
 class _DiskFullQueue(OutboundQueue):
