@@ -17,7 +17,7 @@ from tabulate import tabulate
 
 from pymailsrv.aliases import AliasError, AliasTable
 from pymailsrv.config import Settings
-from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration
+from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
 from pymailsrv.users import UserStore
 
 # A queue listing is one line per message; longer errors are cut to this.
@@ -119,7 +119,14 @@ def queue_group(with_settings: Callable) -> click.Group:
     @with_settings
     def queue_delete(settings: Settings, queue_id: str) -> None:
         """Remove message QUEUE_ID from the queue, unsent and unbounced."""
-        if not OutboundQueue(settings.state_dir).delete(queue_id.upper()):
+        # The id becomes a file name: "../x" must be refused, not looked up.
+        if not is_queue_id(queue_id.upper()):
+            raise click.ClickException(f"{queue_id!r} is not a queue id (16 hex digits, as `queue list` shows)")
+        try:
+            deleted = OutboundQueue(settings.state_dir).delete(queue_id.upper())
+        except OSError as error:  # e.g. a directory where the envelope should be
+            raise click.ClickException(f"cannot delete {queue_id.upper()}: {error.strerror or error}") from None
+        if not deleted:
             raise click.ClickException(f"no message {queue_id!r} in the queue")
         click.echo(f"deleted {queue_id.upper()}")
 

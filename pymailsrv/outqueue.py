@@ -45,6 +45,7 @@ import enum
 import json
 import logging
 import os
+import re
 import secrets
 import time
 import typing
@@ -199,10 +200,20 @@ class RetryPolicy:
         return min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
 
 
+# Hex seconds first, so ids sort by arrival; 32 random bits make two
+# messages in one second (or two processes) distinct.
+QUEUE_ID_SECONDS_DIGITS = 8
+QUEUE_ID_RANDOM_BYTES = 4
+_QUEUE_ID = re.compile(f"[0-9A-F]{{{QUEUE_ID_SECONDS_DIGITS + 2 * QUEUE_ID_RANDOM_BYTES}}}")
+
+
 def _new_queue_id() -> str:
-    # Hex seconds first, so ids sort by arrival; 32 random bits make two
-    # messages in one second (or two processes) distinct.
-    return f"{int(time.time()):08X}{secrets.token_hex(4).upper()}"
+    return f"{int(time.time()):0{QUEUE_ID_SECONDS_DIGITS}X}{secrets.token_hex(QUEUE_ID_RANDOM_BYTES).upper()}"
+
+
+def is_queue_id(text: str) -> bool:
+    """True if ``text`` has the form of a queue id: what a user types must never become a path."""
+    return _QUEUE_ID.fullmatch(text) is not None
 
 
 class OutboundQueue:

@@ -225,3 +225,12 @@ def test_queue_list_shows_the_good_entries_beside_broken_ones(queue, root, clean
     warnings = listing.stderr.splitlines()
     assert sorted(line.split(" is not a")[0].rsplit("/", 1)[1] for line in warnings) == sorted(broken)
     assert all(" is not a readable queue entry, skipped" in line for line in warnings)
+
+
+@pytest.mark.parametrize("queue_id", ["../x", "nonexistent", "../../etc/passwd", ""])
+def test_queue_delete_refuses_what_is_not_a_queue_id(queue, root, queue_id):
+    good = queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE)
+    result = CliRunner().invoke(main, ["queue", "delete", queue_id, "--root", str(root)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {queue_id!r} is not a queue id (16 hex digits, as `queue list` shows)\n"
+    assert queue.ids() == [good]
