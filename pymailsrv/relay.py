@@ -28,9 +28,12 @@ a 5xx reply fails it.
 
 TLS. When a host offers STARTTLS (RFC 3207) we use it, without checking
 its certificate (opportunistic TLS, RFC 7435; see ``tls.client_context``).
-A smarthost can be made to require TLS, and to verify its certificate
-(``relay.smarthost_tls``); its AUTH password (RFC 4954) is sent only over
-TLS.
+If STARTTLS then fails, refused or broken off in the handshake, the mail
+goes in plaintext on a new connection, as it would to a host that offers
+no TLS at all, and a warning is logged. A smarthost can be made to require
+TLS, and to verify its certificate (``relay.smarthost_tls``): then a failed
+STARTTLS is a failed attempt, retried later. Its AUTH password (RFC 4954)
+is sent only over TLS.
 
 Failures go back to the sender as one RFC 3464 bounce per attempt
 (``dsn.py``), sent from the null reverse-path. A message whose own
@@ -113,6 +116,10 @@ class HopFailed(Exception):
     def __init__(self, hop: "Hop", status: str, diagnostic: str) -> None:
         super().__init__(diagnostic)
         self.outcome = Outcome(State.PENDING, status, diagnostic, hop.name)
+
+
+class StartTlsFailed(HopFailed):
+    """The host offered STARTTLS, but refused it or the TLS handshake failed."""
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,9 @@ class Relay:
         self.queue = context.queue
         relay = self.settings.relay
         self._smarthost = parse_host_port(relay.smarthost, 25) if relay.smarthost else None
+        # Only a smarthost can be made to require TLS; an MX host is always
+        # opportunistic, since nothing says which MX hosts can do TLS.
+        self._tls_policy = relay.smarthost_tls if self._smarthost else "opportunistic"
         self._resolver = MxResolver(relay.dns_server)
         self._local_domains = {domain.lower() for domain in self.settings.domains}
         self._threads: list[threading.Thread] = []
@@ -413,13 +423,25 @@ class Relay:
         failure: HopFailed | None = None
         for hop in hops:
             try:
-                return self._transaction(hop, sender, recipients, data)
+                try:
+                    return self._transaction(hop, sender, recipients, data)
+                except StartTlsFailed as error:
+                    if self._tls_policy != "opportunistic":
+                        raise
+                    # RFC 7435 §1.2: for opportunistic security cleartext is
+                    # the baseline and TLS a gain when it works, so a TLS
+                    # failure is no reason to keep the mail from a host that
+                    # takes it in plaintext. A host that broke TLS mid-
+                    # handshake is in no known state: start on a new connection.
+                    log.warning("%s: %s; delivering without TLS", hop, error)
+                    return self._transaction(hop, sender, recipients, data, starttls=False)
             except HopFailed as error:
                 log.info("%s: %s", hop, error)
                 failure = error
         return dict.fromkeys(recipients, failure.outcome)
 
-    def _transaction(self, hop: Hop, sender: str, recipients: list[str], data: bytes) -> dict[str, Outcome]:
+    def _transaction(self, hop: Hop, sender: str, recipients: list[str], data: bytes,
+                     starttls: bool = True) -> dict[str, Outcome]:
         try:
             # Connecting in the constructor also tells smtplib the host's
             # name, which STARTTLS needs for SNI and certificate checks.
@@ -433,7 +455,7 @@ class Relay:
                             _local_diagnostic(f"connect to {hop}: {error.strerror or error}")) from None
         try:
             try:
-                self._hello(client, hop)
+                self._hello(client, hop, starttls)
             except (OSError, smtplib.SMTPException) as error:
                 raise HopFailed(hop, STATUS_BAD_CONNECTION,
                                 _local_diagnostic(f"{hop} failed before MAIL: {error}")) from None
@@ -441,19 +463,26 @@ class Relay:
         finally:
             client.close()
 
-    def _hello(self, client: smtplib.SMTP, hop: Hop) -> None:
-        """EHLO (or HELO), STARTTLS when offered, AUTH at the smarthost."""
+    def _hello(self, client: smtplib.SMTP, hop: Hop, starttls: bool = True) -> None:
+        """EHLO (or HELO), STARTTLS when offered (unless ``starttls`` is False), AUTH at the smarthost."""
         code, reply = client.ehlo()
         if code != 250:
             code, reply = client.helo()
             if code != 250:
                 raise HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
         relay = self.settings.relay
-        policy = relay.smarthost_tls if self._smarthost else "opportunistic"
-        if client.has_extn("starttls"):
-            client.starttls(context=client_context(policy == "verified", relay.smarthost_ca_file))
+        if starttls and client.has_extn("starttls"):
+            try:
+                client.starttls(context=client_context(self._tls_policy == "verified", relay.smarthost_ca_file))
+            except smtplib.SMTPResponseException as error:  # e.g. 454 TLS not available (RFC 3207 §4)
+                raise StartTlsFailed(hop, "4" + outcome_of_reply(error.smtp_code, error.smtp_error, hop).status[1:],
+                                     _local_diagnostic(f"{hop} refused STARTTLS: {error.smtp_code} "
+                                                       f"{error.smtp_error.decode('utf-8', 'replace')}")) from None
+            except OSError as error:  # ssl.SSLError, or the peer hung up mid-handshake
+                raise StartTlsFailed(hop, STATUS_BAD_CONNECTION,
+                                     _local_diagnostic(f"TLS handshake with {hop} failed: {error}")) from None
             client.ehlo()  # RFC 3207 §4.2: start over; the server may offer more now
-        elif policy != "opportunistic":
+        elif self._tls_policy != "opportunistic":
             raise HopFailed(hop, STATUS_SECURITY, _local_diagnostic(
                 f"{hop} does not offer STARTTLS, which relay.smarthost_tls requires"))
         if self._smarthost and relay.smarthost_user:

@@ -9,17 +9,22 @@ an empty answer (NOERROR, no records), as a real server says "no MX here".
 
 ``Sink`` is an ``aiosmtpd`` server that keeps what it receives and can be
 told to misbehave: a reply per recipient (``rcpt_replies``), replies for
-the next DATA commands (``data_replies``), STARTTLS with a given context.
+the next DATA commands (``data_replies``), STARTTLS with a given context,
+one whose handshake always fails (``failing_tls_context``), or STARTTLS
+offered and then refused (``starttls_reply``).
 """
 
 from __future__ import annotations
 
 import socketserver
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 
+import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, syntax
 from dnslib import QTYPE, RCODE, RR, A, DNSRecord, MX
 
 POLL_SECONDS = 0.05  # how often the DNS thread checks for shutdown()
@@ -88,8 +93,44 @@ class SinkHandler:
         return "250 2.0.0 OK queued"
 
 
+def failing_tls_context() -> ssl.SSLContext:
+    """A server context for STARTTLS whose handshake fails with any client that has no certificate.
+
+    It demands a client certificate and allows nothing newer than TLS 1.2,
+    where that demand is part of the handshake (TLS 1.3 makes it later).
+    """
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.example.net").configure_cert(context)
+    ca.configure_trust(context)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class _RefusingStartTls(SMTP):
+    """An aiosmtpd server that offers STARTTLS (it has a context) and answers it with ``reply``."""
+
+    def __init__(self, *args, reply: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._starttls_reply = reply
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await self.push(self._starttls_reply)
+
+
 class _FreePortController(Controller):
     """aiosmtpd's Controller, on port 0: learn the bound port before the self-test connection."""
+
+    def __init__(self, *args, starttls_reply: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._starttls_reply = starttls_reply
+
+    def factory(self) -> SMTP:
+        if self._starttls_reply is None:
+            return super().factory()
+        return _RefusingStartTls(self.handler, reply=self._starttls_reply, **self.SMTP_kwargs)
 
     def _trigger_server(self) -> None:
         self.port = self.server.sockets[0].getsockname()[1]
@@ -98,6 +139,7 @@ class _FreePortController(Controller):
 
 class Sink:
     def __init__(self, **controller_options) -> None:
+        """``controller_options``: aiosmtpd's (``tls_context``, ``authenticator`` ...) and ``starttls_reply``."""
         self.handler = SinkHandler()
         self.controller = _FreePortController(self.handler, hostname="127.0.0.1", port=0,
                                               **controller_options)

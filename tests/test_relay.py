@@ -16,6 +16,7 @@ import dataclasses
 import email
 import email.policy
 import errno
+import logging
 import os
 import signal
 import smtplib
@@ -36,7 +37,7 @@ from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import make_settings
 from tests.test_queue import put_broken_entries
-from tests.remote_side import FakeDns, Sink
+from tests.remote_side import FakeDns, Sink, failing_tls_context
 
 SENDER = "alice@localhost"  # a local user: her bounces land in her Maildir
 MESSAGE = b"From: Alice <alice@localhost>\nSubject: greetings\n\nHello over there.\n.a line with a dot\n"
@@ -192,6 +193,44 @@ def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certif
     server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
     server.relay.run_once()
     assert remote.messages[0].tls  # a CA nobody trusts, and still encrypted
+
+
+def _trusted_nowhere_context() -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("mx2.example.net").configure_cert(context)
+    return context
+
+
+BROKEN_STARTTLS = {
+    "the handshake fails": lambda: {"tls_context": failing_tls_context()},
+    "STARTTLS is refused": lambda: {"tls_context": _trusted_nowhere_context(),
+                                    "starttls_reply": "454 4.7.0 TLS not available due to temporary reason"},
+}
+
+
+@pytest.mark.parametrize("broken", BROKEN_STARTTLS)
+def test_an_mx_whose_starttls_fails_gets_the_mail_in_plaintext(mta, sink, caplog, broken):
+    """RFC 7435: TLS is opportunistic, so a failure of it must not hold the mail back."""
+    remote = sink(**BROKEN_STARTTLS[broken]())
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.relay"):
+        server.relay.run_once()
+    [received] = remote.messages
+    assert not received.tls and received.rcpt_tos == ["bob@example.net"]
+    assert server.context.queue.ids() == []
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "pymailsrv.relay"]
+    assert warning.startswith("mx2.example.net[127.0.0.1]:") and warning.endswith("; delivering without TLS")
+
+
+def test_a_smarthost_that_must_use_tls_is_not_sent_plaintext_when_the_handshake_fails(mta, sink):
+    remote = sink(tls_context=failing_tls_context())
+    server = mta(None, smarthost=f"127.0.0.1:{remote.port}", smarthost_tls="required")
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages == []
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert recipient.status == "4.4.2" and "TLS handshake with" in recipient.last_error
 
 
 # --- outcomes per recipient, retries, bounces ----------------------------------------
