@@ -54,6 +54,7 @@ import logging
 import random
 import re
 import smtplib
+import socket
 import ssl
 import threading
 import time
@@ -443,10 +444,7 @@ class Relay:
     def _transaction(self, hop: Hop, sender: str, recipients: list[str], data: bytes,
                      starttls: bool = True) -> dict[str, Outcome]:
         try:
-            # Connecting in the constructor also tells smtplib the host's
-            # name, which STARTTLS needs for SNI and certificate checks.
-            client = smtplib.SMTP(hop.address, hop.port, local_hostname=self.settings.hostname,
-                                  timeout=self.settings.relay.timeout)
+            client = _HopClient(hop, local_hostname=self.settings.hostname, timeout=self.settings.relay.timeout)
         except smtplib.SMTPConnectError as error:  # a greeting other than 220
             outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
             raise HopFailed(hop, "4" + outcome.status[1:], outcome.diagnostic) from None
@@ -473,6 +471,8 @@ class Relay:
         relay = self.settings.relay
         if starttls and client.has_extn("starttls"):
             try:
+                # Here smtplib wraps the socket in TLS, with server_hostname
+                # the MX host's name, not its address: see _HopClient for why.
                 client.starttls(context=client_context(self._tls_policy == "verified", relay.smarthost_ca_file))
             except smtplib.SMTPResponseException as error:  # e.g. 454 TLS not available (RFC 3207 §4)
                 raise StartTlsFailed(hop, "4" + outcome_of_reply(error.smtp_code, error.smtp_error, hop).status[1:],
@@ -589,6 +589,32 @@ class Relay:
             log.error("%s: cannot queue the bounce, will try again: %s", entry.queue_id, error)
             return self.queue.postpone(entry.queue_id, time.time() + self.queue.retry.min_backoff)
         return self.queue.mark_reported(entry.queue_id, addresses)
+
+
+class _HopClient(smtplib.SMTP):
+    """An ``smtplib.SMTP`` connected to one address of a host, which keeps the host's name.
+
+    smtplib wraps the socket for STARTTLS with ``server_hostname=`` the host
+    it was given, and we must connect to the address we chose (§5.1: each
+    address of each MX host in turn). So the name goes to smtplib and only
+    the socket goes to the address. The name matters in the handshake:
+
+    * it is sent as SNI, the TLS extension that names the server wanted
+      (RFC 6066 §3, which allows no address literals there), so a machine
+      that is the MX host of several domains can present the certificate
+      for the name we looked up. DANE for SMTP (RFC 7672) requires SNI
+      with the MX host's name for this reason;
+    * it is the name a verified certificate must match (RFC 6125 §6), which
+      ``relay.smarthost_tls = "verified"`` checks. An address would match
+      only a certificate issued for that address.
+    """
+
+    def __init__(self, hop: Hop, **options) -> None:
+        self._address = hop.address
+        super().__init__(hop.name, hop.port, **options)  # connects, through _get_socket
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return super()._get_socket(self._address, port, timeout)
 
 
 def _quietly(command) -> None:

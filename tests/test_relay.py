@@ -195,15 +195,26 @@ def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certif
     assert remote.messages[0].tls  # a CA nobody trusts, and still encrypted
 
 
-def _trusted_nowhere_context() -> ssl.SSLContext:
+def _untrusted_certificate_context() -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("mx2.example.net").configure_cert(context)
     return context
 
 
+def test_starttls_names_the_mx_host_not_its_address_in_sni(mta, sink):
+    context = _untrusted_certificate_context()
+    names = []
+    context.sni_callback = lambda connection, name, context: names.append(name)
+    remote = sink(tls_context=context)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages[0].tls and names == ["mx2.example.net"]
+
+
 BROKEN_STARTTLS = {
     "the handshake fails": lambda: {"tls_context": failing_tls_context()},
-    "STARTTLS is refused": lambda: {"tls_context": _trusted_nowhere_context(),
+    "STARTTLS is refused": lambda: {"tls_context": _untrusted_certificate_context(),
                                     "starttls_reply": "454 4.7.0 TLS not available due to temporary reason"},
 }
 
