@@ -492,7 +492,8 @@ def test_an_output_path_in_no_directory_or_naming_one_is_refused_before_grading(
     assert not (tmp_path / "no-such-dir").exists()
     directory = run(root, "--all", "--output", str(tmp_path))
     assert directory.exit_code == 2
-    assert directory.stderr.splitlines()[-1] == f"Error: Invalid value for '--output': File '{tmp_path}' is a directory."
+    assert directory.stderr.splitlines()[-1] == (f"Error: Invalid value for '--output': "
+                                                 f"File '{tmp_path}' is a directory.")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
