@@ -87,11 +87,22 @@ def run_check(check: Check, target: Target) -> Result:
             status, detail = FAIL, str(failed)
         except OSError as error:  # refused, reset, TLS failure: the server's doing
             status, detail = FAIL, f"connection error: {error}"
+        except Exception as error:
+            # A bug in the check, or a reply odd enough to trip its parsing
+            # (int() of a non-number, say): this check fails, the probe goes
+            # on. KeyboardInterrupt is no Exception, so Ctrl-C still stops it.
+            status, detail = FAIL, f"the check broke: {one_line(error)}"
         finally:
             probe.cleanup()
     sent = [line[3:] for line in probe.transcript if line.startswith("C: ")]
     return Result(check.id, check.rfc, check.title, status, sent, detail, list(probe.transcript),
                   round(time.monotonic() - started, 3))
+
+
+def one_line(error: Exception) -> str:
+    """``ValueError: no digits in '+OK'``: the exception's type and message, on one line."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def select(checks: list[Check], only: Iterable[str]) -> list[Check]:

@@ -10,8 +10,10 @@ A check is data (``Check``): a stable id a teacher can cite, the RFC section
 it enforces, what it needs from the command line (``needs``), and ``run``,
 a short function that plays one dialogue through a ``Probe`` and either
 returns (PASS), raises ``Failed`` (FAIL) or raises ``Skipped`` (SKIP, e.g.
-when the extension under test is not advertised). The catalogues themselves
-are in ``probe_checks_pop3.py`` and ``probe_checks_smtp.py``.
+when the extension under test is not advertised). Anything else it raises -
+a bug, or a reply odd enough to trip it - fails that check alone. The
+catalogues themselves are in ``probe_checks_pop3.py`` and
+``probe_checks_smtp.py``.
 
 A ``Probe`` is made fresh for every check. It opens connections (greeting
 read, TLS or STARTTLS/STLS done as asked), logs in, and, for checks that
@@ -511,8 +513,8 @@ class Probe:
             for msg_number in found.values():
                 client.pop3(f"DELE {msg_number}")
             client.pop3("QUIT")
-        except (Failed, OSError):
-            pass  # clean-up must never turn a result around
+        except Exception:  # whatever the server or our parsing did: clean-up must never turn a result around
+            pass
         finally:
             self.close_all()
 

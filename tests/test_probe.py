@@ -15,8 +15,8 @@ import xml.etree.ElementTree as ET
 import pytest
 from click.testing import CliRunner
 
-from pymailsrv.probe import CATALOGUES, FAIL, PASS, SKIP, probe, run_probe, summary, text_report
-from pymailsrv.probe_base import NEEDS, Target
+from pymailsrv.probe import CATALOGUES, FAIL, PASS, SKIP, probe, run_check, run_probe, summary, text_report
+from pymailsrv.probe_base import NEEDS, Check, Probe, Sent, Target
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
 from tests.conftest import PASSWORD
@@ -166,6 +166,29 @@ def test_only_with_no_matching_check_is_a_usage_error(mail_server):
     outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--only", "pop3.no-such-check"])
     assert outcome.exit_code == 2
     assert "no check id matches" in outcome.output
+
+
+def parse_message_count(probe: Probe) -> None:
+    """A check with a bug: it takes the word after +OK for a number, which the greeting is not."""
+    greeting = probe.connect().greeting
+    int(greeting.split()[1])
+
+
+def test_a_check_that_raises_anything_fails_alone_with_a_one_line_reason(mail_server):
+    buggy = Check("pop3.buggy", "RFC 1939 §4", "a check with a bug", parse_message_count)
+    result = run_check(buggy, target_for(mail_server, "pop3"))
+    assert result.status == FAIL
+    assert result.detail == "the check broke: ValueError: invalid literal for int() with base 10: 'pymailsrv'"
+    assert result.transcript[0].startswith("S: +OK pymailsrv")  # what it heard before it broke is kept
+
+
+def test_a_clean_up_that_breaks_does_not_turn_the_result_around(mail_server):
+    def send_with_a_bad_token(probe: Probe) -> None:
+        probe.sent.append(Sent(token=["a list is no token"], text=b""))  # clean-up's set() of tokens raises
+
+    careless = Check("pop3.careless", "RFC 1939 §4", "a check whose mail clean-up cannot find", send_with_a_bad_token)
+    result = run_check(careless, target_for(mail_server, "pop3"))
+    assert (result.status, result.detail) == (PASS, "")
 
 
 def test_an_address_without_a_port_is_a_usage_error():
