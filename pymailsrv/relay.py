@@ -542,16 +542,23 @@ class Relay:
     # --- local recipients and bounces -----------------------------------------------
 
     def deliver_locally(self, sender: str, address: str, message: bytes) -> Outcome:
-        """Deliver to an address of our own domain, through the aliases."""
+        """Deliver to an address of our own domain, through the aliases.
+
+        An alias can have users here and addresses elsewhere. The Maildirs
+        come first and the copy for elsewhere is queued only once they hold
+        the message: a failure in between leaves this recipient pending, and
+        the retry does it all again. Queued first, every retry after a local
+        failure (a broken Maildir stays broken for days) would send the
+        outside addresses one more copy; this way round only a queue write
+        failing just after a local delivery repeats anything, and what it
+        repeats is the local copy.
+        """
         local_part = address.rpartition("@")[0]
         expansion = self.context.aliases.expand(local_part)
         if not expansion:
             return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
                            _local_diagnostic(f"no such user or alias here: {local_part}"))
         try:
-            if expansion.external:
-                # Forwarded on, keeping the original sender for bounces.
-                self.queue.enqueue(sender, expansion.external, message)
             if expansion.users:
                 text = without_return_path(message).replace(b"\r\n", b"\n")
                 incoming = self.context.store.receive(expansion.users)
@@ -561,6 +568,9 @@ class Relay:
                 except BaseException:
                     incoming.discard()
                     raise
+            if expansion.external:
+                # Forwarded on, keeping the original sender for bounces.
+                self.queue.enqueue(sender, expansion.external, message)
         except StorageError as error:
             return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
         return Outcome(State.DELIVERED, STATUS_DELIVERED, _local_diagnostic("delivered locally"))

@@ -395,6 +395,29 @@ def test_an_alias_forwards_outside_keeping_the_original_sender(mta, sink, root, 
     assert received.mail_from == "someone@example.org" and received.rcpt_tos == ["bob@example.net"]
 
 
+def test_an_alias_whose_maildir_fails_forwards_outside_only_once(mta, sink, root, add_user):
+    """The outside copy is queued only after the local one is delivered, so retries do not repeat it."""
+    remote = sink()
+    server = mta(remote)
+    add_user("frank")
+    server.context.aliases.add("team", ["frank", "bob@example.net"])
+    new = root / "frank" / "new"
+    new.rmdir()
+    new.write_bytes(b"")  # frank's Maildir is broken: new/ is a file
+    queue_id = server.context.queue.enqueue("someone@example.org", ["team@localhost"], MESSAGE)
+    server.relay.run_once()
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert recipient.status == "4.3.0" and "local delivery failed" in recipient.last_error
+    assert server.context.queue.ids() == [queue_id] and remote.messages == []
+    new.unlink()
+    new.mkdir()  # repaired
+    server.context.queue.flush()
+    server.relay.run_once()
+    assert len(maildir_messages(root, "frank")) == 1
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+
+
 def test_an_unknown_local_recipient_fails_with_5_1_1(mta, root):
     server = mta(None)
     server.context.queue.enqueue(SENDER, ["nobody@localhost"], MESSAGE)
