@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import click
 from tabulate import tabulate
 
+from pymailsrv.config import parse_host_port
 from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
@@ -180,14 +181,23 @@ def junit_report(results: list[Result], suite: str) -> str:
 # --- the command line --------------------------------------------------------------
 
 
+# Port 0 is nothing a server listens on, so as parse_host_port's default it
+# stands for "no port given": the probe must be told where to connect.
+NO_PORT = 0
+
+
 def _address(value: str | None, option: str) -> tuple[str, int] | None:
-    """HOST:PORT (or [v6]:PORT) as a socket address."""
+    """HOST:PORT (or [v6]:PORT) as a socket address; the port is required."""
     if value is None:
         return None
-    host, colon, port = value.rpartition(":")
-    if not colon or not port.isdigit() or not host:
-        raise click.BadParameter(f"expected HOST:PORT, got {value!r}", param_hint=option)
-    return host.strip("[]"), int(port)
+    try:
+        host, port = parse_host_port(value, default_port=NO_PORT)
+        if port == NO_PORT:
+            raise ValueError("no port")
+    except ValueError:
+        raise click.BadParameter(f"expected HOST:PORT or [IPv6]:PORT, port 1-65535, got {value!r}",
+                                 param_hint=option) from None
+    return host, port
 
 
 @click.command()

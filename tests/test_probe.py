@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -191,10 +192,50 @@ def test_a_clean_up_that_breaks_does_not_turn_the_result_around(mail_server):
     assert (result.status, result.detail) == (PASS, "")
 
 
-def test_an_address_without_a_port_is_a_usage_error():
-    outcome = CliRunner().invoke(probe, ["smtp", "localhost"])
+@pytest.mark.parametrize("address", ["localhost", "localhost:", "localhost:0", "localhost:65536", "localhost:pop3",
+                                     ":110", "::1:110", "[::1]", "[::1", "[::1]110"])
+def test_an_address_without_a_usable_port_is_a_usage_error(address):
+    outcome = CliRunner().invoke(probe, ["smtp", address])
     assert outcome.exit_code == 2
-    assert "HOST:PORT" in outcome.output
+    assert outcome.stderr.splitlines()[-1] == ("Error: Invalid value for ADDRESS: expected HOST:PORT or "
+                                               f"[IPv6]:PORT, port 1-65535, got {address!r}")
+
+
+def test_the_other_servers_addresses_are_checked_the_same_way():
+    outcome = CliRunner().invoke(probe, ["pop3", "127.0.0.1:1100", "--smtp", "127.0.0.1"])
+    assert outcome.exit_code == 2
+    assert outcome.stderr.splitlines()[-1] == ("Error: Invalid value for --smtp: expected HOST:PORT or "
+                                               "[IPv6]:PORT, port 1-65535, got '127.0.0.1'")
+
+
+@pytest.fixture
+def ipv6_greeter():
+    """The port of a listener on [::1] that greets one connection as a POP3 server would."""
+    try:
+        listener = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    listener.settimeout(TIMEOUT)  # the thread ends even if the probe never comes
+
+    def greet_once() -> None:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.sendall(b"+OK greeter ready\r\n")
+
+    thread = threading.Thread(target=greet_once)
+    thread.start()
+    yield listener.getsockname()[1]
+    thread.join()
+    listener.close()
+
+
+def test_an_ipv6_address_is_written_in_brackets(ipv6_greeter):
+    outcome = CliRunner().invoke(probe, ["pop3", f"[::1]:{ipv6_greeter}", "--only", "pop3.greeting-ok"])
+    assert outcome.exit_code == 0, outcome.output
+    assert outcome.stdout.splitlines()[-1] == "1 passed, 0 failed, 0 skipped"
 
 
 def test_summary_counts_each_status():
