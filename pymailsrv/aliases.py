@@ -103,6 +103,12 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
 
     An address in one of ``local_domains`` becomes its local part.
     """
+    try:
+        target.encode("utf-8")
+    except UnicodeEncodeError:
+        # Bytes that are not UTF-8 on a command line arrive as lone
+        # surrogates (PEP 383): no file or mail server could take them.
+        raise AliasError(f"invalid target {target!r}: not valid UTF-8") from None
     target = target.strip()
     if "@" not in target:
         return _checked_name(target)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -136,3 +138,15 @@ def test_the_alias_commands(root, add_user):
     assert run("alias", "remove", "team").output.strip() == "removed alias team"
     refused = run("alias", "add", "bad/name", "alice")
     assert refused.exit_code == 1 and "invalid name" in refused.output
+
+
+@pytest.mark.parametrize("argument", [b"caf\xe9", b"caf\xe9@example.net", b"x@caf\xe9.example"])
+def test_alias_add_with_bytes_that_are_not_utf8_is_a_one_line_error(root, clean_environment, argument):
+    """A real process: click hands such bytes over as lone surrogates, which UTF-8 cannot write."""
+    for args, error in (([b"team", argument], b": not valid UTF-8"), ([argument, b"alice"], b"")):
+        result = subprocess.run([sys.executable.encode(), b"-m", b"pymailsrv", b"alias", b"add", *args,
+                                 b"--root", bytes(root)], capture_output=True, timeout=60)
+        assert result.returncode == 1 and result.stdout == b""
+        [line] = result.stderr.splitlines()
+        assert line.startswith(b"Error: invalid ") and error in line
+    assert not (root / ".pymailsrv" / "aliases").exists()
