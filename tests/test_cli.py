@@ -263,6 +263,25 @@ def test_user_add_and_deliver_as_real_processes(root):
     assert len(MaildirStore(root).messages("alice")) == 1
 
 
+# The modules whose commands cli.py registers: each must import on its own,
+# first, in a fresh interpreter, which an import cycle through cli.py breaks.
+COMMAND_MODULES = ["transcripts", "grade", "grade_criteria", "classroom", "probe", "explain", "mailview",
+                   "cli_relay"]
+
+
+@pytest.mark.parametrize("module", COMMAND_MODULES)
+def test_a_command_module_imports_on_its_own(module):
+    imported = subprocess.run([sys.executable, "-c", f"import pymailsrv.{module}"], capture_output=True,
+                              timeout=60)
+    assert (imported.returncode, imported.stderr) == (0, b"")
+
+
+def test_transcripts_help_as_a_real_process():
+    shown = run_cli("transcripts", "--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines()[0] == b"Usage: python -m pymailsrv transcripts [OPTIONS] COMMAND [ARGS]..."
+
+
 class RunningServer:
     """``python -m pymailsrv start`` as a child process, with its stderr read line by line."""
 
