@@ -246,6 +246,12 @@ class AliasTable:
             log.warning("expanding %r: %s", name, problem)
         return Expansion(tuple(found_users), tuple(external), tuple(problems))
 
+    def unknown_names(self, targets: Iterable[str]) -> list[str]:
+        """The local names among ``targets`` that are neither a user nor an alias (yet)."""
+        known = set(self._user_names()) | set(self.table())
+        local = [check_target(target, self.domains) for target in targets]
+        return [name for name in local if "@" not in name and name not in known]
+
     # --- changing ----------------------------------------------------------------
 
     def add(self, name: str, targets: Iterable[str]) -> list[str]:

@@ -40,11 +40,17 @@ def alias_group(with_settings: Callable) -> click.Group:
     @with_settings
     def alias_add(settings: Settings, name: str, targets: tuple[str, ...]) -> None:
         """Make NAME deliver to TARGETs too (users, aliases or user@domain)."""
+        table = _aliases(settings)
         try:
-            now = _aliases(settings).add(name, targets)
+            now = table.add(name, targets)
         except AliasError as error:
             raise click.ClickException(str(error)) from None
         click.echo(f"{name.lower()}: {', '.join(now)}")
+        # Added all the same: aliases may be defined in any order, and the
+        # user may be created next. Until then expansion skips the name.
+        for unknown in table.unknown_names(targets):
+            click.echo(f"warning: {unknown!r} is not a local user or alias; nothing is delivered to it "
+                       "until it is one", err=True)
 
     @alias.command("remove")
     @click.argument("name")

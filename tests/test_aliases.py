@@ -140,6 +140,18 @@ def test_the_alias_commands(root, add_user):
     assert refused.exit_code == 1 and "invalid name" in refused.output
 
 
+def test_alias_add_warns_about_a_target_that_is_no_user_or_alias_but_adds_it(root, add_user):
+    add_user("alice")
+    runner = CliRunner()
+    runner.invoke(main, ["alias", "add", "staff", "alice", "--root", str(root)])
+    result = runner.invoke(main, ["alias", "add", "team", "staff", "ghost", "x@example.net", "Alice@localhost",
+                                  "--root", str(root)])
+    assert result.exit_code == 0
+    assert result.stdout == "team: staff, ghost, x@example.net, alice\n"
+    assert result.stderr == ("warning: 'ghost' is not a local user or alias; nothing is delivered to it "
+                             "until it is one\n")
+
+
 @pytest.mark.parametrize("argument", [b"caf\xe9", b"caf\xe9@example.net", b"x@caf\xe9.example"])
 def test_alias_add_with_bytes_that_are_not_utf8_is_a_one_line_error(root, clean_environment, argument):
     """A real process: click hands such bytes over as lone surrogates, which UTF-8 cannot write."""
