@@ -185,20 +185,19 @@ def test_the_message_goes_out_with_crlf_stuffed_dots_and_without_return_path(mta
     assert remote.messages[0].content == MESSAGE.replace(b"\n", b"\r\n")
 
 
-def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certificate(mta, sink):
+def _untrusted_certificate_context() -> ssl.SSLContext:
+    """A certificate for the MX host from a CA nobody trusts."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("mx2.example.net").configure_cert(context)
-    remote = sink(tls_context=context)
+    return context
+
+
+def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certificate(mta, sink):
+    remote = sink(tls_context=_untrusted_certificate_context())
     server = mta(remote)
     server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
     server.relay.run_once()
     assert remote.messages[0].tls  # a CA nobody trusts, and still encrypted
-
-
-def _untrusted_certificate_context() -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    trustme.CA().issue_cert("mx2.example.net").configure_cert(context)
-    return context
 
 
 def test_starttls_names_the_mx_host_not_its_address_in_sni(mta, sink):
