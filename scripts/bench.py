@@ -23,11 +23,19 @@ be compared as ratios:
   ``new/``, as pymailsrv does), if aiosmtpd is importable (``pip install
   '.[bench]'``). It runs in a subprocess too: this script with
   ``--serve-aiosmtpd``.
+* ``--peer dovecot``: the same POP3 load against Dovecot (the distribution's
+  ``dovecot-pop3d``, 2.3), started with ``dovecot -F`` on a private config
+  written into the temporary directory (``configure_dovecot``). It serves the
+  very maildrops pymailsrv just served, and runs after it; the SMTP and
+  memory scenarios are skipped. Without Dovecot a note says so.
 
 Every rate is the median of 3 runs (min-max shown); latency is per SMTP
 transaction (MAIL+RCPT+DATA) or per POP3 RETR, over all runs of a scenario;
-CPU is the server's utime+stime per message; RSS is the server's peak
-(VmHWM) over the scenario, each scenario on a freshly started server.
+POP3 also gives MB/s (10**6 octets of messages retrieved); CPU is the
+server's utime+stime per message (all its processes, for Dovecot); RSS is
+the server's peak (VmHWM) over the scenario, each scenario on a freshly
+started server. Each POP3 scenario has one untimed pass first, so the
+timed runs see maildrops the server has already opened once.
 
 The load generator is Python too and shares the machine: on a small box it
 competes with the server for CPU, which is why only ratios within one run
@@ -42,10 +50,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import json
 import multiprocessing
 import os
 import poplib
+import pwd
 import re
 import resource
 import shutil
@@ -91,7 +101,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class ServerProcess:
-    """A server in a subprocess that prints ``listening name=host:port ...`` on stderr.
+    """A server in a subprocess, ready once it listens.
+
+    Ours print ``listening name=host:port ...`` on stderr. A server that
+    prints no such line (Dovecot) is given its ``addresses`` up front, and is
+    ready once the first of them answers with a greeting.
 
     ``stop()`` sends SIGTERM, waits, and kills if it must; the script calls it
     in a ``finally`` and again at exit, so no server outlives the script.
@@ -99,9 +113,10 @@ class ServerProcess:
 
     running: list["ServerProcess"] = []
 
-    def __init__(self, name: str, argv: list[str]) -> None:
+    def __init__(self, name: str, argv: list[str],
+                 addresses: dict[str, tuple[str, int]] | None = None) -> None:
         self.name = name
-        self.addresses: dict[str, tuple[str, int]] = {}
+        self.addresses: dict[str, tuple[str, int]] = dict(addresses or {})
         self.stderr_tail: list[str] = []
         started = time.monotonic()
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -110,12 +125,27 @@ class ServerProcess:
         self._listening = threading.Event()
         self._reader = threading.Thread(target=self._read_stderr, daemon=True)
         self._reader.start()
-        if not self._listening.wait(START_TIMEOUT) or not self.addresses:
+        ready = self._greets() if addresses else self._listening.wait(START_TIMEOUT) and self.addresses
+        if not ready:
             self.stop()
-            # The last line of a traceback says what went wrong.
+            # The last line of a traceback (or of Dovecot's log) says what went wrong.
             last = next((line.strip() for line in reversed(self.stderr_tail) if line.strip()), "no output")
             raise RuntimeError(f"{name} did not start: {last}")
         self.startup_seconds = time.monotonic() - started
+
+    def _greets(self) -> bool:
+        """Wait until the first address sends a greeting line, or the process ends."""
+        address = next(iter(self.addresses.values()))
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                with socket.create_connection(address, timeout=1.0) as sock:
+                    if sock.recv(512).startswith((b"+OK", b"220")):
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.05)
+        return False
 
     def _read_stderr(self) -> None:
         # Keep reading to the end, so a chatty server never blocks on a full pipe.
@@ -132,20 +162,54 @@ class ServerProcess:
     def pid(self) -> int:
         return self.process.pid
 
+    def processes(self) -> list[int]:
+        """The server's pid and those of all its live descendants.
+
+        pymailsrv and aiosmtpd are one process each; Dovecot is a master with
+        a process per service (log, auth, pop3-login) and one per POP3 session.
+        """
+        parents: dict[int, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    parents.setdefault(int(_proc_stat(int(entry.name))[1]), []).append(int(entry.name))
+        tree, index = [self.pid], 0
+        while index < len(tree):
+            tree += parents.get(tree[index], [])
+            index += 1
+        return tree
+
     def cpu_seconds(self) -> float:
-        """utime + stime of the server process, all its threads (proc(5))."""
-        with open(f"/proc/{self.pid}/stat") as file:
-            fields = file.read().rsplit(")", 1)[1].split()
-        # After "pid (comm)": field 3 is fields[0], so utime (14) and stime (15) are [11], [12].
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        """CPU time of the server: its processes' utime + stime, all threads (proc(5)).
+
+        Each process's cutime + cstime is added too: that is the time of its
+        children that have ended and been waited for, such as Dovecot's
+        per-session pop3 processes. A live child is counted on its own, so
+        nothing is counted twice.
+        """
+        ticks = 0
+        for pid in self.processes():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = _proc_stat(pid)
+                # Field 3 of stat(5) is fields[0], so utime (14) .. cstime (17) are [11] .. [14].
+                ticks += sum(int(value) for value in fields[11:15])
+        return ticks / CLOCK_TICKS
 
     def memory_mb(self, key: str) -> float:
-        """``VmRSS`` (now) or ``VmHWM`` (peak) from /proc/PID/status, in MB."""
-        with open(f"/proc/{self.pid}/status") as file:
-            for line in file:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        """``VmRSS`` (now) or ``VmHWM`` (peak) from /proc/PID/status, in MB.
+
+        Summed over the live processes of the server: for one process it is
+        exact; for Dovecot it counts shared pages once per process, and the
+        ended session processes not at all, so it is a rough figure.
+        """
+        total, found = 0, False
+        for pid in self.processes():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as file:
+                for line in file:
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+                        found = True
+        return total / 1024 if found else float("nan")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -165,6 +229,12 @@ class ServerProcess:
             server.stop()
 
 
+def _proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after "pid (comm)": state, ppid, ..."""
+    with open(f"/proc/{pid}/stat") as file:
+        return file.read().rsplit(")", 1)[1].split()
+
+
 @dataclass
 class Site:
     """A temporary data root with its users, shared by pymailsrv and the peer's layout."""
@@ -172,6 +242,7 @@ class Site:
     root: Path
     smtp_users: list[str]
     pop3_users: list[str] = field(default_factory=list)
+    pop3_messages: int = 0  # in each POP3 user's maildrop
 
     def count_new(self) -> int:
         """Messages delivered so far: files in every SMTP user's ``new/``."""
@@ -195,7 +266,8 @@ def make_site(base: Path, name: str, smtp_users: int, pop3_users: int, pop3_mess
     root = base / name
     store = MaildirStore(root)
     users = UserStore(store.state_dir)
-    site = Site(root, [f"user{i}" for i in range(smtp_users)], [f"pop{i}" for i in range(pop3_users)])
+    site = Site(root, [f"user{i}" for i in range(smtp_users)], [f"pop{i}" for i in range(pop3_users)],
+                pop3_messages)
     for user in site.smtp_users + site.pop3_users:
         users.add(user, PASSWORD)
         store.create_maildir(user)
@@ -283,6 +355,125 @@ def serve_aiosmtpd(root: Path, max_message_size: int) -> None:
     asyncio.run(main())
 
 
+def find_dovecot() -> tuple[str | None, str]:
+    """(the ``dovecot`` binary, its version), or (None, why there is none to run).
+
+    /usr/sbin is searched too: a user's PATH often lacks it.
+    """
+    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    binary = shutil.which("dovecot", path=search)
+    if binary is None:
+        return None, ("Dovecot is not installed (Debian and Ubuntu: apt-get install "
+                      "--no-install-recommends dovecot-pop3d): no Dovecot figures")
+    try:
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10,
+                                 check=True).stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as error:
+        return None, f"{binary} --version failed ({error!r}): no Dovecot figures"
+    if not version.startswith("2.3."):
+        # 2.4 renamed many of the settings below (mail_location, disable_plaintext_auth, passdb args).
+        return None, f"Dovecot {version} at {binary}: this script writes a 2.3 configuration; no Dovecot figures"
+    return binary, version
+
+
+def free_port() -> int:
+    """A port on HOST that nothing listens on now (the kernel picks it for port 0)."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def configure_dovecot(site: Site, base: Path) -> tuple[Path, int]:
+    """Write a private Dovecot 2.3 configuration that serves the site's POP3 maildrops.
+
+    Returns (config file, POP3 port). Everything Dovecot writes goes under
+    ``base/dovecot/`` or into the maildrops: the system's Dovecot
+    configuration is neither read nor changed, and it listens on one
+    loopback TCP port only. The users and
+    passwords are the bench's, from a passwd-file, and USER/PASS is allowed
+    without TLS. Otherwise Dovecot's defaults hold, as a packager ships them.
+
+    Dovecot never reads mail as root ("userdb returned 0 as uid") and its
+    login processes may not run as root. So when the bench runs as root, the
+    POP3 maildrops are handed to ``nobody`` (pymailsrv, as root, can still
+    read them) and logins run as ``dovenull``, the package's login user. As
+    any other user, every Dovecot process runs as that user, without chroot.
+    """
+    directory = base / "dovecot"
+    for subdir in ("run", "state"):
+        (directory / subdir).mkdir(parents=True, exist_ok=True)
+    if any(char in str(base) for char in ' "%#\\'):
+        raise RuntimeError(f"{base}: Dovecot's configuration cannot quote this path (use --tmpdir)")
+    if os.getuid() == 0:
+        mail = pwd.getpwnam("nobody")
+        uid, gid = mail.pw_uid, mail.pw_gid
+        internal_user, internal_group = "root", "dovecot"
+        try:
+            login_user = pwd.getpwnam("dovenull").pw_name
+        except KeyError:
+            login_user = mail.pw_name
+        for path in (base, directory, site.root):
+            os.chmod(path, 0o711)  # nobody must get through to the maildrops, without listing
+        for user in site.pop3_users:
+            for dirpath, _dirnames, filenames in os.walk(site.root / user):
+                os.chown(dirpath, uid, gid)
+                for name in filenames:
+                    os.chown(os.path.join(dirpath, name), uid, gid)
+        no_chroot = ""
+    else:
+        uid, gid = os.getuid(), os.getgid()
+        internal_user = login_user = pwd.getpwuid(uid).pw_name
+        internal_group = grp.getgrgid(gid).gr_name
+        # Only root may chroot: these are the services that start with POP3 and chroot by default.
+        no_chroot = "".join(f"service {service} {{\n  chroot =\n}}\n" for service in ("anvil", "ipc", "pop3-login"))
+    passwd = directory / "passwd"
+    passwd.write_text("".join(f"{user}:{{PLAIN}}{PASSWORD}::::::\n" for user in site.pop3_users))
+    port = free_port()
+    config = directory / "dovecot.conf"
+    config.write_text(f"""\
+# A private Dovecot for scripts/bench.py: POP3 on {HOST}:{port}, files under {directory}.
+base_dir = {directory}/run
+state_dir = {directory}/state
+log_path = /dev/stderr
+protocols = pop3
+listen = {HOST}
+ssl = no
+# The bench logs in with USER/PASS over plain TCP, on loopback.
+disable_plaintext_auth = no
+auth_mechanisms = plain
+# The very maildrops pymailsrv serves: ROOT/<user>/{{new,cur,tmp}}.
+mail_location = maildir:{site.root}/%u
+first_valid_uid = 1
+default_internal_user = {internal_user}
+default_internal_group = {internal_group}
+default_login_user = {login_user}
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {passwd}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%u {passwd}
+  default_fields = uid={uid} gid={gid} home={site.root}/%u
+}}
+service pop3-login {{
+  inet_listener pop3 {{
+    address = {HOST}
+    port = {port}
+  }}
+  inet_listener pop3s {{
+    port = 0
+  }}
+}}
+{no_chroot}""")
+    return config, port
+
+
+def start_dovecot(binary: str, config: Path, port: int) -> ServerProcess:
+    # -F: in the foreground, so SIGTERM to this process stops Dovecot and all its children.
+    return ServerProcess("dovecot", [binary, "-F", "-c", str(config)], addresses={"pop3": (HOST, port)})
+
+
 # --- Load generators ---------------------------------------------------------------
 
 
@@ -302,6 +493,7 @@ class Outcome:
 
     latencies: list[float] = field(default_factory=list)  # seconds per transaction
     messages: int = 0
+    octets: int = 0  # POP3: message octets retrieved, as poplib counts them (CRLF line ends)
     errors: int = 0
     notes: list[str] = field(default_factory=list)
 
@@ -359,7 +551,7 @@ def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barr
         ready.wait(timeout=START_TIMEOUT)
     if not go.wait(timeout=START_TIMEOUT * 2):
         return
-    latencies, errors = [], 0
+    latencies, errors, octets = [], 0, 0
     try:
         client = poplib.POP3(HOST, port, timeout=CONNECT_TIMEOUT)
         client.sock.settimeout(SOCKET_TIMEOUT)
@@ -371,7 +563,7 @@ def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barr
                 errors += count - msg_number + 1
                 break
             started = time.perf_counter()
-            client.retr(msg_number)
+            octets += client.retr(msg_number)[2]
             latencies.append(time.perf_counter() - started)
         client.quit()
     except (OSError, poplib.error_proto) as error:
@@ -381,6 +573,7 @@ def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barr
     with lock:
         outcome.latencies += latencies
         outcome.messages += len(latencies)
+        outcome.octets += octets
         outcome.errors += errors
 
 
@@ -444,6 +637,7 @@ def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
             part = results.get(timeout=RUN_TIMEOUT + SOCKET_TIMEOUT * 2)
             merged.latencies += part["latencies"]
             merged.messages += part["messages"]
+            merged.octets += part["octets"]
             merged.errors += part["errors"]
             merged.notes += part["notes"]
         settle_until = time.monotonic() + SETTLE_TIMEOUT
@@ -473,6 +667,7 @@ class Record:
     msgs_per_s: float | None = None
     msgs_per_s_min: float | None = None
     msgs_per_s_max: float | None = None
+    mb_per_s: float | None = None  # POP3: median of message octets retrieved per second, in 10**6
     p50_ms: float | None = None
     p99_ms: float | None = None
     cpu_ms_per_msg: float | None = None
@@ -532,18 +727,29 @@ def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections
 
 def pop3_scenario(server: ServerProcess, site: Site, clients: int, runs: int) -> Record:
     port = server.addresses["pop3"][1]
+    users = site.pop3_users[:clients]
     record = Record(server.name, "pop3", "2KB", clients)
-    rates, latencies, cpu, retrieved = [], [], 0.0, 0
+    # One untimed pass first. A server's first session on a maildrop does
+    # one-off work: both servers move new/ to cur/ and mark what was
+    # retrieved as seen (renames), and Dovecot builds its index. The timed
+    # runs then measure the steady state, whatever --runs is.
+    run_load("pop3", port, users, 0, [], lambda merged: True)
+    rates, byte_rates, latencies, cpu, retrieved = [], [], [], 0.0, 0
     for _run in range(runs):
         cpu_before = server.cpu_seconds()
-        elapsed, outcome = run_load("pop3", port, site.pop3_users[:clients], 0, [], lambda merged: True)
+        elapsed, outcome = run_load("pop3", port, users, 0, [], lambda merged: True)
         cpu += server.cpu_seconds() - cpu_before
         retrieved += outcome.messages
         rates.append(outcome.messages / elapsed)
+        byte_rates.append(outcome.octets / elapsed / 1e6)
         latencies += outcome.latencies
         record.errors += outcome.errors
         if outcome.notes and not record.note:
             record.note = outcome.notes[0][:80]
+        if outcome.messages != clients * site.pop3_messages and not record.note:
+            # Both servers must serve the same maildrops, all of them.
+            record.note = f"retrieved {outcome.messages} of {clients} x {site.pop3_messages} messages"
+    record.mb_per_s = statistics.median(byte_rates)
     return summarise(record, rates, latencies, cpu, retrieved, server)
 
 
@@ -669,8 +875,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 2 KB x 10 connections SMTP, a small POP3 run, idle RSS")
     parser.add_argument("--json", metavar="PATH", help="also write every record as JSON to PATH")
-    parser.add_argument("--peer", choices=["aiosmtpd", "postfix-smtp-source", "none"], default="aiosmtpd",
-                        help="what to compare with (default aiosmtpd, if installed)")
+    parser.add_argument("--peer", choices=["aiosmtpd", "postfix-smtp-source", "dovecot", "none"],
+                        default="aiosmtpd",
+                        help="what to compare with (default aiosmtpd, if installed); dovecot runs "
+                             "the POP3 scenarios only, against a private Dovecot if it is installed")
     parser.add_argument("--messages", type=int, help="SMTP messages per run (default 600 for 2 KB, 300 for 100 KB)")
     parser.add_argument("--users", type=int, default=10, help="SMTP recipients, round robin (default 10)")
     parser.add_argument("--runs", type=int, default=RUNS, help="runs per scenario; the median is reported")
@@ -715,6 +923,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         return 200 if quick else (600 if size_name == "2KB" else 300)
 
     peers: list[str] = []
+    dovecot: str | None = None
     if args.peer == "aiosmtpd":
         if aiosmtpd_available():
             peers.append("aiosmtpd")
@@ -726,6 +935,16 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
                      "smtp-source (Postfix) is not installed here: compare with issue 9's reference figures")
         if shutil.which("smtp-source"):
             peers.append("postfix-smtp-source")
+    elif args.peer == "dovecot":
+        # Dovecot is the POP3 peer, so with it the run is about POP3 only.
+        notes.append("--peer dovecot runs the POP3 scenarios only (--peer aiosmtpd for SMTP and memory)")
+        smtp_plan = []
+        dovecot, found = find_dovecot()
+        if dovecot:
+            peers.append("dovecot")
+            notes.append(f"Dovecot {found} ({dovecot}), on a private configuration, serving the same maildrops")
+        else:
+            notes.append(found)
 
     print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
           f"{runs} runs per scenario", file=sys.stderr)
@@ -738,7 +957,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         time.sleep(0.2)  # let start-up settle before reading the idle RSS
         records.append(Record("pymailsrv", "rss-idle", None, 0, rss_mb=server.memory_mb("VmRSS"),
                               note=f"listening after {server.startup_seconds:.2f} s"))
-    if not has_smtp:
+    if not has_smtp and smtp_plan:
         notes.append("this pymailsrv has no SMTP listener yet (no smtp= in its listening line): "
                      "SMTP scenarios skipped")
         smtp_plan = []
@@ -763,9 +982,23 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         attempt(records, Record("pymailsrv", "pop3", "2KB", clients), lambda: start_pymailsrv(site, base),
                 lambda server: pop3_scenario(server, site, clients, runs))
     if "aiosmtpd" in peers and pop3_plan:
-        notes.append("the peer is SMTP only: no POP3 comparison (issue 9 names Dovecot for that)")
+        notes.append("the peer is SMTP only: no POP3 comparison (--peer dovecot for that)")
+    if "dovecot" in peers and pop3_plan:
+        # After pymailsrv: Dovecot adds its index files to the maildrops and
+        # (as root) they are handed to another user, so pymailsrv saw them
+        # as it delivered them. Both then retrieve the same messages.
+        try:
+            config, port = configure_dovecot(site, base)
+        except (OSError, KeyError, RuntimeError) as error:
+            notes.append(f"Dovecot could not be configured: {error}")
+        else:
+            for clients in pop3_plan:
+                progress(f"pop3 2KB x {clients} clients, Dovecot")
+                attempt(records, Record("dovecot", "pop3", "2KB", clients),
+                        lambda: start_dovecot(dovecot, config, port),
+                        lambda server: pop3_scenario(server, site, clients, runs))
 
-    if not quick:
+    if not quick and args.peer != "dovecot":
         protocol = "smtp" if has_smtp else "pop3"
         progress(f"memory: {IDLE_CONNECTIONS} idle {protocol} connections")
         servers = {"pymailsrv": lambda: start_pymailsrv(site, base)}
@@ -827,23 +1060,33 @@ def report(records: list[Record], notes: list[str]) -> None:
         if record.msgs_per_s is not None:
             rate = f"{record.msgs_per_s:,.0f} ({record.msgs_per_s_min:,.0f}-{record.msgs_per_s_max:,.0f})"
         rows.append([record.server, record.scenario, record.size or "", record.connections, rate,
-                     number(record.p50_ms, 2), number(record.p99_ms, 2), number(record.cpu_ms_per_msg, 2),
-                     number(record.rss_mb), record.errors or "", record.note])
-    print(tabulate(rows, headers=["server", "scenario", "size", "conns", "msg/s median (min-max)",
+                     number(record.mb_per_s), number(record.p50_ms, 2), number(record.p99_ms, 2),
+                     number(record.cpu_ms_per_msg, 2), number(record.rss_mb), record.errors or "", record.note])
+    print(tabulate(rows, headers=["server", "scenario", "size", "conns", "msg/s median (min-max)", "MB/s",
                                   "p50 ms", "p99 ms", "CPU ms/msg", "RSS MB", "errors", "note"]))
 
-    ratios = []
-    for mine in records:
-        if mine.server != "pymailsrv" or mine.msgs_per_s is None:
-            continue
-        for peer in records:
-            if (peer.server == "aiosmtpd" and (peer.scenario, peer.size, peer.connections)
-                    == (mine.scenario, mine.size, mine.connections) and peer.msgs_per_s):
-                ratios.append([mine.scenario, mine.size, mine.connections, f"{mine.msgs_per_s:,.0f}",
-                               f"{peer.msgs_per_s:,.0f}", f"{mine.msgs_per_s / peer.msgs_per_s:.2f}x"])
+    def pairs(peer_name: str) -> Iterator[tuple[Record, Record]]:
+        """(pymailsrv, peer) records of the same scenario, both with a rate."""
+        for mine in records:
+            for peer in records:
+                if (mine.server == "pymailsrv" and peer.server == peer_name and mine.msgs_per_s
+                        and peer.msgs_per_s and (peer.scenario, peer.size, peer.connections)
+                        == (mine.scenario, mine.size, mine.connections)):
+                    yield mine, peer
+
+    ratios = [[mine.scenario, mine.size, mine.connections, f"{mine.msgs_per_s:,.0f}", f"{peer.msgs_per_s:,.0f}",
+               f"{mine.msgs_per_s / peer.msgs_per_s:.2f}x"] for mine, peer in pairs("aiosmtpd")]
     if ratios:
         print("\npymailsrv / aiosmtpd+Maildir (delivered messages/s, same run):")
         print(tabulate(ratios, headers=["scenario", "size", "conns", "pymailsrv", "aiosmtpd", "ratio"]))
+    ratios = [[mine.scenario, mine.size, mine.connections, f"{mine.msgs_per_s:,.0f}", f"{peer.msgs_per_s:,.0f}",
+               f"{mine.msgs_per_s / peer.msgs_per_s:.2f}x", number(mine.mb_per_s, 2), number(peer.mb_per_s, 2),
+               f"{mine.mb_per_s / peer.mb_per_s:.2f}x" if mine.mb_per_s and peer.mb_per_s else ""]
+              for mine, peer in pairs("dovecot")]
+    if ratios:
+        print("\npymailsrv / Dovecot (messages and MB retrieved per second, same maildrops, same run):")
+        print(tabulate(ratios, headers=["scenario", "size", "clients", "pymailsrv msg/s", "dovecot msg/s",
+                                        "ratio", "pymailsrv MB/s", "dovecot MB/s", "ratio"]))
     for note in notes:
         print(f"note: {note}")
 
