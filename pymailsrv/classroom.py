@@ -37,6 +37,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from pymailsrv.cli_common import output_file, read_password
 from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.storage import MaildropLocked
@@ -188,23 +189,16 @@ def classroom_group(with_settings: Callable) -> click.Group:
     @classroom.command("setup")
     @click.option("--students", type=click.IntRange(min=1), required=True, help="How many accounts.")
     @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="User names are PREFIX01, ...")
-    @click.option("--csv", "csv_path", type=click.Path(dir_okay=False),
-                  help="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
+    @output_file("--csv", "csv_path", help_text="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
     @click.option("--password-stdin", is_flag=True,
                   help="One password for everyone, from the first line of stdin.")
     @with_settings
     def setup(settings: Settings, students: int, prefix: str, csv_path: str | None,
               password_stdin: bool) -> None:
         """Create student accounts and print a sheet to hand out."""
-        # click.Path checked the file itself but not the directory it goes into:
-        # that now, before any account exists, so a typo does not leave half a class.
-        if csv_path is not None and not Path(csv_path).parent.is_dir():
-            raise click.BadParameter(f"no directory {Path(csv_path).parent} to write into", param_hint="--csv")
         shared = None
         if password_stdin:
-            from pymailsrv.cli import _read_password  # here: cli.py imports this module
-
-            shared = _read_password(from_stdin=True)
+            shared = read_password(from_stdin=True)
         try:
             result = setup_class(settings, students, prefix, shared)
         except ValueError as error:

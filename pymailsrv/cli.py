@@ -26,6 +26,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.classroom import classroom_group
+from pymailsrv.cli_common import read_password
 from pymailsrv.cli_relay import alias_group, queue_group
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.explain import explain
@@ -74,16 +75,6 @@ def _user_name(name: str) -> str:
         return check_user_name(name)
     except UserError as error:
         raise click.ClickException(str(error)) from None
-
-
-def _read_password(from_stdin: bool) -> str:
-    if from_stdin:
-        password = sys.stdin.readline().rstrip("\r\n")
-    else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
-    if not password:
-        raise click.ClickException("the password may not be empty")
-    return password
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -192,7 +183,7 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
     users = UserStore(settings.state_dir)
     if users.exists(name):
         raise click.ClickException(f"user {name!r} already exists")
-    password = _read_password(password_stdin)
+    password = read_password(password_stdin)
     try:
         users.add(name, password, apop=apop)
     except UserError as error:
@@ -228,7 +219,7 @@ def user_passwd(settings: Settings, name: str, password_stdin: bool) -> None:
     if not users.exists(name):
         raise click.ClickException(f"no such user {name!r}")
     try:
-        users.set_password(name, _read_password(password_stdin))
+        users.set_password(name, read_password(password_stdin))
     except UserError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"changed the password of {name}")

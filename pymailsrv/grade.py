@@ -38,6 +38,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from pymailsrv.cli_common import output_file
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
 from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
 
@@ -236,17 +237,13 @@ def grade_command(with_settings: Callable) -> click.Command:
     @click.option("--all", "everything", is_flag=True, help="Grade every saved transcript.")
     @click.option("--format", "output_format", type=click.Choice(list(REPORTS)), default="text",
                   show_default=True)
-    @click.option("--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-                  help="Write the report to FILE instead of stdout.")
+    @output_file("--output", help_text="Write the report to FILE instead of stdout.")
     @with_settings
     def grade_cli(settings, user: str | None, transcript_ids: tuple[str, ...], everything: bool,
                   output_format: str, output: str | None) -> None:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
-        # click.Path checked the file itself but not the directory it goes into: that now, not after grading.
-        if output is not None and not Path(output).parent.is_dir():
-            raise click.BadParameter(f"no directory {Path(output).parent} to write into", param_hint="--output")
         chosen, unreadable = select(settings.state_dir, user, transcript_ids, everything)
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)

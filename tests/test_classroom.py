@@ -160,7 +160,7 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_any_account_exists(
     result = classroom(root, "setup", "--students", "2", "--csv", str(sheet))
     assert result.exit_code == 2
     assert result.stdout == ""
-    expected = (f"Error: Invalid value for --csv: no directory {sheet.parent} to write into" if where != "."
+    expected = (f"Error: Invalid value for '--csv': no directory {sheet.parent} to write into" if where != "."
                 else f"Error: Invalid value for '--csv': File '{sheet}' is a directory.")
     assert result.stderr.splitlines()[-1] == expected
     assert users.names() == []

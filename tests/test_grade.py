@@ -487,7 +487,7 @@ def test_a_file_that_is_no_transcript_is_noted_and_skipped_or_refused_by_id(root
 def test_an_output_path_in_no_directory_or_naming_one_is_refused_before_grading(root, tmp_path):
     missing = run(root, "--all", "--output", str(tmp_path / "no-such-dir" / "class.csv"))
     assert missing.exit_code == 2
-    assert missing.stderr.splitlines()[-1] == (f"Error: Invalid value for --output: "
+    assert missing.stderr.splitlines()[-1] == (f"Error: Invalid value for '--output': "
                                                f"no directory {tmp_path / 'no-such-dir'} to write into")
     assert not (tmp_path / "no-such-dir").exists()
     directory = run(root, "--all", "--output", str(tmp_path))

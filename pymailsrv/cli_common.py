@@ -1,0 +1,41 @@
+"""Pieces of the command line that more than one command module uses.
+
+They live here, not in ``cli.py``, because ``cli.py`` imports every command
+module: a command module importing ``cli.py`` back would make a cycle.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+
+def read_password(from_stdin: bool) -> str:
+    """The first line of stdin, or a hidden prompt asked twice; never empty."""
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if not password:
+        raise click.ClickException("the password may not be empty")
+    return password
+
+
+def output_file(*names: str, help_text: str) -> Callable[[Callable], Callable]:
+    """An option naming a file to write, checked when the command line is read.
+
+    ``click.Path`` checks the file but not the directory it goes into; this
+    checks that too, so a typo is refused before the command does any work
+    (creates accounts, grades a class) rather than after.
+    """
+
+    def directory_exists(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+        if value is not None and not Path(value).parent.is_dir():
+            raise click.BadParameter(f"no directory {Path(value).parent} to write into")
+        return value
+
+    return click.option(*names, type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+                        callback=directory_exists, help=help_text)
