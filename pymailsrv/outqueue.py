@@ -227,6 +227,8 @@ class OutboundQueue:
         self.wakeup: Callable[[], None] | None = None
         # Names of broken envelope files already logged (see get()).
         self._warned: set[str] = set()
+        # Messages queued but not yet given to the relay (see release()).
+        self._unreleased: set[str] = set()
 
     def _ensure_directories(self) -> None:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
@@ -283,14 +285,30 @@ class OutboundQueue:
             raise storage_error(error, "queueing the message") from error
         return queue_id
 
-    def _commit_envelope(self, queue_id: str, sender: str, recipients: list[str], now: float | None) -> None:
+    def _commit_envelope(self, queue_id: str, sender: str, recipients: list[str], now: float | None,
+                         held: bool = False) -> None:
         now = time.time() if now is None else now
         entry = QueueEntry(queue_id, sender, [Recipient(address) for address in recipients],
                            created=now, next_attempt=now)
+        if held:
+            self._unreleased.add(queue_id)
         # write_atomically fsyncs the directory after the rename, which makes
         # the .msg's name durable too: it lives in the same directory.
         write_atomically(self._envelope_path(queue_id), entry.to_json())
         log.info("queued %s from <%s> to %s", queue_id, sender, ", ".join(recipients))
+        if not held and self.wakeup is not None:
+            self.wakeup()
+
+    def release(self, queue_id: str) -> None:
+        """Give a message committed with ``held=True`` to the relay.
+
+        The SMTP server queues a message's outside copy before it delivers
+        the local ones, so that a failure of either leaves no copy behind
+        (RFC 5321 §6.1). Held back until then, the outside copy cannot be on
+        its way already when a failed local delivery takes it back. Only this
+        process holds a message: after a crash it is simply due.
+        """
+        self._unreleased.discard(queue_id)
         if self.wakeup is not None:
             self.wakeup()
 
@@ -340,7 +358,8 @@ class OutboundQueue:
         """Entries with work to do now, the longest-waiting first."""
         now = time.time() if now is None else now
         due = [entry for entry in self.entries()
-               if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)]
+               if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)
+               and entry.queue_id not in self._unreleased]
         return sorted(due, key=lambda entry: entry.next_attempt)
 
     # --- changing ----------------------------------------------------------------
@@ -437,6 +456,7 @@ class OutboundQueue:
                 return False
             self.message_path(queue_id).unlink(missing_ok=True)
             fsync_directory(self.directory)
+        self._unreleased.discard(queue_id)
         log.info("removed %s from the queue", queue_id)
         return True
 
@@ -497,14 +517,15 @@ class IncomingQueueMessage:
             raise storage_error(error, "writing into queue/tmp/") from error
         self.octets += len(data)
 
-    def commit(self, sender: str, recipients: Iterable[str], now: float | None = None) -> str:
+    def commit(self, sender: str, recipients: Iterable[str], now: float | None = None, held: bool = False) -> str:
+        """Queue the message; with ``held``, the relay waits for ``OutboundQueue.release``."""
         recipients = _at_least_one(recipients)
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
             os.rename(self._tmp_path, self._queue.message_path(self.queue_id))
-            self._queue._commit_envelope(self.queue_id, sender, recipients, now)
+            self._queue._commit_envelope(self.queue_id, sender, recipients, now, held)
         except OSError as error:
             self.discard()
             self._queue.message_path(self.queue_id).unlink(missing_ok=True)

@@ -149,9 +149,10 @@ class Spool:
     """Where one message's text goes as it arrives: the local users' Maildirs,
     the outbound queue (relay.py), or both.
 
-    ``commit`` queues first, then delivers locally; if the local delivery
-    fails the queued copy is taken back, so a 451 leaves nothing behind
-    (RFC 5321 §6.1: 250 means the whole message is our responsibility).
+    ``commit`` queues first, held back from the relay, then delivers
+    locally; if the local delivery fails the queued copy is taken back, so a
+    451 leaves nothing behind, and nothing went out (RFC 5321 §6.1: 250 means
+    the whole message is our responsibility). Only then does the relay get it.
     """
 
     def __init__(self, context: ServerContext, envelope: Envelope) -> None:
@@ -174,7 +175,8 @@ class Spool:
     def commit(self, envelope: Envelope) -> str:
         queued = None
         if self._outbound is not None:
-            queued = self._outbound.commit(str(envelope.reverse_path or ""), envelope.relay_recipients)
+            queued = self._outbound.commit(str(envelope.reverse_path or ""), envelope.relay_recipients,
+                                           held=True)
         if self._local is not None:
             try:
                 self._local.commit()
@@ -182,6 +184,8 @@ class Spool:
                 if queued is not None:
                     self._queue.delete(queued)
                 raise
+        if queued is not None:
+            self._queue.release(queued)
         return self.queue_id
 
     def discard(self) -> None:

@@ -58,6 +58,23 @@ def test_a_streamed_message_is_queued_only_on_commit(queue):
     assert queue.ids() == [queue_id] and os.listdir(queue.directory / "tmp") == []
 
 
+def test_a_held_message_is_on_disk_but_not_due_until_released(queue):
+    """SMTP queues the outside copy held, delivers the local ones, then releases it (or deletes it)."""
+    wakeups = []
+    queue.wakeup = lambda: wakeups.append(1)
+    kept, taken_back = (queue.receive() for _ in range(2))
+    for incoming in (kept, taken_back):
+        incoming.write(MESSAGE)
+    kept_id = kept.commit("a@example.org", ["b@example.net"], held=True)
+    taken_back_id = taken_back.commit("a@example.org", ["c@example.net"], held=True)
+    assert sorted(queue.ids()) == sorted([kept_id, taken_back_id]) and queue.due() == [] and wakeups == []
+    after_a_crash = OutboundQueue(queue.directory.parent)  # the hold lives in one process only
+    assert {entry.queue_id for entry in after_a_crash.due()} == {kept_id, taken_back_id}
+    queue.release(kept_id)
+    assert queue.delete(taken_back_id)
+    assert [entry.queue_id for entry in queue.due()] == [kept_id] and wakeups == [1]
+
+
 def test_a_queue_opened_anew_holds_everything_as_before(queue, root):
     first = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
     second = queue.enqueue("a@example.org", ["c@example.net"], MESSAGE)

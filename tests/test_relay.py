@@ -596,6 +596,22 @@ def test_mail_to_an_alias_that_points_outside_is_relayed_with_the_original_sende
     assert len(server.context.store.messages("alice")) == 1  # the alias keeps a local copy too
 
 
+def test_a_local_copy_that_fails_takes_the_outside_copy_back_before_it_is_sent(relaying_server, root):
+    """451 means nothing was delivered: the outside copy is held from the relay until the local ones are in."""
+    server, remote = relaying_server
+    server.context.aliases.add("carol", ["carol@example.net", "alice"])
+    new = root / "alice" / "new"
+    new.rmdir()
+    new.write_bytes(b"")  # alice's Maildir is broken: new/ is a file
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            client.sendmail("x@example.org", ["carol@localhost"], b"Subject: forwarded\r\n\r\nhello\r\n")
+    assert refused.value.smtp_code == 451
+    server.relay.wake()
+    time.sleep(0.5)  # time enough for a worker to send anything it was given
+    assert remote.messages == [] and server.context.queue.ids() == []
+
+
 def test_an_authenticated_client_reaches_another_domain_through_the_queue(relaying_server):
     server, remote = relaying_server
     with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
