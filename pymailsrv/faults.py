@@ -175,7 +175,7 @@ def _apply(fault: Fault, session: Session, handler: Callable[[], Reply]) -> Repl
     if session.collecting_text:
         session.drop_in_text = True
         return reply
-    if isinstance(reply, Pop3Reply) and reply.lines is not None:
-        lines = list(reply.lines)
-        return dataclasses.replace(reply, lines=lines[: len(lines) // 2], after=After.DROP_MID)
+    if isinstance(reply, Pop3Reply) and reply.content is not None:
+        content = b"".join(reply.content)
+        return dataclasses.replace(reply, content=[content[: len(content) // 2]], after=After.DROP_MID)
     return reply.closing()

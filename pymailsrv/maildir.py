@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import itertools
 import os
+import re
 import shutil
 import socket
 import time
@@ -65,23 +66,41 @@ def _safe_hostname() -> str:
     return host.replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
 
 
-def pop3_lines(file: BinaryIO) -> Iterator[bytes]:
-    """The lines of a stored message without their line ends, LF or CRLF.
+# How much of a message file is read at once: a 2 KB message in one read,
+# a 100 MB one without ever holding more than this (and a line) in memory.
+READ_BLOCK_OCTETS = 64 * 1024
 
-    A last line without a line end is still a line: POP3 ends it with CRLF.
+
+def pop3_text(file: BinaryIO) -> Iterator[bytes]:
+    """A stored message as POP3 sends it, before byte-stuffing: every line
+    ended by CRLF (RFC 1939 §3), in blocks of whole lines.
+
+    Stored lines end in LF (the Maildir convention) or CRLF; a last line
+    without a line end is still a line, and gets one. A block is converted
+    with two ``bytes.replace`` calls rather than line by line: for a 100 KB
+    message that is a third of the time, and RETR spends most of its time
+    here.
     """
-    for line in file:
-        if line.endswith(b"\r\n"):
-            yield line[:-2]
-        elif line.endswith(b"\n"):
-            yield line[:-1]
-        else:
-            yield line
+    # A line that goes on into the next block, kept in pieces: joined once,
+    # a very long line costs no more than a short one.
+    unfinished: list[bytes] = []
+    for block in iter(lambda: file.read(READ_BLOCK_OCTETS), b""):
+        lines_end = block.rfind(b"\n") + 1
+        if lines_end:
+            yield _crlf_line_ends(b"".join(unfinished) + block[:lines_end])
+            unfinished.clear()
+        unfinished.append(block[lines_end:])
+    if any(unfinished):  # the last line, with no line end of its own
+        yield b"".join(unfinished) + b"\r\n"
+
+
+def _crlf_line_ends(lines: bytes) -> bytes:
+    return lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
 
 def pop3_size(file: BinaryIO) -> int:
     """Octets as POP3 sends the message: every line plus CRLF (RFC 1939 §11)."""
-    return sum(len(line) + 2 for line in pop3_lines(file))
+    return sum(len(block) for block in pop3_text(file))
 
 
 def _key_of(name: str) -> str:
@@ -97,10 +116,14 @@ def _name_fields(key: str) -> dict[str, str]:
     return fields
 
 
+# RFC 1939 §7: a unique-id is 1 to 70 characters in the range 0x21 to 0x7E.
+_UIDL = re.compile(rf"[\x21-\x7e]{{1,{POP3_UIDL_MAX}}}")
+
+
 def uid_of(key: str) -> str:
     """The UIDL of a message: its unique name, or a digest where that will not do."""
     unique = key.split(",", 1)[0]
-    if 0 < len(unique) <= POP3_UIDL_MAX and all(0x21 <= ord(c) <= 0x7E for c in unique):
+    if _UIDL.fullmatch(unique):
         return unique
     return hashlib.sha1(unique.encode("utf-8", "surrogateescape")).hexdigest()
 
@@ -226,7 +249,7 @@ class MaildirStore:
         return removed
 
 
-def _pop3_size_of(key: str, path: Path) -> int:
+def _pop3_size_of(key: str, path: str | Path) -> int:
     recorded = _name_fields(key).get("W", "")
     if recorded.isdigit():
         return int(recorded)
@@ -253,8 +276,9 @@ class IncomingMaildirMessage:
             raise storage_error(error, "opening a recipient's Maildir") from error
         self._tmp_path = self._maildirs[0] / "tmp" / self._name
         self.octets = 0
-        self._line_ends = 0
-        self._ends_with_newline = True
+        self._line_ends = 0  # LFs in the text
+        self._crlf_line_ends = 0  # those of them that already have a CR before them
+        self._last_octet = b""
         try:
             self._file: BinaryIO | None = open(self._tmp_path, "xb")
         except OSError as error:
@@ -269,12 +293,15 @@ class IncomingMaildirMessage:
             raise storage_error(error, "writing into tmp/") from error
         self.octets += len(data)
         self._line_ends += data.count(b"\n")
-        self._ends_with_newline = data.endswith(b"\n")
+        self._crlf_line_ends += data.count(b"\r\n") + (self._last_octet == b"\r" and data.startswith(b"\n"))
+        self._last_octet = data[-1:]
 
     @property
     def pop3_size(self) -> int:
-        # Each LF goes out as CRLF; a last line without one still gets CRLF.
-        return self.octets + self._line_ends + (0 if self._ends_with_newline else 2)
+        """What pop3_text will make of the text: each LF goes out as CRLF (a
+        CRLF as it is), and a last line without a line end gets one."""
+        unended = self._last_octet not in (b"", b"\n")
+        return self.octets + self._line_ends - self._crlf_line_ends + (2 if unended else 0)
 
     def commit(self) -> str:
         try:
@@ -326,7 +353,7 @@ class MaildirMaildrop:
                 if relative is None:
                     continue
             try:
-                size = _pop3_size_of(key, self._path / relative)
+                size = _pop3_size_of(key, os.path.join(self._path, relative))
             except FileNotFoundError:
                 continue
             self._files[key] = relative
@@ -353,18 +380,20 @@ class MaildirMaildrop:
     def _open(self, key: str) -> BinaryIO:
         for _attempt in range(2):
             try:
-                return open(self._path / self._files[key], "rb")
+                # Unbuffered: pop3_text reads in large blocks of its own, and a
+                # buffered file would cost two more system calls per message.
+                return open(os.path.join(self._path, self._files[key]), "rb", buffering=0)
             except FileNotFoundError:
                 if not self._relocate(key):
                     break
         raise MessageVanished(key)
 
-    def lines(self, key: str) -> Iterator[bytes]:
+    def text(self, key: str) -> Iterator[bytes]:
         file = self._open(key)  # opened now, so a vanished message fails before +OK
 
         def read() -> Iterator[bytes]:
             with file:
-                yield from pop3_lines(file)
+                yield from pop3_text(file)
 
         return read()
 

@@ -30,6 +30,7 @@ state diagram; every handler returns a reply from ``replies.py``.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
@@ -48,6 +49,7 @@ from pymailsrv.limits import (
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
 )
 from pymailsrv.replies import (
+    CRLF,
     POP3_ADDRESS_BLOCKED,
     POP3_ALREADY_TLS,
     POP3_AUTH_CANCELLED,
@@ -239,9 +241,9 @@ class Pop3Session(Session):
         live = [message.size for _, message in self._live()]
         return len(live), sum(live)
 
-    def _lines(self, index: int) -> Iterator[bytes]:
+    def _text(self, index: int) -> Iterator[bytes]:
         try:
-            return self.maildrop.lines(self.messages[index].key)
+            return self.maildrop.text(self.messages[index].key)
         except MessageVanished:
             raise CommandError(POP3_MESSAGE_VANISHED.format(msg_number=index + 1)) from None
 
@@ -383,10 +385,10 @@ class Pop3Session(Session):
         """RETR msg (RFC 1939 §5): the whole message, byte-stuffed."""
         (word,) = self._arguments("RETR", argument, 1, 1)
         index = self._index("RETR", word)
-        lines = self._lines(index)
+        text = self._text(index)
         self.maildrop.mark_seen(self.messages[index].key)
         self.highest_accessed = max(self.highest_accessed, index + 1)
-        return POP3_MESSAGE_FOLLOWS.format(size=self.messages[index].size).with_lines(lines)
+        return POP3_MESSAGE_FOLLOWS.format(size=self.messages[index].size).with_content(text)
 
     def do_dele(self, argument: str) -> Reply:
         """DELE msg (RFC 1939 §5): mark only; removal waits for UPDATE."""
@@ -414,7 +416,7 @@ class Pop3Session(Session):
         word, count = self._arguments("TOP", argument, 2, 2)
         index = self._index("TOP", word)
         body_lines = self._number("TOP", count)
-        return POP3_TOP_FOLLOWS.with_lines(_top(self._lines(index), body_lines))
+        return POP3_TOP_FOLLOWS.with_lines(_top(_lines_of(self._text(index)), body_lines))
 
     def do_uidl(self, argument: str) -> Reply:
         """UIDL [msg] (RFC 1939 §7): unique-id listings, "msg_number uid"."""
@@ -441,6 +443,13 @@ class Pop3Session(Session):
         self._arguments("CAPA", argument, 0, 0)
         lines = [*self.commands.capabilities(self), *SESSION_CAPABILITIES]
         return POP3_CAPABILITIES_FOLLOW.with_lines(line.encode("ascii") for line in lines)
+
+
+def _lines_of(text: Iterator[bytes]) -> Iterator[bytes]:
+    """The lines of a message's text, without their CRLF."""
+    with contextlib.closing(text):  # closed with us: TOP stops reading early
+        for block in text:
+            yield from block.split(CRLF)[:-1]
 
 
 def _top(lines: Iterator[bytes], body_lines: int) -> Iterator[bytes]:

@@ -89,11 +89,17 @@ class Pop3Reply(Reply):
     text: str
     # RFC 2449 §8 extended response code, e.g. "IN-USE" (shown as "[IN-USE]").
     code: str | None = None
-    # Lines of a multi-line reply, without line terminators; None if single-line.
-    lines: Iterable[bytes] | None = None
+    # What a multi-line reply carries, not yet byte-stuffed: lines ended by
+    # CRLF, in blocks of whole lines (a block may be one line or a whole
+    # message). None if single-line.
+    content: Iterable[bytes] | None = None
 
     def with_lines(self, lines: Iterable[bytes]) -> "Pop3Reply":
-        return dataclasses.replace(self, lines=lines)
+        """A multi-line reply of these lines, given without line ends."""
+        return self.with_content(line + CRLF for line in lines)
+
+    def with_content(self, content: Iterable[bytes]) -> "Pop3Reply":
+        return dataclasses.replace(self, content=content)
 
     def head(self) -> list[str]:
         status = "+OK" if self.ok else "-ERR"
@@ -101,15 +107,14 @@ class Pop3Reply(Reply):
         return [" ".join(parts)]
 
     def body(self) -> Iterator[bytes]:
-        if self.lines is None:
+        if self.content is None:
             return
-        for line in self.lines:
+        for block in self.content:
             # RFC 1939 §3: a line that starts with the termination octet is
-            # "byte-stuffed" by prepending another one.
-            if line.startswith(b"."):
-                yield b"." + line + CRLF
-            else:
-                yield line + CRLF
+            # "byte-stuffed" by prepending another one. A block starts a line.
+            if block.startswith(b"."):
+                block = b"." + block
+            yield block.replace(CRLF + b".", CRLF + b"..")
         if self.after is not After.DROP_MID:  # a reply cut off never reaches its end
             yield b"." + CRLF
 

@@ -57,8 +57,8 @@ class Maildrop(Protocol):
     def snapshot(self) -> list[MessageInfo]:
         """The messages present at login, in arrival order (msg_number - 1 = index)."""
 
-    def lines(self, key: str) -> Iterator[bytes]:
-        """The message's lines without line ends (raises MessageVanished)."""
+    def text(self, key: str) -> Iterator[bytes]:
+        """The message with CRLF line ends, in blocks of whole lines (raises MessageVanished)."""
 
     def mark_seen(self, key: str) -> None:
         """Remember that the user has read the message."""

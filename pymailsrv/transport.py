@@ -27,6 +27,7 @@ POP3 or SMTP; everything protocol-shaped comes from the session.
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import socketserver
@@ -48,6 +49,9 @@ OUTPUT_FLUSH_THRESHOLD = 256 * 1024
 
 # Replies after which the connection ends (the last two only by injected faults).
 _ENDINGS = (After.CLOSE, After.DROP, After.DROP_MID)
+# One line of a reply body as sent: up to its CRLF, or the unfinished rest
+# of a body that a drop-mid fault cut off.
+_WIRE_LINE = re.compile(rb".*?\r\n|.+", re.DOTALL)
 
 
 class ConnectionClosed(Exception):
@@ -151,12 +155,13 @@ class Connection:
             self._output += line.encode("utf-8", "replace") + CRLF
         self.tracer.server_reply(self.session, reply)
         body_lines = body_octets = 0
-        for wire_line in reply.body():
-            self._output += wire_line
-            body_lines += 1
-            body_octets += len(wire_line)
+        for wire_block in reply.body():
+            self._output += wire_block
+            body_lines += wire_block.count(b"\n")
+            body_octets += len(wire_block)
             if self.tracer.bodies:
-                self.tracer.server_body_line(self.session, wire_line)
+                for wire_line in _WIRE_LINE.findall(wire_block):
+                    self.tracer.server_body_line(self.session, wire_line)
             if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
                 self.flush()
         self.tracer.server_body(self.session, body_lines, body_octets)
@@ -202,7 +207,8 @@ class Connection:
         reply: Reply | None = session.greeting()
         self.send(reply)
         while reply is None or reply.after not in _ENDINGS:
-            self.sock.settimeout(session.timeout)
+            if self.sock.gettimeout() != session.timeout:  # each settimeout is a system call
+                self.sock.settimeout(session.timeout)
             try:
                 if session.collecting_text:
                     reply = self._answer_text(*self.read_text(session.line_limit))

@@ -209,9 +209,9 @@ class FailingStore(MaildirStore):
             raise OSError(self.errno, os.strerror(self.errno))
         maildrop = super().open_maildrop(user)
         if self.failing == "read":
-            def lines(key):
+            def text(key):
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
-            maildrop.lines = lines
+            maildrop.text = text
         return maildrop
 
 

@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymailsrv import maildir as maildir_module
+from pymailsrv import replies as R
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
-from pymailsrv.maildir import MaildirStore, pop3_lines, pop3_size, uid_of
+from pymailsrv.maildir import READ_BLOCK_OCTETS, MaildirStore, pop3_size, pop3_text, uid_of
 from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError, storage_error
 from pymailsrv.users import UserError
 
@@ -182,7 +185,7 @@ def test_a_message_that_vanishes_is_reported_not_crashed_on(store, root):
         (path,) = (root / "alice" / "cur").iterdir()
         path.unlink()
         with pytest.raises(MessageVanished):
-            drop.lines(message.key)
+            drop.text(message.key)
         drop.mark_seen(message.key)  # nothing to mark, no error
         assert drop.expunge([message.key]) == 0  # already gone, as wanted
     finally:
@@ -193,16 +196,26 @@ def test_listing_of_a_user_without_a_maildir_is_empty(store):
     assert store.messages("nobody") == []
 
 
-def test_pop3_lines_and_size_count_crlf_line_ends(tmp_path):
-    cases = {b"a\nb\n": ([b"a", b"b"], 6), b"a\r\nb\r\n": ([b"a", b"b"], 6),
-             b"a\nb": ([b"a", b"b"], 6), b"": ([], 0), b"\n\n": ([b"", b""], 4)}
-    for data, (lines, size) in cases.items():
+def test_pop3_text_and_size_count_crlf_line_ends(tmp_path):
+    cases = {b"a\nb\n": b"a\r\nb\r\n", b"a\r\nb\r\n": b"a\r\nb\r\n", b"a\nb": b"a\r\nb\r\n", b"": b"",
+             b"\n\n": b"\r\n\r\n", b"a\rb\r\r\n": b"a\rb\r\r\n"}
+    for data, text in cases.items():
         path = tmp_path / "m"
         path.write_bytes(data)
         with open(path, "rb") as file:
-            assert list(pop3_lines(file)) == lines
+            assert b"".join(pop3_text(file)) == text
         with open(path, "rb") as file:
-            assert pop3_size(file) == size
+            assert pop3_size(file) == len(text)
+
+
+def test_pop3_text_comes_in_blocks_of_whole_lines_even_where_a_read_splits_a_crlf(tmp_path):
+    line = b"x" * (READ_BLOCK_OCTETS - 1) + b"\r\n"  # the first read ends between CR and LF
+    path = tmp_path / "m"
+    path.write_bytes(line * 3 + b"last")
+    with open(path, "rb", buffering=0) as file:
+        blocks = list(pop3_text(file))
+    assert all(block.endswith(b"\r\n") for block in blocks) and len(blocks) > 1
+    assert b"".join(blocks) == line * 3 + b"last\r\n"
 
 
 def test_uid_is_the_unique_name_or_a_digest_where_that_will_not_do():
@@ -245,3 +258,50 @@ def test_server_start_removes_stale_tmp_files(store, start_server):
     os.utime(tmp / "old", (long_ago, long_ago))
     start_server()
     assert listing(tmp) == []
+
+
+class _ShortReads:
+    """A message file whose reads come back in the given sizes, as reads of a real file may."""
+
+    def __init__(self, data: bytes, sizes: list[int]) -> None:
+        self._data, self._sizes = data, sizes
+
+    def read(self, wanted: int) -> bytes:
+        size = min(wanted, self._sizes.pop(0) if self._sizes else wanted)
+        piece, self._data = self._data[:size], self._data[size:]
+        return piece
+
+
+def _sent_line_by_line(stored: bytes) -> bytes:
+    """RETR's body by RFC 1939 §3 itself: each line with CRLF, a leading dot doubled, then '.'."""
+    *ended, last = stored.split(b"\n")
+    lines = [line.removesuffix(b"\r") for line in ended] + ([last] if last else [])
+    return b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines) + b".\r\n"
+
+
+@given(stored=st.binary(max_size=300) | st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b".."]),
+                                                   max_size=60).map(b"".join),
+       sizes=st.lists(st.integers(min_value=1, max_value=7), max_size=40))
+def test_retr_in_blocks_sends_exactly_what_line_by_line_would(stored, sizes):
+    """pop3_text and the block-wise byte-stuffing agree with the RFC's line-by-line rule, however reads split."""
+    blocks = list(pop3_text(_ShortReads(stored, sizes)))
+    assert all(block.endswith(b"\r\n") for block in blocks)
+    assert b"".join(R.POP3_MESSAGE_FOLLOWS.with_content(blocks).body()) == _sent_line_by_line(stored)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x" * 50]), max_size=40).map(b"".join),
+       split=st.integers(min_value=0, max_value=200))
+def test_the_size_in_the_file_name_is_what_retr_sends(tmp_path_factory, text, split):
+    """W= is counted as the text streams in, in pieces; STAT and LIST trust it, so it must match RETR."""
+    store = MaildirStore(tmp_path_factory.mktemp("root"))
+    incoming = store.receive(["alice"])
+    incoming.write(text[:split])
+    incoming.write(text[split:])
+    incoming.commit()
+    drop = store.open_maildrop("alice")
+    try:
+        (message,) = drop.snapshot()
+        assert message.size == sum(map(len, drop.text(message.key)))
+    finally:
+        drop.release()
