@@ -95,7 +95,9 @@ def pop3_text(file: BinaryIO) -> Iterator[bytes]:
 
 
 def _crlf_line_ends(lines: bytes) -> bytes:
-    return lines.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if b"\r" in lines:  # rare in a Maildir, and looking for one CR is far cheaper than for CRLF
+        lines = lines.replace(b"\r\n", b"\n")
+    return lines.replace(b"\n", b"\r\n")
 
 
 def pop3_size(file: BinaryIO) -> int:
