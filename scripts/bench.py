@@ -13,9 +13,10 @@ be compared as ratios:
   many MAIL/RCPT/DATA transactions (``smtplib``, no pipelining). A message
   counts only once its file is in a Maildir ``new/``, not when the server
   says 250. Sizes 2 KB and 100 KB at 1, 10 and 50 connections.
-* POP3: P clients (1 and 10), each on its own maildrop of 1000 2 KB messages
-  filled beforehand with ``MaildirStore.deliver``: log in, STAT, RETR every
-  message, QUIT. Nothing is deleted, so every run sees the same maildrop.
+* POP3: P clients (1 and 10), each on its own maildrop of 1000 messages of
+  2 KB (then of 100 KB), filled beforehand with ``MaildirStore.deliver``:
+  log in, STAT, RETR every message, QUIT. Nothing is deleted, so every run
+  sees the same maildrop.
 * Memory: RSS idle, with 500 idle connections open, and while one 100 MB
   message is received (``smtp.max_message_size`` is raised for that).
 * Peer: the same SMTP load against aiosmtpd with a handler that stores each
@@ -241,8 +242,14 @@ class Site:
 
     root: Path
     smtp_users: list[str]
-    pop3_users: list[str] = field(default_factory=list)
-    pop3_messages: int = 0  # in each POP3 user's maildrop
+    # The POP3 users for each message size, one per client, each with a
+    # maildrop of pop3_messages messages of that size.
+    pop3_users: dict[str, list[str]] = field(default_factory=dict)
+    pop3_messages: int = 0
+
+    @property
+    def all_pop3_users(self) -> list[str]:
+        return [user for users in self.pop3_users.values() for user in users]
 
     def count_new(self) -> int:
         """Messages delivered so far: files in every SMTP user's ``new/``."""
@@ -258,22 +265,25 @@ class Site:
                 path.unlink(missing_ok=True)
 
 
-def make_site(base: Path, name: str, smtp_users: int, pop3_users: int, pop3_messages: int) -> Site:
-    """A data root with users, their Maildirs, and filled POP3 maildrops."""
+def make_site(base: Path, name: str, smtp_users: int, pop3_plan: list[tuple[str, int]], pop3_messages: int) -> Site:
+    """A data root with users, their Maildirs, and filled POP3 maildrops for every size in ``pop3_plan``."""
     from pymailsrv.maildir import MaildirStore
     from pymailsrv.users import UserStore
 
     root = base / name
     store = MaildirStore(root)
     users = UserStore(store.state_dir)
-    site = Site(root, [f"user{i}" for i in range(smtp_users)], [f"pop{i}" for i in range(pop3_users)],
+    clients = {size_name: max(count for size, count in pop3_plan if size == size_name) for size_name, _ in pop3_plan}
+    site = Site(root, [f"user{i}" for i in range(smtp_users)],
+                {size_name: [f"pop{size_name.lower()}{i}" for i in range(count)] for size_name, count in clients.items()},
                 pop3_messages)
-    for user in site.smtp_users + site.pop3_users:
+    for user in site.smtp_users + site.all_pop3_users:
         users.add(user, PASSWORD)
         store.create_maildir(user)
-    for user in site.pop3_users:
-        for index in range(pop3_messages):
-            store.deliver(user, make_message(index, SIZES["2KB"], user))
+    for size_name, pop3_users in site.pop3_users.items():
+        for user in pop3_users:
+            for index in range(pop3_messages):
+                store.deliver(user, make_message(index, SIZES[size_name], user))
     return site
 
 
@@ -414,7 +424,7 @@ def configure_dovecot(site: Site, base: Path) -> tuple[Path, int]:
             login_user = mail.pw_name
         for path in (base, directory, site.root):
             os.chmod(path, 0o711)  # nobody must get through to the maildrops, without listing
-        for user in site.pop3_users:
+        for user in site.all_pop3_users:
             for dirpath, _dirnames, filenames in os.walk(site.root / user):
                 os.chown(dirpath, uid, gid)
                 for name in filenames:
@@ -427,7 +437,7 @@ def configure_dovecot(site: Site, base: Path) -> tuple[Path, int]:
         # Only root may chroot: these are the services that start with POP3 and chroot by default.
         no_chroot = "".join(f"service {service} {{\n  chroot =\n}}\n" for service in ("anvil", "ipc", "pop3-login"))
     passwd = directory / "passwd"
-    passwd.write_text("".join(f"{user}:{{PLAIN}}{PASSWORD}::::::\n" for user in site.pop3_users))
+    passwd.write_text("".join(f"{user}:{{PLAIN}}{PASSWORD}::::::\n" for user in site.all_pop3_users))
     port = free_port()
     config = directory / "dovecot.conf"
     config.write_text(f"""\
@@ -725,10 +735,10 @@ def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections
     return summarise(record, rates, latencies, cpu, delivered, server)
 
 
-def pop3_scenario(server: ServerProcess, site: Site, clients: int, runs: int) -> Record:
+def pop3_scenario(server: ServerProcess, site: Site, size_name: str, clients: int, runs: int) -> Record:
     port = server.addresses["pop3"][1]
-    users = site.pop3_users[:clients]
-    record = Record(server.name, "pop3", "2KB", clients)
+    users = site.pop3_users[size_name][:clients]
+    record = Record(server.name, "pop3", size_name, clients)
     # One untimed pass first. A server's first session on a maildrop does
     # one-off work: both servers move new/ to cur/ and mark what was
     # retrieved as seen (renames), and Dovecot builds its index. The timed
@@ -914,7 +924,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
     quick = args.quick
     runs = max(1, args.runs)
     smtp_plan = [("2KB", 10)] if quick else [(size, c) for size in SIZES for c in SMTP_CONCURRENCY]
-    pop3_plan = [1] if quick else list(POP3_CLIENTS)
+    pop3_plan = [("2KB", 1)] if quick else [(size, clients) for size in SIZES for clients in POP3_CLIENTS]
     pop3_messages = 100 if quick else POP3_MAILDROP_MESSAGES
 
     def messages_for(size_name: str) -> int:
@@ -948,7 +958,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
 
     print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
           f"{runs} runs per scenario", file=sys.stderr)
-    site = make_site(base, "pymailsrv", args.users, max(pop3_plan), pop3_messages)
+    site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
     records: list[Record] = []
 
     # Start-up and idle memory, then the SMTP scenarios, each on a fresh server.
@@ -977,10 +987,10 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
                     lambda: start_pymailsrv(site, base),
                     lambda server: smtp_source_scenario(server, site, size_name, connections, count))
 
-    for clients in pop3_plan:
-        progress(f"pop3 2KB x {clients} clients over {pop3_messages}-message maildrops")
-        attempt(records, Record("pymailsrv", "pop3", "2KB", clients), lambda: start_pymailsrv(site, base),
-                lambda server: pop3_scenario(server, site, clients, runs))
+    for size_name, clients in pop3_plan:
+        progress(f"pop3 {size_name} x {clients} clients over {pop3_messages}-message maildrops")
+        attempt(records, Record("pymailsrv", "pop3", size_name, clients), lambda: start_pymailsrv(site, base),
+                lambda server: pop3_scenario(server, site, size_name, clients, runs))
     if "aiosmtpd" in peers and pop3_plan:
         notes.append("the peer is SMTP only: no POP3 comparison (--peer dovecot for that)")
     if "dovecot" in peers and pop3_plan:
@@ -992,11 +1002,11 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         except (OSError, KeyError, RuntimeError) as error:
             notes.append(f"Dovecot could not be configured: {error}")
         else:
-            for clients in pop3_plan:
-                progress(f"pop3 2KB x {clients} clients, Dovecot")
-                attempt(records, Record("dovecot", "pop3", "2KB", clients),
+            for size_name, clients in pop3_plan:
+                progress(f"pop3 {size_name} x {clients} clients, Dovecot")
+                attempt(records, Record("dovecot", "pop3", size_name, clients),
                         lambda: start_dovecot(dovecot, config, port),
-                        lambda server: pop3_scenario(server, site, clients, runs))
+                        lambda server: pop3_scenario(server, site, size_name, clients, runs))
 
     if not quick and args.peer != "dovecot":
         protocol = "smtp" if has_smtp else "pop3"
