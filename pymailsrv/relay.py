@@ -134,6 +134,13 @@ class Hop:
     def __str__(self) -> str:
         return f"{self.name}[{self.address}]:{self.port}"
 
+    @property
+    def server_name(self) -> str:
+        """The name TLS asks for (see _HopClient): the host's name, or for an
+        address literal (``[192.0.2.1]``) the bare address, for which Python
+        sends no SNI: RFC 6066 §3 allows no literal there."""
+        return self.address if self.name.startswith("[") else self.name
+
 
 def _local_diagnostic(text: str) -> str:
     return f"{DIAGNOSTIC_TYPE}; {text}"
@@ -621,7 +628,7 @@ class _HopClient(smtplib.SMTP):
 
     def __init__(self, hop: Hop, **options) -> None:
         self._address = hop.address
-        super().__init__(hop.name, hop.port, **options)  # connects, through _get_socket
+        super().__init__(hop.server_name, hop.port, **options)  # connects, through _get_socket
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return super()._get_socket(self._address, port, timeout)

@@ -211,6 +211,18 @@ def test_starttls_names_the_mx_host_not_its_address_in_sni(mta, sink):
     assert remote.messages[0].tls and names == ["mx2.example.net"]
 
 
+def test_starttls_to_an_address_literal_sends_no_sni(mta, sink):
+    """RFC 6066 §3: SNI carries host names only, never "[127.0.0.1]"."""
+    context = _untrusted_certificate_context()
+    names = []
+    context.sni_callback = lambda connection, name, context: names.append(name)
+    remote = sink(tls_context=context)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@[127.0.0.1]"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages[0].tls and names == [None]
+
+
 BROKEN_STARTTLS = {
     "the handshake fails": lambda: {"tls_context": failing_tls_context()},
     "STARTTLS is refused": lambda: {"tls_context": _untrusted_certificate_context(),
