@@ -44,9 +44,11 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 import os
 import re
 import secrets
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterable
@@ -227,8 +229,10 @@ class OutboundQueue:
         self.wakeup: Callable[[], None] | None = None
         # Names of broken envelope files already logged (see get()).
         self._warned: set[str] = set()
-        # Messages queued but not yet given to the relay (see release()).
-        self._unreleased: set[str] = set()
+        # Messages this process keeps from the relay for now (see hold()),
+        # each with the time.monotonic() until when.
+        self._held: dict[str, float] = {}
+        self._held_lock = threading.Lock()  # SMTP sessions hold, relay threads look
 
     def _ensure_directories(self) -> None:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
@@ -291,7 +295,7 @@ class OutboundQueue:
         entry = QueueEntry(queue_id, sender, [Recipient(address) for address in recipients],
                            created=now, next_attempt=now)
         if held:
-            self._unreleased.add(queue_id)
+            self.hold(queue_id)  # before the envelope exists: no relay thread may see it unheld
         # write_atomically fsyncs the directory after the rename, which makes
         # the .msg's name durable too: it lives in the same directory.
         write_atomically(self._envelope_path(queue_id), entry.to_json())
@@ -299,18 +303,31 @@ class OutboundQueue:
         if not held and self.wakeup is not None:
             self.wakeup()
 
-    def release(self, queue_id: str) -> None:
-        """Give a message committed with ``held=True`` to the relay.
+    def hold(self, queue_id: str, until: float = math.inf) -> None:
+        """Keep a message out of ``due()`` until ``release`` or the monotonic time ``until``.
 
-        The SMTP server queues a message's outside copy before it delivers
-        the local ones, so that a failure of either leaves no copy behind
-        (RFC 5321 §6.1). Held back until then, the outside copy cannot be on
-        its way already when a failed local delivery takes it back. Only this
-        process holds a message: after a crash it is simply due.
+        Two holders: the SMTP server, which queues a message's outside copy
+        before it delivers the local ones, so that a failure of either leaves
+        no copy behind (RFC 5321 §6.1), and must not have the copy on its way
+        before it knows; and the relay, after an attempt that failed before
+        its outcome could be written down. Holds live in this process only:
+        after a crash every queued message is simply due.
         """
-        self._unreleased.discard(queue_id)
+        with self._held_lock:
+            self._held[queue_id] = until
+
+    def release(self, queue_id: str) -> None:
+        """End a hold, and wake the relay for the message."""
+        with self._held_lock:
+            self._held.pop(queue_id, None)
         if self.wakeup is not None:
             self.wakeup()
+
+    def _still_held(self) -> set[str]:
+        now = time.monotonic()
+        with self._held_lock:
+            self._held = {queue_id: until for queue_id, until in self._held.items() if until > now}
+            return set(self._held)
 
     # --- reading ---------------------------------------------------------------
 
@@ -357,9 +374,10 @@ class OutboundQueue:
     def due(self, now: float | None = None) -> list[QueueEntry]:
         """Entries with work to do now, the longest-waiting first."""
         now = time.time() if now is None else now
+        held = self._still_held()
         due = [entry for entry in self.entries()
                if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)
-               and entry.queue_id not in self._unreleased]
+               and entry.queue_id not in held]
         return sorted(due, key=lambda entry: entry.next_attempt)
 
     # --- changing ----------------------------------------------------------------
@@ -456,7 +474,8 @@ class OutboundQueue:
                 return False
             self.message_path(queue_id).unlink(missing_ok=True)
             fsync_directory(self.directory)
-        self._unreleased.discard(queue_id)
+        with self._held_lock:
+            self._held.pop(queue_id, None)
         log.info("removed %s from the queue", queue_id)
         return True
 

@@ -266,11 +266,6 @@ class Relay:
         self._wakeups = 0  # counts wake() calls, so a wake between two looks is not lost
         self._claim_lock = threading.Lock()
         self._in_flight: set[str] = set()
-        # Messages whose last attempt raised, held back until a monotonic
-        # time. In memory on purpose: the failure may be the disk itself
-        # (ENOSPC while recording the outcome), and then next_attempt in the
-        # envelope never moves and the message would be due again at once.
-        self._held: dict[str, float] = {}
         self._queue_unreadable = False  # the last look into the queue failed (logged once)
 
     # --- the threads -----------------------------------------------------------
@@ -329,8 +324,10 @@ class Relay:
                 self.attempt(queue_id)
             except Exception:  # one broken message must not stop a worker
                 log.exception("delivery of %s failed unexpectedly; it stays queued", queue_id)
-                with self._claim_lock:
-                    self._held[queue_id] = time.monotonic() + self.queue.retry.min_backoff
+                # Held in memory: the failure may be the disk itself (ENOSPC
+                # while recording the outcome), and then next_attempt in the
+                # envelope never moves and the message would be due at once.
+                self.queue.hold(queue_id, time.monotonic() + self.queue.retry.min_backoff)
             finally:
                 with self._claim_lock:
                     self._in_flight.discard(queue_id)
@@ -338,10 +335,8 @@ class Relay:
     def _claim(self) -> str | None:
         """A due message that no other thread is delivering, now ours; None if none."""
         with self._claim_lock:
-            now = time.monotonic()
-            self._held = {queue_id: until for queue_id, until in self._held.items() if until > now}
             for entry in self.queue.due():
-                if entry.queue_id not in self._in_flight and entry.queue_id not in self._held:
+                if entry.queue_id not in self._in_flight:
                     self._in_flight.add(entry.queue_id)
                     return entry.queue_id
         return None

@@ -180,7 +180,7 @@ class Spool:
         if self._local is not None:
             try:
                 self._local.commit()
-            except StorageError:
+            except BaseException:  # whatever it was, the client hears no 250: take the copy back
                 if queued is not None:
                     self._queue.delete(queued)
                 raise
