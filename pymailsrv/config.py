@@ -29,18 +29,16 @@ that names the key::
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import socket
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pymailsrv import limits
+from pymailsrv import limits, schema
 
 DEFAULT_ROOT = Path("./mailboxes")
 DEFAULT_CONFIG_FILE = Path("./pymailsrv.toml")
@@ -224,58 +222,6 @@ class Settings:
         return self.root / STATE_DIR_NAME
 
 
-def _convert(value: Any, kind: Any, key: str) -> Any:
-    """``value`` from TOML or a flag as the field's type, or ConfigError naming ``key``."""
-    origin = typing.get_origin(kind)
-    if origin is Literal:
-        if value not in typing.get_args(kind):
-            choices = ", ".join(repr(choice) for choice in typing.get_args(kind))
-            raise ConfigError(f"bad value for {key!r}: {value!r} (choose one of {choices})")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        return _convert(value, kind, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
-            raise ConfigError(f"bad value for {key!r}: expected a list of strings")
-        return tuple(value)
-    if kind is Path:
-        if not isinstance(value, (str, os.PathLike)):
-            raise ConfigError(f"bad value for {key!r}: expected a path, got {value!r}")
-        return Path(value)
-    accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}[kind]
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
-        raise ConfigError(f"bad value for {key!r}: expected {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    arguments = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise ConfigError(f"unknown setting {key!r}")
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            if not isinstance(value, dict):
-                raise ConfigError(f"bad value for {key!r}: expected a table [{key}]")
-            arguments[name] = _build(kind, value, prefix=f"{key}.")
-            continue
-        converted = _convert(value, kind, key)
-        check = fields[name].metadata.get("check")
-        if check is not None and converted is not None:
-            try:
-                check(converted)
-            except ValueError as error:
-                raise ConfigError(f"bad value for {key!r}: {error}") from None
-        arguments[name] = converted
-    return cls(**arguments)
-
-
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
@@ -313,7 +259,12 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     values = _merge(values, _without_none(overrides or {}))
-    return _build(Settings, values)
+    try:
+        return schema.build(Settings, values)
+    except schema.SchemaError as error:
+        if error.problem == schema.UNKNOWN:
+            raise ConfigError(f"unknown setting {error.key!r}") from None
+        raise ConfigError(f"bad value for {error.key!r}: {error.problem}") from None
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

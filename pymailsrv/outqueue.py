@@ -50,12 +50,12 @@ import re
 import secrets
 import threading
 import time
-import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from pymailsrv import schema
 from pymailsrv.durable import discard_file, exclusive_lock, fsync_directory, write_atomically
 from pymailsrv.limits import (
     MAILDIR_TMP_MAX_AGE_SECONDS,
@@ -131,48 +131,7 @@ class QueueEntry:
         mistake, so every field's type is checked here, once: a wrong type
         that got through would fail much later, in a delivery thread.
         """
-        return _from_record(cls, json.loads(data))
-
-
-def _from_record(cls: type, record: object) -> object:
-    """An instance of the dataclass ``cls`` from a JSON object, each field checked against its type hint."""
-    if not isinstance(record, dict):
-        raise ValueError(f"{cls.__name__}: expected a JSON object, not {type(record).__name__}")
-    fields = {field.name: field for field in dataclasses.fields(cls)}
-    unknown = record.keys() - fields.keys()
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field {', '.join(sorted(unknown))}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, field in fields.items():
-        if name in record:
-            values[name] = _from_value(hints[name], record[name], f"{cls.__name__}.{name}")
-        elif field.default is dataclasses.MISSING:
-            raise ValueError(f"{cls.__name__}: missing field {name}")
-    return cls(**values)
-
-
-def _from_value(hint: object, value: object, where: str) -> object:
-    """``value`` from JSON as the type ``hint`` says; ValueError if it is not of that type."""
-    if typing.get_origin(hint) is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{where}: expected a list")
-        [item_hint] = typing.get_args(hint)
-        return [_from_value(item_hint, item, where) for item in value]
-    if dataclasses.is_dataclass(hint):
-        return _from_record(hint, value)
-    if isinstance(hint, type) and issubclass(hint, enum.Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(str, hint))}") from None
-    # JSON has one kind of number: an int is a fine float. A bool is an int
-    # to isinstance, but never what a count or a time means.
-    allowed = typing.get_args(hint) or (hint,)  # str | None -> (str, NoneType)
-    allowed += (int,) if float in allowed else ()
-    if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-        raise ValueError(f"{where}: {type(value).__name__} where {getattr(hint, '__name__', hint)} belongs")
-    return value
+        return schema.build(cls, json.loads(data))
 
 
 @dataclass(frozen=True)
