@@ -166,8 +166,6 @@ class Tracer:
             self._record(session, "C", end_line.rstrip(b"\r\n").decode("ascii", "backslashreplace"))
 
     def server_reply(self, session: Session, reply: Reply) -> None:
-        if not self.active:
-            return  # every reply passes here: do no work for a trace nobody reads
         for line in reply.head():
             self._record(session, "S", line, reply.note)
 
@@ -175,7 +173,7 @@ class Tracer:
         self._record(session, "S", wire_line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
 
     def server_body(self, session: Session, lines: int, octets: int) -> None:
-        if lines and not self.bodies and self.active:
+        if lines and not self.bodies:
             self._record(session, "S", octets_summary(lines, octets))
 
     def event(self, session: Session, text: str) -> None:

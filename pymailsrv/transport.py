@@ -153,18 +153,22 @@ class Connection:
             time.sleep(reply.delay)
         for line in reply.head():
             self._output += line.encode("utf-8", "replace") + CRLF
-        self.tracer.server_reply(self.session, reply)
+        tracing = self.tracer.active  # if not, RETR's text goes out unlooked at
+        if tracing:
+            self.tracer.server_reply(self.session, reply)
         body_lines = body_octets = 0
         for wire_block in reply.body():
             self._output += wire_block
-            body_lines += wire_block.count(b"\n")
-            body_octets += len(wire_block)
-            if self.tracer.bodies:
-                for wire_line in _WIRE_LINE.findall(wire_block):
-                    self.tracer.server_body_line(self.session, wire_line)
+            if tracing:
+                body_lines += wire_block.count(b"\n")
+                body_octets += len(wire_block)
+                if self.tracer.bodies:
+                    for wire_line in _WIRE_LINE.findall(wire_block):
+                        self.tracer.server_body_line(self.session, wire_line)
             if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
                 self.flush()
-        self.tracer.server_body(self.session, body_lines, body_octets)
+        if tracing:
+            self.tracer.server_body(self.session, body_lines, body_octets)
         if reply.then is not None:
             self.send(reply.then)
         if reply.after in (After.CLOSE, After.DROP_MID):
