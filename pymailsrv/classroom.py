@@ -32,7 +32,6 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
-from pathlib import Path
 
 import click
 from tabulate import tabulate

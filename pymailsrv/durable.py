@@ -1,7 +1,7 @@
 """Files that survive a crash, and files that a running server re-reads.
 
-Four small tools that ``users.py``, ``aliases.py`` and ``outqueue.py``
-share, so that the discipline is written once:
+Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
+``maildir.py`` share, so that the discipline is written once:
 
 * ``fsync_directory(path)``: a ``rename`` or ``link`` is only durable once
   the directory that holds the new name is fsynced (``fsync(2)``: syncing a
@@ -20,6 +20,8 @@ share, so that the discipline is written once:
   file's identity (inode, modification time, size) changes. An atomic
   rewrite always changes the inode, so an edit through the CLI is seen at
   once; so is an edit in a text editor, which changes the time or size.
+* ``discard_file(file, path)``: a half-written file closed and removed,
+  even when the close itself fails on a full disk.
 """
 
 from __future__ import annotations

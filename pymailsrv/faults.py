@@ -26,8 +26,9 @@ The grammar::
 
 A reply or ``drop`` replaces the command: its handler never runs, so nothing
 is stored or changed for this or any other session. ``delay`` runs it and
-answers late; ``drop-mid`` runs it, then hangs up partway (halfway through a
-multi-line reply, or after the first line of DATA's text, discarded). Every
+answers late; ``drop-mid`` runs it, then hangs up partway (after half the
+octets of a multi-line reply, often in the middle of a line, or after the
+first line of DATA's text, discarded). Every
 fault that fires is marked in the trace.
 """
 

@@ -262,9 +262,10 @@ def _pop3_size_of(key: str, path: str | Path) -> int:
 class IncomingMaildirMessage:
     """One message being written into ``tmp/`` as it arrives.
 
-    ``write`` takes text with LF line ends. ``commit`` makes it durable in
-    every recipient's ``new/`` (or none) and returns its queue id;
-    ``discard`` throws it away. Both remove the ``tmp/`` file.
+    ``write`` takes text with LF line ends, the Maildir convention (a CRLF
+    is still counted as RETR will send it: as one line end). ``commit`` makes
+    it durable in every recipient's ``new/`` (or none) and returns its queue
+    id; ``discard`` throws it away. Both remove the ``tmp/`` file.
     """
 
     def __init__(self, store: MaildirStore, users: list[str]) -> None:

@@ -56,7 +56,8 @@ class Reply:
         raise NotImplementedError
 
     def body(self) -> Iterator[bytes]:
-        """Wire lines after the head, each with its CRLF (a POP3 multi-line body)."""
+        """What follows the head on the wire: a POP3 multi-line body, byte-stuffed,
+        in blocks of whole CRLF-ended lines, then the line with a single dot."""
         return iter(())
 
     @property
@@ -91,7 +92,9 @@ class Pop3Reply(Reply):
     code: str | None = None
     # What a multi-line reply carries, not yet byte-stuffed: lines ended by
     # CRLF, in blocks of whole lines (a block may be one line or a whole
-    # message). None if single-line.
+    # message). Blocks, not lines, because RETR sends a message with a few
+    # bytes.replace calls rather than a Python step per line (maildir.pop3_text).
+    # None if single-line.
     content: Iterable[bytes] | None = None
 
     def with_lines(self, lines: Iterable[bytes]) -> "Pop3Reply":
