@@ -200,27 +200,19 @@ def test_opportunistic_starttls_is_used_when_offered_without_checking_the_certif
     assert remote.messages[0].tls  # a CA nobody trusts, and still encrypted
 
 
-def test_starttls_names_the_mx_host_not_its_address_in_sni(mta, sink):
+@pytest.mark.parametrize("recipient, sni", [
+    ("bob@example.net", "mx2.example.net"),  # the MX host's name, not the address we connect to
+    ("bob@[127.0.0.1]", None),  # RFC 6066 §3: SNI carries host names only, never "[127.0.0.1]"
+])
+def test_starttls_names_the_mail_host_in_sni(mta, sink, recipient, sni):
     context = _untrusted_certificate_context()
     names = []
     context.sni_callback = lambda connection, name, context: names.append(name)
     remote = sink(tls_context=context)
     server = mta(remote)
-    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.context.queue.enqueue(SENDER, [recipient], MESSAGE)
     server.relay.run_once()
-    assert remote.messages[0].tls and names == ["mx2.example.net"]
-
-
-def test_starttls_to_an_address_literal_sends_no_sni(mta, sink):
-    """RFC 6066 §3: SNI carries host names only, never "[127.0.0.1]"."""
-    context = _untrusted_certificate_context()
-    names = []
-    context.sni_callback = lambda connection, name, context: names.append(name)
-    remote = sink(tls_context=context)
-    server = mta(remote)
-    server.context.queue.enqueue(SENDER, ["bob@[127.0.0.1]"], MESSAGE)
-    server.relay.run_once()
-    assert remote.messages[0].tls and names == [None]
+    assert remote.messages[0].tls and names == [sni]
 
 
 BROKEN_STARTTLS = {
