@@ -174,6 +174,10 @@ def without_return_path(message: bytes) -> bytes:
     return _RETURN_PATH.sub(b"", message, count=1)
 
 
+def _host_name(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()
+
+
 def wire_format(message: bytes) -> bytes:
     """CRLF line ends for SMTP (RFC 5321 §2.3.8); smtplib does not convert bytes."""
     return re.sub(rb"\r?\n", b"\r\n", message)
@@ -199,8 +203,12 @@ class MxResolver:
             self._resolver = resolver
         return self._resolver
 
-    def hops(self, domain: str, port: int) -> list[Hop]:
-        """Every (host, address) to try for ``domain``, best first; RouteError if none."""
+    def hops(self, domain: str, port: int, myself: str | None = None) -> list[Hop]:
+        """Every (host, address) to try for ``domain``, best first; RouteError if none.
+
+        ``myself`` is this server's host name: if it is an MX host of the
+        domain, only the better ones are tried (see below).
+        """
         resolver = self._get_resolver(domain)
         implicit = False
         try:
@@ -217,7 +225,18 @@ class MxResolver:
                 f"{domain} has a null MX record (RFC 7505): it accepts no mail")))
         # Lowest preference first; among equals a random order (§5.1).
         records.sort(key=lambda record: (record.preference, random.random()))
-        names = [domain] if implicit else [record.exchange.to_text(omit_final_dot=True) for record in records
+        # §5.1: a client that finds itself among the MX hosts "MUST discard
+        # all MX records with a preference value equal to or greater than its
+        # own": we are a backup MX passing mail to a better one. Sent to our
+        # own level or lower, it would come straight back to us.
+        mine = [record.preference for record in records
+                if myself is not None and _host_name(record.exchange) == myself.lower()]
+        if mine:
+            records = [record for record in records if record.preference < min(mine)]
+            if not records:
+                raise RouteError(Outcome(State.FAILED, STATUS_LOOP, _local_diagnostic(
+                    f"mail for {domain} loops back to myself: {myself} is its best MX host")))
+        names = [domain] if implicit else [_host_name(record.exchange) for record in records
                                            if record.exchange != dns.name.root]
         hops: list[Hop] = []
         lookup_failed: dns.exception.DNSException | None = None
@@ -419,7 +438,7 @@ class Relay:
         if domain.startswith("["):  # an address literal (RFC 5321 §4.1.3): no DNS
             address = re.sub(r"(?i)^ipv6:", "", domain[1:-1])
             return [Hop(domain, address, port)]
-        return self._resolver.hops(domain, port)
+        return self._resolver.hops(domain, port, myself=self.settings.hostname)
 
     def _send(self, hops: list[Hop], sender: str, recipients: list[str], data: bytes) -> dict[str, Outcome]:
         """Try the hops in order until one takes part in a transaction (§5.1)."""

@@ -54,6 +54,11 @@ ZONE = {
     "implicit.example": {"A": ["127.0.0.1"]},  # no MX: the domain is its own mail host
     "nullmx.example": {"MX": [(0, ".")]},  # RFC 7505: takes no mail
     "noaddress.example": {"TXT": []},  # exists, but neither MX nor A
+    # We (mx.ours.example) are a backup MX, or the best one.
+    "backup.example": {"MX": [(30, "c.example.net"), (20, "mx.ours.example"), (10, "a.example.net"),
+                              (20, "b.example.net")]},
+    "ours.example": {"MX": [(10, "MX.Ours.Example"), (20, "a.example.net")]},
+    "mx.ours.example": {"A": ["127.0.0.9"]},
 }
 
 
@@ -115,6 +120,19 @@ def delivery_status(bounce: email.message.EmailMessage) -> tuple[dict, list[dict
 def test_mx_hosts_are_tried_in_order_of_preference(dns):
     hops = MxResolver(dns.address).hops("ordered.example", 25)
     assert [hop.name for hop in hops] == ["a.example.net", "b.example.net", "c.example.net"]
+
+
+def test_a_backup_mx_passes_mail_only_to_better_mx_hosts(dns):
+    """RFC 5321 §5.1: MX records at our own preference or worse are discarded."""
+    hops = MxResolver(dns.address).hops("backup.example", 25, myself="mx.ours.example")
+    assert [hop.name for hop in hops] == ["a.example.net"]
+
+
+def test_mail_for_a_domain_whose_best_mx_is_ourselves_is_a_loop(dns):
+    with pytest.raises(RouteError) as raised:
+        MxResolver(dns.address).hops("ours.example", 25, myself="mx.ours.example")
+    assert (raised.value.outcome.state, raised.value.outcome.status) == (State.FAILED, "5.4.6")
+    assert "loops back to myself" in raised.value.outcome.diagnostic
 
 
 def test_a_domain_without_mx_is_its_own_mail_host(dns):
