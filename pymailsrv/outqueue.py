@@ -20,6 +20,19 @@ envelope (or a file in ``tmp/``), which nobody was promised and which
 ``remove_stale_files`` clears; deleting removes the ``.json`` first for the
 same reason.
 
+A message can also be queued *held*, for a caller that may yet take it
+back: the SMTP session queues a message's outside copy held, delivers the
+local copies, and only then lets the copy go (``smtp.Spool``)::
+
+    queue/tmp/<id>.json  a held message's envelope, written atomically: nothing
+                         lists tmp/, so no relay sees the message yet
+    queue/<id>.json      release() renames it here and fsyncs the directory:
+                         now it is queued, and the client may hear 250
+
+The hold is a file, so every process sees it, and so does a server that
+restarts after a crash: a held message that is never released is never
+sent. Its files are left to ``remove_stale_files`` like any other.
+
 The envelope holds the reverse-path (``""`` is the null path ``<>``), the
 arrival time, the next attempt time, how many attempts were made, and every
 recipient with its own state: ``pending`` until a delivery attempt says
@@ -34,6 +47,7 @@ a recipient still pending ``max_queue_lifetime`` after arrival has failed.
 Every change to an envelope (``record``, ``flush``, ``delete``) is a read-
 modify-write under one ``flock``, so the server's delivery threads and a
 ``pymailsrv queue`` command in another process never undo each other's work.
+(``release`` is a single rename, and needs no lock: see ``delete``.)
 Nothing here speaks SMTP; ``relay.py`` does, and reports back through
 ``record``.
 """
@@ -44,7 +58,6 @@ import dataclasses
 import enum
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -188,10 +201,10 @@ class OutboundQueue:
         self.wakeup: Callable[[], None] | None = None
         # Names of broken envelope files already logged (see get()).
         self._warned: set[str] = set()
-        # Messages this process keeps from the relay for now (see hold()),
-        # each with the time.monotonic() until when.
-        self._held: dict[str, float] = {}
-        self._held_lock = threading.Lock()  # SMTP sessions hold, relay threads look
+        # Messages the relay in this process leaves alone for now (see
+        # postpone_in_memory()), each with the time.monotonic() until when.
+        self._postponed_in_memory: dict[str, float] = {}
+        self._postponed_lock = threading.Lock()  # one relay thread postpones while others look
 
     def _ensure_directories(self) -> None:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
@@ -201,6 +214,9 @@ class OutboundQueue:
 
     def _envelope_path(self, queue_id: str) -> Path:
         return self.directory / f"{queue_id}.json"
+
+    def _held_envelope_path(self, queue_id: str) -> Path:
+        return self.directory / "tmp" / f"{queue_id}.json"
 
     # --- putting mail in ---------------------------------------------------------
 
@@ -254,39 +270,54 @@ class OutboundQueue:
         entry = QueueEntry(queue_id, sender, [Recipient(address) for address in recipients],
                            created=now, next_attempt=now)
         if held:
-            self.hold(queue_id)  # before the envelope exists: no relay thread may see it unheld
+            # Into tmp/, which no listing reads: no relay thread, in this
+            # process or another, sees the message before release().
+            write_atomically(self._held_envelope_path(queue_id), entry.to_json())
+            log.info("held %s from <%s> to %s", queue_id, sender, ", ".join(recipients))
+            return
         # write_atomically fsyncs the directory after the rename, which makes
         # the .msg's name durable too: it lives in the same directory.
         write_atomically(self._envelope_path(queue_id), entry.to_json())
         log.info("queued %s from <%s> to %s", queue_id, sender, ", ".join(recipients))
-        if not held and self.wakeup is not None:
-            self.wakeup()
-
-    def hold(self, queue_id: str, until: float = math.inf) -> None:
-        """Keep a message out of ``due()`` until ``release`` or the monotonic time ``until``.
-
-        Two holders: the SMTP server, which queues a message's outside copy
-        before it delivers the local ones, so that a failure of either leaves
-        no copy behind (RFC 5321 §6.1), and must not have the copy on its way
-        before it knows; and the relay, after an attempt that failed before
-        its outcome could be written down. Holds live in this process only:
-        after a crash every queued message is simply due.
-        """
-        with self._held_lock:
-            self._held[queue_id] = until
-
-    def release(self, queue_id: str) -> None:
-        """End a hold, and wake the relay for the message."""
-        with self._held_lock:
-            self._held.pop(queue_id, None)
         if self.wakeup is not None:
             self.wakeup()
 
-    def _still_held(self) -> set[str]:
+    def release(self, queue_id: str) -> None:
+        """Queue a message committed ``held``, and wake the relay for it; raises StorageError.
+
+        This is the held message's commit point: its envelope is renamed from
+        ``tmp/`` into the queue directory, and the directory is fsynced, which
+        makes the ``.msg``'s name durable too. The client hears 250 next, so
+        the message must survive a crash from here on (RFC 5321 §6.1).
+        """
+        try:
+            os.rename(self._held_envelope_path(queue_id), self._envelope_path(queue_id))
+            fsync_directory(self.directory)
+        except OSError as error:
+            raise storage_error(error, "releasing the queued message") from error
+        if self.wakeup is not None:
+            self.wakeup()
+
+    def postpone_in_memory(self, queue_id: str, until: float) -> None:
+        """Keep a message out of ``due()`` in this process until the monotonic time ``until``.
+
+        For the relay, after an attempt that raised before its outcome was
+        written down. ``postpone`` cannot serve there: the failure may be
+        the disk itself (ENOSPC while recording), and then the envelope's
+        next_attempt cannot be written either, so the message would be due
+        again at once. This process is the one that runs the relay threads,
+        the only callers of ``due()``, so its memory is enough; after a
+        restart the message is simply due.
+        """
+        with self._postponed_lock:
+            self._postponed_in_memory[queue_id] = until
+
+    def _still_postponed_in_memory(self) -> set[str]:
         now = time.monotonic()
-        with self._held_lock:
-            self._held = {queue_id: until for queue_id, until in self._held.items() if until > now}
-            return set(self._held)
+        with self._postponed_lock:
+            self._postponed_in_memory = {queue_id: until for queue_id, until
+                                         in self._postponed_in_memory.items() if until > now}
+            return set(self._postponed_in_memory)
 
     # --- reading ---------------------------------------------------------------
 
@@ -333,10 +364,10 @@ class OutboundQueue:
     def due(self, now: float | None = None) -> list[QueueEntry]:
         """Entries with work to do now, the longest-waiting first."""
         now = time.time() if now is None else now
-        held = self._still_held()
+        postponed = self._still_postponed_in_memory()
         due = [entry for entry in self.entries()
                if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)
-               and entry.queue_id not in held]
+               and entry.queue_id not in postponed]
         return sorted(due, key=lambda entry: entry.next_attempt)
 
     # --- changing ----------------------------------------------------------------
@@ -421,28 +452,31 @@ class OutboundQueue:
         return flushed
 
     def delete(self, queue_id: str) -> bool:
-        """Remove a message from the queue; False if it was not there."""
-        if not self._envelope_path(queue_id).exists():
+        """Remove a message from the queue, or a held one (never released); False if neither is there."""
+        # Held first, then queued: the way release() moves an envelope, so
+        # one released meanwhile is still found, with no lock in release().
+        held, queued = self._held_envelope_path(queue_id), self._envelope_path(queue_id)
+        if not (held.exists() or queued.exists()):
             return False
         with exclusive_lock(self._lock_path):
-            try:
-                # The envelope first: a crash between the two leaves a
-                # stale .msg, never an envelope without its message.
-                self._envelope_path(queue_id).unlink()
-            except FileNotFoundError:
+            # The envelope first: a crash between the two leaves a
+            # stale .msg, never an envelope without its message.
+            if not (_unlink_if_there(held) or _unlink_if_there(queued)):
                 return False
             self.message_path(queue_id).unlink(missing_ok=True)
             fsync_directory(self.directory)
-        with self._held_lock:
-            self._held.pop(queue_id, None)
+        with self._postponed_lock:
+            self._postponed_in_memory.pop(queue_id, None)
         log.info("removed %s from the queue", queue_id)
         return True
 
     def remove_stale_files(self, now: float | None = None) -> int:
         """Remove what crashed enqueues left: old tmp/ files and .msg files without an envelope.
 
-        Old means older than Maildir's 36 hours for tmp/: far longer than any
-        enqueue takes, so one in progress (in another process) is never hit.
+        That includes a held message never released: its envelope in tmp/
+        and its .msg, which has no envelope beside it. Old means older than
+        Maildir's 36 hours for tmp/: far longer than any enqueue (or hold)
+        takes, so one in progress (in another process) is never hit.
         """
         cutoff = (time.time() if now is None else now) - MAILDIR_TMP_MAX_AGE_SECONDS
         removed = 0
@@ -496,7 +530,15 @@ class IncomingQueueMessage:
         self.octets += len(data)
 
     def commit(self, sender: str, recipients: Iterable[str], now: float | None = None, held: bool = False) -> str:
-        """Queue the message; with ``held``, the relay waits for ``OutboundQueue.release``."""
+        """Queue the message and return its id.
+
+        With ``held`` the message is written and fsynced but not yet
+        queued: its envelope waits in ``tmp/``, on disk, so no process's
+        relay sees it, until ``OutboundQueue.release`` queues it or
+        ``OutboundQueue.delete`` takes it back. One never released (a crash,
+        a failed local delivery) is never sent; ``remove_stale_files``
+        clears it.
+        """
         recipients = _at_least_one(recipients)
         try:
             self._file.flush()
@@ -512,6 +554,15 @@ class IncomingQueueMessage:
 
     def discard(self) -> None:
         discard_file(self._file, self._tmp_path)
+
+
+def _unlink_if_there(path: Path) -> bool:
+    """Remove ``path``; False if it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _at_least_one(recipients: Iterable[str]) -> list[str]:

@@ -343,10 +343,10 @@ class Relay:
                 self.attempt(queue_id)
             except Exception:  # one broken message must not stop a worker
                 log.exception("delivery of %s failed unexpectedly; it stays queued", queue_id)
-                # Held in memory: the failure may be the disk itself (ENOSPC
+                # In memory: the failure may be the disk itself (ENOSPC
                 # while recording the outcome), and then next_attempt in the
                 # envelope never moves and the message would be due at once.
-                self.queue.hold(queue_id, time.monotonic() + self.queue.retry.min_backoff)
+                self.queue.postpone_in_memory(queue_id, time.monotonic() + self.queue.retry.min_backoff)
             finally:
                 with self._claim_lock:
                     self._in_flight.discard(queue_id)

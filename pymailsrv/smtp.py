@@ -149,10 +149,17 @@ class Spool:
     """Where one message's text goes as it arrives: the local users' Maildirs,
     the outbound queue (relay.py), or both.
 
-    ``commit`` queues first, held back from the relay, then delivers
-    locally; if the local delivery fails the queued copy is taken back, so a
-    451 leaves nothing behind, and nothing went out (RFC 5321 §6.1: 250 means
-    the whole message is our responsibility). Only then does the relay get it.
+    ``commit`` queues the outside copy held (its envelope waits on disk in
+    the queue's tmp/, where no relay, in this process or another, looks),
+    then delivers locally; if the local delivery fails the held copy is
+    taken back, so a 451 leaves nothing behind, and nothing went out
+    (RFC 5321 §6.1: 250 means the whole message is our responsibility).
+    Only then does ``release`` queue it, durably, for the relay, and the
+    client hears 250. A crash before that leaves the copy held, and never
+    sent: the client heard no 250 and will send the message again. Should
+    ``release`` itself fail, the client hears 451 with the local copies
+    already in, and they arrive twice: the lesser harm, as they stay on
+    this server.
     """
 
     def __init__(self, context: ServerContext, envelope: Envelope) -> None:

@@ -526,7 +526,7 @@ class _DiskFullQueue(OutboundQueue):
 
 
 def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(root, dns, sink):
-    """The envelope's next_attempt never moves, so the relay holds the message back itself."""
+    """The envelope's next_attempt never moves, so the relay postpones the message in memory."""
     remote = sink()
     settings = make_settings(root, relay={"dns_server": dns.address, "port": remote.port,
                                           "min_backoff": 60.0, "queue_scan_interval": 0.05})
@@ -538,7 +538,7 @@ def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(ro
     try:
         server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
         remote.wait_for(1)
-        time.sleep(1.0)  # without the hold, the sink got this message ~1000 times a second
+        time.sleep(1.0)  # not postponed, the message went to the sink ~1000 times a second
         assert len(remote.messages) == 1
     finally:
         server.stop()
