@@ -88,7 +88,11 @@ def _scrypt(password: str, salt: bytes, log2_n: int, r: int, p: int, length: int
 
 def hash_password(password: str) -> str:
     salt = secrets.token_bytes(SCRYPT_SALT_OCTETS)
-    digest = _scrypt(password, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, SCRYPT_HASH_OCTETS)
+    return _phc(salt, _scrypt(password, salt, SCRYPT_LOG2_N, SCRYPT_R, SCRYPT_P, SCRYPT_HASH_OCTETS))
+
+
+def _phc(salt: bytes, digest: bytes) -> str:
+    """The PHC string format: scheme, cost, salt, hash."""
     return f"$scrypt$ln={SCRYPT_LOG2_N},r={SCRYPT_R},p={SCRYPT_P}${_b64(salt)}${_b64(digest)}"
 
 
@@ -105,8 +109,10 @@ def verify_password(password: str, phc: str) -> bool:
 
 
 # A hash to check against when the user does not exist, so that an unknown
-# name takes as long to refuse as a wrong password.
-_DECOY_HASH = hash_password(secrets.token_hex(8))
+# name takes as long to refuse as a wrong password. Its digest is random, no
+# password's: made without scrypt, so importing this module starts no
+# thread (a forking server, workers.py, must fork before any thread runs).
+_DECOY_HASH = _phc(secrets.token_bytes(SCRYPT_SALT_OCTETS), secrets.token_bytes(SCRYPT_HASH_OCTETS))
 
 
 def _read_users(path: Path) -> dict[str, dict[str, str]]:
