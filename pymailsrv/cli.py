@@ -106,18 +106,22 @@ def main() -> None:
 @click.option("--run-as", metavar="USER", help="Started as root: become USER once the ports are bound.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Misbehave on purpose, for testing clients, e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'.")
+@click.option("--processes", type=int, metavar="N",
+              help="Serve from N worker processes (default 1; about one per CPU core for a busy server).")
 def start(root: str | None, config: str | None, host: str | None, smarthost: str | None, smtp_port: int | None,
           pop3_port: int | None, domains: tuple[str, ...], trace: bool | None, trace_bodies: bool | None,
           trace_format: str | None, annotate: bool | None, transcripts: bool | None, tls_cert: str | None,
           tls_key: str | None, pop3s_port: int | None, smtps_port: int | None,
-          submission_port: int | None, run_as: str | None, faults: tuple[str, ...]) -> None:
+          submission_port: int | None, run_as: str | None, faults: tuple[str, ...],
+          processes: int | None) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from pymailsrv.server import MailServer
+    from pymailsrv.workers import Workers
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
                          transcripts=transcripts, tls={"cert": tls_cert, "key": tls_key}, faults=faults or None,
-                         run_as=run_as, pop3={"port": pop3_port, "pop3s_port": pop3s_port},
+                         run_as=run_as, processes=processes, pop3={"port": pop3_port, "pop3s_port": pop3s_port},
                          smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port},
                          relay={"smarthost": smarthost})
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
@@ -126,17 +130,26 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stopping.set())
     try:
-        server = MailServer(settings).start()
+        server = MailServer(settings)
+        workers = Workers(server, settings.processes) if settings.processes > 1 else None
+        server.bind()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot listen on {settings.host}: {error.strerror or error}") from None
+    if workers is None:
+        server.serve()
+    else:
+        workers.start()  # forks: from here on this process only watches them
     click.echo(server.listening_line(), err=True)
     try:
-        while not stopping.wait(timeout=1.0):
-            pass
+        if workers is None:
+            while not stopping.wait(timeout=1.0):
+                pass
+        else:
+            workers.watch(stopping)
     finally:
-        server.stop()
+        (workers or server).stop()
     logging.getLogger("pymailsrv.server").info("stopped")
 
 

@@ -63,6 +63,11 @@ def _not_negative(value: float) -> None:
         raise ValueError("must be 0 or more")
 
 
+def _processes(value: int) -> None:
+    if not 1 <= value <= limits.MAX_PROCESSES:
+        raise ValueError(f"must be 1-{limits.MAX_PROCESSES}")
+
+
 def _recipient_limit(value: int) -> None:
     if value < limits.SMTP_RECIPIENTS_RFC_MINIMUM:
         raise ValueError(f"RFC 5321 §4.5.3.1.8 requires at least {limits.SMTP_RECIPIENTS_RFC_MINIMUM}")
@@ -213,6 +218,8 @@ class Settings:
     # The account to become once the ports are bound ('start --run-as');
     # None: stay who we are.
     run_as: str | None = None
+    # Worker processes that serve connections (workers.py); 1: this process.
+    processes: int = _checked(1, _processes)
     limits: LimitSettings = field(default_factory=LimitSettings)  # last: the name shadows the module
 
     @property

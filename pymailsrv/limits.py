@@ -91,6 +91,11 @@ MAX_CONNECTIONS = 500
 # and file descriptors a client holds are the process's, whatever the port.
 MAX_CONNECTIONS_PER_ADDRESS = 50
 
+# Worker processes ('start --processes', workers.py). Each is a whole Python
+# process of about 30 MB; more of them than CPU cores only costs memory, as
+# the GIL they work around is per process. The cap stops a typo (1000).
+MAX_PROCESSES = 64
+
 # Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of
 # one user from one client address. (Our maildrop lock already allows only
 # one POP3 session per user; see ServerContext.pop3_sessions.)

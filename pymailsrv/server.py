@@ -1,4 +1,4 @@
-"""The listeners: one ``ThreadingTCPServer`` per protocol, all in one process.
+"""The listeners: one ``ThreadingTCPServer`` per protocol.
 
 ``MailServer`` owns everything a running server shares - the settings, the
 user store, the Maildir store and the tracer, bundled as a ``ServerContext``
@@ -14,12 +14,16 @@ cut off like that changes nothing in its maildrop (RFC 1939 §6).
 Port 0 means "pick a free port"; ``addresses`` tells which ports were bound,
 and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
 
+``start()`` is ``bind()`` then ``serve()``. Between the two,
+``pymailsrv start --processes N`` forks N worker processes (workers.py),
+each of which then serves the sockets bound here.
+
 Two guards stand before any session starts:
 
 * Connection caps (``ConnectionLimits``): one count of open connections for
-  the whole server and one per client address, shared by every listener,
-  since the threads and sockets a client holds are the process's whatever
-  the port. Over a cap the *accepting* thread writes the refusal itself
+  the whole server and one per client address, shared by every listener
+  and every worker process, since the threads and sockets a client holds
+  are the server's whatever the port. Over a cap the *accepting* thread writes the refusal itself
   (``421 4.7.0`` / ``-ERR [SYS/TEMP]``) and closes: a flood of refused
   connections starts no thread. A connection counts until its thread ends.
 * Privileges: started as root to bind ports 25/110/465/587/995, the server
@@ -29,14 +33,20 @@ Two guards stand before any session starts:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import logging
+import mmap
 import os
 import pwd
 import socket
 import socketserver
 import ssl
+import struct
+import tempfile
 import threading
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,30 +113,77 @@ class Tally:
 
 
 class ConnectionLimits:
-    """Open connections: at most ``total`` in all, ``per_address`` from one address."""
+    """Open connections: at most ``total`` in all, ``per_address`` from one address.
+
+    Kept in memory that worker processes forked after it share (workers.py),
+    so the caps hold for the whole server however many processes serve it.
+    The table has one slot per connection the server may have open: a slot
+    holds a connection's client address (as a 64-bit digest; 0 is a free
+    slot) and the pid of the process serving it, so the slots of a worker
+    that died can be freed (``release_all_of``). A ``lockf`` lock on the
+    table's file keeps processes apart - the kernel drops it if its holder
+    dies - and a thread lock the threads of each process.
+    """
 
     def __init__(self, total: int, per_address: int) -> None:
-        self.total = Tally(total)
-        self.per_address = Tally(per_address)
-        self._lock = threading.Lock()  # both counts change together
+        self.per_address = per_address
+        self._file = tempfile.TemporaryFile()  # unlinked at once: nothing left behind
+        self._file.truncate(total * _SLOT.size)
+        self._table = mmap.mmap(self._file.fileno(), total * _SLOT.size)  # MAP_SHARED
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[tuple[list[int], list[int]]]:
+        """The table's addresses and owners, under both locks."""
+        with self._thread_lock:
+            fcntl.lockf(self._file, fcntl.LOCK_EX)
+            try:
+                slots = list(_SLOT.iter_unpack(self._table))
+                yield [address for address, _ in slots], [owner for _, owner in slots]
+            finally:
+                fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+    def _set(self, slot: int, address: int, owner: int) -> None:
+        _SLOT.pack_into(self._table, slot * _SLOT.size, address, owner)
 
     def admit(self, address: str) -> bool:
-        with self._lock:
-            if not self.total.take(None):
+        key = _address_key(address)
+        with self._locked() as (addresses, _):
+            if addresses.count(key) >= self.per_address or FREE_SLOT not in addresses:
                 return False
-            if not self.per_address.take(address):
-                self.total.give_back(None)
-                return False
+            self._set(addresses.index(FREE_SLOT), key, os.getpid())
             return True
 
     def release(self, address: str) -> None:
-        with self._lock:
-            self.per_address.give_back(address)
-            self.total.give_back(None)
+        key, me = _address_key(address), os.getpid()
+        with self._locked() as (addresses, owners):
+            slot = next(slot for slot, (held, owner) in enumerate(zip(addresses, owners))
+                        if held == key and owner == me)
+            self._set(slot, FREE_SLOT, 0)
+
+    def release_all_of(self, pid: int) -> int:
+        """Free the slots of a worker process that ended; how many it held."""
+        with self._locked() as (_, owners):
+            slots = [slot for slot, owner in enumerate(owners) if owner == pid]
+            for slot in slots:
+                self._set(slot, FREE_SLOT, 0)
+            return len(slots)
 
     @property
     def open(self) -> int:
-        return self.total[None]
+        with self._locked() as (addresses, _):
+            return len(addresses) - addresses.count(FREE_SLOT)
+
+
+# A slot of the connection table: client address digest, pid of its process.
+_SLOT = struct.Struct("=Qq")
+FREE_SLOT = 0
+
+
+def _address_key(address: str) -> int:
+    """A client address as a 64-bit number, never FREE_SLOT (two addresses alike: 1 in 2**64)."""
+    digest = int.from_bytes(hashlib.blake2b(address.encode(), digest_size=8).digest(), "big")
+    return digest or 1
 
 
 @dataclass(frozen=True)
@@ -177,6 +234,11 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: set[Connection] = set()
         self._open_lock = threading.Lock()
         super().__init__(address, SessionHandler)
+        # Worker processes share this socket (workers.py): a connection wakes
+        # every one waiting in poll(), and only one gets it. A blocking
+        # accept() would hold the others until the next connection, deaf to
+        # stop(); non-blocking, theirs fails and socketserver waits again.
+        self.socket.setblocking(False)
 
     def track(self, connection: Connection) -> None:
         with self._open_lock:
@@ -381,7 +443,16 @@ class MailServer:
         return chosen
 
     def start(self) -> "MailServer":
-        """Bind every listener, become ``run_as``, tidy the data root, then serve."""
+        """Bind, then serve: the whole server in this process."""
+        self.bind()
+        return self.serve()
+
+    def bind(self) -> "MailServer":
+        """Bind every listener, become ``run_as``, and tidy the data root; no thread yet.
+
+        ``pymailsrv start --processes N`` forks its workers after this
+        (workers.py): they inherit the bound sockets.
+        """
         # A listener that cannot run, or an account that does not exist, is a
         # one-line config error, before any warning.
         protocols = self._protocols()
@@ -404,12 +475,17 @@ class MailServer:
         except (OSError, ConfigError):
             self.stop()
             raise
+        return self
+
+    def serve(self, relay: bool = True) -> "MailServer":
+        """Accept connections in a thread per listener; with ``relay``, deliver the queue too."""
         for listener in self.listeners:
             thread = threading.Thread(target=listener.serve_forever, args=(LISTENER_POLL_SECONDS,),
                                       name=f"{listener.name}-listener", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self.relay.start()  # resumes whatever the queue holds from before
+        if relay:
+            self.relay.start()  # resumes whatever the queue holds from before
         return self
 
     def _check_postmaster(self) -> None:

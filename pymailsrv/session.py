@@ -66,6 +66,16 @@ class InputKind(enum.Enum):
 
 _session_ids = itertools.count(1)
 
+
+def number_sessions(first: int, step: int) -> None:
+    """Number this process's sessions first, first + step, ...
+
+    Worker k of n (workers.py) counts k, k + n, k + 2n, ...: a session id
+    names one session of the whole server, in logs, traces and transcripts.
+    """
+    global _session_ids
+    _session_ids = itertools.count(first, step)
+
 LineHandler = Callable[[bytes, bool], Reply]
 
 

@@ -59,8 +59,10 @@ class ServerProcess:
                    "--pop3-port", "0", "--smtp-port", "0", *arguments]
         env = {**os.environ, "PYTHONPATH": str(REPOSITORY)}
         env.pop("PYMAILSRV_CONFIG", None)
+        # A process group of its own: kill() then reaches its workers too.
         self.process = subprocess.Popen(command, cwd=root.parent, env=env, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=self._log_file, **popen)
+                                        stdout=subprocess.DEVNULL, stderr=self._log_file,
+                                        start_new_session=True, **popen)
         self.addresses: dict[str, tuple[str, int]] = {}
 
     @property
@@ -89,8 +91,9 @@ class ServerProcess:
         return self.process.wait(timeout=seconds)
 
     def kill(self) -> None:
+        """SIGKILL the server and its worker processes at once, as a power cut would."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+            os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
     def stop(self) -> None:
@@ -256,11 +259,12 @@ def seed(root: Path) -> dict[str, dict[str, str]]:
     return seeded
 
 
-def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path, processes):
+@pytest.mark.parametrize("arguments", [(), ("--processes", "2")], ids=["one-process", "two-workers"])
+def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path, processes, arguments):
     root = tmp_path / "root"
     root.mkdir()
     seeded = seed(root)
-    server = processes(root).wait_listening()
+    server = processes(root, *arguments).wait_listening()
     ledger, stop, hold = Ledger(), threading.Event(), threading.Event()
     threads = [threading.Thread(target=smtp_load, args=(server.addresses["smtp"], worker, ledger, stop))
                for worker in range(4)]
@@ -289,7 +293,7 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path, processes):
         when = time.time() - hours * 3600
         os.utime(path, (when, when))
 
-    restarted = processes(root).wait_listening()
+    restarted = processes(root, *arguments).wait_listening()
 
     # The maildir spec's 36 hours: the old tmp/ file went at start, the young one stays.
     assert not stale.exists() and fresh.exists()

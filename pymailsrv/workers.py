@@ -1,0 +1,154 @@
+"""Serving from more than one process: ``pymailsrv start --processes N``.
+
+One Python process runs one thread at a time (the GIL): with ten busy
+connections, their threads mostly wait for each other. Like Postfix's
+master and Dovecot's, the main process here binds the listening sockets and
+then forks N workers and watches them. Each worker is the whole server of
+``server.py`` - a thread per connection - over the sockets it inherited; the
+kernel hands each new connection to one of the workers waiting for it.
+
+What the workers share, and how:
+
+* the listening sockets, inherited across ``fork()``;
+* the connection caps: ``ConnectionLimits`` lives in shared memory;
+* the Maildirs and the queue, on disk, with their locks (flock, and
+  rename as the commit of every file);
+* unique session ids (``session.number_sessions``).
+
+What each worker keeps to itself: the failed-login throttle (so an address
+gets its tries in each worker), the POP3 sessions per user and address (the
+maildrop lock already lets one session per user in), and injected faults,
+which count per process and are therefore refused with ``processes > 1``.
+Only the first worker runs the relay (relay.py); mail queued by another
+reaches it at its next look into the queue (``relay.queue_scan_interval``).
+
+The main process forks before it starts any thread, then only waits: a
+thread's locks, or a thread pool's threads, do not cross ``fork()``. A
+worker that dies is reaped, its connection slots are freed, and a new one
+takes its place at the next look (once a second). A worker whose main
+process is gone stops by itself.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+
+from pymailsrv.config import ConfigError
+from pymailsrv.server import MailServer
+from pymailsrv.session import number_sessions
+
+log = logging.getLogger("pymailsrv.workers")
+
+# How often the main process looks for dead workers, and a worker for its main process.
+WATCH_INTERVAL_SECONDS = 1.0
+# How long the main process waits for its workers to stop before it kills them.
+WORKER_STOP_SECONDS = 10.0
+
+
+class Workers:
+    """The worker processes of one bound ``MailServer``."""
+
+    def __init__(self, server: MailServer, count: int) -> None:
+        if server.settings.faults:
+            raise ConfigError("injected faults count per process: run them with processes = 1")
+        self.server = server
+        self.count = count
+        self._main_pid = os.getpid()
+        self._workers: dict[int, int] = {}  # pid -> worker number, 1..count
+
+    def start(self) -> None:
+        running = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
+        if running:  # a bug of ours, not a user's mistake
+            raise RuntimeError(f"workers must be forked before any thread starts; running: {running}")
+        # What exists now stays shared with the workers: without this the
+        # collector would write to (and so copy) every object it looks at.
+        gc.freeze()
+        for number in range(1, self.count + 1):
+            self._fork(number)
+
+    def _fork(self, number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker: serve, and never return into the main process's code
+            status = 1
+            try:
+                self._serve(number)
+                status = 0
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                logging.shutdown()
+                os._exit(status)
+        self._workers[pid] = number
+        log.info("worker %d started (pid %d)", number, pid)
+
+    def _serve(self, number: int) -> None:
+        stopping = threading.Event()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signal_number, lambda *_: stopping.set())
+        number_sessions(number, self.count)
+        self.server.serve(relay=number == 1)
+        try:
+            while not stopping.wait(WATCH_INTERVAL_SECONDS):
+                if os.getppid() != self._main_pid:
+                    log.warning("worker %d: the main process is gone; stopping", number)
+                    break
+        finally:
+            self.server.stop()
+
+    def watch(self, stopping: threading.Event) -> None:
+        """Replace workers that die, until ``stopping`` is set."""
+        while not stopping.wait(WATCH_INTERVAL_SECONDS):
+            for number in self._reap():
+                self._fork(number)
+
+    def _reap(self) -> list[int]:
+        """The numbers of the workers that ended since the last look, each logged and its slots freed."""
+        ended = []
+        while self._workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            number = self._workers.pop(pid, None)
+            if number is None:
+                continue
+            freed = self.server.context.connections.release_all_of(pid)
+            log.error("worker %d (pid %d) ended unexpectedly (%s, with %d open connection%s); "
+                      "starting another", number, pid, _how_it_ended(status), freed, "" if freed == 1 else "s")
+            ended.append(number)
+        return ended
+
+    def stop(self) -> None:
+        """SIGTERM every worker, wait for them, SIGKILL what is left; then close the sockets."""
+        for pid in self._workers:
+            _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_SECONDS
+        while self._workers and time.monotonic() < deadline:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                time.sleep(0.05)
+            else:
+                self._workers.pop(pid, None)
+        for pid in self._workers:
+            log.warning("worker pid %d did not stop in %gs; killing it", pid, WORKER_STOP_SECONDS)
+            _signal(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        self._workers.clear()
+        self.server.stop()
+
+
+def _signal(pid: int, signal_number: int) -> None:
+    try:
+        os.kill(pid, signal_number)
+    except ProcessLookupError:
+        pass  # it has just ended: the wait will tell
+
+
+def _how_it_ended(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

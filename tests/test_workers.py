@@ -1,0 +1,204 @@
+"""``pymailsrv start --processes N``: worker processes that serve as one server.
+
+The server runs as a real process tree (``python -m pymailsrv start``, from
+``test_crash.py``). What the tests show:
+
+* the connection caps count every worker's connections together, and a
+  worker killed with -9 gives its places back when the main process
+  replaces it;
+* mail taken by any worker is stored and relayed exactly once, though
+  only the first worker runs the relay (the queue's hold is on disk);
+* the workers stop with the main process, on SIGTERM or when it is killed;
+* faults, which count per process, are refused with more than one.
+
+The sigkill-under-load test of ``test_crash.py`` also runs with two workers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pymailsrv.maildir import MaildirStore
+from pymailsrv.server import ConnectionLimits
+from pymailsrv.users import UserStore
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
+from tests.remote_side import Sink
+from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
+
+WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+SESSION_ENDED = re.compile(r"(?:pop3|smtp) session (\d+) ended")
+POP3_TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    users, store = UserStore(root / ".pymailsrv"), MaildirStore(root)
+    for name in ("alice", "bob"):
+        users.add(name, PASSWORD)
+        store.create_maildir(name)
+    return root
+
+
+def config(root: Path, text: str) -> str:
+    path = root.parent / "pymailsrv.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def worker_pids(server, count: int = 2, seconds: float = 10.0) -> dict[int, int]:
+    """Worker number -> pid of its latest start, once ``count`` starts are logged."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        started = WORKER_STARTED.findall(server.output())
+        if len(started) >= count:
+            return {int(number): int(pid) for number, pid in started}  # a later start of a number wins
+        time.sleep(0.05)
+    raise AssertionError(f"workers did not start:\n{server.output()}")
+
+
+def gone(pid: int) -> bool:
+    """Ended (or a zombie nobody reaps: a container's init may not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_until(condition, seconds: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.05)
+
+
+def greeted(address: tuple[str, int], opened: list[RawClient]) -> bytes:
+    client = RawClient(address)
+    opened.append(client)
+    return client.line()
+
+
+# --- the shared connection table, in one process tree --------------------------------
+
+
+def test_a_forked_process_counts_in_the_same_table_and_its_places_can_be_freed():
+    limits = ConnectionLimits(total=4, per_address=2)
+    child = os.fork()
+    if child == 0:  # a worker's part, in its own process
+        os._exit(0 if limits.admit("192.0.2.1") and limits.admit("192.0.2.1") else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert limits.open == 2
+    assert not limits.admit("192.0.2.1")  # the child's two count against the address here
+    assert limits.admit("192.0.2.2")
+    assert limits.release_all_of(child) == 2  # what the main process does for a dead worker
+    assert limits.open == 1 and limits.admit("192.0.2.1")
+
+
+# --- a server of two workers -----------------------------------------------------------
+
+
+def test_the_connection_caps_hold_across_the_workers(root, processes):
+    arguments = ("--processes", "2", "--config", config(root, "[limits]\nmax_connections_per_address = 4\n"))
+    server = processes(root, *arguments).wait_listening()
+    worker_pids(server)
+    opened: list[RawClient] = []
+    try:
+        # Four places for 127.0.0.1, wherever each connection lands.
+        for _ in range(4):
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        assert greeted(server.addresses["pop3"], opened) == POP3_TOO_MANY
+        assert greeted(server.addresses["smtp"], opened).startswith(b"421 4.7.0 ")
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, processes):
+    arguments = ("--processes", "2", "--config", config(root, "[limits]\nmax_connections_per_address = 3\n"))
+    server = processes(root, *arguments).wait_listening()
+    first = worker_pids(server)
+    opened: list[RawClient] = []
+    try:
+        for _ in range(3):
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        for pid in first.values():
+            os.kill(pid, signal.SIGKILL)
+        # Both die with their connections; their places would stay taken if
+        # the main process did not free them.
+        for client in opened:
+            assert client.closed()
+        wait_until(lambda: server.output().count("ended unexpectedly") == 2, what="both deaths noticed")
+        replacements = worker_pids(server, count=4)
+        assert set(replacements.values()).isdisjoint(first.values())
+        assert "killed by SIGKILL" in server.output()
+        for _ in range(3):
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+    finally:
+        for client in opened:
+            client.close()
+
+
+def test_mail_taken_by_any_worker_is_stored_and_relayed_once(root, processes):
+    remote = Sink()
+    try:
+        settings = (f'[relay]\nsmarthost = "127.0.0.1:{remote.port}"\ntrusted_networks = ["127.0.0.1/32"]\n')
+        server = processes(root, "--processes", "2", "--config", config(root, settings)).wait_listening()
+        worker_pids(server)
+        for number in range(6):  # a connection each: both workers take some
+            with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+                message = f"Subject: {number}\r\nMessage-ID: <{number}@workers.test>\r\n\r\nhello\r\n"
+                assert client.sendmail("carol@example.org", ["alice@localhost", "dave@example.net"],
+                                       message) == {}
+        received = remote.wait_for(6)
+        assert sorted(message.rcpt_tos[0] for message in received) == ["dave@example.net"] * 6
+        assert len({message.content for message in received}) == 6  # each once
+        assert len(list((root / "alice" / "new").iterdir())) == 6
+        ids = [int(number) for number in SESSION_ENDED.findall(server.output())]
+        assert len(ids) == len(set(ids)) == 6  # one server's session ids, whichever worker
+    finally:
+        remote.stop()
+
+
+def test_sigterm_stops_the_workers_and_the_main_process(root, processes):
+    server = processes(root, "--processes", "2").wait_listening()
+    workers = worker_pids(server)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.wait_exit() == 0
+    assert all(gone(pid) for pid in workers.values())
+    assert server.output().rstrip().endswith("pymailsrv.server: stopped")
+
+
+def test_workers_stop_by_themselves_when_the_main_process_is_killed(root, processes):
+    server = processes(root, "--processes", "2").wait_listening()
+    workers = worker_pids(server)
+    os.kill(server.pid, signal.SIGKILL)
+    server.wait_exit()
+    wait_until(lambda: all(gone(pid) for pid in workers.values()), what="workers to notice")
+    with pytest.raises(OSError):  # nobody listens any more
+        socket.create_connection(server.addresses["pop3"], timeout=CLIENT_TIMEOUT).close()
+
+
+@pytest.mark.parametrize("arguments, error", [
+    (("--processes", "2", "--fault", "pop3:STAT=-ERR nope"),
+     "Error: injected faults count per process: run them with processes = 1"),
+    (("--processes", "0"), "Error: bad value for 'processes': must be 1-64"),
+])
+def test_settings_that_cannot_work_with_workers_are_one_line_errors(tmp_path, arguments, error):
+    result = subprocess.run([sys.executable, "-m", "pymailsrv", "start", "--root", str(tmp_path / "root"),
+                             "--pop3-port", "0", "--smtp-port", "0", *arguments],
+                            capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPOSITORY)})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == error
+    assert "Traceback" not in result.stderr
