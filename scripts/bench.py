@@ -17,8 +17,14 @@ be compared as ratios:
   2 KB (then of 100 KB), filled beforehand with ``MaildirStore.deliver``:
   log in, STAT, RETR every message, QUIT. Nothing is deleted, so every run
   sees the same maildrop.
-* Memory: RSS idle, with 500 idle connections open, and while one 100 MB
-  message is received (``smtp.max_message_size`` is raised for that).
+* pymailsrv runs with ``--processes`` workers (default: one per CPU), as a
+  busy server should (``docs/deploy.rst``); ``--processes 1`` measures a
+  single process.
+* Memory: idle, with 500 idle connections open, and while one 100 MB
+  message is received (``smtp.max_message_size`` is raised for that), as
+  the proportional set size (Pss) summed over the server's processes: its
+  workers share most pages with the main process they were forked from,
+  and Pss counts a shared page once (``ServerProcess.memory_mb``).
 * Peer: the same SMTP load against aiosmtpd with a handler that stores each
   message in a ``mailbox.Maildir`` (which fsyncs the file; we also fsync
   ``new/``, as pymailsrv does), if aiosmtpd is importable (``pip install
@@ -33,9 +39,9 @@ be compared as ratios:
 Every rate is the median of 3 runs (min-max shown); latency is per SMTP
 transaction (MAIL+RCPT+DATA) or per POP3 RETR, over all runs of a scenario;
 POP3 also gives MB/s (10**6 octets of messages retrieved); CPU is the
-server's utime+stime per message (all its processes, for Dovecot); RSS is
-the server's peak (VmHWM) over the scenario, each scenario on a freshly
-started server. Each POP3 scenario has one untimed pass first, so the
+server's utime+stime per message (all its processes); the RSS column of a
+load scenario is the server's peak (VmHWM, summed over its processes, so
+too high for several), each scenario on a freshly started server. Each POP3 scenario has one untimed pass first, so the
 timed runs see maildrops the server has already opened once.
 
 The load generator is Python too and shares the machine: on a small box it
@@ -197,15 +203,20 @@ class ServerProcess:
         return ticks / CLOCK_TICKS
 
     def memory_mb(self, key: str) -> float:
-        """``VmRSS`` (now) or ``VmHWM`` (peak) from /proc/PID/status, in MB.
+        """Memory in MB, summed over the live processes of the server.
 
-        Summed over the live processes of the server: for one process it is
-        exact; for Dovecot it counts shared pages once per process, and the
-        ended session processes not at all, so it is a rough figure.
+        ``Pss`` (proportional set size, /proc/PID/smaps_rollup): each page
+        shared by n processes counts 1/n to each, so a server of several
+        processes - pymailsrv's workers forked from one main process,
+        Dovecot's - is counted with its shared pages once. It is what the
+        memory figures use. ``VmRSS`` (now) and ``VmHWM`` (peak) from
+        /proc/PID/status count every page of each process, shared or not:
+        exact for one process, too high for several.
         """
+        source = "smaps_rollup" if key == "Pss" else "status"
         total, found = 0, False
         for pid in self.processes():
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as file:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/{source}") as file:
                 for line in file:
                     if line.startswith(key + ":"):
                         total += int(line.split()[1])
@@ -287,11 +298,11 @@ def make_site(base: Path, name: str, smtp_users: int, pop3_plan: list[tuple[str,
     return site
 
 
-def start_pymailsrv(site: Site, base: Path, max_message_size: int | None = None) -> ServerProcess:
+def start_pymailsrv(site: Site, base: Path, processes: int, max_message_size: int | None = None) -> ServerProcess:
     # A private config file: no ./pymailsrv.toml or $PYMAILSRV_CONFIG of the
     # user's leaks in, and failed logins are not slowed down.
     config = base / f"pymailsrv-{site.root.name}.toml"
-    lines = ["[pop3]", "failed_login_delay = 0"]
+    lines = [f"processes = {processes}", "[pop3]", "failed_login_delay = 0"]
     if max_message_size:
         lines += ["[smtp]", f"max_message_size = {max_message_size}"]
     config.write_text("\n".join(lines) + "\n")
@@ -774,10 +785,10 @@ def idle_connections_rss(server: ServerProcess, protocol: str, count: int) -> Re
             sockets.append(sock)
             sock.recv(512)  # the greeting: the server has a session for it
         time.sleep(0.5)
-        record.rss_mb = server.memory_mb("VmRSS")
+        record.rss_mb = server.memory_mb("Pss")
     except OSError as error:
         record.note = f"after {len(sockets)} connections: {error!r}"[:80]
-        record.rss_mb = server.memory_mb("VmRSS")
+        record.rss_mb = server.memory_mb("Pss")
     finally:
         for sock in sockets:
             sock.close()
@@ -788,14 +799,14 @@ def big_message_rss(server: ServerProcess, site: Site, octets: int) -> Record:
     """Peak RSS while one message of ``octets`` streams in, and how much it rose."""
     record = Record(server.name, "rss-100MB-message", "100MB", 1)
     port = server.addresses["smtp"][1]
-    before = server.memory_mb("VmRSS")
+    before = server.memory_mb("Pss")
     peak = [before]
     sampling = threading.Event()
 
     def sample() -> None:
         while not sampling.wait(0.02):
             with contextlib.suppress(OSError):
-                peak[0] = max(peak[0], server.memory_mb("VmRSS"))
+                peak[0] = max(peak[0], server.memory_mb("Pss"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -893,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=10, help="SMTP recipients, round robin (default 10)")
     parser.add_argument("--runs", type=int, default=RUNS, help="runs per scenario; the median is reported")
     parser.add_argument("--tmpdir", help="where the temporary data roots go (its file system matters)")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                        help="pymailsrv's worker processes, 'start --processes' (default: one per CPU)")
     # The peer server's own entry point (this script, in a subprocess).
     parser.add_argument("--serve-aiosmtpd", metavar="ROOT", help=argparse.SUPPRESS)
     parser.add_argument("--max-message-size", type=int, default=33554432, help=argparse.SUPPRESS)
@@ -958,15 +971,17 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
 
     print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
           f"{runs} runs per scenario", file=sys.stderr)
+    notes.append(f"pymailsrv runs with --processes {args.processes}")
     site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
     records: list[Record] = []
 
     # Start-up and idle memory, then the SMTP scenarios, each on a fresh server.
-    with running(lambda: start_pymailsrv(site, base)) as server:
+    with running(lambda: start_pymailsrv(site, base, args.processes)) as server:
         has_smtp = "smtp" in server.addresses
         time.sleep(0.2)  # let start-up settle before reading the idle RSS
-        records.append(Record("pymailsrv", "rss-idle", None, 0, rss_mb=server.memory_mb("VmRSS"),
-                              note=f"listening after {server.startup_seconds:.2f} s"))
+        records.append(Record("pymailsrv", "rss-idle", None, 0, rss_mb=server.memory_mb("Pss"),
+                              note=f"listening after {server.startup_seconds:.2f} s; "
+                                   f"RSS of each process summed: {server.memory_mb('VmRSS'):.1f} MB"))
     if not has_smtp and smtp_plan:
         notes.append("this pymailsrv has no SMTP listener yet (no smtp= in its listening line): "
                      "SMTP scenarios skipped")
@@ -979,17 +994,17 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         def smtp(server: ServerProcess) -> Record:
             return smtp_scenario(server, site, size_name, connections, count, runs)
 
-        attempt(records, Record("pymailsrv", "smtp", size_name, connections), lambda: start_pymailsrv(site, base), smtp)
+        attempt(records, Record("pymailsrv", "smtp", size_name, connections), lambda: start_pymailsrv(site, base, args.processes), smtp)
         if "aiosmtpd" in peers:
             attempt(records, Record("aiosmtpd", "smtp", size_name, connections), lambda: start_aiosmtpd(site), smtp)
         if "postfix-smtp-source" in peers:
             attempt(records, Record("pymailsrv (smtp-source)", "smtp", size_name, connections),
-                    lambda: start_pymailsrv(site, base),
+                    lambda: start_pymailsrv(site, base, args.processes),
                     lambda server: smtp_source_scenario(server, site, size_name, connections, count))
 
     for size_name, clients in pop3_plan:
         progress(f"pop3 {size_name} x {clients} clients over {pop3_messages}-message maildrops")
-        attempt(records, Record("pymailsrv", "pop3", size_name, clients), lambda: start_pymailsrv(site, base),
+        attempt(records, Record("pymailsrv", "pop3", size_name, clients), lambda: start_pymailsrv(site, base, args.processes),
                 lambda server: pop3_scenario(server, site, size_name, clients, runs))
     if "aiosmtpd" in peers and pop3_plan:
         notes.append("the peer is SMTP only: no POP3 comparison (--peer dovecot for that)")
@@ -1011,7 +1026,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
     if not quick and args.peer != "dovecot":
         protocol = "smtp" if has_smtp else "pop3"
         progress(f"memory: {IDLE_CONNECTIONS} idle {protocol} connections")
-        servers = {"pymailsrv": lambda: start_pymailsrv(site, base)}
+        servers = {"pymailsrv": lambda: start_pymailsrv(site, base, args.processes)}
         if "aiosmtpd" in peers and has_smtp:
             servers["aiosmtpd"] = lambda: start_aiosmtpd(site)
         for name, factory in servers.items():
@@ -1020,7 +1035,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         if has_smtp:
             progress("memory: one 100 MB message")
             # The size limit is raised for this one, so the message is really stored.
-            servers = {"pymailsrv": lambda: start_pymailsrv(site, base, BIG_MESSAGE_OCTETS * 2)}
+            servers = {"pymailsrv": lambda: start_pymailsrv(site, base, args.processes, BIG_MESSAGE_OCTETS * 2)}
             if "aiosmtpd" in peers:
                 servers["aiosmtpd"] = lambda: start_aiosmtpd(site, BIG_MESSAGE_OCTETS * 2)
             for name, factory in servers.items():
