@@ -54,6 +54,7 @@ Nothing here speaks SMTP; ``relay.py`` does, and reports back through
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -259,7 +260,11 @@ class OutboundQueue:
                     # through tmp/ like any other message.
                     with open(path, "rb") as file:
                         return self.enqueue(sender, recipients, file.read(), now)
-            self._commit_envelope(queue_id, sender, recipients, now)
+            try:
+                self._commit_envelope(queue_id, sender, recipients, now)
+            except OSError:
+                self._take_back(queue_id)
+                raise
         except OSError as error:
             raise storage_error(error, "queueing the message") from error
         return queue_id
@@ -451,6 +456,18 @@ class OutboundQueue:
             self.wakeup()
         return flushed
 
+    def _take_back(self, queue_id: str) -> None:
+        """Undo an enqueue that failed part way: no envelope and no message stay.
+
+        The envelope may be in place already (renamed, but the directory's
+        fsync failed): the client is told 451 and sends again, so it must
+        not go out as well. An error here is not raised: the caller's
+        first one is what the client hears about.
+        """
+        with contextlib.suppress(OSError):
+            if not self.delete(queue_id):
+                self.message_path(queue_id).unlink(missing_ok=True)
+
     def delete(self, queue_id: str) -> bool:
         """Remove a message from the queue, or a held one (never released); False if neither is there."""
         # Held first, then queued: the way release() moves an envelope, so
@@ -548,7 +565,7 @@ class IncomingQueueMessage:
             self._queue._commit_envelope(self.queue_id, sender, recipients, now, held)
         except OSError as error:
             self.discard()
-            self._queue.message_path(self.queue_id).unlink(missing_ok=True)
+            self._queue._take_back(self.queue_id)
             raise storage_error(error, "queueing the message") from error
         return self.queue_id
 

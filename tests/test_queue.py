@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -12,9 +13,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from pymailsrv import durable
 from pymailsrv.cli import main
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
+from pymailsrv.storage import StorageError
 
 MESSAGE = b"Subject: hi\n\nbody\n"
 DELIVERED = Outcome(State.DELIVERED, "2.0.0", "smtp; 250 2.0.0 OK", "mx.example.net")
@@ -240,6 +243,28 @@ def test_leftovers_of_a_crashed_enqueue_are_removed_once_old(queue):
     assert queue.remove_stale_files() == 0  # too young: may be an enqueue in progress
     assert queue.remove_stale_files(now=time.time() + MAILDIR_TMP_MAX_AGE_SECONDS + 1) == 2
     assert not orphan.exists() and not stale.exists() and len(queue.ids()) == 1
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "spool-file"])
+def test_an_enqueue_whose_last_fsync_fails_leaves_no_envelope_and_no_message(queue, tmp_path, monkeypatch,
+                                                                               streamed):
+    # The envelope is renamed into place, then the directory's fsync fails:
+    # the client hears 451 and sends again, so nothing may stay to go out.
+    real_fsync_directory = durable.fsync_directory
+
+    def failing(path):
+        if path == queue.directory:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_directory(path)
+
+    spool = tmp_path / "spool"
+    spool.write_bytes(MESSAGE)
+    monkeypatch.setattr(durable, "fsync_directory", failing)
+    with pytest.raises(StorageError):
+        queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE if streamed else spool)
+    assert queue.ids() == []
+    assert sorted(path.name for path in queue.directory.iterdir()) == ["lock", "tmp"]
+    assert os.listdir(queue.directory / "tmp") == []
 
 
 def test_a_message_needs_a_recipient(queue):
