@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
+import struct
 import time
-from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+
+from pymailsrv.limits import AUTH_FAILURES_REMEMBERED
+from pymailsrv.shared import SharedRecords, address_key
 
 # RFC 4954 §4 / RFC 5034 §4: "*" cancels, "=" is an empty initial response.
 CANCEL = "*"
@@ -102,49 +104,34 @@ class SaslExchange:
         return self.challenge()
 
 
-# The throttle's table is swept of stale addresses once it reaches twice
-# its size after the last sweep, and never below this many entries.
-THROTTLE_SWEEP_MINIMUM = 64
-
-
 class FailureThrottle:
     """Failed logins per client address, over a sliding window (Postfix's anvil idea).
 
-    Shared by every session of a server. Once an address has failed
-    ``limit`` times within ``window`` seconds, ``blocked`` says so and the
-    sessions refuse its attempts without checking them, so a password
-    cannot be guessed at line rate from many connections. Other addresses
-    are never slowed by it.
+    Shared by every session of a server, and by its worker processes
+    (shared.py). Once an address has failed ``limit`` times within
+    ``window`` seconds, ``blocked`` says so and the sessions refuse its
+    attempts without checking them, so a password cannot be guessed at line
+    rate from many connections. Other addresses are never slowed by it.
+
+    The table keeps the last AUTH_FAILURES_REMEMBERED failures of the whole
+    server, each an address and a ``time.monotonic()`` time (one clock for
+    every process of the machine); a new failure takes the place of the
+    oldest one.
     """
 
-    def __init__(self, limit: int, window: float) -> None:
+    _RECORD = struct.Struct("=Qd")  # address_key (FREE: no failure yet), when
+
+    def __init__(self, limit: int, window: float, remembered: int = AUTH_FAILURES_REMEMBERED) -> None:
         self._limit = limit
         self._window = window
-        self._failures: dict[str, deque[float]] = {}
-        self._swept_size = THROTTLE_SWEEP_MINIMUM
-        self._lock = threading.Lock()
-
-    def _recent(self, address: str, now: float) -> deque[float]:
-        failures = self._failures.setdefault(address, deque())
-        while failures and failures[0] <= now - self._window:
-            failures.popleft()
-        return failures
+        self._failures = SharedRecords(self._RECORD, remembered)
 
     def blocked(self, address: str) -> bool:
-        with self._lock:
-            blocked = len(self._recent(address, time.monotonic())) >= self._limit
-            if not self._failures[address]:
-                del self._failures[address]  # keep the table as small as the attackers
-            return blocked
+        key, since = address_key(address), time.monotonic() - self._window
+        with self._failures.locked() as failures:
+            return sum(1 for failed, when in failures if failed == key and when > since) >= self._limit
 
     def failed(self, address: str) -> None:
-        with self._lock:
-            now = time.monotonic()
-            self._recent(address, now).append(now)
-            # Addresses that never come back would stay forever: once the table
-            # has doubled since the last sweep, drop every address whose
-            # failures have all left the window (amortised O(1) a failure).
-            if len(self._failures) >= 2 * self._swept_size:
-                for stale in [key for key, times in self._failures.items() if times[-1] <= now - self._window]:
-                    del self._failures[stale]
-                self._swept_size = max(len(self._failures), THROTTLE_SWEEP_MINIMUM)
+        with self._failures.locked() as failures:
+            oldest = min(range(len(failures)), key=lambda index: failures[index][1])
+            self._failures.write(oldest, address_key(address), time.monotonic())

@@ -39,6 +39,11 @@ AUTH_MAX_FAILURES_PER_CONNECTION = 3
 # before its attempts are refused without checking (Postfix's anvil idea).
 AUTH_MAX_FAILURES_PER_ADDRESS = 10
 AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
+# The failed logins the throttle remembers, the whole server's latest (16
+# octets each, in memory the worker processes share). Filling it within the
+# window takes failures from more than 4096 / 10 addresses; only then is an
+# address counted afresh before its window is over.
+AUTH_FAILURES_REMEMBERED = 4096
 
 # RFC 4954 §4: a SASL response line may be up to 12288 octets (RFC 5034 §4
 # lifts POP3's 255-octet limit for AUTH the same way).

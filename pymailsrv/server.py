@@ -33,20 +33,15 @@ Two guards stand before any session starts:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
 import logging
-import mmap
 import os
 import pwd
 import socket
 import socketserver
 import ssl
 import struct
-import tempfile
 import threading
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +61,7 @@ from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
 from pymailsrv.session import Session
+from pymailsrv.shared import FREE, SharedRecords, address_key
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
@@ -115,75 +111,46 @@ class Tally:
 class ConnectionLimits:
     """Open connections: at most ``total`` in all, ``per_address`` from one address.
 
-    Kept in memory that worker processes forked after it share (workers.py),
+    Kept in memory that worker processes forked after it share (shared.py),
     so the caps hold for the whole server however many processes serve it.
-    The table has one slot per connection the server may have open: a slot
-    holds a connection's client address (as a 64-bit digest; 0 is a free
-    slot) and the pid of the process serving it, so the slots of a worker
-    that died can be freed (``release_all_of``). A ``lockf`` lock on the
-    table's file keeps processes apart - the kernel drops it if its holder
-    dies - and a thread lock the threads of each process.
+    The table has one record per connection the server may have open: the
+    client address (``FREE``: an unused record) and the pid of the process
+    serving it, so the records of a worker that died can be freed
+    (``release_all_of``).
     """
+
+    _RECORD = struct.Struct("=Qq")  # address_key, pid
 
     def __init__(self, total: int, per_address: int) -> None:
         self.per_address = per_address
-        self._file = tempfile.TemporaryFile()  # unlinked at once: nothing left behind
-        self._file.truncate(total * _SLOT.size)
-        self._table = mmap.mmap(self._file.fileno(), total * _SLOT.size)  # MAP_SHARED
-        self._thread_lock = threading.Lock()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[tuple[list[int], list[int]]]:
-        """The table's addresses and owners, under both locks."""
-        with self._thread_lock:
-            fcntl.lockf(self._file, fcntl.LOCK_EX)
-            try:
-                slots = list(_SLOT.iter_unpack(self._table))
-                yield [address for address, _ in slots], [owner for _, owner in slots]
-            finally:
-                fcntl.lockf(self._file, fcntl.LOCK_UN)
-
-    def _set(self, slot: int, address: int, owner: int) -> None:
-        _SLOT.pack_into(self._table, slot * _SLOT.size, address, owner)
+        self._table = SharedRecords(self._RECORD, total)
 
     def admit(self, address: str) -> bool:
-        key = _address_key(address)
-        with self._locked() as (addresses, _):
-            if addresses.count(key) >= self.per_address or FREE_SLOT not in addresses:
+        key = address_key(address)
+        with self._table.locked() as records:
+            keys = [held for held, _ in records]
+            if keys.count(key) >= self.per_address or FREE not in keys:
                 return False
-            self._set(addresses.index(FREE_SLOT), key, os.getpid())
+            self._table.write(keys.index(FREE), key, os.getpid())
             return True
 
     def release(self, address: str) -> None:
-        key, me = _address_key(address), os.getpid()
-        with self._locked() as (addresses, owners):
-            slot = next(slot for slot, (held, owner) in enumerate(zip(addresses, owners))
-                        if held == key and owner == me)
-            self._set(slot, FREE_SLOT, 0)
+        mine = (address_key(address), os.getpid())
+        with self._table.locked() as records:
+            self._table.write(records.index(mine), FREE, 0)
 
     def release_all_of(self, pid: int) -> int:
-        """Free the slots of a worker process that ended; how many it held."""
-        with self._locked() as (_, owners):
-            slots = [slot for slot, owner in enumerate(owners) if owner == pid]
-            for slot in slots:
-                self._set(slot, FREE_SLOT, 0)
-            return len(slots)
+        """Free the records of a worker process that ended; how many it held."""
+        with self._table.locked() as records:
+            indexes = [index for index, (_, owner) in enumerate(records) if owner == pid]
+            for index in indexes:
+                self._table.write(index, FREE, 0)
+            return len(indexes)
 
     @property
     def open(self) -> int:
-        with self._locked() as (addresses, _):
-            return len(addresses) - addresses.count(FREE_SLOT)
-
-
-# A slot of the connection table: client address digest, pid of its process.
-_SLOT = struct.Struct("=Qq")
-FREE_SLOT = 0
-
-
-def _address_key(address: str) -> int:
-    """A client address as a 64-bit number, never FREE_SLOT (two addresses alike: 1 in 2**64)."""
-    digest = int.from_bytes(hashlib.blake2b(address.encode(), digest_size=8).digest(), "big")
-    return digest or 1
+        with self._table.locked() as records:
+            return sum(key != FREE for key, _ in records)
 
 
 @dataclass(frozen=True)

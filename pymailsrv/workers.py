@@ -10,15 +10,16 @@ kernel hands each new connection to one of the workers waiting for it.
 What the workers share, and how:
 
 * the listening sockets, inherited across ``fork()``;
-* the connection caps: ``ConnectionLimits`` lives in shared memory;
+* the connection caps and the failed-login throttle: ``ConnectionLimits``
+  and ``FailureThrottle`` keep their tables in shared memory (shared.py);
 * the Maildirs and the queue, on disk, with their locks (flock, and
   rename as the commit of every file);
 * unique session ids (``session.number_sessions``).
 
-What each worker keeps to itself: the failed-login throttle (so an address
-gets its tries in each worker), the POP3 sessions per user and address (the
-maildrop lock already lets one session per user in), and injected faults,
-which count per process and are therefore refused with ``processes > 1``.
+What each worker keeps to itself: the POP3 sessions per user and address
+(the maildrop lock already lets one session per user in), and injected
+faults, which count per process and are therefore refused with
+``processes > 1``.
 Only the first worker runs the relay (relay.py); mail queued by another
 reaches it at its next look into the queue (``relay.queue_scan_interval``).
 

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import smtplib
 import time
 
 import pytest
 
 from pymailsrv import replies as R
+from pymailsrv.auth import FailureThrottle
 from pymailsrv.server import MailServer
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 from tests.test_pop3 import wire as pop3_wire
@@ -262,6 +264,26 @@ def test_throttle_forgets_failures_after_the_window(start_server, smtp_at, alice
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R454_ADDRESS_BLOCKED)
     time.sleep(0.35)
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
+def test_the_throttle_counts_the_failures_of_every_worker_process():
+    throttle = FailureThrottle(limit=2, window=60)
+    child = os.fork()
+    if child == 0:  # a worker's failures (start --processes), in its own process
+        throttle.failed("192.0.2.1")
+        throttle.failed("192.0.2.1")
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert throttle.blocked("192.0.2.1") and not throttle.blocked("192.0.2.2")
+
+
+def test_a_new_failure_takes_the_place_of_the_oldest_one():
+    throttle = FailureThrottle(limit=2, window=60, remembered=3)
+    for address in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
+        throttle.failed(address)
+    assert throttle.blocked("192.0.2.1")
+    throttle.failed("192.0.2.3")  # the table is full: the first failure of .1 makes room
+    assert not throttle.blocked("192.0.2.1")
 
 
 def test_sasl_answer_may_be_longer_than_a_command_line(smtp, alice):

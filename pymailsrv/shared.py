@@ -1,0 +1,63 @@
+"""A table of fixed-size records in memory shared by forked processes.
+
+The worker processes of ``start --processes N`` (workers.py) must count
+some things together: the open connections under the caps (server.py) and
+the failed logins per address (auth.py). ``SharedRecords`` is the one
+mechanism under both: a fixed number of records of one ``struct`` layout,
+in a memory-mapped file that every process forked after it was made sees
+(MAP_SHARED), read and written under one lock.
+
+The lock is two: a thread lock for the threads of one process, then a
+``lockf`` lock on the file for the processes. A POSIX record lock belongs
+to its process, so the kernel drops it if the holder dies - a worker killed
+with -9 never leaves the others waiting. The file is unlinked at once
+(``tempfile.TemporaryFile``): nothing is left on disk.
+
+A client address is kept as a 64-bit digest (``address_key``), so records
+have a fixed size whatever the address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import struct
+import tempfile
+import threading
+from collections.abc import Iterator
+
+# address_key never gives it: a record whose key is 0 is free.
+FREE = 0
+
+
+def address_key(address: str) -> int:
+    """A client address as a 64-bit number, never FREE (two addresses alike: 1 in 2**64)."""
+    digest = int.from_bytes(hashlib.blake2b(address.encode(), digest_size=8).digest(), "big")
+    return digest or 1
+
+
+class SharedRecords:
+    """``count`` records of ``layout``, all zero at first, shared with forked processes."""
+
+    def __init__(self, layout: struct.Struct, count: int) -> None:
+        self._layout = layout
+        self._file = tempfile.TemporaryFile()
+        self._file.truncate(count * layout.size)
+        self._memory = mmap.mmap(self._file.fileno(), count * layout.size)  # MAP_SHARED
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[list[tuple]]:
+        """Every record as a tuple, read under the lock, which is held for the block."""
+        with self._thread_lock:
+            fcntl.lockf(self._file, fcntl.LOCK_EX)
+            try:
+                yield list(self._layout.iter_unpack(self._memory))
+            finally:
+                fcntl.lockf(self._file, fcntl.LOCK_UN)
+
+    def write(self, index: int, *values: int | float) -> None:
+        """Change record ``index``; only inside ``locked()``."""
+        self._layout.pack_into(self._memory, index * self._layout.size, *values)
