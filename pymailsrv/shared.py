@@ -10,8 +10,9 @@ in a memory-mapped file that every process forked after it was made sees
 The lock is two: a thread lock for the threads of one process, then a
 ``lockf`` lock on the file for the processes. A POSIX record lock belongs
 to its process, so the kernel drops it if the holder dies - a worker killed
-with -9 never leaves the others waiting. The file is unlinked at once
-(``tempfile.TemporaryFile``): nothing is left on disk.
+with -9 never leaves the others waiting. The file has no name: a memfd on
+Linux, elsewhere a temporary file unlinked at once. Nothing is left on
+disk, and the server needs no writable directory for it.
 
 A client address is kept as a 64-bit digest (``address_key``), so records
 have a fixed size whatever the address.
@@ -23,10 +24,12 @@ import contextlib
 import fcntl
 import hashlib
 import mmap
+import os
 import struct
 import tempfile
 import threading
 from collections.abc import Iterator
+from typing import BinaryIO
 
 # address_key never gives it: a record whose key is 0 is free.
 FREE = 0
@@ -38,12 +41,18 @@ def address_key(address: str) -> int:
     return digest or 1
 
 
+def _anonymous_file() -> BinaryIO:
+    if hasattr(os, "memfd_create"):
+        return os.fdopen(os.memfd_create("pymailsrv-shared"), "w+b")
+    return tempfile.TemporaryFile()
+
+
 class SharedRecords:
     """``count`` records of ``layout``, all zero at first, shared with forked processes."""
 
     def __init__(self, layout: struct.Struct, count: int) -> None:
         self._layout = layout
-        self._file = tempfile.TemporaryFile()
+        self._file = _anonymous_file()
         self._file.truncate(count * layout.size)
         self._memory = mmap.mmap(self._file.fileno(), count * layout.size)  # MAP_SHARED
         self._thread_lock = threading.Lock()

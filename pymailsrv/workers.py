@@ -25,9 +25,9 @@ reaches it at its next look into the queue (``relay.queue_scan_interval``).
 
 The main process forks before it starts any thread, then only waits: a
 thread's locks, or a thread pool's threads, do not cross ``fork()``. A
-worker that dies is reaped, its connection slots are freed, and a new one
-takes its place at the next look (once a second). A worker whose main
-process is gone stops by itself.
+worker that dies is reaped, its connections no longer count against the
+caps, and a new one takes its place at the next look (once a second). A
+worker whose main process is gone stops by itself.
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Workers:
                 self._fork(number)
 
     def _reap(self) -> list[int]:
-        """The numbers of the workers that ended since the last look, each logged and its slots freed."""
+        """The numbers of the workers that ended since the last look, each logged and its connections freed."""
         ended = []
         while self._workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
