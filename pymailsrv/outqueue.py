@@ -297,9 +297,14 @@ class OutboundQueue:
         """
         try:
             os.rename(self._held_envelope_path(queue_id), self._envelope_path(queue_id))
-            fsync_directory(self.directory)
+            try:
+                fsync_directory(self.directory)
+            except OSError:
+                self._take_back(queue_id)  # the client hears 451 and sends again: no copy may go now
+                raise
         except OSError as error:
             raise storage_error(error, "releasing the queued message") from error
+        log.info("queued %s (released)", queue_id)
         if self.wakeup is not None:
             self.wakeup()
 
@@ -477,14 +482,16 @@ class OutboundQueue:
             return False
         with exclusive_lock(self._lock_path):
             # The envelope first: a crash between the two leaves a
-            # stale .msg, never an envelope without its message.
-            if not (_unlink_if_there(held) or _unlink_if_there(queued)):
+            # stale .msg, never an envelope without its message. Both
+            # envelopes, if a crash in release() left the two.
+            held_removed, queued_removed = _unlink_if_there(held), _unlink_if_there(queued)
+            if not (held_removed or queued_removed):
                 return False
             self.message_path(queue_id).unlink(missing_ok=True)
             fsync_directory(self.directory)
         with self._postponed_lock:
             self._postponed_in_memory.pop(queue_id, None)
-        log.info("removed %s from the queue", queue_id)
+        log.info("removed %s from the queue" if queued_removed else "took back held %s", queue_id)
         return True
 
     def remove_stale_files(self, now: float | None = None) -> int:

@@ -13,7 +13,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from pymailsrv import durable
+from pymailsrv import durable, outqueue
 from pymailsrv.cli import main
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
@@ -23,6 +23,18 @@ MESSAGE = b"Subject: hi\n\nbody\n"
 DELIVERED = Outcome(State.DELIVERED, "2.0.0", "smtp; 250 2.0.0 OK", "mx.example.net")
 DEFERRED = Outcome(State.PENDING, "4.2.2", "smtp; 452 4.2.2 mailbox full", "mx.example.net")
 FAILED = Outcome(State.FAILED, "5.1.1", "smtp; 550 5.1.1 no such user", "mx.example.net")
+
+
+def failing_fsync(directory):
+    """fsync_directory, failing with EIO for ``directory`` (a disk error injected at the storage boundary)."""
+    real_fsync_directory = durable.fsync_directory
+
+    def fsync_directory(path):
+        if path == directory:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync_directory(path)
+
+    return fsync_directory
 
 
 @pytest.fixture
@@ -96,6 +108,25 @@ def test_delete_takes_a_held_message_back(queue):
     assert queue.delete(queue_id)
     assert not queue.message_path(queue_id).exists() and os.listdir(queue.directory / "tmp") == []
     assert not queue.delete(queue_id)
+
+
+def test_a_release_whose_fsync_fails_takes_the_message_back(queue, monkeypatch):
+    # The client hears 451 and sends again: the outside copy must not go as well.
+    queue_id = held_message(queue)
+    monkeypatch.setattr(outqueue, "fsync_directory", failing_fsync(queue.directory))
+    with pytest.raises(StorageError):
+        queue.release(queue_id)
+    monkeypatch.undo()
+    assert queue.ids() == [] and not queue.message_path(queue_id).exists()
+    assert os.listdir(queue.directory / "tmp") == []
+
+
+def test_delete_removes_both_envelopes_that_a_crash_in_release_could_leave(queue):
+    queue_id = held_message(queue)
+    (queue.directory / f"{queue_id}.json").write_bytes((queue.directory / "tmp" / f"{queue_id}.json").read_bytes())
+    assert queue.delete(queue_id)
+    assert queue.ids() == [] and not queue.message_path(queue_id).exists()
+    assert os.listdir(queue.directory / "tmp") == []
 
 
 def test_a_message_held_when_the_server_crashed_is_never_sent_and_removed_once_old(queue):
@@ -250,16 +281,9 @@ def test_an_enqueue_whose_last_fsync_fails_leaves_no_envelope_and_no_message(que
                                                                                streamed):
     # The envelope is renamed into place, then the directory's fsync fails:
     # the client hears 451 and sends again, so nothing may stay to go out.
-    real_fsync_directory = durable.fsync_directory
-
-    def failing(path):
-        if path == queue.directory:
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        real_fsync_directory(path)
-
     spool = tmp_path / "spool"
     spool.write_bytes(MESSAGE)
-    monkeypatch.setattr(durable, "fsync_directory", failing)
+    monkeypatch.setattr(durable, "fsync_directory", failing_fsync(queue.directory))
     with pytest.raises(StorageError):
         queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE if streamed else spool)
     assert queue.ids() == []
