@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import struct
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-from pymailsrv.limits import AUTH_FAILURES_REMEMBERED
-from pymailsrv.shared import SharedRecords, address_key
+from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_PROBES
+from pymailsrv.shared import FREE, SharedRecords, address_key
+
+log = logging.getLogger("pymailsrv.auth")
 
 # RFC 4954 §4 / RFC 5034 §4: "*" cancels, "=" is an empty initial response.
 CANCEL = "*"
@@ -105,33 +108,61 @@ class SaslExchange:
 
 
 class FailureThrottle:
-    """Failed logins per client address, over a sliding window (Postfix's anvil idea).
+    """Failed logins per client address, in windows of time (Postfix's anvil idea).
 
     Shared by every session of a server, and by its worker processes
     (shared.py). Once an address has failed ``limit`` times within
-    ``window`` seconds, ``blocked`` says so and the sessions refuse its
-    attempts without checking them, so a password cannot be guessed at line
-    rate from many connections. Other addresses are never slowed by it.
+    ``window`` seconds of its first failure, ``blocked`` says so until the
+    window is over, and the sessions refuse its attempts without checking
+    them, so a password cannot be guessed at line rate from many
+    connections. Other addresses are never slowed by it.
 
-    The table keeps the last AUTH_FAILURES_REMEMBERED failures of the whole
-    server, each an address and a ``time.monotonic()`` time (one clock for
-    every process of the machine); a new failure takes the place of the
-    oldest one.
+    The table is a hash table of ``size`` records - address, failures,
+    start of their window - each address in one of AUTH_THROTTLE_PROBES
+    records after the one its key picks. A record whose window is over is
+    free for another address. Times are ``time.monotonic()``: one clock for
+    every process of the machine.
     """
 
-    _RECORD = struct.Struct("=Qd")  # address_key (FREE: no failure yet), when
+    _RECORD = struct.Struct("=Qqd")  # address_key (FREE: never used), failures, window start
 
-    def __init__(self, limit: int, window: float, remembered: int = AUTH_FAILURES_REMEMBERED) -> None:
+    def __init__(self, limit: int, window: float, size: int = AUTH_THROTTLE_ADDRESSES) -> None:
         self._limit = limit
         self._window = window
-        self._failures = SharedRecords(self._RECORD, remembered)
+        self._table = SharedRecords(self._RECORD, size)
+        self._size = size
+
+    def _places(self, key: int) -> range:
+        """The indexes where ``key``'s record may be (open addressing, linear probing)."""
+        return range(key % self._size, key % self._size + min(AUTH_THROTTLE_PROBES, self._size))
 
     def blocked(self, address: str) -> bool:
-        key, since = address_key(address), time.monotonic() - self._window
-        with self._failures.locked() as failures:
-            return sum(1 for failed, when in failures if failed == key and when > since) >= self._limit
+        key, now = address_key(address), time.monotonic()
+        with self._table.locked():
+            for place in self._places(key):
+                held, failures, since = self._table.read(place % self._size)
+                if held == key:
+                    return failures >= self._limit and now - since < self._window
+        return False
 
     def failed(self, address: str) -> None:
-        with self._failures.locked() as failures:
-            oldest = min(range(len(failures)), key=lambda index: failures[index][1])
-            self._failures.write(oldest, address_key(address), time.monotonic())
+        key, now = address_key(address), time.monotonic()
+        with self._table.locked():
+            free = None
+            for place in self._places(key):
+                index = place % self._size
+                held, failures, since = self._table.read(index)
+                if held == key:
+                    if now - since < self._window:
+                        self._table.write(index, key, failures + 1, since)
+                    else:  # a new window
+                        self._table.write(index, key, 1, now)
+                    return
+                if free is None and (held == FREE or now - since >= self._window):
+                    free = index
+            if free is not None:
+                self._table.write(free, key, 1, now)
+                return
+        # Every record near this key is an address that failed within its
+        # window: an attack from very many addresses. This one goes uncounted.
+        log.warning("failed-login table full: a failure from %s is not counted", address)

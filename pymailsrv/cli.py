@@ -14,9 +14,7 @@ from __future__ import annotations
 import email.policy
 import functools
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -116,7 +114,7 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
           processes: int | None) -> None:
     """Run the server in the foreground until SIGINT or SIGTERM."""
     from pymailsrv.server import MailServer
-    from pymailsrv.workers import Workers
+    from pymailsrv.workers import WATCH_INTERVAL_SECONDS, StopRequest, Workers, WorkersFailing
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,
@@ -124,11 +122,11 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
                          run_as=run_as, processes=processes, pop3={"port": pop3_port, "pop3s_port": pop3s_port},
                          smtp={"port": smtp_port, "smtps_port": smtps_port, "submission_port": submission_port},
                          relay={"smarthost": smarthost})
+    # The pid says which worker process wrote a line (start --processes), as
+    # in Postfix's "smtpd[1234]:".
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stopping = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda *_: stopping.set())
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    stop = StopRequest()
     try:
         server = MailServer(settings)
         workers = Workers(server, settings.processes) if settings.processes > 1 else None
@@ -140,14 +138,20 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
     if workers is None:
         server.serve()
     else:
-        workers.start()  # forks: from here on this process only watches them
+        try:
+            workers.start()  # forks: from here on this process only watches them
+        except OSError as error:
+            workers.stop()
+            raise click.ClickException(f"cannot start the worker processes: {error.strerror or error}") from None
     click.echo(server.listening_line(), err=True)
     try:
         if workers is None:
-            while not stopping.wait(timeout=1.0):
+            while not stop.wait(WATCH_INTERVAL_SECONDS):
                 pass
         else:
-            workers.watch(stopping)
+            workers.watch(stop)
+    except WorkersFailing as error:
+        raise click.ClickException(str(error)) from None
     finally:
         (workers or server).stop()
     logging.getLogger("pymailsrv.server").info("stopped")

@@ -39,11 +39,13 @@ AUTH_MAX_FAILURES_PER_CONNECTION = 3
 # before its attempts are refused without checking (Postfix's anvil idea).
 AUTH_MAX_FAILURES_PER_ADDRESS = 10
 AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
-# The failed logins the throttle remembers, the whole server's latest (16
-# octets each, in memory the worker processes share). Filling it within the
-# window takes failures from more than 4096 / 10 addresses; only then is an
-# address counted afresh before its window is over.
-AUTH_FAILURES_REMEMBERED = 4096
+# The addresses the failed-login throttle can follow at once (24 octets
+# each, 384 KiB in memory the worker processes share), and how many records
+# from the one its hash picks an address may take. Only addresses inside
+# their window hold a record; with the table far from full, 16 places make
+# a crowded neighbourhood very unlikely (the auth.py warning says if one is).
+AUTH_THROTTLE_ADDRESSES = 16384
+AUTH_THROTTLE_PROBES = 16
 
 # RFC 4954 §4: a SASL response line may be up to 12288 octets (RFC 5034 §4
 # lifts POP3's 255-octet limit for AUTH the same way).
@@ -97,8 +99,9 @@ MAX_CONNECTIONS = 500
 MAX_CONNECTIONS_PER_ADDRESS = 50
 
 # Worker processes ('start --processes', workers.py). Each is a whole Python
-# process of about 30 MB; more of them than CPU cores only costs memory, as
-# the GIL they work around is per process. The cap stops a typo (1000).
+# process (about 25 MB of RSS, most of it shared with the main process it
+# was forked from); more of them than CPU cores only costs memory, as the
+# GIL they work around is per process. The cap stops a typo (1000).
 MAX_PROCESSES = 64
 
 # Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of

@@ -61,7 +61,7 @@ from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
 from pymailsrv.session import Session
-from pymailsrv.shared import FREE, SharedRecords, address_key
+from pymailsrv.shared import FREE, SharedCounter, SharedRecords, address_key
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
@@ -127,8 +127,8 @@ class ConnectionLimits:
 
     def admit(self, address: str) -> bool:
         key = address_key(address)
-        with self._table.locked() as records:
-            keys = [held for held, _ in records]
+        with self._table.locked():
+            keys = [held for held, _ in self._table.read_all()]
             if keys.count(key) >= self.per_address or FREE not in keys:
                 return False
             self._table.write(keys.index(FREE), key, os.getpid())
@@ -136,21 +136,21 @@ class ConnectionLimits:
 
     def release(self, address: str) -> None:
         mine = (address_key(address), os.getpid())
-        with self._table.locked() as records:
-            self._table.write(records.index(mine), FREE, 0)
+        with self._table.locked():
+            self._table.write(self._table.read_all().index(mine), FREE, 0)
 
     def release_all_of(self, pid: int) -> int:
         """Free the records of a worker process that ended; how many it held."""
-        with self._table.locked() as records:
-            indexes = [index for index, (_, owner) in enumerate(records) if owner == pid]
+        with self._table.locked():
+            indexes = [index for index, (_, owner) in enumerate(self._table.read_all()) if owner == pid]
             for index in indexes:
                 self._table.write(index, FREE, 0)
             return len(indexes)
 
     @property
     def open(self) -> int:
-        with self._table.locked() as records:
-            return sum(key != FREE for key, _ in records)
+        with self._table.locked():
+            return sum(key != FREE for key, _ in self._table.read_all())
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,8 @@ class ServerContext:
     # Failed logins per client address, shared by every session.
     throttle: FailureThrottle = field(default_factory=lambda: FailureThrottle(
         AUTH_MAX_FAILURES_PER_ADDRESS, AUTH_FAILURE_WINDOW_SECONDS))
+    # Numbers for the sessions, unique across the worker processes.
+    session_numbers: SharedCounter = field(default_factory=SharedCounter)
     # Open connections, shared by every listener (see ConnectionLimits).
     connections: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(
         MAX_CONNECTIONS, MAX_CONNECTIONS_PER_ADDRESS))
@@ -476,6 +478,9 @@ class MailServer:
 
     def stop(self) -> None:
         self.relay.stop()
+        # Only listeners that serve() started: shutdown() waits for
+        # serve_forever to end, for ever if it never began (a bound server
+        # whose workers serve it, workers.py).
         for listener, thread in zip(self.listeners, self._threads):
             listener.shutdown()
             thread.join()

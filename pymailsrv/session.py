@@ -33,7 +33,6 @@ import dataclasses
 import enum
 import functools
 import ipaddress
-import itertools
 import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar
@@ -64,17 +63,6 @@ class InputKind(enum.Enum):
     SECRET = "secret"  # a SASL response: traced as ****
 
 
-_session_ids = itertools.count(1)
-
-
-def number_sessions(first: int, step: int) -> None:
-    """Number this process's sessions first, first + step, ...
-
-    Worker k of n (workers.py) counts k, k + n, k + 2n, ...: a session id
-    names one session of the whole server, in logs, traces and transcripts.
-    """
-    global _session_ids
-    _session_ids = itertools.count(first, step)
 
 LineHandler = Callable[[bytes, bool], Reply]
 
@@ -101,7 +89,8 @@ class Session:
         self.context = context
         self.settings = context.settings
         self.peer = peer
-        self.session_id = next(_session_ids)
+        # One number for the session in the whole server, whichever worker serves it.
+        self.session_id = context.session_numbers.next()
         self.state: enum.Enum = self.initial_state()
         self.errors = 0
         self.commands_run = 0

@@ -1,9 +1,10 @@
 """A table of fixed-size records in memory shared by forked processes.
 
 The worker processes of ``start --processes N`` (workers.py) must count
-some things together: the open connections under the caps (server.py) and
-the failed logins per address (auth.py). ``SharedRecords`` is the one
-mechanism under both: a fixed number of records of one ``struct`` layout,
+some things together: the open connections under the caps (server.py),
+the failed logins per address (auth.py) and the sessions, whose numbers
+name them in logs and transcripts (``SharedCounter``). ``SharedRecords`` is
+the one mechanism under all three: a fixed number of records of one ``struct`` layout,
 in a memory-mapped file that every process forked after it was made sees
 (MAP_SHARED), read and written under one lock.
 
@@ -58,15 +59,33 @@ class SharedRecords:
         self._thread_lock = threading.Lock()
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[list[tuple]]:
-        """Every record as a tuple, read under the lock, which is held for the block."""
+    def locked(self) -> Iterator[None]:
+        """Hold the lock for the block: read and write records only inside one."""
         with self._thread_lock:
             fcntl.lockf(self._file, fcntl.LOCK_EX)
             try:
-                yield list(self._layout.iter_unpack(self._memory))
+                yield
             finally:
                 fcntl.lockf(self._file, fcntl.LOCK_UN)
 
+    def read(self, index: int) -> tuple:
+        return self._layout.unpack_from(self._memory, index * self._layout.size)
+
+    def read_all(self) -> list[tuple]:
+        return list(self._layout.iter_unpack(self._memory))
+
     def write(self, index: int, *values: int | float) -> None:
-        """Change record ``index``; only inside ``locked()``."""
         self._layout.pack_into(self._memory, index * self._layout.size, *values)
+
+
+class SharedCounter:
+    """A count shared by forked processes: ``next()`` never gives a number twice."""
+
+    def __init__(self) -> None:
+        self._records = SharedRecords(struct.Struct("=q"), 1)
+
+    def next(self) -> int:
+        with self._records.locked():
+            (last,) = self._records.read(0)
+            self._records.write(0, last + 1)
+            return last + 1

@@ -10,11 +10,11 @@ kernel hands each new connection to one of the workers waiting for it.
 What the workers share, and how:
 
 * the listening sockets, inherited across ``fork()``;
-* the connection caps and the failed-login throttle: ``ConnectionLimits``
-  and ``FailureThrottle`` keep their tables in shared memory (shared.py);
+* the connection caps, the failed-login throttle and the session numbers:
+  ``ConnectionLimits``, ``FailureThrottle`` and ``SharedCounter`` keep
+  their tables in shared memory (shared.py);
 * the Maildirs and the queue, on disk, with their locks (flock, and
-  rename as the commit of every file);
-* unique session ids (``session.number_sessions``).
+  rename as the commit of every file).
 
 What each worker keeps to itself: the POP3 sessions per user and address
 (the maildrop lock already lets one session per user in), and injected
@@ -38,17 +38,53 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 
 from pymailsrv.config import ConfigError
 from pymailsrv.server import MailServer
-from pymailsrv.session import number_sessions
 
 log = logging.getLogger("pymailsrv.workers")
 
 # How often the main process looks for dead workers, and a worker for its main process.
 WATCH_INTERVAL_SECONDS = 1.0
+# How often a waiting process looks whether SIGINT or SIGTERM came (StopRequest).
+STOP_POLL_SECONDS = 0.1
 # How long the main process waits for its workers to stop before it kills them.
 WORKER_STOP_SECONDS = 10.0
+# A worker that keeps dying (it cannot open what it needs, say) is not
+# replaced for ever: after this many deaths within a minute the server
+# stops with status 1, and its supervisor (systemd's Restart=) takes over.
+MAX_WORKER_DEATHS_PER_MINUTE = 5
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequest:
+    """SIGINT or SIGTERM asked this process to stop: a flag, and a wait that looks at it.
+
+    A signal handler runs between two bytecodes of the main thread, which
+    may hold any lock just then - a ``threading.Event``'s, say, whose
+    ``set()`` would then wait for ever - so the handler only sets a flag.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signal_number in STOP_SIGNALS:
+            signal.signal(signal_number, self._note)
+
+    def _note(self, signal_number: int, frame: object) -> None:
+        self.requested = True
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep ``seconds``, or less once a stop is requested; whether one is."""
+        deadline = time.monotonic() + seconds
+        while not self.requested and time.monotonic() < deadline:
+            time.sleep(max(0.0, min(STOP_POLL_SECONDS, deadline - time.monotonic())))
+        return self.requested
+
+
+class WorkersFailing(Exception):
+    """Workers die as fast as they are started; the message says how often."""
 
 
 class Workers:
@@ -61,6 +97,7 @@ class Workers:
         self.count = count
         self._main_pid = os.getpid()
         self._workers: dict[int, int] = {}  # pid -> worker number, 1..count
+        self._deaths: deque[float] = deque()  # when workers died, within the last minute
 
     def start(self) -> None:
         running = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
@@ -73,39 +110,54 @@ class Workers:
             self._fork(number)
 
     def _fork(self, number: int) -> None:
+        # A stop signal waits until the new worker has its own handler (and,
+        # here, until fork() is done): it must reach one of ours, not the
+        # main process's handler in the worker's copy.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker: serve, and never return into the main process's code
             status = 1
             try:
-                self._serve(number)
+                self._serve(number, mask)
                 status = 0
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
                 logging.shutdown()
                 os._exit(status)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._workers[pid] = number
         log.info("worker %d started (pid %d)", number, pid)
 
-    def _serve(self, number: int) -> None:
-        stopping = threading.Event()
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signal_number, lambda *_: stopping.set())
-        number_sessions(number, self.count)
+    def _serve(self, number: int, mask: set[signal.Signals]) -> None:
+        stop = StopRequest()
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self.server.serve(relay=number == 1)
         try:
-            while not stopping.wait(WATCH_INTERVAL_SECONDS):
+            while not stop.wait(WATCH_INTERVAL_SECONDS):
                 if os.getppid() != self._main_pid:
                     log.warning("worker %d: the main process is gone; stopping", number)
                     break
         finally:
             self.server.stop()
 
-    def watch(self, stopping: threading.Event) -> None:
-        """Replace workers that die, until ``stopping`` is set."""
-        while not stopping.wait(WATCH_INTERVAL_SECONDS):
+    def watch(self, stop: StopRequest) -> None:
+        """Replace workers that die, until a stop is requested; WorkersFailing if they keep dying."""
+        while not stop.wait(WATCH_INTERVAL_SECONDS):
             for number in self._reap():
+                if stop.requested:
+                    break  # they end because we are stopping (SIGINT reaches the whole group)
+                self._count_death()
                 self._fork(number)
+
+    def _count_death(self) -> None:
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths[0] <= now - 60:
+            self._deaths.popleft()
+        if len(self._deaths) > MAX_WORKER_DEATHS_PER_MINUTE:
+            raise WorkersFailing(f"{len(self._deaths)} worker processes died within a minute; "
+                                 f"stopping (see the log above for why)")
 
     def _reap(self) -> list[int]:
         """The numbers of the workers that ended since the last look, each logged and its connections freed."""

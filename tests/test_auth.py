@@ -277,13 +277,16 @@ def test_the_throttle_counts_the_failures_of_every_worker_process():
     assert throttle.blocked("192.0.2.1") and not throttle.blocked("192.0.2.2")
 
 
-def test_a_new_failure_takes_the_place_of_the_oldest_one():
-    throttle = FailureThrottle(limit=2, window=60, remembered=3)
-    for address in ("192.0.2.1", "192.0.2.1", "192.0.2.2"):
-        throttle.failed(address)
+def test_an_address_whose_window_is_over_makes_room_for_another(caplog):
+    throttle = FailureThrottle(limit=1, window=0.2, size=1)  # room for one address
+    throttle.failed("192.0.2.1")
     assert throttle.blocked("192.0.2.1")
-    throttle.failed("192.0.2.3")  # the table is full: the first failure of .1 makes room
-    assert not throttle.blocked("192.0.2.1")
+    throttle.failed("192.0.2.2")  # .1 is inside its window: no room
+    assert not throttle.blocked("192.0.2.2")
+    assert "failed-login table full: a failure from 192.0.2.2 is not counted" in caplog.text
+    time.sleep(0.25)
+    throttle.failed("192.0.2.2")
+    assert throttle.blocked("192.0.2.2") and not throttle.blocked("192.0.2.1")
 
 
 def test_sasl_answer_may_be_longer_than_a_command_line(smtp, alice):

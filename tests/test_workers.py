@@ -31,12 +31,15 @@ import pytest
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import ConnectionLimits
 from pymailsrv.users import UserStore
+from pymailsrv.workers import MAX_WORKER_DEATHS_PER_MINUTE
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
 from tests.remote_side import Sink
 from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
 
 WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 SESSION_ENDED = re.compile(r"(?:pop3|smtp) session (\d+) ended")
+DELIVERED_BY = re.compile(r"pymailsrv\.smtp\[(\d+)\]: delivered ")
+MAX_TRIES = 40  # connections before we call the spread of them across workers broken
 POP3_TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
 
 
@@ -149,23 +152,42 @@ def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, process
             client.close()
 
 
-def test_mail_taken_by_any_worker_is_stored_and_relayed_once(root, processes):
+def test_workers_that_keep_dying_stop_the_server_with_status_1(root, processes):
+    server = processes(root, "--processes", "2").wait_listening()
+    killed: set[int] = set()
+    while server.process.poll() is None:  # two at a time; after the sixth death within a minute it gives up
+        assert len(killed) <= 2 * (MAX_WORKER_DEATHS_PER_MINUTE + 1), server.output()
+        for pid in set(worker_pids(server, count=len(killed) + 2).values()) - killed:
+            os.kill(pid, signal.SIGKILL)
+            killed.add(pid)
+        wait_until(lambda: server.process.poll() is not None or len(WORKER_STARTED.findall(server.output()))
+                   >= len(killed) + 2, what="replacements or the end")
+    assert server.wait_exit() == 1
+    assert "Error: 6 worker processes died within a minute; stopping" in server.output()
+
+
+def test_mail_taken_by_either_worker_is_stored_and_relayed_once(root, processes):
     remote = Sink()
     try:
         settings = (f'[relay]\nsmarthost = "127.0.0.1:{remote.port}"\ntrusted_networks = ["127.0.0.1/32"]\n')
         server = processes(root, "--processes", "2", "--config", config(root, settings)).wait_listening()
-        worker_pids(server)
-        for number in range(6):  # a connection each: both workers take some
+        workers = set(worker_pids(server).values())
+        sent = 0
+        # A connection each, until both workers have taken some: only worker 1
+        # runs the relay, so worker 2's queued copies cross between processes.
+        while sent < 6 or set(DELIVERED_BY.findall(server.output())) != {str(pid) for pid in workers}:
+            assert sent < MAX_TRIES, f"one worker took all {sent} connections:\n{server.output()}"
             with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
-                message = f"Subject: {number}\r\nMessage-ID: <{number}@workers.test>\r\n\r\nhello\r\n"
+                message = f"Subject: {sent}\r\nMessage-ID: <{sent}@workers.test>\r\n\r\nhello\r\n"
                 assert client.sendmail("carol@example.org", ["alice@localhost", "dave@example.net"],
                                        message) == {}
-        received = remote.wait_for(6)
-        assert sorted(message.rcpt_tos[0] for message in received) == ["dave@example.net"] * 6
-        assert len({message.content for message in received}) == 6  # each once
-        assert len(list((root / "alice" / "new").iterdir())) == 6
+            sent += 1
+        received = remote.wait_for(sent)
+        assert [message.rcpt_tos for message in received] == [["dave@example.net"]] * sent
+        assert len({message.content for message in received}) == sent  # each once
+        assert len(list((root / "alice" / "new").iterdir())) == sent
         ids = [int(number) for number in SESSION_ENDED.findall(server.output())]
-        assert len(ids) == len(set(ids)) == 6  # one server's session ids, whichever worker
+        assert sorted(ids) == list(range(1, sent + 1))  # one count for the server, whichever worker
     finally:
         remote.stop()
 
@@ -176,7 +198,7 @@ def test_sigterm_stops_the_workers_and_the_main_process(root, processes):
     server.process.send_signal(signal.SIGTERM)
     assert server.wait_exit() == 0
     assert all(gone(pid) for pid in workers.values())
-    assert server.output().rstrip().endswith("pymailsrv.server: stopped")
+    assert re.search(r"pymailsrv\.server\[\d+\]: stopped$", server.output().rstrip())
 
 
 def test_workers_stop_by_themselves_when_the_main_process_is_killed(root, processes):
