@@ -37,9 +37,9 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from pymailsrv.durable import discard_file, fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
@@ -172,8 +172,7 @@ class MaildirStore:
 
     def create_maildir(self, user: str) -> Path:
         path = self.maildir(user)
-        for subdir in SUBDIRS:
-            (path / subdir).mkdir(parents=True, exist_ok=True)
+        make_maildir(path)
         return path
 
     def remove_maildir(self, user: str) -> None:
@@ -259,6 +258,29 @@ def _pop3_size_of(key: str, path: str | Path) -> int:
         return pop3_size(file)
 
 
+T = TypeVar("T")
+
+
+def make_maildir(path: Path) -> None:
+    for subdir in SUBDIRS:
+        (path / subdir).mkdir(parents=True, exist_ok=True)
+
+
+def _in_maildir(maildir: Path, action: Callable[[], T]) -> T:
+    """Do ``action`` (which writes into ``maildir``); if the Maildir is not there, make it and try again.
+
+    ``user add`` makes each user's Maildir, so making sure of it before
+    every delivery would cost three mkdir calls for nothing (a tenth of a
+    delivery's Python time, by py-spy). One made or removed by hand shows
+    as FileNotFoundError instead.
+    """
+    try:
+        return action()
+    except FileNotFoundError:
+        make_maildir(maildir)
+        return action()
+
+
 class IncomingMaildirMessage:
     """One message being written into ``tmp/`` as it arrives.
 
@@ -273,17 +295,14 @@ class IncomingMaildirMessage:
             raise ValueError("a message needs at least one recipient")
         self._users = users
         self._name, self.queue_id = store.unique_name()
-        try:
-            self._maildirs = [store.create_maildir(user) for user in users]
-        except OSError as error:
-            raise storage_error(error, "opening a recipient's Maildir") from error
+        self._maildirs = [store.maildir(user) for user in users]
         self._tmp_path = self._maildirs[0] / "tmp" / self._name
         self.octets = 0
         self._line_ends = 0  # LFs in the text
         self._crlf_line_ends = 0  # those of them that already have a CR before them
         self._last_octet = b""
         try:
-            self._file: BinaryIO | None = open(self._tmp_path, "xb")
+            self._file: BinaryIO | None = _in_maildir(self._maildirs[0], lambda: open(self._tmp_path, "xb"))
         except OSError as error:
             raise storage_error(error, "creating a file in tmp/") from error
 
@@ -321,8 +340,8 @@ class IncomingMaildirMessage:
             # Links for the other recipients, then the tmp/ file itself renamed
             # into the first one's new/: one directory operation fewer than a
             # last link and an unlink, and each one costs a journal write.
-            for target in others:
-                os.link(self._tmp_path, target)
+            for maildir, target in zip(self._maildirs[1:], others):
+                _in_maildir(maildir, lambda: os.link(self._tmp_path, target))
                 linked.append(target)
             os.rename(self._tmp_path, first)
             linked.append(first)

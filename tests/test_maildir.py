@@ -11,6 +11,7 @@ import errno
 import mailbox
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -99,6 +100,7 @@ def test_one_message_for_several_users_is_in_every_maildir(store, root):
 
 def test_delivery_to_several_users_is_all_or_none(store, root):
     store.create_maildir("alice")
+    store.create_maildir("bob")
     incoming = store.receive(["alice", "bob"])
     incoming.write(MESSAGE)
     # bob's new/ turns into a file before the commit: linking there fails.
@@ -108,6 +110,20 @@ def test_delivery_to_several_users_is_all_or_none(store, root):
         incoming.commit()
     assert listing(root / "alice" / "new") == []
     assert listing(root / "alice" / "tmp") == []
+
+
+def test_delivery_makes_a_maildir_that_is_not_there(store, root):
+    # user add makes one; this is for one made, or removed, by hand.
+    store.create_maildir("alice")
+    incoming = store.receive(["bob", "alice"])  # bob first: the tmp/ file goes into his
+    incoming.write(MESSAGE)
+    incoming.commit()
+    shutil.rmtree(root / "alice")
+    incoming = store.receive(["bob", "alice"])  # alice second: the link into her new/
+    incoming.write(MESSAGE)
+    incoming.commit()
+    assert len(listing(root / "bob" / "new")) == 2 and len(listing(root / "alice" / "new")) == 1
+    assert sorted(path.name for path in (root / "alice").iterdir()) == ["cur", "new", "tmp"]
 
 
 def test_discarded_message_leaves_nothing(store, root):
