@@ -121,8 +121,14 @@ TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 
 # A client's EHLO/HELO name: printable, no spaces (RFC 5321 §4.1.4 forbids
 # refusing a name that does not match the client's address, so we check no
-# more than that it can go into a Received: header unharmed).
-_CLIENT_NAME = re.compile(r"[\x21-\x7e\u0080-\ud7ff\ue000-\U0010ffff]+")
+# more than that it can go into a Received: header unharmed). UTF-8 is
+# allowed (a U-label domain, RFC 6531), control characters are not.
+_CLIENT_NAME = re.compile(r"[\x21-\x7e\u00a0-\ud7ff\ue000-\U0010ffff]+")
+
+
+def _reply_text(text: str) -> str:
+    """``text`` fit for a reply line, which is ASCII (RFC 5321 §4.2: textstring): é as \\xe9."""
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 class SmtpState(enum.Enum):
@@ -237,32 +243,45 @@ class MessageText:
     def feed_block(self, block: bytes, too_long: bool) -> int | None:
         """Take whole lines at once; the offset just past the end line, or None.
 
-        Most text is plain: CRLF line ends, no leading dot, no line too long.
-        A block of such lines is stored in one piece, with each CRLF made LF;
-        a block with anything else in it goes through ``feed`` line by line.
+        Most text is plain: CRLF line ends, no line too long. The plain
+        lines up to the next one that starts with a dot - the end line, or
+        one whose dot the client doubled - are stored in one piece, each
+        CRLF made LF. A dotted line, and a run of lines with anything else
+        in it, go through ``feed`` a line at a time.
         """
-        if not too_long and self._plain(block):
-            line_count = block.count(b"\n")
-            self.lines_read += line_count
-            self.octets_read += len(block)
-            self._after_crlf = True
-            self._store(block.replace(b"\r\n", b"\n"))
-            return None
         offset = 0
         while offset < len(block):
-            end = block.find(b"\n", offset) + 1 or len(block)
-            if self.feed(block[offset:end], too_long):
-                return end
-            offset = end
+            run_end = self._run_end(block, offset)
+            run = block[offset:run_end]
+            if not too_long and not run.startswith(b".") and self._plain(run):
+                self.lines_read += run.count(b"\n")
+                self.octets_read += len(run)
+                self._after_crlf = True
+                self._store(run.replace(b"\r\n", b"\n"))
+            else:
+                line_start = offset
+                while line_start < run_end:
+                    line_end = block.find(b"\n", line_start, run_end) + 1 or run_end
+                    if self.feed(block[line_start:line_end], too_long):
+                        return line_end
+                    line_start = line_end
+            offset = run_end
         return None
 
     @staticmethod
-    def _plain(block: bytes) -> bool:
-        """Only CRLF line ends, no line starting with a dot, none over the limit."""
-        line_ends = block.count(b"\n")
-        return (block.count(b"\r\n") == line_ends == block.count(b"\r") and not block.startswith(b".")
-                and b"\n." not in block
-                and max(map(len, block.split(b"\n"))) < TEXT_LINE_OCTETS)
+    def _run_end(block: bytes, offset: int) -> int:
+        """The end of the lines from ``offset`` before the next that starts with a dot;
+        a line that starts with one is a run of its own."""
+        if block.startswith(b".", offset):
+            return block.find(b"\n", offset) + 1 or len(block)
+        return block.find(b"\n.", offset) + 1 or len(block)
+
+    @staticmethod
+    def _plain(run: bytes) -> bool:
+        """Only CRLF line ends, and no line over the limit."""
+        line_ends = run.count(b"\n")
+        return (run.count(b"\r\n") == line_ends == run.count(b"\r")
+                and max(map(len, run.split(b"\n"))) < TEXT_LINE_OCTETS)
 
     def feed(self, line: bytes, too_long: bool) -> bool:
         """Take one line as read; True if it was the end of the text."""
@@ -464,7 +483,7 @@ class SmtpSession(Session):
         self.client_name = self._client_name_from("EHLO", argument)
         self.esmtp = True
         self._new_transaction()
-        lines = [f"{self.settings.hostname} greets {self.client_name}", *self.extensions()]
+        lines = [f"{self.settings.hostname} greets {_reply_text(self.client_name)}", *self.extensions()]
         return R250_EHLO.format(lines="\n".join(lines))
 
     def do_helo(self, argument: str) -> Reply:
@@ -472,7 +491,7 @@ class SmtpSession(Session):
         self.client_name = self._client_name_from("HELO", argument)
         self.esmtp = False
         self._new_transaction()
-        return R250_HELO.format(host=self.settings.hostname, client=self.client_name)
+        return R250_HELO.format(host=self.settings.hostname, client=_reply_text(self.client_name))
 
     def do_rset(self, argument: str) -> Reply:
         """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""

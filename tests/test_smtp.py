@@ -203,6 +203,20 @@ def test_greeting_without_exactly_one_name_is_501(connect, verb, argument):
     assert exchange(connect(), verb + argument) == wire(R.R501_SYNTAX, syntax=syntax)
 
 
+@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+def test_a_greeting_name_with_a_control_character_is_501(connect, verb):
+    syntax = SmtpSession.commands.find(verb).syntax
+    assert exchange(connect(), f"{verb} a\u0080b") == wire(R.R501_SYNTAX, syntax=syntax)
+
+
+def test_a_utf8_greeting_name_is_echoed_in_ascii(connect, server, hostname):
+    # RFC 6531 allows a U-label; RFC 5321 §4.2 allows only ASCII in reply text.
+    reply = exchange(connect(), "EHLO bücher.example")
+    assert reply.startswith(f"250-{hostname} greets b\\xfccher.example\r\n".encode())
+    assert exchange(connect(), "HELO bücher.example") == wire(R.R250_HELO, host=hostname,
+                                                              client="b\\xfccher.example")
+
+
 def test_ehlo_may_be_repeated_and_aborts_the_transaction(greeted, alice):
     client = greeted()
     assert exchange(client, "MAIL FROM:<a@example.org>") == wire(R.R250_SENDER_OK, address="a@example.org")

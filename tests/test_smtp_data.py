@@ -21,8 +21,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pymailsrv import replies as R
+from pymailsrv.smtp import MessageText
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
 from tests.test_smtp import (  # noqa: F401 - fixtures are used by name
     alice,
@@ -660,7 +663,7 @@ def test_readme_smtplib_example_delivers(server, smtp_address, store, alice):
     assert stored_message.endswith(b"\n\nHi Alice!\n")
 
 
-def test_recipient_maildir_that_cannot_be_opened_at_data_is_451(greeted, store, alice, bob):
+def test_a_recipient_maildir_that_cannot_take_the_message_is_451_for_all(greeted, store, alice, bob):
     client = greeted()
     assert exchange(client, "MAIL FROM:<a@example.org>").startswith(b"250 ")
     assert exchange(client, "RCPT TO:<alice@localhost>").startswith(b"250 ")
@@ -669,10 +672,60 @@ def test_recipient_maildir_that_cannot_be_opened_at_data_is_451(greeted, store, 
     bob_new.rmdir()
     bob_new.write_bytes(b"not a directory")
     try:
-        assert exchange(client, "DATA") == wire(R.R451_LOCAL_ERROR)
+        # Found when the message is linked into bob's new/, after the text
+        # (no mkdir checks each Maildir first): alice gets no copy either.
+        assert exchange(client, "DATA") == wire(R.R354_START_DATA)
+        assert send_text(client, b"Subject: x\r\n\r\nhello\r\n.\r\n") == wire(R.R451_LOCAL_ERROR)
         assert stored(store, "alice") == []
         assert list((store.maildir("alice") / "tmp").iterdir()) == []
         assert exchange(client, "RSET") == wire(R.R250_OK)
     finally:
         bob_new.unlink()
         bob_new.mkdir()
+
+
+# --- the text parser itself: blocks of lines against one line at a time ---------------------
+
+
+class _Collected:
+    """Where the parser's output goes (an IncomingMessage): here a buffer, as only parsing is tested."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+def _parsed(pieces: list[bytes], by_block: bool) -> tuple:
+    """Feed ``pieces`` - blocks of whole lines, as the transport hands them, or
+    single lines - and say what came of it."""
+    text = MessageText(_Collected(), max_size=10**6, normalize_bare_newlines=True)
+    consumed = 0
+    for piece in pieces:
+        if by_block:
+            end = text.feed_block(piece, too_long=False)
+        else:
+            end = len(piece) if text.feed(piece, too_long=False) else None
+        if end is not None:
+            consumed += end
+            break
+        consumed += len(piece)
+    return (bytes(text._incoming.data), consumed, text.lines_read, text.octets_read, text.bare_line_end,
+            text.line_too_long)
+
+
+def _lines(block: bytes) -> list[bytes]:
+    return [line + b"\n" for line in block.split(b"\n")[:-1]]
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.lists(st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b".\r\n", b"x" * 40, b"y" * 600]),
+                     max_size=60).map(b"".join),
+       cuts=st.lists(st.integers(min_value=0, max_value=3000), max_size=5))
+def test_text_taken_in_blocks_is_parsed_as_one_line_at_a_time(text, cuts):
+    """feed_block's plain runs store and end exactly where feed, line by line, would (RFC 5321 §4.1.1.4, §4.5.2)."""
+    lines = _lines(text)  # whole lines only: the transport never hands over a part of one
+    bounds = sorted({0, len(lines), *(cut % (len(lines) + 1) for cut in cuts)})
+    blocks = [b"".join(lines[start:end]) for start, end in zip(bounds, bounds[1:])]
+    assert _parsed(blocks, by_block=True) == _parsed(lines, by_block=False)
