@@ -266,8 +266,8 @@ def make_maildir(path: Path) -> None:
         (path / subdir).mkdir(parents=True, exist_ok=True)
 
 
-def _in_maildir(maildir: Path, action: Callable[[], T]) -> T:
-    """Do ``action`` (which writes into ``maildir``); if the Maildir is not there, make it and try again.
+def _in_maildir(maildir: Path, action: Callable[..., T], *arguments: object) -> T:
+    """``action(*arguments)``, which writes into ``maildir``; if the Maildir is not there, make it and try again.
 
     ``user add`` makes each user's Maildir, so making sure of it before
     every delivery would cost three mkdir calls for nothing (a tenth of a
@@ -275,10 +275,10 @@ def _in_maildir(maildir: Path, action: Callable[[], T]) -> T:
     as FileNotFoundError instead.
     """
     try:
-        return action()
+        return action(*arguments)
     except FileNotFoundError:
         make_maildir(maildir)
-        return action()
+        return action(*arguments)
 
 
 class IncomingMaildirMessage:
@@ -302,7 +302,7 @@ class IncomingMaildirMessage:
         self._crlf_line_ends = 0  # those of them that already have a CR before them
         self._last_octet = b""
         try:
-            self._file: BinaryIO | None = _in_maildir(self._maildirs[0], lambda: open(self._tmp_path, "xb"))
+            self._file: BinaryIO | None = _in_maildir(self._maildirs[0], open, self._tmp_path, "xb")
         except OSError as error:
             raise storage_error(error, "creating a file in tmp/") from error
 
@@ -341,7 +341,7 @@ class IncomingMaildirMessage:
             # into the first one's new/: one directory operation fewer than a
             # last link and an unlink, and each one costs a journal write.
             for maildir, target in zip(self._maildirs[1:], others):
-                _in_maildir(maildir, lambda: os.link(self._tmp_path, target))
+                _in_maildir(maildir, os.link, self._tmp_path, target)
                 linked.append(target)
             os.rename(self._tmp_path, first)
             linked.append(first)
