@@ -37,9 +37,9 @@ import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO
 
 from pymailsrv.durable import discard_file, fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
@@ -258,27 +258,20 @@ def _pop3_size_of(key: str, path: str | Path) -> int:
         return pop3_size(file)
 
 
-T = TypeVar("T")
-
-
 def make_maildir(path: Path) -> None:
+    """Make whatever of ``path``/tmp, new, cur is missing; what was made is fsynced,
+    so a message acknowledged into it stays findable after a power cut."""
+    made = False
     for subdir in SUBDIRS:
-        (path / subdir).mkdir(parents=True, exist_ok=True)
-
-
-def _in_maildir(maildir: Path, action: Callable[..., T], *arguments: object) -> T:
-    """``action(*arguments)``, which writes into ``maildir``; if the Maildir is not there, make it and try again.
-
-    ``user add`` makes each user's Maildir, so making sure of it before
-    every delivery would cost three mkdir calls for nothing (a tenth of a
-    delivery's Python time, by py-spy). One made or removed by hand shows
-    as FileNotFoundError instead.
-    """
-    try:
-        return action(*arguments)
-    except FileNotFoundError:
-        make_maildir(maildir)
-        return action(*arguments)
+        try:
+            (path / subdir).mkdir(parents=True)
+            made = True
+        except FileExistsError:
+            if not (path / subdir).is_dir():
+                raise
+    if made:
+        fsync_directory(path)
+        fsync_directory(path.parent)
 
 
 class IncomingMaildirMessage:
@@ -296,13 +289,27 @@ class IncomingMaildirMessage:
         self._users = users
         self._name, self.queue_id = store.unique_name()
         self._maildirs = [store.maildir(user) for user in users]
+        try:
+            for maildir in self._maildirs:
+                # user add makes the Maildir; one removed (or half removed) by
+                # hand is made again here, at DATA. Looking at new/ costs one
+                # stat, where making sure of all three cost three mkdir and
+                # three stat calls, a tenth of a delivery's Python time.
+                if not os.path.isdir(maildir / "new"):
+                    make_maildir(maildir)
+        except OSError as error:
+            raise storage_error(error, "opening a recipient's Maildir") from error
         self._tmp_path = self._maildirs[0] / "tmp" / self._name
         self.octets = 0
         self._line_ends = 0  # LFs in the text
         self._crlf_line_ends = 0  # those of them that already have a CR before them
         self._last_octet = b""
         try:
-            self._file: BinaryIO | None = _in_maildir(self._maildirs[0], open, self._tmp_path, "xb")
+            try:
+                self._file: BinaryIO | None = open(self._tmp_path, "xb")
+            except FileNotFoundError:  # new/ is there, tmp/ is not
+                make_maildir(self._maildirs[0])
+                self._file = open(self._tmp_path, "xb")
         except OSError as error:
             raise storage_error(error, "creating a file in tmp/") from error
 
@@ -340,8 +347,8 @@ class IncomingMaildirMessage:
             # Links for the other recipients, then the tmp/ file itself renamed
             # into the first one's new/: one directory operation fewer than a
             # last link and an unlink, and each one costs a journal write.
-            for maildir, target in zip(self._maildirs[1:], others):
-                _in_maildir(maildir, os.link, self._tmp_path, target)
+            for target in others:
+                os.link(self._tmp_path, target)
                 linked.append(target)
             os.rename(self._tmp_path, first)
             linked.append(first)

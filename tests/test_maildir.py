@@ -72,6 +72,7 @@ def test_delivery_fsyncs_the_file_and_the_new_directory(store, root, monkeypatch
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
+    store.create_maildir("alice")
     monkeypatch.setattr(maildir_module.os, "fsync", recording_fsync)
     store.deliver("alice", MESSAGE)
     (name,) = listing(root / "alice" / "new")
@@ -112,18 +113,31 @@ def test_delivery_to_several_users_is_all_or_none(store, root):
     assert listing(root / "alice" / "tmp") == []
 
 
-def test_delivery_makes_a_maildir_that_is_not_there(store, root):
-    # user add makes one; this is for one made, or removed, by hand.
+@pytest.mark.parametrize("removed", ["", "new", "tmp"], ids=["whole-maildir", "new", "tmp"])
+@pytest.mark.parametrize("position", [0, 1], ids=["first-recipient", "second-recipient"])
+def test_delivery_makes_again_a_maildir_removed_by_hand(store, root, removed, position):
+    # user add makes one; a delivery remakes one removed, or half removed, by hand.
     store.create_maildir("alice")
-    incoming = store.receive(["bob", "alice"])  # bob first: the tmp/ file goes into his
+    store.create_maildir("bob")
+    shutil.rmtree(root / "alice" / removed)
+    users = ["bob"]
+    users.insert(position, "alice")
+    incoming = store.receive(users)
     incoming.write(MESSAGE)
     incoming.commit()
-    shutil.rmtree(root / "alice")
-    incoming = store.receive(["bob", "alice"])  # alice second: the link into her new/
-    incoming.write(MESSAGE)
-    incoming.commit()
-    assert len(listing(root / "bob" / "new")) == 2 and len(listing(root / "alice" / "new")) == 1
-    assert sorted(path.name for path in (root / "alice").iterdir()) == ["cur", "new", "tmp"]
+    assert len(listing(root / "alice" / "new")) == len(listing(root / "bob" / "new")) == 1
+    # What the delivery needs is made: new/ always, tmp/ where the file is written.
+    expected = ["cur", "new", "tmp"] if removed != "tmp" or position == 0 else ["cur", "new"]
+    assert sorted(path.name for path in (root / "alice").iterdir()) == expected
+
+
+def test_a_maildir_made_by_a_delivery_is_fsynced_with_its_parent(store, root, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(maildir_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                                 real_fsync(fd)))
+    store.deliver("alice", MESSAGE)
+    assert synced[:2] == [str(root / "alice"), str(root)]
 
 
 def test_discarded_message_leaves_nothing(store, root):
