@@ -34,22 +34,24 @@ PATH_MAX = 256
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 # RFC 6531 §3.3: UTF8-non-ascii joins atext, qtext and domain labels. Whether
 # the client may use it (it sent SMTPUTF8) is the session's question. Lone
-# surrogates (undecodable octets) are not characters and never match.
-_UTF8 = "\u0080-\ud7ff\ue000-\U0010ffff"
-_ATOM = f"[{_ATEXT}{_UTF8}]+"
+# surrogates (undecodable octets) are not characters and never match, and
+# the C1 controls (U+0080-U+009F) are left out, as RFC 5198 §2 asks of
+# text on the net: echoed in a reply or a header, they could steer a terminal.
+UTF8_NON_ASCII = "\u00a0-\ud7ff\ue000-\U0010ffff"
+_ATOM = f"[{_ATEXT}{UTF8_NON_ASCII}]+"
 _DOT_STRING = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_LETTER_DIGIT = f"A-Za-z0-9{_UTF8}"
+_LETTER_DIGIT = f"A-Za-z0-9{UTF8_NON_ASCII}"
 _LABEL = rf"[{_LETTER_DIGIT}](?:[{_LETTER_DIGIT}-]*[{_LETTER_DIGIT}])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # qtextSMTP / quoted-pairSMTP: printable text, a backslash escapes any of it.
-_QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"')
+_QUOTED_STRING = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{UTF8_NON_ASCII}]|\\[\x20-\x7e])*"')
 # RFC 5321 §4.1.3: "[" IPv4 "]" or "[IPv6:" IPv6 "]"; ``ipaddress`` then checks
 # the numbers (ASCII digits, each octet 0-255), which a pattern alone cannot.
 _ADDRESS_LITERAL = re.compile(r"\[(IPv6:)?([0-9A-Fa-f:.]+)\]", re.IGNORECASE)
 _SOURCE_ROUTE = re.compile(r"@[^,:]+(?:,@[^,:]+)*:")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 # esmtp-value: printable ASCII except "=" and SP (or UTF-8, RFC 6531 §3.3).
-_ESMTP_VALUE = re.compile(rf"[\x21-\x3c\x3e-\x7e{_UTF8}]+")
+_ESMTP_VALUE = re.compile(rf"[\x21-\x3c\x3e-\x7e{UTF8_NON_ASCII}]+")
 
 
 class PathError(ValueError):

@@ -47,7 +47,7 @@ from pymailsrv.limits import (
     SMTP_MAX_ERRORS,
     SMTP_TEXT_LINE_MAX,
 )
-from pymailsrv.paths import Address, PathError, parse_parameters, parse_path
+from pymailsrv.paths import UTF8_NON_ASCII, Address, PathError, parse_parameters, parse_path
 from pymailsrv.replies import (
     R214_HELP,
     R220_GREETING,
@@ -123,12 +123,18 @@ TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 # refusing a name that does not match the client's address, so we check no
 # more than that it can go into a Received: header unharmed). UTF-8 is
 # allowed (a U-label domain, RFC 6531), control characters are not.
-_CLIENT_NAME = re.compile(r"[\x21-\x7e\u00a0-\ud7ff\ue000-\U0010ffff]+")
+_CLIENT_NAME = re.compile(rf"[\x21-\x7e{UTF8_NON_ASCII}]+")
+# How much of the client's name a greeting echoes: a reply line is at most
+# 512 octets (RFC 5321 §4.5.3.1.5), and an escaped character takes up to 10.
+CLIENT_NAME_ECHO_MAX = 100
 
 
-def _reply_text(text: str) -> str:
-    """``text`` fit for a reply line, which is ASCII (RFC 5321 §4.2: textstring): é as \\xe9."""
-    return text.encode("ascii", "backslashreplace").decode("ascii")
+def _echoed_name(name: str) -> str:
+    """The client's name as a greeting echoes it: reply text is ASCII (RFC 5321
+    §4.2, textstring), so é shows as \\xe9; cut to CLIENT_NAME_ECHO_MAX characters."""
+    if len(name) > CLIENT_NAME_ECHO_MAX:
+        name = name[:CLIENT_NAME_ECHO_MAX] + "..."
+    return name.encode("ascii", "backslashreplace").decode("ascii")
 
 
 class SmtpState(enum.Enum):
@@ -483,7 +489,7 @@ class SmtpSession(Session):
         self.client_name = self._client_name_from("EHLO", argument)
         self.esmtp = True
         self._new_transaction()
-        lines = [f"{self.settings.hostname} greets {_reply_text(self.client_name)}", *self.extensions()]
+        lines = [f"{self.settings.hostname} greets {_echoed_name(self.client_name)}", *self.extensions()]
         return R250_EHLO.format(lines="\n".join(lines))
 
     def do_helo(self, argument: str) -> Reply:
@@ -491,7 +497,7 @@ class SmtpSession(Session):
         self.client_name = self._client_name_from("HELO", argument)
         self.esmtp = False
         self._new_transaction()
-        return R250_HELO.format(host=self.settings.hostname, client=_reply_text(self.client_name))
+        return R250_HELO.format(host=self.settings.hostname, client=_echoed_name(self.client_name))
 
     def do_rset(self, argument: str) -> Reply:
         """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""

@@ -188,6 +188,13 @@ def test_utf8_local_part_and_domain_parse_and_are_not_ascii():
     assert forward("<alice@example.org>").is_ascii
 
 
+@pytest.mark.parametrize("path", ["<a\u0085b@example.org>", "<alice@ex\u009fample.org>", '<"a\u0080b"@example.org>'])
+def test_c1_control_characters_never_make_an_address(path):
+    # RFC 5198 §2: no control characters in text on the net, UTF-8 or not.
+    with pytest.raises(PathError):
+        forward(path)
+
+
 def test_undecodable_octets_never_make_an_address():
     # The session decodes with surrogateescape; such characters match no rule.
     raw = b"<al\xffice@example.org>".decode("utf-8", "surrogateescape")

@@ -204,17 +204,22 @@ def test_greeting_without_exactly_one_name_is_501(connect, verb, argument):
 
 
 @pytest.mark.parametrize("verb", ["EHLO", "HELO"])
-def test_a_greeting_name_with_a_control_character_is_501(connect, verb):
+@pytest.mark.parametrize("control", ["\x7f", "\u0080", "\u009f"])
+def test_a_greeting_name_with_a_control_character_is_501(connect, verb, control):
     syntax = SmtpSession.commands.find(verb).syntax
-    assert exchange(connect(), f"{verb} a\u0080b") == wire(R.R501_SYNTAX, syntax=syntax)
+    assert exchange(connect(), f"{verb} a{control}b") == wire(R.R501_SYNTAX, syntax=syntax)
 
 
-def test_a_utf8_greeting_name_is_echoed_in_ascii(connect, server, hostname):
+@pytest.mark.parametrize("name, echoed", [
+    ("bücher.example", "b\\xfccher.example"),
+    ("a\u00a1b", "a\\xa1b"),  # the first after the controls and NO-BREAK SPACE
+    ("x" * 300 + ".example", "x" * 100 + "..."),  # a reply line stays under 512 octets
+])
+def test_a_greeting_name_is_echoed_in_ascii(connect, hostname, name, echoed):
     # RFC 6531 allows a U-label; RFC 5321 §4.2 allows only ASCII in reply text.
-    reply = exchange(connect(), "EHLO bücher.example")
-    assert reply.startswith(f"250-{hostname} greets b\\xfccher.example\r\n".encode())
-    assert exchange(connect(), "HELO bücher.example") == wire(R.R250_HELO, host=hostname,
-                                                              client="b\\xfccher.example")
+    reply = exchange(connect(), f"EHLO {name}")
+    assert reply.startswith(f"250-{hostname} greets {echoed}\r\n".encode())
+    assert exchange(connect(), f"HELO {name}") == wire(R.R250_HELO, host=hostname, client=echoed)
 
 
 def test_ehlo_may_be_repeated_and_aborts_the_transaction(greeted, alice):
