@@ -132,15 +132,15 @@ class FailureThrottle:
         self._table = SharedRecords(self._RECORD, size)
         self._size = size
 
-    def _places(self, key: int) -> range:
+    def _places(self, key: int) -> list[int]:
         """The indexes where ``key``'s record may be (open addressing, linear probing)."""
-        return range(key % self._size, key % self._size + min(AUTH_THROTTLE_PROBES, self._size))
+        return [(key + step) % self._size for step in range(min(AUTH_THROTTLE_PROBES, self._size))]
 
     def blocked(self, address: str) -> bool:
         key, now = address_key(address), time.monotonic()
         with self._table.locked():
-            for place in self._places(key):
-                held, failures, since = self._table.read(place % self._size)
+            for index in self._places(key):
+                held, failures, since = self._table.read(index)
                 if held == key:
                     return failures >= self._limit and now - since < self._window
         return False
@@ -149,8 +149,7 @@ class FailureThrottle:
         key, now = address_key(address), time.monotonic()
         with self._table.locked():
             free = None
-            for place in self._places(key):
-                index = place % self._size
+            for index in self._places(key):
                 held, failures, since = self._table.read(index)
                 if held == key:
                     if now - since < self._window:
