@@ -286,16 +286,16 @@ class IncomingMaildirMessage:
     def __init__(self, store: MaildirStore, users: list[str]) -> None:
         if not users:
             raise ValueError("a message needs at least one recipient")
-        self._users = users
         self._name, self.queue_id = store.unique_name()
         self._maildirs = [store.maildir(user) for user in users]
+        self._new_dirs = [maildir / "new" for maildir in self._maildirs]
         try:
-            for maildir in self._maildirs:
+            for maildir, new_dir in zip(self._maildirs, self._new_dirs):
                 # user add makes the Maildir; one removed (or half removed) by
                 # hand is made again here, at DATA. Looking at new/ costs one
                 # stat, where making sure of all three cost three mkdir and
                 # three stat calls, a tenth of a delivery's Python time.
-                if not os.path.isdir(maildir / "new"):
+                if not os.path.isdir(new_dir):
                     make_maildir(maildir)
         except OSError as error:
             raise storage_error(error, "opening a recipient's Maildir") from error
@@ -341,7 +341,7 @@ class IncomingMaildirMessage:
             raise storage_error(error, "syncing the message to disk") from error
         self._file.close()
         final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
-        first, *others = [maildir / "new" / final_name for maildir in self._maildirs]
+        first, *others = [new_dir / final_name for new_dir in self._new_dirs]
         linked: list[Path] = []
         try:
             # Links for the other recipients, then the tmp/ file itself renamed
@@ -352,8 +352,8 @@ class IncomingMaildirMessage:
                 linked.append(target)
             os.rename(self._tmp_path, first)
             linked.append(first)
-            for maildir in self._maildirs:
-                fsync_directory(maildir / "new")
+            for new_dir in self._new_dirs:
+                fsync_directory(new_dir)
         except OSError as error:
             for target in linked:
                 target.unlink(missing_ok=True)

@@ -161,7 +161,7 @@ class Tracer:
 
     def client_text(self, session: Session, lines: int, octets: int, end_line: bytes) -> None:
         """The text has ended: its summary, then the line that ended it."""
-        if not self.bodies:  # with bodies, every line was recorded as it came
+        if self.active and not self.bodies:  # with bodies, every line was recorded as it came
             self._record(session, "C", octets_summary(lines, octets))
             self._record(session, "C", end_line.rstrip(b"\r\n").decode("ascii", "backslashreplace"))
 
@@ -181,4 +181,5 @@ class Tracer:
         self._record(session, "--", text)
 
     def state_change(self, session: Session, old: enum.Enum, new: enum.Enum) -> None:
-        self._record(session, "--", f"{old.name} -> {new.name}")
+        if self.active:  # else the line is not even formatted: this runs several times a message
+            self._record(session, "--", f"{old.name} -> {new.name}")
