@@ -23,9 +23,10 @@ Two guards stand before any session starts:
 * Connection caps (``ConnectionLimits``): one count of open connections for
   the whole server and one per client address, shared by every listener
   and every worker process, since the threads and sockets a client holds
-  are the server's whatever the port. Over a cap the *accepting* thread writes the refusal itself
-  (``421 4.7.0`` / ``-ERR [SYS/TEMP]``) and closes: a flood of refused
-  connections starts no thread. A connection counts until its thread ends.
+  are the server's whatever the port. Over a cap the *accepting* thread
+  writes the refusal itself (``421 4.7.0`` / ``-ERR [SYS/TEMP]``) and
+  closes: a flood of refused connections starts no thread. A connection
+  counts until its thread ends.
 * Privileges: started as root to bind ports 25/110/465/587/995, the server
   becomes the ``run_as`` user once every listener is bound and before it
   touches a mailbox, then checks that user can write the data root.
@@ -73,7 +74,6 @@ log = logging.getLogger("pymailsrv.server")
 # How often a listener checks whether stop() was asked for. socketserver's
 # default (0.5 s) makes every stop take half a second per listener.
 LISTENER_POLL_SECONDS = 0.05
-
 
 
 class Tally:

@@ -63,7 +63,6 @@ class InputKind(enum.Enum):
     SECRET = "secret"  # a SASL response: traced as ****
 
 
-
 LineHandler = Callable[[bytes, bool], Reply]
 
 

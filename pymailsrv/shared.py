@@ -4,9 +4,9 @@ The worker processes of ``start --processes N`` (workers.py) must count
 some things together: the open connections under the caps (server.py),
 the failed logins per address (auth.py) and the sessions, whose numbers
 name them in logs and transcripts (``SharedCounter``). ``SharedRecords`` is
-the one mechanism under all three: a fixed number of records of one ``struct`` layout,
-in a memory-mapped file that every process forked after it was made sees
-(MAP_SHARED), read and written under one lock.
+the one mechanism under all three: a fixed number of records of one
+``struct`` layout, in a memory-mapped file that every process forked after
+it was made sees (MAP_SHARED), read and written under one lock.
 
 The lock is two: a thread lock for the threads of one process, then a
 ``lockf`` lock on the file for the processes. A POSIX record lock belongs

@@ -285,9 +285,9 @@ def make_site(base: Path, name: str, smtp_users: int, pop3_plan: list[tuple[str,
     store = MaildirStore(root)
     users = UserStore(store.state_dir)
     clients = {size_name: max(count for size, count in pop3_plan if size == size_name) for size_name, _ in pop3_plan}
-    site = Site(root, [f"user{i}" for i in range(smtp_users)],
-                {size_name: [f"pop{size_name.lower()}{i}" for i in range(count)] for size_name, count in clients.items()},
-                pop3_messages)
+    pop3_users = {size_name: [f"pop{size_name.lower()}{i}" for i in range(count)]
+                  for size_name, count in clients.items()}
+    site = Site(root, [f"user{i}" for i in range(smtp_users)], pop3_users, pop3_messages)
     for user in site.smtp_users + site.all_pop3_users:
         users.add(user, PASSWORD)
         store.create_maildir(user)
@@ -298,7 +298,8 @@ def make_site(base: Path, name: str, smtp_users: int, pop3_plan: list[tuple[str,
     return site
 
 
-def start_pymailsrv(site: Site, base: Path, processes: int, max_message_size: int | None = None) -> ServerProcess:
+def start_pymailsrv(site: Site, base: Path, processes: int,
+                    max_message_size: int | None = None) -> ServerProcess:
     # A private config file: no ./pymailsrv.toml or $PYMAILSRV_CONFIG of the
     # user's leaks in, and failed logins are not slowed down.
     config = base / f"pymailsrv-{site.root.name}.toml"
@@ -973,10 +974,15 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
           f"{runs} runs per scenario", file=sys.stderr)
     notes.append(f"pymailsrv runs with --processes {args.processes}")
     site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
+
+    def pymailsrv(max_message_size: int | None = None) -> ServerProcess:
+        """A fresh pymailsrv on the bench site, with --processes as asked."""
+        return start_pymailsrv(site, base, args.processes, max_message_size)
+
     records: list[Record] = []
 
     # Start-up and idle memory, then the SMTP scenarios, each on a fresh server.
-    with running(lambda: start_pymailsrv(site, base, args.processes)) as server:
+    with running(pymailsrv) as server:
         has_smtp = "smtp" in server.addresses
         time.sleep(0.2)  # let start-up settle before reading the idle RSS
         records.append(Record("pymailsrv", "rss-idle", None, 0, rss_mb=server.memory_mb("Pss"),
@@ -994,17 +1000,17 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         def smtp(server: ServerProcess) -> Record:
             return smtp_scenario(server, site, size_name, connections, count, runs)
 
-        attempt(records, Record("pymailsrv", "smtp", size_name, connections), lambda: start_pymailsrv(site, base, args.processes), smtp)
+        attempt(records, Record("pymailsrv", "smtp", size_name, connections), pymailsrv, smtp)
         if "aiosmtpd" in peers:
             attempt(records, Record("aiosmtpd", "smtp", size_name, connections), lambda: start_aiosmtpd(site), smtp)
         if "postfix-smtp-source" in peers:
             attempt(records, Record("pymailsrv (smtp-source)", "smtp", size_name, connections),
-                    lambda: start_pymailsrv(site, base, args.processes),
+                    pymailsrv,
                     lambda server: smtp_source_scenario(server, site, size_name, connections, count))
 
     for size_name, clients in pop3_plan:
         progress(f"pop3 {size_name} x {clients} clients over {pop3_messages}-message maildrops")
-        attempt(records, Record("pymailsrv", "pop3", size_name, clients), lambda: start_pymailsrv(site, base, args.processes),
+        attempt(records, Record("pymailsrv", "pop3", size_name, clients), pymailsrv,
                 lambda server: pop3_scenario(server, site, size_name, clients, runs))
     if "aiosmtpd" in peers and pop3_plan:
         notes.append("the peer is SMTP only: no POP3 comparison (--peer dovecot for that)")
@@ -1026,7 +1032,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
     if not quick and args.peer != "dovecot":
         protocol = "smtp" if has_smtp else "pop3"
         progress(f"memory: {IDLE_CONNECTIONS} idle {protocol} connections")
-        servers = {"pymailsrv": lambda: start_pymailsrv(site, base, args.processes)}
+        servers = {"pymailsrv": pymailsrv}
         if "aiosmtpd" in peers and has_smtp:
             servers["aiosmtpd"] = lambda: start_aiosmtpd(site)
         for name, factory in servers.items():
@@ -1035,7 +1041,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         if has_smtp:
             progress("memory: one 100 MB message")
             # The size limit is raised for this one, so the message is really stored.
-            servers = {"pymailsrv": lambda: start_pymailsrv(site, base, args.processes, BIG_MESSAGE_OCTETS * 2)}
+            servers = {"pymailsrv": lambda: pymailsrv(BIG_MESSAGE_OCTETS * 2)}
             if "aiosmtpd" in peers:
                 servers["aiosmtpd"] = lambda: start_aiosmtpd(site, BIG_MESSAGE_OCTETS * 2)
             for name, factory in servers.items():

@@ -64,16 +64,23 @@ def test_every_delivery_gets_its_own_name(store, root):
     assert len(listing(root / "alice" / "new")) == 20
 
 
-def test_delivery_fsyncs_the_file_and_the_new_directory(store, root, monkeypatch):
-    synced: list[str] = []
+@pytest.fixture
+def synced(monkeypatch) -> list[str]:
+    """The paths fsynced from now on, in order (the fsyncs still happen)."""
+    paths: list[str] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
         real_fsync(fd)
 
-    store.create_maildir("alice")
     monkeypatch.setattr(maildir_module.os, "fsync", recording_fsync)
+    return paths
+
+
+def test_delivery_fsyncs_the_file_and_the_new_directory(store, root, synced):
+    store.create_maildir("alice")
+    synced.clear()  # making the Maildir fsyncs too: only the delivery's count here
     store.deliver("alice", MESSAGE)
     (name,) = listing(root / "alice" / "new")
     tmp_file = str(root / "alice" / "tmp" / name.split(",")[0])
@@ -131,11 +138,7 @@ def test_delivery_makes_again_a_maildir_removed_by_hand(store, root, removed, po
     assert sorted(path.name for path in (root / "alice").iterdir()) == expected
 
 
-def test_a_maildir_made_by_a_delivery_is_fsynced_with_its_parent(store, root, monkeypatch):
-    synced: list[str] = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(maildir_module.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
-                                                                 real_fsync(fd)))
+def test_a_maildir_made_by_a_delivery_is_fsynced_with_its_parent(store, root, synced):
     store.deliver("alice", MESSAGE)
     assert synced[:2] == [str(root / "alice"), str(root)]
 
