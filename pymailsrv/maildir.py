@@ -277,10 +277,13 @@ def make_maildir(path: Path) -> None:
 class IncomingMaildirMessage:
     """One message being written into ``tmp/`` as it arrives.
 
-    ``write`` takes text with LF line ends, the Maildir convention (a CRLF
-    is still counted as RETR will send it: as one line end). ``commit`` makes
-    it durable in every recipient's ``new/`` (or none) and returns its queue
-    id; ``discard`` throws it away. Both remove the ``tmp/`` file.
+    Made, it has looked at every recipient's Maildir; the file in ``tmp/``
+    is made at the first ``write``, which SMTP puts off until its 354 is on
+    the wire. ``write`` takes text with LF line ends, the Maildir convention
+    (a CRLF is still counted as RETR will send it: as one line end).
+    ``commit`` makes it durable in every recipient's ``new/`` (or none) and
+    returns its queue id; ``discard`` throws it away. Both remove the
+    ``tmp/`` file.
     """
 
     def __init__(self, store: MaildirStore, users: list[str]) -> None:
@@ -304,20 +307,30 @@ class IncomingMaildirMessage:
         self._line_ends = 0  # LFs in the text
         self._crlf_line_ends = 0  # those of them that already have a CR before them
         self._last_octet = b""
-        try:
+        self._file: BinaryIO | None = None
+
+    def _tmp_file(self) -> BinaryIO:
+        """The file in tmp/, made at the first call."""
+        if self._file is None:
             try:
-                self._file: BinaryIO | None = open(self._tmp_path, "xb")
-            except FileNotFoundError:  # new/ is there, tmp/ is not
-                make_maildir(self._maildirs[0])
-                self._file = open(self._tmp_path, "xb")
-        except OSError as error:
-            raise storage_error(error, "creating a file in tmp/") from error
+                self._file = self._create_in_tmp()
+            except OSError as error:
+                raise storage_error(error, "creating a file in tmp/") from error
+        return self._file
+
+    def _create_in_tmp(self) -> BinaryIO:
+        try:
+            return open(self._tmp_path, "xb")
+        except FileNotFoundError:  # new/ is there, tmp/ is not
+            make_maildir(self._maildirs[0])
+            return open(self._tmp_path, "xb")
 
     def write(self, data: bytes) -> None:
         if not data:
             return
+        file = self._tmp_file()
         try:
-            self._file.write(data)
+            file.write(data)
         except OSError as error:
             raise storage_error(error, "writing into tmp/") from error
         self.octets += len(data)
@@ -333,13 +346,14 @@ class IncomingMaildirMessage:
         return self.octets + self._line_ends - self._crlf_line_ends + (2 if unended else 0)
 
     def commit(self) -> str:
+        file = self._tmp_file()
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            file.flush()
+            os.fsync(file.fileno())
         except OSError as error:
             self.discard()
             raise storage_error(error, "syncing the message to disk") from error
-        self._file.close()
+        file.close()
         final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
         first, *others = [new_dir / final_name for new_dir in self._new_dirs]
         linked: list[Path] = []
@@ -362,7 +376,8 @@ class IncomingMaildirMessage:
         return self.queue_id
 
     def discard(self) -> None:
-        discard_file(self._file, self._tmp_path)
+        if self._file is not None:
+            discard_file(self._file, self._tmp_path)
 
 
 class MaildirMaildrop:

@@ -13,6 +13,8 @@ nor a file name (storage owns those). The transport calls:
   DATA): whole lines of message text at once; the answer is the reply once
   the text has ended (else None) and whatever came after its end;
 * ``timed_out()`` when the client kept silent past ``timeout``;
+* ``run_put_off_work()`` once its replies are on the wire, before it waits
+  for the client (see ``later``);
 * ``close()`` when the connection ends, however it ends.
 
 ``line_limit`` and ``timeout`` tell the transport how long a line it may read
@@ -101,6 +103,7 @@ class Session:
         # whether to hang up at the next line of message text.
         self.fault_counts: dict[str, int] = {}
         self.drop_in_text = False
+        self._put_off: list[Callable[[], None]] = []
 
     # --- what each protocol supplies -------------------------------------
 
@@ -145,12 +148,30 @@ class Session:
 
     # --- the shared machinery ----------------------------------------------
 
+    def later(self, work: Callable[[], None]) -> None:
+        """Do ``work`` once the reply being made is on the wire, before the next line.
+
+        The client then spends its turn - reading the reply, sending what
+        comes next - while we work, rather than waiting for us: at one
+        connection, the time it takes is hidden (SMTP's DATA uses it).
+        """
+        self._put_off.append(work)
+
+    def run_put_off_work(self) -> None:
+        """Do the work ``later`` put off. The transport calls this once the
+        replies are sent; every line handled calls it first, for a client
+        that sent that line before our reply reached it."""
+        while self._put_off:
+            self._put_off.pop(0)()
+
     def handle_line(self, line: bytes, too_long: bool = False) -> Reply:
+        self.run_put_off_work()
         return self._line_handler(line, too_long)
 
     def handle_text(self, block: bytes, too_long: bool = False) -> tuple[Reply | None, bytes]:
         """Whole lines of message text (while ``collecting_text``): the reply, if
         the text ended, and the part of ``block`` after its end, not yet read."""
+        self.run_put_off_work()
         if self.drop_in_text:
             return dataclasses.replace(self.INTERNAL_ERROR, after=After.DROP), b""
         return self.take_text(block, too_long)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import enum
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -325,6 +326,11 @@ class MessageText:
         if self.octets > self._max_size:
             self.too_big = True
             return
+        self.write_unmetered(data)
+
+    def write_unmetered(self, data: bytes) -> None:
+        """Write ``data`` without counting it against the size limit: the
+        text as counted, or the trace header we put before it."""
         try:
             self._incoming.write(data)
         except StorageError as error:
@@ -674,15 +680,21 @@ class SmtpSession(Session):
             raise CommandError(R503_BAD_SEQUENCE.format(detail="need RCPT first"))
         try:
             self._incoming = Spool(self.context, self.envelope)
-            self._incoming.write(self._trace_header(self._incoming.queue_id))
         except StorageError as error:
             self._discard_text()
             raise CommandError(_storage_refusal(error)) from None
         self.text = MessageText(self._incoming, self.settings.smtp.max_message_size,
                                 self.settings.smtp.bare_newline == "normalize")
+        # Writing the trace header makes the file in tmp/: done while the
+        # client reads our 354, it costs the client no wait. Should it fail,
+        # the text is refused once it has ended, as for a failed write later.
+        self.later(self._write_trace_header)
         self.expect_text()
         self.enter(SmtpState.DATA)
         return R354_START_DATA
+
+    def _write_trace_header(self) -> None:
+        self.text.write_unmetered(self._trace_header(self._incoming.queue_id))
 
     def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
         end = self.text.feed_block(block, too_long)
@@ -705,8 +717,10 @@ class SmtpSession(Session):
                 incoming.discard()
                 log.error("smtp session %d: delivery failed: %s", self.session_id, error)
                 return self._counted(_storage_refusal(error))
-            log.info("delivered %s from <%s> to %s (%d octets)", queue_id, self.envelope.reverse_path or "",
-                     ", ".join(self.envelope.users + self.envelope.relay_recipients), self.text.octets)
+            # Logged while the client reads the 250: the message is already safe.
+            self.later(functools.partial(
+                log.info, "delivered %s from <%s> to %s (%d octets)", queue_id, self.envelope.reverse_path or "",
+                ", ".join(self.envelope.users + self.envelope.relay_recipients), self.text.octets))
             return R250_DELIVERED.format(queue_id=queue_id)
         finally:
             self._new_transaction()

@@ -78,6 +78,7 @@ class Connection:
 
     def _receive(self) -> bytes:
         self.flush()  # never block for input while the client waits for replies
+        self.session.run_put_off_work()  # the client's turn now: work meanwhile
         chunk = self.sock.recv(RECV_CHUNK)
         if not chunk:
             raise ConnectionClosed

@@ -197,11 +197,12 @@ class FailingStore(MaildirStore):
 
     failing: str | None = None  # "write", "sync", "maildrop", "read" or None
     errno: int = errno.EIO
-    fail_after = 0  # octets written before writes fail: 0 fails the trace header at DATA
+    fail_after = 0  # octets written before writes fail: 0 fails the trace header
 
     def receive(self, users):
         incoming = super().receive(users)
-        incoming._file = FailingFile(incoming._file, self)
+        create = incoming._create_in_tmp
+        incoming._create_in_tmp = lambda: FailingFile(create(), self)
         return incoming
 
     def open_maildrop(self, user):
@@ -216,7 +217,7 @@ class FailingStore(MaildirStore):
 
 
 @pytest.mark.parametrize("when, fail_after, error, reply", [
-    ("write", 0, errno.ENOSPC, R452),  # refused at DATA: 452 instead of 354
+    ("write", 0, errno.ENOSPC, R452),  # the trace header, written as 354 goes out: 452 after the dot
     ("write", 4096, errno.ENOSPC, R452),  # in the middle of the text: 452 after the dot
     ("write", 4096, errno.EDQUOT, R452),  # over quota is full too (RFC 3463 X.3.1)
     ("write", 4096, errno.EIO, R451),

@@ -290,6 +290,21 @@ def test_text_after_data_and_quit_may_be_pipelined(store, connect, alice, hostna
     assert without_trace(stored(store, "alice")[0]) == b"Subject: pipelined\n\nbody\n"
 
 
+def test_text_sent_with_data_before_its_354_still_follows_the_trace_header(store, greeted, alice):
+    # RFC 2920 §3.1 has the client wait for 354. The trace header is written
+    # only once 354 is on the wire, yet a client that did not wait still
+    # finds it ahead of its text.
+    client = greeted()
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n"
+                b"Subject: eager\r\n\r\nbody\r\n.\r\n")
+    replies = [read_reply(client) for _ in range(4)]
+    assert replies[2] == wire(R.R354_START_DATA)
+    queue_id_of(replies[3])
+    [message] = stored(store, "alice")
+    assert message.startswith(b"Return-Path: <a@example.org>\nReceived: from client.example")
+    assert without_trace(message) == b"Subject: eager\n\nbody\n"
+
+
 def test_second_transaction_on_the_same_connection(store, greeted, alice):
     client = greeted()
     first = deliver(client, ["alice@localhost"], [b"Subject: one"])
