@@ -189,8 +189,11 @@ class AliasTable:
 
     def table(self) -> dict[str, list[str]]:
         """Every alias and its targets as written, the defaults included."""
+        return self._table(self._user_names())
+
+    def _table(self, user_names: list[str]) -> dict[str, list[str]]:
         aliases = {name: list(entry.targets) for name, entry in self._file.get().entries.items()}
-        postmaster = self._postmaster or next(iter(self._user_names()), None)
+        postmaster = self._postmaster or next(iter(user_names), None)
         for name in DEFAULT_ALIASES:
             if name not in aliases and postmaster is not None:
                 aliases[name] = [postmaster]
@@ -205,8 +208,9 @@ class AliasTable:
         A name that is neither an alias nor a user expands to nothing
         (``bool(expansion)`` is False): RCPT answers 550 for it.
         """
-        aliases = self.table()
-        users = set(self._user_names())
+        user_names = self._user_names()  # one look at the users file per expansion (per RCPT)
+        aliases = self._table(user_names)
+        users = set(user_names)
         found_users: list[str] = []
         external: list[str] = []
         problems: list[str] = []
@@ -248,7 +252,8 @@ class AliasTable:
 
     def unknown_names(self, targets: Iterable[str]) -> list[str]:
         """The local names among ``targets`` that are neither a user nor an alias (yet)."""
-        known = set(self._user_names()) | set(self.table())
+        user_names = self._user_names()
+        known = set(user_names) | set(self._table(user_names))
         local = [check_target(target, self.domains) for target in targets]
         return [name for name in local if "@" not in name and name not in known]
 
