@@ -15,7 +15,8 @@ POP3 or SMTP; everything protocol-shaped comes from the session.
   input buffer holds no complete line, that is, before we would block
   waiting for the client: pipelined commands (RFC 2920 §3, RFC 2449 §6.6)
   get their replies in one write, in order, and a client waiting for an
-  answer always has it.
+  answer always has it. Then, while the client reads them, the session
+  does the work it put off until they were sent (``Session.later``).
 * ``start_tls()`` turns the connection into a TLS one after a STARTTLS or
   STLS reply, or at once on an implicit-TLS port (RFC 8314). Plaintext the
   client sent after the command is thrown away unread: executing it would
