@@ -159,10 +159,18 @@ class Session:
 
     def run_put_off_work(self) -> None:
         """Do the work ``later`` put off. The transport calls this once the
-        replies are sent; every line handled calls it first, for a client
-        that sent that line before our reply reached it."""
+        replies are sent, and when the connection ends (a reply that never
+        got out still had its work to do: a delivery is logged all the
+        same); every line handled calls it first, for a client that sent
+        that line before our reply reached it. Work that fails is logged,
+        as a handler's failure is, and the session goes on."""
         while self._put_off:
-            self._put_off.pop(0)()
+            work = self._put_off.pop(0)
+            try:
+                work()
+            except Exception:
+                log.exception("%s session %d from %s: work put off until after a reply failed",
+                              self.protocol, self.session_id, self.peer[0])
 
     def handle_line(self, line: bytes, too_long: bool = False) -> Reply:
         self.run_put_off_work()

@@ -685,7 +685,8 @@ class SmtpSession(Session):
             raise CommandError(_storage_refusal(error)) from None
         self.text = MessageText(self._incoming, self.settings.smtp.max_message_size,
                                 self.settings.smtp.bare_newline == "normalize")
-        # Writing the trace header makes the file in tmp/: done while the
+        # Writing the trace header makes the file in the Maildir's tmp/ (the
+        # queue's copy, for a relay, is made with the Spool): done while the
         # client reads our 354, it costs the client no wait. Should it fail,
         # the text is refused once it has ended, as for a failed write later.
         self.later(self._write_trace_header)

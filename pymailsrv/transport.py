@@ -276,6 +276,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 # socketserver closes only the socket it accepted; the TLS
                 # one that took over its descriptor is ours to close.
                 connection.sock.close()
+            session.run_put_off_work()
             session.close()
             context.tracer.session_ended(session, outcome)
             # One line per session end, never a password or message text.

@@ -798,7 +798,7 @@ def idle_connections_rss(server: ServerProcess, protocol: str, count: int) -> Re
         time.sleep(0.5)
         record.rss_mb = server.memory_mb("Pss")
     except OSError as error:
-        record.note = f"after {len(sockets)} connections: {error!r}"[:80]
+        record.note = f"connection {len(sockets)}: {error!r}"[:80]
         record.rss_mb = server.memory_mb("Pss")
     finally:
         for sock in sockets:

@@ -60,7 +60,7 @@ def smtp_transaction(address: tuple[str, int], text: bytes = MESSAGE) -> bytes:
             pass
         assert client.command("MAIL FROM:<sender@example.org>").startswith(b"250 ")
         assert client.command("RCPT TO:<alice@localhost>").startswith(b"250 ")
-        reply = client.command("DATA")  # storage may already fail here (the trace header)
+        reply = client.command("DATA")  # storage may already fail here (a recipient's Maildir)
         if reply.startswith(b"354 "):
             client.send(text + b".\r\n")
             reply = client.line()
@@ -195,14 +195,20 @@ class FailingFile:
 class FailingStore(MaildirStore):
     """A MaildirStore whose message files fail as told, and maildrops too."""
 
-    failing: str | None = None  # "write", "sync", "maildrop", "read" or None
+    failing: str | None = None  # "create", "write", "sync", "maildrop", "read" or None
     errno: int = errno.EIO
     fail_after = 0  # octets written before writes fail: 0 fails the trace header
 
     def receive(self, users):
         incoming = super().receive(users)
         create = incoming._create_in_tmp
-        incoming._create_in_tmp = lambda: FailingFile(create(), self)
+
+        def create_failing() -> FailingFile:
+            if self.failing == "create":
+                raise OSError(self.errno, os.strerror(self.errno))
+            return FailingFile(create(), self)
+
+        incoming._create_in_tmp = create_failing
         return incoming
 
     def open_maildrop(self, user):
@@ -217,6 +223,10 @@ class FailingStore(MaildirStore):
 
 
 @pytest.mark.parametrize("when, fail_after, error, reply", [
+    # The file in tmp/ is made as 354 goes out; if it cannot be, the text
+    # is read to its end and refused then.
+    ("create", 0, errno.ENOSPC, R452),
+    ("create", 0, errno.EACCES, R451),
     ("write", 0, errno.ENOSPC, R452),  # the trace header, written as 354 goes out: 452 after the dot
     ("write", 4096, errno.ENOSPC, R452),  # in the middle of the text: 452 after the dot
     ("write", 4096, errno.EDQUOT, R452),  # over quota is full too (RFC 3463 X.3.1)

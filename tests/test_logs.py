@@ -14,14 +14,20 @@ import base64
 import hashlib
 import io
 import logging
+import os
 import poplib
 import re
 import smtplib
+import socket
+import struct
+import time
 import uuid
 
 import pytest
 
+from pymailsrv.replies import R250_OK
 from pymailsrv.server import MailServer, trace_options
+from pymailsrv.smtp import SmtpSession
 from pymailsrv.trace import Tracer
 from tests.conftest import CLIENT_TIMEOUT, RawClient, make_settings
 
@@ -112,3 +118,43 @@ def test_trace_and_transcripts_mask_secrets_and_summarise_mail(root, add_user, s
     for secret in forbidden(secrets):
         assert secret not in stream.getvalue()
         assert secret not in transcripts
+
+
+def test_a_delivery_is_logged_even_when_its_250_cannot_be_sent(root, add_user, caplog):
+    # The delivery's log line waits until the 250 is on the wire (Session.later).
+    # A client that resets the connection after its final dot makes that send
+    # fail: the message is stored all the same, and so must its line be.
+    add_user("alice")
+    caplog.set_level(logging.INFO, logger="pymailsrv")
+    with MailServer(make_settings(root)) as server:
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        client.send(b"EHLO client.example\r\nMAIL FROM:<sender@example.org>\r\nRCPT TO:<alice@localhost>\r\n")
+        while not client.line().startswith(b"250 2.1.5"):
+            pass
+        assert client.command("DATA").startswith(b"354 ")
+        client.send(b"Subject: reset\r\n\r\nbody\r\n.\r\n")
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # with a zero linger: a reset, not a goodbye
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while not any(SESSION_END.fullmatch(record.getMessage()) for record in caplog.records):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    messages = [record.getMessage() for record in caplog.records]
+    delivered = [message for message in messages if message.startswith("delivered ")]
+    assert len(delivered) == len(os.listdir(root / "alice" / "new")) == 1
+    assert any("outcome=network error" in message for message in messages)
+
+
+def test_put_off_work_that_fails_is_logged_and_the_session_goes_on(root, caplog):
+    session = SmtpSession(MailServer(make_settings(root)).context, ("127.0.0.1", 4000))
+
+    def broken() -> None:
+        raise RuntimeError("a bug")
+
+    session.later(broken)
+    assert session.handle_line(b"NOOP\r\n") == R250_OK
+    [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert record.getMessage() == (f"smtp session {session.session_id} from 127.0.0.1: "
+                                   "work put off until after a reply failed")
+    assert record.exc_info[1].args == ("a bug",)
