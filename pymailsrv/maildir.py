@@ -277,9 +277,9 @@ def make_maildir(path: Path) -> None:
 class IncomingMaildirMessage:
     """One message being written into ``tmp/`` as it arrives.
 
-    Made, it has looked at every recipient's Maildir; the file in ``tmp/``
-    is made at the first ``write``, which SMTP puts off until its 354 is on
-    the wire. ``write`` takes text with LF line ends, the Maildir convention
+    Creating one checks every recipient's Maildir; the file in ``tmp/`` is
+    made at the first ``write``, which SMTP puts off until its 354 is on the
+    wire. ``write`` takes text with LF line ends, the Maildir convention
     (a CRLF is still counted as RETR will send it: as one line end).
     ``commit`` makes it durable in every recipient's ``new/`` (or none) and
     returns its queue id; ``discard`` throws it away. Both remove the
