@@ -75,9 +75,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from tabulate import tabulate
 
@@ -529,23 +530,43 @@ class Outcome:
     notes: list[str] = field(default_factory=list)
 
 
+Session = TypeVar("Session")
+
+
+def open_before_start(open_session: Callable[[], Session], what: str, errors_if_failed: int,
+                      go: threading.Event, ready: threading.Barrier, outcome: Outcome,
+                      lock: threading.Lock) -> Session | None:
+    """Open a session before the clock starts, then wait with the others for the start.
+
+    Returns the session, or None if it could not be opened (counted as
+    ``errors_if_failed`` errors) or the start never came.
+    """
+    client = None
+    try:
+        client = open_session()
+    except (OSError, smtplib.SMTPException, poplib.error_proto) as error:
+        with lock:
+            outcome.errors += errors_if_failed
+            outcome.notes.append(f"{what}: {error!r}")
+    with contextlib.suppress(threading.BrokenBarrierError):
+        ready.wait(timeout=START_TIMEOUT)
+    if client is None or not go.wait(timeout=START_TIMEOUT * 2):
+        return None
+    return client
+
+
 def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
                     go: threading.Event, ready: threading.Barrier, outcome: Outcome,
                     lock: threading.Lock, deadline: float) -> None:
     """One SMTP connection: EHLO, then one MAIL/RCPT/DATA transaction per index."""
-    client = None
-    try:
+    def greeted() -> smtplib.SMTP:
         client = smtplib.SMTP(HOST, port, timeout=CONNECT_TIMEOUT)
         client.ehlo("bench.localhost")
         client.sock.settimeout(SOCKET_TIMEOUT)
-    except (OSError, smtplib.SMTPException) as error:
-        with lock:
-            outcome.errors += len(indexes)
-            outcome.notes.append(f"connect: {error!r}")
-        client = None
-    with contextlib.suppress(threading.BrokenBarrierError):
-        ready.wait(timeout=START_TIMEOUT)
-    if client is None or not go.wait(timeout=START_TIMEOUT * 2):
+        return client
+
+    client = open_before_start(greeted, "connect", len(indexes), go, ready, outcome, lock)
+    if client is None:
         return
     latencies, errors = [], 0
     for index in indexes:
@@ -584,20 +605,15 @@ def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barr
     ~50 ms by design, a PLAIN passdb nothing), which says nothing about how
     fast mail is handed out.
     """
-    client = None
-    try:
+    def logged_in() -> poplib.POP3:
         client = poplib.POP3(HOST, port, timeout=CONNECT_TIMEOUT)
         client.sock.settimeout(SOCKET_TIMEOUT)
         client.user(user)
         client.pass_(PASSWORD)
-    except (OSError, poplib.error_proto) as error:
-        with lock:
-            outcome.errors += 1
-            outcome.notes.append(f"{user} login: {error!r}")
-        client = None
-    with contextlib.suppress(threading.BrokenBarrierError):
-        ready.wait(timeout=START_TIMEOUT)
-    if client is None or not go.wait(timeout=START_TIMEOUT * 2):
+        return client
+
+    client = open_before_start(logged_in, f"{user} login", 1, go, ready, outcome, lock)
+    if client is None:
         return
     latencies, errors, octets = [], 0, 0
     try:
