@@ -104,6 +104,15 @@ MAX_CONNECTIONS_PER_ADDRESS = 50
 # GIL they work around is per process. The cap stops a typo (1000).
 MAX_PROCESSES = 64
 
+# Worker processes share one listening socket, and a new connection wakes
+# every one of them. One that already serves more connections than another
+# waits this long before it takes the connection, so the other can take it
+# first (server.Listener.get_request); if the other does not, it takes it
+# after all. Long enough for an idle worker to wake and accept, short
+# beside a client's connect timeout. nginx's accept_mutex_delay, for the
+# same turn-taking, is 500 ms.
+ACCEPT_DEFER_SECONDS = 0.02
+
 # Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of
 # one user from one client address. (Our maildrop lock already allows only
 # one POP3 session per user; see ServerContext.pop3_sessions.)

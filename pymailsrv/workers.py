@@ -5,7 +5,9 @@ connections, their threads mostly wait for each other. Like Postfix's
 master and Dovecot's, the main process here binds the listening sockets and
 then forks N workers and watches them. Each worker is the whole server of
 ``server.py`` - a thread per connection - over the sockets it inherited; the
-kernel hands each new connection to one of the workers waiting for it.
+kernel wakes every worker waiting for a new connection, and one of them
+gets it. A worker serving more connections than another lets that one try
+first (``Listener.get_request``), so they stay even.
 
 What the workers share, and how:
 

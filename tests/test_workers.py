@@ -3,6 +3,7 @@
 The server runs as a real process tree (``python -m pymailsrv start``, from
 ``test_crash.py``). What the tests show:
 
+* connections are shared out evenly between the workers;
 * the connection caps count every worker's connections together, and a
   worker killed with -9 gives its places back when the main process
   replaces it;
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,7 @@ from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
 
 WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
 SESSION_ENDED = re.compile(r"(?:pop3|smtp) session (\d+) ended")
+SESSION_ENDED_IN = re.compile(r"\[(\d+)\]: (?:pop3|smtp) session \d+ ended")  # the pid that served it
 DELIVERED_BY = re.compile(r"pymailsrv\.smtp\[(\d+)\]: delivered ")
 MAX_TRIES = 40  # connections before we call the spread of them across workers broken
 POP3_TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
@@ -108,6 +111,20 @@ def test_a_forked_process_counts_in_the_same_table_and_its_places_can_be_freed()
     assert limits.open == 1 and limits.admit("192.0.2.1")
 
 
+def test_a_process_knows_when_it_serves_more_connections_than_another():
+    limits = ConnectionLimits(total=8, per_address=8)
+    assert not limits.serves_more_than_another(workers=2)  # neither serves any
+    assert limits.admit("192.0.2.1")
+    assert limits.serves_more_than_another(workers=2)  # the other worker has none
+    child = os.fork()
+    if child == 0:  # the other worker takes one too, and is not ahead
+        os._exit(0 if limits.admit("192.0.2.2") and not limits.serves_more_than_another(workers=2) else 1)
+    assert os.waitpid(child, 0)[1] == 0
+    assert not limits.serves_more_than_another(workers=2)  # one each
+    assert limits.admit("192.0.2.3")
+    assert limits.serves_more_than_another(workers=2)
+
+
 # --- a server of two workers -----------------------------------------------------------
 
 
@@ -125,6 +142,25 @@ def test_the_connection_caps_hold_across_the_workers(root, processes):
     finally:
         for client in opened:
             client.close()
+
+
+def test_connections_are_shared_out_evenly_between_the_workers(root, processes):
+    server = processes(root, "--processes", "2").wait_listening()
+    workers = set(worker_pids(server).values())
+    opened: list[RawClient] = []
+    try:
+        # One at a time: each is greeted before the next is made. Both
+        # workers are woken by every connection; the one serving more waits
+        # for the other to take it, so neither ever leads by more than one.
+        # (Left to luck, ten split 5/5 only one time in four.)
+        for _ in range(10):
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+    finally:
+        for client in opened:
+            client.close()
+    wait_until(lambda: len(SESSION_ENDED_IN.findall(server.output())) == 10, what="ten sessions ended")
+    served = Counter(int(pid) for pid in SESSION_ENDED_IN.findall(server.output()))
+    assert served == {pid: 5 for pid in workers}, server.output()
 
 
 def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, processes):
