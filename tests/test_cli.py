@@ -276,6 +276,16 @@ def test_a_command_module_imports_on_its_own(module):
     assert (imported.returncode, imported.stderr) == (0, b"")
 
 
+def test_start_imports_no_other_command_and_no_table_maker():
+    # Start-up counts (issue 9: listening within 0.5 s), so the commands kept
+    # in their own modules, and tabulate, are imported only when used.
+    others = sorted({f"pymailsrv.{module}" for module in COMMAND_MODULES} | {"tabulate"})
+    code = (f"import sys, pymailsrv.cli, pymailsrv.server, pymailsrv.workers; "
+            f"print(sorted(set(sys.modules) & set({others!r})))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert (imported.returncode, imported.stdout, imported.stderr) == (0, b"[]\n", b"")
+
+
 def test_transcripts_help_as_a_real_process():
     shown = run_cli("transcripts", "--help")
     assert shown.returncode == 0, shown.stderr
