@@ -10,7 +10,9 @@ be compared as ratios:
   ``/proc/<pid>/stat`` and ``/proc/<pid>/status`` without the load
   generator's share mixed in.
 * SMTP: M messages over C concurrent connections, each connection reused for
-  many MAIL/RCPT/DATA transactions (``smtplib``, no pipelining). A message
+  many MAIL/RCPT/DATA transactions (``smtplib``; with ``--pipelining``,
+  MAIL, RCPT and DATA go in one write where the server offers RFC 2920
+  PIPELINING). A message
   counts only once its file is in a Maildir ``new/``, not when the server
   says 250. Sizes 2 KB and 100 KB at 1, 10 and 50 connections.
 * POP3: P clients (1 and 10), each on its own maildrop of 1000 messages of
@@ -57,6 +59,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import grp
 import json
 import multiprocessing
@@ -91,6 +94,8 @@ POP3_MAILDROP_MESSAGES = 1000
 RUNS = 3
 IDLE_CONNECTIONS = 500
 BIG_MESSAGE_OCTETS = 100 * 1024 * 1024
+# A line of message text that starts with a dot gets another (RFC 5321 §4.5.2).
+DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
 
 # Bounds, so that nothing here can hang: seconds to wait for a server's
 # "listening" line, for a connection and its greeting, for any other client
@@ -557,7 +562,7 @@ def open_before_start(open_session: Callable[[], Session], what: str, errors_if_
 
 def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
                     go: threading.Event, ready: threading.Barrier, outcome: Outcome,
-                    lock: threading.Lock, deadline: float) -> None:
+                    lock: threading.Lock, deadline: float, pipelining: bool) -> None:
     """One SMTP connection: EHLO, then one MAIL/RCPT/DATA transaction per index."""
     def greeted() -> smtplib.SMTP:
         client = smtplib.SMTP(HOST, port, timeout=CONNECT_TIMEOUT)
@@ -568,6 +573,13 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
     client = open_before_start(greeted, "connect", len(indexes), go, ready, outcome, lock)
     if client is None:
         return
+    send = client.sendmail
+    if pipelining:
+        if client.has_extn("pipelining"):
+            send = functools.partial(send_pipelined, client)
+        else:
+            with lock:
+                outcome.notes.append("no PIPELINING offered: one command at a time")
     latencies, errors = [], 0
     for index in indexes:
         if time.monotonic() > deadline:
@@ -577,7 +589,7 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
         message = make_message(index, size, user)
         started = time.perf_counter()
         try:
-            client.sendmail("bench@localhost", [f"{user}@localhost"], message)
+            send("bench@localhost", [f"{user}@localhost"], message)
         except (OSError, smtplib.SMTPException) as error:
             errors += 1
             with lock:
@@ -594,6 +606,23 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
         outcome.latencies += latencies
         outcome.messages += len(latencies)
         outcome.errors += errors
+
+
+def send_pipelined(client: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> None:
+    """One transaction as RFC 2920 §3.1 allows: MAIL, RCPT and DATA in one write,
+    their replies read together, then the text once 354 has come."""
+    envelope = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{recipient}>" for recipient in recipients] + ["DATA"]
+    client.send("".join(command + "\r\n" for command in envelope))
+    replies = [client.getreply() for _ in envelope]
+    code, text = replies[-1]
+    if code != 354:  # RFC 2920 §3.1: DATA is refused once MAIL or every RCPT was
+        refused = next(reply for reply in replies if reply[0] >= 400)
+        client.rset()
+        raise smtplib.SMTPResponseException(*refused)
+    client.send(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
+    code, text = client.getreply()
+    if code != 250:
+        raise smtplib.SMTPDataError(code, text)
 
 
 def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barrier,
@@ -638,7 +667,7 @@ def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barr
 
 
 def load_worker(kind: str, port: int, jobs: list, size: int, users: list[str],
-                barrier, results) -> None:
+                barrier, results, pipelining: bool) -> None:
     """A load-generator process: one thread per connection in ``jobs``.
 
     Several processes share the connections, so the client side is not held
@@ -650,7 +679,8 @@ def load_worker(kind: str, port: int, jobs: list, size: int, users: list[str],
     deadline = time.monotonic() + RUN_TIMEOUT
     if kind == "smtp":
         threads = [threading.Thread(target=smtp_connection,
-                                    args=(port, indexes, size, users, go, ready, outcome, lock, deadline))
+                                    args=(port, indexes, size, users, go, ready, outcome, lock, deadline,
+                                          pipelining))
                    for indexes in jobs]
     else:
         threads = [threading.Thread(target=pop3_client, args=(port, user, go, ready, outcome, lock, deadline))
@@ -670,7 +700,7 @@ def load_worker(kind: str, port: int, jobs: list, size: int, users: list[str],
 
 
 def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
-             done: callable, server_cpu: callable) -> tuple[float, float, Outcome]:
+             done: callable, server_cpu: callable, pipelining: bool = False) -> tuple[float, float, Outcome]:
     """Spread ``jobs`` over worker processes, time them until ``done()`` is true.
 
     Returns (seconds, the server's CPU seconds meanwhile, merged outcome).
@@ -683,7 +713,8 @@ def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
     shares = [jobs[i::processes] for i in range(processes)]
     barrier = context.Barrier(processes + 1)
     results = context.Queue()
-    workers = [context.Process(target=load_worker, args=(kind, port, share, size, users, barrier, results),
+    workers = [context.Process(target=load_worker,
+                               args=(kind, port, share, size, users, barrier, results, pipelining),
                                daemon=True) for share in shares]
     for worker in workers:
         worker.start()
@@ -762,7 +793,7 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections: int,
-                  messages: int, runs: int) -> Record:
+                  messages: int, runs: int, pipelining: bool) -> Record:
     port = server.addresses["smtp"][1]
     record = Record(server.name, "smtp", size_name, connections)
     rates, latencies, cpu, delivered = [], [], 0.0, 0
@@ -771,7 +802,7 @@ def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections
         jobs = [list(range(start, messages, connections)) for start in range(connections)]
         elapsed, run_cpu, outcome = run_load("smtp", port, jobs, SIZES[size_name], site.smtp_users,
                                              lambda merged: site.count_new() - before >= merged.messages,
-                                             server.cpu_seconds)
+                                             server.cpu_seconds, pipelining)
         cpu += run_cpu
         in_maildir = site.count_new() - before
         delivered += in_maildir
@@ -942,6 +973,9 @@ def main(argv: list[str] | None = None) -> int:
                              "the POP3 scenarios only, against a private Dovecot if it is installed")
     parser.add_argument("--messages", type=int, help="SMTP messages per run (default 600 for 2 KB, 300 for 100 KB)")
     parser.add_argument("--users", type=int, default=10, help="SMTP recipients, round robin (default 10)")
+    parser.add_argument("--pipelining", action="store_true",
+                        help="SMTP clients send MAIL, RCPT and DATA in one write (RFC 2920) where the "
+                             "server offers PIPELINING; one command at a time where it does not")
     parser.add_argument("--runs", type=int, default=RUNS, help="runs per scenario; the median is reported")
     parser.add_argument("--tmpdir", help="where the temporary data roots go (its file system matters)")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1,
@@ -1012,6 +1046,8 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
     print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
           f"{runs} runs per scenario", file=sys.stderr)
     notes.append(f"pymailsrv runs with --processes {args.processes}")
+    if args.pipelining:
+        notes.append("SMTP clients pipeline MAIL, RCPT and DATA where the server offers PIPELINING")
     site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
 
     def pymailsrv(max_message_size: int | None = None) -> ServerProcess:
@@ -1037,7 +1073,7 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         count = messages_for(size_name)
 
         def smtp(server: ServerProcess) -> Record:
-            return smtp_scenario(server, site, size_name, connections, count, runs)
+            return smtp_scenario(server, site, size_name, connections, count, runs, args.pipelining)
 
         attempt(records, Record("pymailsrv", "smtp", size_name, connections), pymailsrv, smtp)
         if "aiosmtpd" in peers:
