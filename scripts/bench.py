@@ -614,9 +614,10 @@ def send_pipelined(client: smtplib.SMTP, sender: str, recipients: list[str], mes
     envelope = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{recipient}>" for recipient in recipients] + ["DATA"]
     client.send("".join(command + "\r\n" for command in envelope))
     replies = [client.getreply() for _ in envelope]
-    code, text = replies[-1]
-    if code != 354:  # RFC 2920 §3.1: DATA is refused once MAIL or every RCPT was
-        refused = next(reply for reply in replies if reply[0] >= 400)
+    if replies[-1][0] != 354:  # RFC 2920 §3.1: DATA is refused once MAIL or every RCPT was
+        # The first refusal says why; a DATA answered otherwise than 354 by a
+        # server that refused nothing before it is its own reason.
+        refused = next((reply for reply in replies if reply[0] >= 400), replies[-1])
         client.rset()
         raise smtplib.SMTPResponseException(*refused)
     client.send(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
