@@ -220,6 +220,9 @@ class Settings:
     run_as: str | None = None
     # Worker processes that serve connections (workers.py); 1: this process.
     processes: int = _checked(1, _processes)
+    # Keep each worker on a CPU of its own (workers.py says why); off: the
+    # kernel moves their threads between CPUs as it likes.
+    pin_workers: bool = True
     limits: LimitSettings = field(default_factory=LimitSettings)  # last: the name shadows the module
 
     @property

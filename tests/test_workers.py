@@ -4,6 +4,8 @@ The server runs as a real process tree (``python -m pymailsrv start``, from
 ``test_crash.py``). What the tests show:
 
 * connections are shared out evenly between the workers;
+* each worker, with all its threads, is kept on a CPU of its own, unless
+  ``pin_workers`` is off;
 * the connection caps count every worker's connections together, and a
   worker killed with -9 gives its places back when the main process
   replaces it;
@@ -38,7 +40,7 @@ from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
 from tests.remote_side import Sink
 from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
 
-WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+WORKER_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)")
 SESSION_ENDED = re.compile(r"(?:pop3|smtp) session (\d+) ended")
 SESSION_ENDED_IN = re.compile(r"\[(\d+)\]: (?:pop3|smtp) session \d+ ended")  # the pid that served it
 DELIVERED_BY = re.compile(r"pymailsrv\.smtp\[(\d+)\]: delivered ")
@@ -161,6 +163,38 @@ def test_connections_are_shared_out_evenly_between_the_workers(root, processes):
     wait_until(lambda: len(SESSION_ENDED_IN.findall(server.output())) == 10, what="ten sessions ended")
     served = Counter(int(pid) for pid in SESSION_ENDED_IN.findall(server.output()))
     assert served == {pid: 5 for pid in workers}, server.output()
+
+
+def cpus_of_threads(pid: int) -> set[frozenset[int]]:
+    """The CPUs each thread of ``pid`` may run on: one set per distinct answer."""
+    return {frozenset(os.sched_getaffinity(int(task))) for task in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_each_worker_and_its_threads_are_kept_on_a_cpu_of_their_own(root, processes):
+    server = processes(root, "--processes", "2").wait_listening()
+    workers = worker_pids(server)
+    allowed = sorted(os.sched_getaffinity(0))  # the server inherits ours
+    opened: list[RawClient] = []
+    try:
+        for _ in range(2):  # a session thread in each worker, as they share connections out evenly
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        for number, pid in workers.items():
+            cpu = allowed[(number - 1) % len(allowed)]  # worker N on the Nth CPU we may use
+            assert cpus_of_threads(pid) == {frozenset({cpu})}
+            assert f"worker {number} started (pid {pid}, on CPU {cpu})" in server.output()
+    finally:
+        for client in opened:
+            client.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
+def test_workers_left_unpinned_may_run_on_any_cpu(root, processes):
+    arguments = ("--processes", "2", "--config", config(root, "pin_workers = false\n"))
+    server = processes(root, *arguments).wait_listening()
+    for pid in worker_pids(server).values():
+        assert cpus_of_threads(pid) == {frozenset(os.sched_getaffinity(0))}
+    assert ", on CPU" not in server.output()
 
 
 def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, processes):
