@@ -341,7 +341,8 @@ class IncomingMaildirMessage:
             raise storage_error(error, "writing into tmp/") from error
         self.octets += len(data)
         self._line_ends += data.count(b"\n")
-        self._crlf_line_ends += data.count(b"\r\n") + (self._last_octet == b"\r" and data.startswith(b"\n"))
+        if b"\r" in data or self._last_octet == b"\r":  # rare: SMTP's text comes with its CRLFs made LF
+            self._crlf_line_ends += data.count(b"\r\n") + (self._last_octet == b"\r" and data.startswith(b"\n"))
         self._last_octet = data[-1:]
 
     @property

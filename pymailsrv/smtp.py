@@ -261,11 +261,12 @@ class MessageText:
         while offset < len(block):
             run_end = self._run_end(block, offset)
             run = block[offset:run_end]
-            if not too_long and not run.startswith(b".") and self._plain(run):
-                self.lines_read += run.count(b"\n")
+            stored = None if too_long or run.startswith(b".") else self._stored_if_plain(run)
+            if stored is not None:
+                self.lines_read += len(run) - len(stored)  # each line's CRLF became one LF
                 self.octets_read += len(run)
                 self._after_crlf = True
-                self._store(run.replace(b"\r\n", b"\n"))
+                self._store(stored)
             else:
                 line_start = offset
                 while line_start < run_end:
@@ -285,11 +286,23 @@ class MessageText:
         return block.find(b"\n.", offset) + 1 or len(block)
 
     @staticmethod
-    def _plain(run: bytes) -> bool:
-        """Only CRLF line ends, and no line over the limit."""
-        line_ends = run.count(b"\n")
-        return (run.count(b"\r\n") == line_ends == run.count(b"\r")
-                and max(map(len, run.split(b"\n"))) < TEXT_LINE_OCTETS)
+    def _stored_if_plain(run: bytes) -> bytes | None:
+        """The run with each CRLF made LF, if it is plain: only CRLF line
+        ends, and no line over the limit. Otherwise None.
+
+        Split at CRLF, a plain run leaves no CR or LF in any piece, and an
+        empty last piece after its final CRLF. One split and two joins take
+        a third of the time that counting CRs, LFs and CRLFs, then
+        replacing CRLF, did (on 64 KB of text), and a 100 KB message spends
+        most of its Python time here.
+        """
+        lines = run.split(b"\r\n")
+        if lines[-1] or max(map(len, lines)) > TEXT_LINE_OCTETS - len(b"\r\n"):
+            return None
+        contents = b"".join(lines)
+        if b"\r" in contents or b"\n" in contents:
+            return None
+        return b"\n".join(lines)
 
     def feed(self, line: bytes, too_long: bool) -> bool:
         """Take one line as read; True if it was the end of the text."""
