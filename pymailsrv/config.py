@@ -220,8 +220,8 @@ class Settings:
     run_as: str | None = None
     # Worker processes that serve connections (workers.py); 1: this process.
     processes: int = _checked(1, _processes)
-    # Keep each worker on a CPU of its own (workers.py says why); off: the
-    # kernel moves their threads between CPUs as it likes.
+    # Keep a worker serving two sessions or more on a CPU of its own
+    # (placement.py says why); off: the kernel places every thread.
     pin_workers: bool = True
     limits: LimitSettings = field(default_factory=LimitSettings)  # last: the name shadows the module
 

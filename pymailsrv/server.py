@@ -62,6 +62,7 @@ from pymailsrv.limits import (
 )
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import OutboundQueue, RetryPolicy
+from pymailsrv.placement import Placement
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
 from pymailsrv.session import Session
@@ -194,6 +195,8 @@ class ServerContext:
     # lock answers first; the cap is what still holds where the lock would
     # not (a lower setting, or a store whose lock allows readers side by side).
     pop3_sessions: Tally = field(default_factory=lambda: Tally(POP3_MAX_SESSIONS_PER_USER_ADDRESS))
+    # Which CPUs this process's threads may run on; each worker process has its own.
+    placement: Placement = field(default_factory=Placement)
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
@@ -283,9 +286,11 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
             raise
 
     def process_request_thread(self, request: socket.socket, client_address: tuple[str, int]) -> None:
+        self.context.placement.session_started()
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.context.placement.session_ended()
             self.context.connections.release(client_address[0])
 
 

@@ -9,17 +9,12 @@ kernel wakes every worker waiting for a new connection, and one of them
 gets it. A worker serving more connections than another lets that one try
 first (``Listener.get_request``), so they stay even.
 
-Each worker is kept on a CPU of its own (``pin_workers``, on by default),
-as nginx's ``worker_cpu_affinity auto`` does. Its threads can run Python
-on only one CPU at a time anyway, as they share one GIL. Left to roam, they
-hand that lock across CPUs: the thread that gets it sleeps on another CPU
-and must be woken there, an interrupt from one CPU to another (and, in a
-virtual machine, a trip through the hypervisor). On one CPU the hand-over
-is a plain switch between threads. With 50 busy SMTP connections on a
-2-core virtual machine, two pinned workers used a quarter less CPU per
-message than two roaming ones (docs/deploy.rst). A lone process
-(``processes = 1``) is left to the kernel: it may share its machine with
-anything, and a server run inside a test must not pin the test.
+A worker that serves two sessions or more keeps its threads on a CPU of
+its own (``pin_workers``, on by default), as nginx's ``worker_cpu_affinity
+auto`` does; with one session it leaves them to the kernel
+(placement.py says why both). A lone process (``processes = 1``) is
+always left to the kernel: it may share its machine with anything, and a
+server run inside a test must not pin the test.
 
 What the workers share, and how:
 
@@ -138,7 +133,7 @@ class Workers:
             status = 1
             try:
                 if cpu is not None:
-                    _keep_to(cpu, number)
+                    self.server.context.placement.keep_to(cpu)
                 self._serve(number, mask)
                 status = 0
             except BaseException:
@@ -148,7 +143,8 @@ class Workers:
                 os._exit(status)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         self._workers[pid] = number
-        log.info("worker %d started (pid %d%s)", number, pid, "" if cpu is None else f", on CPU {cpu}")
+        log.info("worker %d started (pid %d%s)", number, pid,
+                 "" if cpu is None else f", on CPU {cpu} while it serves two sessions or more")
 
     def _serve(self, number: int, mask: set[signal.Signals]) -> None:
         stop = StopRequest()
@@ -213,15 +209,6 @@ class Workers:
             os.waitpid(pid, 0)
         self._workers.clear()
         self.server.stop()
-
-
-def _keep_to(cpu: int, number: int) -> None:
-    """Keep this worker on ``cpu``: before any thread starts, so each inherits it."""
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError as error:  # the CPU was taken away since (a cpuset changed): serve all the same
-        log.warning("worker %d: cannot keep to CPU %d (%s); the kernel places it", number, cpu,
-                    error.strerror or error)
 
 
 def _signal(pid: int, signal_number: int) -> None:

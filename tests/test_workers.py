@@ -4,7 +4,8 @@ The server runs as a real process tree (``python -m pymailsrv start``, from
 ``test_crash.py``). What the tests show:
 
 * connections are shared out evenly between the workers;
-* each worker, with all its threads, is kept on a CPU of its own, unless
+* a worker serving two sessions or more keeps all its threads on a CPU of
+  its own, and sets them free again when one session is left, unless
   ``pin_workers`` is off;
 * the connection caps count every worker's connections together, and a
   worker killed with -9 gives its places back when the main process
@@ -177,29 +178,49 @@ def cpus_of_threads(pid: int) -> set[frozenset[int]]:
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
-def test_each_worker_and_its_threads_are_kept_on_a_cpu_of_their_own(root, processes):
+def test_a_worker_keeps_its_threads_on_its_cpu_only_while_it_serves_two_sessions_or_more(root, processes):
     server = processes(root, "--processes", "2").wait_listening()
     workers = worker_pids(server)
-    allowed = sorted(os.sched_getaffinity(0))  # the server inherits ours
+    allowed = frozenset(os.sched_getaffinity(0))  # the server inherits ours
+    own_cpu = {number: sorted(allowed)[(number - 1) % len(allowed)] for number in workers}  # worker N, Nth CPU
+    for number, pid in workers.items():
+        assert f"worker {number} started (pid {pid}, on CPU {own_cpu[number]} while it serves two sessions or more)" \
+            in server.output()
     opened: list[RawClient] = []
-    try:
-        for _ in range(2):  # a session thread in each worker, as they share connections out evenly
+
+    def greet(count: int) -> None:
+        # The workers share connections out evenly: one at a time, each worker gets count / 2.
+        for _ in range(count):
             assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+
+    try:
+        greet(2)  # one session each: the kernel places it
+        for pid in workers.values():
+            assert cpus_of_threads(pid) == {allowed}
+        greet(2)  # two each: every thread of a worker, session or not, on the worker's CPU
         for number, pid in workers.items():
-            cpu = allowed[(number - 1) % len(allowed)]  # worker N on the Nth CPU we may use
-            assert cpus_of_threads(pid) == {frozenset({cpu})}
-            assert f"worker {number} started (pid {pid}, on CPU {cpu})" in server.output()
+            assert cpus_of_threads(pid) == {frozenset({own_cpu[number]})}
+        assert cpus_of_threads(server.pid) == {allowed}  # the main process is not moved
     finally:
         for client in opened:
             client.close()
+    for pid in workers.values():  # down to none: free again
+        wait_until(lambda: cpus_of_threads(pid) == {allowed}, what=f"worker {pid} set free")
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="CPU affinity is Linux's")
 def test_workers_left_unpinned_may_run_on_any_cpu(root, processes):
     arguments = ("--processes", "2", "--config", config(root, "pin_workers = false\n"))
     server = processes(root, *arguments).wait_listening()
-    for pid in worker_pids(server).values():
-        assert cpus_of_threads(pid) == {frozenset(os.sched_getaffinity(0))}
+    opened: list[RawClient] = []
+    try:
+        for _ in range(4):  # two sessions in each worker
+            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        for pid in worker_pids(server).values():
+            assert cpus_of_threads(pid) == {frozenset(os.sched_getaffinity(0))}
+    finally:
+        for client in opened:
+            client.close()
     assert ", on CPU" not in server.output()
 
 
