@@ -88,5 +88,5 @@ def _all_threads() -> list[int]:
     """
     try:
         return [int(name) for name in os.listdir("/proc/self/task")]
-    except OSError:  # no /proc here: the kernel places them all
+    except OSError:  # no /proc here: only each session's thread is placed, as it starts
         return []
