@@ -98,6 +98,15 @@ def greeted(address: tuple[str, int], opened: list[RawClient]) -> bytes:
     return client.line()
 
 
+def open_pop3_sessions(server, opened: list[RawClient], count: int) -> None:
+    """``count`` POP3 connections, each greeted before the next is made.
+
+    One at a time, the workers share them out evenly (``Listener.get_request``).
+    """
+    for _ in range(count):
+        assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+
+
 # --- the shared connection table, in one process tree --------------------------------
 
 
@@ -138,8 +147,7 @@ def test_the_connection_caps_hold_across_the_workers(root, processes):
     opened: list[RawClient] = []
     try:
         # Four places for 127.0.0.1, wherever each connection lands.
-        for _ in range(4):
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        open_pop3_sessions(server, opened, 4)
         assert greeted(server.addresses["pop3"], opened) == POP3_TOO_MANY
         assert greeted(server.addresses["smtp"], opened).startswith(b"421 4.7.0 ")
     finally:
@@ -156,8 +164,7 @@ def test_connections_are_shared_out_evenly_between_the_workers(root, processes):
         # workers are woken by every connection; the one serving more waits
         # for the other to take it, so neither ever leads by more than one.
         # (Left to luck, ten split 5/5 only one time in four.)
-        for _ in range(10):
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        open_pop3_sessions(server, opened, 10)
     finally:
         for client in opened:
             client.close()
@@ -187,17 +194,11 @@ def test_a_worker_keeps_its_threads_on_its_cpu_only_while_it_serves_two_sessions
         assert f"worker {number} started (pid {pid}, on CPU {own_cpu[number]} while it serves two sessions or more)" \
             in server.output()
     opened: list[RawClient] = []
-
-    def greet(count: int) -> None:
-        # The workers share connections out evenly: one at a time, each worker gets count / 2.
-        for _ in range(count):
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
-
     try:
-        greet(2)  # one session each: the kernel places it
+        open_pop3_sessions(server, opened, 2)  # one session each: the kernel places it
         for pid in workers.values():
             assert cpus_of_threads(pid) == {allowed}
-        greet(2)  # two each: every thread of a worker, session or not, on the worker's CPU
+        open_pop3_sessions(server, opened, 2)  # two each: every thread of a worker, session or not, on the worker's CPU
         for number, pid in workers.items():
             assert cpus_of_threads(pid) == {frozenset({own_cpu[number]})}
         assert cpus_of_threads(server.pid) == {allowed}  # the main process is not moved
@@ -214,8 +215,7 @@ def test_workers_left_unpinned_may_run_on_any_cpu(root, processes):
     server = processes(root, *arguments).wait_listening()
     opened: list[RawClient] = []
     try:
-        for _ in range(4):  # two sessions in each worker
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        open_pop3_sessions(server, opened, 4)  # two sessions in each worker
         for pid in worker_pids(server).values():
             assert cpus_of_threads(pid) == {frozenset(os.sched_getaffinity(0))}
     finally:
@@ -230,8 +230,7 @@ def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, process
     first = worker_pids(server)
     opened: list[RawClient] = []
     try:
-        for _ in range(3):
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        open_pop3_sessions(server, opened, 3)
         for pid in first.values():
             os.kill(pid, signal.SIGKILL)
         # Both die with their connections; their places would stay taken if
@@ -242,8 +241,7 @@ def test_a_killed_worker_is_replaced_and_its_places_are_given_back(root, process
         replacements = worker_pids(server, count=4)
         assert set(replacements.values()).isdisjoint(first.values())
         assert "killed by SIGKILL" in server.output()
-        for _ in range(3):
-            assert greeted(server.addresses["pop3"], opened).startswith(b"+OK ")
+        open_pop3_sessions(server, opened, 3)
     finally:
         for client in opened:
             client.close()
