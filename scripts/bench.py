@@ -32,6 +32,10 @@ be compared as ratios:
   ``new/``, as pymailsrv does), if aiosmtpd is importable (``pip install
   '.[bench]'``). It runs in a subprocess too: this script with
   ``--serve-aiosmtpd``.
+* The floor under one connection, measured first: four round trips between
+  two processes and one 2 KB ``MaildirStore.deliver``, the least a message
+  can cost at 2 KB x 1 on this machine (``one_connection_floor``); a note
+  gives it.
 * ``--peer dovecot``: the same POP3 load against Dovecot (the distribution's
   ``dovecot-pop3d``, 2.3), started with ``dovecot -F`` on a private config
   written into the temporary directory (``configure_dovecot``). It serves the
@@ -746,6 +750,86 @@ def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
     return elapsed, cpu, merged
 
 
+# --- The floor under one connection ------------------------------------------------
+
+# MAIL, RCPT, DATA and the text each wait for their reply (without --pipelining).
+ROUND_TRIPS_PER_MESSAGE = 4
+FLOOR_ROUND_TRIPS = 2000
+FLOOR_DELIVERIES = 200
+
+
+def one_connection_floor(base: Path) -> str:
+    """What a message costs at one connection on this machine, before any server's own work.
+
+    At one connection a message is four round trips, one after the other,
+    and one durable delivery, and nothing overlaps them. Each is measured
+    bare: a line and its reply between two processes over 127.0.0.1, and a
+    2 KB message through pymailsrv's ``MaildirStore.deliver`` (``tmp/``,
+    fsync, ``new/``, fsync) with no network. On a virtual machine whose idle
+    CPUs halt, waking the process on the other CPU is a trip through the
+    hypervisor, and a round trip can cost more than a server's work on the
+    command. No server that stores mail this way can deliver more than one
+    message per this sum at 2 KB x 1.
+    """
+    round_trip = statistics.median(loopback_round_trips(FLOOR_ROUND_TRIPS))
+    delivery = statistics.median(delivery_times(base, FLOOR_DELIVERIES))
+    floor = ROUND_TRIPS_PER_MESSAGE * round_trip + delivery
+    return (f"one connection's floor here: {ROUND_TRIPS_PER_MESSAGE} round trips of {round_trip * 1000:.3f} ms "
+            f"(a line and its reply between two processes, median of {FLOOR_ROUND_TRIPS:,}) and a 2 KB "
+            f"delivery of {delivery * 1000:.3f} ms (MaildirStore.deliver, median of {FLOOR_DELIVERIES}), "
+            f"{floor * 1000:.2f} ms a message: at most {1 / floor:,.0f} messages/s at 2 KB x 1 "
+            f"for a server that stores mail this way")
+
+
+def loopback_round_trips(count: int) -> list[float]:
+    """Seconds for each of ``count`` lines sent to another process over HOST to be answered."""
+    with socket.create_server((HOST, 0)) as listener:
+        listener.settimeout(START_TIMEOUT)
+        answerer = multiprocessing.get_context("spawn").Process(
+            target=answer_lines, args=(listener.getsockname(),), daemon=True)
+        answerer.start()
+        times: list[float] = []
+        try:
+            connection, _ = listener.accept()
+            with connection:
+                connection.settimeout(SOCKET_TIMEOUT)
+                for _ in range(count):
+                    started = time.perf_counter()
+                    connection.sendall(b"NOOP\r\n")
+                    if not connection.recv(1024):
+                        raise RuntimeError("the answering process closed the connection")
+                    times.append(time.perf_counter() - started)
+        finally:
+            answerer.join(SOCKET_TIMEOUT)
+            if answerer.is_alive():
+                answerer.kill()
+                answerer.join(SOCKET_TIMEOUT)
+    return times
+
+
+def answer_lines(address: tuple[str, int]) -> None:
+    """The other process of ``loopback_round_trips``: a reply to every line, until it closes."""
+    with socket.create_connection(address, timeout=CONNECT_TIMEOUT) as connection:
+        connection.settimeout(SOCKET_TIMEOUT)
+        while connection.recv(1024):
+            connection.sendall(b"250 OK\r\n")
+
+
+def delivery_times(base: Path, count: int) -> list[float]:
+    """Seconds for each of ``count`` 2 KB messages stored durably, in a Maildir of their own."""
+    from pymailsrv.maildir import MaildirStore
+
+    store = MaildirStore(base / "floor")
+    store.create_maildir("floor")
+    message = make_message(0, SIZES["2KB"], "floor")
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        store.deliver("floor", message)
+        times.append(time.perf_counter() - started)
+    return times
+
+
 # --- Scenarios ----------------------------------------------------------------------
 
 
@@ -1047,6 +1131,14 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
     print(f"data roots in {base} ({filesystem_of(base)}), {os.cpu_count()} CPUs, "
           f"{runs} runs per scenario", file=sys.stderr)
     notes.append(f"pymailsrv runs with --processes {args.processes}")
+    # With --pipelining a message takes as many round trips as its server
+    # lets it (aiosmtpd offers no PIPELINING): no one floor for both.
+    if not args.pipelining and any(connections == 1 for _, connections in smtp_plan):
+        progress("the floor under one connection")
+        try:
+            notes.append(one_connection_floor(base))
+        except (OSError, RuntimeError) as error:
+            notes.append(f"the floor under one connection could not be measured: {error}")
     if args.pipelining:
         notes.append("SMTP clients pipeline MAIL, RCPT and DATA where the server offers PIPELINING")
     site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
