@@ -110,6 +110,10 @@ CONNECT_TIMEOUT = 10.0
 SOCKET_TIMEOUT = 30.0
 RUN_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 30.0
+# Seconds a load generator process has to end once its work is done, and
+# any child process to go once it is killed.
+WORKER_END_TIMEOUT = 10.0
+KILLED_PROCESS_TIMEOUT = 5.0
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -743,11 +747,16 @@ def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
         elapsed, cpu = time.perf_counter() - started, server_cpu() - cpu_before
     finally:
         for worker in workers:
-            worker.join(timeout=10)
-            if worker.is_alive():
-                worker.kill()
-                worker.join(timeout=5)
+            join_or_kill(worker, WORKER_END_TIMEOUT)
     return elapsed, cpu, merged
+
+
+def join_or_kill(process: multiprocessing.process.BaseProcess, timeout: float) -> None:
+    """Wait up to ``timeout`` for a child process to end, then kill it if it has not."""
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join(KILLED_PROCESS_TIMEOUT)
 
 
 # --- The floor under one connection ------------------------------------------------
@@ -800,10 +809,7 @@ def loopback_round_trips(count: int) -> list[float]:
                         raise RuntimeError("the answering process closed the connection")
                     times.append(time.perf_counter() - started)
         finally:
-            answerer.join(SOCKET_TIMEOUT)
-            if answerer.is_alive():
-                answerer.kill()
-                answerer.join(SOCKET_TIMEOUT)
+            join_or_kill(answerer, SOCKET_TIMEOUT)
     return times
 
 
