@@ -57,6 +57,14 @@ def in_networks(address: str, networks: Iterable[str]) -> bool:
     return any(ip in ipaddress.ip_network(network, strict=False) for network in networks)
 
 
+def command_text(line: bytes) -> str:
+    """A command line as text, without its line end.
+
+    surrogateescape keeps undecodable octets, so the parsers can refuse them.
+    """
+    return line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
+
+
 class InputKind(enum.Enum):
     """What the session takes the next client line to be."""
 
@@ -206,9 +214,7 @@ class Session:
         """Look the verb up in the command table and run its handler."""
         if too_long:
             return self._counted(self.LINE_TOO_LONG)
-        # surrogateescape keeps undecodable octets; parsers then refuse them.
-        text = line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
-        verb, _, argument = text.partition(" ")
+        verb, _, argument = command_text(line).partition(" ")
         command = self.commands.find(verb)
         self.commands_run += 1
         if command is None:
@@ -320,17 +326,17 @@ class Session:
         """The line as a trace may show it: credentials replaced by ****."""
         if self._input_kind is InputKind.SECRET:
             return b"****"
-        # Split at any whitespace, as the handlers do: "AUTH PLAIN<TAB>secret"
-        # logs in, so it must be masked too.
-        verb = line.split(None, 1)[:1]
-        command = self.commands.find(verb[0].decode("ascii", "replace")) if verb else None
+        # Split as the handlers split their arguments (str.split, at any
+        # whitespace, Unicode's too): "AUTH PLAIN<TAB>secret" and
+        # "AUTH PLAIN<NO-BREAK SPACE>secret" log in, so they are masked too.
+        words = command_text(line).split()
+        command = self.commands.find(words[0]) if words else None
         if command is None or command.secret_from is None:
             return line
         shown = 1 + command.secret_from  # the verb, then the public arguments
-        words = line.split(None, shown)
         if len(words) <= shown:
             return line
-        return b" ".join(words[:shown] + [b"****"])
+        return " ".join(words[:shown] + ["****"]).encode("utf-8", "surrogateescape")
 
     def annotation(self, line: bytes) -> str:
         """What a client line is, from the command table: its syntax and RFC section."""

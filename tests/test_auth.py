@@ -510,10 +510,11 @@ def test_json_trace_and_transcripts_mask_auth_too(traced, smtp_at, root, alice):
     assert_no_secret(stream.getvalue() + transcripts, plain())
 
 
-@pytest.mark.parametrize("separator", ["\t", " \t", "  "])
+@pytest.mark.parametrize("separator", ["\t", " \t", "  ", "\x1c", "\u00a0", "\u2003"])
 def test_trace_masks_a_credential_after_any_whitespace(traced, smtp_at, alice, separator):
-    # dispatch splits arguments at any whitespace, so a tab before the
-    # initial response still logs in: the trace must mask it the same way.
+    # The handlers split arguments at any whitespace (str.split), so a tab,
+    # an ASCII separator or a Unicode space before the initial response still
+    # logs in: the trace must mask it the same way.
     server, stream = traced(trace=True)
     client = smtp_at(server)
     assert exchange(client, f"AUTH PLAIN{separator}{plain()}") == wire(R.R235_AUTHENTICATED)
