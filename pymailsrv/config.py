@@ -58,9 +58,15 @@ def _positive(value: float) -> None:
         raise ValueError("must be greater than 0")
 
 
-def _not_negative(value: float) -> None:
-    if value < 0:
-        raise ValueError("must be 0 or more")
+def _seconds(value: float) -> None:
+    """A timeout, delay or lifetime: 0 up to a year."""
+    if not 0 <= value <= limits.LONGEST_WAIT_SECONDS:  # nan compares false
+        raise ValueError(f"must be 0-{limits.LONGEST_WAIT_SECONDS} seconds")
+
+
+def _positive_seconds(value: float) -> None:
+    _seconds(value)
+    _positive(value)
 
 
 def _processes(value: int) -> None:
@@ -85,9 +91,9 @@ def _checked(default: Any, check: typing.Callable[[Any], None] | None = None, **
 @dataclass(frozen=True)
 class Pop3Settings:
     port: int = _checked(1100, _port)
-    failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, _not_negative)
+    failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, _seconds)
     command_line_max: int = _checked(limits.POP3_COMMAND_LINE_MAX, _positive)
-    autologout: float = _checked(float(limits.POP3_AUTOLOGOUT_SECONDS), _positive)
+    autologout: float = _checked(float(limits.POP3_AUTOLOGOUT_SECONDS), _positive_seconds)
     # RFC 8314 implicit TLS (POP3S, usually 995); None: no such listener.
     pop3s_port: int | None = _checked(None, _port)
 
@@ -100,8 +106,8 @@ class SmtpSettings:
     bare_newline: Literal["normalize", "reject"] = "normalize"
     # The local user who gets postmaster@ mail; None: the first user.
     postmaster: str | None = None
-    command_timeout: float = _checked(float(limits.SMTP_COMMAND_TIMEOUT_SECONDS), _positive)
-    data_timeout: float = _checked(float(limits.SMTP_DATA_TIMEOUT_SECONDS), _positive)
+    command_timeout: float = _checked(float(limits.SMTP_COMMAND_TIMEOUT_SECONDS), _positive_seconds)
+    data_timeout: float = _checked(float(limits.SMTP_DATA_TIMEOUT_SECONDS), _positive_seconds)
     # RFC 8314 implicit TLS (SMTPS, usually 465) and RFC 6409 submission
     # (usually 587, AUTH required before MAIL); None: no such listener.
     smtps_port: int | None = _checked(None, _port)
@@ -151,11 +157,11 @@ class RelaySettings:
     workers: int = _checked(limits.RELAY_WORKERS, _positive)
     # Retries (Postfix's minimal_backoff_time, maximal_backoff_time,
     # maximal_queue_lifetime), in seconds.
-    min_backoff: float = _checked(float(limits.QUEUE_MIN_BACKOFF_SECONDS), _positive)
-    max_backoff: float = _checked(float(limits.QUEUE_MAX_BACKOFF_SECONDS), _positive)
-    max_queue_lifetime: float = _checked(float(limits.QUEUE_MAX_LIFETIME_SECONDS), _not_negative)
-    queue_scan_interval: float = _checked(limits.QUEUE_SCAN_INTERVAL_SECONDS, _positive)
-    timeout: float = _checked(float(limits.SMTP_CLIENT_TIMEOUT_SECONDS), _positive)
+    min_backoff: float = _checked(float(limits.QUEUE_MIN_BACKOFF_SECONDS), _positive_seconds)
+    max_backoff: float = _checked(float(limits.QUEUE_MAX_BACKOFF_SECONDS), _positive_seconds)
+    max_queue_lifetime: float = _checked(float(limits.QUEUE_MAX_LIFETIME_SECONDS), _seconds)
+    queue_scan_interval: float = _checked(limits.QUEUE_SCAN_INTERVAL_SECONDS, _positive_seconds)
+    timeout: float = _checked(float(limits.SMTP_CLIENT_TIMEOUT_SECONDS), _positive_seconds)
     max_hops: int = _checked(limits.SMTP_MAX_HOPS, _positive)
 
 
@@ -177,7 +183,7 @@ class AuthSettings:
     # ... and one client address within failure_window seconds before its
     # further attempts are refused unchecked (other addresses are not slowed).
     max_failures_per_address: int = _checked(limits.AUTH_MAX_FAILURES_PER_ADDRESS, _positive)
-    failure_window: float = _checked(float(limits.AUTH_FAILURE_WINDOW_SECONDS), _positive)
+    failure_window: float = _checked(float(limits.AUTH_FAILURE_WINDOW_SECONDS), _positive_seconds)
 
 
 @dataclass(frozen=True)
@@ -266,7 +272,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
                 values = tomllib.load(file)
         except OSError as error:
             raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
-        except tomllib.TOMLDecodeError as error:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # TOML is UTF-8 (TOML 1.0)
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
     values = _merge(values, _without_none(overrides or {}))
     try:

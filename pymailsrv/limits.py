@@ -124,6 +124,14 @@ POP3_MAX_SESSIONS_PER_USER_ADDRESS = 10
 # calls on large DATA transfers; the line limits above still bound memory.
 RECV_CHUNK = 64 * 1024
 
+# --- Settings ---------------------------------------------------------------
+
+# The longest timeout, delay or lifetime a setting may name: a year, longer
+# than any protocol's timer or a queue's lifetime (Postfix caps
+# maximal_queue_lifetime at 100 days). Past a few hundred years, sockets and
+# threads refuse to wait at all, so a typo there would fail every connection.
+LONGEST_WAIT_SECONDS = 365 * 24 * 60 * 60
+
 # --- Maildir --------------------------------------------------------------
 
 # The Maildir specification (cr.yp.to/proto/maildir.html): "A program should

@@ -84,6 +84,11 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("[pop3]\nport = true\n", "pop3.port"),
     ("[pop3]\nautologout = 0\n", "pop3.autologout"),
     ("[pop3]\nfailed_login_delay = -1\n", "pop3.failed_login_delay"),
+    ("[pop3]\nautologout = nan\n", "pop3.autologout"),
+    ("[pop3]\nautologout = inf\n", "pop3.autologout"),
+    ("[smtp]\ncommand_timeout = 1e300\n", "smtp.command_timeout"),
+    ("[pop3]\nfailed_login_delay = nan\n", "pop3.failed_login_delay"),
+    ("[relay]\nmax_queue_lifetime = inf\n", "relay.max_queue_lifetime"),
     ("[pop3]\ncommand_line_max = 1.5\n", "pop3.command_line_max"),
     ("domains = \"example.org\"\n", "domains"),
     ("pop3 = 5\n", "pop3"),
@@ -96,6 +101,12 @@ def test_bad_value_is_named(tmp_path, text, key):
 
 def test_invalid_toml_is_one_line(tmp_path):
     assert error_for(tmp_path, "[pop3\nport = 1\n").startswith("config file ")
+
+
+def test_config_file_not_in_utf8_is_one_line(tmp_path):
+    (tmp_path / "c.toml").write_bytes(b"x = \xff\n")
+    with pytest.raises(ConfigError, match="^config file '.*c.toml' is not valid TOML: 'utf-8' codec"):
+        load_settings(tmp_path / "c.toml")
 
 
 def test_missing_config_file_is_one_line(tmp_path):
