@@ -65,8 +65,9 @@ def plain() -> Mechanism:
     if len(parts) != 3:
         raise SaslError("PLAIN expects authzid NUL authcid NUL password")
     authzid, authcid, password = (_text(part) for part in parts)
-    # We do not let one user act for another: authzid is empty or the user.
-    if authzid and authzid != authcid:
+    # We do not let one user act for another: authzid is empty or the user,
+    # in any case, as user names are ASCII and compared lower-cased.
+    if authzid and not (authzid.isascii() and authzid.lower() == authcid.lower()):
         raise SaslError("authorization identity must be empty or the user itself")
     return Credentials(authcid, password)
 

@@ -109,8 +109,9 @@ def test_auth_plain_after_an_empty_challenge_is_235(smtp, alice):
     assert exchange(client, plain()) == wire(R.R235_AUTHENTICATED)
 
 
-def test_auth_plain_with_the_user_as_authorization_identity_is_235(smtp, alice):
-    credential = base64.b64encode(f"alice\0alice\0{PASSWORD}".encode()).decode()
+@pytest.mark.parametrize("authzid", ["alice", "ALICE"])
+def test_auth_plain_with_the_user_as_authorization_identity_is_235(smtp, alice, authzid):
+    credential = base64.b64encode(f"{authzid}\0alice\0{PASSWORD}".encode()).decode()
     assert exchange(smtp(), f"AUTH PLAIN {credential}") == wire(R.R235_AUTHENTICATED)
 
 
