@@ -27,7 +27,7 @@ from pymailsrv.cli_common import read_password
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.storage import StorageError
-from pymailsrv.users import UserError, UserStore, check_user_name
+from pymailsrv.users import DamagedUserFile, UserError, UserStore, check_user_name
 
 # sysexits.h, as mail delivery agents use them.
 EX_DATAERR = 65
@@ -56,7 +56,14 @@ def with_settings(command: Callable) -> Callable:
     @settings_options
     @functools.wraps(command)
     def wrapper(root: str | None, config: str | None, **kwargs: Any) -> Any:
-        return command(settings=_settings(root, config), **kwargs)
+        settings = _settings(root, config)
+        try:
+            return command(settings=settings, **kwargs)
+        except OSError as error:  # a data root that is not a directory, a file we may not read...
+            raise click.ClickException(f"cannot use {error.filename}: {error.strerror}" if error.filename
+                                       else str(error)) from None
+        except DamagedUserFile as error:
+            raise click.ClickException(str(error)) from None
 
     return wrapper
 
@@ -238,11 +245,12 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
     if users.exists(name):
         raise click.ClickException(f"user {name!r} already exists")
     password = read_password(password_stdin)
+    # The Maildir first: a user whose Maildir cannot be made is not added.
+    MaildirStore(settings.root).create_maildir(name)
     try:
         users.add(name, password, apop=apop)
     except UserError as error:
         raise click.ClickException(str(error)) from None
-    MaildirStore(settings.root).create_maildir(name)
     click.echo(f"added user {name}")
 
 
@@ -347,14 +355,14 @@ def deliver(settings: Settings, name: str, file: Any) -> None:
         user = check_user_name(name)
     except UserError as error:
         _exit(EX_NOUSER, str(error))
-    if not UserStore(settings.state_dir).exists(user):
-        _exit(EX_NOUSER, f"no such user {user!r}")
-    message = file.read()
-    if not message.strip():
-        _exit(EX_DATAERR, "the message is empty")
     try:
+        if not UserStore(settings.state_dir).exists(user):
+            _exit(EX_NOUSER, f"no such user {user!r}")
+        message = file.read()
+        if not message.strip():
+            _exit(EX_DATAERR, "the message is empty")
         queue_id = MaildirStore(settings.root).deliver(user, message)
-    except (StorageError, OSError) as error:
+    except (StorageError, OSError, DamagedUserFile) as error:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     click.echo(f"delivered to {user} as {queue_id}")
 

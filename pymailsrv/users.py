@@ -115,9 +115,21 @@ def verify_password(password: str, phc: str) -> bool:
 _DECOY_HASH = _phc(secrets.token_bytes(SCRYPT_SALT_OCTETS), secrets.token_bytes(SCRYPT_HASH_OCTETS))
 
 
+class DamagedUserFile(Exception):
+    """users.json is there but holds no users: for the server a temporary
+    failure (no mail is refused for it), for the command line one line."""
+
+
 def _read_users(path: Path) -> dict[str, dict[str, str]]:
-    with open(path, encoding="utf-8") as file:
-        return json.load(file)["users"]
+    try:
+        with open(path, encoding="utf-8") as file:
+            document = json.load(file)
+    except ValueError as error:  # not JSON, or not UTF-8
+        raise DamagedUserFile(f"{path} is damaged: {error}") from None
+    users = document.get("users") if isinstance(document, dict) else None
+    if not (isinstance(users, dict) and all(isinstance(record, dict) for record in users.values())):
+        raise DamagedUserFile(f"{path} is damaged: it holds no users")
+    return users
 
 
 class UserStore:

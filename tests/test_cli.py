@@ -197,6 +197,48 @@ def test_deliver_when_the_maildir_is_broken_is_ex_tempfail(cli, root):
     assert one_line_error(result).startswith("Error: cannot deliver now, try again later")
 
 
+@pytest.mark.parametrize("damage", [b"{", b"", b"[]", b'{"nousers": 1}', b'{"users": {"alice": 1}}'])
+def test_a_damaged_user_file_is_one_line_and_deliver_tempfails(cli, root, damage):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    (root / ".pymailsrv" / "users.json").write_bytes(damage)
+    for command in (("user", "list"), ("user", "add", "bob", "--password-stdin"), ("mailbox", "list", "alice")):
+        result = cli(*command, input="pw\n")
+        assert result.exit_code == 1
+        assert re.fullmatch(r"Error: .*users\.json is damaged: .+", one_line_error(result))
+    result = cli("deliver", "alice", input=MESSAGE)
+    assert result.exit_code == EX_TEMPFAIL
+    assert one_line_error(result).startswith("Error: cannot deliver now, try again later: ")
+    assert (root / ".pymailsrv" / "users.json").read_bytes() == damage  # left for the admin to restore
+
+
+@pytest.mark.parametrize("command", [("user", "list"), ("user", "add", "bob", "--password-stdin"),
+                                     ("user", "remove", "bob"), ("mailbox", "list", "bob"), ("alias", "list"),
+                                     ("queue", "list"), ("cert", "generate")])
+def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
+    (tmp_path / "a-file").write_bytes(b"")
+    result = cli(*command, "--root", str(tmp_path / "a-file" / "root"), input="pw\n", root_option=False)
+    assert result.exit_code == 1
+    assert re.fullmatch(r"Error: cannot use .*a-file/root/\S*: Not a directory", one_line_error(result))
+
+
+def test_deliver_below_a_file_is_ex_tempfail(cli, tmp_path):
+    (tmp_path / "a-file").write_bytes(b"")
+    result = cli("deliver", "alice", "--root", str(tmp_path / "a-file" / "root"), input=MESSAGE, root_option=False)
+    assert result.exit_code == EX_TEMPFAIL
+    assert one_line_error(result).startswith("Error: cannot deliver now, try again later: ")
+
+
+def test_user_add_over_a_file_in_the_maildirs_place_adds_no_user(cli, root):
+    root.mkdir(exist_ok=True)
+    (root / "frank").write_bytes(b"")
+    result = cli("user", "add", "frank", "--password-stdin", input="pw\n")
+    assert result.exit_code == 1
+    assert re.fullmatch(r"Error: cannot use .*frank/\w+: Not a directory", one_line_error(result))
+    assert not UserStore(root / ".pymailsrv").exists("frank")
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    assert cli("user", "list").exit_code == 0
+
+
 def test_usage_errors_are_exit_2(cli):
     assert cli("deliver").exit_code == 2
     assert cli("user", "add").exit_code == 2
