@@ -24,6 +24,17 @@ from typing import Any
 Handler = Callable[[Any, str], Any]  # (session, argument) -> Reply
 
 
+def ascii_upper(word: str) -> str:
+    """``word`` upper-cased for matching a verb or keyword.
+
+    Verbs and keywords are ASCII, and case-insensitive only there (RFC 5321
+    §2.4, RFC 1939 §3). str.upper() would also turn "QUıT" (a dotless i)
+    into QUIT and "PAſS" (a long s) into PASS, so a line that a filter in
+    front of the server reads as unknown would run here.
+    """
+    return word.upper() if word.isascii() else word
+
+
 @dataclass(frozen=True)
 class Command:
     """One verb of a protocol.
@@ -66,7 +77,7 @@ class CommandTable:
         return iter(self._by_verb.values())
 
     def find(self, verb: str) -> Command | None:
-        return self._by_verb.get(verb.upper())
+        return self._by_verb.get(ascii_upper(verb))
 
     def allowed_in(self, state: enum.Enum) -> list[Command]:
         return [command for command in self if state in command.states]

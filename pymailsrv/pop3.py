@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 
 from pymailsrv import __version__
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import Command, CommandTable
+from pymailsrv.commands import Command, CommandTable, ascii_upper
 from pymailsrv.limits import (
     POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
@@ -291,7 +291,7 @@ class Pop3Session(Session):
         words = self._arguments("AUTH", argument, 0, 2)
         if not words:
             return POP3_MECHANISMS_FOLLOW.with_lines(name.encode("ascii") for name in SASL_MECHANISMS)
-        mechanism = words[0].upper()
+        mechanism = ascii_upper(words[0])
         if mechanism not in SASL_MECHANISMS:
             raise CommandError(POP3_UNSUPPORTED_MECHANISM)
         if not self.plaintext_auth_allowed():

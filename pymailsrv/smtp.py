@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import Command, CommandTable
+from pymailsrv.commands import Command, CommandTable, ascii_upper
 from pymailsrv.limits import (
     SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
     SMTP_COMMAND_LINE_MAX,
@@ -465,7 +465,7 @@ class SmtpSession(Session):
                        ) -> tuple[Address | None, dict[str, str | None]]:
         """Parse "FROM:<path> params" / "TO:<path> params" (RFC 5321 §4.1.1.2-3)."""
         head, colon, rest = argument.partition(":")
-        if not colon or head.strip().upper() != keyword:
+        if not colon or ascii_upper(head.strip()) != keyword:
             raise self._syntax_error(verb)
         try:
             address, parameter_text = parse_path(rest, null_allowed=null_allowed)
@@ -564,7 +564,7 @@ class SmtpSession(Session):
             raise self._syntax_error("AUTH")
         if self.user is not None:
             raise CommandError(R503_ALREADY_AUTHENTICATED)
-        mechanism = words[0].upper()
+        mechanism = ascii_upper(words[0])
         if mechanism not in SASL_MECHANISMS:
             raise CommandError(R504_UNKNOWN_MECHANISM)
         if not self.plaintext_auth_allowed():
@@ -621,7 +621,7 @@ class SmtpSession(Session):
             if int(value) > self.settings.smtp.max_message_size:
                 raise CommandError(R552_TOO_BIG)
         elif keyword == "BODY":  # RFC 6152 §2: 7BIT or 8BITMIME; both stored alike
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if value is None or ascii_upper(value) not in ("7BIT", "8BITMIME"):
                 raise CommandError(R501_SYNTAX.format(syntax="BODY=7BIT|8BITMIME"))
         elif keyword == "SMTPUTF8":  # RFC 6531 §3.4: takes no value
             if value is not None:

@@ -489,6 +489,34 @@ def test_kelvin_sign_look_alike_does_not_reach_kate(smtp_client, add_user):
         "550 5.1.1 <\u212aate@localhost>: recipient address rejected: user unknown\r\n".encode()
 
 
+# --- verbs and keywords that are ASCII only once upper-cased -----------------------------------
+# str.upper() makes "\u0131" (DOTLESS I) "I" and "\u017f" (LONG S) "S"; verbs and
+# keywords are case-insensitive in ASCII only (RFC 5321 §2.4, RFC 1939 §3).
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("QU\u0131T", R500_UNKNOWN),
+    ("R\u017fET", R500_UNKNOWN),
+    ("MA\u0131L FROM:<a@example.org>", R500_UNKNOWN),
+    ("MAIL FROM:<a@example.org> BODY=8B\u0131TMIME", b"501 5.5.4 syntax: BODY=7BIT|8BITMIME\r\n"),
+    ("AUTH PLA\u0131N", b"504 5.5.4 unrecognized authentication type\r\n"),
+])
+def test_smtp_a_verb_or_keyword_ascii_only_once_upper_cased_is_refused(smtp_client, alice, line, reply):
+    client = smtp_client()
+    assert smtp_send(client, line.encode()) == reply
+    assert smtp_send(client, b"NOOP") == R250_OK
+
+
+@pytest.mark.parametrize("line, reply", [
+    ("U\u017fER alice", POP3_UNKNOWN),
+    ("AUTH PLA\u0131N", b"-ERR unsupported SASL mechanism\r\n"),
+])
+def test_pop3_a_verb_or_keyword_ascii_only_once_upper_cased_is_refused(pop3_client, alice, line, reply):
+    client = pop3_client()
+    assert pop3_send(client, line.encode()) == reply
+    assert pop3_send(client, b"USER alice") == b"+OK send PASS\r\n"
+
+
 # --- properties: any line, a well-formed reply -----------------------------------------------------------
 
 SMTP_VERBS = [b"EHLO", b"HELO", b"MAIL FROM:", b"RCPT TO:", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY",
