@@ -113,7 +113,7 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
     if "@" not in target:
         return _checked_name(target)
     try:
-        address, rest = parse_path(f"<{target}>", null_allowed=False)
+        address, rest = parse_path(f"<{target}>", reverse_path=False)
     except PathError as error:
         raise AliasError(f"invalid target {target!r}: {error}") from None
     if rest.strip() or not address.domain:

@@ -73,11 +73,12 @@ class Address:
         return str(self).isascii()
 
 
-def parse_path(text: str, *, null_allowed: bool) -> tuple[Address | None, str]:
+def parse_path(text: str, *, reverse_path: bool) -> tuple[Address | None, str]:
     """Parse ``<path>`` at the start of ``text``; return (address, the rest).
 
-    The address is None for the null reverse-path ``<>`` (when allowed). A
-    bare ``<Postmaster>`` (RFC 5321 §4.1.1.3) comes back with an empty domain.
+    RFC 5321 §4.1.2: a reverse-path (MAIL) may be the null path ``<>``, and
+    the address is then None; a forward-path (RCPT) may be a bare
+    ``<Postmaster>`` (§4.1.1.3), which comes back with an empty domain.
     """
     text = text.lstrip(" ")  # tolerated: "MAIL FROM: <a@b>", as every MTA does
     if not text.startswith("<"):
@@ -91,13 +92,13 @@ def parse_path(text: str, *, null_allowed: bool) -> tuple[Address | None, str]:
     if _octets(inner) + 2 > PATH_MAX:
         raise PathError(f"the path is longer than {PATH_MAX} octets")
     if inner == "":
-        if not null_allowed:
+        if not reverse_path:
             raise PathError("the null path <> is not allowed here")
         return None, rest.strip(" ")
     route = _SOURCE_ROUTE.match(inner)
     if route:
         inner = inner[route.end():]  # RFC 5321 §4.1.1.3: source routes are ignored
-    if inner.lower() == "postmaster":
+    if inner.lower() == "postmaster" and not reverse_path:
         return Address("Postmaster", ""), rest.strip(" ")
     return parse_mailbox(inner), rest.strip(" ")
 

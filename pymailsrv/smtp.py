@@ -461,14 +461,14 @@ class SmtpSession(Session):
             raise self._syntax_error(verb)
         return words[0]
 
-    def _path_argument(self, verb: str, keyword: str, argument: str, null_allowed: bool
+    def _path_argument(self, verb: str, keyword: str, argument: str, reverse_path: bool
                        ) -> tuple[Address | None, dict[str, str | None]]:
         """Parse "FROM:<path> params" / "TO:<path> params" (RFC 5321 §4.1.1.2-3)."""
         head, colon, rest = argument.partition(":")
         if not colon or ascii_upper(head.strip()) != keyword:
             raise self._syntax_error(verb)
         try:
-            address, parameter_text = parse_path(rest, null_allowed=null_allowed)
+            address, parameter_text = parse_path(rest, reverse_path=reverse_path)
         except PathError as error:
             raise CommandError(R501_BAD_ADDRESS.format(detail=error)) from None
         # A malformed parameter is a bad argument (X.5.4), not a bad address (X.1.3).
@@ -603,7 +603,7 @@ class SmtpSession(Session):
 
     def do_mail(self, argument: str) -> Reply:
         """MAIL FROM:<reverse-path> [parameters] (RFC 5321 §4.1.1.2)."""
-        sender, parameters = self._path_argument("MAIL", "FROM", argument, null_allowed=True)
+        sender, parameters = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
         envelope = Envelope(reverse_path=sender)
         for keyword, value in parameters.items():
             self._mail_parameter(envelope, keyword, value)
@@ -641,7 +641,7 @@ class SmtpSession(Session):
             raise
 
     def _accept_recipient(self, argument: str) -> Reply:
-        recipient, parameters = self._path_argument("RCPT", "TO", argument, null_allowed=False)
+        recipient, parameters = self._path_argument("RCPT", "TO", argument, reverse_path=False)
         if parameters:  # we offer no RCPT parameters (no DSN, RFC 3461)
             raise CommandError(R555_UNKNOWN_PARAMETER.format(parameter=next(iter(parameters))))
         if not recipient.is_ascii and not self.envelope.smtputf8:
@@ -813,7 +813,7 @@ class SubmissionSession(SmtpSession):
         """MAIL FROM:<reverse-path> (RFC 6409 §4.3, §6.1): AUTH first, own address only."""
         if self.user is None:
             raise CommandError(R530_AUTH_REQUIRED)
-        sender, _ = self._path_argument("MAIL", "FROM", argument, null_allowed=True)
+        sender, _ = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
         # The user's own name, or an alias that delivers to them, in one of our domains.
         local_part = _unquoted(sender.local_part) if sender else ""
         owned = (sender is not None and self._is_local_domain(sender.domain)

@@ -27,7 +27,7 @@ from pymailsrv.paths import (
 
 def forward(text: str) -> Address:
     """A forward-path (RCPT) that must parse and carry no parameters."""
-    address, rest = parse_path(text, null_allowed=False)
+    address, rest = parse_path(text, reverse_path=False)
     assert rest == ""
     return address
 
@@ -36,7 +36,7 @@ def forward(text: str) -> Address:
 
 
 def test_plain_path_gives_local_part_and_domain():
-    assert parse_path("<alice@example.org>", null_allowed=False) == (Address("alice", "example.org"), "")
+    assert parse_path("<alice@example.org>", reverse_path=False) == (Address("alice", "example.org"), "")
 
 
 def test_domain_is_lower_cased_and_local_part_is_kept_as_sent():
@@ -45,38 +45,38 @@ def test_domain_is_lower_cased_and_local_part_is_kept_as_sent():
 
 
 def test_null_reverse_path_is_none_where_allowed():
-    assert parse_path("<>", null_allowed=True) == (None, "")
+    assert parse_path("<>", reverse_path=True) == (None, "")
 
 
 def test_null_path_is_refused_as_a_forward_path():
     with pytest.raises(PathError, match="null path"):
-        parse_path("<>", null_allowed=False)
+        parse_path("<>", reverse_path=False)
 
 
 @pytest.mark.parametrize("text", ["alice@example.org", "alice", "", " ", "alice@example.org>"])
 def test_address_without_angle_brackets_is_refused(text):
     with pytest.raises(PathError, match="angle brackets"):
-        parse_path(text, null_allowed=True)
+        parse_path(text, reverse_path=True)
 
 
 def test_path_without_closing_bracket_is_refused():
     with pytest.raises(PathError, match="closing"):
-        parse_path("<alice@example.org", null_allowed=False)
+        parse_path("<alice@example.org", reverse_path=False)
 
 
 def test_space_before_the_path_is_tolerated():
     # "MAIL FROM: <a@b>" is common enough that every MTA accepts it.
-    assert parse_path("  <alice@example.org>", null_allowed=False) == (Address("alice", "example.org"), "")
+    assert parse_path("  <alice@example.org>", reverse_path=False) == (Address("alice", "example.org"), "")
 
 
 def test_parameters_after_the_path_come_back_as_the_rest():
-    assert parse_path("<a@example.org> SIZE=10 BODY=8BITMIME", null_allowed=True) == (
+    assert parse_path("<a@example.org> SIZE=10 BODY=8BITMIME", reverse_path=True) == (
         Address("a", "example.org"), "SIZE=10 BODY=8BITMIME")
 
 
 def test_parameters_glued_to_the_path_are_refused():
     with pytest.raises(PathError, match="after a space"):
-        parse_path("<a@example.org>SIZE=10", null_allowed=True)
+        parse_path("<a@example.org>SIZE=10", reverse_path=True)
 
 
 def test_source_route_is_accepted_and_ignored():
@@ -91,6 +91,14 @@ def test_bare_postmaster_is_a_path_without_domain(text):
     address = forward(text)
     assert address == Address("Postmaster", "")
     assert str(address) == "Postmaster"
+
+
+@pytest.mark.parametrize("text", ["<Postmaster>", "<@relay.example:postmaster>"])
+def test_bare_postmaster_is_refused_as_a_reverse_path(text):
+    # RFC 5321 §4.1.2: a reverse-path is a Mailbox, with its domain, or <>;
+    # the bare <Postmaster> is for RCPT only.
+    with pytest.raises(PathError, match="expected local-part@domain"):
+        parse_path(text, reverse_path=True)
 
 
 def test_postmaster_after_a_source_route_is_still_postmaster():
@@ -261,10 +269,10 @@ path_like = st.builds(lambda route, inner, rest: f"<{route}{inner}>{rest}",
                       st.one_of(st.just(""), any_text))
 
 
-@given(text=st.one_of(any_text, wire_text, path_like), null_allowed=st.booleans())
-def test_parse_path_raises_nothing_but_path_error(text, null_allowed):
+@given(text=st.one_of(any_text, wire_text, path_like), reverse_path=st.booleans())
+def test_parse_path_raises_nothing_but_path_error(text, reverse_path):
     try:
-        address, rest = parse_path(text, null_allowed=null_allowed)
+        address, rest = parse_path(text, reverse_path=reverse_path)
     except PathError:
         return
     assert address is None or isinstance(address, Address)

@@ -408,6 +408,14 @@ def test_mail_with_a_malformed_address_is_501(greeted):
         R.R501_BAD_ADDRESS, detail="bad local part 'a..b'")
 
 
+def test_mail_from_a_bare_postmaster_is_501(greeted):
+    # RFC 5321 §4.1.2: the bare <Postmaster> is a forward-path (RCPT) only.
+    client = greeted()
+    assert exchange(client, "MAIL FROM:<Postmaster>") == wire(R.R501_BAD_ADDRESS, detail="expected local-part@domain")
+    assert exchange(client, "MAIL FROM:<postmaster@example.org>") == wire(
+        R.R250_SENDER_OK, address="postmaster@example.org")
+
+
 def test_unknown_mail_parameter_is_555(greeted):
     assert exchange(greeted(), "MAIL FROM:<a@example.org> X-FOO=1") == wire(
         R.R555_UNKNOWN_PARAMETER, parameter="X-FOO")
