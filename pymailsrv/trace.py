@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 # ANSI colours for the text form on a terminal.
 _COLOURS = {"C": "\033[36m", "S+": "\033[32m", "S-": "\033[31m", "--": "\033[33m"}
 _DIM, _RESET = "\033[2m", "\033[0m"
+# The text form shows control characters escaped (ESC as \x1b): a client's
+# ESC could recolour or rewrite the terminal a class is watching, and a bare
+# CR overwrite the line. The JSON form escapes them already.
+_CONTROLS_SHOWN = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,14 @@ class TraceOptions:
     json: bool = False
     transcripts_dir: Path | None = None  # save each session there
     transcripts_keep: int = 1000
+
+
+def format_event(event: dict) -> str:
+    """One event in the text form, without the time and client columns."""
+    line = event["line"].translate(_CONTROLS_SHOWN)
+    if event["dir"] == "--":
+        return f"-- {line}"
+    return f"{event['state']} {event['dir']}: {line}"
 
 
 def octets_summary(lines: int, octets: int) -> str:
@@ -103,10 +115,7 @@ class Tracer:
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
         who = f"{event['protocol']} #{event['session']} {event['client']}"
-        if event["dir"] == "--":
-            text = f"-- {event['line']}"
-        else:
-            text = f"{event['state']} {event['dir']}: {event['line']}"
+        text = format_event(event)
         if self.options.annotate and event.get("note"):
             text += f"   ; {event['note']}"
         if stream.isatty():

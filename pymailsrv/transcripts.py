@@ -27,6 +27,8 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from pymailsrv.trace import format_event
+
 SUFFIX = ".jsonl"
 
 
@@ -135,13 +137,6 @@ def load_all(state_dir: Path) -> tuple[list[Transcript], list[str]]:
 def _reason(error: OSError | TranscriptError) -> str:
     # An OSError's str() repeats the path; its strerror ("Is a directory") is the news.
     return getattr(error, "strerror", None) or str(error)
-
-
-def format_event(event: dict) -> str:
-    """One event in the live trace's text form, without the time and client columns."""
-    if event["dir"] == "--":
-        return f"-- {event['line']}"
-    return f"{event['state']} {event['dir']}: {event['line']}"
 
 
 # --- the command line --------------------------------------------------------------

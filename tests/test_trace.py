@@ -95,6 +95,26 @@ def test_trace_bodies_shows_the_message_text_line_by_line(traced, add_user):
     ]
 
 
+def test_a_clients_control_characters_are_shown_escaped(traced, raw, root):
+    # An ESC or a bare CR from a client must not reach the terminal a class
+    # watches; the live trace and 'transcripts show' escape them alike.
+    server, stream = traced(trace=True, transcripts=True)
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.send(b"NOOP \x1b[2J\rx\x00\x7f\xc2\x85\r\n")
+    client.line()
+    client.send(b"QUIT\r\n")
+    client.line()
+    server.stop()
+    shown = r"AUTHORIZATION C: NOOP \x1b[2J\x0dx\x00\x7f\x85"
+    assert f"pop3 #N 127.0.0.1 {shown}" in _lines(stream)
+    listing = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)]).output
+    transcript_id = listing.splitlines()[2].split()[0]
+    replay = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), transcript_id]).output
+    assert shown in replay.splitlines()
+    assert "\x1b" not in replay and "\r" not in replay
+
+
 def test_annotate_says_what_each_line_means_and_where_the_rfc_says_so(traced, add_user):
     add_user("alice")
     server, stream = traced(annotate=True)
