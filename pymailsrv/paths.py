@@ -111,7 +111,7 @@ def parse_mailbox(text: str) -> Address:
         raise PathError(f"bad local part {local_part!r}")
     if _octets(local_part) > LOCAL_PART_MAX:
         raise PathError(f"the local part is longer than {LOCAL_PART_MAX} octets")
-    if not (_DOMAIN.fullmatch(domain) or _is_address_literal(domain)):
+    if not is_domain(domain):
         raise PathError(f"bad domain {domain!r}")
     if _octets(domain) > DOMAIN_MAX:
         raise PathError(f"the domain is longer than {DOMAIN_MAX} octets")
@@ -135,6 +135,11 @@ def _closing_bracket(text: str) -> int:
         elif char == ">" and not quoted:
             return index
     return -1
+
+
+def is_domain(text: str) -> bool:
+    """Is ``text`` a Domain or an address literal, as RFC 5321 §4.1.2 writes them?"""
+    return bool(_DOMAIN.fullmatch(text)) or _is_address_literal(text)
 
 
 def _is_address_literal(domain: str) -> bool:

@@ -49,7 +49,7 @@ from pymailsrv.limits import (
     SMTP_MAX_ERRORS,
     SMTP_TEXT_LINE_MAX,
 )
-from pymailsrv.paths import UTF8_NON_ASCII, Address, PathError, parse_parameters, parse_path
+from pymailsrv.paths import UTF8_NON_ASCII, Address, PathError, is_domain, parse_parameters, parse_path
 from pymailsrv.replies import (
     R214_HELP,
     R220_GREETING,
@@ -121,11 +121,16 @@ SASL_MECHANISMS = ("PLAIN", "LOGIN")
 # carries none must still stop at 1000.
 TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 
-# A client's EHLO/HELO name: printable, no spaces (RFC 5321 §4.1.4 forbids
-# refusing a name that does not match the client's address, so we check no
-# more than that it can go into a Received: header unharmed). UTF-8 is
+# A client's EHLO/HELO name: printable, no spaces. RFC 5321 §4.1.4 forbids
+# refusing a name that does not match the client's address, and clients send
+# names that are no domain ("my_laptop"), so we ask no more. UTF-8 is
 # allowed (a U-label domain, RFC 6531), control characters are not.
 _CLIENT_NAME = re.compile(rf"[\x21-\x7e{UTF8_NON_ASCII}]+")
+# What of a client's name that is no domain may go into the comment of a
+# Received: header: a ";" would end the "from" clause for a parser that
+# splits there, a "(" or ")" the comment. The rest shows as "?", as
+# Postfix's printable() shows what it may not print.
+_UNSAFE_IN_RECEIVED = re.compile(r"[^A-Za-z0-9._-]")
 # How much of the client's name a greeting echoes: a reply line is at most
 # 512 octets (RFC 5321 §4.5.3.1.5), and an escaped character takes up to 10.
 CLIENT_NAME_ECHO_MAX = 100
@@ -751,10 +756,23 @@ class SmtpSession(Session):
         recipient = f"\n\tfor <{envelope.forward_paths[0]}>" if len(envelope.forward_paths) == 1 else ""
         date = _date_of_second(int(time.time()))
         header = (f"Return-Path: <{envelope.reverse_path or ''}>\n"
-                  f"Received: from {self.client_name} ([{self.peer[0]}])\n"
+                  f"Received: from {self._received_from()}\n"
                   f"\tby {self.settings.hostname} (pymailsrv) with {protocol} id {queue_id}"
                   f"{recipient}; {date}\n")
         return header.encode("utf-8")
+
+
+    def _received_from(self) -> str:
+        """The "from" clause of our Received: line (RFC 5321 §4.4).
+
+        It names the client by a Domain or an address literal, the client's
+        own name where it is one (and ASCII, in mail that is not SMTPUTF8);
+        otherwise by its address, with the name it gave in the comment.
+        """
+        address, name = f"[{self.peer[0]}]", self.client_name
+        if is_domain(name) and (name.isascii() or self.envelope.smtputf8):
+            return f"{name} ({address})"
+        return f"{address} ({address} helo={_UNSAFE_IN_RECEIVED.sub('?', name)})"
 
 
 @functools.lru_cache(maxsize=1)

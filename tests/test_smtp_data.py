@@ -549,6 +549,26 @@ def test_trace_lines_say_smtp_after_helo(store, connect, hostname, alice):
     assert by == f"\tby {hostname} (pymailsrv) with SMTP id {queue_id}"
 
 
+@pytest.mark.parametrize("name, smtputf8, received", [
+    ("[127.0.0.1]", "", "[127.0.0.1] ([127.0.0.1])"),
+    ("my_laptop", "", "[127.0.0.1] ([127.0.0.1] helo=my_laptop)"),
+    ("evil;Thu,01Jan1970", "", "[127.0.0.1] ([127.0.0.1] helo=evil?Thu?01Jan1970)"),
+    ("x(", "", "[127.0.0.1] ([127.0.0.1] helo=x?)"),
+    ('a"b\\c)', "", "[127.0.0.1] ([127.0.0.1] helo=a?b?c?)"),
+    ("b\u00fccher.example", "", "[127.0.0.1] ([127.0.0.1] helo=b?cher.example)"),
+    ("b\u00fccher.example", " SMTPUTF8", "b\u00fccher.example ([127.0.0.1])"),
+])
+def test_received_names_the_client_by_a_domain_or_its_address(store, connect, alice, name, smtputf8, received):
+    # RFC 5321 §4.4: From-domain is a Domain or an address literal. A name
+    # that is neither goes into the comment, where nothing in it can end the
+    # clause (";") or the comment ("(", ")") early.
+    client = connect()
+    exchange(client, f"EHLO {name}")
+    deliver(client, ["alice@localhost"], [b"Subject: named"], mail_parameters=smtputf8)
+    _, received_line, _, _ = trace_lines(stored(store, "alice")[0])
+    assert received_line == f"Received: from {received}"
+
+
 def test_trace_lines_say_utf8smtp_with_smtputf8(store, greeted, hostname, alice):
     client = greeted()
     queue_id = deliver(client, ["alice@localhost"], [b"Subject: utf8"], mail_parameters=" SMTPUTF8")
