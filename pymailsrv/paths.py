@@ -176,5 +176,7 @@ def parse_parameters(text: str) -> dict[str, str | None]:
             raise PathError(f"bad parameter {word!r}")
         if equals and not _ESMTP_VALUE.fullmatch(value):
             raise PathError(f"bad value in parameter {word!r}")
+        if keyword.upper() in parameters:  # "SIZE=99999 SIZE=1": which would count?
+            raise PathError(f"parameter {keyword.upper()} given twice")
         parameters[keyword.upper()] = value if equals else None
     return parameters

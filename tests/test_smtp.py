@@ -416,6 +416,13 @@ def test_mail_from_a_bare_postmaster_is_501(greeted):
         R.R250_SENDER_OK, address="postmaster@example.org")
 
 
+@pytest.mark.parametrize("parameters, keyword", [("SIZE=999999999999 SIZE=1", "SIZE"),
+                                                 ("SMTPUTF8 smtputf8", "SMTPUTF8")])
+def test_a_mail_parameter_given_twice_is_501(greeted, parameters, keyword):
+    assert exchange(greeted(), f"MAIL FROM:<a@example.org> {parameters}") == wire(
+        R.R501_BAD_PARAMETER, detail=f"parameter {keyword} given twice")
+
+
 def test_unknown_mail_parameter_is_555(greeted):
     assert exchange(greeted(), "MAIL FROM:<a@example.org> X-FOO=1") == wire(
         R.R555_UNKNOWN_PARAMETER, parameter="X-FOO")
