@@ -30,6 +30,11 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   while the message moves from ``new/`` to ``cur/`` and gains flags. The
   UIDL is the unique name itself (stable across sessions, RFC 1939 §7), or a
   hash of it where the name does not fit the UIDL rules.
+* Two files with one unique name (a Maildir restored over another, a
+  careless program) would share a key and a UIDL, and a session would
+  serve or delete one for the other; moving the second from ``new/`` to
+  ``cur/`` would replace the first. The snapshot gives the second a unique
+  name of its own and logs it, as Dovecot does.
 * RFC 1939 §4 asks for an exclusive lock on the maildrop during a POP3
   session. ``mailbox.Maildir.lock()`` does nothing, so we take an ``flock``
   on ``ROOT/.pymailsrv/locks/<user>.lock``: it excludes other sessions in
@@ -42,12 +47,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import itertools
+import logging
 import os
 import re
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -63,6 +69,8 @@ from pymailsrv.users import STATE_DIR_NAME, check_user_name
 
 SUBDIRS = ("tmp", "new", "cur")
 # The Maildir spec's "info" separator; what follows ":2," are the flags.
+log = logging.getLogger("pymailsrv.maildir")
+
 INFO_SEPARATOR = ":2,"
 SEEN_FLAG = "S"
 
@@ -231,7 +239,7 @@ class MaildirStore:
         except BlockingIOError:
             os.close(fd)
             raise MaildropLocked(user) from None
-        return MaildirMaildrop(path, fd)
+        return MaildirMaildrop(path, fd, self.unique_name)
 
     def messages(self, user: str) -> list[tuple[MessageInfo, Path]]:
         """A read-only listing (no lock, nothing moved) for the CLI."""
@@ -394,33 +402,51 @@ class IncomingMaildirMessage:
 class MaildirMaildrop:
     """A user's Maildir while one POP3 session holds its lock."""
 
-    def __init__(self, path: Path, lock_fd: int) -> None:
+    def __init__(self, path: Path, lock_fd: int, unique_name: Callable[[], tuple[str, str]]) -> None:
         self._path = path
         self._lock_fd: int | None = lock_fd
+        self._unique_name = unique_name
         self._files: dict[str, str] = {}  # key -> "cur/<name>"
 
     def snapshot(self) -> list[MessageInfo]:
         """Every message now present; new ones move to cur/ as the session has seen them."""
-        infos = []
+        infos, uids = [], set()
         for key, relative in _scan(self._path):
-            if relative.startswith("new/"):
+            if uid_of(key) in uids:
+                relative = self._rename_duplicate(relative)
+            elif relative.startswith("new/"):
                 relative = self._move_to_cur(relative)
-                if relative is None:
-                    continue
+            if relative is None:
+                continue
+            key = _key_of(relative.split("/", 1)[1])
             try:
                 size = _pop3_size_of(key, os.path.join(self._path, relative))
             except FileNotFoundError:
                 continue
             self._files[key] = relative
+            uids.add(uid_of(key))
             infos.append(MessageInfo(key, size, uid_of(key)))
         return infos
 
     def _move_to_cur(self, relative: str) -> str | None:
         name = relative.split("/", 1)[1]
         moved = f"cur/{name}" if INFO_SEPARATOR in name else f"cur/{name}{INFO_SEPARATOR}"
+        if os.path.lexists(self._path / moved):  # rename(2) would replace that message
+            return self._rename_duplicate(relative)
+        return self._rename(relative, moved)
+
+    def _rename_duplicate(self, relative: str) -> str | None:
+        """Give a file whose unique name another file has a new one, in cur/."""
+        _, _, flags = relative.partition(INFO_SEPARATOR)
+        moved = f"cur/{self._unique_name()[0]}{INFO_SEPARATOR}{flags}"
+        log.warning("%s: %s has the unique name of another message: renamed to %s",
+                    self._path, relative, moved)
+        return self._rename(relative, moved)
+
+    def _rename(self, relative: str, moved: str) -> str | None:
         try:
             os.rename(self._path / relative, self._path / moved)
-        except FileNotFoundError:
+        except FileNotFoundError:  # taken away meanwhile by another program
             return None
         return moved
 

@@ -210,6 +210,29 @@ def test_snapshot_is_in_arrival_order_and_sizes_files_without_w(store, root):
     assert [message.size for message in snapshot] == [12, 9, 3]
 
 
+@pytest.mark.parametrize("names", [
+    ["cur/1700000005.dup.example:2,", "new/1700000005.dup.example"],  # the move to cur/ would replace one
+    ["new/1700000006.col.example:1,a", "new/1700000006.col.example:1,b"],  # one key twice
+    ["new/1700000007.cm.example,X=1", "new/1700000007.cm.example,X=2"],  # one UIDL twice
+], ids=["new-over-cur", "one-key", "one-uidl"])
+def test_two_files_with_one_unique_name_are_both_kept_and_told_apart(store, root, names, caplog):
+    store.create_maildir("alice")
+    copies = {b"Subject: copy %d\n\nbody\n" % number for number in range(len(names))}
+    for name, copy in zip(names, sorted(copies)):
+        (root / "alice" / name).write_bytes(copy)
+    drop = store.open_maildrop("alice")
+    try:
+        snapshot = drop.snapshot()
+        served = {message.key: b"".join(drop.text(message.key)) for message in snapshot}
+    finally:
+        drop.release()
+    assert len(served) == len({message.uid for message in snapshot}) == 2
+    assert {text.replace(b"\r\n", b"\n") for text in served.values()} == copies
+    assert all(message.size == len(served[message.key]) for message in snapshot)
+    assert {path.read_bytes() for path in (root / "alice" / "cur").iterdir()} == copies
+    assert "has the unique name of another message: renamed to cur/" in caplog.text
+
+
 def test_a_message_that_vanishes_is_reported_not_crashed_on(store, root):
     store.deliver("alice", MESSAGE)
     drop = store.open_maildrop("alice")

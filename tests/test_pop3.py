@@ -277,6 +277,29 @@ def test_retr_sends_exactly_as_many_octets_as_list_announces(login, store, root)
         assert all(line.endswith(b"\r\n") and b"\n" not in line[:-2] for line in body)
 
 
+def test_two_files_with_one_unique_name_are_two_messages_deleted_one_by_one(login, root):
+    # Placed by another program: the same unique name, with different info parts.
+    texts = {b"Subject: a\r\n\r\nshort\r\n", b"Subject: b\r\n\r\na longer message than a\r\n"}
+    for suffix, text in zip(("a", "b"), sorted(texts)):
+        _place(root, f"1700000006.col.example:1,{suffix}", text.replace(b"\r\n", b"\n"))
+    client = login()
+    client.command("UIDL")
+    uids = [line.split()[1] for line in client.multiline()[:-1]]
+    assert len(set(uids)) == 2  # RFC 1939 §7: unique within the maildrop
+    served = {}
+    for msg_number in (1, 2):
+        size = int(client.command(f"LIST {msg_number}").split()[2])
+        assert client.command(f"RETR {msg_number}") == f"+OK {size} octets\r\n".encode()
+        served[msg_number] = b"".join(client.multiline()[:-1])
+        assert len(served[msg_number]) == size
+    assert set(served.values()) == texts
+    deleted = next(number for number, text in served.items() if b"short" in text)
+    assert client.command(f"DELE {deleted}") == f"+OK message {deleted} deleted\r\n".encode()
+    assert client.command("QUIT").startswith(b"+OK ")
+    [kept] = (root / "alice" / "cur").iterdir()
+    assert kept.read_bytes() == b"Subject: b\n\na longer message than a\n"
+
+
 def test_retr_of_a_message_without_final_newline_ends_with_crlf_dot_crlf(login, root):
     _place(root, "1000000001.nonl.example", b"Subject: nonl\n\nno newline at end")
     client = login()

@@ -302,11 +302,9 @@ def test_open_maildrop_refuses_a_second_holder_in_process(alice, store):
 
 
 def test_storage_failure_during_login_answers_sys_temp_and_releases_the_lock(login, store, root):
-    deliver(store, 1)
-    (name,) = files(root, "new")
-    # A directory where login wants to move the message: the rename fails.
-    (root / "alice" / "cur" / f"{name}:2,").mkdir()
-    (root / "alice" / "cur" / f"{name}:2," / "x").write_bytes(b"")
+    # A name so long that with ":2," it is no name (NAME_MAX is 255 octets):
+    # the move into cur/ fails.
+    (root / "alice" / "new" / f"1700000000.{'x' * 242}").write_bytes(MESSAGE)
     client, reply = login()
     assert reply == SYS_TEMP
     assert b"Errno" not in reply and b"mailboxes" not in reply
