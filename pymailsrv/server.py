@@ -71,7 +71,7 @@ from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
-from pymailsrv.users import UserStore
+from pymailsrv.users import DamagedUserFile, UserStore
 
 log = logging.getLogger("pymailsrv.server")
 
@@ -489,7 +489,10 @@ class MailServer:
     def _check_postmaster(self) -> None:
         """RFC 5321 §4.5.1: postmaster mail must be deliverable; warn if it is not."""
         wanted = self.settings.smtp.postmaster
-        names = self.context.users.names()
+        try:
+            names = self.context.users.names()
+        except DamagedUserFile as error:  # no login would work: say so now, not at the first client
+            raise ConfigError(str(error)) from None
         if wanted and wanted not in names:
             log.warning("smtp.postmaster is %r, but there is no such user: postmaster mail will be "
                         "refused with 451 until that user exists", wanted)

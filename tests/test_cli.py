@@ -405,3 +405,12 @@ def test_start_on_a_port_in_use_is_exit_1_without_a_traceback(root):
     assert result.returncode == 1
     assert b"Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1] == b"Error: cannot listen on 127.0.0.1: Address already in use"
+
+
+def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root):
+    run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    (root / ".pymailsrv" / "users.json").write_bytes(b"{")
+    result = run_cli("start", "--root", str(root), "--pop3-port", "0", "--smtp-port", "0")
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    assert re.fullmatch(rb"Error: .*users\.json is damaged: .+", result.stderr.splitlines()[-1])
