@@ -67,10 +67,10 @@ from pymailsrv.storage import (
 )
 from pymailsrv.users import STATE_DIR_NAME, check_user_name
 
-SUBDIRS = ("tmp", "new", "cur")
-# The Maildir spec's "info" separator; what follows ":2," are the flags.
 log = logging.getLogger("pymailsrv.maildir")
 
+SUBDIRS = ("tmp", "new", "cur")
+# The Maildir spec's "info" separator; what follows ":2," are the flags.
 INFO_SEPARATOR = ":2,"
 SEEN_FLAG = "S"
 
@@ -172,7 +172,9 @@ def _scan(maildir: Path) -> list[tuple[str, str]]:
                 continue
             if is_message:
                 found.append((_key_of(entry.name), f"{subdir}/{entry.name}"))
-    found.sort(key=lambda pair: _arrival_order(pair[0]))
+    # Of two files with one unique name, the one in cur/ comes first: a
+    # session has shown it, and a client may know it by that name's UIDL.
+    found.sort(key=lambda pair: (_arrival_order(pair[0]), pair[1].startswith("new/")))
     return found
 
 
@@ -409,7 +411,11 @@ class MaildirMaildrop:
         self._files: dict[str, str] = {}  # key -> "cur/<name>"
 
     def snapshot(self) -> list[MessageInfo]:
-        """Every message now present; new ones move to cur/ as the session has seen them."""
+        """Every message now present; new ones move to cur/ as the session has seen them.
+
+        A file whose unique name (so its UIDL) an earlier one has gets a name
+        of its own (``_rename_duplicate``).
+        """
         infos, uids = [], set()
         for key, relative in _scan(self._path):
             if uid_of(key) in uids:
@@ -418,14 +424,15 @@ class MaildirMaildrop:
                 relative = self._move_to_cur(relative)
             if relative is None:
                 continue
-            key = _key_of(relative.split("/", 1)[1])
+            key = _key_of(relative.split("/", 1)[1])  # a new name, if renamed
             try:
                 size = _pop3_size_of(key, os.path.join(self._path, relative))
             except FileNotFoundError:
                 continue
+            uid = uid_of(key)
             self._files[key] = relative
-            uids.add(uid_of(key))
-            infos.append(MessageInfo(key, size, uid_of(key)))
+            uids.add(uid)
+            infos.append(MessageInfo(key, size, uid))
         return infos
 
     def _move_to_cur(self, relative: str) -> str | None:
@@ -436,12 +443,16 @@ class MaildirMaildrop:
         return self._rename(relative, moved)
 
     def _rename_duplicate(self, relative: str) -> str | None:
-        """Give a file whose unique name another file has a new one, in cur/."""
+        """Give a file whose unique name another file has a new one, in cur/.
+
+        The new name has no ``,S=,W=`` fields: its size is counted from the file.
+        """
         _, _, flags = relative.partition(INFO_SEPARATOR)
-        moved = f"cur/{self._unique_name()[0]}{INFO_SEPARATOR}{flags}"
-        log.warning("%s: %s has the unique name of another message: renamed to %s",
-                    self._path, relative, moved)
-        return self._rename(relative, moved)
+        moved = self._rename(relative, f"cur/{self._unique_name()[0]}{INFO_SEPARATOR}{flags}")
+        if moved is not None:
+            log.warning("%s: %s has the unique name of another message: renamed to %s",
+                        self._path, relative, moved)
+        return moved
 
     def _rename(self, relative: str, moved: str) -> str | None:
         try:

@@ -211,10 +211,11 @@ def test_snapshot_is_in_arrival_order_and_sizes_files_without_w(store, root):
 
 
 @pytest.mark.parametrize("names", [
-    ["cur/1700000005.dup.example:2,", "new/1700000005.dup.example"],  # the move to cur/ would replace one
+    ["cur/1700000005.dup.example:2,S", "new/1700000005.dup.example"],  # the move to cur/ would replace one
+    ["cur/1700000005.dup.example:2,S", "new/1700000005.dup.example:2,"],
     ["new/1700000006.col.example:1,a", "new/1700000006.col.example:1,b"],  # one key twice
     ["new/1700000007.cm.example,X=1", "new/1700000007.cm.example,X=2"],  # one UIDL twice
-], ids=["new-over-cur", "one-key", "one-uidl"])
+], ids=["new-over-cur", "new-with-info-over-cur", "one-key", "one-uidl"])
 def test_two_files_with_one_unique_name_are_both_kept_and_told_apart(store, root, names, caplog):
     store.create_maildir("alice")
     copies = {b"Subject: copy %d\n\nbody\n" % number for number in range(len(names))}
@@ -227,6 +228,9 @@ def test_two_files_with_one_unique_name_are_both_kept_and_told_apart(store, root
     finally:
         drop.release()
     assert len(served) == len({message.uid for message in snapshot}) == 2
+    if names[0].startswith("cur/"):  # the message a session has shown keeps its UIDL
+        kept = next(message for message in snapshot if message.uid == "1700000005.dup.example")
+        assert served[kept.key] == b"Subject: copy 0\r\n\r\nbody\r\n"
     assert {text.replace(b"\r\n", b"\n") for text in served.values()} == copies
     assert all(message.size == len(served[message.key]) for message in snapshot)
     assert {path.read_bytes() for path in (root / "alice" / "cur").iterdir()} == copies
