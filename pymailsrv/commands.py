@@ -16,12 +16,27 @@ Nothing looks a handler up by building a method name from client input.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 Handler = Callable[[Any, str], Any]  # (session, argument) -> Reply
+
+
+# The protocols separate arguments with spaces (RFC 5321 §4.1.1, RFC 1939
+# §3). We also take a tab and the rest of ASCII's white space, as
+# bytes.split() does, but not the Unicode spaces str.split() would:
+# "AUTH PLAIN<NO-BREAK SPACE>x" is one word, as a filter in front of the
+# server reads it.
+ASCII_WHITESPACE = " \t\n\r\x0b\x0c"
+_ASCII_WORD = re.compile(f"[^{ASCII_WHITESPACE}]+")
+
+
+def ascii_words(text: str) -> list[str]:
+    """``text`` split at ASCII white space only."""
+    return _ASCII_WORD.findall(text)
 
 
 def ascii_upper(word: str) -> str:

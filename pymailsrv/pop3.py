@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 
 from pymailsrv import __version__
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import Command, CommandTable, ascii_upper
+from pymailsrv.commands import Command, CommandTable, ascii_upper, ascii_words
 from pymailsrv.limits import (
     POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
@@ -209,7 +209,7 @@ class Pop3Session(Session):
     # --- arguments -------------------------------------------------------------
 
     def _arguments(self, verb: str, argument: str, minimum: int, maximum: int) -> list[str]:
-        words = argument.split()
+        words = ascii_words(argument)
         if not minimum <= len(words) <= maximum:
             raise CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
         return words

@@ -326,9 +326,10 @@ class Session:
         """The line as a trace may show it: credentials replaced by ****."""
         if self._input_kind is InputKind.SECRET:
             return b"****"
-        # Split as the handlers split their arguments (str.split, at any
-        # whitespace, Unicode's too): "AUTH PLAIN<TAB>secret" and
-        # "AUTH PLAIN<NO-BREAK SPACE>secret" log in, so they are masked too.
+        # Split at any white space, Unicode's too, where the handlers split at
+        # ASCII's only (commands.ascii_words): "AUTH PLAIN<TAB>secret" logs
+        # in and "AUTH PLAIN<NO-BREAK SPACE>secret" does not, but both hold
+        # a credential, so both are masked.
         words = command_text(line).split()
         command = self.commands.find(words[0]) if words else None
         if command is None or command.secret_from is None:

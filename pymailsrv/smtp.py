@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import Command, CommandTable, ascii_upper
+from pymailsrv.commands import ASCII_WHITESPACE, Command, CommandTable, ascii_upper, ascii_words
 from pymailsrv.limits import (
     SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
     SMTP_COMMAND_LINE_MAX,
@@ -461,7 +461,7 @@ class SmtpSession(Session):
         return CommandError(R501_SYNTAX.format(syntax=self.commands.find(verb).syntax))
 
     def _client_name_from(self, verb: str, argument: str) -> str:
-        words = argument.split()
+        words = ascii_words(argument)
         if len(words) != 1 or not _CLIENT_NAME.fullmatch(words[0]):
             raise self._syntax_error(verb)
         return words[0]
@@ -470,7 +470,7 @@ class SmtpSession(Session):
                        ) -> tuple[Address | None, dict[str, str | None]]:
         """Parse "FROM:<path> params" / "TO:<path> params" (RFC 5321 §4.1.1.2-3)."""
         head, colon, rest = argument.partition(":")
-        if not colon or ascii_upper(head.strip()) != keyword:
+        if not colon or ascii_upper(head.strip(ASCII_WHITESPACE)) != keyword:
             raise self._syntax_error(verb)
         try:
             address, parameter_text = parse_path(rest, reverse_path=reverse_path)
@@ -526,7 +526,7 @@ class SmtpSession(Session):
 
     def do_rset(self, argument: str) -> Reply:
         """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""
-        if argument.strip():
+        if argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("RSET")
         self._new_transaction()
         return R250_OK
@@ -537,13 +537,13 @@ class SmtpSession(Session):
 
     def do_quit(self, argument: str) -> Reply:
         """QUIT (RFC 5321 §4.1.1.10): takes no argument."""
-        if argument.strip():
+        if argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("QUIT")
         return R221_BYE.format(host=self.settings.hostname)
 
     def do_help(self, argument: str) -> Reply:
         """HELP [string] (RFC 5321 §4.1.1.8): from the command table."""
-        command = self.commands.find(argument.strip()) if argument.strip() else None
+        command = self.commands.find(argument.strip(ASCII_WHITESPACE))  # "" finds none: every command
         commands = [command] if command else list(self.commands)
         # Reply text is US-ASCII (RFC 5321 §4.2): no section sign on the wire.
         text = "\n".join(f"{command.syntax}  ({command.rfc.replace('§', 'section ')})"
@@ -554,7 +554,7 @@ class SmtpSession(Session):
 
     def do_starttls(self, argument: str) -> Reply:
         """STARTTLS (RFC 3207 §4): the TLS handshake, then the session starts afresh."""
-        if argument.strip():
+        if argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("STARTTLS")
         if self.tls:
             raise CommandError(R503_ALREADY_TLS)
@@ -564,7 +564,7 @@ class SmtpSession(Session):
 
     def do_auth(self, argument: str) -> Reply:
         """AUTH mechanism [initial-response] (RFC 4954 §4)."""
-        words = argument.split()
+        words = ascii_words(argument)
         if not 1 <= len(words) <= 2:
             raise self._syntax_error("AUTH")
         if self.user is not None:
@@ -596,7 +596,7 @@ class SmtpSession(Session):
 
     def do_vrfy(self, argument: str) -> Reply:
         """VRFY string (RFC 5321 §3.5.3): 252, so nobody can list our users."""
-        if not argument.strip():
+        if not argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("VRFY")
         return R252_CANNOT_VRFY
 
@@ -691,7 +691,7 @@ class SmtpSession(Session):
 
     def do_data(self, argument: str) -> Reply:
         """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
-        if argument.strip():
+        if argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("DATA")
         if not (self.envelope.users or self.envelope.relay_recipients):
             if self.envelope.rejected_recipients:

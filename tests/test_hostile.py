@@ -500,6 +500,10 @@ def test_kelvin_sign_look_alike_does_not_reach_kate(smtp_client, add_user):
     ("MA\u0131L FROM:<a@example.org>", R500_UNKNOWN),
     ("MAIL FROM:<a@example.org> BODY=8B\u0131TMIME", b"501 5.5.4 syntax: BODY=7BIT|8BITMIME\r\n"),
     ("AUTH PLA\u0131N", b"504 5.5.4 unrecognized authentication type\r\n"),
+    # Nor is a Unicode space a separator: one word, as a filter reads it.
+    ("AUTH PLAIN\u00a0AGFsaWNlAHgK", b"504 5.5.4 unrecognized authentication type\r\n"),
+    ("MAIL \u2003FROM:<a@example.org>",
+     f"501 5.5.4 syntax: {SmtpSession.commands.find('MAIL').syntax}\r\n".encode()),
 ])
 def test_smtp_a_verb_or_keyword_ascii_only_once_upper_cased_is_refused(smtp_client, alice, line, reply):
     client = smtp_client()
