@@ -44,10 +44,15 @@ if TYPE_CHECKING:
 # ANSI colours for the text form on a terminal.
 _COLOURS = {"C": "\033[36m", "S+": "\033[32m", "S-": "\033[31m", "--": "\033[33m"}
 _DIM, _RESET = "\033[2m", "\033[0m"
-# The text form shows control characters escaped (ESC as \x1b): a client's
-# ESC could recolour or rewrite the terminal a class is watching, and a bare
-# CR overwrite the line. The JSON form escapes them already.
-_CONTROLS_SHOWN = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+# The text form shows control characters escaped: a client's ESC could
+# recolour or rewrite the terminal a class is watching, and a bare CR
+# overwrite the line. C0 and DEL show as \x1b, as an undecodable octet
+# does; the C1 controls (a one-character CSI, U+009B) as \u009b, so that
+# U+0085 and an undecodable 0x85 stay apart. The live JSON form is ASCII
+# (json.dumps escapes the rest); transcripts keep the characters, and
+# 'transcripts show' escapes them as the text form does.
+_CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
+                   **{code: f"\\u{code:04x}" for code in range(0x80, 0xA0)}}
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class Tracer:
     def _print(self, event: dict, now: float) -> None:
         stream = self._stream or sys.stderr
         if self.options.json:
-            stream.write(json.dumps(event, ensure_ascii=False) + "\n")
+            stream.write(json.dumps(event) + "\n")
             stream.flush()
             return
         stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"

@@ -106,13 +106,24 @@ def test_a_clients_control_characters_are_shown_escaped(traced, raw, root):
     client.send(b"QUIT\r\n")
     client.line()
     server.stop()
-    shown = r"AUTHORIZATION C: NOOP \x1b[2J\x0dx\x00\x7f\x85"
+    shown = r"AUTHORIZATION C: NOOP \x1b[2J\x0dx\x00\x7f\u0085"
     assert f"pop3 #N 127.0.0.1 {shown}" in _lines(stream)
     listing = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)]).output
     transcript_id = listing.splitlines()[2].split()[0]
     replay = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), transcript_id]).output
     assert shown in replay.splitlines()
     assert "\x1b" not in replay and "\r" not in replay
+
+
+def test_the_live_json_trace_is_ascii(traced, raw):
+    server, stream = traced(trace=True, trace_format="json")
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.send("NOOP \u009b2J\u00e9\r\n".encode())
+    client.line()
+    server.stop()
+    assert stream.getvalue().isascii()
+    assert any(json.loads(line)["line"] == "NOOP \u009b2J\u00e9" for line in stream.getvalue().splitlines())
 
 
 def test_annotate_says_what_each_line_means_and_where_the_rfc_says_so(traced, add_user):
