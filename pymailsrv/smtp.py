@@ -761,18 +761,19 @@ class SmtpSession(Session):
                   f"{recipient}; {date}\n")
         return header.encode("utf-8")
 
-
     def _received_from(self) -> str:
         """The "from" clause of our Received: line (RFC 5321 §4.4).
 
         It names the client by a Domain or an address literal, the client's
         own name where it is one (and ASCII, in mail that is not SMTPUTF8);
-        otherwise by its address, with the name it gave in the comment.
+        otherwise by its address, with the name it gave in a comment.
         """
-        address, name = f"[{self.peer[0]}]", self.client_name
+        ip, name = self.peer[0], self.client_name
+        address = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"  # RFC 5321 §4.1.3
         if is_domain(name) and (name.isascii() or self.envelope.smtputf8):
             return f"{name} ({address})"
-        return f"{address} ({address} helo={_UNSAFE_IN_RECEIVED.sub('?', name)})"
+        # TCP-info holds only addresses; the name goes into a comment of its own.
+        return f"{address} ({address}) (helo={_UNSAFE_IN_RECEIVED.sub('?', name)})"
 
 
 @functools.lru_cache(maxsize=1)

@@ -551,11 +551,11 @@ def test_trace_lines_say_smtp_after_helo(store, connect, hostname, alice):
 
 @pytest.mark.parametrize("name, smtputf8, received", [
     ("[127.0.0.1]", "", "[127.0.0.1] ([127.0.0.1])"),
-    ("my_laptop", "", "[127.0.0.1] ([127.0.0.1] helo=my_laptop)"),
-    ("evil;Thu,01Jan1970", "", "[127.0.0.1] ([127.0.0.1] helo=evil?Thu?01Jan1970)"),
-    ("x(", "", "[127.0.0.1] ([127.0.0.1] helo=x?)"),
-    ('a"b\\c)', "", "[127.0.0.1] ([127.0.0.1] helo=a?b?c?)"),
-    ("b\u00fccher.example", "", "[127.0.0.1] ([127.0.0.1] helo=b?cher.example)"),
+    ("my_laptop", "", "[127.0.0.1] ([127.0.0.1]) (helo=my_laptop)"),
+    ("evil;Thu,01Jan1970", "", "[127.0.0.1] ([127.0.0.1]) (helo=evil?Thu?01Jan1970)"),
+    ("x(", "", "[127.0.0.1] ([127.0.0.1]) (helo=x?)"),
+    ('a"b\\c)', "", "[127.0.0.1] ([127.0.0.1]) (helo=a?b?c?)"),
+    ("b\u00fccher.example", "", "[127.0.0.1] ([127.0.0.1]) (helo=b?cher.example)"),
     ("b\u00fccher.example", " SMTPUTF8", "b\u00fccher.example ([127.0.0.1])"),
 ])
 def test_received_names_the_client_by_a_domain_or_its_address(store, connect, alice, name, smtputf8, received):
