@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_PROBES
 from pymailsrv.shared import FREE, SharedRecords, address_key
+from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.auth")
 
@@ -65,11 +66,18 @@ def plain() -> Mechanism:
     if len(parts) != 3:
         raise SaslError("PLAIN expects authzid NUL authcid NUL password")
     authzid, authcid, password = (_text(part) for part in parts)
-    # We do not let one user act for another: authzid is empty or the user,
-    # in any case, as user names are ASCII and compared lower-cased.
-    if authzid and not (authzid.isascii() and authzid.lower() == authcid.lower()):
+    # We do not let one user act for another: authzid is empty or names the
+    # user, in any case, as every user name is read (users.check_user_name).
+    if authzid and not _same_user(authzid, authcid):
         raise SaslError("authorization identity must be empty or the user itself")
     return Credentials(authcid, password)
+
+
+def _same_user(name: str, other: str) -> bool:
+    try:
+        return check_user_name(name) == check_user_name(other)
+    except UserError:
+        return False
 
 
 def login() -> Mechanism:

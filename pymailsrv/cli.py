@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -246,6 +246,7 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
         raise click.ClickException(f"user {name!r} already exists")
     password = read_password(password_stdin)
     # The Maildir first: a user whose Maildir cannot be made is not added.
+    # (Should adding the user fail after it, an empty Maildir is left: harmless.)
     MaildirStore(settings.root).create_maildir(name)
     try:
         users.add(name, password, apop=apop)
@@ -367,6 +368,6 @@ def deliver(settings: Settings, name: str, file: Any) -> None:
     click.echo(f"delivered to {user} as {queue_id}")
 
 
-def _exit(status: int, message: str) -> None:
+def _exit(status: int, message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(status)

@@ -176,7 +176,8 @@ def parse_parameters(text: str) -> dict[str, str | None]:
             raise PathError(f"bad parameter {word!r}")
         if equals and not _ESMTP_VALUE.fullmatch(value):
             raise PathError(f"bad value in parameter {word!r}")
-        if keyword.upper() in parameters:  # "SIZE=99999 SIZE=1": which would count?
-            raise PathError(f"parameter {keyword.upper()} given twice")
-        parameters[keyword.upper()] = value if equals else None
+        keyword = keyword.upper()
+        if keyword in parameters:  # "SIZE=99999 SIZE=1": which would count?
+            raise PathError(f"parameter {keyword} given twice")
+        parameters[keyword] = value if equals else None
     return parameters
