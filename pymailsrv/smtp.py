@@ -460,6 +460,11 @@ class SmtpSession(Session):
     def _syntax_error(self, verb: str) -> CommandError:
         return CommandError(R501_SYNTAX.format(syntax=self.commands.find(verb).syntax))
 
+    def _no_argument(self, verb: str, argument: str) -> None:
+        """Refuse an argument to a verb that takes none."""
+        if argument.strip(ASCII_WHITESPACE):
+            raise self._syntax_error(verb)
+
     def _client_name_from(self, verb: str, argument: str) -> str:
         words = ascii_words(argument)
         if len(words) != 1 or not _CLIENT_NAME.fullmatch(words[0]):
@@ -526,8 +531,7 @@ class SmtpSession(Session):
 
     def do_rset(self, argument: str) -> Reply:
         """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""
-        if argument.strip(ASCII_WHITESPACE):
-            raise self._syntax_error("RSET")
+        self._no_argument("RSET", argument)
         self._new_transaction()
         return R250_OK
 
@@ -537,8 +541,7 @@ class SmtpSession(Session):
 
     def do_quit(self, argument: str) -> Reply:
         """QUIT (RFC 5321 §4.1.1.10): takes no argument."""
-        if argument.strip(ASCII_WHITESPACE):
-            raise self._syntax_error("QUIT")
+        self._no_argument("QUIT", argument)
         return R221_BYE.format(host=self.settings.hostname)
 
     def do_help(self, argument: str) -> Reply:
@@ -554,8 +557,7 @@ class SmtpSession(Session):
 
     def do_starttls(self, argument: str) -> Reply:
         """STARTTLS (RFC 3207 §4): the TLS handshake, then the session starts afresh."""
-        if argument.strip(ASCII_WHITESPACE):
-            raise self._syntax_error("STARTTLS")
+        self._no_argument("STARTTLS", argument)
         if self.tls:
             raise CommandError(R503_ALREADY_TLS)
         if self.context.tls is None:
@@ -691,8 +693,7 @@ class SmtpSession(Session):
 
     def do_data(self, argument: str) -> Reply:
         """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
-        if argument.strip(ASCII_WHITESPACE):
-            raise self._syntax_error("DATA")
+        self._no_argument("DATA", argument)
         if not (self.envelope.users or self.envelope.relay_recipients):
             if self.envelope.rejected_recipients:
                 raise CommandError(R554_NO_VALID_RECIPIENTS)  # RFC 5321 §3.3
