@@ -62,6 +62,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -172,7 +173,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """The wait after the ``attempts``-th attempt failed: 5, 10, 20, 40, 66.7, 66.7 ... minutes."""
-        return min(self.max_backoff, self.min_backoff * 2 ** max(0, attempts - 1))
+        # A flush counts as an attempt, so a message may see thousands: past
+        # the largest power of two a float holds, 2 ** n would raise.
+        doublings = min(max(0, attempts - 1), sys.float_info.max_exp - 1)
+        return min(self.max_backoff, self.min_backoff * 2.0 ** doublings)
 
 
 # Hex seconds first, so ids sort by arrival; 32 random bits make two

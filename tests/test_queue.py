@@ -181,6 +181,13 @@ def test_the_backoff_doubles_up_to_its_maximum():
     assert policy.max_queue_lifetime == 5 * 24 * 3600
 
 
+def test_the_backoff_stays_at_its_maximum_after_thousands_of_attempts():
+    # Each flush is an attempt: 2 ** 1024 used to overflow, the outcome was
+    # never recorded, and accepted recipients were sent the message again.
+    assert RetryPolicy().delay(1025) == RetryPolicy().delay(10 ** 6) == 4000
+    assert RetryPolicy(min_backoff=0).delay(10 ** 6) == 0
+
+
 def test_retries_are_scheduled_with_backoff(queue):
     queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
     waits = []
