@@ -146,15 +146,21 @@ def _local_diagnostic(text: str) -> str:
     return f"{DIAGNOSTIC_TYPE}; {text}"
 
 
-def outcome_of_reply(code: int, reply: bytes, hop: Hop) -> Outcome:
-    """An SMTP reply as an outcome: 2xx delivered, 5xx failed, anything else retried."""
+def is_positive(code: int) -> bool:
+    """RFC 5321 §4.2.1: the first digit decides; 2yz is a positive completion, whatever yz."""
+    return 200 <= code <= 299
+
+
+def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, text_sent: bool = True) -> Outcome:
+    """An SMTP reply as an outcome: 5xx failed, anything else retried, and 2xx
+    delivered, but only as the reply to the message text (``text_sent``)."""
     text = reply.decode("utf-8", errors="replace").replace("\n", " ")
     match = _ENHANCED_STATUS.match(text)
     klass = str(code)[0]
-    state = {"2": State.DELIVERED, "5": State.FAILED}.get(klass, State.PENDING)
+    state = {"2": State.DELIVERED if text_sent else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
     status = match.group(0) if match and match.group(1) == klass else f"{klass}.0.0"
     if state is State.PENDING and not status.startswith("4"):
-        status = "4.0.0"  # an odd reply (3xx where none belongs) is no reason to give up
+        status = "4.0.0"  # an odd reply (3xx, or 2xx where 354 belongs) is no reason to give up
     return Outcome(state, status, f"smtp; {code} {text}", hop.name)
 
 
@@ -485,9 +491,9 @@ class Relay:
     def _hello(self, client: smtplib.SMTP, hop: Hop, starttls: bool = True) -> None:
         """EHLO (or HELO), STARTTLS when offered (unless ``starttls`` is False), AUTH at the smarthost."""
         code, reply = client.ehlo()
-        if code != 250:
+        if not is_positive(code):
             code, reply = client.helo()
-            if code != 250:
+            if not is_positive(code):
                 raise HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
         relay = self.settings.relay
         if starttls and client.has_extn("starttls"):
@@ -534,13 +540,13 @@ class Relay:
         outcomes: dict[str, Outcome] = {}
         try:
             code, reply = client.mail(sender, options)
-            if code != 250:
+            if not is_positive(code):
                 _quietly(client.rset)
                 return dict.fromkeys(recipients, outcome_of_reply(code, reply, hop))
             accepted = []
             for address in recipients:
                 code, reply = client.rcpt(address)
-                if code in (250, 251):
+                if is_positive(code):
                     accepted.append(address)
                 else:
                     outcomes[address] = outcome_of_reply(code, reply, hop)
@@ -549,9 +555,10 @@ class Relay:
                 return outcomes
             try:
                 code, reply = client.data(data)
-            except smtplib.SMTPDataError as error:  # DATA itself refused (no 354)
-                code, reply = error.smtp_code, error.smtp_error
-            outcomes.update(dict.fromkeys(accepted, outcome_of_reply(code, reply, hop)))
+                outcome = outcome_of_reply(code, reply, hop)
+            except smtplib.SMTPDataError as error:  # no 354 to DATA: the text never went
+                outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop, text_sent=False)
+            outcomes.update(dict.fromkeys(accepted, outcome))
             _quietly(client.quit)
         except (OSError, smtplib.SMTPException) as error:
             lost = Outcome(State.PENDING, STATUS_BAD_CONNECTION,

@@ -11,7 +11,8 @@ an empty answer (NOERROR, no records), as a real server says "no MX here".
 told to misbehave: a reply per recipient (``rcpt_replies``), replies for
 the next DATA commands (``data_replies``), STARTTLS with a given context,
 one whose handshake always fails (``failing_tls_context``), or STARTTLS
-offered and then refused (``starttls_reply``).
+offered and then refused (``starttls_reply``), or DATA answered without
+354 (``data_command_reply``).
 """
 
 from __future__ import annotations
@@ -80,9 +81,10 @@ class SinkHandler:
         self.data_replies: list[str] = []
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if address in self.rcpt_replies:
-            return self.rcpt_replies[address]
-        envelope.rcpt_tos.append(address)
+        reply = self.rcpt_replies.get(address, "250 2.1.5 OK")
+        if reply.startswith("2"):  # any positive reply takes the recipient (RFC 5321 §4.2.1)
+            envelope.rcpt_tos.append(address)
+        return reply
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
@@ -108,29 +110,37 @@ def failing_tls_context() -> ssl.SSLContext:
     return context
 
 
-class _RefusingStartTls(SMTP):
-    """An aiosmtpd server that offers STARTTLS (it has a context) and answers it with ``reply``."""
+class _ScriptedSmtp(SMTP):
+    """An aiosmtpd server that answers STARTTLS (offered: it has a context) or DATA with a fixed reply."""
 
-    def __init__(self, *args, reply: str, **kwargs) -> None:
+    def __init__(self, *args, starttls_reply: str | None, data_command_reply: str | None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._starttls_reply = reply
+        self._starttls_reply = starttls_reply
+        self._data_command_reply = data_command_reply
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        if self._starttls_reply is None:
+            return await super().smtp_STARTTLS(arg)
         await self.push(self._starttls_reply)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if self._data_command_reply is None:
+            return await super().smtp_DATA(arg)
+        await self.push(self._data_command_reply)
 
 
 class _FreePortController(Controller):
     """aiosmtpd's Controller, on port 0: learn the bound port before the self-test connection."""
 
-    def __init__(self, *args, starttls_reply: str | None = None, **kwargs) -> None:
+    def __init__(self, *args, starttls_reply: str | None = None, data_command_reply: str | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._starttls_reply = starttls_reply
+        self._script = {"starttls_reply": starttls_reply, "data_command_reply": data_command_reply}
 
     def factory(self) -> SMTP:
-        if self._starttls_reply is None:
-            return super().factory()
-        return _RefusingStartTls(self.handler, reply=self._starttls_reply, **self.SMTP_kwargs)
+        return _ScriptedSmtp(self.handler, **self._script, **self.SMTP_kwargs)
 
     def _trigger_server(self) -> None:
         self.port = self.server.sockets[0].getsockname()[1]
@@ -139,7 +149,8 @@ class _FreePortController(Controller):
 
 class Sink:
     def __init__(self, **controller_options) -> None:
-        """``controller_options``: aiosmtpd's (``tls_context``, ``authenticator`` ...) and ``starttls_reply``."""
+        """``controller_options``: aiosmtpd's (``tls_context``, ``authenticator`` ...),
+        ``starttls_reply`` and ``data_command_reply``."""
         self.handler = SinkHandler()
         self.controller = _FreePortController(self.handler, hostname="127.0.0.1", port=0,
                                               **controller_options)

@@ -336,6 +336,34 @@ async def _refuse_mail(server, session, envelope, address, mail_options):
     return "550 5.7.1 we do not take mail from you"
 
 
+async def _take_mail_with_251(server, session, envelope, address, mail_options):
+    envelope.mail_from = address
+    return "251 2.1.0 sender ok"
+
+
+def test_any_2xx_to_mail_or_rcpt_goes_on_to_data(mta, sink):
+    # RFC 5321 §4.2.1: the first digit decides. A 251 or 252 used to end
+    # the transaction as "delivered", and the text was never sent.
+    remote = sink()
+    remote.handler.handle_MAIL = _take_mail_with_251
+    remote.handler.rcpt_replies["bob@example.net"] = "252 2.1.5 cannot verify, will accept"
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+
+
+def test_a_2xx_to_the_data_command_sends_nothing_and_is_retried(mta, sink):
+    remote = sink(data_command_reply="250 2.0.0 ok")  # where 354 belongs
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages == []
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert (recipient.status, recipient.last_error) == ("4.0.0", "smtp; 250 2.0.0 ok")
+
+
 def test_a_message_from_the_null_sender_is_never_bounced(mta, sink, root):
     remote = sink()
     remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
