@@ -16,6 +16,11 @@ RFC 3464's (with RFC 6522's multipart/report)::
 Every field is built by the standard library's ``email`` package; nothing
 here formats MIME by hand. Statuses are RFC 3463 codes; a diagnostic keeps
 the remote server's own reply ("smtp; 550 5.1.1 ...", RFC 3464 §2.3.6).
+
+A remote reply is text from a stranger: its control characters become
+spaces, so it cannot end a field and start one of its own. The delivery
+status is ASCII; other characters in it are written ``\\x{E4}``, as RFC 6533
+§3 writes a UTF-8 address there. The text for the person keeps them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,35 @@ from pymailsrv.outqueue import QueueEntry, Recipient
 # Stored like every message here: LF line ends (Maildir's convention); the
 # relay turns them into CRLF on the wire.
 _POLICY = email.policy.SMTP.clone(linesep="\n")
+# RFC 6531 §3.7.2: a bounce to a UTF-8 sender travels only by SMTPUTF8, so
+# its header may be UTF-8 (the relay sends it on only where that is offered).
+_UTF8_POLICY = _POLICY.clone(utf8=True)
+
+# C0, DEL, C1 and the Unicode line and paragraph separators: the email
+# package (str.splitlines) would end a field at several of them.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# RFC 6533 §3, QCHAR: what utf-8-addr-xtext writes as itself.
+_QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
+
+
+def _one_line(text: str) -> str:
+    return _LINE_BREAKING.sub(" ", text)
+
+
+def _embedded_unicode(char: str) -> str:
+    return f"\\x{{{ord(char):X}}}"  # RFC 6533 §3, EmbeddedUnicodeChar
+
+
+def _ascii_field(text: str) -> str:
+    """A delivery-status field's text: one line, other characters as ``\\x{HHHH}``."""
+    return "".join(char if char.isascii() else _embedded_unicode(char) for char in _one_line(text))
+
+
+def _final_recipient(address: str) -> str:
+    """RFC 3464 §2.3.2, with RFC 6533 §3's "utf-8" address type for a UTF-8 address."""
+    if address.isascii():
+        return f"rfc822; {_one_line(address)}"
+    return "utf-8; " + "".join(char if _QCHAR.fullmatch(char) else _embedded_unicode(char) for char in address)
 
 
 def original_header(message: bytes) -> str:
@@ -61,7 +95,7 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
     """A DSN to ``entry.sender`` saying that ``failures`` failed; LF line ends."""
     report = MIMEMultipart("report", report_type="delivery-status")
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
-    report["To"] = f"<{entry.sender}>"
+    report["To"] = f"<{_one_line(entry.sender)}>"
     report["Subject"] = "Undelivered Mail Returned to Sender"
     report["Date"] = email.utils.formatdate(now, localtime=True)
     report["Message-ID"] = email.utils.make_msgid(idstring=entry.queue_id, domain=reporting_mta)
@@ -73,7 +107,7 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
              "Your message could not be delivered to the recipients below. It has",
              "been given up for good: sending it again unchanged will not help.", ""]
     for recipient in failures:
-        lines.append(f"<{recipient.address}>: {recipient.last_error or recipient.status}")
+        lines.append(_one_line(f"<{recipient.address}>: {recipient.last_error or recipient.status}"))
     lines += ["", "The delivery report and the header of your message follow.", ""]
     report.attach(_text_part("\n".join(lines), "plain"))
 
@@ -85,13 +119,13 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
         ("Arrival-Date", email.utils.formatdate(entry.created, localtime=True)),
     ])]
     for recipient in failures:
-        fields = [("Final-Recipient", f"rfc822; {recipient.address}"),
+        fields = [("Final-Recipient", _final_recipient(recipient.address)),
                   ("Action", "failed"),
-                  ("Status", recipient.status or "5.0.0")]
+                  ("Status", _ascii_field(recipient.status or "5.0.0"))]
         if recipient.remote_mta:
-            fields.append(("Remote-MTA", f"dns; {recipient.remote_mta}"))
+            fields.append(("Remote-MTA", f"dns; {_ascii_field(recipient.remote_mta)}"))
         if recipient.last_error:
-            fields.append(("Diagnostic-Code", recipient.last_error))
+            fields.append(("Diagnostic-Code", _ascii_field(recipient.last_error)))
         fields.append(("Last-Attempt-Date", email.utils.formatdate(now, localtime=True)))
         blocks.append(_status_block(fields))
     status.set_payload(blocks)
@@ -99,4 +133,4 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
 
     header = original_header(original)
     report.attach(_text_part(header, "rfc822-headers"))
-    return report.as_bytes(policy=_POLICY)
+    return report.as_bytes(policy=_POLICY if entry.sender.isascii() else _UTF8_POLICY)

@@ -364,6 +364,44 @@ def test_a_2xx_to_the_data_command_sends_nothing_and_is_retried(mta, sink):
     assert (recipient.status, recipient.last_error) == ("4.0.0", "smtp; 250 2.0.0 ok")
 
 
+def test_a_remote_reply_cannot_add_fields_to_the_bounce(mta, sink, root):
+    remote = sink()
+    remote.handler.rcpt_replies["bob@example.net"] = (
+        "550 5.1.1 Empfänger unbekannt\rFinal-Recipient: rfc822; x@evil.example\x0bAction: delivered")
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert (recipient["Action"], recipient["Diagnostic-Code"]) == (
+        "failed", "smtp; 550 5.1.1 Empf\\x{E4}nger unbekannt Final-Recipient: rfc822; x@evil.example Action: delivered")
+    human = list(bounce.iter_parts())[0].get_content()
+    assert "<bob@example.net>: smtp; 550 5.1.1 Empfänger unbekannt Final-Recipient:" in human
+
+
+def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
+    # RFC 6533 §3: "utf-8;" and the address in utf-8-addr-xtext form.
+    server = mta(sink(enable_SMTPUTF8=False))
+    server.context.queue.enqueue(SENDER, ["jürgen+x@example.net"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert (recipient["Final-Recipient"], recipient["Status"]) == ("utf-8; j\\x{FC}rgen\\x{2B}x@example.net", "5.6.7")
+
+
+def test_a_bounce_to_a_utf8_sender_has_a_utf8_header(mta, sink):
+    remote = sink()
+    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    server = mta(remote)
+    server.context.queue.enqueue("jürgen@example.net", ["nobody@example.net"], MESSAGE)
+    server.relay.run_once()  # fails nobody@, queues the bounce, delivers the bounce by SMTPUTF8
+    [bounce] = remote.messages
+    assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["jürgen@example.net"]
+    parsed = email.message_from_string(bounce.content.decode("utf-8"), policy=email.policy.SMTPUTF8)
+    assert parsed["To"].addresses[0].addr_spec == "jürgen@example.net"
+    assert delivery_status(parsed)[1][0]["Final-Recipient"] == "rfc822; nobody@example.net"
+
+
 def test_a_message_from_the_null_sender_is_never_bounced(mta, sink, root):
     remote = sink()
     remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
