@@ -414,7 +414,10 @@ class MaildirMaildrop:
         """Every message now present; new ones move to cur/ as the session has seen them.
 
         A file whose unique name (so its UIDL) an earlier one has gets a name
-        of its own (``_rename_duplicate``).
+        of its own (``_rename_duplicate``). One file another program left
+        that we cannot move or read must not keep the user from the rest of
+        the mail: it stays in new/, or is left out of this session, with a
+        warning in the log.
         """
         infos, uids = [], set()
         for key, relative in _scan(self._path):
@@ -429,6 +432,10 @@ class MaildirMaildrop:
                 size = _pop3_size_of(key, os.path.join(self._path, relative))
             except FileNotFoundError:
                 continue
+            except OSError as error:
+                log.warning("%s: cannot read %s: %s; left out of this session",
+                            self._path, relative, error.strerror or error)
+                continue
             uid = uid_of(key)
             self._files[key] = relative
             uids.add(uid)
@@ -440,21 +447,34 @@ class MaildirMaildrop:
         moved = f"cur/{name}" if INFO_SEPARATOR in name else f"cur/{name}{INFO_SEPARATOR}"
         if os.path.lexists(self._path / moved):  # rename(2) would replace that message
             return self._rename_duplicate(relative)
-        return self._rename(relative, moved)
+        try:
+            return self._rename(relative, moved)
+        except OSError as error:  # e.g. a name with no room for ":2,", or cur/ read-only
+            log.warning("%s: cannot move %s to cur/: %s; read from new/",
+                        self._path, relative, error.strerror or error)
+            return relative
 
     def _rename_duplicate(self, relative: str) -> str | None:
         """Give a file whose unique name another file has a new one, in cur/.
 
         The new name has no ``,S=,W=`` fields: its size is counted from the file.
+        Unrenamed, it would be a second message with one UIDL (RFC 1939 §7
+        forbids that), so if it cannot be renamed it is left out.
         """
         _, _, flags = relative.partition(INFO_SEPARATOR)
-        moved = self._rename(relative, f"cur/{self._unique_name()[0]}{INFO_SEPARATOR}{flags}")
+        try:
+            moved = self._rename(relative, f"cur/{self._unique_name()[0]}{INFO_SEPARATOR}{flags}")
+        except OSError as error:
+            log.warning("%s: %s has the unique name of another message and cannot be renamed: %s; "
+                        "left out of this session", self._path, relative, error.strerror or error)
+            return None
         if moved is not None:
             log.warning("%s: %s has the unique name of another message: renamed to %s",
                         self._path, relative, moved)
         return moved
 
     def _rename(self, relative: str, moved: str) -> str | None:
+        """``moved``, once renamed; None if the file is gone (OSError for any other failure)."""
         try:
             os.rename(self._path / relative, self._path / moved)
         except FileNotFoundError:  # taken away meanwhile by another program
@@ -490,15 +510,22 @@ class MaildirMaildrop:
         return read()
 
     def mark_seen(self, key: str) -> None:
+        """Add the S flag, if the message is in cur/ (files in new/ have no flags).
+
+        The flag is for other mail readers; POP3 has none (RFC 1939 §5), so
+        failing to set it is logged, and RETR goes on.
+        """
         relative = self._files[key]
         base, _, flags = relative.partition(INFO_SEPARATOR)
-        if SEEN_FLAG in flags:
+        if SEEN_FLAG in flags or not relative.startswith("cur/"):
             return
         seen = f"{base}{INFO_SEPARATOR}{''.join(sorted(flags + SEEN_FLAG))}"
         try:
-            os.rename(self._path / relative, self._path / seen)
-        except FileNotFoundError:
-            return  # renamed or removed by someone else: nothing to mark
+            if self._rename(relative, seen) is None:
+                return  # renamed or removed by someone else: nothing to mark
+        except OSError as error:
+            log.warning("%s: cannot mark %s seen: %s", self._path, relative, error.strerror or error)
+            return
         self._files[key] = seen
 
     def expunge(self, keys: Iterable[str]) -> int:

@@ -301,15 +301,30 @@ def test_open_maildrop_refuses_a_second_holder_in_process(alice, store):
 # --- storage failures (RFC 3206 SYS/TEMP) and files changing underneath ------------------
 
 
-def test_storage_failure_during_login_answers_sys_temp_and_releases_the_lock(login, store, root):
-    # A name so long that with ":2," it is no name (NAME_MAX is 255 octets):
-    # the move into cur/ fails.
-    (root / "alice" / "new" / f"1700000000.{'x' * 242}").write_bytes(MESSAGE)
+def test_a_message_that_cannot_move_to_cur_is_read_from_new(login, store, root, caplog):
+    # A name so long that with ":2," it is no name (NAME_MAX is 255 octets).
+    # It used to fail the whole login, and so the user's every message.
+    deliver(store, 1)
+    stuck = root / "alice" / "new" / f"1700000000.{'x' * 242}"
+    stuck.write_bytes(MESSAGE)
     client, reply = login()
-    assert reply == SYS_TEMP
-    assert b"Errno" not in reply and b"mailboxes" not in reply
-    store.open_maildrop("alice").release()  # taken before the failure, given back after it
-    assert client.command("CAPA").startswith(b"+OK")  # still in AUTHORIZATION
+    assert reply == b"+OK alice's maildrop has 2 messages (48 octets)\r\n"
+    assert client.command("RETR 1") == b"+OK 22 octets\r\n"
+    assert client.multiline() == [b"Subject: hi\r\n", b"\r\n", b"hello\r\n", b".\r\n"]
+    assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
+    assert client.command("QUIT").startswith(b"+OK")
+    assert not stuck.exists()
+    assert f"cannot move new/{stuck.name} to cur/: File name too long; read from new/" in caplog.text
+
+
+def test_a_message_that_cannot_be_marked_seen_is_still_sent(login, store, root, caplog):
+    # The S flag is for other mail readers; RETR must not fail for it.
+    long_name = root / "alice" / "cur" / f"1700000000.{'x' * 241}:2,"  # 255 octets: no room for the S
+    long_name.write_bytes(MESSAGE)
+    client, _ = login()
+    assert client.command("RETR 1") == b"+OK 22 octets\r\n"
+    assert client.multiline()[-2:] == [b"hello\r\n", b".\r\n"]
+    assert long_name.exists() and f"cannot mark cur/{long_name.name} seen: File name too long" in caplog.text
 
 
 def test_maildir_that_is_not_a_directory_answers_sys_temp(login, root):

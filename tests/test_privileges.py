@@ -148,3 +148,38 @@ def test_a_non_root_user_may_name_itself(monkeypatch):
     account = pwd.getpwuid(os.geteuid())
     monkeypatch.setattr(os, "geteuid", lambda: account.pw_uid)
     assert account_to_run_as(account.pw_name) == account
+
+
+# --- files the server's user cannot read (root reads everything, so these run as another) ----
+
+
+def test_an_unreadable_message_is_left_out_and_an_unreadable_maildrop_is_sys_temp(system_user, shared_dir):
+    root = make_root(shared_dir, system_user)
+    maildir = root / "alice"
+    MaildirStore(root).deliver("alice", b"Subject: readable\n\nhello\n")
+    # Another delivery agent's file, no W= in its name, that only root may read.
+    (maildir / "new" / "1700000000.M1P99.otherhost").write_bytes(b"Subject: secret\n\nno\n")
+    for path in [maildir, *maildir.rglob("*")]:
+        if not path.name.startswith("1700000000"):
+            os.chown(path, system_user.pw_uid, system_user.pw_gid)
+    (maildir / "new" / "1700000000.M1P99.otherhost").chmod(0o600)
+    server = ServerProcess(root, "--run-as", system_user.pw_name).wait_listening()
+    try:
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        assert client.pass_(PASSWORD) == b"+OK alice's maildrop has 1 messages (28 octets)"
+        client.quit()
+        assert "cannot read cur/1700000000.M1P99.otherhost:2,: Permission denied; left out of this session" \
+            in server.output()
+        # A maildrop it cannot list at all is a failure of ours, and gives the lock back.
+        (maildir / "cur").chmod(0o000)
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_(PASSWORD)
+        (maildir / "cur").chmod(0o700)
+        client.user("alice")
+        assert client.pass_(PASSWORD).startswith(b"+OK")  # the lock was released
+        client.quit()
+    finally:
+        server.stop()
