@@ -274,6 +274,8 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
             raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # TOML is UTF-8 (TOML 1.0)
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
+        except RecursionError:  # arrays or tables nested thousands deep
+            raise ConfigError(f"config file {str(path)!r} is nested too deep") from None
     values = _merge(values, _without_none(overrides or {}))
     try:
         return schema.build(Settings, values)

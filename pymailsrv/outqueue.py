@@ -358,7 +358,7 @@ class OutboundQueue:
                 raise ValueError(f"it says it is {entry.queue_id!r}")
         except FileNotFoundError:
             return None  # delivered or deleted meanwhile
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: JSON nested too deep
             self._warn_broken(path, error)
             return None
         self._warned.discard(path.name)

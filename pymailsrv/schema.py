@@ -109,4 +109,7 @@ def convert(value: object, kind: Any, key: str) -> Any:
     accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}[kind]
     if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
         raise SchemaError(key, f"expected {kind.__name__}, got {value!r}")
-    return kind(value)
+    try:
+        return kind(value)
+    except OverflowError:  # an int with more digits than a float holds
+        raise SchemaError(key, f"the number is too large for a {kind.__name__}") from None

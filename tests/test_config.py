@@ -94,6 +94,7 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("pop3 = 5\n", "pop3"),
     ("trace = \"yes\"\n", "trace"),
     ("[smtp]\nbare_newline = \"maybe\"\n", "smtp.bare_newline"),
+    pytest.param(f"[relay]\nmin_backoff = 1{'0' * 400}\n", "relay.min_backoff", id="no-float-holds-it"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
@@ -101,6 +102,10 @@ def test_bad_value_is_named(tmp_path, text, key):
 
 def test_invalid_toml_is_one_line(tmp_path):
     assert error_for(tmp_path, "[pop3\nport = 1\n").startswith("config file ")
+
+
+def test_a_config_file_nested_too_deep_is_one_line(tmp_path):
+    assert error_for(tmp_path, "a = " + "[" * 100_000 + "]" * 100_000 + "\n").endswith(" is nested too deep")
 
 
 def test_config_file_not_in_utf8_is_one_line(tmp_path):

@@ -244,7 +244,10 @@ def put_broken_entries(queue: OutboundQueue) -> list[str]:
     (queue.directory / "WRONGTYPES.json").write_text(json.dumps(
         {**envelope, "created": "yesterday", "recipients": "b@example.net"}))
     (queue.directory / "OTHERNAME.json").write_text(json.dumps(envelope))  # a copy: its id is not its name
-    return ["STRAY.json", "GARBAGE.json", "WRONGTYPES.json", "OTHERNAME.json"]
+    # Valid JSON that still breaks a reader: a number no float holds, and nesting past the recursion limit.
+    (queue.directory / "HUGE.json").write_text(json.dumps(envelope).replace('"created": 0.0', '"created": 1' + "0" * 400))
+    (queue.directory / "DEEP.json").write_text("[" * 200_000 + "]" * 200_000)
+    return ["STRAY.json", "GARBAGE.json", "WRONGTYPES.json", "OTHERNAME.json", "HUGE.json", "DEEP.json"]
 
 
 def test_broken_envelopes_are_skipped_with_one_warning_each(queue, caplog):
