@@ -137,6 +137,13 @@ def _closing_bracket(text: str) -> int:
     return -1
 
 
+def unquoted_local_part(local_part: str) -> str:
+    """RFC 5321 §4.1.2: "alice" and alice are the same local part."""
+    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
+        return re.sub(r"\\(.)", r"\1", local_part[1:-1])
+    return local_part
+
+
 def is_domain(text: str) -> bool:
     """Is ``text`` a Domain or an address literal, as RFC 5321 §4.1.2 writes them?"""
     return bool(_DOMAIN.fullmatch(text)) or _is_address_literal(text)

@@ -68,6 +68,7 @@ import dns.resolver
 from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import Outcome, QueueEntry, State
+from pymailsrv.paths import unquoted_local_part
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
 
@@ -581,7 +582,7 @@ class Relay:
         failing just after a local delivery repeats anything, and what it
         repeats is the local copy.
         """
-        local_part = address.rpartition("@")[0]
+        local_part = unquoted_local_part(address.rpartition("@")[0])
         expansion = self.context.aliases.expand(local_part)
         if not expansion:
             return Outcome(State.FAILED, STATUS_NO_SUCH_USER,

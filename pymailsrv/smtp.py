@@ -49,7 +49,15 @@ from pymailsrv.limits import (
     SMTP_MAX_ERRORS,
     SMTP_TEXT_LINE_MAX,
 )
-from pymailsrv.paths import UTF8_NON_ASCII, Address, PathError, is_domain, parse_parameters, parse_path
+from pymailsrv.paths import (
+    UTF8_NON_ASCII,
+    Address,
+    PathError,
+    is_domain,
+    parse_parameters,
+    parse_path,
+    unquoted_local_part,
+)
 from pymailsrv.replies import (
     R214_HELP,
     R220_GREETING,
@@ -184,8 +192,10 @@ class Spool:
     def __init__(self, context: ServerContext, envelope: Envelope) -> None:
         self._queue = context.queue
         self._local = context.store.receive(envelope.users) if envelope.users else None
+        self._outbound = None
         try:
-            self._outbound = self._queue.receive() if envelope.relay_recipients else None
+            if envelope.relay_recipients:
+                self._outbound = self._queue.receive()
         except StorageError:
             self.discard()
             raise
@@ -371,13 +381,6 @@ class MessageText:
 def _storage_refusal(error: StorageError) -> Reply:
     # RFC 3463 §3.4: X.3.1 "mail system full"; anything else is X.3.0.
     return R452_INSUFFICIENT_STORAGE if isinstance(error, InsufficientStorage) else R451_LOCAL_ERROR
-
-
-def _unquoted(local_part: str) -> str:
-    """RFC 5321 §4.1.2: "alice" and alice are the same local part."""
-    if len(local_part) >= 2 and local_part[0] == local_part[-1] == '"':
-        return re.sub(r"\\(.)", r"\1", local_part[1:-1])
-    return local_part
 
 
 class SmtpSession(Session):
@@ -676,7 +679,7 @@ class SmtpSession(Session):
             if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
                 return (), (str(recipient),)
             raise CommandError(R554_RELAY_DENIED.format(address=recipient))
-        local_part = _unquoted(recipient.local_part)
+        local_part = unquoted_local_part(recipient.local_part)
         # Aliases (aliases.py) name users and outside addresses; a plain user
         # name expands to itself. "../x", "a/b" or UTF-8 expand to nothing.
         # Not lower-cased here: str.lower() would turn the Kelvin sign into
@@ -835,7 +838,7 @@ class SubmissionSession(SmtpSession):
             raise CommandError(R530_AUTH_REQUIRED)
         sender, _ = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
         # The user's own name, or an alias that delivers to them, in one of our domains.
-        local_part = _unquoted(sender.local_part) if sender else ""
+        local_part = unquoted_local_part(sender.local_part) if sender else ""
         owned = (sender is not None and self._is_local_domain(sender.domain)
                  and self.user in self.context.aliases.expand(local_part).users)
         if not owned:

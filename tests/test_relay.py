@@ -19,6 +19,7 @@ import errno
 import logging
 import os
 import signal
+import shutil
 import smtplib
 import socket
 import ssl
@@ -698,6 +699,33 @@ def test_a_local_copy_that_fails_takes_the_outside_copy_back_before_it_is_sent(r
     server.relay.wake()
     time.sleep(0.5)  # time enough for a worker to send anything it was given
     assert remote.messages == [] and server.context.queue.ids() == []
+
+
+def test_a_queue_that_cannot_take_the_message_refuses_data_and_leaves_nothing(relaying_server, root, caplog):
+    server, remote = relaying_server
+    server.context.aliases.add("carol", ["carol@example.net", "alice"])
+    queue = server.context.queue.directory
+    shutil.rmtree(queue, ignore_errors=True)
+    queue.write_bytes(b"")  # the queue directory is a file
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
+        client.ehlo()
+        client.mail("x@example.org")
+        assert client.rcpt("carol@localhost")[0] == 250
+        code, reply = client.docmd("DATA")
+    assert (code, reply) == (451, b"4.3.0 local error in processing, try again later")
+    assert "Traceback" not in caplog.text
+    assert list((root / "alice" / "tmp").iterdir()) == []  # the local copy begun is thrown away
+
+
+def test_a_bounce_to_a_quoted_local_sender_reaches_her(mta, sink, root):
+    # RFC 5321 §4.1.2: "alice"@localhost is alice@localhost.
+    remote = sink()
+    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
+    server = mta(remote)
+    server.context.queue.enqueue('"alice"@localhost', ["nobody@example.net"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    assert delivery_status(bounce)[1][0]["Final-Recipient"] == "rfc822; nobody@example.net"
 
 
 def test_an_authenticated_client_reaches_another_domain_through_the_queue(relaying_server):
