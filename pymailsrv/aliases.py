@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
-from pymailsrv.paths import PathError, parse_path
+from pymailsrv.paths import PathError, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.aliases")
@@ -110,6 +110,11 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
         # surrogates (PEP 383): no file or mail server could take them.
         raise AliasError(f"invalid target {target!r}: not valid UTF-8") from None
     target = target.strip()
+    if "," in target or _COMMENT.search(target):
+        # The aliases file separates targets with "," and starts a comment
+        # at a "#" after a space: a quoted local part holding either could
+        # not be read back.
+        raise AliasError(f"invalid target {target!r}: an aliases file cannot hold ',' or ' #' in an address")
     if "@" not in target:
         return _checked_name(target)
     try:
@@ -119,7 +124,7 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
     if rest.strip() or not address.domain:
         raise AliasError(f"invalid target {target!r}")
     if address.domain in {domain.lower() for domain in local_domains}:
-        return _checked_name(address.local_part)
+        return _checked_name(unquoted_local_part(address.local_part))
     return str(address)
 
 
@@ -297,8 +302,11 @@ class AliasTable:
     def _editing(self) -> Iterator[tuple[_AliasFile, list[str | None]]]:
         """The file parsed and its lines, under the lock; the changed lines are written back."""
         with exclusive_lock(self._lock_path):
+            # A hand edit in another encoding is kept byte for byte in the
+            # lines we do not change (surrogateescape), as the server reads
+            # around it: its bad lines are skipped with a warning.
             try:
-                text = self.path.read_text(encoding="utf-8")
+                text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
             except FileNotFoundError:
                 text = ""
             parsed = _parse(text, str(self.path))
@@ -306,7 +314,7 @@ class AliasTable:
             yield parsed, lines
             text = "".join(line + "\n" for line in lines if line is not None)
             # Not secret, unlike users.json: anyone may read where mail goes.
-            write_atomically(self.path, text.encode("utf-8"), mode=0o644)
+            write_atomically(self.path, text.encode("utf-8", "surrogateescape"), mode=0o644)
 
 
 def _canonical(target: str, domains: Iterable[str]) -> str:

@@ -65,6 +65,18 @@ def test_an_address_in_our_own_domain_is_a_local_name(aliases):
     assert aliases.expand("boss") == Expansion(users=("alice",))
 
 
+def test_a_quoted_address_in_our_own_domain_is_a_local_name(aliases):
+    assert aliases.add("boss", ['"alice"@example.com']) == ["alice"]  # RFC 5321 §4.1.2
+
+
+def test_editing_keeps_a_hand_edit_that_is_not_utf8_byte_for_byte(aliases):
+    aliases.path.parent.mkdir(parents=True, exist_ok=True)
+    aliases.path.write_bytes(b"# caf\xe9 team\nstaff: alice\n")
+    assert aliases.add("staff", ["bob"]) == ["alice", "bob"]
+    assert aliases.remove("staff", ["alice"]) == ["bob"]
+    assert aliases.path.read_bytes() == b"# caf\xe9 team\nstaff: bob\n"
+
+
 def test_an_unknown_target_is_reported(aliases):
     write(aliases, "team: alice, ghost\n")
     expansion = aliases.expand("team")
@@ -108,7 +120,10 @@ def test_add_and_remove_keep_the_rest_of_the_file_as_written(aliases):
     assert os.stat(aliases.path).st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize("name, targets", [("../x", ["alice"]), ("ok", ["a b"]), ("ok", ["x@"]), ("ok", [])])
+@pytest.mark.parametrize("name, targets", [("../x", ["alice"]), ("ok", ["a b"]), ("ok", ["x@"]), ("ok", []),
+                                           # Valid addresses that the file's "," and "#" would cut apart:
+                                           ("ok", ['"sales, europe"@remote.example']),
+                                           ("ok", ['"ops #1"@remote.example', "bob"])])
 def test_bad_names_and_targets_are_refused(aliases, name, targets):
     with pytest.raises(AliasError):
         aliases.add(name, targets)
