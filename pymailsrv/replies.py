@@ -353,8 +353,9 @@ R553_SENDER_NOT_OWNED = SmtpReply(553, "5.7.1", "<{address}>: sender address not
                                   note="a submitting user may only send as themselves, RFC 6409 §6.1")
 R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
                                 note="UTF-8 addresses need MAIL ... SMTPUTF8, RFC 6531 §3.6")
-R554_RELAY_DENIED = SmtpReply(554, "5.7.1", "<{address}>: relay access denied",
-                              note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2")
+R550_RELAY_DENIED = SmtpReply(550, "5.7.1", "<{address}>: relay access denied",
+                              note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2; "
+                                   "550, as §4.3.2 lists for RCPT (Postfix says 554)")
 R554_NO_VALID_RECIPIENTS = SmtpReply(554, "5.5.1", "no valid recipients",
                                      note="DATA after every RCPT was refused, RFC 5321 §3.3")
 R555_UNKNOWN_PARAMETER = SmtpReply(555, "5.5.4", "unsupported parameter {parameter}",

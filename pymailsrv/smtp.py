@@ -14,7 +14,7 @@ starts and RSET, EHLO and the end of DATA throw away (aiosmtpd's split)::
   come at any time and abort the transaction in progress.
 * RCPT checks each recipient at once (§3.3): a local user of one of our
   domains, ``postmaster`` of any of them (§4.5.1), or a refusal. We are never
-  an open relay: mail for other domains is refused (554 5.7.1) unless the
+  an open relay: mail for other domains is refused (550 5.7.1) unless the
   client is in ``relay.trusted_networks``.
 * DATA's text ends only at ``<CRLF>.<CRLF>`` (§4.1.1.4), with the leading
   dot of stuffed lines removed (§4.5.2). See ``MessageText`` for why nothing
@@ -104,7 +104,7 @@ from pymailsrv.replies import (
     R552_TOO_BIG,
     R553_NEEDS_SMTPUTF8,
     R554_NO_VALID_RECIPIENTS,
-    R554_RELAY_DENIED,
+    R550_RELAY_DENIED,
     R555_UNKNOWN_PARAMETER,
     CommandError,
     Reply,
@@ -678,7 +678,7 @@ class SmtpSession(Session):
             # network; for anyone else we are never an open relay.
             if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
                 return (), (str(recipient),)
-            raise CommandError(R554_RELAY_DENIED.format(address=recipient))
+            raise CommandError(R550_RELAY_DENIED.format(address=recipient))
         local_part = unquoted_local_part(recipient.local_part)
         # Aliases (aliases.py) name users and outside addresses; a plain user
         # name expands to itself. "../x", "a/b" or UTF-8 expand to nothing.

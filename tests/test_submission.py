@@ -5,7 +5,7 @@ The submission listener is SMTP with two rules more: AUTH before MAIL
 as themselves (553 5.7.1, RFC 6409 §6.1). Relaying - mail for a domain
 that is not ours - is for logged-in clients only, on any listener; until
 the outbound queue exists they get a temporary 451 4.4.0. A client that has
-not logged in can never relay (554 5.7.1).
+not logged in can never relay (550 5.7.1).
 """
 
 from __future__ import annotations
@@ -175,13 +175,13 @@ def test_unauthenticated_client_may_never_relay(connect, listener):
     connected = connect(listener)
     assert exchange(connected, "MAIL FROM:<alice@localhost>").startswith(b"250 ")
     reply = exchange(connected, "RCPT TO:<carol@example.org>")
-    assert reply == wire(R.R554_RELAY_DENIED, address="carol@example.org")
-    assert reply.startswith(b"554 5.7.1 ")
+    assert reply == wire(R.R550_RELAY_DENIED, address="carol@example.org")
+    assert reply.startswith(b"550 5.7.1 ")
 
 
 def test_failed_auth_does_not_open_the_relay(connect, alice):
     connected = connect("smtp")
     assert exchange(connected, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
     assert exchange(connected, "MAIL FROM:<alice@localhost>").startswith(b"250 ")
-    assert exchange(connected, "RCPT TO:<carol@example.org>") == wire(R.R554_RELAY_DENIED,
+    assert exchange(connected, "RCPT TO:<carol@example.org>") == wire(R.R550_RELAY_DENIED,
                                                                        address="carol@example.org")
