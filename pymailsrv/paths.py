@@ -30,6 +30,8 @@ from dataclasses import dataclass
 LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255
 PATH_MAX = 256
+# RFC 1035 §2.3.4: a label of a domain name is 63 octets at most.
+LABEL_MAX = 63
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 # RFC 6531 §3.3: UTF8-non-ascii joins atext, qtext and domain labels. Whether
@@ -146,7 +148,12 @@ def unquoted_local_part(local_part: str) -> str:
 
 def is_domain(text: str) -> bool:
     """Is ``text`` a Domain or an address literal, as RFC 5321 §4.1.2 writes them?"""
-    return bool(_DOMAIN.fullmatch(text)) or _is_address_literal(text)
+    if _DOMAIN.fullmatch(text):
+        # A longer label could never be looked up: the relay would retry it
+        # for days. A UTF-8 label's limit is its A-label's (RFC 5890
+        # §2.3.2.1), which only the resolver works out.
+        return all(len(label) <= LABEL_MAX for label in text.split(".") if label.isascii())
+    return _is_address_literal(text)
 
 
 def _is_address_literal(domain: str) -> bool:

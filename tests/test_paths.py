@@ -175,6 +175,13 @@ def test_domain_of_255_octets_is_accepted_and_256_refused():
         parse_mailbox(f"x@{too_long}")
 
 
+def test_a_label_of_63_octets_is_accepted_and_64_refused():
+    # RFC 1035 §2.3.4: such a domain could never be looked up.
+    assert forward(f"<x@{'a' * 63}.example>").domain == f"{'a' * 63}.example"
+    with pytest.raises(PathError, match="domain"):
+        forward(f"<x@{'a' * 64}.example>")
+
+
 @pytest.mark.parametrize("literal", ["[192.0.2.1]", "[IPv6:2001:db8::1]", "[IPv6:::1]"])
 def test_address_literal_is_a_domain(literal):
     assert forward(f"<alice@{literal}>") == Address("alice", literal.lower())
