@@ -369,8 +369,8 @@ def test_over_long_address_is_refused_with_501(smtp_client, alice, verb, address
     ("alice%localhost@localhost", b"550 5.1.1 <alice%localhost@localhost>: recipient address rejected: "
                                   b"user unknown\r\n"),
     # RFC 5321 §4.1.1.3 / Appendix C: the route is ignored, the mailbox decides.
-    ("@localhost:bob@other.example", b"554 5.7.1 <bob@other.example>: relay access denied\r\n"),
-    ("@a.example,@b.example:bob@other.example", b"554 5.7.1 <bob@other.example>: relay access denied\r\n"),
+    ("@localhost:bob@other.example", b"550 5.7.1 <bob@other.example>: relay access denied\r\n"),
+    ("@a.example,@b.example:bob@other.example", b"550 5.7.1 <bob@other.example>: relay access denied\r\n"),
     ("bob%other.example", b"501 5.1.3 bad address syntax: expected local-part@domain\r\n"),
     ("bob@other.example@localhost", b"501 5.1.3 bad address syntax: bad local part 'bob@other.example'\r\n"),
 ])
