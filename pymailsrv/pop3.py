@@ -76,6 +76,7 @@ from pymailsrv.replies import (
     POP3_NOOP,
     POP3_RESET,
     POP3_SCAN_LISTING,
+    POP3_SHUTTING_DOWN,
     POP3_SCAN_LISTINGS_FOLLOW,
     POP3_SIGNING_OFF,
     POP3_SIGNING_OFF_AFTER_UPDATE,
@@ -169,6 +170,9 @@ class Pop3Session(Session):
 
     def timed_out(self) -> Reply:
         return POP3_AUTOLOGOUT
+
+    def shutting_down(self) -> Reply:
+        return POP3_SHUTTING_DOWN
 
     def command_line_limit(self) -> int:
         return self.settings.pop3.command_line_max

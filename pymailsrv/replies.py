@@ -254,6 +254,9 @@ POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
                                    code="AUTH").closing()
 POP3_AUTOLOGOUT = _err("autologout: idle for too long",
                        "inactivity timer expired, no UPDATE, RFC 1939 §3").closing()
+POP3_SHUTTING_DOWN = _err("server shutting down, try again later",
+                          "the server is stopping: no UPDATE, nothing deleted, RFC 1939 §3 / RFC 3206 §4",
+                          code="SYS/TEMP").closing()
 
 
 # --- SMTP catalogue (RFC 5321 §4.2, RFC 3463) ------------------------------
@@ -287,6 +290,8 @@ R354_START_DATA = SmtpReply(354, None, "end data with <CR><LF>.<CR><LF>",
                             note="send the message; a line with a lone '.' ends it, RFC 5321 §4.1.1.4")
 R421_TIMEOUT = SmtpReply(421, "4.4.2", "{host} error: timeout exceeded",
                          note="client silent too long, closing, RFC 5321 §4.5.3.2").closing()
+R421_SHUTTING_DOWN = SmtpReply(421, "4.3.2", "{host} service shutting down, try again later",
+                               note="the server is stopping, RFC 5321 §3.8 / RFC 3463 X.3.2").closing()
 R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors",
                                  note="error limit reached, closing (Postfix's hard limit)").closing()
 # RFC 5321 §3.1: a server that will not serve a client may answer 421 in

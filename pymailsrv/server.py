@@ -78,6 +78,10 @@ log = logging.getLogger("pymailsrv.server")
 # How often a listener checks whether stop() was asked for. socketserver's
 # default (0.5 s) makes every stop take half a second per listener.
 LISTENER_POLL_SECONDS = 0.05
+# How long a stopping server lets its sessions finish the command in hand (a
+# message being committed, a RETR being sent) before it cuts them. Within
+# workers.WORKER_STOP_SECONDS, which the relay's stop shares with it.
+STOP_DRAIN_SECONDS = 3.0
 
 
 class Tally:
@@ -216,7 +220,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # RFC 8314: on an implicit-TLS port the handshake comes before the greeting.
         self.implicit_tls = implicit_tls
         self._open: set[Connection] = set()
-        self._open_lock = threading.Lock()
+        self._open_changed = threading.Condition()  # guards _open; notified as sessions end
         super().__init__(address, SessionHandler)
         # Worker processes share this socket (workers.py): a connection wakes
         # every one waiting in poll(), and only one gets it. A blocking
@@ -237,15 +241,25 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         return super().get_request()  # non-blocking: fails if another process took it
 
     def track(self, connection: Connection) -> None:
-        with self._open_lock:
+        with self._open_changed:
             self._open.add(connection)
 
     def untrack(self, connection: Connection) -> None:
-        with self._open_lock:
+        with self._open_changed:
             self._open.discard(connection)
+            self._open_changed.notify_all()
 
-    def close_connections(self) -> None:
-        with self._open_lock:
+    def stop_reading(self) -> None:
+        """Let every session end after the command in hand (Connection.stop_reading)."""
+        with self._open_changed:
+            connections = list(self._open)
+        for connection in connections:
+            connection.stop_reading()
+
+    def end_sessions(self, deadline: float) -> None:
+        """Wait until the sessions have ended, or ``deadline`` (time.monotonic()); then cut what is left."""
+        with self._open_changed:
+            self._open_changed.wait_for(lambda: not self._open, timeout=max(0.0, deadline - time.monotonic()))
             connections = list(self._open)
         for connection in connections:
             connection.shutdown()
@@ -509,16 +523,20 @@ class MailServer:
         return f"listening {pairs}"
 
     def stop(self) -> None:
-        self.relay.stop()
+        """Take no more connections, let each session finish its command, stop the relay."""
         # Only listeners that serve() started: shutdown() waits for
         # serve_forever to end, for ever if it never began (a bound server
         # whose workers serve it, workers.py).
         for listener, thread in zip(self.listeners, self._threads):
             listener.shutdown()
             thread.join()
+        deadline = time.monotonic() + STOP_DRAIN_SECONDS
         for listener in self.listeners:
             listener.server_close()
-            listener.close_connections()
+            listener.stop_reading()
+        self.relay.stop()  # meanwhile, the sessions finish
+        for listener in self.listeners:
+            listener.end_sessions(deadline)
         self.listeners.clear()
         self._threads.clear()
 

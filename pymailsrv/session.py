@@ -124,6 +124,10 @@ class Session:
     def timed_out(self) -> Reply:
         raise NotImplementedError
 
+    def shutting_down(self) -> Reply:
+        """The last word to a client when the server stops between its commands."""
+        raise NotImplementedError
+
     @property
     def line_limit(self) -> int:
         """The longest line the transport may hand over now."""

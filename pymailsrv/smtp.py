@@ -85,6 +85,7 @@ from pymailsrv.replies import (
     R250_SENDER_OK,
     R252_CANNOT_VRFY,
     R354_START_DATA,
+    R421_SHUTTING_DOWN,
     R421_TIMEOUT,
     R421_TOO_MANY_ERRORS,
     R451_LOCAL_ERROR,
@@ -412,6 +413,9 @@ class SmtpSession(Session):
 
     def timed_out(self) -> Reply:
         return R421_TIMEOUT.format(host=self.settings.hostname)
+
+    def shutting_down(self) -> Reply:
+        return R421_SHUTTING_DOWN.format(host=self.settings.hostname)
 
     def command_line_limit(self) -> int:
         if self.state is SmtpState.DATA:

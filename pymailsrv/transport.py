@@ -74,6 +74,7 @@ class Connection:
         # the line before it - or our greeting - went out. Transcripts record
         # it, and ``pymailsrv grade`` judges clients by it.
         self.line_pipelined = False
+        self.stopping = False  # set by stop_reading(), from another thread
 
     # --- input -----------------------------------------------------------------
 
@@ -190,10 +191,27 @@ class Connection:
         self.tracer.event(self.session, f"TLS established: {self.sock.version()} {self.sock.cipher()[0]}")
         self.session.tls_started()
 
+    def stop_reading(self) -> None:
+        """From another thread: end the session once the command in hand is answered.
+
+        Only the reading half is shut, so a reply being made (a 250 after
+        DATA, whose message is already on disk) still goes out; the next
+        read then finds the end, and the client hears shutting_down().
+        Answered 250, it will not send the message a second time (RFC 5321
+        §6.1); cut off mid-text, it heard nothing and sends it again.
+        """
+        self.stopping = True
+        self._shut(socket.SHUT_RD)
+
     def shutdown(self) -> None:
-        """Cut the connection from another thread (the server is stopping)."""
+        """Cut the connection from another thread (a stopping server's last resort)."""
+        self._shut(socket.SHUT_RDWR)
+
+    def _shut(self, how: int) -> None:
+        # socket.socket's own shutdown, on the descriptor: SSLSocket's would
+        # drop the TLS state under the thread that is using it.
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            socket.socket.shutdown(self.sock, how)
         except OSError:
             pass  # already closed by its own thread
 
@@ -223,6 +241,11 @@ class Connection:
             except TimeoutError:
                 self.send(session.timed_out())
                 return "timeout"
+            except ConnectionClosed:
+                if not self.stopping:
+                    raise
+                self.send(session.shutting_down())  # RFC 5321 §3.8: say 421 before going
+                return "server stopping"
             if reply is not None:
                 self.send(reply)
                 if reply.after is After.START_TLS:

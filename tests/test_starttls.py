@@ -201,6 +201,15 @@ def test_ehlo_after_starttls_no_longer_offers_starttls(tls_server, smtp_client, 
     assert exchange(client, f"EHLO {CLIENT_NAME}") == ehlo_wire(tls_server)
 
 
+def test_a_stopping_server_says_421_inside_tls(tls_server, smtp_client, context):
+    # The stop shuts the socket's reading half under TLS, not the TLS layer
+    # itself: the 421 still goes out encrypted.
+    client = smtp_client()
+    smtp_starttls(client, context)
+    tls_server.stop()
+    assert read_reply(client) == wire(R.R421_SHUTTING_DOWN, host=tls_server.settings.hostname)
+
+
 def test_starttls_twice_is_503(smtp_client, context):
     client = smtp_client()
     smtp_starttls(client, context)

@@ -1,0 +1,89 @@
+"""An orderly stop (SIGTERM, or MailServer.stop): each session finishes the
+command in hand, then hears why the server goes (RFC 5321 §3.8: 421).
+
+Cut off in the middle of a reply, a client whose message was already on disk
+would not hear its 250 and would send the message again (RFC 5321 §6.1);
+cut off without a word, it cannot tell a stop from a fault.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import PASSWORD, RawClient
+from tests.test_crash import ServerProcess
+
+SHUTTING_DOWN_421 = b"421 4.3.2 test.example service shutting down, try again later\r\n"
+POP3_SHUTTING_DOWN = b"-ERR [SYS/TEMP] server shutting down, try again later\r\n"
+# Long enough that the stop surely comes while the reply is being made.
+REPLY_DELAY_MS = 500
+
+
+def stop_in_background(server) -> threading.Thread:
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    return stopping
+
+
+def test_an_idle_smtp_client_hears_421(start_server, raw):
+    server = start_server(hostname="test.example")
+    client = raw(server.addresses["smtp"])
+    client.line()
+    assert client.command("EHLO client.example").startswith(b"250")
+    while client.line().startswith(b"250-"):
+        pass
+    server.stop()
+    assert client.line() == SHUTTING_DOWN_421
+    assert client.closed()
+
+
+def test_the_reply_in_hand_goes_out_before_the_421(start_server, raw):
+    server = start_server(hostname="test.example", faults=[f"smtp:NOOP=delay {REPLY_DELAY_MS}"])
+    client = raw(server.addresses["smtp"])
+    client.line()
+    client.send(b"NOOP\r\n")
+    time.sleep(0.1)  # the session is now making its reply
+    stopping = stop_in_background(server)
+    assert client.line() == b"250 2.0.0 OK\r\n"
+    assert client.line() == SHUTTING_DOWN_421
+    stopping.join()
+
+
+def test_a_pop3_session_stopped_before_quit_deletes_nothing(start_server, raw, add_user, store):
+    add_user("alice")
+    store.deliver("alice", b"Subject: keep me\n\nhello\n")
+    server = start_server()
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.command("USER alice")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK")
+    assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
+    server.stop()
+    assert client.line() == POP3_SHUTTING_DOWN
+    assert len(store.messages("alice")) == 1  # RFC 1939 §6: no QUIT, no UPDATE
+
+
+def test_sigterm_lets_every_session_finish_the_reply_in_hand(root, add_user):
+    # One process: injected faults count per process. Worker processes stop
+    # the same way, each on the SIGTERM the main process sends it.
+    add_user("alice")
+    server = ServerProcess(root, "--fault", f"smtp:NOOP=delay {REPLY_DELAY_MS}")
+    try:
+        server.wait_listening()
+        clients = [RawClient(server.addresses["smtp"]) for _ in range(4)]
+        try:
+            for client in clients:
+                client.line()
+                client.send(b"NOOP\r\n")
+            time.sleep(0.1)
+            server.process.terminate()
+            for client in clients:
+                assert client.line() == b"250 2.0.0 OK\r\n"
+                assert client.line().startswith(b"421 4.3.2 ")
+            assert server.wait_exit() == 0
+        finally:
+            for client in clients:
+                client.close()
+    finally:
+        server.stop()
