@@ -18,8 +18,8 @@ import email.policy
 import errno
 import logging
 import os
-import signal
 import shutil
+import signal
 import smtplib
 import socket
 import ssl
@@ -390,12 +390,19 @@ def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
     assert (recipient["Final-Recipient"], recipient["Status"]) == ("utf-8; j\\x{FC}rgen\\x{2B}x@example.net", "5.6.7")
 
 
-def test_a_bounce_to_a_utf8_sender_has_a_utf8_header(mta, sink):
+def refused_once(mta, sink, sender: str) -> tuple[MailServer, Sink]:
+    """A message from ``sender`` to an address the remote refuses, after one pass of the relay."""
     remote = sink()
     remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
     server = mta(remote)
-    server.context.queue.enqueue("jürgen@example.net", ["nobody@example.net"], MESSAGE)
-    server.relay.run_once()  # fails nobody@, queues the bounce, delivers the bounce by SMTPUTF8
+    server.context.queue.enqueue(sender, ["nobody@example.net"], MESSAGE)
+    server.relay.run_once()
+    return server, remote
+
+
+def test_a_bounce_to_a_utf8_sender_has_a_utf8_header(mta, sink):
+    # Fails nobody@, queues the bounce, delivers the bounce by SMTPUTF8.
+    _, remote = refused_once(mta, sink, "jürgen@example.net")
     [bounce] = remote.messages
     assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["jürgen@example.net"]
     parsed = email.message_from_string(bounce.content.decode("utf-8"), policy=email.policy.SMTPUTF8)
@@ -404,22 +411,14 @@ def test_a_bounce_to_a_utf8_sender_has_a_utf8_header(mta, sink):
 
 
 def test_a_message_from_the_null_sender_is_never_bounced(mta, sink, root):
-    remote = sink()
-    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
-    server = mta(remote)
-    server.context.queue.enqueue("", ["nobody@example.net"], MESSAGE)
-    server.relay.run_once()
+    server, _ = refused_once(mta, sink, "")
     assert server.context.queue.ids() == []  # dropped, not bounced
     assert maildir_messages(root, "alice") == []
     assert server.relay.run_once() == 0
 
 
 def test_a_bounce_to_an_outside_sender_is_queued_from_the_null_path(mta, sink):
-    remote = sink()
-    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
-    server = mta(remote)
-    server.context.queue.enqueue("erin@example.net", ["nobody@example.net"], MESSAGE)
-    server.relay.run_once()  # fails nobody@, queues the bounce, delivers the bounce
+    _, remote = refused_once(mta, sink, "erin@example.net")  # fails nobody@, queues and delivers the bounce
     [bounce] = remote.messages
     assert bounce.mail_from == "<>" and bounce.rcpt_tos == ["erin@example.net"]
     parsed = email.message_from_bytes(bounce.content, policy=email.policy.default)
@@ -719,11 +718,7 @@ def test_a_queue_that_cannot_take_the_message_refuses_data_and_leaves_nothing(re
 
 def test_a_bounce_to_a_quoted_local_sender_reaches_her(mta, sink, root):
     # RFC 5321 §4.1.2: "alice"@localhost is alice@localhost.
-    remote = sink()
-    remote.handler.rcpt_replies["nobody@example.net"] = "550 5.1.1 no such user"
-    server = mta(remote)
-    server.context.queue.enqueue('"alice"@localhost', ["nobody@example.net"], MESSAGE)
-    server.relay.run_once()
+    refused_once(mta, sink, '"alice"@localhost')
     [bounce] = maildir_messages(root, "alice")
     assert delivery_status(bounce)[1][0]["Final-Recipient"] == "rfc822; nobody@example.net"
 
