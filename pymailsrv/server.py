@@ -79,8 +79,9 @@ log = logging.getLogger("pymailsrv.server")
 # default (0.5 s) makes every stop take half a second per listener.
 LISTENER_POLL_SECONDS = 0.05
 # How long a stopping server lets its sessions finish the command in hand (a
-# message being committed, a RETR being sent) before it cuts them. Within
-# workers.WORKER_STOP_SECONDS, which the relay's stop shares with it.
+# message being committed, a RETR being sent) before it cuts them. The relay
+# stops meanwhile (relay.STOP_WAIT_SECONDS); both must be done within
+# workers.WORKER_STOP_SECONDS, after which a worker process is killed.
 STOP_DRAIN_SECONDS = 3.0
 
 
@@ -220,7 +221,8 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # RFC 8314: on an implicit-TLS port the handshake comes before the greeting.
         self.implicit_tls = implicit_tls
         self._open: set[Connection] = set()
-        self._open_changed = threading.Condition()  # guards _open; notified as sessions end
+        self._open_changed = threading.Condition()  # guards _open and _stopping; notified as sessions end
+        self._stopping = False
         super().__init__(address, SessionHandler)
         # Worker processes share this socket (workers.py): a connection wakes
         # every one waiting in poll(), and only one gets it. A blocking
@@ -243,6 +245,8 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def track(self, connection: Connection) -> None:
         with self._open_changed:
             self._open.add(connection)
+            if self._stopping:  # accepted just before the stop, its thread late
+                connection.stop_reading()
 
     def untrack(self, connection: Connection) -> None:
         with self._open_changed:
@@ -252,9 +256,9 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def stop_reading(self) -> None:
         """Let every session end after the command in hand (Connection.stop_reading)."""
         with self._open_changed:
-            connections = list(self._open)
-        for connection in connections:
-            connection.stop_reading()
+            self._stopping = True
+            for connection in self._open:
+                connection.stop_reading()
 
     def end_sessions(self, deadline: float) -> None:
         """Wait until the sessions have ended, or ``deadline`` (time.monotonic()); then cut what is left."""

@@ -125,7 +125,8 @@ class Session:
         raise NotImplementedError
 
     def shutting_down(self) -> Reply:
-        """The last word to a client when the server stops between its commands."""
+        """The last word to a client when the server stops: after the command in
+        hand is answered, or in the middle of a message's text."""
         raise NotImplementedError
 
     @property

@@ -194,11 +194,11 @@ class Connection:
     def stop_reading(self) -> None:
         """From another thread: end the session once the command in hand is answered.
 
-        Only the reading half is shut, so a reply being made (a 250 after
-        DATA, whose message is already on disk) still goes out; the next
-        read then finds the end, and the client hears shutting_down().
-        Answered 250, it will not send the message a second time (RFC 5321
-        §6.1); cut off mid-text, it heard nothing and sends it again.
+        serve() looks at ``stopping`` before it reads each command, and
+        shutting the reading half wakes it if it is waiting for one. A reply
+        being made (a 250 after DATA, whose message is already on disk)
+        still goes out, then the client hears shutting_down(). Answered 250,
+        it will not send the message a second time (RFC 5321 §6.1).
         """
         self.stopping = True
         self._shut(socket.SHUT_RD)
@@ -220,9 +220,10 @@ class Connection:
     def serve(self, implicit_tls: bool = False) -> str:
         """Greet, then read lines and answer them until one side closes.
 
-        Returns how the session ended: "quit" (a closing reply to a command
-        the client sent, as QUIT or an error limit), or "timeout"; a client
-        that simply goes away raises ConnectionClosed instead.
+        Returns how the session ended: "closed: ..." (a closing reply to a
+        command the client sent, as QUIT or an error limit), "fault: ..." (an
+        injected fault), "timeout", or "server stopping"; a client that
+        simply goes away raises ConnectionClosed instead.
         """
         session = self.session
         if implicit_tls:
@@ -231,6 +232,10 @@ class Connection:
         reply: Reply | None = session.greeting()
         self.send(reply)
         while reply is None or reply.after not in _ENDINGS:
+            # Stopping: the command in hand is answered; take no other. (A
+            # message's text is still read to its end, for its 250.)
+            if self.stopping and not session.collecting_text:
+                return self._say_shutting_down()
             if self.sock.gettimeout() != session.timeout:  # each settimeout is a system call
                 self.sock.settimeout(session.timeout)
             try:
@@ -244,8 +249,7 @@ class Connection:
             except ConnectionClosed:
                 if not self.stopping:
                     raise
-                self.send(session.shutting_down())  # RFC 5321 §3.8: say 421 before going
-                return "server stopping"
+                return self._say_shutting_down()
             if reply is not None:
                 self.send(reply)
                 if reply.after is After.START_TLS:
@@ -253,6 +257,10 @@ class Connection:
         if reply.after is not After.CLOSE:
             return f"fault: {reply.after.value}"
         return "closed: " + reply.summary
+
+    def _say_shutting_down(self) -> str:
+        self.send(self.session.shutting_down())  # RFC 5321 §3.8: a 421 before going
+        return "server stopping"
 
     def _answer(self, line: bytes, too_long: bool) -> Reply:
         self.tracer.client_line(self.session, line, pipelined=self.line_pipelined)
@@ -294,7 +302,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
         except OSError as error:
             outcome = f"network error: {error.strerror or error}"
         finally:
-            listener.untrack(connection)
             if connection.sock is not self.request:
                 # socketserver closes only the socket it accepted; the TLS
                 # one that took over its descriptor is ours to close.
@@ -307,3 +314,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
                      "duration=%.1fs outcome=%s", session.protocol, session.session_id,
                      self.client_address[0], session.user or "-", session.commands_run,
                      connection.octets_in, connection.octets_out, time.monotonic() - started, outcome)
+            # Last: a stopping server waits for this, and by now the session
+            # holds nothing (its spool file, its maildrop lock).
+            listener.untrack(connection)

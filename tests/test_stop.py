@@ -45,6 +45,8 @@ def test_the_reply_in_hand_goes_out_before_the_421(start_server, raw):
     client.send(b"NOOP\r\n")
     time.sleep(0.1)  # the session is now making its reply
     stopping = stop_in_background(server)
+    time.sleep(0.1)
+    client.send(b"RSET\r\n")  # after the stop began: never run
     assert client.line() == b"250 2.0.0 OK\r\n"
     assert client.line() == SHUTTING_DOWN_421
     stopping.join()
