@@ -19,8 +19,9 @@ the remote server's own reply ("smtp; 550 5.1.1 ...", RFC 3464 §2.3.6).
 
 A remote reply is text from a stranger: its control characters become
 spaces, so it cannot end a field and start one of its own. The delivery
-status is ASCII; other characters in it are written ``\\x{E4}``, as RFC 6533
-§3 writes a UTF-8 address there. The text for the person keeps them.
+status is ASCII: a UTF-8 address there is written in RFC 6533 §3's form
+(``utf-8; j\\x{FC}rgen@...``), and we borrow its ``\\x{E4}`` notation for
+other characters in a diagnostic. The text for the person keeps them.
 """
 
 from __future__ import annotations
@@ -37,11 +38,18 @@ from email.mime.text import MIMEText
 from pymailsrv.outqueue import QueueEntry, Recipient
 
 # Stored like every message here: LF line ends (Maildir's convention); the
-# relay turns them into CRLF on the wire.
-_POLICY = email.policy.SMTP.clone(linesep="\n")
-# RFC 6531 §3.7.2: a bounce to a UTF-8 sender travels only by SMTPUTF8, so
+# relay turns them into CRLF on the wire. Fields are written as they are
+# (refold_source="none"): refolded, a long one would get RFC 2047 encoded
+# words, which RFC 3464's fields do not have.
+_POLICY = email.policy.SMTP.clone(linesep="\n", refold_source="none")
+# RFC 6531 §3.2: a bounce to a UTF-8 sender travels only by SMTPUTF8, so
 # its header may be UTF-8 (the relay sends it on only where that is offered).
 _UTF8_POLICY = _POLICY.clone(utf8=True)
+# RFC 5322 §2.1.1: a line is at most 998 characters. A remote reply of many
+# lines is joined into one diagnostic; it is cut to fit, with its field name.
+DIAGNOSTIC_MAX = 900
+# RFC 3464 §2.3.4 / RFC 3463 §2: class.subject.detail, in ASCII digits.
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 # C0, DEL, C1 and the Unicode line and paragraph separators: the email
 # package (str.splitlines) would end a field at several of them.
@@ -121,11 +129,11 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
     for recipient in failures:
         fields = [("Final-Recipient", _final_recipient(recipient.address)),
                   ("Action", "failed"),
-                  ("Status", _ascii_field(recipient.status or "5.0.0"))]
+                  ("Status", recipient.status if _STATUS.fullmatch(recipient.status or "") else "5.0.0")]
         if recipient.remote_mta:
             fields.append(("Remote-MTA", f"dns; {_ascii_field(recipient.remote_mta)}"))
         if recipient.last_error:
-            fields.append(("Diagnostic-Code", _ascii_field(recipient.last_error)))
+            fields.append(("Diagnostic-Code", _ascii_field(recipient.last_error)[:DIAGNOSTIC_MAX]))
         fields.append(("Last-Attempt-Date", email.utils.formatdate(now, localtime=True)))
         blocks.append(_status_block(fields))
     status.set_payload(blocks)

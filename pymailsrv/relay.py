@@ -99,7 +99,7 @@ DIAGNOSTIC_TYPE = "X-pymailsrv"
 # rare duplicate this can cause, never a loss).
 STOP_WAIT_SECONDS = 5.0
 
-_ENHANCED_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\b")
+_ENHANCED_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})\b")  # ASCII digits only
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _RETURN_PATH = re.compile(rb"\Areturn-path:[^\n]*\n(?:[ \t][^\n]*\n)*", re.IGNORECASE)
 
@@ -152,13 +152,13 @@ def is_positive(code: int) -> bool:
     return 200 <= code <= 299
 
 
-def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, text_sent: bool = True) -> Outcome:
-    """An SMTP reply as an outcome: 5xx failed, anything else retried, and 2xx
-    delivered, but only as the reply to the message text (``text_sent``)."""
+def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, to_text: bool = False) -> Outcome:
+    """An SMTP reply as an outcome: 5xx failed, anything else retried; a 2xx
+    is a delivery only as the reply to the message text (``to_text``)."""
     text = reply.decode("utf-8", errors="replace").replace("\n", " ")
     match = _ENHANCED_STATUS.match(text)
     klass = str(code)[0]
-    state = {"2": State.DELIVERED if text_sent else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
+    state = {"2": State.DELIVERED if to_text else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
     status = match.group(0) if match and match.group(1) == klass else f"{klass}.0.0"
     if state is State.PENDING and not status.startswith("4"):
         status = "4.0.0"  # an odd reply (3xx, or 2xx where 354 belongs) is no reason to give up
@@ -225,6 +225,11 @@ class MxResolver:
                                      _local_diagnostic(f"the domain {domain} does not exist"))) from None
         except dns.resolver.NoAnswer:
             records, implicit = [], True
+        except (dns.exception.SyntaxError, dns.name.IDNAException) as error:
+            # No such name can exist (a label over 63 octets once in IDNA
+            # form, RFC 1035 §2.3.4): asking again later will not help.
+            raise RouteError(Outcome(State.FAILED, STATUS_NO_SUCH_DOMAIN,
+                                     _local_diagnostic(f"{domain} cannot be a domain name: {error}"))) from None
         except dns.exception.DNSException as error:
             raise _dns_failure(domain, error) from None
         if len(records) == 1 and records[0].exchange == dns.name.root:
@@ -243,8 +248,10 @@ class MxResolver:
             if not records:
                 raise RouteError(Outcome(State.FAILED, STATUS_LOOP, _local_diagnostic(
                     f"mail for {domain} loops back to myself: {myself} is its best MX host")))
-        names = [domain] if implicit else [_host_name(record.exchange) for record in records
-                                           if record.exchange != dns.name.root]
+        # Host names as DNS has them: a UTF-8 domain as its A-label (for TLS's
+        # SNI and the bounce's Remote-MTA, which take no other form).
+        names = [_host_name(dns.name.from_text(domain))] if implicit else [
+            _host_name(record.exchange) for record in records if record.exchange != dns.name.root]
         hops: list[Hop] = []
         lookup_failed: dns.exception.DNSException | None = None
         for name in names:
@@ -491,10 +498,12 @@ class Relay:
 
     def _hello(self, client: smtplib.SMTP, hop: Hop, starttls: bool = True) -> None:
         """EHLO (or HELO), STARTTLS when offered (unless ``starttls`` is False), AUTH at the smarthost."""
+        # RFC 5321 §4.1.1.1: 250 is the one success EHLO and HELO have (and
+        # smtplib reads the extensions only from a 250).
         code, reply = client.ehlo()
-        if not is_positive(code):
+        if code != 250:
             code, reply = client.helo()
-            if not is_positive(code):
+            if code != 250:
                 raise HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
         relay = self.settings.relay
         if starttls and client.has_extn("starttls"):
@@ -556,9 +565,9 @@ class Relay:
                 return outcomes
             try:
                 code, reply = client.data(data)
-                outcome = outcome_of_reply(code, reply, hop)
+                outcome = outcome_of_reply(code, reply, hop, to_text=True)
             except smtplib.SMTPDataError as error:  # no 354 to DATA: the text never went
-                outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop, text_sent=False)
+                outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
             outcomes.update(dict.fromkeys(accepted, outcome))
             _quietly(client.quit)
         except (OSError, smtplib.SMTPException) as error:

@@ -33,7 +33,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
-from pymailsrv.outqueue import OutboundQueue, RetryPolicy, State
+from pymailsrv.dsn import build_bounce
+from pymailsrv.outqueue import OutboundQueue, QueueEntry, Recipient, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import make_settings
@@ -142,7 +143,8 @@ def test_a_domain_without_mx_is_its_own_mail_host(dns):
 
 
 @pytest.mark.parametrize("domain, status", [("nullmx.example", "5.1.10"), ("nowhere.example", "5.1.2"),
-                                            ("noaddress.example", "5.1.2")])
+                                            ("noaddress.example", "5.1.2"),
+                                            ("ü" * 64 + ".example", "5.1.2")])  # its A-label is too long
 def test_a_domain_that_takes_no_mail_fails_at_once(dns, domain, status):
     with pytest.raises(RouteError) as raised:
         MxResolver(dns.address).hops(domain, 25)
@@ -388,6 +390,21 @@ def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
     [bounce] = maildir_messages(root, "alice")
     [recipient] = delivery_status(bounce)[1]
     assert (recipient["Final-Recipient"], recipient["Status"]) == ("utf-8; j\\x{FC}rgen\\x{2B}x@example.net", "5.6.7")
+
+
+def test_bounce_fields_are_written_as_they_are_never_as_encoded_words():
+    # Refolded, long fields became RFC 2047 "=?utf-8?b?...?=", which RFC
+    # 3464's fields do not have; a status in other digits is no status.
+    long_reply = "smtp; 550 5.1.1 see https://help.example.net/" + "x" * 120
+    failed = Recipient("测试用户名字@例子.公司", State.FAILED, status="5.١.١", last_error=long_reply,
+                       remote_mta="mx.example.net")
+    entry = QueueEntry("Q1", SENDER, [failed], created=0.0, next_attempt=0.0)
+    bounce = email.message_from_bytes(build_bounce(entry, [failed], MESSAGE, "mx.ours.example", 0.0),
+                                      policy=email.policy.default)
+    [recipient] = delivery_status(bounce)[1]
+    assert recipient["Final-Recipient"] == (
+        "utf-8; \\x{6D4B}\\x{8BD5}\\x{7528}\\x{6237}\\x{540D}\\x{5B57}@\\x{4F8B}\\x{5B50}.\\x{516C}\\x{53F8}")
+    assert (recipient["Status"], recipient["Diagnostic-Code"]) == ("5.0.0", long_reply)
 
 
 def refused_once(mta, sink, sender: str) -> tuple[MailServer, Sink]:
