@@ -169,7 +169,9 @@ def _parse(text: str, where: str = "aliases") -> _AliasFile:
 
 
 def _read(path: Path) -> _AliasFile:
-    return _parse(path.read_text(encoding="utf-8", errors="replace"), str(path))
+    # surrogateescape, as _editing reads it: a target that is not UTF-8 is
+    # then refused by check_target, not turned into another address.
+    return _parse(path.read_text(encoding="utf-8", errors="surrogateescape"), str(path))
 
 
 class AliasTable:
@@ -303,8 +305,8 @@ class AliasTable:
         """The file parsed and its lines, under the lock; the changed lines are written back."""
         with exclusive_lock(self._lock_path):
             # A hand edit in another encoding is kept byte for byte in the
-            # lines we do not change (surrogateescape), as the server reads
-            # around it: its bad lines are skipped with a warning.
+            # lines we do not change (surrogateescape); the server reads it
+            # the same way, and skips its names and targets that are not UTF-8.
             try:
                 text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
             except FileNotFoundError:

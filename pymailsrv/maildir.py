@@ -512,8 +512,8 @@ class MaildirMaildrop:
     def mark_seen(self, key: str) -> None:
         """Add the S flag, if the message is in cur/ (files in new/ have no flags).
 
-        The flag is for other mail readers; POP3 has none (RFC 1939 §5), so
-        failing to set it is logged, and RETR goes on.
+        The flag is for other mail readers; POP3 has no flags, so failing to
+        set it is logged, and RETR goes on.
         """
         relative = self._files[key]
         base, _, flags = relative.partition(INFO_SEPARATOR)
@@ -529,8 +529,12 @@ class MaildirMaildrop:
         self._files[key] = seen
 
     def expunge(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
         failures = sum(not self._remove(key) for key in keys)
-        fsync_directory(self._path / "cur")
+        # Durable removals, in each directory one was made in: a message
+        # read from new/ (see snapshot) is removed from there.
+        for subdir in sorted({self._files[key].split("/", 1)[0] for key in keys}):
+            fsync_directory(self._path / subdir)
         return failures
 
     def _remove(self, key: str) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import math
 import types
 import typing
 from pathlib import Path
@@ -110,6 +111,11 @@ def convert(value: object, kind: Any, key: str) -> Any:
     if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
         raise SchemaError(key, f"expected {kind.__name__}, got {value!r}")
     try:
-        return kind(value)
+        converted = kind(value)
     except OverflowError:  # an int with more digits than a float holds
         raise SchemaError(key, f"the number is too large for a {kind.__name__}") from None
+    # JSON's NaN and Infinity (and 1e999) are floats, but no time or size:
+    # a message due at NaN would never be due, nor ever expire.
+    if kind is float and not math.isfinite(converted):
+        raise SchemaError(key, f"expected a finite number, got {value!r}")
+    return converted

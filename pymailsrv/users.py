@@ -126,6 +126,8 @@ def _read_users(path: Path) -> dict[str, dict[str, str]]:
             document = json.load(file)
     except ValueError as error:  # not JSON, or not UTF-8
         raise DamagedUserFile(f"{path} is damaged: {error}") from None
+    except RecursionError:
+        raise DamagedUserFile(f"{path} is damaged: it is nested too deep") from None
     users = document.get("users") if isinstance(document, dict) else None
     if not (isinstance(users, dict) and all(isinstance(record, dict) for record in users.values())):
         raise DamagedUserFile(f"{path} is damaged: it holds no users")

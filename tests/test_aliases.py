@@ -101,6 +101,14 @@ def test_comments_continuations_and_bad_lines(aliases, caplog):
     assert "line 5 skipped" in caplog.text and "line 6 skipped" in caplog.text
 
 
+def test_a_target_that_is_not_utf8_is_a_problem_not_another_address(aliases):
+    aliases.path.parent.mkdir(parents=True, exist_ok=True)
+    aliases.path.write_bytes(b"team: alice, caf\xe9@example.net\n")
+    expansion = aliases.expand("team")
+    assert (expansion.users, expansion.external) == (("alice",), ())
+    assert "not valid UTF-8" in expansion.problems[0]
+
+
 def test_a_change_on_disk_applies_at_once(aliases):
     write(aliases, "team: alice\n")
     assert aliases.expand("team").users == ("alice",)

@@ -197,7 +197,8 @@ def test_deliver_when_the_maildir_is_broken_is_ex_tempfail(cli, root):
     assert one_line_error(result).startswith("Error: cannot deliver now, try again later")
 
 
-@pytest.mark.parametrize("damage", [b"{", b"", b"[]", b'{"nousers": 1}', b'{"users": {"alice": 1}}'])
+@pytest.mark.parametrize("damage", [b"{", b"", b"[]", b'{"nousers": 1}', b'{"users": {"alice": 1}}',
+                                    pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-too-deep")])
 def test_a_damaged_user_file_is_one_line_and_deliver_tempfails(cli, root, damage):
     cli("user", "add", "alice", "--password-stdin", input="pw\n")
     (root / ".pymailsrv" / "users.json").write_bytes(damage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -247,7 +248,10 @@ def put_broken_entries(queue: OutboundQueue) -> list[str]:
     # Valid JSON that still breaks a reader: a number no float holds, and nesting past the recursion limit.
     (queue.directory / "HUGE.json").write_text(json.dumps(envelope).replace('"created": 0.0', '"created": 1' + "0" * 400))
     (queue.directory / "DEEP.json").write_text("[" * 200_000 + "]" * 200_000)
-    return ["STRAY.json", "GARBAGE.json", "WRONGTYPES.json", "OTHERNAME.json", "HUGE.json", "DEEP.json"]
+    # JSON's NaN: a float, but a message due then would never be due, nor expire.
+    (queue.directory / "NAN.json").write_text(json.dumps({**envelope, "queue_id": "NAN", "next_attempt": math.nan}))
+    return ["STRAY.json", "GARBAGE.json", "WRONGTYPES.json", "OTHERNAME.json", "HUGE.json", "DEEP.json",
+            "NAN.json"]
 
 
 def test_broken_envelopes_are_skipped_with_one_warning_each(queue, caplog):
