@@ -173,8 +173,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int) -> float:
         """The wait after the ``attempts``-th attempt failed: 5, 10, 20, 40, 66.7, 66.7 ... minutes."""
-        # A flush counts as an attempt, so a message may see thousands: past
-        # the largest power of two a float holds, 2 ** n would raise.
+        # A flush counts as an attempt, so a message may see thousands, and
+        # 2.0 ** 1024 raises OverflowError. So the exponent stops at the
+        # largest a float takes (1023); the product may then be inf, which
+        # min() turns into max_backoff like any other large delay.
         doublings = min(max(0, attempts - 1), sys.float_info.max_exp - 1)
         return min(self.max_backoff, self.min_backoff * 2.0 ** doublings)
 

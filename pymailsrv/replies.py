@@ -227,7 +227,7 @@ POP3_TOO_MANY_SESSIONS = _err("too many sessions",
                               "mail_max_userip_connections), RFC 2449 §8.1.2", code="IN-USE")
 # Written by the accepting thread itself, in place of the greeting.
 POP3_TOO_MANY_CONNECTIONS = _err("too many connections", "connection cap reached, try again later, "
-                                                         "RFC 3206 §3", code="SYS/TEMP").closing()
+                                                         "RFC 3206 §4", code="SYS/TEMP").closing()
 POP3_ADDRESS_BLOCKED = _err("too many failed logins from your address, try again later",
                             "failed logins are limited per client address", code="SYS/TEMP")
 POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
@@ -235,27 +235,27 @@ POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
                             "marked messages may not be used, RFC 1939 §5")
 POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished from the maildrop",
                              "another program removed the file during the session")
-# RFC 3206 §4: AUTH says the credentials were wrong, not that the server is ill.
+# RFC 3206 §5: AUTH says the credentials were wrong, not that the server is ill.
 POP3_AUTH_FAILED = _err("invalid user name or password",
-                        "credentials refused, after a delay against guessing, RFC 3206 §4", code="AUTH")
+                        "credentials refused, after a delay against guessing, RFC 3206 §5", code="AUTH")
 # RFC 2449 §8.1.2: IN-USE means the maildrop lock could not be had.
 POP3_IN_USE = _err("maildrop is locked by another session",
                    "maildrop locked by another session, RFC 1939 §4 / RFC 2449 §8.1.2", code="IN-USE")
-# RFC 3206 §3: SYS/TEMP is a passing failure the user may simply retry.
+# RFC 3206 §4: SYS/TEMP is a passing failure the user may simply retry.
 POP3_STORAGE_FAILURE = _err("temporary storage failure, try again later",
-                            "server-side failure, retry later, RFC 3206 §3", code="SYS/TEMP")
+                            "server-side failure, retry later, RFC 3206 §4", code="SYS/TEMP")
 POP3_UPDATE_FAILED = _err("some deleted messages were not removed",
-                          "UPDATE could not remove everything, RFC 1939 §6 / RFC 3206 §3",
+                          "UPDATE could not remove everything, RFC 1939 §6 / RFC 3206 §4",
                           code="SYS/TEMP").closing()
 POP3_TOO_MANY_BAD_COMMANDS = _err("too many bad commands, closing",
                                   "error limit reached (3 before login, 20 after)").closing()
 POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
-                                   "third failed login: the connection closes, RFC 3206 §4",
+                                   "third failed login: the connection closes; [AUTH], RFC 3206 §5",
                                    code="AUTH").closing()
 POP3_AUTOLOGOUT = _err("autologout: idle for too long",
                        "inactivity timer expired, no UPDATE, RFC 1939 §3").closing()
 POP3_SHUTTING_DOWN = _err("server shutting down, try again later",
-                          "the server is stopping: no UPDATE, nothing deleted, RFC 1939 §3 / RFC 3206 §4",
+                          "the server is stopping: no UPDATE, nothing deleted, RFC 1939 §6 / RFC 3206 §4",
                           code="SYS/TEMP").closing()
 
 
@@ -352,15 +352,15 @@ R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address reje
                               note="no such mailbox here, RFC 5321 §3.3 / RFC 3463 X.1.1")
 R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received",
                                note="only CRLF ends a line, RFC 5321 §2.3.8 (smtp.bare_newline = reject)")
+R550_RELAY_DENIED = SmtpReply(550, "5.7.1", "<{address}>: relay access denied",
+                              note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2; "
+                                   "550, as §4.3.2 lists for RCPT (Postfix says 554)")
 R552_TOO_BIG = SmtpReply(552, "5.3.4", "message size exceeds fixed limit",
                          note="over the SIZE limit, RFC 1870 §6 / RFC 3463 X.3.4")
 R553_SENDER_NOT_OWNED = SmtpReply(553, "5.7.1", "<{address}>: sender address not owned by user {user}",
                                   note="a submitting user may only send as themselves, RFC 6409 §6.1")
 R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
                                 note="UTF-8 addresses need MAIL ... SMTPUTF8, RFC 6531 §3.6")
-R550_RELAY_DENIED = SmtpReply(550, "5.7.1", "<{address}>: relay access denied",
-                              note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2; "
-                                   "550, as §4.3.2 lists for RCPT (Postfix says 554)")
 R554_NO_VALID_RECIPIENTS = SmtpReply(554, "5.5.1", "no valid recipients",
                                      note="DATA after every RCPT was refused, RFC 5321 §3.3")
 R555_UNKNOWN_PARAMETER = SmtpReply(555, "5.5.4", "unsupported parameter {parameter}",

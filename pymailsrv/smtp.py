@@ -102,10 +102,10 @@ from pymailsrv.replies import (
     R503_WRONG_STATE,
     R550_BARE_LINE_END,
     R550_NO_SUCH_USER,
+    R550_RELAY_DENIED,
     R552_TOO_BIG,
     R553_NEEDS_SMTPUTF8,
     R554_NO_VALID_RECIPIENTS,
-    R550_RELAY_DENIED,
     R555_UNKNOWN_PARAMETER,
     CommandError,
     Reply,
@@ -193,7 +193,7 @@ class Spool:
     def __init__(self, context: ServerContext, envelope: Envelope) -> None:
         self._queue = context.queue
         self._local = context.store.receive(envelope.users) if envelope.users else None
-        self._outbound = None
+        self._outbound: IncomingMessage | None = None
         try:
             if envelope.relay_recipients:
                 self._outbound = self._queue.receive()

@@ -252,7 +252,7 @@ def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, p
     client = pop3_at(server)
     for _ in range(2):
         assert client.command(f"AUTH PLAIN {plain(password='wrong')}") == pop3_wire(R.POP3_AUTH_FAILED)
-    # A new connection: a third failure on the first would close it (RFC 3206 §4).
+    # A new connection: a third failure on the first would close it (our limit; RFC 3206 §5 gives it [AUTH]).
     assert pop3_at(server).command(f"AUTH PLAIN {plain()}") == pop3_wire(R.POP3_ADDRESS_BLOCKED)
     other = pop3_at(server, source="127.0.0.2")
     assert other.command(f"AUTH PLAIN {plain()}").startswith(b"+OK alice's maildrop has ")

@@ -11,7 +11,7 @@ Two ways to make storage fail, both under real SMTP and POP3 sessions:
 * A failing file object put in at the storage boundary (``MaildirStore``),
   for the errors a tmpfs will not produce on demand: EIO on write or on
   fsync (``451 4.3.0``), and a maildrop that cannot be opened or read
-  (``-ERR [SYS/TEMP]``, RFC 3206 §3).
+  (``-ERR [SYS/TEMP]``, RFC 3206 §4).
 """
 
 from __future__ import annotations
