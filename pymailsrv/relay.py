@@ -340,10 +340,11 @@ class Relay:
                 seen = self._wakeups
             try:
                 queue_id = self._claim()
-            except Exception:  # e.g. the queue directory unreadable: look again after the wait
+            except Exception as error:  # e.g. the queue directory unreadable: look again after the wait
                 if not self._queue_unreadable:  # once, not at every look by every worker
-                    log.exception("cannot look into the queue; trying again every %gs",
-                                  self.settings.relay.queue_scan_interval)
+                    # The disk's own complaint is one line; anything else is a bug, with its traceback.
+                    log.error("cannot look into the queue (%s); trying again every %gs", error,
+                              self.settings.relay.queue_scan_interval, exc_info=not isinstance(error, OSError))
                 self._queue_unreadable = True
                 queue_id = None
             else:
