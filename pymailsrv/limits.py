@@ -65,6 +65,12 @@ SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE = 512
 # transparency)" - 998 characters + CRLF, plus the transparency dot.
 SMTP_TEXT_LINE_MAX = 1000 + 1
 
+# RFC 5321 §4.5.3.1.5: "The maximum total length of a reply line including
+# the reply code and the <CRLF> is 512 octets." RFC 1939 §3 says the same of
+# a POP3 response line ("up to 512 characters long, including the
+# terminating CRLF").
+REPLY_LINE_MAX = 512
+
 # Postfix's message_size_limit default (10240000 octets).
 SMTP_MESSAGE_SIZE_MAX = 10_240_000
 

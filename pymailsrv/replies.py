@@ -20,10 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from pymailsrv.limits import REPLY_LINE_MAX
+
 CRLF = b"\r\n"
+
+# RFC 5321 §4.2: reply text is tab and printable ASCII (textstring).
+_NOT_REPLY_TEXT = re.compile(r"[^\t\x20-\x7e]")
+_CUT_MARK = "..."
+
+
+def reply_line(line: str) -> str:
+    """A status line fit for the wire, whatever client text it repeats: other
+    characters escaped (é as \\xe9), and cut to REPLY_LINE_MAX with its CRLF."""
+    if not _NOT_REPLY_TEXT.search(line) and len(line) <= REPLY_LINE_MAX - len(CRLF):
+        return line  # nearly always
+    line = _NOT_REPLY_TEXT.sub(lambda match: match[0].encode("unicode_escape").decode("ascii"), line)
+    if len(line) > REPLY_LINE_MAX - len(CRLF):
+        line = line[:REPLY_LINE_MAX - len(CRLF) - len(_CUT_MARK)] + _CUT_MARK
+    return line
 
 
 class After(enum.Enum):
@@ -107,7 +125,7 @@ class Pop3Reply(Reply):
     def head(self) -> list[str]:
         status = "+OK" if self.ok else "-ERR"
         parts = [status] + ([f"[{self.code}]"] if self.code else []) + ([self.text] if self.text else [])
-        return [" ".join(parts)]
+        return [reply_line(" ".join(parts))]
 
     def body(self) -> Iterator[bytes]:
         if self.content is None:
@@ -144,7 +162,7 @@ class SmtpReply(Reply):
         last = len(lines) - 1
         enhanced = f"{self.enhanced} " if self.enhanced else ""
         # RFC 5321 §4.2.1: every line but the last has a hyphen after the code.
-        return [f"{self.code}{' ' if number == last else '-'}{enhanced}{line}"
+        return [reply_line(f"{self.code}{' ' if number == last else '-'}{enhanced}{line}")
                 for number, line in enumerate(lines)]
 
     @property
@@ -213,8 +231,9 @@ POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 193
 POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
 POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
 POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here without TLS: use STLS first",
-                             "no password over an unencrypted connection, RFC 8314 §3 / RFC 2595 §2.3",
-                             code="PRIVACYREQUIRED")
+                             "no password over an unencrypted connection, RFC 8314 §3 / RFC 2595 §2.3; "
+                             "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",
+                             code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
                             "TLS needs a certificate on the server, RFC 2595 §4")
 POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")
@@ -326,6 +345,8 @@ R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}",
                                note="a malformed ESMTP parameter, RFC 5321 §4.1.2")
 R501_AUTH_CANCELLED = SmtpReply(501, "5.0.0", "authentication cancelled",
                                 note="the client answered *, RFC 4954 §4")
+R500_AUTH_LINE_TOO_LONG = SmtpReply(500, "5.5.6", "authentication exchange line is too long",
+                                    note="a SASL response over 12288 octets, RFC 4954 §4, §6")
 R501_AUTH_MALFORMED = SmtpReply(501, "5.5.2", "cannot decode the response",
                                 note="not base64, or not what the mechanism expects, RFC 4954 §4")
 R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented",

@@ -91,6 +91,7 @@ from pymailsrv.replies import (
     R451_LOCAL_ERROR,
     R452_INSUFFICIENT_STORAGE,
     R452_TOO_MANY_RECIPIENTS,
+    R500_AUTH_LINE_TOO_LONG,
     R500_LINE_TOO_LONG,
     R500_TEXT_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
@@ -140,17 +141,15 @@ _CLIENT_NAME = re.compile(rf"[\x21-\x7e{UTF8_NON_ASCII}]+")
 # splits there, a "(" or ")" the comment. The rest shows as "?", as
 # Postfix's printable() shows what it may not print.
 _UNSAFE_IN_RECEIVED = re.compile(r"[^A-Za-z0-9._-]")
-# How much of the client's name a greeting echoes: a reply line is at most
-# 512 octets (RFC 5321 §4.5.3.1.5), and an escaped character takes up to 10.
+# How much of the client's name a greeting echoes. Any reply line is made
+# ASCII and cut to 512 octets anyway (replies.reply_line); this keeps the
+# greeting short enough to read.
 CLIENT_NAME_ECHO_MAX = 100
 
 
 def _echoed_name(name: str) -> str:
-    """The client's name as a greeting echoes it: reply text is ASCII (RFC 5321
-    §4.2, textstring), so é shows as \\xe9; cut to CLIENT_NAME_ECHO_MAX characters."""
-    if len(name) > CLIENT_NAME_ECHO_MAX:
-        name = name[:CLIENT_NAME_ECHO_MAX] + "..."
-    return name.encode("ascii", "backslashreplace").decode("ascii")
+    """The client's name as a greeting echoes it, cut to CLIENT_NAME_ECHO_MAX characters."""
+    return name if len(name) <= CLIENT_NAME_ECHO_MAX else name[:CLIENT_NAME_ECHO_MAX] + "..."
 
 
 class SmtpState(enum.Enum):
@@ -393,6 +392,7 @@ class SmtpSession(Session):
     TOO_MANY_CONNECTIONS = R421_TOO_MANY_CONNECTIONS
     SASL_CANCELLED = R501_AUTH_CANCELLED
     SASL_MALFORMED = R501_AUTH_MALFORMED
+    SASL_LINE_TOO_LONG = R500_AUTH_LINE_TOO_LONG
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -592,8 +592,7 @@ class SmtpSession(Session):
         delay = self.settings.pop3.failed_login_delay  # one failed-login delay for both protocols
         if self.login_blocked():
             return R454_ADDRESS_BLOCKED.delayed(delay)
-        user = self.check_login(credentials.user,
-                                lambda name: self.context.users.check_password(name, credentials.password))
+        user = self.check_login(credentials.user, credentials.check(self.context.users))
         if user is None:
             self.auth_failures += 1
             if self.auth_failures >= self.settings.auth.max_failures_per_connection:

@@ -766,6 +766,17 @@ def test_mail_line_over_1024_octets_is_500_and_the_next_is_answered(greeted):
     assert exchange(client, "MAIL FROM:<a@example.org>") == wire(R.R250_SENDER_OK, address="a@example.org")
 
 
+def test_a_reply_that_repeats_client_text_is_ascii_and_at_most_512_octets(greeted):
+    # RFC 5321 §4.2 (textstring) and §4.5.3.1.5: a reply line is printable
+    # ASCII, 512 octets with its CRLF, however long the text it repeats.
+    client = greeted()
+    reply = exchange(client, "MAIL FROM:<a@example.org> " + "K" * 950)
+    assert reply.startswith(b"555 5.5.4 unsupported parameter KKK") and reply.endswith(b"KKK...\r\n")
+    assert len(reply) == 512
+    reply = exchange(client, "MAIL FROM:<\x01\xff é@example.org>".encode("utf-8", "surrogateescape"))
+    assert reply.isascii() and reply.startswith(b"501 5.1.3 ") and b"\\xe9" in reply
+
+
 def test_line_limit_does_not_grow_with_repeated_ehlo(greeted):
     client = greeted()
     for _ in range(5):
