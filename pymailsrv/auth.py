@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_PROBES
 from pymailsrv.shared import FREE, SharedRecords, address_key
-from pymailsrv.users import UserError, check_user_name
+from pymailsrv.users import UserError, UserStore, check_user_name
 
 log = logging.getLogger("pymailsrv.auth")
 
@@ -47,6 +47,23 @@ class SaslCancelled(Exception):
 class Credentials:
     user: str
     password: str
+    # RFC 4616 §2: whom the user asks to act as; empty means itself.
+    authzid: str = ""
+
+    def check(self, users: UserStore) -> Callable[[str], bool]:
+        """The test a login makes of these credentials (Session.check_login).
+
+        RFC 4616 §2: if the user may not act as the authzid, "the
+        authentication fails", as with a wrong password. We let no user act
+        for another: the authzid must be empty or the user itself, in any
+        case, as every user name is read (users.check_user_name).
+        """
+        def valid(name: str) -> bool:
+            if self.authzid and not _same_user(self.authzid, self.user):
+                return False
+            return users.check_password(name, self.password)
+
+        return valid
 
 
 Mechanism = Generator[bytes, bytes, Credentials]
@@ -66,11 +83,7 @@ def plain() -> Mechanism:
     if len(parts) != 3:
         raise SaslError("PLAIN expects authzid NUL authcid NUL password")
     authzid, authcid, password = (_text(part) for part in parts)
-    # We do not let one user act for another: authzid is empty or names the
-    # user, in any case, as every user name is read (users.check_user_name).
-    if authzid and not _same_user(authzid, authcid):
-        raise SaslError("authorization identity must be empty or the user itself")
-    return Credentials(authcid, password)
+    return Credentials(authcid, password, authzid)
 
 
 def _same_user(name: str, other: str) -> bool:

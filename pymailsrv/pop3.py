@@ -144,6 +144,7 @@ class Pop3Session(Session):
     TOO_MANY_CONNECTIONS = POP3_TOO_MANY_CONNECTIONS
     SASL_CANCELLED = POP3_AUTH_CANCELLED
     SASL_MALFORMED = POP3_AUTH_MALFORMED
+    SASL_LINE_TOO_LONG = POP3_LINE_TOO_LONG
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -306,8 +307,7 @@ class Pop3Session(Session):
         return POP3_CHALLENGE.format(challenge=challenge)
 
     def sasl_finished(self, credentials: Credentials) -> Reply:
-        return self._log_in(credentials.user,
-                            lambda user: self.context.users.check_password(user, credentials.password))
+        return self._log_in(credentials.user, credentials.check(self.context.users))
 
     def _log_in(self, name: str, credentials_valid: Callable[[str], bool]) -> Reply:
         delay = self.settings.pop3.failed_login_delay

@@ -89,6 +89,7 @@ class Session:
     TOO_MANY_CONNECTIONS: ClassVar[Reply]  # with {host}: the listener's refusal over a cap
     SASL_CANCELLED: ClassVar[Reply]  # the client answered "*"
     SASL_MALFORMED: ClassVar[Reply]  # not base64, or not what the mechanism wants
+    SASL_LINE_TOO_LONG: ClassVar[Reply]  # a response over SASL_LINE_MAX octets
     # State changes made by something other than a command (the end of DATA's
     # text, the close after UPDATE): (from, what happens, to; None = closed).
     # With the command table's moves they make the whole state diagram.
@@ -306,7 +307,7 @@ class Session:
         """A continuation line; counted here, as dispatch counts command replies."""
         self.expect_lines(None)
         if too_long:
-            return self._counted(self.SASL_MALFORMED)
+            return self._counted(self.SASL_LINE_TOO_LONG)
         answer = line.rstrip(b"\r\n").decode("ascii", "replace")
         return self._counted(self._guarded("AUTH", self._sasl_step, exchange, answer))
 
