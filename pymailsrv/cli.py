@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from pymailsrv.cli_common import read_password
+from pymailsrv.cli_common import echo_report, read_password
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.storage import StorageError
@@ -71,7 +71,7 @@ def with_settings(command: Callable) -> Callable:
 def _echo_table(rows: list[tuple], headers: list[str]) -> None:
     from tabulate import tabulate  # here, not at the top: start and most commands go without it
 
-    click.echo(tabulate(rows, headers=headers))
+    echo_report(tabulate(rows, headers=headers))
 
 
 def _user_name(name: str) -> str:

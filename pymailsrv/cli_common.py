@@ -12,6 +12,15 @@ from pathlib import Path
 
 import click
 
+from pymailsrv.trace import escape_controls
+
+
+def echo_report(text: str, **options: object) -> None:
+    """click.echo for text that holds what clients, servers or senders wrote
+    (addresses, replies, headers): its control characters are escaped, so an
+    ESC in a mail header cannot recolour or rewrite the terminal reading it."""
+    click.echo(escape_controls(text), **options)
+
 
 def read_password(from_stdin: bool) -> str:
     """The first line of stdin, or a hidden prompt asked twice; never empty."""

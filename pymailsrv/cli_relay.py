@@ -15,6 +15,7 @@ from collections.abc import Callable
 import click
 from tabulate import tabulate
 
+from pymailsrv.cli_common import echo_report
 from pymailsrv.aliases import AliasError, AliasTable
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
@@ -75,7 +76,7 @@ def alias_group(with_settings: Callable) -> click.Group:
             expansion = table.expand(name)
             where = [*expansion.users, *expansion.external] or ["(nowhere)"]
             rows.append((name + ("" if name in in_file else " (default)"), ", ".join(targets), ", ".join(where)))
-        click.echo(tabulate(rows, headers=["alias", "targets", "delivers to"]))
+        echo_report(tabulate(rows, headers=["alias", "targets", "delivers to"]))
 
     return alias
 
@@ -110,8 +111,8 @@ def queue_group(with_settings: Callable) -> click.Group:
         if not entries:
             click.echo("the queue is empty")
             return
-        click.echo(tabulate([_row(entry, now) for entry in entries],
-                            headers=["id", "age", "sender", "recipients", "attempts", "next try", "last error"]))
+        echo_report(tabulate([_row(entry, now) for entry in entries],
+                             headers=["id", "age", "sender", "recipients", "attempts", "next try", "last error"]))
 
     @queue.command("flush")
     @with_settings

@@ -41,6 +41,7 @@ from tabulate import tabulate
 from pymailsrv.cli_common import output_file
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
 from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
+from pymailsrv.trace import escape_controls
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -251,7 +252,9 @@ def grade_command(with_settings: Callable) -> click.Command:
         if not grades:
             whose = f" of user {user!r}" if user else ""
             click.echo(f"no saved transcripts{whose} under {transcripts_dir(settings.state_dir)}", err=True)
-        report = REPORTS[output_format](grades)
+        # Escaped in every format: a student's ESC must not reach the
+        # teacher's terminal, nor make the JUnit file invalid XML.
+        report = escape_controls(REPORTS[output_format](grades))
         if output is not None:
             try:
                 Path(output).write_text(report + "\n", encoding="utf-8")

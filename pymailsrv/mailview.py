@@ -33,6 +33,7 @@ from pathlib import Path
 
 import click
 
+from pymailsrv.cli_common import echo_report
 from pymailsrv.config import Settings
 from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
 from pymailsrv.storage import MessageInfo
@@ -302,6 +303,6 @@ def show_command(with_settings: Callable) -> click.Command:
                                 parse_msg_number(msg_number))
         except MailviewError as error:
             raise click.ClickException(str(error)) from None
-        click.echo(render(view), nl=False)
+        echo_report(render(view), nl=False)
 
     return mailbox_show

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass
 import click
 from tabulate import tabulate
 
+from pymailsrv.cli_common import echo_report
 from pymailsrv.config import parse_host_port
 from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
@@ -236,11 +237,13 @@ def probe(protocol: str, address: str, user: str | None, password_stdin: bool, s
         timeout=timeout,
     )
     results = run_probe(target, only)
+    # What the server sent is in every report: escaped, it can neither
+    # steer the terminal nor make the JUnit file invalid XML.
     if output_format == "text":
-        click.echo(text_report(results))
+        echo_report(text_report(results))
     else:
         report = json_report(results) if output_format == "json" else \
             junit_report(results, suite=f"pymailsrv probe {protocol} {address}")
-        click.echo(report)
+        echo_report(report)
         click.echo(summary(results), err=True)  # stdout stays one parseable document
     sys.exit(1 if any(result.status == FAIL for result in results) else 0)

@@ -71,6 +71,7 @@ from pymailsrv.outqueue import Outcome, QueueEntry, State
 from pymailsrv.paths import unquoted_local_part
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
+from pymailsrv.trace import escape_controls
 
 if TYPE_CHECKING:
     from pymailsrv.server import ServerContext
@@ -155,7 +156,10 @@ def is_positive(code: int) -> bool:
 def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, to_text: bool = False) -> Outcome:
     """An SMTP reply as an outcome: 5xx failed, anything else retried; a 2xx
     is a delivery only as the reply to the message text (``to_text``)."""
-    text = reply.decode("utf-8", errors="replace").replace("\n", " ")
+    # One line (smtplib joins a multi-line reply with LF), and the remote's
+    # control characters escaped: the text goes to the log, 'queue list' and
+    # bounces, all read on somebody's terminal.
+    text = escape_controls(reply.decode("utf-8", errors="replace").replace("\n", " "))
     match = _ENHANCED_STATUS.match(text)
     klass = str(code)[0]
     state = {"2": State.DELIVERED if to_text else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)

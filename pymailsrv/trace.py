@@ -53,6 +53,17 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 # 'transcripts show' escapes them as the text form does.
 _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
                    **{code: f"\\u{code:04x}" for code in range(0x80, 0xA0)}}
+# Reports (grade, probe, mailbox, queue and transcript listings) keep their
+# layout, newlines and tabs, and show everything else as the trace does.
+# Lone surrogates (undecodable octets) too: no terminal or XML file takes them.
+_SHOWN_IN_REPORTS = {**{code: shown for code, shown in _CONTROLS_SHOWN.items() if code not in (0x09, 0x0A)},
+                     **{code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)}}
+
+
+def escape_controls(report: str) -> str:
+    """``report`` safe for a teacher's terminal and for XML 1.0: control
+    characters but newline and tab escaped (ESC as \\x1b), as the trace shows them."""
+    return report.translate(_SHOWN_IN_REPORTS)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
+from pymailsrv.cli_common import echo_report
 from pymailsrv.trace import format_event
 
 SUFFIX = ".jsonl"
@@ -163,7 +164,7 @@ def transcripts_group(with_settings: Callable) -> click.Group:
             commands = transcript.end["commands"] if transcript.end else "-"
             rows.append((transcript.id, started, header["protocol"], header["client"], transcript.user or "-",
                          commands, transcript.outcome))
-        click.echo(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
+        echo_report(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
 
     @transcripts.command("show")
     @click.argument("transcript_id")

@@ -8,6 +8,7 @@ SIGTERM or SIGINT and expect exit status 0 with nothing alarming on stderr.
 
 from __future__ import annotations
 
+import base64
 import os
 import poplib
 import re
@@ -155,6 +156,19 @@ def test_mailbox_list_is_a_table_of_messages(cli, root):
     assert row.split()[-1] == str(info.size) == str(len(MESSAGE.replace(b"\n", b"\r\n")))
     result = cli("mailbox", "list", "nobody")
     assert result.exit_code == 1 and one_line_error(result) == "Error: no such user 'nobody'"
+
+
+def test_mailbox_list_and_show_escape_control_characters_from_the_message(cli, root):
+    # An encoded word is the easy way to smuggle ESC and CSI (U+009B) past
+    # SMTP: decoded, they would recolour or clear the reader's terminal.
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    MaildirStore(root).deliver("alice", b"From: a@example.org\nSubject: =?utf-8?b?" +
+                               base64.b64encode("red\x1b[31m\u009b2J".encode()) + b"?=\n\nbody \x1b]0;x\x07\n")
+    for command in (("mailbox", "list", "alice"), ("mailbox", "show", "alice", "1")):
+        result = cli(*command)
+        assert result.exit_code == 0, result.output
+        assert "\x1b" not in result.stdout and "\u009b" not in result.stdout and "\x07" not in result.stdout
+        assert "red\\x1b[31m\\u009b2J" in result.stdout
 
 
 # --- deliver (a local delivery agent: sysexits) ------------------------------------------

@@ -447,6 +447,21 @@ def test_grade_all_as_junit_has_a_testsuite_per_transcript_and_a_testcase_per_cr
     assert failing == ["pop3.issues-quit"]
 
 
+def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_break_junit(classroom, root):
+    server = classroom()
+    client = RawClient(server.addresses["pop3"])
+    client.line()
+    client.command("USER alice\x1b]0;pwned\x07\x1b[2J")
+    client.command("QUIT")
+    graded(root, server)
+    text = run(root, "--all")
+    assert text.exit_code == 0, text.output
+    assert "\x1b" not in text.stdout and "\x07" not in text.stdout and "alice\\x1b]0;pwned" in text.stdout
+    junit = run(root, "--all", "--format", "junit")
+    assert junit.exit_code == 0, junit.output
+    ET.fromstring(junit.stdout)  # XML 1.0 allows no ESC: escaped, it parses
+
+
 def test_grade_all_as_csv_writes_one_row_per_transcript_into_a_file(class_of_two, root, tmp_path):
     pop3_id, smtp_id = class_of_two
     output = tmp_path / "class.csv"

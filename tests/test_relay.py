@@ -377,9 +377,10 @@ def test_a_remote_reply_cannot_add_fields_to_the_bounce(mta, sink, root):
     [bounce] = maildir_messages(root, "alice")
     [recipient] = delivery_status(bounce)[1]
     assert (recipient["Action"], recipient["Diagnostic-Code"]) == (
-        "failed", "smtp; 550 5.1.1 Empf\\x{E4}nger unbekannt Final-Recipient: rfc822; x@evil.example Action: delivered")
+        "failed", "smtp; 550 5.1.1 Empf\\x{E4}nger unbekannt\\x0dFinal-Recipient: rfc822; x@evil.example"
+                  "\\x0bAction: delivered")
     human = list(bounce.iter_parts())[0].get_content()
-    assert "<bob@example.net>: smtp; 550 5.1.1 Empfänger unbekannt Final-Recipient:" in human
+    assert "<bob@example.net>: smtp; 550 5.1.1 Empfänger unbekannt\\x0dFinal-Recipient:" in human
 
 
 def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
