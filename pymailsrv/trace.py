@@ -28,6 +28,7 @@ stderr, one line each::
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -92,12 +93,20 @@ def octets_summary(lines: int, octets: int) -> str:
     return f"[{grouped(lines)} lines, {grouped(octets)} octets]"
 
 
+log = logging.getLogger("pymailsrv.trace")
+
+# Two servers on one data root (or a restart) may number a session alike
+# within one second: the transcript then takes the next free "-2" ... name.
+TRANSCRIPT_NAME_TRIES = 10
+
+
 class Tracer:
     def __init__(self, options: TraceOptions | None = None, stream: TextIO | None = None) -> None:
         self.options = options or TraceOptions()
         self._stream = stream
         self._lock = threading.Lock()
         self._transcripts: dict[int, IO[str]] = {}
+        self._transcripts_failing = False  # warned once; sessions go on without transcripts
 
     @property
     def bodies(self) -> bool:
@@ -121,7 +130,10 @@ class Tracer:
                 self._print(event, now)
             transcript = self._transcripts.get(session.session_id)
             if transcript is not None:
-                transcript.write(json.dumps(event, ensure_ascii=False) + "\n")
+                try:
+                    transcript.write(json.dumps(event, ensure_ascii=False) + "\n")
+                except OSError as error:
+                    self._transcript_failed(self.options.transcripts_dir, error)
 
     def _print(self, event: dict, now: float) -> None:
         stream = self._stream or sys.stderr
@@ -147,25 +159,50 @@ class Tracer:
 
     def session_started(self, session: Session) -> None:
         directory = self.options.transcripts_dir
-        if directory is not None:
+        if directory is None:
+            return
+        header = {"record": "session", "protocol": session.protocol, "session": session.session_id,
+                  "client": session.peer[0], "time": round(time.time(), 3)}
+        try:
             directory.mkdir(parents=True, exist_ok=True)
-            name = f"{time.strftime('%Y%m%dT%H%M%S')}-{session.protocol}-{session.session_id}.jsonl"
-            transcript = open(directory / name, "w", encoding="utf-8")
-            header = {"record": "session", "protocol": session.protocol, "session": session.session_id,
-                      "client": session.peer[0], "time": round(time.time(), 3)}
+            transcript = self._new_transcript(directory, f"{time.strftime('%Y%m%dT%H%M%S')}-"
+                                                         f"{session.protocol}-{session.session_id}")
             transcript.write(json.dumps(header) + "\n")
-            with self._lock:
-                self._transcripts[session.session_id] = transcript
+        except OSError as error:
+            self._transcript_failed(directory, error)
+            return
+        with self._lock:
+            self._transcripts[session.session_id] = transcript
+
+    @staticmethod
+    def _new_transcript(directory: Path, stem: str) -> IO[str]:
+        for suffix in ["", *(f"-{number}" for number in range(2, TRANSCRIPT_NAME_TRIES + 1))]:
+            try:
+                return open(directory / f"{stem}{suffix}.jsonl", "x", encoding="utf-8")
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"{stem}.jsonl and its {TRANSCRIPT_NAME_TRIES - 1} other names are taken")
+
+    def _transcript_failed(self, directory: Path, error: OSError) -> None:
+        """A transcript is a record for teaching, not the mail: the session goes on without it."""
+        if not self._transcripts_failing:  # once, not at every session
+            self._transcripts_failing = True
+            log.warning("cannot save transcripts in %s (%s); sessions go on without them",
+                        directory, error.strerror or error)
 
     def session_ended(self, session: Session, outcome: str) -> None:
         with self._lock:
             transcript = self._transcripts.pop(session.session_id, None)
-        if transcript is not None:
-            footer = {"record": "end", "time": round(time.time(), 3), "user": session.user,
-                      "commands": session.commands_run, "outcome": outcome}
-            transcript.write(json.dumps(footer) + "\n")
-            transcript.close()
+        if transcript is None:
+            return
+        footer = {"record": "end", "time": round(time.time(), 3), "user": session.user,
+                  "commands": session.commands_run, "outcome": outcome}
+        try:
+            with transcript:
+                transcript.write(json.dumps(footer) + "\n")
             self._prune()
+        except OSError as error:  # a full disk, say
+            self._transcript_failed(self.options.transcripts_dir, error)
 
     def _prune(self) -> None:
         """Keep only the newest ``transcripts_keep`` transcripts."""

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from pymailsrv.cli import main
-from pymailsrv.trace import octets_summary
+from pymailsrv.trace import Tracer, octets_summary
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 
 
@@ -187,6 +187,31 @@ def test_transcripts_list_and_show_replay_a_saved_session(traced, add_user, root
     missing = runner.invoke(main, ["transcripts", "show", "--root", str(root), "nope"])
     assert missing.exit_code == 1
     assert missing.output == "Error: no transcript 'nope' (see 'pymailsrv transcripts list')\n"
+
+
+def test_a_transcripts_directory_that_cannot_be_used_stops_no_session(traced, root, caplog):
+    # A transcript is a record for teaching: without one, the mail still flows.
+    (root / ".pymailsrv").mkdir(exist_ok=True)
+    (root / ".pymailsrv" / "transcripts").write_bytes(b"a file, not a directory")
+    server, _ = traced(transcripts=True)
+    for _ in range(2):
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        assert client.getwelcome().startswith(b"+OK")
+        client.quit()
+    server.stop()
+    warnings = [record.getMessage() for record in caplog.records if "cannot save transcripts" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].endswith("sessions go on without them")
+
+
+def test_two_sessions_numbered_alike_in_one_second_keep_both_transcripts(root):
+    # Two servers on one data root each count sessions from 1.
+    directory = root / "transcripts"
+    directory.mkdir()
+    first = Tracer._new_transcript(directory, "20261207T010203-smtp-1")
+    second = Tracer._new_transcript(directory, "20261207T010203-smtp-1")
+    first.close(), second.close()
+    assert sorted(path.name for path in directory.iterdir()) == [
+        "20261207T010203-smtp-1-2.jsonl", "20261207T010203-smtp-1.jsonl"]
 
 
 def test_only_the_newest_transcripts_are_kept(traced, add_user, root):
