@@ -69,6 +69,13 @@ def _positive_seconds(value: float) -> None:
     _positive(value)
 
 
+def _some_domain(value: tuple[str, ...]) -> None:
+    # The first is the one this server names itself by (postmaster@, a
+    # student's address): a server for no domain could take no mail at all.
+    if not value:
+        raise ValueError("name at least one domain")
+
+
 def _processes(value: int) -> None:
     if not 1 <= value <= limits.MAX_PROCESSES:
         raise ValueError(f"must be 1-{limits.MAX_PROCESSES}")
@@ -202,7 +209,7 @@ class Settings:
     host: str = "127.0.0.1"
     # The name this server gives itself in greetings and Received: headers.
     hostname: str = field(default_factory=socket.gethostname)
-    domains: tuple[str, ...] = ("localhost",)
+    domains: tuple[str, ...] = _checked(("localhost",), _some_domain)
     # Teaching mode (trace.py): the live trace and how it looks ...
     trace: bool = False
     trace_bodies: bool = False

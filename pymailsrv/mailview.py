@@ -130,7 +130,11 @@ def view_message(store: MaildirStore, users: UserStore, name: str, msg_number: i
             data = path.read_bytes()
         except FileNotFoundError:
             continue
-        return build_view(user, msg_number, len(listing), info, path, data)
+        try:
+            return build_view(user, msg_number, len(listing), info, path, data)
+        except RecursionError:  # anyone may send multiparts nested a thousand deep
+            raise MailviewError(f"message {msg_number} of {user} has MIME parts nested too deep to show; "
+                                f"its file is {path}") from None
     raise MailviewError(f"message {msg_number} of {user} vanished while being read; try again")
 
 

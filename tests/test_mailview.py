@@ -157,3 +157,20 @@ def test_message_numbers_are_ascii_digits_from_one():
     for bad in ("0", "-1", "١", "1.0", ""):
         with pytest.raises(MailviewError):
             parse_msg_number(bad)
+
+
+def test_a_message_nested_too_deep_is_a_one_line_error(root, add_user, store):
+    # 500 multiparts, one inside the next: 30 KB that anyone may send.
+    add_user("alice")
+    depth = 500
+    text = b"Subject: deep\nMIME-Version: 1.0\n"
+    for level in range(depth):
+        text += f'Content-Type: multipart/mixed; boundary="b{level}"\n\n--b{level}\n'.encode()
+    text += b"Content-Type: text/plain\n\nbottom\n"
+    for level in reversed(range(depth)):
+        text += f"--b{level}--\n".encode()
+    store.deliver("alice", text)
+    result = show(root, "alice", "1")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: message 1 of alice has MIME parts nested too deep to show; ")
+    assert len(result.output.splitlines()) == 1
