@@ -46,6 +46,7 @@ from tabulate import tabulate
 
 from pymailsrv.cli_common import echo_report
 from pymailsrv.config import parse_host_port
+from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
@@ -182,6 +183,13 @@ def junit_report(results: list[Result], suite: str) -> str:
 # --- the command line --------------------------------------------------------------
 
 
+def _timeout(_context: click.Context, _option: click.Parameter, seconds: float) -> float:
+    """--timeout: a wait the socket can take, else a usage error (not a server's failure)."""
+    if not 0 < seconds <= LONGEST_WAIT_SECONDS:  # nan compares false
+        raise click.BadParameter(f"must be more than 0 and at most {LONGEST_WAIT_SECONDS} seconds")
+    return seconds
+
+
 # Port 0 is nothing a server listens on, so as parse_host_port's default it
 # stands for "no port given": the probe must be told where to connect.
 NO_PORT = 0
@@ -215,7 +223,8 @@ def _address(value: str | None, option: str) -> tuple[str, int] | None:
 @click.option("--starttls", "tls_mode", flag_value="starttls", help="STLS / STARTTLS after the greeting.")
 @click.option("--only", multiple=True, metavar="ID", help="Run only these checks (repeatable; patterns allowed).")
 @click.option("--slow", is_flag=True, help="Also run the timeout checks (they idle for 5-10 minutes).")
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for any reply.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, callback=_timeout,
+              help="Seconds to wait for a whole reply.")
 @click.option("--format", "output_format", type=click.Choice(["text", "json", "junit"]), default="text",
               show_default=True)
 def probe(protocol: str, address: str, user: str | None, password_stdin: bool, smtp_address: str | None,

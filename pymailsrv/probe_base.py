@@ -43,6 +43,9 @@ CRLF = b"\r\n"
 MAX_REPLY_LINE = 64 * 1024
 # A multi-line reply longer than this is not one we asked for.
 MAX_REPLY_LINES = 100_000
+# Nor one of more octets than this (the probe's own messages are small):
+# with MAX_REPLY_LINE, what bounds the probe's memory against a flood.
+MAX_REPLY_OCTETS = 16 * 1024 * 1024
 
 # How many times, and how often, to look for mail just sent: a server may
 # hand it to a delivery agent that needs a moment (Postfix to Dovecot).
@@ -125,6 +128,9 @@ class LineClient:
                  transcript: list[str] | None, tls: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.transcript = transcript
+        # A whole reply, every line of it, must come within this: a server
+        # that drips an octet at a time cannot hold a check for hours.
+        self.timeout = timeout
         self.sock = socket.create_connection(address, timeout=timeout)
         # Each command is one write and waits for its reply: never hold it back (Nagle).
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -150,8 +156,8 @@ class LineClient:
     def send_line(self, text: str, shown: str | None = None) -> None:
         self.send(text.encode("utf-8") + CRLF, shown)
 
-    def line(self) -> bytes:
-        """The next line from the server, with whatever ended it."""
+    def line(self, deadline: float) -> bytes:
+        """The next line from the server, with whatever ended it, by ``deadline`` (time.monotonic())."""
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
@@ -160,15 +166,26 @@ class LineClient:
                 return line
             if len(self._buffer) > MAX_REPLY_LINE:
                 raise Failed(f"reply line longer than {MAX_REPLY_LINE} octets")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Failed(self._timed_out)
+            self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:
-                raise Failed("no reply: timed out waiting for the server") from None
+                raise Failed(self._timed_out) from None
             except ConnectionResetError:
                 chunk = b""
             if not chunk:
                 raise ConnectionClosed("the server closed the connection instead of replying")
             self._buffer += chunk
+
+    def _reply_deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    @property
+    def _timed_out(self) -> str:
+        return f"no reply: timed out after {self.timeout:g} s waiting for the server"
 
     def closed_by_server(self, wait: float = 2.0) -> bool:
         """True if the server closes the connection within ``wait`` seconds."""
@@ -197,7 +214,7 @@ class LineClient:
 
     def pop3_reply(self) -> str:
         """One status line, without its line end."""
-        line = self.line()
+        line = self.line(self._reply_deadline())
         self.last_line = line
         self._note("S", line.rstrip(b"\r\n"))
         return line.rstrip(b"\r\n").decode("utf-8", "replace")
@@ -209,14 +226,15 @@ class LineClient:
 
     def pop3_body(self) -> list[bytes]:
         """The lines of a multi-line reply, exactly as sent, up to and without the '.' line."""
-        raw = []
-        while len(raw) < MAX_REPLY_LINES:
-            line = self.line()
+        raw, size, deadline = [], 0, self._reply_deadline()
+        while len(raw) < MAX_REPLY_LINES and size <= MAX_REPLY_OCTETS:
+            line = self.line(deadline)
             if line == b".\r\n":
                 self._note("S", f"({len(raw)} lines) .".encode())
                 return raw
             raw.append(line)
-        raise Failed(f"multi-line reply has no end after {MAX_REPLY_LINES} lines")
+            size += len(line)
+        raise Failed(f"multi-line reply has no end after {len(raw)} lines, {size} octets")
 
     def pop3_multi(self, command: str) -> tuple[str, list[bytes] | None]:
         """A multi-line command: its status line and, on +OK, the raw body lines."""
@@ -229,10 +247,11 @@ class LineClient:
 
     def smtp_reply(self) -> SmtpReply:
         """One reply, continuation lines (``250-``) included."""
-        lines, wire = [], []
-        while len(wire) < MAX_REPLY_LINES:
-            line = self.line()
+        lines, wire, size, deadline = [], [], 0, self._reply_deadline()
+        while len(wire) < MAX_REPLY_LINES and size <= MAX_REPLY_OCTETS:
+            line = self.line(deadline)
             wire.append(line)
+            size += len(line)
             self._note("S", line.rstrip(b"\r\n"))
             text = line.rstrip(b"\r\n").decode("utf-8", "replace")
             if not re.match(r"[2-5]\d\d([ -]|$)", text):

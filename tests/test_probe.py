@@ -249,3 +249,10 @@ def test_probe_is_a_subcommand_of_pymailsrv():
     outcome = CliRunner().invoke(main, ["probe", "--help"])
     assert outcome.exit_code == 0
     assert "{pop3|smtp} ADDRESS" in outcome.output
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e300"])
+def test_a_timeout_no_socket_can_wait_is_a_usage_error_not_a_server_failure(timeout):
+    result = CliRunner().invoke(probe, ["pop3", "127.0.0.1:1", "--timeout", timeout])
+    assert result.exit_code == 2
+    assert "Invalid value for '--timeout': must be more than 0 and at most 31536000 seconds" in result.output
