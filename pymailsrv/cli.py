@@ -221,7 +221,10 @@ def cert_generate(settings: Settings, hostname: str | None, force: bool) -> None
     cert_path, key_path = default_certificate_paths(settings)
     if cert_path.exists() and not force:
         raise click.ClickException(f"{cert_path} already exists (use --force to replace it)")
-    generate_self_signed(cert_path, key_path, hostname or settings.hostname)
+    try:
+        generate_self_signed(cert_path, key_path, hostname or settings.hostname)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
     click.echo(f"wrote {cert_path} and {key_path} (self-signed for {hostname or settings.hostname})")
 
 

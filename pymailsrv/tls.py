@@ -20,6 +20,8 @@ from pathlib import Path
 
 # A self-signed certificate is a lab tool; a year is long enough for a course.
 SELF_SIGNED_VALIDITY_DAYS = 365
+# RFC 5280 Appendix A (ub-common-name): the longest common name a certificate may hold.
+COMMON_NAME_MAX = 64
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -38,15 +40,25 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
 
 
 def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
-    """Write a self-signed certificate for ``hostname`` and its key (mode 0600)."""
+    """Write a self-signed certificate for ``hostname`` (a name or an address) and its key (mode 0600).
+
+    ValueError if ``hostname`` can be neither.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    try:  # a lab server reached by its address: clients check an IP SAN (RFC 6125 §6.4.4 / RFC 5280)
+        for_host: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
+    except ValueError:
+        for_host = x509.DNSName(_a_label(hostname))
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    alternative_names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost"),
+    # RFC 5280 Appendix A: a common name is at most 64 characters. Clients go by
+    # the SAN anyway (RFC 6125 §6.4.4), so a longer name goes without one.
+    common_name = hostname if len(hostname) <= COMMON_NAME_MAX else "pymailsrv self-signed"
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    alternative_names: list[x509.GeneralName] = [for_host, x509.DNSName("localhost"),
                                                  x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
@@ -68,6 +80,14 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
                                          serialization.NoEncryption()))
     os.chmod(key_path, 0o600)  # also when the file already existed with wider rights
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def _a_label(hostname: str) -> str:
+    """``hostname`` as DNS and certificates write it: a UTF-8 name in its A-label (xn--) form."""
+    try:
+        return hostname.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ValueError(f"{hostname!r} is neither a host name nor an address") from None
 
 
 def client_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:

@@ -68,6 +68,23 @@ def test_generate_writes_cert_and_key_under_the_state_directory(root, tls_dir):
     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)  # a matching pair
 
 
+@pytest.mark.parametrize("hostname, names", [
+    ("192.0.2.10", {"192.0.2.10", "localhost", "127.0.0.1"}),  # an IP SAN, which clients check for an address
+    ("über.example", {"xn--ber-goa.example", "localhost", "127.0.0.1"}),  # the A-label
+    ("a" * 40 + "." + "b" * 40 + ".example", {"a" * 40 + "." + "b" * 40 + ".example", "localhost", "127.0.0.1"}),
+])
+def test_generate_for_an_address_a_utf8_name_or_a_name_too_long_for_a_common_name(root, tls_dir, hostname, names):
+    result = generate(root, "--hostname", hostname)
+    assert result.exit_code == 0, result.output
+    assert names_in(tls_dir / "cert.pem") == names
+
+
+def test_generate_for_what_is_no_host_name_is_a_one_line_error(root, tls_dir):
+    result = generate(root, "--hostname", "a" * 64 + ".example")  # a label over 63 octets
+    assert result.exit_code == 1
+    assert result.output == f"Error: {'a' * 64 + '.example'!r} is neither a host name nor an address\n"
+
+
 def test_generate_names_the_servers_hostname_by_default(root, tls_dir):
     settings = make_settings(root)
     assert generate(root).exit_code == 0
