@@ -75,6 +75,15 @@ class SetupResult:
     skipped: list[str]  # names that already existed
 
 
+class SetupInterrupted(Exception):
+    """setup_class stopped part way (Ctrl-C, a full disk ...): ``result`` holds
+    the accounts made so far, whose passwords are written nowhere else."""
+
+    def __init__(self, result: SetupResult, reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+
+
 @dataclass(frozen=True)
 class ResetResult:
     removed: dict[str, int]  # user -> messages removed
@@ -84,6 +93,10 @@ class ResetResult:
 
 def _count(number: int, noun: str, plural: str | None = None) -> str:
     return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def _print_sheet(accounts: list[Account]) -> None:
+    click.echo(tabulate([astuple(account) for account in accounts], headers=SHEET_HEADERS))
 
 
 def student_names(prefix: str, count: int) -> list[str]:
@@ -116,24 +129,34 @@ def server_host(settings: Settings) -> str:
 
 def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
                 shared_password: str | None = None) -> SetupResult:
-    """Create the class's accounts and Maildirs; existing accounts are skipped untouched."""
+    """Create the class's accounts and Maildirs; existing accounts are skipped untouched.
+
+    SetupInterrupted if it stops part way, with the accounts made so far.
+    """
     users = UserStore(settings.state_dir)
     store = MaildirStore(settings.root)
     host = server_host(settings)
+    names = student_names(prefix, count)
     created, skipped = [], []
-    for name in student_names(prefix, count):
-        if users.exists(name):
-            skipped.append(name)
-            continue
-        password = shared_password if shared_password is not None else generate_password()
-        try:
-            users.add(name, password)
-        except UserError:  # created by someone else since we looked
-            skipped.append(name)
-            continue
-        store.create_maildir(name)
-        created.append(Account(name, password, f"{name}@{settings.domains[0]}",
-                               f"{host}:{settings.smtp.port}", f"{host}:{settings.pop3.port}"))
+    try:
+        for name in names:
+            if users.exists(name):
+                skipped.append(name)
+                continue
+            password = shared_password if shared_password is not None else generate_password()
+            # The Maildir first, as 'user add' does: an account whose Maildir
+            # could not be made would be skipped, password unknown, next time.
+            store.create_maildir(name)
+            try:
+                users.add(name, password)
+            except UserError:  # created by someone else since we looked
+                skipped.append(name)
+                continue
+            created.append(Account(name, password, f"{name}@{settings.domains[0]}",
+                                   f"{host}:{settings.smtp.port}", f"{host}:{settings.pop3.port}"))
+    except (Exception, KeyboardInterrupt) as error:
+        reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
+        raise SetupInterrupted(SetupResult(created, skipped), reason) from error
     return SetupResult(created, skipped)
 
 
@@ -200,11 +223,15 @@ def classroom_group(with_settings: Callable) -> click.Group:
             shared = read_password(from_stdin=True)
         try:
             result = setup_class(settings, students, prefix, shared)
+        except SetupInterrupted as stopped:
+            _print_sheet(stopped.result.created)  # those passwords exist nowhere else: first, then why
+            raise click.ClickException(f"stopped after {_count(len(stopped.result.created), 'account')}: "
+                                       f"{stopped}; the sheet above holds their passwords") from None
         except ValueError as error:
             raise click.ClickException(str(error)) from None
         for name in result.skipped:
             click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
-        click.echo(tabulate([astuple(account) for account in result.created], headers=SHEET_HEADERS))
+        _print_sheet(result.created)
         if csv_path is not None:
             try:
                 write_csv(csv_path, result.created)

@@ -44,6 +44,20 @@ def test_setup_creates_accounts_that_log_in_over_pop3_with_the_printed_password(
     assert len({row[1] for row in rows}) == 3, "every student gets their own password"
 
 
+def test_a_setup_stopped_part_way_still_shows_the_passwords_it_made(root, users):
+    # student03's Maildir cannot be made: a file is in its place.
+    (root / "student03").write_bytes(b"not a directory")
+    result = classroom(root, "setup", "--students", "5")
+    assert result.exit_code == 1
+    assert [row[0] for row in sheet_rows(result.stdout)] == ["student01", "student02"]
+    assert result.stderr.startswith("Error: stopped after 2 accounts: ")
+    assert result.stderr.rstrip().endswith("; the sheet above holds their passwords")
+    assert users.names() == ["student01", "student02"]  # student03 is no account without its Maildir
+    (root / "student03").unlink()
+    again = classroom(root, "setup", "--students", "5")
+    assert [row[0] for row in sheet_rows(again.stdout)] == ["student03", "student04", "student05"]
+
+
 def test_sheet_shows_the_configured_domain_host_and_ports(root, tmp_path):
     config = tmp_path / "class.toml"
     config.write_text('host = "192.0.2.10"\ndomains = ["school.example", "other.example"]\n'
