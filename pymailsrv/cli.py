@@ -298,7 +298,11 @@ def user_list(settings: Settings) -> None:
     store = MaildirStore(settings.root)
     rows = []
     for name in UserStore(settings.state_dir).names():
-        messages = store.messages(name)
+        try:
+            messages = store.messages(name)
+        except OSError as error:  # one broken Maildir must not hide everyone else's
+            rows.append((name, f"(cannot read: {error.strerror or error})", ""))
+            continue
         rows.append((name, len(messages), sum(_file_size(path) for _, path in messages)))
     _echo_table(rows, ["user", "messages", "bytes"])
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from pymailsrv.config import load_settings
+from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.server import MailServer as _Server
 from pymailsrv.users import check_user_name
 
@@ -153,6 +154,8 @@ class MailServer:
 
     def wait_for_messages(self, user: str, count: int, timeout: float = 5.0) -> list[EmailMessage]:
         """Wait until ``user`` has at least ``count`` messages; AssertionError after ``timeout``."""
+        if not 0 <= timeout <= LONGEST_WAIT_SECONDS:  # nan compares false: it would wait for ever
+            raise ValueError(f"timeout must be 0-{LONGEST_WAIT_SECONDS} seconds, got {timeout!r}")
         deadline = time.monotonic() + timeout
         while True:
             found = self.messages(user)

@@ -13,6 +13,7 @@ import os
 import poplib
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,17 @@ def test_user_list_is_a_table_of_users_messages_and_bytes(cli, root):
     assert rows[0] == ["user", "messages", "bytes"]
     assert set("".join(rows[1])) == {"-"}
     assert rows[2:] == [["alice", "2", str(len(MESSAGE) + 14)], ["bob", "0", "0"]]
+
+
+def test_user_list_shows_a_broken_maildir_in_its_row_and_lists_the_rest(cli, root):
+    for name in ("alice", "bob"):
+        cli("user", "add", name, "--password-stdin", input="pw\n")
+    shutil.rmtree(root / "alice" / "new")
+    (root / "alice" / "new").write_bytes(b"not a directory")
+    result = cli("user", "list")
+    assert result.exit_code == 0, result.output
+    rows = [line.split() for line in result.stdout.splitlines()[2:]]
+    assert rows == [["alice", "(cannot", "read:", "Not", "a", "directory)"], ["bob", "0", "0"]]
 
 
 def test_mailbox_list_is_a_table_of_messages(cli, root):

@@ -252,3 +252,10 @@ def test_the_embedded_server_ignores_a_config_file_in_the_working_directory(tmp_
     with MailServer(users={"alice": "pw"}) as server:
         send_welcome("alice@localhost", server.host, server.smtp_port)
         assert len(server.wait_for_messages("alice", 1)) == 1
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, float("inf")])
+def test_wait_for_messages_refuses_a_timeout_it_could_never_end(timeout):
+    with MailServer(users={"alice": "pw"}) as server:
+        with pytest.raises(ValueError, match="timeout must be 0-31536000 seconds"):
+            server.wait_for_messages("alice", 1, timeout=timeout)
