@@ -210,13 +210,23 @@ def junit_report(grades: list[Grade]) -> str:
 CSV_COLUMNS = ["transcript", "user", "protocol", "client", "score", "passed", "applicable", "failed"]
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula
+# (OWASP's "CSV injection"). A student chooses the user name a session is
+# graded under, so that cell starts with "'", which spreadsheets read as text.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _as_text_cell(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_STARTS) else value
+
+
 def csv_report(grades: list[Grade]) -> str:
     """One row per transcript; ``failed`` lists the failed criteria, space-separated."""
     output = io.StringIO()
     writer = csv.writer(output, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for graded in grades:
-        writer.writerow([graded.transcript, graded.user, graded.protocol, graded.client, graded.score,
+        writer.writerow([graded.transcript, _as_text_cell(graded.user), graded.protocol, graded.client, graded.score,
                          graded.passed, graded.applicable, " ".join(graded.failed)])
     return output.getvalue().rstrip("\n")
 

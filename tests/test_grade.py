@@ -462,6 +462,19 @@ def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_bre
     ET.fromstring(junit.stdout)  # XML 1.0 allows no ESC: escaped, it parses
 
 
+def test_a_user_name_that_a_spreadsheet_would_run_is_written_as_text(classroom, root):
+    server = classroom()
+    client = RawClient(server.addresses["pop3"])
+    client.line()
+    client.command('USER =HYPERLINK("http://evil.example/","marks")')
+    client.command("QUIT")
+    graded(root, server)
+    result = run(root, "--all", "--format", "csv")
+    assert result.exit_code == 0, result.output
+    [row] = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert row["user"].startswith("'=")
+
+
 def test_grade_all_as_csv_writes_one_row_per_transcript_into_a_file(class_of_two, root, tmp_path):
     pop3_id, smtp_id = class_of_two
     output = tmp_path / "class.csv"
