@@ -56,6 +56,8 @@ class MailServer:
     # --- life cycle ---------------------------------------------------------------
 
     def start(self) -> "MailServer":
+        if self._server is not None:  # a second server would orphan the first, still running
+            raise RuntimeError("this MailServer is already running: stop() it first")
         self._directory = tempfile.TemporaryDirectory(prefix="pymailsrv-test-")
         settings = load_settings(read_files=False, overrides={
             "root": self._directory.name, "host": "127.0.0.1", "domains": list(self._domains),
@@ -129,7 +131,13 @@ class MailServer:
         self._running.context.faults.add(spec)
 
     def deliver(self, user: str, message: bytes | str | EmailMessage) -> str:
-        """Put a message straight into ``user``'s Maildir; returns its queue id."""
+        """Put a message straight into ``user``'s Maildir; returns its queue id.
+
+        As 'pymailsrv deliver' does, it refuses a user who does not exist: a
+        test that delivers to a typo should fail here, not pass emptily.
+        """
+        if not self._running.context.users.exists(check_user_name(user)):
+            raise ValueError(f"no such user {user!r}")
         if isinstance(message, EmailMessage):
             message = message.as_bytes(policy=email.policy.SMTP)
         elif isinstance(message, str):

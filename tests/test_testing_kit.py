@@ -259,3 +259,15 @@ def test_wait_for_messages_refuses_a_timeout_it_could_never_end(timeout):
     with MailServer(users={"alice": "pw"}) as server:
         with pytest.raises(ValueError, match="timeout must be 0-31536000 seconds"):
             server.wait_for_messages("alice", 1, timeout=timeout)
+
+
+def test_deliver_to_a_user_who_does_not_exist_fails_as_the_cli_does():
+    with MailServer(users={"alice": "pw"}) as server:
+        with pytest.raises(ValueError, match="no such user 'alcie'"):
+            server.deliver("alcie", b"Subject: typo\n\nhi\n")
+
+
+def test_starting_a_running_server_again_is_refused():
+    with MailServer(users={"alice": "pw"}) as server:
+        with pytest.raises(RuntimeError, match="already running"):
+            server.start()
