@@ -447,13 +447,18 @@ def test_grade_all_as_junit_has_a_testsuite_per_transcript_and_a_testcase_per_cr
     assert failing == ["pop3.issues-quit"]
 
 
-def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_break_junit(classroom, root):
+def a_session_as(classroom, root, user_line: str) -> None:
+    """One POP3 session that sends ``user_line`` and QUIT, saved and ready to grade."""
     server = classroom()
     client = RawClient(server.addresses["pop3"])
     client.line()
-    client.command("USER alice\x1b]0;pwned\x07\x1b[2J")
+    client.command(user_line)
     client.command("QUIT")
     graded(root, server)
+
+
+def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_break_junit(classroom, root):
+    a_session_as(classroom, root, "USER alice\x1b]0;pwned\x07\x1b[2J")
     text = run(root, "--all")
     assert text.exit_code == 0, text.output
     assert "\x1b" not in text.stdout and "\x07" not in text.stdout and "alice\\x1b]0;pwned" in text.stdout
@@ -463,12 +468,7 @@ def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_bre
 
 
 def test_a_user_name_that_a_spreadsheet_would_run_is_written_as_text(classroom, root):
-    server = classroom()
-    client = RawClient(server.addresses["pop3"])
-    client.line()
-    client.command('USER =HYPERLINK("http://evil.example/","marks")')
-    client.command("QUIT")
-    graded(root, server)
+    a_session_as(classroom, root, 'USER =HYPERLINK("http://evil.example/","marks")')
     result = run(root, "--all", "--format", "csv")
     assert result.exit_code == 0, result.output
     [row] = list(csv.DictReader(io.StringIO(result.stdout)))
