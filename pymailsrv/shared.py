@@ -11,7 +11,13 @@ it was made sees (MAP_SHARED), read and written under one lock.
 The lock is two: a thread lock for the threads of one process, then a
 ``lockf`` lock on the file for the processes. A POSIX record lock belongs
 to its process, so the kernel drops it if the holder dies - a worker killed
-with -9 never leaves the others waiting. The file has no name: a memfd on
+with -9 never leaves the others waiting. It is also why the thread lock is
+one for every table of a process: were one thread to hold the caps' file
+lock while another waited for the counter's, the kernel would see the
+process holding one lock and waiting for a second - against a process
+doing the opposite, a deadlock - and refuse with EDEADLK, though no thread
+ever holds two. One thread per process at a time holds or waits, so no
+process ever does both. The file has no name: a memfd on
 Linux, elsewhere a temporary file unlinked at once. Nothing is left on
 disk, and the server needs no writable directory for it.
 
@@ -42,6 +48,10 @@ def address_key(address: str) -> int:
     return digest or 1
 
 
+# The thread lock of every SharedRecords in this process (see above).
+_ONE_TABLE_AT_A_TIME = threading.Lock()
+
+
 def _anonymous_file() -> BinaryIO:
     if hasattr(os, "memfd_create"):
         return os.fdopen(os.memfd_create("pymailsrv-shared"), "w+b")
@@ -56,12 +66,12 @@ class SharedRecords:
         self._file = _anonymous_file()
         self._file.truncate(count * layout.size)
         self._memory = mmap.mmap(self._file.fileno(), count * layout.size)  # MAP_SHARED
-        self._thread_lock = threading.Lock()
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        """Hold the lock for the block: read and write records only inside one."""
-        with self._thread_lock:
+        """Hold the lock for the block: read and write records only inside one,
+        and never hold two tables' locks at once (the thread lock is one for all)."""
+        with _ONE_TABLE_AT_A_TIME:
             fcntl.lockf(self._file, fcntl.LOCK_EX)
             try:
                 yield

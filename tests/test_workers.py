@@ -27,6 +27,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,6 +36,7 @@ import pytest
 
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import ConnectionLimits
+from pymailsrv.shared import SharedCounter
 from pymailsrv.users import UserStore
 from pymailsrv.workers import MAX_WORKER_DEATHS_PER_MINUTE
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
@@ -326,3 +328,49 @@ def test_settings_that_cannot_work_with_workers_are_one_line_errors(tmp_path, ar
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == error
     assert "Traceback" not in result.stderr
+
+
+# --- the shared tables' locks under many threads in many processes ---------------------------
+
+HAMMER_PROCESSES = 3
+HAMMER_THREADS = 6
+HAMMER_SECONDS = 2.0
+
+
+def test_threads_of_several_processes_using_two_shared_tables_never_get_edeadlk():
+    # A worker's threads admit a connection, number its session and release
+    # it: two tables. With a lock per table, the kernel took one thread
+    # holding the caps while another waited for the counter for a deadlock
+    # with the next process, and lockf raised EDEADLK: a listener thread
+    # died, or a cap slot was never freed.
+    limits = ConnectionLimits(500, 500)
+    counter = SharedCounter()
+    children = []
+    for _ in range(HAMMER_PROCESSES):
+        pid = os.fork()
+        if pid == 0:
+            errors = []
+
+            def hammer() -> None:
+                deadline = time.monotonic() + HAMMER_SECONDS
+                while time.monotonic() < deadline:
+                    try:
+                        if limits.admit("127.0.0.1"):
+                            try:
+                                counter.next()
+                            finally:
+                                limits.release("127.0.0.1")
+                    except OSError as error:
+                        errors.append(error)
+                        return
+
+            threads = [threading.Thread(target=hammer) for _ in range(HAMMER_THREADS)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            os._exit(1 if errors else 0)
+        children.append(pid)
+    statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
+    assert statuses == [0] * HAMMER_PROCESSES
+    assert limits.open == 0
