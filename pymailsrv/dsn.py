@@ -35,7 +35,7 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
-from pymailsrv.outqueue import QueueEntry, Recipient
+from pymailsrv.outqueue import ENHANCED_STATUS, QueueEntry, Recipient
 
 # Stored like every message here: LF line ends (Maildir's convention); the
 # relay turns them into CRLF on the wire. Fields are written as they are
@@ -48,8 +48,6 @@ _UTF8_POLICY = _POLICY.clone(utf8=True)
 # RFC 5322 §2.1.1: a line is at most 998 characters. A remote reply of many
 # lines is joined into one diagnostic; it is cut to fit, with its field name.
 DIAGNOSTIC_MAX = 900
-# RFC 3464 §2.3.4 / RFC 3463 §2: class.subject.detail, in ASCII digits.
-_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 # C0, DEL, C1 and the Unicode line and paragraph separators: the email
 # package (str.splitlines) would end a field at several of them.
@@ -129,7 +127,8 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
     for recipient in failures:
         fields = [("Final-Recipient", _final_recipient(recipient.address)),
                   ("Action", "failed"),
-                  ("Status", recipient.status if _STATUS.fullmatch(recipient.status or "") else "5.0.0")]
+                  # RFC 3464 §2.3.4: an RFC 3463 code, whatever the queue file says.
+                  ("Status", recipient.status if ENHANCED_STATUS.fullmatch(recipient.status or "") else "5.0.0")]
         if recipient.remote_mta:
             fields.append(("Remote-MTA", f"dns; {_ascii_field(recipient.remote_mta)}"))
         if recipient.last_error:

@@ -149,6 +149,11 @@ class QueueEntry:
         return schema.build(cls, json.loads(data))
 
 
+# RFC 3463 §2: an enhanced status code, class.subject.detail, in ASCII digits
+# (a remote reply may begin with one; a bounce's Status field must be one).
+ENHANCED_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})\b")
+
+
 @dataclass(frozen=True)
 class Outcome:
     """What one delivery attempt did for one recipient."""

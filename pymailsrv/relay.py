@@ -67,7 +67,7 @@ import dns.resolver
 
 from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
-from pymailsrv.outqueue import Outcome, QueueEntry, State
+from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
 from pymailsrv.paths import unquoted_local_part
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
@@ -100,7 +100,6 @@ DIAGNOSTIC_TYPE = "X-pymailsrv"
 # rare duplicate this can cause, never a loss).
 STOP_WAIT_SECONDS = 5.0
 
-_ENHANCED_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})\b")  # ASCII digits only
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 _RETURN_PATH = re.compile(rb"\Areturn-path:[^\n]*\n(?:[ \t][^\n]*\n)*", re.IGNORECASE)
 
@@ -160,7 +159,7 @@ def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, to_text: bool = False
     # control characters escaped: the text goes to the log, 'queue list' and
     # bounces, all read on somebody's terminal.
     text = escape_controls(reply.decode("utf-8", errors="replace").replace("\n", " "))
-    match = _ENHANCED_STATUS.match(text)
+    match = ENHANCED_STATUS.match(text)
     klass = str(code)[0]
     state = {"2": State.DELIVERED if to_text else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
     status = match.group(0) if match and match.group(1) == klass else f"{klass}.0.0"
