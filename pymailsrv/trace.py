@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from pymailsrv.replies import Reply
     from pymailsrv.session import Session
 
+log = logging.getLogger("pymailsrv.trace")
+
 # ANSI colours for the text form on a terminal.
 _COLOURS = {"C": "\033[36m", "S+": "\033[32m", "S-": "\033[31m", "--": "\033[33m"}
 _DIM, _RESET = "\033[2m", "\033[0m"
@@ -93,8 +95,6 @@ def octets_summary(lines: int, octets: int) -> str:
     return f"[{grouped(lines)} lines, {grouped(octets)} octets]"
 
 
-log = logging.getLogger("pymailsrv.trace")
-
 # Two servers on one data root (or a restart) may number a session alike
 # within one second: the transcript then takes the next free "-2" ... name.
 TRANSCRIPT_NAME_TRIES = 10
@@ -133,7 +133,7 @@ class Tracer:
                 try:
                     transcript.write(json.dumps(event, ensure_ascii=False) + "\n")
                 except OSError as error:
-                    self._transcript_failed(self.options.transcripts_dir, error)
+                    self._transcript_failed(error)
 
     def _print(self, event: dict, now: float) -> None:
         stream = self._stream or sys.stderr
@@ -169,7 +169,7 @@ class Tracer:
                                                          f"{session.protocol}-{session.session_id}")
             transcript.write(json.dumps(header) + "\n")
         except OSError as error:
-            self._transcript_failed(directory, error)
+            self._transcript_failed(error)
             return
         with self._lock:
             self._transcripts[session.session_id] = transcript
@@ -183,12 +183,12 @@ class Tracer:
                 continue
         raise FileExistsError(f"{stem}.jsonl and its {TRANSCRIPT_NAME_TRIES - 1} other names are taken")
 
-    def _transcript_failed(self, directory: Path, error: OSError) -> None:
+    def _transcript_failed(self, error: OSError) -> None:
         """A transcript is a record for teaching, not the mail: the session goes on without it."""
         if not self._transcripts_failing:  # once, not at every session
             self._transcripts_failing = True
             log.warning("cannot save transcripts in %s (%s); sessions go on without them",
-                        directory, error.strerror or error)
+                        self.options.transcripts_dir, error.strerror or error)
 
     def session_ended(self, session: Session, outcome: str) -> None:
         with self._lock:
@@ -202,7 +202,7 @@ class Tracer:
                 transcript.write(json.dumps(footer) + "\n")
             self._prune()
         except OSError as error:  # a full disk, say
-            self._transcript_failed(self.options.transcripts_dir, error)
+            self._transcript_failed(error)
 
     def _prune(self) -> None:
         """Keep only the newest ``transcripts_keep`` transcripts."""
