@@ -421,13 +421,16 @@ class MaildirMaildrop:
         """
         infos, uids = [], set()
         for key, relative in _scan(self._path):
-            if uid_of(key) in uids:
+            uid = uid_of(key)
+            if uid in uids:
                 relative = self._rename_duplicate(relative)
             elif relative.startswith("new/"):
                 relative = self._move_to_cur(relative)
             if relative is None:
                 continue
-            key = _key_of(relative.split("/", 1)[1])  # a new name, if renamed
+            renamed = _key_of(relative.split("/", 1)[1])  # the move to cur/ keeps the key
+            if renamed != key:  # a duplicate, given a unique name of its own
+                key, uid = renamed, uid_of(renamed)
             try:
                 size = _pop3_size_of(key, os.path.join(self._path, relative))
             except FileNotFoundError:
@@ -436,7 +439,6 @@ class MaildirMaildrop:
                 log.warning("%s: cannot read %s: %s; left out of this session",
                             self._path, relative, error.strerror or error)
                 continue
-            uid = uid_of(key)
             self._files[key] = relative
             uids.add(uid)
             infos.append(MessageInfo(key, size, uid))
