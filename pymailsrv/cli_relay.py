@@ -15,8 +15,8 @@ from collections.abc import Callable
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import echo_report
 from pymailsrv.aliases import AliasError, AliasTable
+from pymailsrv.cli_common import echo_report
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
 from pymailsrv.users import UserStore

@@ -40,8 +40,8 @@ from tabulate import tabulate
 
 from pymailsrv.cli_common import output_file
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
-from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
 from pymailsrv.trace import escape_controls
+from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
