@@ -41,7 +41,7 @@ from tabulate import tabulate
 from pymailsrv.cli_common import output_file
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
 from pymailsrv.trace import escape_controls
-from pymailsrv.transcripts import Transcript, TranscriptError, find, load_all, transcripts_dir
+from pymailsrv.transcripts import Transcript, TranscriptError, each_transcript, find, transcripts_dir
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
 
@@ -133,21 +133,25 @@ def grade(transcript: Transcript) -> Grade:
                  transcript.header.get("time", 0.0), transcript.outcome, results)
 
 
-def select(state_dir: Path, user: str | None, ids: Iterable[str],
-           everything: bool) -> tuple[list[Transcript], list[str]]:
-    """The transcripts the command line names, oldest first, and notes on files that are none."""
+def graded(state_dir: Path, user: str | None, ids: Iterable[str]) -> tuple[list[Grade], list[str]]:
+    """The grades the command line asks for, and notes on files that are no transcripts.
+
+    Those of ``ids``, in that order; else those of every saved session of
+    ``user`` (None: of everyone), oldest first. Each session is read, graded
+    and let go in turn: memory holds one session's events, not a term's.
+    """
     ids = list(ids)
     if ids:
         try:
-            return [find(state_dir, transcript_id) for transcript_id in ids], []
+            return [grade(find(state_dir, transcript_id)) for transcript_id in ids], []
         except TranscriptError as error:
             raise click.BadParameter(str(error), param_hint="--transcript") from None
-    found, unreadable = load_all(state_dir)
+    unreadable: list[str] = []
+    grades = [grade(transcript) for transcript in each_transcript(state_dir, unreadable)
+              if user is None or belongs_to(transcript, user)]
     # File names start with the time to the second only; the header has it to the millisecond.
-    found.sort(key=lambda transcript: transcript.header["time"])
-    if not everything:
-        found = [transcript for transcript in found if belongs_to(transcript, user)]
-    return found, unreadable
+    grades.sort(key=lambda result: result.started)
+    return grades, unreadable
 
 
 # --- reports ------------------------------------------------------------------------
@@ -255,10 +259,9 @@ def grade_command(with_settings: Callable) -> click.Command:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
-        chosen, unreadable = select(settings.state_dir, user, transcript_ids, everything)
+        grades, unreadable = graded(settings.state_dir, user, transcript_ids)
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)
-        grades = [grade(transcript) for transcript in chosen]
         if not grades:
             whose = f" of user {user!r}" if user else ""
             click.echo(f"no saved transcripts{whose} under {transcripts_dir(settings.state_dir)}", err=True)

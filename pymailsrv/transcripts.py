@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,8 +65,13 @@ class TranscriptError(ValueError):
     """No transcript to read by that id, or a file that is not one; the message says why."""
 
 
-def load(path: Path) -> Transcript:
-    """The transcript in ``path``: TranscriptError if the file holds none, OSError if unreadable."""
+def load(path: Path, keep_events: bool = True) -> Transcript:
+    """The transcript in ``path``: TranscriptError if the file holds none, OSError if unreadable.
+
+    Without ``keep_events`` every event is still checked but none is kept:
+    the header and the end are what ``list`` shows, and a session traced
+    with ``--trace-bodies`` holds a line of its message text per event.
+    """
     transcript = None
     with open(path, "rb") as file:
         for number, line in enumerate(file, start=1):
@@ -91,7 +96,8 @@ def load(path: Path) -> Transcript:
                 transcript.end = record
             else:
                 _check(record, EVENT_FIELDS, number)
-                transcript.events.append(record)
+                if keep_events:
+                    transcript.events.append(record)
     if transcript is None:
         raise TranscriptError("no session record: not a transcript")
     return transcript
@@ -123,16 +129,18 @@ def find(state_dir: Path, transcript_id: str) -> Transcript:
         raise TranscriptError(f"transcript {transcript_id!r} cannot be read: {_reason(error)}") from None
 
 
-def load_all(state_dir: Path) -> tuple[list[Transcript], list[str]]:
-    """Every transcript, by file name, and an "ID: why" note for each file that cannot be read."""
+def each_transcript(state_dir: Path, unreadable: list[str], keep_events: bool = True) -> Iterator[Transcript]:
+    """Every transcript (see ``load``) by file name, read as it is asked for, so
+    that memory holds one at a time; an "ID: why" note in ``unreadable`` for each
+    file that cannot be read."""
     directory = transcripts_dir(state_dir)
-    found, unreadable = [], []
     for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
         try:
-            found.append(load(path))
+            transcript = load(path, keep_events)
         except (OSError, TranscriptError) as error:
             unreadable.append(f"{path.name.removesuffix(SUFFIX)}: {_reason(error)}")
-    return found, unreadable
+            continue
+        yield transcript
 
 
 def _reason(error: OSError | TranscriptError) -> str:
@@ -154,16 +162,16 @@ def transcripts_group(with_settings: Callable) -> click.Group:
     @with_settings
     def list_transcripts(settings) -> None:
         """List saved sessions, oldest first."""
-        found, unreadable = load_all(settings.state_dir)
-        for note in unreadable:
-            click.echo(f"note: skipped {note}", err=True)
+        unreadable: list[str] = []
         rows = []
-        for transcript in found:
+        for transcript in each_transcript(settings.state_dir, unreadable, keep_events=False):
             header = transcript.header
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(header["time"]))
             commands = transcript.end["commands"] if transcript.end else "-"
             rows.append((transcript.id, started, header["protocol"], header["client"], transcript.user or "-",
                          commands, transcript.outcome))
+        for note in unreadable:
+            click.echo(f"note: skipped {note}", err=True)
         echo_report(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
 
     @transcripts.command("show")

@@ -30,7 +30,7 @@ from pymailsrv.grade import FAIL, NA, PASS, grade
 from pymailsrv.grade_criteria import CRITERIA
 from pymailsrv.server import MailServer, trace_options
 from pymailsrv.trace import Tracer
-from pymailsrv.transcripts import load_all
+from pymailsrv.transcripts import each_transcript
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
 
 # Long enough that a client's first line is surely waiting before our greeting goes out.
@@ -68,7 +68,7 @@ def graded(root, server: MailServer):
     """Stop the server, then grade every transcript it saved, oldest first."""
     server.stop()
     for _ in range(END_RECORD_POLLS):
-        transcripts, _ = load_all(root / ".pymailsrv")
+        transcripts = list(each_transcript(root / ".pymailsrv", []))
         if transcripts and all(transcript.end for transcript in transcripts):
             break
         time.sleep(END_RECORD_POLL_SECONDS)

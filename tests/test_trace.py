@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from pymailsrv.cli import main
 from pymailsrv.trace import Tracer, octets_summary
+from pymailsrv.transcripts import TranscriptError, each_transcript, load
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 
 
@@ -279,6 +280,27 @@ def test_transcripts_show_refuses_a_bad_one_in_one_line(transcripts, root, name)
     reason = MALFORMED[name][1] if name in MALFORMED else "Is a directory"
     assert result.stderr == f"Error: transcript {name!r} cannot be read: {reason}\n"
     assert result.stdout == ""
+
+
+def test_list_reads_each_transcript_checked_but_without_keeping_its_events(transcripts):
+    # With --trace-bodies a session holds an event per line of its message:
+    # a term of them must not all be in memory to list (or grade) them.
+    summary = load(transcripts / "good.jsonl", keep_events=False)
+    assert (summary.header, summary.events, summary.end) == (GOOD_RECORDS[0], [], GOOD_RECORDS[2])
+    assert load(transcripts / "good.jsonl").events == [GOOD_RECORDS[1]]
+    with pytest.raises(TranscriptError, match="line 2 has no valid 'line'"):
+        load(transcripts / "event-without-line.jsonl", keep_events=False)
+
+
+def test_transcripts_are_read_one_at_a_time_as_they_are_asked_for(transcripts):
+    unreadable: list[str] = []
+    reading = each_transcript(transcripts.parent, unreadable)
+    assert next(reading).id == "good"
+    # Only the files before "good" in name order have been read so far.
+    assert [note.split(":")[0] for note in unreadable] == [
+        "deeply-nested", "empty", "event-without-line", "folder", "garbage"]
+    assert list(reading) == []
+    assert len(unreadable) == len(MALFORMED) + 1
 
 
 def test_a_last_line_cut_inside_a_utf8_sequence_is_left_out(transcripts, root):
