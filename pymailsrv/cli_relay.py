@@ -19,6 +19,7 @@ from pymailsrv.aliases import AliasError, AliasTable
 from pymailsrv.cli_common import echo_report
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
+from pymailsrv.replies import counted
 from pymailsrv.users import UserStore
 
 # A queue listing is one line per message; longer errors are cut to this.
@@ -119,7 +120,7 @@ def queue_group(with_settings: Callable) -> click.Group:
     def queue_flush(settings: Settings) -> None:
         """Make every queued message due now (a running server tries them at once)."""
         count = OutboundQueue(settings.state_dir).flush()
-        click.echo(f"{count} message{'' if count == 1 else 's'} due now")
+        click.echo(f"{counted(count, 'message')} due now")
 
     @queue.command("delete")
     @click.argument("queue_id")

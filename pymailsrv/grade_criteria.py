@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pymailsrv.pop3 import SESSION_CAPABILITIES
-from pymailsrv.replies import POP3_WRONG_STATE
+from pymailsrv.replies import POP3_WRONG_STATE, counted
 from pymailsrv.transcripts import Transcript
 
 Verdict = tuple["bool | None", str]
@@ -138,11 +138,6 @@ def refused(protocol: str, reply: str) -> bool:
 def shown(line: str, width: int = 60) -> str:
     """A line for an evidence column, quoted and cut to a readable width."""
     return repr(line if len(line) <= width else line[: width - 1] + "…")
-
-
-def counted(number: int, noun: str) -> str:
-    """``1 line``, ``2 lines``: evidence reads as a sentence."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def _ending(event: dict) -> str:

@@ -97,6 +97,7 @@ from pymailsrv.replies import (
     POP3_WRONG_STATE,
     CommandError,
     Reply,
+    counted,
 )
 from pymailsrv.session import Session
 from pymailsrv.storage import MaildropLocked, MessageInfo, MessageVanished, StorageError
@@ -344,7 +345,7 @@ class Pop3Session(Session):
         # before login do not eat into the 20 allowed after it.
         self.errors = 0
         count, size = self._totals()
-        return POP3_LOGGED_IN.format(user=user, count=count, size=size)
+        return POP3_LOGGED_IN.format(user=user, messages=counted(count, "message"), size=size)
 
     def do_quit(self, argument: str) -> Reply:
         """QUIT (RFC 1939 §4 in AUTHORIZATION, §6 in TRANSACTION)."""
@@ -364,7 +365,7 @@ class Pop3Session(Session):
         if failures:
             return POP3_UPDATE_FAILED
         count, _ = self._totals()
-        remaining = f"{count} messages left" if count else "maildrop empty"
+        remaining = f"{counted(count, 'message')} left" if count else "maildrop empty"
         return POP3_SIGNING_OFF_AFTER_UPDATE.format(remaining=remaining)
 
     # --- TRANSACTION (RFC 1939 §5, §7) --------------------------------------
@@ -383,7 +384,7 @@ class Pop3Session(Session):
             return POP3_SCAN_LISTING.format(msg_number=index + 1, size=self.messages[index].size)
         count, size = self._totals()
         listing = [f"{msg_number} {message.size}".encode() for msg_number, message in self._live()]
-        return POP3_SCAN_LISTINGS_FOLLOW.format(count=count, size=size).with_lines(listing)
+        return POP3_SCAN_LISTINGS_FOLLOW.format(messages=counted(count, "message"), size=size).with_lines(listing)
 
     def do_retr(self, argument: str) -> Reply:
         """RETR msg (RFC 1939 §5): the whole message, byte-stuffed."""
@@ -413,7 +414,7 @@ class Pop3Session(Session):
         self.deleted.clear()
         self.highest_accessed = 0  # RFC 1460: RSET resets the LAST counter too
         count, size = self._totals()
-        return POP3_RESET.format(count=count, size=size)
+        return POP3_RESET.format(messages=counted(count, "message"), size=size)
 
     def do_top(self, argument: str) -> Reply:
         """TOP msg n (RFC 1939 §7): the header, the blank line, and n body lines."""

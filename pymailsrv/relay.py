@@ -69,6 +69,7 @@ from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
 from pymailsrv.paths import unquoted_local_part
+from pymailsrv.replies import counted
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
 from pymailsrv.trace import escape_controls
@@ -312,7 +313,7 @@ class Relay:
             log.info("removed %d stale files from the queue", removed)
         queued = len(self.queue.ids())
         if queued:
-            log.info("resuming %d queued message%s", queued, "" if queued == 1 else "s")
+            log.info("resuming %s", counted(queued, "queued message"))
         self._stopping.clear()
         self.queue.wakeup = self.wake
         for number in range(1, self.settings.relay.workers + 1):

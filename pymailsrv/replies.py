@@ -44,6 +44,12 @@ def reply_line(line: str) -> str:
     return line
 
 
+def counted(number: int, noun: str) -> str:
+    """``1 message``, ``2 messages``: a count that reads as English (RFC 1939's own
+    examples say "2 messages"), in replies, reports and the log alike."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 class After(enum.Enum):
     """What the transport does once the reply is sent."""
 
@@ -202,11 +208,11 @@ POP3_SIGNING_OFF = _ok("pymailsrv POP3 server signing off",
 POP3_SIGNING_OFF_AFTER_UPDATE = _ok("pymailsrv POP3 server signing off ({remaining})",
                                     "UPDATE done: messages marked by DELE are gone, RFC 1939 §6").closing()
 POP3_USER_ACCEPTED = _ok("send PASS", "name noted; the password comes next, RFC 1939 §7")
-POP3_LOGGED_IN = _ok("{user}'s maildrop has {count} messages ({size} octets)",
+POP3_LOGGED_IN = _ok("{user}'s maildrop has {messages} ({size} octets)",
                      "maildrop locked and snapshot taken: TRANSACTION state, RFC 1939 §4")
 POP3_STAT = _ok("{count} {size}", "drop listing: message count and octets, RFC 1939 §5")
 POP3_SCAN_LISTING = _ok("{msg_number} {size}", "scan listing: number and exact octets, RFC 1939 §5")
-POP3_SCAN_LISTINGS_FOLLOW = _ok("{count} messages ({size} octets)",
+POP3_SCAN_LISTINGS_FOLLOW = _ok("{messages} ({size} octets)",
                                 "one scan listing per line, then '.', RFC 1939 §5")
 POP3_UNIQUE_ID = _ok("{msg_number} {uid}", "unique-id listing, stable across sessions, RFC 1939 §7")
 POP3_UNIQUE_IDS_FOLLOW = _ok("unique-id listing follows", "one unique-id per line, then '.', RFC 1939 §7")
@@ -215,7 +221,7 @@ POP3_TOP_FOLLOWS = _ok("top of message follows", "header, blank line, n body lin
 POP3_MARKED_DELETED = _ok("message {msg_number} deleted",
                           "only marked: removed at QUIT (UPDATE), RFC 1939 §5, §6")
 POP3_NOOP = _ok("", "nothing to do, RFC 1939 §5")
-POP3_RESET = _ok("maildrop has {count} messages ({size} octets)", "all DELE marks removed, RFC 1939 §5")
+POP3_RESET = _ok("maildrop has {messages} ({size} octets)", "all DELE marks removed, RFC 1939 §5")
 POP3_LAST = _ok("{msg_number}", "highest message number accessed, RFC 1460 (obsolete)")
 POP3_CAPABILITIES_FOLLOW = _ok("capability list follows", "one capability per line, then '.', RFC 2449 §5")
 POP3_BEGIN_TLS = _ok("begin TLS negotiation",

@@ -50,6 +50,7 @@ import time
 from collections import deque
 
 from pymailsrv.config import ConfigError
+from pymailsrv.replies import counted
 from pymailsrv.server import MailServer
 
 log = logging.getLogger("pymailsrv.workers")
@@ -187,8 +188,8 @@ class Workers:
             if number is None:
                 continue
             freed = self.server.context.connections.release_all_of(pid)
-            log.error("worker %d (pid %d) ended unexpectedly (%s, with %d open connection%s); "
-                      "starting another", number, pid, _how_it_ended(status), freed, "" if freed == 1 else "s")
+            log.error("worker %d (pid %d) ended unexpectedly (%s, with %s); starting another",
+                      number, pid, _how_it_ended(status), counted(freed, "open connection"))
             ended.append(number)
         return ended
 

@@ -410,7 +410,7 @@ def test_start_serves_pop3_and_stops_cleanly_on_signal(root, stop_signal):
         host, port = server.wait_for_listening()
         client = poplib.POP3(host, port, timeout=CLIENT_TIMEOUT)
         client.user("alice")
-        assert client.pass_("pw") == f"+OK alice's maildrop has 1 messages ({len(MESSAGE) + 5} octets)".encode()
+        assert client.pass_("pw") == f"+OK alice's maildrop has 1 message ({len(MESSAGE) + 5} octets)".encode()
         assert client.retr(1)[1][1] == b"Subject: Hello there"
         client.quit()
         status, stderr = server.signal(stop_signal)

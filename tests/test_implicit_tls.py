@@ -212,7 +212,7 @@ def test_pop3s_logs_in_and_capa_lacks_stls(implicit, context, alice, store):
             client._shortcmd("STLS")  # poplib's own stls() would refuse before asking
         assert refused.value.args[0] == pop3_wire(R.POP3_ALREADY_TLS).rstrip()
         client.user("alice")
-        assert client.pass_(PASSWORD).startswith(b"+OK alice's maildrop has 1 messages")
+        assert client.pass_(PASSWORD).startswith(b"+OK alice's maildrop has 1 message")
         assert client.retr(1)[1][-1] == b"hello"
         client.quit()
     finally:

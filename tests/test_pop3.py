@@ -98,14 +98,14 @@ def test_user_and_pass_log_in_and_report_the_maildrop(connect, alice, store):
     store.deliver("alice", MESSAGE)
     client = connect()
     assert client.command("USER alice") == b"+OK send PASS\r\n"
-    assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_LOGGED_IN, user="alice", count=1, size=22)
+    assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_LOGGED_IN, user="alice", messages="1 message", size=22)
     assert client.command(f"PASS {PASSWORD}") == b"-ERR PASS is not valid in the TRANSACTION state\r\n"
 
 
 def test_user_name_is_case_insensitive(connect, alice):
     client = connect()
     client.command("user ALICE")
-    assert client.command(f"pass {PASSWORD}") == wire(R.POP3_LOGGED_IN, user="alice", count=0, size=0)
+    assert client.command(f"pass {PASSWORD}") == wire(R.POP3_LOGGED_IN, user="alice", messages="0 messages", size=0)
 
 
 def test_pass_without_user_is_refused(connect, alice):
@@ -412,7 +412,7 @@ def test_rset_unmarks_and_reports_the_maildrop(login, store):
     client = login()
     client.command("DELE 1")
     assert client.command("STAT") == b"+OK 0 0\r\n"
-    assert client.command("RSET") == b"+OK maildrop has 1 messages (22 octets)\r\n"
+    assert client.command("RSET") == b"+OK maildrop has 1 message (22 octets)\r\n"
     assert client.command("RETR 1") == b"+OK 22 octets\r\n"
     client.multiline()
     assert client.command("RSET x") == b"-ERR syntax: RSET\r\n"
@@ -469,7 +469,7 @@ def test_apop_accepts_the_rfc1939_test_vector(root, users, store, add_user):
     try:
         assert session.handle_line(f"APOP mrose {'0' * 32}\r\n".encode()) == R.POP3_AUTH_FAILED
         reply = session.handle_line(f"APOP mrose {RFC_DIGEST}\r\n".encode())
-        assert reply == R.POP3_LOGGED_IN.format(user="mrose", count=0, size=0)
+        assert reply == R.POP3_LOGGED_IN.format(user="mrose", messages="0 messages", size=0)
         assert session.state is Pop3State.TRANSACTION
     finally:
         session.close()
@@ -477,7 +477,7 @@ def test_apop_accepts_the_rfc1939_test_vector(root, users, store, add_user):
 
 def test_apop_logs_in_over_the_wire_with_poplib(pop3, alice, store):
     store.deliver("alice", MESSAGE)
-    assert pop3().apop("alice", PASSWORD) == b"+OK alice's maildrop has 1 messages (22 octets)"
+    assert pop3().apop("alice", PASSWORD) == b"+OK alice's maildrop has 1 message (22 octets)"
 
 
 def test_apop_digest_is_computed_from_this_greetings_timestamp(connect, alice):

@@ -78,7 +78,7 @@ def test_dele_is_deferred_until_quit(login, store, root):
     client, _ = login()
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
     assert len(files(root, "cur")) == 2  # only marked
-    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 messages left)\r\n"
+    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
     assert client.closed()
     remaining = store.messages("alice")
     assert len(remaining) == 1
@@ -103,7 +103,7 @@ def test_dele_is_undone_when_client_drops_without_quit(login, store, root):
     # The server notices the drop and releases the lock; then the mail is all there.
     wait_until_unlocked(store)
     client, reply = login()
-    assert reply == wire(R.POP3_LOGGED_IN, user="alice", count=2, size=2 * 26)
+    assert reply == wire(R.POP3_LOGGED_IN, user="alice", messages="2 messages", size=2 * 26)
 
 
 def test_rset_unmarks_so_quit_removes_nothing(login, store):
@@ -135,7 +135,7 @@ def test_mail_arriving_during_a_session_does_not_change_stat_or_list(login, stor
     store.deliver("alice", b"Subject: late\n\nlate\n")
     assert client.command("STAT") == b"+OK 1 26\r\n"
     client.send(b"LIST\r\n")
-    assert client.multiline() == [b"+OK 1 messages (26 octets)\r\n", b"1 26\r\n", b".\r\n"]
+    assert client.multiline() == [b"+OK 1 message (26 octets)\r\n", b"1 26\r\n", b".\r\n"]
     assert client.command("RETR 2") == b"-ERR no such message\r\n"
     client.command("QUIT")
     # The next session sees it.
@@ -353,7 +353,7 @@ def test_message_removed_underneath_the_session_is_reported_and_deletable(login,
     first.unlink()
     assert client.command("RETR 1") == b"-ERR message 1 has vanished from the maildrop\r\n"
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
-    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 messages left)\r\n"
+    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
 
 
 def test_message_renamed_by_a_mail_reader_is_still_found(login, store, root):

@@ -167,7 +167,7 @@ def test_an_unreadable_message_is_left_out_and_an_unreadable_maildrop_is_sys_tem
     try:
         client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
         client.user("alice")
-        assert client.pass_(PASSWORD) == b"+OK alice's maildrop has 1 messages (28 octets)"
+        assert client.pass_(PASSWORD) == b"+OK alice's maildrop has 1 message (28 octets)"
         client.quit()
         assert "cannot read cur/1700000000.M1P99.otherhost:2,: Permission denied; left out of this session" \
             in server.output()

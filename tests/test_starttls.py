@@ -316,7 +316,7 @@ def test_poplib_stls_then_user_and_pass_log_in(tls_server, context, alice, store
         assert client.stls(context=context) == pop3_wire(R.POP3_BEGIN_TLS).rstrip()
         assert b"STLS" not in b"".join(name.encode() for name in client.capa())
         client.user("alice")
-        assert client.pass_(PASSWORD).startswith(b"+OK alice's maildrop has 1 messages")
+        assert client.pass_(PASSWORD).startswith(b"+OK alice's maildrop has 1 message")
         assert client.retr(1)[1][-1] == b"hello"
         client.quit()
     finally:

@@ -40,13 +40,13 @@ def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(tr
         "pop3 #N 127.0.0.1 AUTHORIZATION S: +OK send PASS",
         "pop3 #N 127.0.0.1 AUTHORIZATION C: PASS ****",
         "pop3 #N 127.0.0.1 -- AUTHORIZATION -> TRANSACTION",
-        "pop3 #N 127.0.0.1 TRANSACTION S: +OK alice's maildrop has 1 messages (22 octets)",
+        "pop3 #N 127.0.0.1 TRANSACTION S: +OK alice's maildrop has 1 message (22 octets)",
         "pop3 #N 127.0.0.1 TRANSACTION C: RETR 1",
         "pop3 #N 127.0.0.1 TRANSACTION S: +OK 22 octets",
         "pop3 #N 127.0.0.1 TRANSACTION S: [4 lines, 25 octets]",
         "pop3 #N 127.0.0.1 TRANSACTION C: QUIT",
         "pop3 #N 127.0.0.1 -- TRANSACTION -> UPDATE",
-        "pop3 #N 127.0.0.1 UPDATE S: +OK pymailsrv POP3 server signing off (1 messages left)",
+        "pop3 #N 127.0.0.1 UPDATE S: +OK pymailsrv POP3 server signing off (1 message left)",
     ]
     assert PASSWORD not in stream.getvalue()
 
