@@ -36,6 +36,10 @@ be compared as ratios:
   two processes and one 2 KB ``MaildirStore.deliver``, the least a message
   can cost at 2 KB x 1 on this machine (``one_connection_floor``); a note
   gives it.
+* What making a file costs, measured before the SMTP scenarios: every
+  message makes one, on either server, and on an ext4 without a journal it
+  costs ten times as much for minutes after many files were deleted
+  (``file_creation_note``). A note gives it, and says so when it is slow.
 * ``--peer dovecot``: the same POP3 load against Dovecot (the distribution's
   ``dovecot-pop3d``, 2.3), started with ``dovecot -F`` on a private config
   written into the temporary directory (``configure_dovecot``). It serves the
@@ -790,6 +794,32 @@ def one_connection_floor(base: Path) -> str:
             f"for a server that stores mail this way")
 
 
+FILE_CREATIONS = 200
+# An empty file took 0.02-0.04 ms to make on our 2-CPU VM's ext4 (no
+# journal), and 0.2-0.6 ms for up to ten minutes after 40,000 files were
+# deleted: the inode allocator steps over every inode freed in the last
+# minutes (recently_deleted() in the kernel's fs/ext4/ialloc.c).
+SLOW_FILE_CREATION_SECONDS = 0.1e-3
+
+
+def file_creation_note(base: Path) -> str:
+    """What making one empty file costs here now, and a warning if it is slow."""
+    directory = base / "file-creation"
+    directory.mkdir()
+    times = []
+    for number in range(FILE_CREATIONS):
+        started = time.perf_counter()
+        os.close(os.open(directory / str(number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        times.append(time.perf_counter() - started)
+    creation = statistics.median(times)
+    note = f"making an empty file took {creation * 1000:.3f} ms (median of {FILE_CREATIONS})"
+    if creation > SLOW_FILE_CREATION_SECONDS:
+        note += (": slow, as on an ext4 without a journal in the minutes after many files were deleted "
+                 "(the last run's data root, a test suite's temporary files). Every message makes a "
+                 "file, on either server: wait a few minutes and run again")
+    return note
+
+
 def loopback_round_trips(count: int) -> list[float]:
     """Seconds for each of ``count`` lines sent to another process over HOST to be answered."""
     with socket.create_server((HOST, 0)) as listener:
@@ -1147,6 +1177,13 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
             notes.append(f"the floor under one connection could not be measured: {error}")
     if args.pipelining:
         notes.append("SMTP clients pipeline MAIL, RCPT and DATA where the server offers PIPELINING")
+    if smtp_plan:
+        try:
+            note = file_creation_note(base)
+        except OSError as error:
+            note = f"what making a file costs could not be measured: {error}"
+        progress(note)  # now, so that a slow file system can be waited out before the run
+        notes.append(note)
     site = make_site(base, "pymailsrv", args.users, pop3_plan, pop3_messages)
 
     def pymailsrv(max_message_size: int | None = None) -> ServerProcess:
