@@ -39,6 +39,7 @@ from tabulate import tabulate
 from pymailsrv.cli_common import output_file, read_password
 from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
+from pymailsrv.replies import counted
 from pymailsrv.storage import MaildropLocked
 from pymailsrv.users import UserError, UserStore, check_user_name
 
@@ -89,10 +90,6 @@ class ResetResult:
     removed: dict[str, int]  # user -> messages removed
     busy: list[str]  # users whose maildrop a POP3 session holds
     failures: int  # messages that could not be removed
-
-
-def _count(number: int, noun: str, plural: str | None = None) -> str:
-    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 def _print_sheet(accounts: list[Account]) -> None:
@@ -225,7 +222,7 @@ def classroom_group(with_settings: Callable) -> click.Group:
             result = setup_class(settings, students, prefix, shared)
         except SetupInterrupted as stopped:
             _print_sheet(stopped.result.created)  # those passwords exist nowhere else: first, then why
-            raise click.ClickException(f"stopped after {_count(len(stopped.result.created), 'account')}: "
+            raise click.ClickException(f"stopped after {counted(len(stopped.result.created), 'account')}: "
                                        f"{stopped}; the sheet above holds their passwords") from None
         except ValueError as error:
             raise click.ClickException(str(error)) from None
@@ -238,8 +235,8 @@ def classroom_group(with_settings: Callable) -> click.Group:
             except OSError as error:  # what no check beforehand can rule out: a full disk, say
                 raise click.ClickException(f"cannot write {csv_path}: {error.strerror} "
                                            "(the accounts exist: their passwords are in the sheet above)") from None
-            click.echo(f"wrote {_count(len(result.created), 'account')} to {csv_path} (mode 0600)", err=True)
-        click.echo(f"created {_count(len(result.created), 'account')}, skipped {len(result.skipped)}",
+            click.echo(f"wrote {counted(len(result.created), 'account')} to {csv_path} (mode 0600)", err=True)
+        click.echo(f"created {counted(len(result.created), 'account')}, skipped {len(result.skipped)}",
                    err=True)
 
     @classroom.command("reset")
@@ -252,9 +249,9 @@ def classroom_group(with_settings: Callable) -> click.Group:
         for name in result.busy:
             click.echo(f"note: {name} is logged in over POP3: mailbox left as it is", err=True)
         total = sum(result.removed.values())
-        click.echo(f"removed {_count(total, 'message')} "
-                   f"from {_count(len(result.removed), 'mailbox', 'mailboxes')}")
+        click.echo(f"removed {counted(total, 'message')} "
+                   f"from {counted(len(result.removed), 'mailbox', 'mailboxes')}")
         if result.failures:
-            raise click.ClickException(f"{_count(result.failures, 'message')} could not be removed")
+            raise click.ClickException(f"{counted(result.failures, 'message')} could not be removed")
 
     return classroom

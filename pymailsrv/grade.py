@@ -40,6 +40,7 @@ from tabulate import tabulate
 
 from pymailsrv.cli_common import output_file
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
+from pymailsrv.replies import counted
 from pymailsrv.trace import escape_controls
 from pymailsrv.transcripts import Transcript, TranscriptError, each_transcript, find, transcripts_dir
 
@@ -133,7 +134,7 @@ def grade(transcript: Transcript) -> Grade:
                  transcript.header.get("time", 0.0), transcript.outcome, results)
 
 
-def graded(state_dir: Path, user: str | None, ids: Iterable[str]) -> tuple[list[Grade], list[str]]:
+def grades_asked_for(state_dir: Path, user: str | None, ids: Iterable[str]) -> tuple[list[Grade], list[str]]:
     """The grades the command line asks for, and notes on files that are no transcripts.
 
     Those of ``ids``, in that order; else those of every saved session of
@@ -150,7 +151,7 @@ def graded(state_dir: Path, user: str | None, ids: Iterable[str]) -> tuple[list[
     grades = [grade(transcript) for transcript in each_transcript(state_dir, unreadable)
               if user is None or belongs_to(transcript, user)]
     # File names start with the time to the second only; the header has it to the millisecond.
-    grades.sort(key=lambda result: result.started)
+    grades.sort(key=lambda one: one.started)
     return grades, unreadable
 
 
@@ -259,7 +260,7 @@ def grade_command(with_settings: Callable) -> click.Command:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
-        grades, unreadable = graded(settings.state_dir, user, transcript_ids)
+        grades, unreadable = grades_asked_for(settings.state_dir, user, transcript_ids)
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)
         if not grades:
@@ -273,7 +274,7 @@ def grade_command(with_settings: Callable) -> click.Command:
                 Path(output).write_text(report + "\n", encoding="utf-8")
             except OSError as error:  # what no check beforehand can rule out: a full disk, say
                 raise click.ClickException(f"cannot write {output}: {error.strerror}") from None
-            click.echo(f"graded {len(grades)} transcripts into {output}", err=True)
+            click.echo(f"graded {counted(len(grades), 'transcript')} into {output}", err=True)
         else:
             click.echo(report)
 

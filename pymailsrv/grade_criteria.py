@@ -455,7 +455,7 @@ def commands_in_right_state(t: Transcript) -> Verdict:
         return False, f"{len(wrong)} commands in the wrong state: {listed}"
     if wrong:
         return True, f"one command in the wrong state, not repeated: {listed}"
-    return True, f"all {len(commands)} commands in a state that allows them"
+    return True, f"every command in a state that allows it ({counted(len(commands), 'command')})"
 
 
 # --- the catalogues ------------------------------------------------------------------

@@ -36,6 +36,7 @@ import click
 from pymailsrv.cli_common import echo_report
 from pymailsrv.config import Settings
 from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
+from pymailsrv.replies import counted
 from pymailsrv.storage import MessageInfo
 from pymailsrv.users import UserError, UserStore, check_user_name
 
@@ -123,8 +124,7 @@ def view_message(store: MaildirStore, users: UserStore, name: str, msg_number: i
     for _attempt in range(2):
         listing = store.messages(user)
         if not 1 <= msg_number <= len(listing):
-            have = f"{len(listing)} message{'s' if len(listing) != 1 else ''}"
-            raise MailviewError(f"no message {msg_number}: {user}'s maildrop has {have}")
+            raise MailviewError(f"no message {msg_number}: {user}'s maildrop has {counted(len(listing), 'message')}")
         info, path = listing[msg_number - 1]
         try:
             data = path.read_bytes()

@@ -310,7 +310,7 @@ class Relay:
     def start(self) -> "Relay":
         removed = self.queue.remove_stale_files()
         if removed:
-            log.info("removed %d stale files from the queue", removed)
+            log.info("removed %s from the queue", counted(removed, "stale file"))
         queued = len(self.queue.ids())
         if queued:
             log.info("resuming %s", counted(queued, "queued message"))

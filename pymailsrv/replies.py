@@ -44,10 +44,11 @@ def reply_line(line: str) -> str:
     return line
 
 
-def counted(number: int, noun: str) -> str:
-    """``1 message``, ``2 messages``: a count that reads as English (RFC 1939's own
-    examples say "2 messages"), in replies, reports and the log alike."""
-    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 message``, ``2 messages`` (``plural`` where it is not ``noun`` + "s"):
+    a count that reads as English, as RFC 1939's own examples do ("2 messages").
+    The replies use it, and so do the reports, the command line and the log."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
 
 
 class After(enum.Enum):

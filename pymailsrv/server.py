@@ -65,6 +65,7 @@ from pymailsrv.outqueue import OutboundQueue, RetryPolicy
 from pymailsrv.placement import Placement
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
+from pymailsrv.replies import counted
 from pymailsrv.session import Session
 from pymailsrv.shared import FREE, SharedCounter, SharedRecords, address_key
 from pymailsrv.smtp import SmtpSession, SubmissionSession
@@ -486,7 +487,7 @@ class MailServer:
             check_data_root(self.settings)
             removed = self.context.store.remove_stale_files()
             if removed:
-                log.info("removed %d stale files from tmp/ (older than 36 hours)", removed)
+                log.info("removed %s from tmp/ (older than 36 hours)", counted(removed, "stale file"))
             self._check_postmaster()
         except (OSError, ConfigError):
             self.stop()

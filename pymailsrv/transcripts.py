@@ -132,7 +132,7 @@ def find(state_dir: Path, transcript_id: str) -> Transcript:
 def each_transcript(state_dir: Path, unreadable: list[str], keep_events: bool = True) -> Iterator[Transcript]:
     """Every transcript (see ``load``) by file name, read as it is asked for, so
     that memory holds one at a time; an "ID: why" note in ``unreadable`` for each
-    file that cannot be read."""
+    file that cannot be read (all of them once the last transcript is read)."""
     directory = transcripts_dir(state_dir)
     for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
         try:

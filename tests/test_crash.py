@@ -297,7 +297,7 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(tmp_path, processes, argume
 
     # The maildir spec's 36 hours: the old tmp/ file went at start, the young one stays.
     assert not stale.exists() and fresh.exists()
-    assert "removed 1 stale files from tmp/" in restarted.output()
+    assert "removed 1 stale file from tmp/" in restarted.output()
 
     # Every file in new/ and cur/ is whole (stored_token checks), and every
     # acknowledged message is in each of its recipients' maildrops exactly once.

@@ -26,7 +26,7 @@ import trustme
 from click.testing import CliRunner
 
 from pymailsrv.cli import main
-from pymailsrv.grade import FAIL, NA, PASS, grade
+from pymailsrv.grade import FAIL, NA, PASS, grades_asked_for
 from pymailsrv.grade_criteria import CRITERIA
 from pymailsrv.server import MailServer, trace_options
 from pymailsrv.trace import Tracer
@@ -68,11 +68,12 @@ def graded(root, server: MailServer):
     """Stop the server, then grade every transcript it saved, oldest first."""
     server.stop()
     for _ in range(END_RECORD_POLLS):
-        transcripts = list(each_transcript(root / ".pymailsrv", []))
+        transcripts = list(each_transcript(root / ".pymailsrv", [], keep_events=False))
         if transcripts and all(transcript.end for transcript in transcripts):
             break
         time.sleep(END_RECORD_POLL_SECONDS)
-    return [grade(transcript) for transcript in sorted(transcripts, key=lambda t: t.header["time"])]
+    grades, _ = grades_asked_for(root / ".pymailsrv", None, [])
+    return grades
 
 
 def verdicts(result) -> dict[str, str]:
