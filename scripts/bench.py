@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import functools
 import grp
 import json
 import multiprocessing
@@ -104,6 +103,8 @@ POP3_MAILDROP_MESSAGES = 1000
 RUNS = 3
 IDLE_CONNECTIONS = 500
 BIG_MESSAGE_OCTETS = 100 * 1024 * 1024
+# RFC 5321 §4.5.3.1.5 allows a reply line 512 octets; read further, as smtplib does.
+REPLY_LINE_LIMIT = 8192
 # A line of message text that starts with a dot gets another (RFC 5321 §4.5.2).
 DOT_AT_LINE_START = re.compile(rb"^\.", re.MULTILINE)
 
@@ -587,13 +588,10 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
     client = open_before_start(greeted, "connect", len(indexes), go, ready, outcome, lock)
     if client is None:
         return
-    send = client.sendmail
-    if pipelining:
-        if client.has_extn("pipelining"):
-            send = functools.partial(send_pipelined, client)
-        else:
-            with lock:
-                outcome.notes.append("no PIPELINING offered: one command at a time")
+    if pipelining and not client.has_extn("pipelining"):
+        pipelining = False
+        with lock:
+            outcome.notes.append("no PIPELINING offered: one command at a time")
     latencies, errors = [], 0
     for index in indexes:
         if time.monotonic() > deadline:
@@ -603,7 +601,7 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
         message = make_message(index, size, user)
         started = time.perf_counter()
         try:
-            send("bench@localhost", [f"{user}@localhost"], message)
+            send_transaction(client, "bench@localhost", [f"{user}@localhost"], message, pipelining)
         except (OSError, smtplib.SMTPException) as error:
             errors += 1
             with lock:
@@ -622,22 +620,52 @@ def smtp_connection(port: int, indexes: list[int], size: int, users: list[str],
         outcome.errors += errors
 
 
-def send_pipelined(client: smtplib.SMTP, sender: str, recipients: list[str], message: bytes) -> None:
-    """One transaction as RFC 2920 §3.1 allows: MAIL, RCPT and DATA in one write,
-    their replies read together, then the text once 354 has come."""
-    envelope = [f"MAIL FROM:<{sender}>"] + [f"RCPT TO:<{recipient}>" for recipient in recipients] + ["DATA"]
-    client.send("".join(command + "\r\n" for command in envelope))
-    replies = [client.getreply() for _ in envelope]
+def send_transaction(client: smtplib.SMTP, sender: str, recipients: list[str], message: bytes,
+                     pipelining: bool) -> None:
+    """One MAIL/RCPT/DATA transaction, each command written and its reply read
+    as whole lines; with ``pipelining``, MAIL, RCPT and DATA go in one write
+    and their replies are read together, as RFC 2920 §3.1 allows.
+
+    ``smtplib.SMTP.sendmail`` spends 0.25 to 0.3 ms of the load generator's
+    CPU on a 2 KB message (it decodes and re-encodes every reply, and
+    rewrites the text with two regular expressions); this spends 0.1 to
+    0.14 ms. At one connection that time is on every message's path, for
+    either server, and shrinks the difference between them.
+    """
+    envelope = [f"MAIL FROM:<{sender}>\r\n".encode()]
+    envelope += [f"RCPT TO:<{recipient}>\r\n".encode() for recipient in recipients]
+    envelope.append(b"DATA\r\n")
+    if pipelining:
+        client.sock.sendall(b"".join(envelope))
+        replies = [read_reply(client) for _ in envelope]
+    else:
+        replies = []
+        for command in envelope:
+            client.sock.sendall(command)
+            replies.append(read_reply(client))
     if replies[-1][0] != 354:  # RFC 2920 §3.1: DATA is refused once MAIL or every RCPT was
         # The first refusal says why; a DATA answered otherwise than 354 by a
         # server that refused nothing before it is its own reason.
         refused = next((reply for reply in replies if reply[0] >= 400), replies[-1])
         client.rset()
         raise smtplib.SMTPResponseException(*refused)
-    client.send(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
-    code, text = client.getreply()
+    client.sock.sendall(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
+    code, text = read_reply(client)
     if code != 250:
         raise smtplib.SMTPDataError(code, text)
+
+
+def read_reply(client: smtplib.SMTP) -> tuple[int, bytes]:
+    """One reply: its code and its last line (RFC 5321 §4.2: "250-" continues, "250 " ends)."""
+    while True:
+        line = client.file.readline(REPLY_LINE_LIMIT)
+        if not line:
+            raise smtplib.SMTPServerDisconnected("connection closed mid-reply")
+        if line[3:4] != b"-":
+            break
+    if not line[:3].isdigit():
+        raise smtplib.SMTPResponseException(-1, line)
+    return int(line[:3]), line[4:].rstrip(b"\r\n")
 
 
 def pop3_client(port: int, user: str, go: threading.Event, ready: threading.Barrier,
