@@ -50,13 +50,14 @@ from pymailsrv.limits import (
     SMTP_TEXT_LINE_MAX,
 )
 from pymailsrv.paths import (
-    UTF8_NON_ASCII,
+    VCHAR,
     Address,
     PathError,
     is_domain,
     parse_parameters,
     parse_path,
     unquoted_local_part,
+    with_utf8_text,
 )
 from pymailsrv.replies import (
     R214_HELP,
@@ -135,7 +136,7 @@ TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 # refusing a name that does not match the client's address, and clients send
 # names that are no domain ("my_laptop"), so we ask no more. UTF-8 is
 # allowed (a U-label domain, RFC 6531), control characters are not.
-_CLIENT_NAME = re.compile(rf"[\x21-\x7e{UTF8_NON_ASCII}]+")
+_CLIENT_NAME = re.compile(with_utf8_text(VCHAR) + "+")
 # What of a client's name that is no domain may go into the comment of a
 # Received: header: a ";" would end the "from" clause for a parser that
 # splits there, a "(" or ")" the comment. The rest shows as "?", as

@@ -9,6 +9,8 @@ nothing but ``PathError``.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from pymailsrv.paths import (
     parse_mailbox,
     parse_parameters,
     parse_path,
+    with_utf8_text,
 )
 
 
@@ -250,6 +253,20 @@ def test_parameters_may_be_separated_by_several_spaces():
 def test_utf8_parameter_value_is_allowed():
     # RFC 6531 §3.3 extends esmtp-value with UTF-8.
     assert parse_parameters("X-NOTE=grüße") == {"X-NOTE": "grüße"}
+
+
+# Every edge of UTF8-non-ascii (RFC 6531 §3.3) less the C1 controls and lone
+# surrogates: in, out.
+UTF8_TEXT_EDGES = ["\xa0", "\xff", "\u0100", "\ud7ff", "\ue000", "\uffff", "\U00010000", "\U0010ffff"]
+NOT_UTF8_TEXT = ["\x80", "\x85", "\x9f", "\ud800", "\udc80", "\udfff"]
+
+
+def test_a_class_with_utf8_text_holds_exactly_its_ascii_and_utf8_text():
+    letter_digit_or_hyphen = re.compile(with_utf8_text("abc-"))
+    ascii_in = [chr(code) for code in range(128) if letter_digit_or_hyphen.fullmatch(chr(code))]
+    assert ascii_in == ["-", "a", "b", "c"]
+    assert all(letter_digit_or_hyphen.fullmatch(character) for character in UTF8_TEXT_EDGES)
+    assert not any(letter_digit_or_hyphen.fullmatch(character) for character in NOT_UTF8_TEXT)
 
 
 @pytest.mark.parametrize("text", ["=1", "-X=1", "X_Y=1", "SIZE=", "X=a=b", "X=\x7f", "X=\x01", "SIZE=1 =2",
