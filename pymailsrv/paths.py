@@ -39,7 +39,7 @@ LABEL_MAX = 63
 # surrogates (undecodable octets) are not characters and never match, and
 # the C1 controls (U+0080-U+009F) are left out, as RFC 5198 §2 asks of
 # text on the net: echoed in a reply or a header, they could steer a terminal.
-_NON_ASCII_LEFT_OUT = "\x80-\x9f\ud800-\udfff"
+_NON_ASCII_LEFT_OUT = r"\x80-\x9f\ud800-\udfff"  # re reads the escapes
 
 
 def with_utf8_text(ascii_characters: str) -> str:

@@ -207,7 +207,7 @@ class MxResolver:
         self._resolver: dns.resolver.Resolver | None = None
 
     def _get_resolver(self, domain: str) -> dns.resolver.Resolver:
-        import dns.exception
+        import dns.exception  # here, not at the top: see the class docstring
         import dns.resolver
 
         if self._resolver is None:
@@ -228,7 +228,7 @@ class MxResolver:
         ``myself`` is this server's host name: if it is an MX host of the
         domain, only the better ones are tried (see below).
         """
-        import dns.exception
+        import dns.exception  # here, not at the top: see the class docstring
         import dns.name
         import dns.resolver
 
