@@ -1,4 +1,4 @@
-"""The benchmark's own POP3 reader (scripts/bench.py) against a real server.
+"""The benchmark's own SMTP and POP3 client code (scripts/bench.py) against a real server.
 
 The bench reads RETR responses in bulk rather than with ``poplib``'s
 line-at-a-time ``retr`` (which made the load generator the bottleneck), so
