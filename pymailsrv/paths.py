@@ -48,7 +48,8 @@ def with_utf8_text(ascii_characters: str) -> str:
     It is written as its complement, ``[^...]``, the ASCII characters not
     given and what non-ASCII is left out. Named directly, the class would
     span U+00A0-U+D7FF, which Python's re takes some 5 ms to compile; the
-    patterns here would hold ten of them, a tenth of the server's start-up.
+    patterns here and smtp.py's would hold eleven of them, a tenth of the
+    server's start-up.
     """
     ascii_left_out = "".join(f"\\x{code:02x}" for code in range(128) if chr(code) not in ascii_characters)
     return f"[^{ascii_left_out}{_NON_ASCII_LEFT_OUT}]"
