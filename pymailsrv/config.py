@@ -58,14 +58,14 @@ def _positive(value: float) -> None:
         raise ValueError("must be greater than 0")
 
 
-def _seconds(value: float) -> None:
-    """A timeout, delay or lifetime: 0 up to a year."""
+def check_seconds(value: float) -> None:
+    """A timeout, delay or lifetime: 0 up to a year (ValueError if not)."""
     if not 0 <= value <= limits.LONGEST_WAIT_SECONDS:  # nan compares false
         raise ValueError(f"must be 0-{limits.LONGEST_WAIT_SECONDS} seconds")
 
 
 def _positive_seconds(value: float) -> None:
-    _seconds(value)
+    check_seconds(value)
     _positive(value)
 
 
@@ -98,7 +98,7 @@ def _checked(default: Any, check: typing.Callable[[Any], None] | None = None, **
 @dataclass(frozen=True)
 class Pop3Settings:
     port: int = _checked(1100, _port)
-    failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, _seconds)
+    failed_login_delay: float = _checked(limits.POP3_FAILED_LOGIN_DELAY_SECONDS, check_seconds)
     command_line_max: int = _checked(limits.POP3_COMMAND_LINE_MAX, _positive)
     autologout: float = _checked(float(limits.POP3_AUTOLOGOUT_SECONDS), _positive_seconds)
     # RFC 8314 implicit TLS (POP3S, usually 995); None: no such listener.
@@ -166,7 +166,7 @@ class RelaySettings:
     # maximal_queue_lifetime), in seconds.
     min_backoff: float = _checked(float(limits.QUEUE_MIN_BACKOFF_SECONDS), _positive_seconds)
     max_backoff: float = _checked(float(limits.QUEUE_MAX_BACKOFF_SECONDS), _positive_seconds)
-    max_queue_lifetime: float = _checked(float(limits.QUEUE_MAX_LIFETIME_SECONDS), _seconds)
+    max_queue_lifetime: float = _checked(float(limits.QUEUE_MAX_LIFETIME_SECONDS), check_seconds)
     queue_scan_interval: float = _checked(limits.QUEUE_SCAN_INTERVAL_SECONDS, _positive_seconds)
     timeout: float = _checked(float(limits.SMTP_CLIENT_TIMEOUT_SECONDS), _positive_seconds)
     max_hops: int = _checked(limits.SMTP_MAX_HOPS, _positive)

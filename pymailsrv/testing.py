@@ -29,8 +29,7 @@ from email.parser import BytesParser
 from pathlib import Path
 from types import TracebackType
 
-from pymailsrv.config import load_settings
-from pymailsrv.limits import LONGEST_WAIT_SECONDS
+from pymailsrv.config import check_seconds, load_settings
 from pymailsrv.server import MailServer as _Server
 from pymailsrv.users import check_user_name
 
@@ -162,8 +161,10 @@ class MailServer:
 
     def wait_for_messages(self, user: str, count: int, timeout: float = 5.0) -> list[EmailMessage]:
         """Wait until ``user`` has at least ``count`` messages; AssertionError after ``timeout``."""
-        if not 0 <= timeout <= LONGEST_WAIT_SECONDS:  # nan compares false: it would wait for ever
-            raise ValueError(f"timeout must be 0-{LONGEST_WAIT_SECONDS} seconds, got {timeout!r}")
+        try:
+            check_seconds(timeout)  # nan too: it would wait for ever
+        except ValueError as error:
+            raise ValueError(f"timeout {error}, got {timeout!r}") from None
         deadline = time.monotonic() + timeout
         while True:
             found = self.messages(user)
