@@ -112,12 +112,14 @@ MAX_PROCESSES = 64
 
 # Worker processes share one listening socket, and a new connection wakes
 # every one of them. One that already serves more connections than another
-# waits this long before it takes the connection, so the other can take it
-# first (server.Listener.get_request); if the other does not, it takes it
-# after all. Long enough for an idle worker to wake and accept, short
-# beside a client's connect timeout. nginx's accept_mutex_delay, for the
-# same turn-taking, is 500 ms.
-ACCEPT_DEFER_SECONDS = 0.02
+# leaves the connection for the other to take (server.Listener.get_request),
+# looking again every ACCEPT_DEFER_STEP_SECONDS; if the other has not taken
+# it within ACCEPT_DEFER_SECONDS (hung, or its CPU stalled), it takes it
+# after all. An idle worker takes a connection within a millisecond; the cap
+# is short beside a client's connect timeout. nginx's accept_mutex_delay, for
+# the same turn-taking, is 500 ms.
+ACCEPT_DEFER_SECONDS = 0.25
+ACCEPT_DEFER_STEP_SECONDS = 0.002
 
 # Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of
 # one user from one client address. (Our maildrop lock already allows only

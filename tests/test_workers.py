@@ -3,7 +3,8 @@
 The server runs as a real process tree (``python -m pymailsrv start``, from
 ``test_crash.py``). What the tests show:
 
-* connections are shared out evenly between the workers;
+* connections are shared out evenly between the workers, even when one
+  wakes late;
 * a worker serving two sessions or more keeps all its threads on a CPU of
   its own, and sets them free again when one session is left, unless
   ``pin_workers`` is off;
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytest
 
+from pymailsrv.limits import ACCEPT_DEFER_SECONDS
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import ConnectionLimits
 from pymailsrv.shared import SharedCounter
@@ -78,13 +80,23 @@ def worker_pids(server, count: int = 2, seconds: float = 10.0) -> dict[int, int]
     raise AssertionError(f"workers did not start:\n{server.output()}")
 
 
+def run_state(stat: str) -> str:
+    """The state in a /proc stat file: R running, S sleeping, T stopped, Z zombie..."""
+    with open(stat) as file:
+        return file.read().rpartition(")")[2].split()[0]
+
+
 def gone(pid: int) -> bool:
     """Ended (or a zombie nobody reaps: a container's init may not)."""
     try:
-        with open(f"/proc/{pid}/stat") as file:
-            return file.read().rpartition(")")[2].split()[0] == "Z"
+        return run_state(f"/proc/{pid}/stat") == "Z"
     except FileNotFoundError:
         return True
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Has every thread of ``pid`` stopped (SIGSTOP reaches them one by one)?"""
+    return all(run_state(f"/proc/{pid}/task/{task}/stat") == "T" for task in os.listdir(f"/proc/{pid}/task"))
 
 
 def wait_until(condition, seconds: float = 10.0, what: str = "") -> None:
@@ -173,6 +185,33 @@ def test_connections_are_shared_out_evenly_between_the_workers(root, processes):
     wait_until(lambda: len(SESSION_ENDED_IN.findall(server.output())) == 10, what="ten sessions ended")
     served = Counter(int(pid) for pid in SESSION_ENDED_IN.findall(server.output()))
     assert served == {pid: 5 for pid in workers}, server.output()
+
+
+def test_a_worker_that_leads_leaves_a_connection_to_one_slow_to_wake(root, processes):
+    # What CI met: the worker that should take a connection woke late (its
+    # virtual CPU stalled), and the one ahead took it. Here the late one is
+    # stopped outright for half of what the one ahead will wait.
+    server = processes(root, "--processes", "2").wait_listening()
+    workers = worker_pids(server)
+    ahead, late = workers[1], workers[2]
+    opened: list[RawClient] = []
+    os.kill(late, signal.SIGSTOP)
+    try:
+        wait_until(lambda: all_threads_stopped(late), what="the late worker stopped")
+        open_pop3_sessions(server, opened, 1)  # only one worker is awake to take it
+        waiting = RawClient(server.addresses["pop3"])
+        opened.append(waiting)
+        time.sleep(ACCEPT_DEFER_SECONDS / 2)
+    finally:
+        os.kill(late, signal.SIGCONT)
+    try:
+        assert waiting.line().startswith(b"+OK ")
+    finally:
+        for client in opened:
+            client.close()
+    wait_until(lambda: len(SESSION_ENDED_IN.findall(server.output())) == 2, what="two sessions ended")
+    served = Counter(int(pid) for pid in SESSION_ENDED_IN.findall(server.output()))
+    assert served == {ahead: 1, late: 1}, server.output()
 
 
 def cpus_of_threads(pid: int) -> set[frozenset[int]]:
