@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import io
 import poplib
+import select
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +28,8 @@ from pymailsrv.users import UserStore
 
 PASSWORD = "correct horse"
 CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
+START_TIMEOUT = 15  # seconds for a started process to say "listening"
+MAX_LINES_BEFORE_LISTENING = 100  # what a starting server may log first (warnings)
 
 
 def make_settings(root: Path, **overrides: object) -> Settings:
@@ -141,6 +147,32 @@ def clean_environment(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PYMAILSRV_ROOT", raising=False)
     monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+
+
+def start_process(root: Path, *args: str) -> subprocess.Popen:
+    """``pymailsrv start`` as a child process on free ports; its stderr unbuffered, for select()."""
+    return subprocess.Popen([sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--pop3-port", "0",
+                             "--smtp-port", "0", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+
+
+def listening_line(process: subprocess.Popen, seen: list[bytes] | None = None) -> bytes:
+    """The "listening ..." line, after whatever the server logs first (kept
+    in ``seen``, if given), bounded in lines and time."""
+    seen = [] if seen is None else seen
+    deadline = time.monotonic() + START_TIMEOUT
+    for _ in range(MAX_LINES_BEFORE_LISTENING):
+        ready, _, _ = select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        # Unbuffered, so select() sees every byte not yet read: a buffered
+        # readline could hold the listening line (read along with a warning
+        # logged just before it) while select() waits for more.
+        line = process.stderr.readline() if ready else b""
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith(b"listening "):
+            return line
+    pytest.fail(f"no listening line within {START_TIMEOUT} s: {b''.join(seen)!r}")
 
 
 class RawClient:

@@ -12,12 +12,10 @@ import base64
 import os
 import poplib
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,10 +24,9 @@ from click.testing import CliRunner
 from pymailsrv.cli import EX_DATAERR, EX_NOUSER, EX_TEMPFAIL, main
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.users import UserStore
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, START_TIMEOUT, listening_line, start_process
 
 MESSAGE = b"From: Bob <bob@example.org>\nSubject: Hello there\nDate: Mon, 1 Jan 2024 10:00:00 +0000\n\nhi\n"
-START_TIMEOUT = 15  # seconds to wait for the "listening" line
 
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -362,32 +359,17 @@ def test_transcripts_help_as_a_real_process():
 
 
 class RunningServer:
-    """``python -m pymailsrv start`` as a child process, with its stderr read line by line."""
+    """``python -m pymailsrv start`` as a child process, with what it logs to stderr kept."""
 
     def __init__(self, root: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--pop3-port", "0",
-             "--smtp-port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.process = start_process(root)
         self.stderr: list[bytes] = []
 
     def wait_for_listening(self) -> tuple[str, int]:
-        deadline = time.monotonic() + START_TIMEOUT
-        stream = self.process.stderr
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([stream], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            line = stream.readline()
-            if not line:
-                break
-            self.stderr.append(line)
-            match = re.search(rb"^listening pop3=([\d.]+):(\d+)", line)
-            if match:
-                assert re.fullmatch(rb"listening pop3=127\.0\.0\.1:\d+ smtp=127\.0\.0\.1:\d+\n", line), line
-                return match.group(1).decode(), int(match.group(2))
-        self.stop()
-        pytest.fail(f"no listening line within {START_TIMEOUT} s: {b''.join(self.stderr)!r}")
+        line = listening_line(self.process, self.stderr)
+        match = re.fullmatch(rb"listening pop3=(127\.0\.0\.1):(\d+) smtp=127\.0\.0\.1:\d+\n", line)
+        assert match, line
+        return match.group(1).decode(), int(match.group(2))
 
     def signal(self, number: int) -> tuple[int, bytes]:
         self.process.send_signal(number)

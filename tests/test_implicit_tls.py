@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import poplib
 import re
-import select
 import smtplib
 import socket
 import ssl
 import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -26,7 +24,7 @@ import pytest
 from pymailsrv import replies as R
 from pymailsrv.config import ConfigError
 from pymailsrv.server import MailServer
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, START_TIMEOUT, listening_line, make_settings, start_process
 from tests.test_pop3 import wire as pop3_wire
 from tests.test_smtp import wire
 from tests.test_starttls import (  # noqa: F401  (tls_files is a fixture)
@@ -39,8 +37,7 @@ from tests.test_starttls import (  # noqa: F401  (tls_files is a fixture)
 
 # Long enough for a server that would greet at once to have done so.
 SILENCE_SECONDS = 0.3
-MAX_READS = 100  # reads of a connection the server is about to close, or lines logged before "listening"
-START_TIMEOUT = 15  # seconds for a started process to say "listening"
+MAX_READS = 100  # reads of a connection the server is about to close
 
 
 @pytest.fixture
@@ -119,28 +116,6 @@ def test_start_with_smtps_port_but_no_certificate_is_exit_1_with_one_line(root):
     assert result.returncode == 1
     assert result.stderr == (b"Error: the smtps port needs a TLS certificate: give --tls-cert and --tls-key, "
                              b"or run 'pymailsrv cert generate'\n")
-
-
-def start_process(root, *args: str) -> subprocess.Popen:
-    """``pymailsrv start`` as a child process on free ports; its stderr unbuffered, for select()."""
-    return subprocess.Popen([sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--pop3-port", "0",
-                             "--smtp-port", "0", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
-
-
-def listening_line(process: subprocess.Popen) -> bytes:
-    """The "listening ..." line, after whatever the server logs first (bounded in lines and time)."""
-    deadline = time.monotonic() + START_TIMEOUT
-    for _ in range(MAX_READS):
-        ready, _, _ = select.select([process.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        # Unbuffered, so select() sees every byte not yet read: a buffered
-        # readline could hold the listening line while select() waits.
-        line = process.stderr.readline() if ready else b""
-        if not line:
-            break
-        if line.startswith(b"listening "):
-            return line
-    pytest.fail(f"no listening line within {START_TIMEOUT} s")
 
 
 def stop_process(process: subprocess.Popen) -> None:
