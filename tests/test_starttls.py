@@ -258,7 +258,8 @@ def test_smtplib_starttls_then_sendmail_delivers(tls_server, context, alice, sto
 
 
 def test_idle_client_after_starttls_gets_421_over_tls(start_server, tls_files, client, context):
-    server = start_server(tls=tls_files.settings(), smtp={"command_timeout": 0.3})
+    # Long beside each step before the idle wait (EHLO, STARTTLS, the handshake), stalls and all.
+    server = start_server(tls=tls_files.settings(), smtp={"command_timeout": 1.0})
     connected = client(server.addresses["smtp"])
     read_reply(connected)
     smtp_starttls(connected, context)
