@@ -32,6 +32,7 @@ from pymailsrv.server import MailServer, trace_options
 from pymailsrv.trace import Tracer
 from pymailsrv.transcripts import each_transcript
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
+from tests.test_limits import wait_for_open
 
 # Long enough that a client's first line is surely waiting before our greeting goes out.
 SLOW_START_SECONDS = 0.3
@@ -65,7 +66,10 @@ def classroom(root, add_user):
 
 
 def graded(root, server: MailServer):
-    """Stop the server, then grade every transcript it saved, oldest first."""
+    """Once every client has gone, stop the server, then grade every transcript it saved, oldest first."""
+    # A session that has not yet seen its client close would be cut by the
+    # stop, and its outcome be "server stopping" rather than "dropped by client".
+    wait_for_open(server, 0)
     server.stop()
     for _ in range(END_RECORD_POLLS):
         transcripts = list(each_transcript(root / ".pymailsrv", [], keep_events=False))
