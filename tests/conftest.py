@@ -149,6 +149,14 @@ def clean_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
 
 
+def wait_until(condition, seconds: float = 10.0, what: str = "") -> None:
+    """Poll ``condition`` until it holds; fail after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting: {what}"
+        time.sleep(0.01)
+
+
 def start_process(root: Path, *args: str) -> subprocess.Popen:
     """``pymailsrv start`` as a child process on free ports; its stderr unbuffered, for select()."""
     return subprocess.Popen([sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--pop3-port", "0",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.conftest import PASSWORD, RawClient
+from tests.conftest import PASSWORD, RawClient, wait_until
 from tests.test_crash import ServerProcess
 
 SHUTTING_DOWN_421 = b"421 4.3.2 test.example service shutting down, try again later\r\n"
@@ -43,7 +43,7 @@ def test_the_reply_in_hand_goes_out_before_the_421(start_server, raw):
     client = raw(server.addresses["smtp"])
     client.line()
     client.send(b"NOOP\r\n")
-    time.sleep(0.1)  # the session is now making its reply
+    wait_until(lambda: server.context.faults.faults[0].fired == 1, what="the session has NOOP in hand")
     stopping = stop_in_background(server)
     time.sleep(0.1)
     client.send(b"RSET\r\n")  # after the stop began: never run
@@ -70,7 +70,7 @@ def test_sigterm_lets_every_session_finish_the_reply_in_hand(root, add_user):
     # One process: injected faults count per process. Worker processes stop
     # the same way, each on the SIGTERM the main process sends it.
     add_user("alice")
-    server = ServerProcess(root, "--fault", f"smtp:NOOP=delay {REPLY_DELAY_MS}")
+    server = ServerProcess(root, "--fault", f"smtp:NOOP=delay {REPLY_DELAY_MS}", "--trace")
     try:
         server.wait_listening()
         clients = [RawClient(server.addresses["smtp"]) for _ in range(4)]
@@ -78,7 +78,8 @@ def test_sigterm_lets_every_session_finish_the_reply_in_hand(root, add_user):
             for client in clients:
                 client.line()
                 client.send(b"NOOP\r\n")
-            time.sleep(0.1)
+            wait_until(lambda: server.output().count("FAULT injected") == len(clients),
+                       what="every session has NOOP in hand")
             server.process.terminate()
             for client in clients:
                 assert client.line() == b"250 2.0.0 OK\r\n"

@@ -41,7 +41,7 @@ from pymailsrv.server import ConnectionLimits
 from pymailsrv.shared import SharedCounter
 from pymailsrv.users import UserStore
 from pymailsrv.workers import MAX_WORKER_DEATHS_PER_MINUTE
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_until
 from tests.remote_side import Sink
 from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
 
@@ -77,7 +77,7 @@ def worker_pids(server, count: int = 2, seconds: float = 10.0) -> dict[int, int]
         started = WORKER_STARTED.findall(server.output())
         if len(started) >= count:
             return {int(number): int(pid) for number, pid in started}  # a later start of a number wins
-        time.sleep(LATE_WAKE_SECONDS)
+        time.sleep(0.05)
     raise AssertionError(f"workers did not start:\n{server.output()}")
 
 
@@ -98,13 +98,6 @@ def gone(pid: int) -> bool:
 def all_threads_stopped(pid: int) -> bool:
     """Has every thread of ``pid`` stopped (SIGSTOP reaches them one by one)?"""
     return all(run_state(f"/proc/{pid}/task/{task}/stat") == "T" for task in os.listdir(f"/proc/{pid}/task"))
-
-
-def wait_until(condition, seconds: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting: {what}"
-        time.sleep(LATE_WAKE_SECONDS)
 
 
 def greeted(address: tuple[str, int], opened: list[RawClient]) -> bytes:
