@@ -261,11 +261,12 @@ def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, p
 
 
 def test_throttle_forgets_failures_after_the_window(start_server, smtp_at, alice):
-    server = start_server(auth={"max_failures_per_address": 1, "failure_window": 0.3})
+    window = 1.0  # long beside the step inside it (a login's scrypt check takes about 50 ms), stalls and all
+    server = start_server(auth={"max_failures_per_address": 1, "failure_window": window})
     client = smtp_at(server)
     assert exchange(client, f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R454_ADDRESS_BLOCKED)
-    time.sleep(0.35)
+    time.sleep(window + 0.05)
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
@@ -281,13 +282,14 @@ def test_the_throttle_counts_the_failures_of_every_worker_process():
 
 
 def test_an_address_whose_window_is_over_makes_room_for_another(caplog):
-    throttle = FailureThrottle(limit=1, window=0.2, size=1)  # room for one address
+    window = 1.0  # long beside the steps inside it, stalls and all
+    throttle = FailureThrottle(limit=1, window=window, size=1)  # room for one address
     throttle.failed("192.0.2.1")
     assert throttle.blocked("192.0.2.1")
     throttle.failed("192.0.2.2")  # .1 is inside its window: no room
     assert not throttle.blocked("192.0.2.2")
     assert "failed-login table full: a failure from 192.0.2.2 is not counted" in caplog.text
-    time.sleep(0.25)
+    time.sleep(window + 0.05)
     throttle.failed("192.0.2.2")
     assert throttle.blocked("192.0.2.2") and not throttle.blocked("192.0.2.1")
 

@@ -627,7 +627,7 @@ def fresh(context):
     return dataclasses.replace(context, throttle=FailureThrottle(10, 300))
 
 
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
+PROPERTY_SETTINGS = settings(max_examples=150,
                              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 

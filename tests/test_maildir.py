@@ -349,7 +349,7 @@ def test_retr_in_blocks_sends_exactly_what_line_by_line_would(stored, sizes):
     assert b"".join(R.POP3_MESSAGE_FOLLOWS.with_content(blocks).body()) == _sent_line_by_line(stored)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(text=st.lists(st.sampled_from([b"a", b".", b"\r", b"\n", b"\r\n", b"x" * 50]), max_size=40).map(b"".join),
        split=st.integers(min_value=0, max_value=200))
 def test_the_size_in_the_file_name_is_what_retr_sends(tmp_path_factory, text, split):

@@ -761,7 +761,7 @@ def _lines(block: bytes) -> list[bytes]:
     return [line + b"\n" for line in block.split(b"\n")[:-1]]
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400)
 @given(text=st.lists(st.sampled_from([b"a", b".", b"..", b"\r", b"\n", b"\r\n", b".\r\n", b"x" * 40])
                      # runs of 996-1003 octets: lines just under, at and over the limit
                      | st.integers(min_value=996, max_value=1003).map(lambda length: b"z" * length),
