@@ -112,13 +112,18 @@ MAX_PROCESSES = 64
 
 # Worker processes share one listening socket, and a new connection wakes
 # every one of them. One that already serves more connections than another
-# leaves the connection for the other to take (server.Listener.get_request),
-# looking again every ACCEPT_DEFER_STEP_SECONDS; if the other has not taken
-# it within ACCEPT_DEFER_SECONDS (hung, or its CPU stalled), it takes it
-# after all. An idle worker takes a connection within a millisecond; the cap
-# is short beside a client's connect timeout. nginx's accept_mutex_delay, for
+# leaves the connection for the other to take (server.Listener.get_request).
+# An idle worker takes it within a millisecond; if the other has not taken it
+# within ACCEPT_DEFER_SECONDS (a stalled CPU, or a worker hung or being
+# replaced), the one ahead takes it after all, and takes connections without
+# waiting for ACCEPT_DEFER_PAUSE_SECONDS, so that a worker that does not
+# answer delays one greeting, not every one. nginx's accept_mutex_delay, for
 # the same turn-taking, is 500 ms.
 ACCEPT_DEFER_SECONDS = 0.25
+ACCEPT_DEFER_PAUSE_SECONDS = 5.0
+# How often the one ahead looks again whether the connection is still there
+# and it still leads: each look reads the shared connection table (about
+# 40 us) under the lock the other needs to admit the connection it took.
 ACCEPT_DEFER_STEP_SECONDS = 0.002
 
 # Dovecot's mail_max_userip_connections default: logged-in POP3 sessions of

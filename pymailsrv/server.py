@@ -54,6 +54,7 @@ from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
 from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import (
+    ACCEPT_DEFER_PAUSE_SECONDS,
     ACCEPT_DEFER_SECONDS,
     ACCEPT_DEFER_STEP_SECONDS,
     AUTH_FAILURE_WINDOW_SECONDS,
@@ -232,29 +233,41 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # accept() would hold the others until the next connection, deaf to
         # stop(); non-blocking, theirs fails and socketserver waits again.
         self.socket.setblocking(False)
-        self._accept_queue = select.poll()
-        self._accept_queue.register(self.socket, select.POLLIN)
+        self._incoming = select.poll()  # is a connection still waiting to be accepted?
+        self._incoming.register(self.socket, select.POLLIN)
+        self._deferring_again_at = 0.0  # time.monotonic(); see _leave_to_another_worker
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Which of the worker processes gets a connection is luck, and ten
         # clients that arrive together can split 3/7 between two of them
         # (seen with scripts/bench.py). The busier process then sets the
         # pace for all, as its threads take turns at one interpreter lock.
-        # So one that serves more than another lets the other, woken by the
-        # same connection, take it. It checks every few milliseconds rather
-        # than sleeping once: a single 20 ms wait was too short where a
-        # virtual CPU stalls (CI saw the other wake late, and a 6/4 split).
-        deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
-        while self._another_worker_should_take_it() and time.monotonic() < deadline:
-            time.sleep(ACCEPT_DEFER_STEP_SECONDS)
+        self._leave_to_another_worker()
         return super().get_request()  # non-blocking: fails if another process took it
 
+    def _leave_to_another_worker(self) -> None:
+        """While this process serves more connections than another worker, let
+        that one, woken by the same connection, take it: wait until it has, or
+        this process no longer leads, for at most ACCEPT_DEFER_SECONDS."""
+        # Looking every few milliseconds, not sleeping once: a single 20 ms
+        # wait was too short where a virtual CPU stalls (CI saw the other
+        # wake late, and a 6/4 split).
+        if time.monotonic() < self._deferring_again_at:
+            return
+        deadline = time.monotonic() + ACCEPT_DEFER_SECONDS
+        while self._another_worker_should_take_it():
+            if time.monotonic() >= deadline:
+                # The other is hung, stopped or being replaced: do not make
+                # every connection wait for it.
+                self._deferring_again_at = time.monotonic() + ACCEPT_DEFER_PAUSE_SECONDS
+                return
+            time.sleep(ACCEPT_DEFER_STEP_SECONDS)
+
     def _another_worker_should_take_it(self) -> bool:
-        """Does this process serve more connections than another worker,
-        with a connection still waiting for that one to accept?"""
+        """Is a connection waiting, and does this process serve more than another worker?"""
         workers = self.context.settings.processes
-        return (workers > 1 and self.context.connections.serves_more_than_another(workers)
-                and bool(self._accept_queue.poll(0)))
+        return (workers > 1 and bool(self._incoming.poll(0))
+                and self.context.connections.serves_more_than_another(workers))
 
     def track(self, connection: Connection) -> None:
         with self._open_changed:
