@@ -17,8 +17,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis
 import pytest
-from hypothesis import settings
 
 from pymailsrv.config import Settings, load_settings
 from pymailsrv.maildir import MaildirStore
@@ -28,15 +28,15 @@ from pymailsrv.trace import Tracer
 from pymailsrv.users import UserStore
 
 PASSWORD = "correct horse"
+CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
+START_TIMEOUT = 15  # seconds for a started process to say "listening"
+MAX_LINES_BEFORE_LISTENING = 100  # what a starting server may log first (warnings)
 
 # Hypothesis fails an example that takes over 200 ms by default: on a
 # machine that stalls, that fails the test for the machine, not the code.
 # Speed is measured by scripts/bench.py, not by tests.
-settings.register_profile("pymailsrv", deadline=None)
-settings.load_profile("pymailsrv")
-CLIENT_TIMEOUT = 10  # seconds: no test waits on a socket longer than this
-START_TIMEOUT = 15  # seconds for a started process to say "listening"
-MAX_LINES_BEFORE_LISTENING = 100  # what a starting server may log first (warnings)
+hypothesis.settings.register_profile("pymailsrv", deadline=None)
+hypothesis.settings.load_profile("pymailsrv")
 
 
 def make_settings(root: Path, **overrides: object) -> Settings:
@@ -162,6 +162,11 @@ def wait_until(condition, seconds: float = 10.0, what: str = "") -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting: {what}"
         time.sleep(0.01)
+
+
+def wait_for_open(server: MailServer, count: int) -> None:
+    """Wait until the server counts ``count`` open connections (sessions end in threads of their own)."""
+    wait_until(lambda: server.context.connections.open == count, what=f"{count} connections open")
 
 
 def start_process(root: Path, *args: str) -> subprocess.Popen:

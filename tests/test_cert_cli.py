@@ -22,9 +22,9 @@ from pymailsrv import replies as R
 from pymailsrv.cli import main
 from pymailsrv.config import ConfigError
 from pymailsrv.server import MailServer
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, make_settings
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, listening_line, make_settings, start_process
+from tests.test_implicit_tls import stop_process
 from tests.test_pop3 import wire as pop3_wire
-from tests.test_implicit_tls import listening_line, start_process, stop_process
 from tests.test_starttls import CLIENT_NAME
 
 

@@ -31,8 +31,7 @@ from pymailsrv.grade_criteria import CRITERIA
 from pymailsrv.server import MailServer, trace_options
 from pymailsrv.trace import Tracer
 from pymailsrv.transcripts import each_transcript
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
-from tests.test_limits import wait_for_open
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings, wait_for_open
 
 # Long enough that a client's first line is surely waiting before our greeting goes out.
 SLOW_START_SECONDS = 0.3

@@ -22,7 +22,7 @@ import pytest
 from pymailsrv.config import ConfigError, load_settings
 from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
 from pymailsrv.server import ConnectionLimits, Tally
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
 
 OTHER_ADDRESS = "127.0.0.2"
 POP3_IN_USE = b"-ERR [IN-USE] maildrop is locked by another session\r\n"
@@ -70,14 +70,6 @@ def wire(reply) -> bytes:
 
 def refusal_421(server) -> bytes:
     return wire(R421_TOO_MANY_CONNECTIONS.format(host=server.settings.hostname))
-
-
-def wait_for_open(server, count: int, seconds: float = 5.0) -> None:
-    """Poll until the server counts ``count`` open connections (threads end asynchronously)."""
-    deadline = time.monotonic() + seconds
-    while server.context.connections.open != count:
-        assert time.monotonic() < deadline, f"{server.context.connections.open} open, expected {count}"
-        time.sleep(0.01)
 
 
 def greeted(client: ClientFrom) -> ClientFrom:

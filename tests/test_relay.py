@@ -24,7 +24,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, Recipient, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
-from tests.conftest import make_settings
+from tests.conftest import listening_line, make_settings, start_process, wait_until
 from tests.test_queue import put_broken_entries
 from tests.remote_side import FakeDns, Sink, failing_tls_context
 
@@ -641,10 +640,7 @@ def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
 
     first = _start_process(root, config, f"127.0.0.1:{nowhere}")
     try:
-        deadline = time.monotonic() + 10
-        while not all(queue.get(queue_id).attempts for queue_id in ids):  # each one tried and deferred
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: all(queue.get(queue_id).attempts for queue_id in ids), what="each one tried and deferred")
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=10)
@@ -663,18 +659,13 @@ def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
 
 
 def _start_process(root: Path, config: Path, smarthost: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--config", str(config),
-         "--smtp-port", "0", "--pop3-port", "0", "--smarthost", smarthost],
-        stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 10
-    for line in process.stderr:  # up to the "listening ..." line
-        if line.startswith("listening"):
-            break
-        assert time.monotonic() < deadline
-    else:
+    process = start_process(root, "--config", str(config), "--smarthost", smarthost)
+    try:
+        listening_line(process)
+    except BaseException:  # pytest.fail's too
         process.kill()
-        raise AssertionError("the server did not start")
+        process.wait(timeout=10)
+        raise
     # Keep reading stderr so the server never blocks on a full pipe.
     threading.Thread(target=process.stderr.read, daemon=True).start()
     return process
