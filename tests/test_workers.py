@@ -225,13 +225,13 @@ def test_a_worker_that_leads_leaves_a_connection_to_one_slow_to_wake(root, proce
     server = processes(root, "--processes", "2").wait_listening()
     late = worker_pids(server)[2]
     opened: list[RawClient] = []
-    with stopped(late):
-        open_pop3_sessions(server, opened, 1)  # the worker awake takes it, and is ahead
-        waiting = RawClient(server.addresses["pop3"])
-        opened.append(waiting)
-        time.sleep(LATE_WAKE_SECONDS)
-        assert connections_waiting(server.addresses["pop3"]) == 1
     try:
+        with stopped(late):
+            open_pop3_sessions(server, opened, 1)  # the worker awake takes it, and is ahead
+            waiting = RawClient(server.addresses["pop3"])
+            opened.append(waiting)
+            time.sleep(LATE_WAKE_SECONDS)
+            assert connections_waiting(server.addresses["pop3"]) == 1
         assert waiting.line().startswith(b"+OK ")
     finally:
         for client in opened:
