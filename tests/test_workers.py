@@ -115,6 +115,14 @@ def stopped(pid: int) -> Iterator[None]:
         os.kill(pid, signal.SIGCONT)
 
 
+@contextlib.contextmanager
+def one_worker_ahead_of_a_stopped_one(server, opened: list[RawClient]) -> Iterator[None]:
+    """For the block, worker 2 stopped and worker 1 ahead of it, serving one session."""
+    with stopped(worker_pids(server)[2]):
+        open_pop3_sessions(server, opened, 1)  # only worker 1 is awake to take it
+        yield
+
+
 def thread_state(pid: int, task: str) -> str | None:
     """The state of one thread of ``pid``; None once it has ended."""
     try:
@@ -223,11 +231,9 @@ def test_a_worker_that_leads_leaves_a_connection_to_one_slow_to_wake(root, proce
     # wait of 20 ms. Here the late one is stopped outright for longer than
     # that, and the connection must still be waiting when it wakes.
     server = processes(root, "--processes", "2").wait_listening()
-    late = worker_pids(server)[2]
     opened: list[RawClient] = []
     try:
-        with stopped(late):
-            open_pop3_sessions(server, opened, 1)  # the worker awake takes it, and is ahead
+        with one_worker_ahead_of_a_stopped_one(server, opened):
             waiting = RawClient(server.addresses["pop3"])
             opened.append(waiting)
             time.sleep(LATE_WAKE_SECONDS)
@@ -240,11 +246,9 @@ def test_a_worker_that_leads_leaves_a_connection_to_one_slow_to_wake(root, proce
 
 def test_a_worker_that_does_not_wake_delays_one_greeting_not_every_one(root, processes):
     server = processes(root, "--processes", "2").wait_listening()
-    late = worker_pids(server)[2]
     opened: list[RawClient] = []
     try:
-        with stopped(late):
-            open_pop3_sessions(server, opened, 1)  # the worker awake takes it, and is ahead
+        with one_worker_ahead_of_a_stopped_one(server, opened):
             started = time.monotonic()
             crowd = [RawClient(server.addresses["pop3"]) for _ in range(CROWD)]
             opened.extend(crowd)
