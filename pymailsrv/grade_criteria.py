@@ -168,7 +168,8 @@ def uses_crlf(t: Transcript) -> Verdict:
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         return False, f"{shown(wrong[0].line)} ended in {_ending(wrong[0].event)}{more}"
-    return True, f"all {len(commands)} command lines ended in CRLF"
+    every = "all " if len(commands) > 1 else ""
+    return True, f"{every}{counted(len(commands), 'command line')} ended in CRLF"
 
 
 def _pipelining_offered(t: Transcript, exchange: Exchange) -> bool:

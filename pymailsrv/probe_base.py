@@ -36,6 +36,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pymailsrv.replies import counted
+
 CRLF = b"\r\n"
 
 # No reply line we expect is anywhere near this long (RFC 1939 §3 allows 512
@@ -230,11 +232,11 @@ class LineClient:
         while len(raw) < MAX_REPLY_LINES and size <= MAX_REPLY_OCTETS:
             line = self.line(deadline)
             if line == b".\r\n":
-                self._note("S", f"({len(raw)} lines) .".encode())
+                self._note("S", f"({counted(len(raw), 'line')}) .".encode())
                 return raw
             raw.append(line)
             size += len(line)
-        raise Failed(f"multi-line reply has no end after {len(raw)} lines, {size} octets")
+        raise Failed(f"multi-line reply has no end after {counted(len(raw), 'line')}, {counted(size, 'octet')}")
 
     def pop3_multi(self, command: str) -> tuple[str, list[bytes] | None]:
         """A multi-line command: its status line and, on +OK, the raw body lines."""
@@ -462,7 +464,7 @@ class Probe:
                 raise Failed(f"cannot send mail to {self.target.rcpt}: {command} got {reply.text!r}")
         stuffed = b"".join((b"." + line if line.startswith(b".") else line) + CRLF
                            for line in message.text.split(CRLF)[:-1])
-        client.send(stuffed + b".\r\n", shown=f"({stuffed.count(CRLF)} lines of text) .")
+        client.send(stuffed + b".\r\n", shown=f"({counted(stuffed.count(CRLF), 'line')} of text) .")
         reply = client.smtp_reply()
         if own:
             client.smtp("QUIT")

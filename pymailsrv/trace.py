@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TextIO
 
+from pymailsrv.replies import counted
+
 if TYPE_CHECKING:
     import enum
 
@@ -89,10 +91,7 @@ def format_event(event: dict) -> str:
 
 def octets_summary(lines: int, octets: int) -> str:
     """``[212 lines, 14 380 octets]``: how message text appears in a trace."""
-    def grouped(number: int) -> str:
-        return f"{number:,}".replace(",", " ")
-
-    return f"[{grouped(lines)} lines, {grouped(octets)} octets]"
+    return f"[{counted(lines, 'line', grouped=True)}, {counted(octets, 'octet', grouped=True)}]"
 
 
 # Two servers on one data root (or a restart) may number a session alike

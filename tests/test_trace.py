@@ -165,6 +165,11 @@ def test_octets_are_grouped_by_thousands_as_the_issue_shows():
     assert octets_summary(212, 14380) == "[212 lines, 14 380 octets]"
 
 
+def test_a_summary_of_one_line_reads_as_english():
+    assert octets_summary(1, 1) == "[1 line, 1 octet]"
+    assert octets_summary(0, 0) == "[0 lines, 0 octets]"
+
+
 def test_transcripts_list_and_show_replay_a_saved_session(traced, add_user, root):
     add_user("alice")
     server, _ = traced(transcripts=True)
