@@ -56,8 +56,13 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 # U+0085 and an undecodable 0x85 stay apart. The live JSON form is ASCII
 # (json.dumps escapes the rest); transcripts keep the characters, and
 # 'transcripts show' escapes them as the text form does.
+# So are the characters that reorder or break what is around them: the
+# bidirectional controls, with which a line can read otherwise than it was
+# sent (CVE-2021-42574, "Trojan Source"), and the line and paragraph
+# separators that editors and browsers show as a line end.
+_BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
-                   **{code: f"\\u{code:04x}" for code in range(0x80, 0xA0)}}
+                   **{code: f"\\u{code:04x}" for code in (*range(0x80, 0xA0), *_BIDI_CONTROLS, 0x2028, 0x2029)}}
 # Reports (grade, probe, mailbox, queue and transcript listings) keep their
 # layout, newlines and tabs, and show everything else as the trace does.
 # Lone surrogates (undecodable octets) too: no terminal or XML file takes them.

@@ -116,6 +116,19 @@ def test_a_clients_control_characters_are_shown_escaped(traced, raw, root):
     assert "\x1b" not in replay and "\r" not in replay
 
 
+def test_characters_that_reorder_or_break_a_line_are_shown_escaped(traced, raw):
+    # A right-to-left override would show "NOOP exe.txt" for what was sent
+    # as "NOOP <RLO>txt.exe"; a line separator would start a line of its own.
+    server, stream = traced(trace=True)
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.send("NOOP \u202etxt.exe\u2028caf\u00e9\r\n".encode())
+    client.line()
+    server.stop()
+    # Escaped as the C1 controls are; a letter of any script shows as itself.
+    assert "pop3 #N 127.0.0.1 AUTHORIZATION C: NOOP \\u202etxt.exe\\u2028caf\u00e9" in _lines(stream)
+
+
 def test_the_live_json_trace_is_ascii(traced, raw):
     server, stream = traced(trace=True, trace_format="json")
     client = raw(server.addresses["pop3"])
