@@ -76,6 +76,13 @@ def _some_domain(value: tuple[str, ...]) -> None:
         raise ValueError("name at least one domain")
 
 
+def _listen_address(value: str) -> None:
+    # The socket API takes "" for every interface (INADDR_ANY): a host left
+    # blank would open the server to the whole network. That is said outright.
+    if not value.strip():
+        raise ValueError("give an address to listen on (0.0.0.0 or :: for every interface)")
+
+
 def _processes(value: int) -> None:
     if not 1 <= value <= limits.MAX_PROCESSES:
         raise ValueError(f"must be 1-{limits.MAX_PROCESSES}")
@@ -206,7 +213,7 @@ class LimitSettings:
 @dataclass(frozen=True)
 class Settings:
     root: Path = DEFAULT_ROOT
-    host: str = "127.0.0.1"
+    host: str = _checked("127.0.0.1", _listen_address)
     # The name this server gives itself in greetings and Received: headers.
     hostname: str = field(default_factory=socket.gethostname)
     domains: tuple[str, ...] = _checked(("localhost",), _some_domain)

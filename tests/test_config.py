@@ -96,6 +96,7 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("[smtp]\nbare_newline = \"maybe\"\n", "smtp.bare_newline"),
     pytest.param(f"[relay]\nmin_backoff = 1{'0' * 400}\n", "relay.min_backoff", id="no-float-holds-it"),
     ("domains = []\n", "domains"),
+    ("host = \"\"\n", "host"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
