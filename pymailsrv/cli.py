@@ -130,7 +130,7 @@ def main() -> None:
 
 @main.command()
 @settings_options
-@click.option("--host", help="Address to listen on (default 127.0.0.1).")
+@click.option("--host", help="Address to listen on (default 127.0.0.1; 0.0.0.0 or :: for every interface).")
 @click.option("--smtp-port", type=int, help="SMTP port (default 2525; 0 picks a free port).")
 @click.option("--pop3-port", type=int, help="POP3 port (default 1100; 0 picks a free port).")
 @click.option("--domain", "domains", multiple=True, help="A mail domain this server is final for (repeatable).")
