@@ -54,8 +54,12 @@ transaction (MAIL+RCPT+DATA) or per POP3 RETR, over all runs of a scenario;
 POP3 also gives MB/s (10**6 octets of messages retrieved); CPU is the
 server's utime+stime per message (all its processes); the RSS column of a
 load scenario is the server's peak (VmHWM, summed over its processes, so
-too high for several), each scenario on a freshly started server. Each POP3 scenario has one untimed pass first, so the
-timed runs see maildrops the server has already opened once.
+too high for several), each scenario on a freshly started server. An SMTP
+scenario starts pymailsrv and the peer together and takes their runs in
+turn, the order reversed every other run, so that a drift of the machine
+weighs on both alike (``smtp_scenario``). Each POP3 scenario has one
+untimed pass first, so the timed runs see maildrops the server has
+already opened once.
 
 The load generator is Python too and shares the machine: on a small box it
 competes with the server for CPU, which is why only ratios within one run
@@ -1025,28 +1029,73 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def smtp_scenario(server: ServerProcess, site: Site, size_name: str, connections: int,
-                  messages: int, runs: int, pipelining: bool) -> Record:
-    port = server.addresses["smtp"][1]
-    record = Record(server.name, "smtp", size_name, connections)
-    rates, latencies, cpu, delivered = [], [], 0.0, 0
-    for _run in range(runs):
-        before = site.count_new()
-        jobs = [list(range(start, messages, connections)) for start in range(connections)]
-        elapsed, run_cpu, outcome = run_load("smtp", port, jobs, SIZES[size_name], site.smtp_users,
-                                             lambda merged: site.count_new() - before >= merged.messages,
-                                             server.cpu_seconds, pipelining)
-        cpu += run_cpu
-        in_maildir = site.count_new() - before
-        delivered += in_maildir
-        rates.append(in_maildir / elapsed)
-        latencies += outcome.latencies
-        record.errors += outcome.errors
-        if outcome.notes and not record.note:
-            record.note = outcome.notes[0][:80]
-        if in_maildir < outcome.messages:
-            record.note = f"{outcome.messages - in_maildir} acknowledged but not in new/"
-    return summarise(record, rates, latencies, cpu, delivered, server)
+@dataclass
+class Tally:
+    """One server's runs of one SMTP scenario, added up as they come in."""
+
+    server: ServerProcess
+    record: Record
+    rates: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    delivered: int = 0
+    failed: bool = False
+
+
+def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site, size_name: str,
+                  connections: int, messages: int, runs: int, pipelining: bool) -> list[Record]:
+    """One SMTP scenario on each server, their runs taken in turn, the order
+    reversed every other run (pymailsrv, peer; peer, pymailsrv; ...).
+
+    All of one server's runs and then all of the other's would lay any
+    drift of the machine over those seconds (a noisy neighbour, a disk
+    still busy with what was written or deleted before) on one of them;
+    in turn, it weighs on both alike. Each server is started fresh for the
+    scenario and idles while the other is driven. One that fails to start,
+    or fails a run, gets a row saying so; the others go on.
+    """
+    records = {name: Record(name, "smtp", size_name, connections) for name in factories}
+    with contextlib.ExitStack() as stack:
+        tallies = []
+        for name, factory in factories.items():
+            try:
+                tallies.append(Tally(stack.enter_context(running(factory)), records[name]))
+            except (RuntimeError, OSError) as error:
+                records[name].note = f"failed: {error}"[:100]
+        for run in range(runs):
+            for tally in tallies if run % 2 == 0 else tallies[::-1]:
+                if tally.failed:
+                    continue
+                try:
+                    smtp_run(tally, site, size_name, connections, messages, pipelining)
+                except (RuntimeError, OSError, smtplib.SMTPException) as error:
+                    tally.record.note, tally.failed = f"failed: {error}"[:100], True
+        for tally in tallies:
+            if not tally.failed:
+                summarise(tally.record, tally.rates, tally.latencies, tally.cpu, tally.delivered, tally.server)
+    return list(records.values())
+
+
+def smtp_run(tally: Tally, site: Site, size_name: str, connections: int, messages: int,
+             pipelining: bool) -> None:
+    """One run of ``messages`` over ``connections``, added to ``tally``."""
+    server, record = tally.server, tally.record
+    before = site.count_new()
+    jobs = [list(range(start, messages, connections)) for start in range(connections)]
+    elapsed, run_cpu, outcome = run_load("smtp", server.addresses["smtp"][1], jobs, SIZES[size_name],
+                                         site.smtp_users,
+                                         lambda merged: site.count_new() - before >= merged.messages,
+                                         server.cpu_seconds, pipelining)
+    tally.cpu += run_cpu
+    in_maildir = site.count_new() - before
+    tally.delivered += in_maildir
+    tally.rates.append(in_maildir / elapsed)
+    tally.latencies += outcome.latencies
+    record.errors += outcome.errors
+    if outcome.notes and not record.note:
+        record.note = outcome.notes[0][:80]
+    if in_maildir < outcome.messages:
+        record.note = f"{outcome.messages - in_maildir} acknowledged but not in new/"
 
 
 def pop3_scenario(server: ServerProcess, site: Site, size_name: str, clients: int, runs: int) -> Record:
@@ -1322,12 +1371,10 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
         progress(f"smtp {size_name} x {connections} connections")
         count = messages_for(size_name)
 
-        def smtp(server: ServerProcess) -> Record:
-            return smtp_scenario(server, site, size_name, connections, count, runs, args.pipelining)
-
-        attempt(records, Record("pymailsrv", "smtp", size_name, connections), pymailsrv, smtp)
+        factories = {"pymailsrv": pymailsrv}
         if "aiosmtpd" in peers:
-            attempt(records, Record("aiosmtpd", "smtp", size_name, connections), lambda: start_aiosmtpd(site), smtp)
+            factories["aiosmtpd"] = lambda: start_aiosmtpd(site)
+        records += smtp_scenario(factories, site, size_name, connections, count, runs, args.pipelining)
         if "postfix-smtp-source" in peers:
             attempt(records, Record("pymailsrv (smtp-source)", "smtp", size_name, connections),
                     pymailsrv,
