@@ -57,10 +57,12 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 # (json.dumps escapes the rest); transcripts keep the characters, and
 # 'transcripts show' escapes them as the text form does.
 # So are the characters that reorder or break what is around them: the
-# bidirectional controls, with which a line can read otherwise than it was
-# sent (CVE-2021-42574, "Trojan Source"), and the line and paragraph
-# separators that editors and browsers show as a line end.
-_BIDI_CONTROLS = (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A))
+# bidirectional embeddings, overrides and isolates, with which a line can
+# read otherwise than it was sent (CVE-2021-42574, "Trojan Source"), and
+# the line and paragraph separators that editors and browsers show as a
+# line end. The marks (LRM, RLM, ALM) stay: right-to-left text uses them,
+# and each only sets the direction of the one place it stands in.
+_BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
                    **{code: f"\\u{code:04x}" for code in (*range(0x80, 0xA0), *_BIDI_CONTROLS, 0x2028, 0x2029)}}
 # Reports (grade, probe, mailbox, queue and transcript listings) keep their

@@ -122,11 +122,13 @@ def test_characters_that_reorder_or_break_a_line_are_shown_escaped(traced, raw):
     server, stream = traced(trace=True)
     client = raw(server.addresses["pop3"])
     client.line()
-    client.send("NOOP \u202etxt.exe\u2028caf\u00e9\r\n".encode())
+    client.send("NOOP \u202etxt.exe\u2028caf\u00e9 \u05e9\u05dc\u05d5\u05dd\u200f\r\n".encode())
     client.line()
     server.stop()
-    # Escaped as the C1 controls are; a letter of any script shows as itself.
-    assert "pop3 #N 127.0.0.1 AUTHORIZATION C: NOOP \\u202etxt.exe\\u2028caf\u00e9" in _lines(stream)
+    # Escaped as the C1 controls are; a letter of any script shows as itself,
+    # and so does the right-to-left mark that Hebrew or Arabic text may carry.
+    assert ("pop3 #N 127.0.0.1 AUTHORIZATION C: NOOP \\u202etxt.exe\\u2028caf\u00e9 \u05e9\u05dc\u05d5\u05dd\u200f"
+            in _lines(stream))
 
 
 def test_the_live_json_trace_is_ascii(traced, raw):
