@@ -84,6 +84,7 @@ import multiprocessing
 import os
 import poplib
 import pwd
+import queue
 import re
 import resource
 import shutil
@@ -283,6 +284,10 @@ class Site:
 
     root: Path
     smtp_users: list[str]
+    # The peer's own SMTP recipients. Both servers are up at once during an
+    # SMTP scenario (smtp_scenario), so what one delivers late must never
+    # count as the other's.
+    peer_smtp_users: list[str]
     # The POP3 users for each message size, one per client, each with a
     # maildrop of pop3_messages messages of that size.
     pop3_users: dict[str, list[str]] = field(default_factory=dict)
@@ -292,8 +297,12 @@ class Site:
     def all_pop3_users(self) -> list[str]:
         return [user for users in self.pop3_users.values() for user in users]
 
-    def count_new(self) -> int:
-        """Messages delivered so far: files in every SMTP user's ``new/``.
+    def recipients(self, server: str) -> list[str]:
+        """Whom the SMTP load sent to ``server`` writes to."""
+        return self.smtp_users if server == "pymailsrv" else self.peer_smtp_users
+
+    def count_new(self, users: list[str]) -> int:
+        """Messages delivered so far: files in the ``new/`` of each of ``users``.
 
         A run counts what it adds; nothing is deleted between runs. On an
         ext4 without a journal (this VM's), the inode allocator steps over
@@ -303,7 +312,7 @@ class Site:
         the next run created cost 0.1-0.5 ms more, on both servers alike.
         """
         total = 0
-        for user in self.smtp_users:
+        for user in users:
             with os.scandir(self.root / user / "new") as entries:
                 total += sum(1 for entry in entries if not entry.name.startswith("."))
         return total
@@ -320,8 +329,9 @@ def make_site(base: Path, name: str, smtp_users: int, pop3_plan: list[tuple[str,
     clients = {size_name: max(count for size, count in pop3_plan if size == size_name) for size_name, _ in pop3_plan}
     pop3_users = {size_name: [f"pop{size_name.lower()}{i}" for i in range(count)]
                   for size_name, count in clients.items()}
-    site = Site(root, [f"user{i}" for i in range(smtp_users)], pop3_users, pop3_messages)
-    for user in site.smtp_users + site.all_pop3_users:
+    site = Site(root, [f"user{i}" for i in range(smtp_users)], [f"peer{i}" for i in range(smtp_users)],
+                pop3_users, pop3_messages)
+    for user in site.smtp_users + site.peer_smtp_users + site.all_pop3_users:
         users.add(user, PASSWORD)
         store.create_maildir(user)
     for size_name, pop3_users in site.pop3_users.items():
@@ -815,7 +825,10 @@ def run_load(kind: str, port: int, jobs: list, size: int, users: list[str],
             raise RuntimeError("the load generator processes did not start") from None
         started, cpu_before = time.perf_counter(), server_cpu()
         for _ in workers:
-            part = results.get(timeout=RUN_TIMEOUT + SOCKET_TIMEOUT * 2)
+            try:
+                part = results.get(timeout=RUN_TIMEOUT + SOCKET_TIMEOUT * 2)
+            except queue.Empty:
+                raise RuntimeError("a load generator process sent no result") from None
             merged.latencies += part["latencies"]
             merged.messages += part["messages"]
             merged.octets += part["octets"]
@@ -892,10 +905,11 @@ FILE_CREATIONS = 200
 # minute, or in the last six while the block that holds it is not yet
 # written back (recently_deleted() in the kernel's fs/ext4/ialloc.c).
 SLOW_FILE_CREATION_SECONDS = 100e-6
-# How long to wait for that to pass, looking again every few seconds. A
-# sync writes the freed inodes back, so a minute after the deletions is
-# enough: the last run's data root, for one, is synced as it is removed.
-FILE_SYSTEM_SETTLE_SECONDS = 90.0
+# How often to look again while it is slow, and how far apart: up to 90 s,
+# and the syncs on top. A sync writes the freed inodes back, so a minute
+# after the deletions is enough: the last run's data root, for one, is
+# synced once it is removed.
+FILE_SYSTEM_SETTLE_LOOKS = 18
 FILE_SYSTEM_SETTLE_STEP_SECONDS = 5.0
 
 
@@ -911,24 +925,22 @@ def file_creation_seconds(directory: Path) -> float:
 
 
 def file_creation_note(base: Path) -> str:
-    """What making one empty file costs here, once it is no longer slow, or
-    once FILE_SYSTEM_SETTLE_SECONDS have gone by; a warning if it still is."""
+    """What making one empty file costs here, once it is no longer slow or
+    after FILE_SYSTEM_SETTLE_LOOKS looks; a warning if it still is."""
     started = time.monotonic()
     creation = file_creation_seconds(base / "file-creation-0")
-    looks = int(FILE_SYSTEM_SETTLE_SECONDS / FILE_SYSTEM_SETTLE_STEP_SECONDS)
-    for look in range(1, looks + 1):
-        if creation <= SLOW_FILE_CREATION_SECONDS:
-            break
+    looks = 0
+    while creation > SLOW_FILE_CREATION_SECONDS and looks < FILE_SYSTEM_SETTLE_LOOKS:
+        looks += 1
         progress(f"making an empty file took {creation * 1000:.3f} ms: slow, as on an ext4 without a "
                  f"journal in the minutes after many files were deleted; waiting for that to pass "
-                 f"(look {look} of {looks}, {FILE_SYSTEM_SETTLE_STEP_SECONDS:.0f} s apart)")
+                 f"(look {looks} of {FILE_SYSTEM_SETTLE_LOOKS}, {FILE_SYSTEM_SETTLE_STEP_SECONDS:.0f} s apart)")
         os.sync()
         time.sleep(FILE_SYSTEM_SETTLE_STEP_SECONDS)
-        creation = file_creation_seconds(base / f"file-creation-{look}")
-    waited = time.monotonic() - started
+        creation = file_creation_seconds(base / f"file-creation-{looks}")
     note = f"making an empty file took {creation * 1000:.3f} ms (median of {FILE_CREATIONS})"
-    if waited >= 1:
-        note += f", after {waited:.0f} s of waiting for the file system to settle"
+    if looks:
+        note += f", after {time.monotonic() - started:.0f} s of waiting for the file system to settle"
     if creation > SLOW_FILE_CREATION_SECONDS:
         note += (": still slow, as on an ext4 without a journal in the minutes after many files were "
                  "deleted (a test suite's temporary files, say). Every message makes a file, on either "
@@ -1035,6 +1047,7 @@ class Tally:
 
     server: ServerProcess
     record: Record
+    users: list[str]  # its recipients: Site.recipients
     rates: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
     cpu: float = 0.0
@@ -1059,9 +1072,9 @@ def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site,
         tallies = []
         for name, factory in factories.items():
             try:
-                tallies.append(Tally(stack.enter_context(running(factory)), records[name]))
+                tallies.append(Tally(stack.enter_context(running(factory)), records[name], site.recipients(name)))
             except (RuntimeError, OSError) as error:
-                records[name].note = f"failed: {error}"[:100]
+                records[name].note = failure(error)
         for run in range(runs):
             for tally in tallies if run % 2 == 0 else tallies[::-1]:
                 if tally.failed:
@@ -1069,7 +1082,8 @@ def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site,
                 try:
                     smtp_run(tally, site, size_name, connections, messages, pipelining)
                 except (RuntimeError, OSError, smtplib.SMTPException) as error:
-                    tally.record.note, tally.failed = f"failed: {error}"[:100], True
+                    tally.record.note, tally.failed = failure(error), True
+                    tally.server.stop()  # whatever it is still doing, not while the other is measured
         for tally in tallies:
             if not tally.failed:
                 summarise(tally.record, tally.rates, tally.latencies, tally.cpu, tally.delivered, tally.server)
@@ -1079,15 +1093,14 @@ def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site,
 def smtp_run(tally: Tally, site: Site, size_name: str, connections: int, messages: int,
              pipelining: bool) -> None:
     """One run of ``messages`` over ``connections``, added to ``tally``."""
-    server, record = tally.server, tally.record
-    before = site.count_new()
+    server, record, users = tally.server, tally.record, tally.users
+    before = site.count_new(users)
     jobs = [list(range(start, messages, connections)) for start in range(connections)]
-    elapsed, run_cpu, outcome = run_load("smtp", server.addresses["smtp"][1], jobs, SIZES[size_name],
-                                         site.smtp_users,
-                                         lambda merged: site.count_new() - before >= merged.messages,
+    elapsed, run_cpu, outcome = run_load("smtp", server.addresses["smtp"][1], jobs, SIZES[size_name], users,
+                                         lambda merged: site.count_new(users) - before >= merged.messages,
                                          server.cpu_seconds, pipelining)
     tally.cpu += run_cpu
-    in_maildir = site.count_new() - before
+    in_maildir = site.count_new(users) - before
     tally.delivered += in_maildir
     tally.rates.append(in_maildir / elapsed)
     tally.latencies += outcome.latencies
@@ -1213,8 +1226,13 @@ def attempt(records: list[Record], fallback: Record, server_factory, measure) ->
         with running(server_factory) as server:
             records.append(measure(server))
     except (RuntimeError, OSError, smtplib.SMTPException, poplib.error_proto) as error:
-        fallback.note = f"failed: {error}"[:100]
+        fallback.note = failure(error)
         records.append(fallback)
+
+
+def failure(error: Exception) -> str:
+    """The note of a row whose server failed to start or to serve."""
+    return f"failed: {error}"[:100]
 
 
 def raise_open_files_limit(needed: int) -> None:
@@ -1427,7 +1445,7 @@ def smtp_source_scenario(server: ServerProcess, site: Site, size_name: str, conn
     """Postfix's smtp-source as the load generator against pymailsrv (one run, rate only)."""
     record = Record("pymailsrv (smtp-source)", "smtp", size_name, connections)
     host, port = server.addresses["smtp"]
-    before = site.count_new()
+    before = site.count_new(site.smtp_users)
     argv = ["smtp-source", "-s", str(connections), "-m", str(messages), "-l", str(SIZES[size_name]),
             "-f", "bench@localhost", "-t", f"{site.smtp_users[0]}@localhost", f"{host}:{port}"]
     cpu_before = server.cpu_seconds()
@@ -1437,10 +1455,10 @@ def smtp_source_scenario(server: ServerProcess, site: Site, size_name: str, conn
     except (OSError, subprocess.SubprocessError) as error:
         record.note = repr(error)[:80]
     settle_until = time.monotonic() + SETTLE_TIMEOUT
-    while site.count_new() - before < messages and time.monotonic() < settle_until:
+    while site.count_new(site.smtp_users) - before < messages and time.monotonic() < settle_until:
         time.sleep(0.002)
     elapsed = time.perf_counter() - started
-    delivered = site.count_new() - before
+    delivered = site.count_new(site.smtp_users) - before
     record.msgs_per_s = record.msgs_per_s_min = record.msgs_per_s_max = delivered / elapsed
     record.cpu_ms_per_msg = (server.cpu_seconds() - cpu_before) * 1000 / delivered if delivered else None
     record.rss_mb = server.memory_mb("VmHWM")

@@ -6,7 +6,8 @@ its MB/s must still count exactly what ``poplib`` counts, and leave the
 session in step for the next command. It sends mail with its own
 ``send_transaction`` rather than ``smtplib``'s ``sendmail``, so that must
 deliver the text as sent, one command at a time or pipelined, and report
-a refusal.
+a refusal. Last, its bookkeeping: the two servers' runs taken in turn, a
+row for a server that fails, and a bounded wait for a slow file system.
 """
 
 from __future__ import annotations
@@ -91,3 +92,95 @@ def test_a_refused_recipient_is_raised_and_the_session_reset(bench, add_user, se
         assert refused.value.smtp_code == 550
         bench.send_transaction(client, "bench@localhost", ["alice@localhost"], b"hi\r\n", pipelining)
     assert len(store.messages("alice")) == 1
+
+
+# --- How the bench schedules its measurements -----------------------------------------
+# These test the script's own bookkeeping, with stand-ins for the servers and
+# for the load: the load itself is real in the tests above.
+
+
+class StandInServer:
+    """What smtp_scenario asks of a server, without a process behind it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stops = 0
+
+    def stop(self) -> None:
+        self.stops += 1
+
+    def memory_mb(self, key: str) -> float:
+        return 1.0
+
+
+def scheduled(bench, monkeypatch, tmp_path, factories, failing_run=None):
+    """Run smtp_scenario over stand-ins; return its records and the order the runs came in."""
+    order = []
+
+    def one_run(tally, site, size_name, connections, messages, pipelining):
+        order.append(tally.record.server)
+        if len(order) == failing_run:
+            raise RuntimeError("connection refused")
+        tally.rates.append(100.0)
+        tally.delivered += messages
+
+    monkeypatch.setattr(bench, "smtp_run", one_run)
+    site = bench.Site(tmp_path, ["user0"], ["peer0"])
+    return bench.smtp_scenario(factories, site, "2KB", 1, 10, 3, False), order
+
+
+def test_the_two_servers_runs_are_taken_in_turn(bench, monkeypatch, tmp_path):
+    servers = {name: StandInServer(name) for name in ("pymailsrv", "aiosmtpd")}
+    records, order = scheduled(bench, monkeypatch, tmp_path, {name: (lambda s=s: s) for name, s in servers.items()})
+    assert order == ["pymailsrv", "aiosmtpd", "aiosmtpd", "pymailsrv", "pymailsrv", "aiosmtpd"]
+    assert [(record.server, record.msgs_per_s, record.messages) for record in records] == [
+        ("pymailsrv", 100.0, 30), ("aiosmtpd", 100.0, 30)]
+    assert all(server.stops == 1 for server in servers.values())
+
+
+def test_each_server_writes_to_recipients_of_its_own(bench, tmp_path):
+    site = bench.Site(tmp_path, ["user0", "user1"], ["peer0", "peer1"])
+    assert site.recipients("pymailsrv") == ["user0", "user1"]
+    assert site.recipients("aiosmtpd") == ["peer0", "peer1"]
+
+
+def test_a_server_that_will_not_start_gets_a_row_and_the_other_is_measured(bench, monkeypatch, tmp_path):
+    def will_not_start():
+        raise RuntimeError("aiosmtpd did not start: no module named aiosmtpd")
+
+    records, order = scheduled(bench, monkeypatch, tmp_path,
+                               {"pymailsrv": lambda: StandInServer("pymailsrv"), "aiosmtpd": will_not_start})
+    assert order == ["pymailsrv"] * 3
+    assert records[0].msgs_per_s == 100.0
+    assert (records[1].server, records[1].msgs_per_s) == ("aiosmtpd", None)
+    assert records[1].note == "failed: aiosmtpd did not start: no module named aiosmtpd"
+
+
+def test_a_server_whose_run_fails_is_stopped_and_run_no_more(bench, monkeypatch, tmp_path):
+    peer = StandInServer("aiosmtpd")
+    records, order = scheduled(bench, monkeypatch, tmp_path,
+                               {"pymailsrv": lambda: StandInServer("pymailsrv"), "aiosmtpd": lambda: peer},
+                               failing_run=2)
+    assert order == ["pymailsrv", "aiosmtpd", "pymailsrv", "pymailsrv"]
+    assert (records[1].msgs_per_s, records[1].note) == (None, "failed: connection refused")
+    assert peer.stops == 2  # at once, and (doing nothing) as the scenario ends
+    assert records[0].msgs_per_s == 100.0
+
+
+@pytest.mark.parametrize("slow_looks, waited", [(0, False), (2, True), (100, True)])
+def test_a_slow_file_system_is_waited_for_a_bounded_number_of_looks(bench, monkeypatch, tmp_path,
+                                                                      slow_looks, waited):
+    looks = []
+
+    def creation_seconds(directory):
+        looks.append(directory.name)
+        return 1e-3 if len(looks) <= slow_looks else 20e-6
+
+    monkeypatch.setattr(bench, "file_creation_seconds", creation_seconds)
+    monkeypatch.setattr(bench.os, "sync", lambda: None)
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    monkeypatch.setattr(bench, "progress", lambda text: None)
+    note = bench.file_creation_note(tmp_path)
+    assert len(looks) == 1 + min(slow_looks, bench.FILE_SYSTEM_SETTLE_LOOKS)
+    assert ("of waiting for the file system to settle" in note) is waited
+    assert note.endswith("wait a few minutes and run again") is (slow_looks > bench.FILE_SYSTEM_SETTLE_LOOKS)
