@@ -1,7 +1,8 @@
 """What every conformance check stands on: a raw line client, the check record, the probe.
 
 The prober (``probe.py``) talks to *any* POP3 or SMTP server, not only to
-pymailsrv, so nothing here imports the server's modules. It is a client, and
+pymailsrv, so nothing here imports the server's protocol code (only
+``counted``, the wording every report shares). It is a client, and
 a deliberately plain one: ``LineClient`` is a socket plus CRLF, so a check
 can send exact bytes - a bare LF in the middle of DATA, a 600-octet command
 line - that a library such as ``smtplib`` would tidy up or refuse to send.

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, TextIO
 
-from pymailsrv.replies import counted
+from pymailsrv.replies import Reply, counted
 
 if TYPE_CHECKING:
     import enum
 
-    from pymailsrv.replies import Reply
     from pymailsrv.session import Session
 
 log = logging.getLogger("pymailsrv.trace")
@@ -53,15 +52,15 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 # recolour or rewrite the terminal a class is watching, and a bare CR
 # overwrite the line. C0 and DEL show as \x1b, as an undecodable octet
 # does; the C1 controls (a one-character CSI, U+009B) as \u009b, so that
-# U+0085 and an undecodable 0x85 stay apart. The live JSON form is ASCII
+# U+0085 and an undecodable 0x85 stay apart. So do the characters that
+# reorder or break what is around them: the bidirectional embeddings,
+# overrides and isolates, with which a line can read otherwise than it was
+# sent (CVE-2021-42574, "Trojan Source"), and the line and paragraph
+# separators that editors and browsers show as a line end. The marks (LRM,
+# RLM, ALM) stay: right-to-left text uses them, and each only sets the
+# direction of the one place it stands in. The live JSON form is ASCII
 # (json.dumps escapes the rest); transcripts keep the characters, and
 # 'transcripts show' escapes them as the text form does.
-# So are the characters that reorder or break what is around them: the
-# bidirectional embeddings, overrides and isolates, with which a line can
-# read otherwise than it was sent (CVE-2021-42574, "Trojan Source"), and
-# the line and paragraph separators that editors and browsers show as a
-# line end. The marks (LRM, RLM, ALM) stay: right-to-left text uses them,
-# and each only sets the direction of the one place it stands in.
 _BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
                    **{code: f"\\u{code:04x}" for code in (*range(0x80, 0xA0), *_BIDI_CONTROLS, 0x2028, 0x2029)}}
@@ -74,7 +73,8 @@ _SHOWN_IN_REPORTS = {**{code: shown for code, shown in _CONTROLS_SHOWN.items() i
 
 def escape_controls(report: str) -> str:
     """``report`` safe for a teacher's terminal and for XML 1.0: control
-    characters but newline and tab escaped (ESC as \\x1b), as the trace shows them."""
+    characters but newline and tab escaped (ESC as \\x1b), and those that
+    reorder or break a line (U+202E, U+2028), as the trace shows them."""
     return report.translate(_SHOWN_IN_REPORTS)
 
 
