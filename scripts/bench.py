@@ -57,7 +57,8 @@ load scenario is the server's peak (VmHWM, summed over its processes, so
 too high for several), each scenario on a freshly started server. An SMTP
 scenario starts pymailsrv and the peer together and takes their runs in
 turn, the order reversed every other run, so that a drift of the machine
-weighs on both alike (``smtp_scenario``). Each POP3 scenario has one
+weighs on both alike (``smtp_scenario``); each sends to users of its own
+(``Site.recipients``). Each POP3 scenario has one
 untimed pass first, so the timed runs see maildrops the server has
 already opened once.
 
