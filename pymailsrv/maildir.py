@@ -21,6 +21,16 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   whole file system in one go, 1.18 times as fast at one connection, but
   with every other program's unsaved data on it, at every delivery; and
   before Linux 5.8 it reported no failed write at all.
+  Why not answer once the message is appended to a log of our own (one
+  write and one ``fdatasync``: 0.14-0.3 ms on our 2-CPU VM, against 0.6 ms
+  for the steps above), and deliver into the Maildirs afterwards, as
+  Postfix answers once its queue file is safe? The delivery's work is
+  then still to do, on the same two CPUs, with the log's write on top: at
+  one connection it only moves into the next transaction. A prototype
+  took 1.34-1.88 ms a message at 2 KB x 1 (delivering in a thread, or in
+  a process of its own), where these steps took 1.37-1.64 ms in the same
+  runs; and a POP3 client would not yet see every message SMTP had
+  acknowledged.
 * The unique name is ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``
   followed by ``,S=<octets on disk>,W=<octets as POP3 sends them>`` as
   Maildir++ and Dovecot do, so STAT and LIST never open a message file.
