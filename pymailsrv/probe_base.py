@@ -529,6 +529,14 @@ class Probe:
             raise Failed(f"the probe's message {missing[0]} is not in the maildrop")
         return [found[message.token] for message in messages]
 
+    def session_holding(self, message: Sent) -> tuple[LineClient, int]:
+        """Deliver ``message`` and log in: the POP3 session, and the message's
+        msg_number in it (most POP3 checks start so)."""
+        self.deliver(message)
+        client = self.login()
+        (msg_number,) = self.numbers(client, message)
+        return client, msg_number
+
     def cleanup(self) -> None:
         """Delete every message this check sent that is still there (best effort)."""
         self.close_all()

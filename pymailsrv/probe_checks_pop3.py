@@ -193,10 +193,7 @@ def list_matches_stat(p: Probe) -> None:
 
 
 def list_one(p: Probe) -> None:
-    message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message())
     size = listing(client, "LIST")[msg_number]
     reply = client.pop3(f"LIST {msg_number}")
     fail_unless(reply.split()[:3] == ["+OK", str(msg_number), size],
@@ -214,20 +211,14 @@ def noop_ok(p: Probe) -> None:
 
 
 def retr_whole_message(p: Probe) -> None:
-    message = p.message(THREE_LINE_BODY)
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     lines = unstuffed(multi(client, f"RETR {msg_number}"))
     fail_unless(lines[-len(THREE_LINE_BODY):] == list(THREE_LINE_BODY),
                 "the body as sent at the end of RETR", lines[-len(THREE_LINE_BODY):])
 
 
 def retr_size_matches_list(p: Probe) -> None:
-    message = p.message(THREE_LINE_BODY)
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     listed = int(listing(client, "LIST")[msg_number])
     raw = multi(client, f"RETR {msg_number}")
     sent = octets(raw)
@@ -236,10 +227,7 @@ def retr_size_matches_list(p: Probe) -> None:
 
 
 def retr_byte_stuffing(p: Probe) -> None:
-    message = p.message(DOTTED_BODY)
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message(DOTTED_BODY))
     raw = multi(client, f"RETR {msg_number}")
     tail = raw[-len(DOTTED_BODY):]
     wanted = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in DOTTED_BODY]
@@ -247,10 +235,7 @@ def retr_byte_stuffing(p: Probe) -> None:
 
 
 def top_header_and_lines(p: Probe) -> None:
-    message = p.message(THREE_LINE_BODY)
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     whole = unstuffed(multi(client, f"RETR {msg_number}"))
     header = whole[: whole.index(b"") + 1]  # up to and with the empty line
     status, top = client.pop3_multi(f"TOP {msg_number} 0")
@@ -262,10 +247,7 @@ def top_header_and_lines(p: Probe) -> None:
 
 
 def top_beyond_body(p: Probe) -> None:
-    message = p.message(THREE_LINE_BODY)
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     whole = unstuffed(multi(client, f"RETR {msg_number}"))
     status, top = client.pop3_multi(f"TOP {msg_number} 100")
     if top is None:
@@ -302,20 +284,14 @@ def user_in_transaction_err(p: Probe) -> None:
 
 
 def retr_deleted_err(p: Probe) -> None:
-    message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message())
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     err(client.pop3(f"RETR {msg_number}"), "RETR of a message marked as deleted")
     client.pop3("QUIT")
 
 
 def list_excludes_deleted(p: Probe) -> None:
-    message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message())
     count, size = stat(client)
     message_size = int(listing(client, "LIST")[msg_number])
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
@@ -329,10 +305,7 @@ def list_excludes_deleted(p: Probe) -> None:
 
 
 def dele_twice_err(p: Probe) -> None:
-    message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message())
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     err(client.pop3(f"DELE {msg_number}"), "a second DELE of the same message")
     client.pop3("QUIT")
@@ -340,9 +313,7 @@ def dele_twice_err(p: Probe) -> None:
 
 def dele_deferred_until_quit(p: Probe) -> None:
     message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(message)
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     ok(client.pop3("RSET"), "RSET")
     ok(client.pop3("QUIT"), "QUIT")
@@ -352,9 +323,7 @@ def dele_deferred_until_quit(p: Probe) -> None:
 
 def disconnect_without_quit_keeps_mail(p: Probe) -> None:
     message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(message)
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     client.close()  # no QUIT: the session never enters UPDATE
     fail_unless(present(p, message), "the message to survive a dropped session", "it was gone")
@@ -362,19 +331,14 @@ def disconnect_without_quit_keeps_mail(p: Probe) -> None:
 
 def quit_expunges_deleted(p: Probe) -> None:
     message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(message)
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     ok(client.pop3("QUIT"), "QUIT")
     fail_unless(not present(p, message), "the message to be gone after QUIT", "it is still there")
 
 
 def rset_unmarks(p: Probe) -> None:
-    message = p.message()
-    p.deliver(message)
-    client = p.login()
-    (msg_number,) = p.numbers(client, message)
+    client, msg_number = p.session_holding(p.message())
     before = stat(client)
     ok(client.pop3(f"DELE {msg_number}"), "DELE")
     ok(client.pop3("RSET"), "RSET")
@@ -428,19 +392,16 @@ def _uid(p: Probe, client: LineClient, message) -> str:
 
 def uidl_one(p: Probe) -> None:
     message = p.message()
-    p.deliver(message)
-    client = p.login()
+    client, msg_number = p.session_holding(message)
     uid = _uid(p, client, message)
-    (msg_number,) = p.numbers(client, message)
     fail_unless(listing(client, "UIDL").get(msg_number) == uid, "the same uid as the listing", uid)
 
 
 def uidl_stable_across_sessions(p: Probe) -> None:
     message = p.message()
-    p.deliver(message)
-    client = p.login()
+    client, msg_number = p.session_holding(message)
     first = _uid(p, client, message)
-    multi(client, f"RETR {p.numbers(client, message)[0]}")  # reading must not change it either
+    multi(client, f"RETR {msg_number}")  # reading must not change it either
     ok(client.pop3("QUIT"), "QUIT")
     second = _uid(p, p.login(), message)
     fail_unless(first == second, f"uid {first} in the next session too", second)
