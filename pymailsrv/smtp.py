@@ -258,7 +258,7 @@ class MessageText:
         self._after_crlf = True  # the DATA command line itself ended in CRLF
         self.lines_read = 0
         self.octets_read = 0  # as sent, for the trace
-        self.octets = 0  # as stored, for the size limit
+        self.octets = 0  # RFC 1870 §4's message size, for the size limit (see _store)
         self.line_too_long = False
         self.too_big = False
         self.bare_line_end: str | None = None  # "LF" or "CR", the first seen
@@ -352,7 +352,10 @@ class MessageText:
     def _store(self, data: bytes) -> None:
         if self.refusal() is not None:
             return  # the message will be refused: stop writing, keep reading
-        self.octets += len(data)
+        # RFC 1870 §4: the size is "the number of octets, including CR-LF
+        # pairs" the client sends, less the dots it doubled. The text comes
+        # here with a LF for each CRLF, so each counts one octet more.
+        self.octets += len(data) + data.count(b"\n")
         if self.octets > self._max_size:
             self.too_big = True
             return

@@ -391,6 +391,24 @@ def test_message_at_the_declared_size_limit_is_delivered(start_server, greeted, 
     assert without_trace(stored(store, "alice")[0]) == b"".join(line + b"\n" for line in lines)
 
 
+@pytest.mark.parametrize("lines, delivered", [
+    ([b"x" * 99] + [b"x" * 98] * 9, False),  # 1001 octets as sent
+    ([b"abcd"] * 167, False),  # 1002 as sent, though 835 stored: each CRLF counts two
+    ([b"." + b"x" * 97] * 10, True),  # 1000: the dots the client doubled do not count
+])
+def test_the_size_limit_counts_crlf_pairs_but_not_doubled_dots(start_server, greeted, store, alice,
+                                                               lines, delivered):
+    # RFC 1870 §4: the message size is "the number of octets, including CR-LF
+    # pairs, but not the SMTP DATA command's terminating dot or doubled
+    # quoting dots" - the same whether or not the client declared a SIZE.
+    server = start_server(smtp={"max_message_size": 1000})
+    client = greeted(server.addresses["smtp"])
+    open_transaction(client, ["alice@localhost"])
+    reply = send_text(client, stuff(lines) + b".\r\n")
+    assert reply.startswith(b"250 ") if delivered else reply == wire(R.R552_TOO_BIG)
+    assert len(stored(store, "alice")) == delivered
+
+
 def test_message_over_the_size_limit_is_552_after_the_end(start_server, greeted, store, alice):
     server = start_server(smtp={"max_message_size": 1000})
     client = greeted(server.addresses["smtp"])
