@@ -764,7 +764,10 @@ class SmtpSession(Session):
         if self.esmtp:
             protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + ("S" if self.tls else "") + (
                 "A" if self.user else "")
-        recipient = f"\n\tfor <{envelope.forward_paths[0]}>" if len(envelope.forward_paths) == 1 else ""
+        # The "for" clause names the one recipient, as a Path or a Mailbox (§4.4):
+        # a bare <Postmaster> (§4.1.1.3) is neither, having no domain.
+        only = envelope.forward_paths[0] if len(envelope.forward_paths) == 1 else None
+        recipient = f"\n\tfor <{only}>" if only is not None and only.domain else ""
         date = _date_of_second(int(time.time()))
         header = (f"Return-Path: <{envelope.reverse_path or ''}>\n"
                   f"Received: from {self._received_from()}\n"

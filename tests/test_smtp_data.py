@@ -605,6 +605,15 @@ def test_trace_lines_leave_out_the_recipient_when_there_are_several(store, greet
         assert "for <" not in by
 
 
+def test_trace_lines_leave_out_a_bare_postmaster(store, greeted, hostname, alice):
+    # RFC 5321 §4.4: "for" takes a Path or a Mailbox, and <Postmaster> with
+    # no domain (§4.1.1.3) is neither.
+    client = greeted()
+    queue_id = deliver(client, ["Postmaster"], [b"Subject: for the postmaster"])
+    _, _, by = trace_lines(stored(store, "alice")[0])
+    assert by.startswith(f"\tby {hostname} (pymailsrv) with ESMTP id {queue_id}; ")
+
+
 def test_null_sender_gives_an_empty_return_path(store, greeted, alice):
     client = greeted()
     deliver(client, ["alice@localhost"], [b"Subject: bounce"], sender="")
