@@ -27,6 +27,8 @@ import re
 import string
 from dataclasses import dataclass
 
+from pymailsrv.commands import ascii_words
+
 # RFC 5321 §4.5.3.1.1-3: local part 64 octets, domain 255, path 256.
 LOCAL_PART_MAX = 64
 DOMAIN_MAX = 255
@@ -205,7 +207,9 @@ def _octets(text: str) -> int:
 def parse_parameters(text: str) -> dict[str, str | None]:
     """``KEY=value KEY2`` -> {"KEY": "value", "KEY2": None}; keywords upper-cased."""
     parameters: dict[str, str | None] = {}
-    for word in text.split():
+    # RFC 5321 §4.1.2: parameters are apart by SP; a Unicode space, which
+    # RFC 6531 lets a value hold, divides nothing.
+    for word in ascii_words(text):
         keyword, equals, value = word.partition("=")
         if not _ESMTP_KEYWORD.fullmatch(keyword):
             raise PathError(f"bad parameter {word!r}")

@@ -255,6 +255,23 @@ def test_utf8_parameter_value_is_allowed():
     assert parse_parameters("X-NOTE=grüße") == {"X-NOTE": "grüße"}
 
 
+# RFC 5321 §4.1.2: parameters are apart by SP. str.split() would also split
+# at Unicode spaces and controls: "SIZE=1<EM SPACE>SMTPUTF8" would switch
+# SMTPUTF8 on, where a filter in front of the server sees one SIZE.
+@pytest.mark.parametrize("text, parameters", [
+    ("AUTH=x\xa0y SMTPUTF8", {"AUTH": "x\xa0y", "SMTPUTF8": None}),  # UTF-8 text a value may hold
+    ("SIZE=1\u2003SMTPUTF8", {"SIZE": "1\u2003SMTPUTF8"}),  # one SIZE, and not a number
+])
+def test_only_ascii_white_space_parts_parameters(text, parameters):
+    assert parse_parameters(text) == parameters
+
+
+@pytest.mark.parametrize("text", ["SIZE=1\x1cSMTPUTF8", "AUTH=x\x85y"])
+def test_a_control_that_str_split_parts_at_is_a_bad_value(text):
+    with pytest.raises(PathError, match="bad value"):
+        parse_parameters(text)
+
+
 # Every edge of UTF8-non-ascii (RFC 6531 §3.3) less the C1 controls and lone
 # surrogates: in, out.
 UTF8_TEXT_EDGES = ["\xa0", "\xff", "\u0100", "\ud7ff", "\ue000", "\uffff", "\U00010000", "\U0010ffff"]

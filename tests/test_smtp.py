@@ -462,7 +462,9 @@ def test_size_over_the_limit_through_smtplib(start_server, smtp):
     assert client.mail("a@example.org", ["SIZE=999999"]) == answer(R.R552_TOO_BIG)
 
 
-@pytest.mark.parametrize("parameter", ["SIZE", "SIZE=ten", "SIZE=-1", "SIZE=\u0661"])
+# The last: an EM SPACE parts no parameters (RFC 5321 §4.1.2 parts them by SP),
+# so SMTPUTF8 is not asked for; it is the end of a SIZE that is no number.
+@pytest.mark.parametrize("parameter", ["SIZE", "SIZE=ten", "SIZE=-1", "SIZE=\u0661", "SIZE=1\u2003SMTPUTF8"])
 def test_size_that_is_not_a_number_is_501(greeted, parameter):
     assert exchange(greeted(), f"MAIL FROM:<a@example.org> {parameter}") == wire(
         R.R501_SYNTAX, syntax="SIZE=<octets>")
