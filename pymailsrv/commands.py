@@ -79,6 +79,10 @@ class Command:
     moves: Mapping[enum.Enum, enum.Enum | None] = field(default_factory=lambda: MappingProxyType({}))
     secret_from: int | None = None
 
+    def offered_to(self, session: Any) -> bool:
+        """Whether ``session`` offers the verb right now (see ``offered``)."""
+        return self.offered is None or self.offered(session)
+
 
 class CommandTable:
     """The commands of one protocol, looked up case-insensitively by verb."""
@@ -101,7 +105,7 @@ class CommandTable:
         """The capabilities the commands bring, in table order; with a session,
         only those it offers now."""
         return [command.capability for command in self if command.capability
-                and (session is None or command.offered is None or command.offered(session))]
+                and (session is None or command.offered_to(session))]
 
     def transitions(self) -> list[tuple[enum.Enum, str, enum.Enum | None]]:
         """(from state, verb, to state) for every edge; None means the end."""

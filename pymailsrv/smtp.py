@@ -557,8 +557,11 @@ class SmtpSession(Session):
 
     def do_help(self, argument: str) -> Reply:
         """HELP [string] (RFC 5321 §4.1.1.8): from the command table."""
-        command = self.commands.find(argument.strip(ASCII_WHITESPACE))  # "" finds none: every command
-        commands = [command] if command else list(self.commands)
+        command = self.commands.find(argument.strip(ASCII_WHITESPACE))
+        if command is None:  # no argument, or not a verb: every command offered now, as EHLO lists them
+            commands = [command for command in self.commands if command.offered_to(self)]
+        else:
+            commands = [command]
         # Reply text is US-ASCII (RFC 5321 §4.2): no section sign on the wire.
         text = "\n".join(f"{command.syntax}  ({command.rfc.replace('§', 'section ')})"
                          for command in commands)

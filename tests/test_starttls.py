@@ -210,6 +210,15 @@ def test_a_stopping_server_says_421_inside_tls(tls_server, smtp_client, context)
     assert read_reply(client) == wire(R.R421_SHUTTING_DOWN, host=tls_server.settings.hostname)
 
 
+def test_help_lists_starttls_only_while_ehlo_offers_it(smtp_client, context):
+    client = smtp_client()
+    assert b"STARTTLS" in exchange(client, "HELP")
+    smtp_starttls(client, context)
+    reply = exchange(client, "HELP")
+    assert reply.startswith(b"214-") and b"STARTTLS" not in reply
+    assert exchange(client, "HELP starttls").startswith(b"214 ")  # asked by name, its syntax all the same
+
+
 def test_starttls_twice_is_503(smtp_client, context):
     client = smtp_client()
     smtp_starttls(client, context)
