@@ -125,8 +125,9 @@ SESSION_CAPABILITIES = (
 )
 
 # -ERR replies that are no bad command (RFC 3206): a refused login, which
-# has a limit of its own, and a failure on our side (SYS/TEMP).
-_NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_STORAGE_FAILURE.code)
+# has a limit of its own; a maildrop in use, which RFC 2449 §8.1.2 tells
+# the client to try again later (IN-USE); and a failure on our side (SYS/TEMP).
+_NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
 
 # RFC 5034: the SASL mechanisms POP3 AUTH offers. PLAIN sends the password,
 # so it is offered only where USER/PASS would be (TLS or a local network).

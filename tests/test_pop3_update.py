@@ -242,6 +242,19 @@ def test_second_login_to_a_locked_maildrop_gets_in_use(login):
     assert second.command(f"PASS {PASSWORD}").startswith(b"+OK")
 
 
+def test_a_client_may_retry_a_locked_maildrop_without_being_cut_off(login):
+    # RFC 2449 §8.1.2: IN-USE says to try again later. Unlike a bad command,
+    # it does not count towards the three that close a session before login.
+    first, _ = login()
+    second, reply = login()
+    for _ in range(4):
+        assert second.command("USER alice") == b"+OK send PASS\r\n"
+        assert second.command(f"PASS {PASSWORD}") == IN_USE
+    first.command("QUIT")
+    second.command("USER alice")
+    assert second.command(f"PASS {PASSWORD}").startswith(b"+OK")
+
+
 def test_maildrop_locked_by_another_process_gets_in_use(login, root):
     holder = subprocess.Popen(
         [sys.executable, "-c",
