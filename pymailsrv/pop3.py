@@ -297,7 +297,9 @@ class Pop3Session(Session):
         """AUTH [mechanism [initial-response]] (RFC 5034 §4); bare AUTH lists them."""
         words = self._arguments("AUTH", argument, 0, 2)
         if not words:
-            return POP3_MECHANISMS_FOLLOW.with_lines(name.encode("ascii") for name in SASL_MECHANISMS)
+            # What CAPA's SASL line lists: nothing where a password may not go.
+            offered = SASL_MECHANISMS if self.commands.find("AUTH").offered_to(self) else ()
+            return POP3_MECHANISMS_FOLLOW.with_lines(name.encode("ascii") for name in offered)
         mechanism = ascii_upper(words[0])
         if mechanism not in SASL_MECHANISMS:
             raise CommandError(POP3_UNSUPPORTED_MECHANISM)

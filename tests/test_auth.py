@@ -401,6 +401,13 @@ def test_pop3_capa_from_a_non_local_address_lacks_user_and_sasl(guarded, pop3_at
     assert capa(pop3_at(guarded, source=NOT_LOCAL)) == capa_lines(stls=True, user=False)
 
 
+def test_pop3_bare_auth_from_a_non_local_address_lists_no_mechanism(guarded, pop3_at):
+    # The same as CAPA, which has no SASL line there: PLAIN would be refused.
+    client = pop3_at(guarded, source=NOT_LOCAL)
+    assert client.command("AUTH") == pop3_wire(R.POP3_MECHANISMS_FOLLOW)
+    assert client.multiline() == [b".\r\n"]
+
+
 def test_pop3_after_stls_a_non_local_address_may_log_in(guarded, pop3_at, alice, tls_files):
     client = pop3_at(guarded, source=NOT_LOCAL)
     pop3_stls(client, tls_files.client_context())
