@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterator
 
@@ -155,6 +156,7 @@ class Pop3Session(Session):
         self.apop_timestamp = (f"<{os.getpid()}.{secrets.token_hex(6)}.{int(time.time())}"
                                f"@{self.settings.hostname}>")
         self.pending_user: str | None = None  # named by USER, awaiting PASS
+        self._user_command_number = 0  # commands_run when that USER came
         self.user: str | None = None
         self.maildrop = None
         self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
@@ -215,17 +217,23 @@ class Pop3Session(Session):
 
     # --- arguments -------------------------------------------------------------
 
+    def _syntax_error(self, verb: str) -> CommandError:
+        return CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
+
     def _arguments(self, verb: str, argument: str, minimum: int, maximum: int) -> list[str]:
         words = ascii_words(argument)
         if not minimum <= len(words) <= maximum:
-            raise CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
+            raise self._syntax_error(verb)
         return words
 
     def _number(self, verb: str, word: str) -> int:
         # str.isdigit() admits other scripts' digits; the protocol means ASCII.
         if not (word.isascii() and word.isdigit()):
-            raise CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
-        return int(word)
+            raise self._syntax_error(verb)
+        try:
+            return int(word)
+        except ValueError:  # CPython's int() takes at most 4300 digits: more than any count here
+            return sys.maxsize
 
     def _index(self, verb: str, word: str) -> int:
         """The index of the live message the client calls ``word`` (a msg_number)."""
@@ -270,14 +278,18 @@ class Pop3Session(Session):
         (name,) = self._arguments("USER", argument, 1, 1)
         if not self.plaintext_auth_allowed():
             raise CommandError(POP3_PRIVACY_REQUIRED)
-        self.pending_user = name
+        self.pending_user, self._user_command_number = name, self.commands_run
         return POP3_USER_ACCEPTED
 
     def do_pass(self, argument: str) -> Reply:
-        """PASS string (RFC 1939 §7); the password may contain spaces."""
-        if self.pending_user is None:
-            raise CommandError(POP3_USER_FIRST)
+        """PASS string (RFC 1939 §7): straight after USER; the password may contain spaces."""
         name, self.pending_user = self.pending_user, None
+        # RFC 1939 §7: PASS "may only be given ... immediately after a
+        # successful USER command"; after any other, the name is forgotten.
+        if name is None or self.commands_run != self._user_command_number + 1:
+            raise CommandError(POP3_USER_FIRST)
+        if not argument:
+            raise self._syntax_error("PASS")
         return self._log_in(name, lambda user: self.context.users.check_password(user, argument))
 
     def do_apop(self, argument: str) -> Reply:

@@ -119,6 +119,32 @@ def test_pass_after_a_failed_pass_needs_user_again(connect, alice):
     assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_USER_FIRST)
 
 
+@pytest.mark.parametrize("between", ["CAPA", "USER", "BOGUS", "APOP alice " + "0" * 32, "AUTH PLAIN eA=="])
+def test_pass_must_come_straight_after_user(connect, alice, between):
+    # RFC 1939 §7: PASS "may only be given in the AUTHORIZATION state
+    # immediately after a successful USER command".
+    client = connect()
+    client.command("USER alice")
+    client.command(between)
+    if between == "CAPA":
+        client.multiline()
+    assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_USER_FIRST)
+    client.command("USER alice")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK")
+
+
+def test_pass_without_a_password_is_a_syntax_error_not_a_failed_login(connect, alice):
+    client = connect()
+    client.command("USER alice")
+    assert client.command("PASS") == wire(R.POP3_SYNTAX, syntax="PASS string")
+    assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_USER_FIRST)  # USER must come again
+    for _ in range(2):  # two failed logins more leave it open: the bare PASS was not one
+        client.command("USER alice")
+        assert client.command("PASS wrong") == wire(R.POP3_AUTH_FAILED)
+    client.command("USER alice")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK")
+
+
 @pytest.mark.parametrize("line, syntax", [("USER", "USER name"), ("USER a b", "USER name"),
                                           ("APOP alice", "APOP name digest"), ("CAPA x", "CAPA")])
 def test_malformed_authorization_commands_answer_their_syntax(connect, alice, line, syntax):
@@ -574,6 +600,22 @@ def test_command_line_limit_is_configurable(start_server, raw):
     client.line()
     assert client.command("USER abcdefghi") == b"+OK send PASS\r\n"  # 14 + CRLF
     assert client.command("USER abcdefghijk") == wire(R.POP3_LINE_TOO_LONG)
+
+
+def test_a_number_of_more_digits_than_int_takes_is_no_such_message(start_server, add_user, store, raw):
+    # Python's int() refuses over 4300 digits; a line that long needs a
+    # raised limit, and the number is simply larger than any here.
+    add_user("alice")
+    store.deliver("alice", TOPPED)
+    server = start_server(pop3={"command_line_max": 8192})
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.command("USER alice")
+    client.command(f"PASS {PASSWORD}")
+    huge = "1" * 5000
+    assert client.command(f"RETR {huge}") == b"-ERR no such message\r\n"
+    assert client.command(f"TOP 1 {huge}").startswith(b"+OK")  # as many lines as there are
+    assert client.multiline()[-2:] == [b"body 3\r\n", b".\r\n"]
 
 
 def test_idle_session_is_logged_out_without_entering_update(start_server, add_user, store, raw, root):
