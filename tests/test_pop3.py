@@ -77,6 +77,15 @@ def login(connect, alice):
     return login
 
 
+def logged_in(raw, server) -> RawClient:
+    """A RawClient in the TRANSACTION state as alice, on a server started with settings of its own."""
+    client = raw(server.addresses["pop3"])
+    client.line()
+    client.command("USER alice")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK")
+    return client
+
+
 def bad_commands_until_closed(client: RawClient, count: int) -> list[bytes]:
     return [client.command("BOGUS") for _ in range(count)]
 
@@ -607,11 +616,7 @@ def test_a_number_of_more_digits_than_int_takes_is_no_such_message(start_server,
     # raised limit, and the number is simply larger than any here.
     add_user("alice")
     store.deliver("alice", TOPPED)
-    server = start_server(pop3={"command_line_max": 8192})
-    client = raw(server.addresses["pop3"])
-    client.line()
-    client.command("USER alice")
-    client.command(f"PASS {PASSWORD}")
+    client = logged_in(raw, start_server(pop3={"command_line_max": 8192}))
     huge = "1" * 5000
     assert client.command(f"RETR {huge}") == b"-ERR no such message\r\n"
     assert client.command(f"TOP 1 {huge}").startswith(b"+OK")  # as many lines as there are
@@ -621,11 +626,7 @@ def test_a_number_of_more_digits_than_int_takes_is_no_such_message(start_server,
 def test_idle_session_is_logged_out_without_entering_update(start_server, add_user, store, raw, root):
     add_user("alice")
     store.deliver("alice", MESSAGE)
-    server = start_server(pop3={"autologout": 0.5})
-    client = raw(server.addresses["pop3"])
-    client.line()
-    client.command("USER alice")
-    client.command(f"PASS {PASSWORD}")
+    client = logged_in(raw, start_server(pop3={"autologout": 0.5}))
     started = time.monotonic()  # before the server's clock starts, so a slow client cannot undercut it
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
     assert client.line() == b"-ERR autologout: idle for too long\r\n"
