@@ -50,6 +50,7 @@ queue flush`` from another process is noticed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -153,13 +154,20 @@ def is_positive(code: int) -> bool:
     return 200 <= code <= 299
 
 
-def outcome_of_reply(code: int, reply: bytes, hop: Hop, *, to_text: bool = False) -> Outcome:
+def outcome_of_reply(code: int, reply: bytes | str, hop: Hop, *, to_text: bool = False) -> Outcome:
     """An SMTP reply as an outcome: 5xx failed, anything else retried; a 2xx
-    is a delivery only as the reply to the message text (``to_text``)."""
+    is a delivery only as the reply to the message text (``to_text``).
+
+    ``reply`` is the text as smtplib gives it: the remote's bytes, or a str
+    of smtplib's own when it gave up reading one (a line over 8192 octets
+    is its "500 Line too long.").
+    """
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", errors="replace")
     # One line (smtplib joins a multi-line reply with LF), and the remote's
     # control characters escaped: the text goes to the log, 'queue list' and
     # bounces, all read on somebody's terminal.
-    text = escape_controls(reply.decode("utf-8", errors="replace").replace("\n", " "))
+    text = escape_controls(reply.replace("\n", " "))
     match = ENHANCED_STATUS.match(text)
     klass = str(code)[0]
     state = {"2": State.DELIVERED if to_text else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
@@ -461,7 +469,15 @@ class Relay:
             except RouteError as error:
                 outcomes.update(dict.fromkeys(addresses, error.outcome))
                 continue
-            outcomes.update(self._send(hops_to_try, entry.sender, addresses, outgoing))
+            try:
+                outcomes.update(self._send(hops_to_try, entry.sender, addresses, outgoing))
+            except Exception as error:
+                # A bug of ours, met in talking to some server: a failed
+                # attempt all the same, recorded, so the retries back off
+                # and the message still ends, bounced, after its lifetime.
+                log.exception("%s: delivery to %s failed unexpectedly", entry.queue_id, domain or "the smarthost")
+                outcomes.update(dict.fromkeys(addresses, Outcome(
+                    State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local error: {error!r}"))))
         return outcomes
 
     def _route(self, domain: str) -> list[Hop]:
@@ -529,9 +545,9 @@ class Relay:
                 # the MX host's name, not its address: see _HopClient for why.
                 client.starttls(context=client_context(self._tls_policy == "verified", relay.smarthost_ca_file))
             except smtplib.SMTPResponseException as error:  # e.g. 454 TLS not available (RFC 3207 §4)
-                raise StartTlsFailed(hop, "4" + outcome_of_reply(error.smtp_code, error.smtp_error, hop).status[1:],
-                                     _local_diagnostic(f"{hop} refused STARTTLS: {error.smtp_code} "
-                                                       f"{error.smtp_error.decode('utf-8', 'replace')}")) from None
+                refusal = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
+                raise StartTlsFailed(hop, "4" + refusal.status[1:], _local_diagnostic(
+                    f"{hop} refused STARTTLS: {refusal.diagnostic.removeprefix('smtp; ')}")) from None
             except OSError as error:  # ssl.SSLError, or the peer hung up mid-handshake
                 raise StartTlsFailed(hop, STATUS_BAD_CONNECTION,
                                      _local_diagnostic(f"TLS handshake with {hop} failed: {error}")) from None
@@ -559,22 +575,36 @@ class Relay:
             options.append(f"SIZE={len(data)}")  # RFC 1870
         if not data.isascii() and client.has_extn("8bitmime"):
             options.append("BODY=8BITMIME")  # RFC 6152
-        if not (sender.isascii() and all(address.isascii() for address in recipients)):
-            if not client.has_extn("smtputf8"):
-                return dict.fromkeys(recipients, Outcome(State.FAILED, STATUS_NEEDS_SMTPUTF8, _local_diagnostic(
-                    f"{hop.name} does not offer SMTPUTF8, which a non-ASCII address needs"), hop.name))
-            options.append("SMTPUTF8")  # RFC 6531
         outcomes: dict[str, Outcome] = {}
+        # RFC 6531 §3.4: a non-ASCII address goes only where SMTPUTF8 is
+        # offered. A sender's concerns every recipient; a recipient's, itself.
+        needing_smtputf8 = recipients if not sender.isascii() else [a for a in recipients if not a.isascii()]
+        if needing_smtputf8 and client.has_extn("smtputf8"):
+            options.append("SMTPUTF8")
+        elif needing_smtputf8:
+            outcomes = dict.fromkeys(needing_smtputf8, Outcome(State.FAILED, STATUS_NEEDS_SMTPUTF8, _local_diagnostic(
+                f"{hop.name} does not offer SMTPUTF8, which a non-ASCII address needs"), hop.name))
+            recipients = [address for address in recipients if address not in outcomes]
+            if not recipients:
+                return outcomes
         try:
             code, reply = client.mail(sender, options)
             if not is_positive(code):
                 _quietly(client.rset)
-                return dict.fromkeys(recipients, outcome_of_reply(code, reply, hop))
+                outcomes.update(dict.fromkeys(recipients, outcome_of_reply(code, reply, hop)))
+                return outcomes
             accepted = []
             for address in recipients:
                 code, reply = client.rcpt(address)
                 if is_positive(code):
                     accepted.append(address)
+                elif code == 552:
+                    # RFC 5321 §4.5.3.1.10: "too many recipients" from an old
+                    # server; the client "SHOULD treat a 552 code in this case
+                    # as a temporary, rather than permanent, failure".
+                    refusal = outcome_of_reply(code, reply, hop)
+                    outcomes[address] = dataclasses.replace(refusal, state=State.PENDING,
+                                                            status="4" + refusal.status[1:])
                 else:
                     outcomes[address] = outcome_of_reply(code, reply, hop)
             if not accepted:

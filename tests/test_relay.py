@@ -239,6 +239,9 @@ BROKEN_STARTTLS = {
     "the handshake fails": lambda: {"tls_context": failing_tls_context()},
     "STARTTLS is refused": lambda: {"tls_context": _untrusted_certificate_context(),
                                     "starttls_reply": "454 4.7.0 TLS not available due to temporary reason"},
+    # Over smtplib's 8192 octets: it makes up a reply of its own, "500 Line too long."
+    "STARTTLS is answered with a line too long": lambda: {"tls_context": _untrusted_certificate_context(),
+                                                          "starttls_reply": "454 " + "x" * 9000},
 }
 
 
@@ -381,6 +384,53 @@ def test_a_remote_reply_cannot_add_fields_to_the_bounce(mta, sink, root):
                   "\\x0bAction: delivered")
     human = list(bounce.iter_parts())[0].get_content()
     assert "<bob@example.net>: smtp; 550 5.1.1 Empfänger unbekannt\\x0dFinal-Recipient:" in human
+
+
+def test_a_552_to_rcpt_is_retried_not_bounced(mta, sink, root):
+    # RFC 5321 §4.5.3.1.10: an old server's "too many recipients"; the
+    # client "SHOULD treat a 552 code in this case as a temporary ... failure".
+    remote = sink()
+    remote.handler.rcpt_replies["second@example.net"] = "552 5.5.3 too many recipients"
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["first@example.net", "second@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["first@example.net"]]
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert (recipient.address, recipient.status) == ("second@example.net", "4.5.3")
+    assert recipient.last_error == "smtp; 552 5.5.3 too many recipients"
+    assert maildir_messages(root, "alice") == []
+
+
+def test_a_utf8_recipient_does_not_take_its_ascii_co_recipients_down_with_it(mta, sink, root):
+    # RFC 6531 §3.4 keeps the non-ASCII address from a server without
+    # SMTPUTF8; nothing keeps an ASCII one there.
+    remote = sink(enable_SMTPUTF8=False)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["jürgen@example.net", "bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert (recipient["Final-Recipient"], recipient["Status"]) == ("utf-8; j\\x{FC}rgen@example.net", "5.6.7")
+
+
+def test_a_bug_met_in_a_delivery_is_a_failed_attempt_that_still_ends_the_message(mta, sink, root, monkeypatch):
+    # A failure nobody foresaw must not leave a message retried for ever,
+    # never bounced: it counts as a temporary failure, so the lifetime applies.
+    server = mta(sink(), max_queue_lifetime=0.0)
+
+    def bug(*arguments):
+        raise AttributeError("'str' object has no attribute 'decode'")
+
+    monkeypatch.setattr(server.relay, "_send", bug)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert server.context.queue.get(queue_id) is None
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert recipient["Diagnostic-Code"].startswith(
+        "X-pymailsrv; local error: AttributeError(\"'str' object has no attribute 'decode'\") (gave up after")
 
 
 def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
