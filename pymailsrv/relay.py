@@ -35,6 +35,12 @@ TLS, and to verify its certificate (``relay.smarthost_tls``): then a failed
 STARTTLS is a failed attempt, retried later. Its AUTH password (RFC 4954)
 is sent only over TLS.
 
+Extensions. The MAIL command asks for what the message needs: BODY=8BITMIME
+for 8-bit text (RFC 6152), SMTPUTF8 for a UTF-8 address or header (RFC
+6531). A host that does not offer it is not sent what needs it: the
+recipients concerned fail (5.6.3, 5.6.7 or 5.6.9), as both RFCs allow; we do
+not rewrite messages into 7 bits.
+
 Failures go back to the sender as one RFC 3464 bounce per attempt
 (``dsn.py``), sent from the null reverse-path. A message whose own
 reverse-path is null is never bounced (RFC 5321 §4.5.5: that is how bounce
@@ -90,7 +96,9 @@ STATUS_NO_ANSWER = "4.4.1"  # X.4.1 no answer from host
 STATUS_BAD_CONNECTION = "4.4.2"  # X.4.2 bad connection
 STATUS_DNS_FAILURE = "4.4.3"  # X.4.3 directory server failure
 STATUS_LOOP = "5.4.6"  # X.4.6 routing loop detected
+STATUS_NEEDS_8BITMIME = "5.6.3"  # X.6.3 conversion required but not supported (8-bit text, RFC 6152)
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 §3.5: non-ASCII address, server without SMTPUTF8
+STATUS_UTF8_HEADER = "5.6.9"  # RFC 6531 §3.5: UTF-8 header, server without SMTPUTF8
 STATUS_SECURITY = "4.7.0"  # X.7.0 other security status (TLS or AUTH at the smarthost)
 
 # RFC 3464 §2.3.6: a diagnostic that is not an SMTP reply names its own type.
@@ -177,10 +185,14 @@ def outcome_of_reply(code: int, reply: bytes | str, hop: Hop, *, to_text: bool =
     return Outcome(state, status, f"smtp; {code} {text}", hop.name)
 
 
+def header_of(message: bytes) -> bytes:
+    """The message's header: all before the first empty line (RFC 5322 §2.1)."""
+    return re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
+
+
 def count_hops(message: bytes) -> int:
     """How many Received: fields the message's header has (RFC 5321 §6.3)."""
-    header = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
-    return len(_RECEIVED.findall(header))
+    return len(_RECEIVED.findall(header_of(message)))
 
 
 def without_return_path(message: bytes) -> bytes:
@@ -570,23 +582,18 @@ class Relay:
     def _mail(self, client: smtplib.SMTP, hop: Hop, sender: str, recipients: list[str],
               data: bytes) -> dict[str, Outcome]:
         """MAIL, one RCPT per recipient, DATA: every recipient gets its own outcome."""
+        outcomes = self._beyond_this_host(client, hop, sender, recipients, data)
+        recipients = [address for address in recipients if address not in outcomes]
+        if not recipients:
+            return outcomes
         options = []
         if client.has_extn("size"):
             options.append(f"SIZE={len(data)}")  # RFC 1870
-        if not data.isascii() and client.has_extn("8bitmime"):
+        # Each offered, or _beyond_this_host has failed the message.
+        if not data.isascii():
             options.append("BODY=8BITMIME")  # RFC 6152
-        outcomes: dict[str, Outcome] = {}
-        # RFC 6531 §3.4: a non-ASCII address goes only where SMTPUTF8 is
-        # offered. A sender's concerns every recipient; a recipient's, itself.
-        needing_smtputf8 = recipients if not sender.isascii() else [a for a in recipients if not a.isascii()]
-        if needing_smtputf8 and client.has_extn("smtputf8"):
-            options.append("SMTPUTF8")
-        elif needing_smtputf8:
-            outcomes = dict.fromkeys(needing_smtputf8, Outcome(State.FAILED, STATUS_NEEDS_SMTPUTF8, _local_diagnostic(
-                f"{hop.name} does not offer SMTPUTF8, which a non-ASCII address needs"), hop.name))
-            recipients = [address for address in recipients if address not in outcomes]
-            if not recipients:
-                return outcomes
+        if not (sender.isascii() and header_of(data).isascii() and all(map(str.isascii, recipients))):
+            options.append("SMTPUTF8")  # RFC 6531
         try:
             code, reply = client.mail(sender, options)
             if not is_positive(code):
@@ -623,6 +630,30 @@ class Relay:
             for address in recipients:
                 outcomes.setdefault(address, lost)
         return outcomes
+
+    @staticmethod
+    def _beyond_this_host(client: smtplib.SMTP, hop: Hop, sender: str, recipients: list[str],
+                          data: bytes) -> dict[str, Outcome]:
+        """The recipients whose mail this host may not be sent, as it lacks an extension.
+
+        RFC 6531 §3.4: without SMTPUTF8, no non-ASCII address goes (X.6.7;
+        a sender's concerns every recipient, a recipient's only itself), and
+        no UTF-8 header (X.6.9). RFC 6152 §3: without 8BITMIME, no 8-bit
+        text goes; the client converts it to 7 bits or fails it, and
+        converting would mean rewriting its MIME structure, so we fail it.
+        """
+        def lacking(status: str, extension: str, what: str) -> Outcome:
+            return Outcome(State.FAILED, status, _local_diagnostic(
+                f"{hop.name} does not offer {extension}, which {what} needs"), hop.name)
+
+        if not data.isascii() and not client.has_extn("8bitmime"):
+            return dict.fromkeys(recipients, lacking(STATUS_NEEDS_8BITMIME, "8BITMIME", "the 8-bit text"))
+        if client.has_extn("smtputf8"):
+            return {}
+        if not header_of(data).isascii():
+            return dict.fromkeys(recipients, lacking(STATUS_UTF8_HEADER, "SMTPUTF8", "the UTF-8 header"))
+        needing = recipients if not sender.isascii() else [address for address in recipients if not address.isascii()]
+        return dict.fromkeys(needing, lacking(STATUS_NEEDS_SMTPUTF8, "SMTPUTF8", "a non-ASCII address"))
 
     # --- local recipients and bounces -----------------------------------------------
 

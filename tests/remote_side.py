@@ -72,6 +72,7 @@ class Received:
     rcpt_tos: list[str]
     content: bytes
     tls: bool
+    mail_options: list[str]  # the MAIL parameters, e.g. ["SIZE=300", "BODY=8BITMIME"]
 
 
 class SinkHandler:
@@ -91,7 +92,7 @@ class SinkHandler:
         if self.data_replies:
             return self.data_replies.pop(0)
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,
-                                      session.ssl is not None))
+                                      session.ssl is not None, list(envelope.mail_options)))
         return "250 2.0.0 OK queued"
 
 

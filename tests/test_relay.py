@@ -415,6 +415,42 @@ def test_a_utf8_recipient_does_not_take_its_ascii_co_recipients_down_with_it(mta
     assert (recipient["Final-Recipient"], recipient["Status"]) == ("utf-8; j\\x{FC}rgen@example.net", "5.6.7")
 
 
+UTF8_HEADER = "Subject: Grüße\n\nhello\n".encode()
+UTF8_BODY = "Subject: greetings\n\nGrüße\n".encode()
+
+
+@pytest.mark.parametrize("message, options", [
+    (MESSAGE, []),
+    (UTF8_BODY, ["BODY=8BITMIME"]),
+    (UTF8_HEADER, ["BODY=8BITMIME", "SMTPUTF8"]),  # RFC 6531 §3.2: a UTF-8 header asks for it
+], ids=["ascii", "8-bit body", "utf-8 header"])
+def test_mail_names_the_extensions_the_message_needs(mta, sink, message, options):
+    remote = sink()
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], message)
+    server.relay.run_once()
+    [received] = remote.messages
+    assert [option for option in received.mail_options if not option.startswith("SIZE=")] == options
+
+
+@pytest.mark.parametrize("message, lacking, status", [
+    # RFC 6531 §3.4: no UTF-8 header to a host without SMTPUTF8 (X.6.9).
+    (UTF8_HEADER, {"enable_SMTPUTF8": False}, "5.6.9"),
+    # RFC 6152 §3: no 8-bit text to one without 8BITMIME (aiosmtpd offers it
+    # only where it leaves the text as bytes); we fail it rather than convert.
+    (UTF8_BODY, {"decode_data": True}, "5.6.3"),
+], ids=["utf-8 header", "8-bit body"])
+def test_a_message_a_host_lacks_the_extension_for_is_bounced(mta, sink, root, message, lacking, status):
+    remote = sink(**lacking)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], message)
+    server.relay.run_once()
+    assert remote.messages == [] and server.context.queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    [recipient] = delivery_status(bounce)[1]
+    assert recipient["Status"] == status
+
+
 def test_a_bug_met_in_a_delivery_is_a_failed_attempt_that_still_ends_the_message(mta, sink, root, monkeypatch):
     # A failure nobody foresaw must not leave a message retried for ever,
     # never bounced: it counts as a temporary failure, so the lifetime applies.
