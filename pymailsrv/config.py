@@ -286,7 +286,9 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
                 values = tomllib.load(file)
         except OSError as error:
             raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:  # TOML is UTF-8 (TOML 1.0)
+        except ValueError as error:
+            # tomllib.TOMLDecodeError; UnicodeDecodeError, as TOML is UTF-8
+            # (TOML 1.0); or an integer of over 4300 digits, which int() refuses.
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
         except RecursionError:  # arrays or tables nested thousands deep
             raise ConfigError(f"config file {str(path)!r} is nested too deep") from None

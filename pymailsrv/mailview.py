@@ -104,10 +104,15 @@ class MessageView:
 # --- finding and reading the message ---------------------------------------------------
 
 
+# More digits than a maildrop's count could have; int() would refuse over 4300.
+MSG_NUMBER_DIGITS_MAX = 18
+
+
 def parse_msg_number(text: str) -> int:
     """A message number as the user typed it: 1, 2, ... (ASCII digits only)."""
-    if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise MailviewError(f"bad message number {text!r}: use 1, 2, ... as `mailbox list` shows")
+    if not (text.isascii() and text.isdigit() and len(text) <= MSG_NUMBER_DIGITS_MAX) or int(text) < 1:
+        shown = text if len(text) <= MSG_NUMBER_DIGITS_MAX else text[:MSG_NUMBER_DIGITS_MAX] + "..."
+        raise MailviewError(f"bad message number {shown!r}: use 1, 2, ... as `mailbox list` shows")
     return int(text)
 
 

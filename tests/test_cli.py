@@ -9,6 +9,7 @@ SIGTERM or SIGINT and expect exit status 0 with nothing alarming on stderr.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import poplib
 import re
@@ -147,6 +148,18 @@ def test_user_list_shows_a_broken_maildir_in_its_row_and_lists_the_rest(cli, roo
     assert result.exit_code == 0, result.output
     rows = [line.split() for line in result.stdout.splitlines()[2:]]
     assert rows == [["alice", "(cannot", "read:", "Not", "a", "directory)"], ["bob", "0", "0"]]
+
+
+def test_user_list_shows_a_name_put_into_users_json_by_hand(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
+    users_file = root / ".pymailsrv" / "users.json"
+    table = json.loads(users_file.read_text())
+    table["users"]["Bob Smith"] = table["users"]["alice"]
+    users_file.write_text(json.dumps(table))
+    result = cli("user", "list")
+    assert result.exit_code == 0, result.output
+    rows = [line.split(None, 2) for line in result.stdout.splitlines()[2:]]
+    assert rows == [["Bob", "Smith", "(not a valid user name: no Maildir)"], ["alice", "0", "0"]]
 
 
 def test_mailbox_list_is_a_table_of_messages(cli, root):

@@ -106,6 +106,12 @@ def test_invalid_toml_is_one_line(tmp_path):
     assert error_for(tmp_path, "[pop3\nport = 1\n").startswith("config file ")
 
 
+def test_an_integer_int_refuses_is_one_line(tmp_path):
+    # tomllib's int() refuses over 4300 digits with a plain ValueError.
+    error = error_for(tmp_path, "[smtp]\nport = " + "9" * 5000 + "\n")
+    assert error.startswith("config file ") and " is not valid TOML: " in error and "\n" not in error
+
+
 def test_a_config_file_nested_too_deep_is_one_line(tmp_path):
     assert error_for(tmp_path, "a = " + "[" * 100_000 + "]" * 100_000 + "\n").endswith(" is nested too deep")
 

@@ -137,6 +137,8 @@ def test_smtp_envelope_sender_shows_as_return_path(root, add_user, server):
     (("alice", "3"), "Error: no message 3: alice's maildrop has 2 messages\n"),
     (("alice", "0"), "Error: bad message number '0': use 1, 2, ... as `mailbox list` shows\n"),
     (("alice", "x"), "Error: bad message number 'x': use 1, 2, ... as `mailbox list` shows\n"),
+    (("alice", "1" * 5000), "Error: bad message number '111111111111111111...': use 1, 2, ... as "
+                            "`mailbox list` shows\n"),  # int() would refuse it: over 4300 digits
     (("../etc", "1"), "Error: invalid user name '../etc': use 1-64 of a-z 0-9 . _ -, "
                       "starting with a letter or digit\n"),
 ])
