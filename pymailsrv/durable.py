@@ -11,7 +11,9 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
   file beside the old one, is fsynced, renamed over it (``rename(2)`` is
   atomic: a reader sees the old file or the new one, never half of one) and
   the directory is fsynced. A crash at any point leaves the old file or the
-  new one.
+  new one. Given several files (a TLS key and its certificate), it writes
+  them all before it renames any, so a failed write (a full or read-only
+  disk) changes none of them.
 * ``exclusive_lock(path)``: an ``flock`` held for a read-modify-write, so two
   writers (the CLI and a running server, or two CLI runs) cannot both read
   the old content and each write back their own change. The kernel drops
@@ -62,6 +64,27 @@ def discard_file(file: BinaryIO, path: Path) -> None:
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Replace ``path`` with ``data``: old content or new after a crash, never a mix."""
+    write_all_atomically([(path, data, mode)])
+
+
+def write_all_atomically(files: list[tuple[Path, bytes, int]]) -> None:
+    """Replace each (path, data, mode): every file is written before any is renamed."""
+    written: list[Path] = []
+    try:
+        for path, data, mode in files:
+            written.append(_written_beside(path, data, mode))
+    except BaseException:
+        for temporary in written:
+            temporary.unlink(missing_ok=True)
+        raise
+    for (path, _, _), temporary in zip(files, written):
+        os.replace(temporary, path)
+    for directory in dict.fromkeys(path.parent for path, _, _ in files):
+        fsync_directory(directory)
+
+
+def _written_beside(path: Path, data: bytes, mode: int) -> Path:
+    """``data`` in a new file beside ``path``, fsynced; that file's path."""
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -75,8 +98,7 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    os.replace(temporary, path)
-    fsync_directory(path.parent)
+    return temporary
 
 
 @contextlib.contextmanager

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from pathlib import Path
+
+from pymailsrv.durable import write_all_atomically
 
 # A self-signed certificate is a lab tool; a year is long enough for a course.
 SELF_SIGNED_VALIDITY_DAYS = 365
@@ -74,12 +75,13 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
         .sign(key, hashes.SHA256())
     )
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    key_fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(key_fd, "wb") as key_file:
-        key_file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                         serialization.NoEncryption()))
-    os.chmod(key_path, 0o600)  # also when the file already existed with wider rights
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    # Both written before either replaces an old one: a disk that refuses
+    # the second must not leave a new key beside the old certificate.
+    write_all_atomically([
+        (key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()), 0o600),
+        (cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644),
+    ])
 
 
 def _a_label(hostname: str) -> str:

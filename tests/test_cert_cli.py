@@ -109,6 +109,20 @@ def test_generate_with_force_replaces_the_pair_and_keeps_the_key_private(root, t
     assert stat.S_IMODE((tls_dir / "key.pem").stat().st_mode) == 0o600
 
 
+def test_a_pair_that_cannot_be_written_whole_leaves_the_old_pair(root, tls_dir):
+    # The key is written first; were it renamed into place before the
+    # certificate is written, a failure here would leave a key that matches
+    # no certificate, and 'start' would refuse TLS.
+    assert generate(root).exit_code == 0
+    before = (tls_dir / "cert.pem").read_bytes(), (tls_dir / "key.pem").read_bytes()
+    (tls_dir / "cert.pem.tmp").mkdir()  # what the certificate's temporary file cannot be
+    result = generate(root, "--force")
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: cannot use {tls_dir / 'cert.pem.tmp'}: Is a directory\n"
+    assert ((tls_dir / "cert.pem").read_bytes(), (tls_dir / "key.pem").read_bytes()) == before
+    assert not (tls_dir / "key.pem.tmp").exists()
+
+
 # --- start uses the generated pair -------------------------------------------------------------
 
 
