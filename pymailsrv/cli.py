@@ -26,6 +26,7 @@ import click
 from pymailsrv.cli_common import echo_report, read_password
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
+from pymailsrv.replies import counted
 from pymailsrv.storage import StorageError
 from pymailsrv.users import DamagedUserFile, UserError, UserStore, check_user_name
 
@@ -250,12 +251,17 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
     password = read_password(password_stdin)
     # The Maildir first: a user whose Maildir cannot be made is not added.
     # (Should adding the user fail after it, an empty Maildir is left: harmless.)
-    MaildirStore(settings.root).create_maildir(name)
+    store = MaildirStore(settings.root)
+    store.create_maildir(name)
     try:
         users.add(name, password, apop=apop)
     except UserError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"added user {name}")
+    # 'user remove' keeps the mail: a new account of the same name gets it.
+    if left := len(store.messages(name)):
+        click.echo(f"note: {name}'s Maildir already holds {counted(left, 'message')}, left by an earlier "
+                   f"account of that name; {name} will see them", err=True)
 
 
 @user.command("remove")
@@ -270,7 +276,10 @@ def user_remove(settings: Settings, name: str, purge: bool) -> None:
     except UserError as error:
         raise click.ClickException(str(error)) from None
     if purge:
-        MaildirStore(settings.root).remove_maildir(name)
+        try:
+            MaildirStore(settings.root).remove_maildir(name)
+        except StorageError as error:
+            raise click.ClickException(f"removed user {name}, but not their mail: {error}") from None
     click.echo(f"removed user {name}" + (" and their mail" if purge else ""))
 
 

@@ -73,6 +73,7 @@ from pymailsrv.storage import (
     MaildropLocked,
     MessageInfo,
     MessageVanished,
+    StorageError,
     storage_error,
 )
 from pymailsrv.users import STATE_DIR_NAME, check_user_name
@@ -206,7 +207,21 @@ class MaildirStore:
         return path
 
     def remove_maildir(self, user: str) -> None:
-        shutil.rmtree(self.maildir(user), ignore_errors=True)
+        """Delete the user's Maildir and all in it; StorageError if not all of it went.
+
+        A file that vanishes meanwhile (a POP3 session's QUIT) is gone all
+        the same. A Maildir that is a symbolic link is refused, not
+        followed: what it points to is not ours to delete.
+        """
+        path = self.maildir(user)
+        if path.is_symlink():
+            raise StorageError(f"{path} is a symbolic link: what it points to is left alone")
+
+        def unless_gone(function: Callable, name: str, exc_info: tuple) -> None:
+            if not isinstance(exc_info[1], FileNotFoundError):
+                raise storage_error(exc_info[1], f"deleting {name}")
+
+        shutil.rmtree(path, onerror=unless_gone)
 
     # --- delivery ------------------------------------------------------------
 

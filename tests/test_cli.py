@@ -125,6 +125,28 @@ def test_user_passwd_changes_the_password(cli, root):
     assert result.exit_code == 1 and one_line_error(result) == "Error: no such user 'nobody'"
 
 
+def test_purge_leaves_what_a_symlinked_maildir_points_to_and_says_so(cli, root, tmp_path):
+    cli("user", "add", "bob", "--password-stdin", input="pw\n")
+    elsewhere = tmp_path / "elsewhere"
+    (root / "bob").rename(elsewhere)
+    (root / "bob").symlink_to(elsewhere)
+    result = cli("user", "remove", "bob", "--purge")
+    assert result.exit_code == 1
+    assert one_line_error(result) == (f"Error: removed user bob, but not their mail: {root / 'bob'} is a "
+                                      "symbolic link: what it points to is left alone")
+    assert (elsewhere / "new").is_dir() and UserStore(root / ".pymailsrv").names() == []
+
+
+def test_a_new_account_is_told_of_the_mail_an_old_one_of_its_name_left(cli, root):
+    cli("user", "add", "bob", "--password-stdin", input="pw\n")
+    MaildirStore(root).deliver("bob", MESSAGE)
+    cli("user", "remove", "bob")  # the mail stays, as the help says
+    result = cli("user", "add", "bob", "--password-stdin", input="pw2\n")
+    assert (result.exit_code, result.stdout) == (0, "added user bob\n")
+    assert result.stderr == ("note: bob's Maildir already holds 1 message, left by an earlier account of "
+                             "that name; bob will see them\n")
+
+
 def test_user_list_is_a_table_of_users_messages_and_bytes(cli, root):
     for name in ("bob", "alice"):
         cli("user", "add", name, "--password-stdin", input="pw\n")
