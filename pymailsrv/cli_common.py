@@ -30,6 +30,11 @@ def read_password(from_stdin: bool) -> str:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     if not password:
         raise click.ClickException("the password may not be empty")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # stdin's octets that were not UTF-8, kept as lone surrogates
+        # SASL PLAIN and APOP carry UTF-8 (RFC 4616 §2): no login could match.
+        raise click.ClickException("the password must be UTF-8 text") from None
     return password
 
 

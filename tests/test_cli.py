@@ -364,6 +364,16 @@ def test_user_add_and_deliver_as_real_processes(root):
     assert len(MaildirStore(root).messages("alice")) == 1
 
 
+@pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
+def test_a_password_that_is_not_utf8_is_refused(root, locale):
+    # Python reads stdin's stray octets as lone surrogates (in the C locale
+    # and others); stored, they would make every APOP login fail with 451.
+    added = run_cli("user", "add", "zed", "--password-stdin", "--root", str(root), input=b"\xff\xfe\n",
+                    env={"LC_ALL": locale})
+    assert (added.returncode, added.stderr) == (1, b"Error: the password must be UTF-8 text\n")
+    assert UserStore(root / ".pymailsrv").names() == []
+
+
 # The modules whose commands cli.py registers: each must import on its own,
 # first, in a fresh interpreter, which an import cycle through cli.py breaks.
 COMMAND_MODULES = ["transcripts", "grade", "grade_criteria", "classroom", "probe", "explain", "mailview",
