@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pymailsrv import limits, schema
+from pymailsrv.paths import is_domain
 
 DEFAULT_ROOT = Path("./mailboxes")
 DEFAULT_CONFIG_FILE = Path("./pymailsrv.toml")
@@ -74,6 +75,15 @@ def _some_domain(value: tuple[str, ...]) -> None:
     # student's address): a server for no domain could take no mail at all.
     if not value:
         raise ValueError("name at least one domain")
+    for domain in value:
+        _domain(domain)
+
+
+def _domain(value: str) -> None:
+    # A Domain or an address literal as RFC 5321 §4.1.2 writes them: what an
+    # address may end in, and what EHLO and Received: name this server by.
+    if not is_domain(value):
+        raise ValueError(f"{value!r} is not a domain name")
 
 
 def _listen_address(value: str) -> None:
@@ -215,7 +225,7 @@ class Settings:
     root: Path = DEFAULT_ROOT
     host: str = _checked("127.0.0.1", _listen_address)
     # The name this server gives itself in greetings and Received: headers.
-    hostname: str = field(default_factory=socket.gethostname)
+    hostname: str = field(default_factory=socket.gethostname, metadata={"check": _domain})
     domains: tuple[str, ...] = _checked(("localhost",), _some_domain)
     # Teaching mode (trace.py): the live trace and how it looks ...
     trace: bool = False

@@ -104,6 +104,8 @@ def convert(value: object, kind: Any, key: str) -> Any:
     if kind is Path:
         if not isinstance(value, (str, Path)):
             raise SchemaError(key, f"expected a path, got {value!r}")
+        if value == "":  # Path("") is the current directory: say so if that is meant
+            raise SchemaError(key, "an empty path (write . for the current directory)")
         return Path(value)
     # TOML and JSON write 5 for 5.0: an int is a fine float. A bool is an int
     # to isinstance, but never what a count, a port or a time means.

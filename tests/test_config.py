@@ -97,6 +97,11 @@ def test_unknown_key_is_named(tmp_path, text, key):
     pytest.param(f"[relay]\nmin_backoff = 1{'0' * 400}\n", "relay.min_backoff", id="no-float-holds-it"),
     ("domains = []\n", "domains"),
     ("host = \"\"\n", "host"),
+    ("root = \"\"\n", "root"),  # not the current directory by accident
+    ("domains = [\"\"]\n", "domains"),
+    ("domains = [\"a b\"]\n", "domains"),
+    ("hostname = \"\"\n", "hostname"),  # it goes into every greeting and Received: line
+    ("hostname = \"mail\\r\\nX-Injected: yes\"\n", "hostname"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
