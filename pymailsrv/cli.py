@@ -368,9 +368,18 @@ def _header(headers: Any, name: str) -> str:
 @main.command()
 @click.argument("name")
 @click.argument("file", type=click.File("rb"), default="-")
-@with_settings
-def deliver(settings: Settings, name: str, file: Any) -> None:
+@settings_options
+def deliver(root: str | None, config: str | None, name: str, file: Any) -> None:
     """Deliver one RFC 5322 message from FILE (default stdin) into NAME's Maildir."""
+    # What runs this (an MTA's pipe, a script) bounces the message on any
+    # status but EX_TEMPFAIL. A broken config file or a data root not yet
+    # mounted is ours to fix, and the message should wait for that.
+    try:
+        settings = load_settings(config, {"root": root})
+    except ConfigError as error:
+        _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
+    if not settings.root.is_dir():
+        _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: no data root at {settings.root}")
     try:
         user = check_user_name(name)
     except UserError as error:

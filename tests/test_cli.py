@@ -239,6 +239,19 @@ def test_deliver_to_an_unknown_or_invalid_user_is_ex_nouser(cli, root):
     assert list(root.iterdir()) == []
 
 
+def test_deliver_with_a_broken_config_or_no_data_root_is_ex_tempfail(cli, root, tmp_path):
+    # An MTA bounces on any status but 75: these are for the admin to fix,
+    # and the message waits meanwhile.
+    (tmp_path / "broken.toml").write_text("[smtp\n")
+    result = cli("deliver", "alice", "--config", str(tmp_path / "broken.toml"), input=MESSAGE)
+    assert result.exit_code == EX_TEMPFAIL
+    assert one_line_error(result).startswith("Error: cannot deliver now, try again later: config file ")
+    result = cli("deliver", "alice", "--root", str(tmp_path / "not-mounted"), input=MESSAGE, root_option=False)
+    assert result.exit_code == EX_TEMPFAIL
+    assert one_line_error(result) == ("Error: cannot deliver now, try again later: no data root at "
+                                      f"{tmp_path / 'not-mounted'}")
+
+
 def test_deliver_of_an_empty_message_is_ex_dataerr(cli):
     cli("user", "add", "alice", "--password-stdin", input="pw\n")
     result = cli("deliver", "alice", input=b"\n \n")
