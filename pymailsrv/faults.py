@@ -40,6 +40,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.replies import After, Pop3Reply, Reply, SmtpReply
 
 if TYPE_CHECKING:
@@ -49,11 +50,12 @@ if TYPE_CHECKING:
 
 _SPEC = re.compile(
     r"(?P<protocol>smtp|pop3):(?P<verb>[A-Za-z]+)(?: (?P<argument>[^\[#*=]+))?"
-    r"(?:\[(?P<match>[^\]]+)\])?(?:#(?P<nth>\d+))?(?:\*(?P<times>\d+))?=(?P<action>.+)",
+    r"(?:\[(?P<match>[^\]]+)\])?(?:#(?P<nth>\d{1,9}))?(?:\*(?P<times>\d{1,9}))?=(?P<action>.+)",
     re.IGNORECASE)
 _SMTP_REPLY = re.compile(r"(?P<code>[2-5]\d\d)(?: (?P<enhanced>[245]\.\d{1,3}\.\d{1,3}))?(?: (?P<text>.*))?")
 _POP3_REPLY = re.compile(r"(?P<status>\+OK|-ERR)(?: \[(?P<code>[^\]]+)\])?(?: (?P<text>.*))?")
 _DELAY = re.compile(r"delay (?P<milliseconds>\d+)")
+LONGEST_DELAY_MS = LONGEST_WAIT_SECONDS * 1000
 
 DROP = "drop"
 DROP_MID = "drop-mid"
@@ -61,6 +63,15 @@ DROP_MID = "drop-mid"
 
 class FaultError(ValueError):
     """A fault spec that does not follow the grammar; the message says why."""
+
+
+def _verbs(protocol: str) -> list[str]:
+    """The verbs a fault can match: the protocol's command table's (Session.dispatch runs the faults)."""
+    from pymailsrv.pop3 import Pop3Session  # here: both import the session, which runs the faults
+    from pymailsrv.smtp import SmtpSession
+
+    table = SmtpSession.commands if protocol == "smtp" else Pop3Session.commands
+    return [command.verb for command in table]
 
 
 def _reply(protocol: str, action: str) -> Reply:
@@ -103,15 +114,23 @@ class Fault:
             raise FaultError(f"bad fault {spec!r}: expected PROTOCOL:VERB[#N][*N]=ACTION, "
                              f"e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'")
         protocol, action = found["protocol"].lower(), found["action"].strip()
+        if found["verb"].upper() not in _verbs(protocol):
+            raise FaultError(f"bad fault {spec!r}: {protocol} has no command {found['verb']!r}, so it "
+                             f"could never fire (its commands: {', '.join(_verbs(protocol))})")
         fault = cls(spec=spec.strip(), protocol=protocol, verb=found["verb"].upper(),
                     argument=found["argument"].strip() if found["argument"] else None, match=found["match"],
                     nth=int(found["nth"]) if found["nth"] else None,
                     times=int(found["times"]) if found["times"] else None, action="reply")
+        if 0 in (fault.nth, fault.times):
+            raise FaultError(f"bad fault {spec!r}: #N and *N count from 1, so it could never fire")
         delay = _DELAY.fullmatch(action)
         if action in (DROP, DROP_MID):
             fault.action = action
         elif delay:
-            fault.action, fault.delay = "delay", int(delay["milliseconds"]) / 1000
+            milliseconds = delay["milliseconds"].lstrip("0") or "0"
+            if len(milliseconds) > len(str(LONGEST_DELAY_MS)) or int(milliseconds) > LONGEST_DELAY_MS:
+                raise FaultError(f"bad fault {spec!r}: a delay is at most {LONGEST_DELAY_MS} ms (a year)")
+            fault.action, fault.delay = "delay", int(milliseconds) / 1000
         else:
             fault.reply = _reply(protocol, action)
         return fault

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import poplib
+import re
 import smtplib
 import subprocess
 import sys
@@ -231,6 +232,19 @@ def test_the_issues_examples_parse(spec):
                                   "pop3:RETR=OK fine", "smtp:RCPT#x=452", "smtp:MAIL=delay fast"])
 def test_a_bad_spec_is_refused_with_the_reason(spec):
     with pytest.raises(FaultError):
+        Fault.parse(spec)
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("smtp:NOSUCH=421", "smtp has no command 'NOSUCH', so it could never fire"),
+    ("pop3:EHLO=-ERR no", "pop3 has no command 'EHLO', so it could never fire"),
+    ("smtp:MAIL#0=421", "#N and *N count from 1, so it could never fire"),
+    ("smtp:MAIL*0=421", "#N and *N count from 1, so it could never fire"),
+    # time.sleep() of so many seconds raised OverflowError in every session it met.
+    ("smtp:EHLO=delay 99999999999999999999", "a delay is at most 31536000000 ms (a year)"),
+])
+def test_a_fault_that_could_never_fire_or_never_end_is_refused(spec, reason):
+    with pytest.raises(FaultError, match=re.escape(f"bad fault {spec!r}: {reason}")):
         Fault.parse(spec)
 
 
