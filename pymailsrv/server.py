@@ -34,6 +34,7 @@ Two guards stand before any session starts:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
@@ -422,7 +423,9 @@ def check_data_root(settings: Settings) -> None:
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ConfigError(f"cannot create {str(state_dir)!r} as {who}: {error.strerror}; {advice}") from None
+        # chown mends only what permissions refuse, not a read-only disk or a file in the way.
+        fix = f"; {advice}" if error.errno in (errno.EACCES, errno.EPERM) else ""
+        raise ConfigError(f"cannot create {str(state_dir)!r} as {who}: {error.strerror}{fix}") from None
     # Every directory the server writes into (state: locks, queue, transcripts;
     # each Maildir's tmp/new/cur): one made by a command run as root would
     # otherwise fail only at the first delivery, with a 451.
@@ -430,6 +433,8 @@ def check_data_root(settings: Settings) -> None:
     writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
     writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur"))
     for path in writable:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"{str(path)!r} is not writable by {who}; {advice}")
     # The files it reads: users.json, aliases.

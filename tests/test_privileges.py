@@ -137,6 +137,16 @@ def test_run_as_an_unknown_user_is_refused_in_one_line(tmp_path):
     assert not root.exists()  # refused before anything was touched
 
 
+def test_a_file_in_the_way_is_not_told_to_chown(tmp_path):
+    # chown mends what permissions refuse; a file where a directory must
+    # go (or a read-only disk) it does not, so the advice is left out.
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / ".pymailsrv").write_bytes(b"")  # where the state directory goes
+    who = pwd.getpwuid(os.geteuid()).pw_name
+    assert start_fails(root) == f"Error: cannot create {str(root / '.pymailsrv')!r} as {who}: File exists"
+
+
 def test_only_root_may_run_as_another_user(monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 4321)
     with pytest.raises(ConfigError, match=r"^--run-as root: only root can change user "
