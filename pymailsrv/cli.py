@@ -178,8 +178,9 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
         server.bind()
     except ConfigError as error:
         raise click.ClickException(str(error)) from None
-    except OSError as error:
-        raise click.ClickException(f"cannot listen on {settings.host}: {error.strerror or error}") from None
+    except OSError as error:  # a listener's is a ConfigError; this, the data root's, say
+        raise click.ClickException(f"cannot start: {error.strerror or error}"
+                                   + (f" ({error.filename})" if error.filename else "")) from None
     if workers is None:
         server.serve()
     else:

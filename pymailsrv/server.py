@@ -508,7 +508,11 @@ class MailServer:
         try:
             for name, port, session_class, implicit_tls in protocols:
                 address = (self.settings.host, port)
-                self.listeners.append(Listener(name, address, session_class, self.context, implicit_tls))
+                try:
+                    self.listeners.append(Listener(name, address, session_class, self.context, implicit_tls))
+                except OSError as error:  # which of several ports: two given the same one, say
+                    raise ConfigError(f"cannot listen on {self.settings.host} port {port} ({name}): "
+                                      f"{error.strerror or error}") from None
             # Nothing below runs as root if run_as is set: no mailbox is
             # touched before this line.
             if account is not None:

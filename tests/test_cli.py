@@ -471,7 +471,19 @@ def test_start_on_a_port_in_use_is_exit_1_without_a_traceback(root):
         result = run_cli("start", "--root", str(root), "--pop3-port", str(port), "--smtp-port", "0")
     assert result.returncode == 1
     assert b"Traceback" not in result.stderr
-    assert result.stderr.splitlines()[-1] == b"Error: cannot listen on 127.0.0.1: Address already in use"
+    assert result.stderr.splitlines()[-1] == (f"Error: cannot listen on 127.0.0.1 port {port} (pop3): "
+                                              "Address already in use").encode()
+
+
+def test_two_listeners_given_one_port_are_named(root):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as probe:  # a port free a moment ago
+        port = str(probe.getsockname()[1])
+    result = run_cli("start", "--root", str(root), "--pop3-port", port, "--smtp-port", port)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == (f"Error: cannot listen on 127.0.0.1 port {port} (smtp): "
+                                              "Address already in use").encode()
 
 
 def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root):
