@@ -47,6 +47,8 @@ def output_file(*names: str, help_text: str) -> Callable[[Callable], Callable]:
     """
 
     def directory_exists(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+        if value == "":  # Path("").parent is ".", which is there: the empty name would pass
+            raise click.BadParameter("give a file name")
         if value is not None and not Path(value).parent.is_dir():
             raise click.BadParameter(f"no directory {Path(value).parent} to write into")
         return value

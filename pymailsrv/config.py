@@ -43,6 +43,8 @@ from pymailsrv.paths import is_domain
 
 DEFAULT_ROOT = Path("./mailboxes")
 DEFAULT_CONFIG_FILE = Path("./pymailsrv.toml")
+# A settings file is a few KB; one far larger is some other file given by mistake.
+CONFIG_FILE_MAX_OCTETS = 1_000_000
 
 
 class ConfigError(Exception):
@@ -293,7 +295,11 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
     if path is not None:
         try:
             with open(path, "rb") as file:
-                values = tomllib.load(file)
+                text = file.read(CONFIG_FILE_MAX_OCTETS + 1)  # /dev/zero would never end
+            if len(text) > CONFIG_FILE_MAX_OCTETS:
+                raise ConfigError(f"config file {str(path)!r} is over {CONFIG_FILE_MAX_OCTETS:,} octets: "
+                                  f"is it the right file?")
+            values = tomllib.loads(text.decode("utf-8"))
         except OSError as error:
             raise ConfigError(f"cannot read config file {str(path)!r}: {error.strerror}") from None
         except ValueError as error:

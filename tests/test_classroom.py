@@ -164,6 +164,13 @@ def test_which_users_count_as_students(name, prefix, expected):
     assert is_student(name, prefix) is expected
 
 
+def test_an_empty_csv_name_is_refused_before_any_account_exists(root, users):
+    result = classroom(root, "setup", "--students", "2", "--csv", "")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == "Error: Invalid value for '--csv': give a file name"
+    assert users.names() == []
+
+
 def test_students_must_be_at_least_one(root):
     assert classroom(root, "setup", "--students", "0").exit_code == 2
 

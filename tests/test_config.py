@@ -117,6 +117,13 @@ def test_an_integer_int_refuses_is_one_line(tmp_path):
     assert error.startswith("config file ") and " is not valid TOML: " in error and "\n" not in error
 
 
+def test_a_config_file_that_never_ends_is_one_line(tmp_path):
+    # /dev/zero given by mistake: read to its end, it would take all memory.
+    with pytest.raises(ConfigError) as refused:
+        load_settings("/dev/zero")
+    assert str(refused.value) == "config file '/dev/zero' is over 1,000,000 octets: is it the right file?"
+
+
 def test_a_config_file_nested_too_deep_is_one_line(tmp_path):
     assert error_for(tmp_path, "a = " + "[" * 100_000 + "]" * 100_000 + "\n").endswith(" is nested too deep")
 
