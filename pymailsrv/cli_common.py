@@ -6,7 +6,9 @@ module: a command module importing ``cli.py`` back would make a cycle.
 
 from __future__ import annotations
 
+import getpass
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +29,13 @@ def read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        try:
+            with warnings.catch_warnings():  # getpass's "Can not control echo" when stdin is a pipe
+                warnings.simplefilter("ignore", getpass.GetPassWarning)
+                password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+        except click.Abort:  # Ctrl-C, or the end of a piped stdin before the second time
+            raise click.ClickException("no password given: type it twice at the prompt, or give "
+                                       "--password-stdin and the password on stdin") from None
     if not password:
         raise click.ClickException("the password may not be empty")
     try:

@@ -377,6 +377,14 @@ def test_user_add_and_deliver_as_real_processes(root):
     assert len(MaildirStore(root).messages("alice")) == 1
 
 
+def test_a_password_piped_without_password_stdin_says_what_to_give(root):
+    added = run_cli("user", "add", "zed", "--root", str(root), input=b"pw\n")  # one line: no confirmation
+    assert added.returncode == 1 and b"Traceback" not in added.stderr
+    assert added.stderr.splitlines()[-1].endswith(
+        b"Error: no password given: type it twice at the prompt, or give --password-stdin and the password on stdin")
+    assert UserStore(root / ".pymailsrv").names() == []
+
+
 @pytest.mark.parametrize("locale", ["C.UTF-8", "C"])
 def test_a_password_that_is_not_utf8_is_refused(root, locale):
     # Python reads stdin's stray octets as lone surrogates (in the C locale
