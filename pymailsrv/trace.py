@@ -67,7 +67,7 @@ _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
 # Reports (grade, probe, mailbox, queue and transcript listings) keep their
 # layout, newlines and tabs, and show everything else as the trace does.
 # Lone surrogates (undecodable octets) too: no terminal or XML file takes them.
-_SHOWN_IN_REPORTS = {**{code: shown for code, shown in _CONTROLS_SHOWN.items() if code not in (0x09, 0x0A)},
+_SHOWN_IN_REPORTS = {**{code: escape for code, escape in _CONTROLS_SHOWN.items() if code not in (0x09, 0x0A)},
                      **{code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)}}
 
 
@@ -88,12 +88,17 @@ class TraceOptions:
     transcripts_keep: int = 1000
 
 
+def shown(text: object) -> str:
+    """``text`` as the trace shows a line: every control character escaped, line ends too."""
+    return str(text).translate(_CONTROLS_SHOWN)
+
+
 def format_event(event: dict) -> str:
     """One event in the text form, without the time and client columns."""
-    line = event["line"].translate(_CONTROLS_SHOWN)
+    line = shown(event["line"])
     if event["dir"] == "--":
         return f"-- {line}"
-    return f"{event['state']} {event['dir']}: {line}"
+    return f"{shown(event['state'])} {event['dir']}: {line}"
 
 
 def octets_summary(lines: int, octets: int) -> str:

@@ -28,7 +28,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.cli_common import echo_report
-from pymailsrv.trace import format_event
+from pymailsrv.trace import format_event, shown
 
 SUFFIX = ".jsonl"
 
@@ -183,10 +183,11 @@ def transcripts_group(with_settings: Callable) -> click.Group:
             transcript = find(settings.state_dir, transcript_id)
         except TranscriptError as error:
             raise click.ClickException(str(error)) from None
+        # A transcript may have been edited by hand: nothing in it reaches the terminal unescaped.
         header = transcript.header
-        click.echo(f"{header['protocol']} session {header['session']} from {header['client']}")
+        click.echo(f"{shown(header['protocol'])} session {shown(header['session'])} from {shown(header['client'])}")
         for event in transcript.events:
             click.echo(format_event(event))
-        click.echo(f"-- ended: {transcript.outcome}")
+        click.echo(f"-- ended: {shown(transcript.outcome)}")
 
     return transcripts
