@@ -54,6 +54,8 @@ from pymailsrv.probe_checks_smtp import SMTP_CHECKS
 CATALOGUES: dict[str, list[Check]] = {"pop3": POP3_CHECKS, "smtp": SMTP_CHECKS}
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+# How a FAIL's detail begins when the server could not be reached at all.
+CONNECTION_ERROR = "connection error: "
 
 # The text table keeps to a terminal's width; JSON and JUnit carry everything.
 SHOWN_COMMANDS = 4
@@ -89,7 +91,7 @@ def run_check(check: Check, target: Target) -> Result:
         except Failed as failed:
             status, detail = FAIL, str(failed)
         except OSError as error:  # refused, reset, TLS failure: the server's doing
-            status, detail = FAIL, f"connection error: {error}"
+            status, detail = FAIL, f"{CONNECTION_ERROR}{error}"
         except Exception as error:
             # A bug in the check, or a reply odd enough to trip its parsing
             # (int() of a non-number, say): this check fails, the probe goes
@@ -246,6 +248,10 @@ def probe(protocol: str, address: str, user: str | None, password_stdin: bool, s
         timeout=timeout,
     )
     results = run_probe(target, only)
+    tried = [result for result in results if result.status != SKIP]
+    if output_format == "text" and tried and all(result.detail.startswith(CONNECTION_ERROR) for result in tried):
+        # Nothing there to probe: one line says so, not a row per check.
+        raise click.ClickException(f"cannot probe {address}: {tried[0].detail}")
     # What the server sent is in every report: escaped, it can neither
     # steer the terminal nor make the JUnit file invalid XML.
     if output_format == "text":

@@ -117,6 +117,16 @@ def test_a_server_that_is_not_there_fails_every_check_that_connects():
     assert "connection error" in results[0].detail
 
 
+def test_the_command_says_in_one_line_that_nothing_is_there():
+    with socket.socket() as placeholder:
+        placeholder.bind(("127.0.0.1", 0))
+        host, port = placeholder.getsockname()
+    outcome = CliRunner().invoke(probe, ["smtp", f"{host}:{port}", "--timeout", str(TIMEOUT)])
+    assert outcome.exit_code == 1
+    assert outcome.stderr == f"Error: cannot probe {host}:{port}: connection error: [Errno 111] Connection refused\n"
+    assert outcome.stdout == ""
+
+
 # --- the command line and its report formats ------------------------------------------------
 
 
