@@ -221,9 +221,12 @@ def classroom_group(with_settings: Callable) -> click.Group:
         try:
             result = setup_class(settings, students, prefix, shared)
         except SetupInterrupted as stopped:
-            _print_sheet(stopped.result.created)  # those passwords exist nowhere else: first, then why
-            raise click.ClickException(f"stopped after {counted(len(stopped.result.created), 'account')}: "
-                                       f"{stopped}; the sheet above holds their passwords") from None
+            made = stopped.result.created
+            if not made:
+                raise click.ClickException(f"no account made: {stopped}") from None
+            _print_sheet(made)  # those passwords exist nowhere else: first, then why
+            raise click.ClickException(f"stopped after {counted(len(made), 'account')}: {stopped}; "
+                                       f"the sheet above holds their passwords") from None
         except ValueError as error:
             raise click.ClickException(str(error)) from None
         for name in result.skipped:

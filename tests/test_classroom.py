@@ -175,6 +175,15 @@ def test_students_must_be_at_least_one(root):
     assert classroom(root, "setup", "--students", "0").exit_code == 2
 
 
+def test_a_setup_stopped_at_the_first_account_prints_no_sheet(root, users):
+    (root / "student01").write_bytes(b"not a directory")
+    result = classroom(root, "setup", "--students", "2")
+    assert result.exit_code == 1
+    assert result.stdout == ""  # no empty sheet, and no "the sheet above"
+    assert result.stderr.startswith("Error: no account made: ") and "sheet" not in result.stderr
+    assert users.names() == []
+
+
 @pytest.mark.parametrize("where", ["no-such-dir/sheet.csv", "."])
 def test_a_csv_path_that_cannot_be_written_is_refused_before_any_account_exists(root, users, tmp_path, where):
     sheet = tmp_path / where
