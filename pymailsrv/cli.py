@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
-from pymailsrv.cli_common import echo_report, read_password
+from pymailsrv.cli_common import echo_report, read_password, require_data_root
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
@@ -305,6 +305,7 @@ def user_passwd(settings: Settings, name: str, password_stdin: bool) -> None:
 @with_settings
 def user_list(settings: Settings) -> None:
     """List users with their message count and size on disk."""
+    require_data_root(settings.root)
     store = MaildirStore(settings.root)
     rows = []
     for name in UserStore(settings.state_dir).names():

@@ -46,6 +46,13 @@ def read_password(from_stdin: bool) -> str:
     return password
 
 
+def require_data_root(root: Path) -> None:
+    """For a command that only reads: a data root that is not there is a
+    mistyped --root (or a server never set up), not an empty one."""
+    if not root.is_dir():
+        raise click.ClickException(f"no data root at {root} (is --root right? 'user add' makes one)")
+
+
 def output_file(*names: str, help_text: str) -> Callable[[Callable], Callable]:
     """An option naming a file to write, checked when the command line is read.
 

@@ -16,7 +16,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.aliases import AliasError, AliasTable
-from pymailsrv.cli_common import echo_report
+from pymailsrv.cli_common import echo_report, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
 from pymailsrv.replies import counted
@@ -70,6 +70,7 @@ def alias_group(with_settings: Callable) -> click.Group:
     @with_settings
     def alias_list(settings: Settings) -> None:
         """List every alias, its targets and where its mail ends up."""
+        require_data_root(settings.root)
         table = _aliases(settings)
         in_file = table.defined_in_file()
         rows = []
@@ -107,6 +108,7 @@ def queue_group(with_settings: Callable) -> click.Group:
     @with_settings
     def queue_list(settings: Settings) -> None:
         """List queued messages, oldest first."""
+        require_data_root(settings.root)
         now = time.time()
         entries = OutboundQueue(settings.state_dir).entries()
         if not entries:
@@ -119,6 +121,7 @@ def queue_group(with_settings: Callable) -> click.Group:
     @with_settings
     def queue_flush(settings: Settings) -> None:
         """Make every queued message due now (a running server tries them at once)."""
+        require_data_root(settings.root)
         count = OutboundQueue(settings.state_dir).flush()
         click.echo(f"{counted(count, 'message')} due now")
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import echo_report
+from pymailsrv.cli_common import echo_report, require_data_root
 from pymailsrv.trace import format_event, shown
 
 SUFFIX = ".jsonl"
@@ -162,6 +162,7 @@ def transcripts_group(with_settings: Callable) -> click.Group:
     @with_settings
     def list_transcripts(settings) -> None:
         """List saved sessions, oldest first."""
+        require_data_root(settings.root)
         unreadable: list[str] = []
         rows = []
         for transcript in each_transcript(settings.state_dir, unreadable, keep_events=False):

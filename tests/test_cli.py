@@ -283,14 +283,24 @@ def test_a_damaged_user_file_is_one_line_and_deliver_tempfails(cli, root, damage
     assert (root / ".pymailsrv" / "users.json").read_bytes() == damage  # left for the admin to restore
 
 
-@pytest.mark.parametrize("command", [("user", "list"), ("user", "add", "bob", "--password-stdin"),
-                                     ("user", "remove", "bob"), ("mailbox", "list", "bob"), ("alias", "list"),
-                                     ("queue", "list"), ("cert", "generate")])
+@pytest.mark.parametrize("command", [("user", "add", "bob", "--password-stdin"), ("user", "remove", "bob"),
+                                     ("mailbox", "list", "bob"), ("cert", "generate")])
 def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
     (tmp_path / "a-file").write_bytes(b"")
     result = cli(*command, "--root", str(tmp_path / "a-file" / "root"), input="pw\n", root_option=False)
     assert result.exit_code == 1
     assert re.fullmatch(r"Error: cannot use .*a-file/root/\S*: Not a directory", one_line_error(result))
+
+
+@pytest.mark.parametrize("command", [("user", "list"), ("alias", "list"), ("queue", "list"), ("queue", "flush"),
+                                     ("transcripts", "list")])
+def test_a_command_that_only_reads_says_when_there_is_no_data_root(cli, tmp_path, command):
+    # A mistyped --root: an empty listing, exit 0, would hide the typo.
+    result = cli(*command, "--root", str(tmp_path / "mailbxes"), root_option=False)
+    assert result.exit_code == 1
+    assert one_line_error(result) == (f"Error: no data root at {tmp_path / 'mailbxes'} "
+                                      "(is --root right? 'user add' makes one)")
+    assert not (tmp_path / "mailbxes").exists()
 
 
 def test_deliver_below_a_file_is_ex_tempfail(cli, tmp_path):
