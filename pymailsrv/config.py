@@ -88,6 +88,22 @@ def _domain(value: str) -> None:
         raise ValueError(f"{value!r} is not a domain name")
 
 
+def _user_name(value: str) -> None:
+    from pymailsrv.users import UserError, check_user_name  # here: users.py starts a thread pool
+
+    try:
+        check_user_name(value)
+    except UserError as error:
+        raise ValueError(str(error)) from None
+
+
+def _existing_file(value: Path) -> None:
+    # Read only at the first delivery through the smarthost: a typo would
+    # otherwise show as deferred mail, days later.
+    if not value.is_file():
+        raise ValueError(f"no file {str(value)!r}")
+
+
 def _listen_address(value: str) -> None:
     # The socket API takes "" for every interface (INADDR_ANY): a host left
     # blank would open the server to the whole network. That is said outright.
@@ -131,7 +147,7 @@ class SmtpSettings:
     max_recipients: int = _checked(limits.SMTP_RECIPIENTS_MAX, _recipient_limit)
     bare_newline: Literal["normalize", "reject"] = "normalize"
     # The local user who gets postmaster@ mail; None: the first user.
-    postmaster: str | None = None
+    postmaster: str | None = _checked(None, _user_name)
     command_timeout: float = _checked(float(limits.SMTP_COMMAND_TIMEOUT_SECONDS), _positive_seconds)
     data_timeout: float = _checked(float(limits.SMTP_DATA_TIMEOUT_SECONDS), _positive_seconds)
     # RFC 8314 implicit TLS (SMTPS, usually 465) and RFC 6409 submission
@@ -175,7 +191,7 @@ class RelaySettings:
     # and the certificate must match the name (CAs: smarthost_ca_file, else
     # the system's).
     smarthost_tls: Literal["opportunistic", "required", "verified"] = "opportunistic"
-    smarthost_ca_file: Path | None = None
+    smarthost_ca_file: Path | None = _checked(None, _existing_file)
     # The port of MX hosts (25 on the Internet; tests use a free port).
     port: int = _checked(25, _port)
     # "address:port" of the DNS server for MX lookups; None: the system's.

@@ -102,6 +102,8 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("domains = [\"a b\"]\n", "domains"),
     ("hostname = \"\"\n", "hostname"),  # it goes into every greeting and Received: line
     ("hostname = \"mail\\r\\nX-Injected: yes\"\n", "hostname"),
+    ("[smtp]\npostmaster = \"../x\"\n", "smtp.postmaster"),  # never a user: refused, not warned of
+    ("[relay]\nsmarthost_ca_file = \"/no/such/ca.pem\"\n", "relay.smarthost_ca_file"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
