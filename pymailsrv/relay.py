@@ -14,9 +14,9 @@ library's ``smtplib``, and writes every recipient's outcome back::
 Routing (RFC 5321 §5.1). With ``relay.smarthost`` every message goes to that
 one host. Otherwise the domain's MX records are tried in order of
 preference (equal preferences in random order, to share the load); a host
-that cannot be reached, or that refuses us before MAIL, makes us try the
-next one. A domain without MX records is its own mail host (the "implicit
-MX": its A/AAAA records). A single MX record "." is a null MX (RFC 7505): the
+that cannot be reached, that refuses us before MAIL, or that refuses MAIL
+for now (4xx), makes us try the next one. A domain without MX records is
+its own mail host (the "implicit MX": its A/AAAA records). A single MX record "." is a null MX (RFC 7505): the
 domain takes no mail, and the recipient fails at once (5.1.10), as it does
 for a domain that does not exist (5.1.2). A recipient in one of our own
 domains is delivered locally, through the aliases.
@@ -123,7 +123,8 @@ class RouteError(Exception):
 
 
 class HopFailed(Exception):
-    """This host could not take the mail before MAIL: try the next one."""
+    """This host would not take part in a transaction (before MAIL, or a
+    temporary refusal of MAIL itself): try the next one."""
 
     def __init__(self, hop: "Hop", status: str, diagnostic: str) -> None:
         super().__init__(diagnostic)
@@ -598,7 +599,13 @@ class Relay:
             code, reply = client.mail(sender, options)
             if not is_positive(code):
                 _quietly(client.rset)
-                outcomes.update(dict.fromkeys(recipients, outcome_of_reply(code, reply, hop)))
+                refusal = outcome_of_reply(code, reply, hop)
+                if refusal.state is State.PENDING:
+                    # RFC 5321 §5.1: try each host "until a delivery attempt
+                    # succeeds"; one that will not take mail now (421 closing,
+                    # 451) is no reason to keep it from the next.
+                    raise HopFailed(hop, refusal.status, refusal.diagnostic)
+                outcomes.update(dict.fromkeys(recipients, refusal))
                 return outcomes
             accepted = []
             for address in recipients:

@@ -60,6 +60,10 @@ ZONE = {
                               (20, "b.example.net")]},
     "ours.example": {"MX": [(10, "MX.Ours.Example"), (20, "a.example.net")]},
     "mx.ours.example": {"A": ["127.0.0.9"]},
+    # Two MX hosts at one address: the sink, tried twice (the tests listen on 127.0.0.1 only).
+    "twice.example": {"MX": [(10, "first.twice.example"), (20, "second.twice.example")]},
+    "first.twice.example": {"A": ["127.0.0.1"]},
+    "second.twice.example": {"A": ["127.0.0.1"]},
 }
 
 
@@ -171,6 +175,18 @@ def test_the_next_mx_takes_the_mail_when_the_first_refuses_connections(mta, sink
     [received] = remote.messages
     assert received.mail_from == SENDER and received.rcpt_tos == ["bob@example.net"]
     assert server.context.queue.ids() == []  # done: nothing left in the queue
+
+
+@pytest.mark.parametrize("refusal", ["421 4.3.2 shutting down", "451 4.7.1 greylisted, try again later"])
+def test_the_next_mx_takes_the_mail_when_the_first_refuses_mail_for_now(mta, sink, refusal):
+    # RFC 5321 §5.1: each host is tried "until a delivery attempt succeeds".
+    remote = sink()
+    remote.handler.mail_replies.append(refusal)
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@twice.example"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@twice.example"]]
+    assert server.context.queue.ids() == []
 
 
 def test_implicit_mx_delivery(mta, sink):
