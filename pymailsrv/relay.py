@@ -96,6 +96,7 @@ STATUS_NO_ANSWER = "4.4.1"  # X.4.1 no answer from host
 STATUS_BAD_CONNECTION = "4.4.2"  # X.4.2 bad connection
 STATUS_DNS_FAILURE = "4.4.3"  # X.4.3 directory server failure
 STATUS_LOOP = "5.4.6"  # X.4.6 routing loop detected
+STATUS_TOO_MANY_RECIPIENTS = "4.5.3"  # X.5.3 too many recipients (RFC 5321 §4.5.3.1.10)
 STATUS_NEEDS_8BITMIME = "5.6.3"  # X.6.3 conversion required but not supported (8-bit text, RFC 6152)
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 §3.5: non-ASCII address, server without SMTPUTF8
 STATUS_UTF8_HEADER = "5.6.9"  # RFC 6531 §3.5: UTF-8 header, server without SMTPUTF8
@@ -538,7 +539,28 @@ class Relay:
             except (OSError, smtplib.SMTPException) as error:
                 raise HopFailed(hop, STATUS_BAD_CONNECTION,
                                 _local_diagnostic(f"{hop} failed before MAIL: {error}")) from None
-            return self._mail(client, hop, sender, recipients, data)
+            outcomes: dict[str, Outcome] = {}
+            waiting = recipients
+            while waiting:
+                try:
+                    sent = self._mail(client, hop, sender, waiting, data)
+                except HopFailed as refused:  # MAIL refused for now
+                    if not outcomes:
+                        raise  # nothing went to this host: the next may take it all
+                    # The rest waits for the retry: the next host would be
+                    # sent the first chunk again as well.
+                    sent = dict.fromkeys(waiting, refused.outcome)
+                outcomes.update(sent)
+                # RFC 5321 §4.5.3.1.10: a server may take only so many
+                # recipients a message (100 at least, §4.5.3.1.8) and refuse
+                # the rest with 452 4.5.3. They go in the next transaction,
+                # at once, as long as each one delivers to somebody.
+                if not any(outcome.state is State.DELIVERED for outcome in sent.values()):
+                    break
+                waiting = [address for address, outcome in sent.items()
+                           if outcome.state is State.PENDING and outcome.status == STATUS_TOO_MANY_RECIPIENTS]
+            _quietly(client.quit)
+            return outcomes
         finally:
             client.close()
 
@@ -630,7 +652,6 @@ class Relay:
             except smtplib.SMTPDataError as error:  # no 354 to DATA: the text never went
                 outcome = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
             outcomes.update(dict.fromkeys(accepted, outcome))
-            _quietly(client.quit)
         except (OSError, smtplib.SMTPException) as error:
             lost = Outcome(State.PENDING, STATUS_BAD_CONNECTION,
                            _local_diagnostic(f"lost connection with {hop}: {error}"), hop.name)
@@ -659,7 +680,8 @@ class Relay:
             return {}
         if not header_of(data).isascii():
             return dict.fromkeys(recipients, lacking(STATUS_UTF8_HEADER, "SMTPUTF8", "the UTF-8 header"))
-        needing = recipients if not sender.isascii() else [address for address in recipients if not address.isascii()]
+        needing = recipients if not sender.isascii() else [address for address in recipients
+                                                           if not address.isascii()]
         return dict.fromkeys(needing, lacking(STATUS_NEEDS_SMTPUTF8, "SMTPUTF8", "a non-ASCII address"))
 
     # --- local recipients and bounces -----------------------------------------------

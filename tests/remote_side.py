@@ -81,6 +81,7 @@ class SinkHandler:
         self.rcpt_replies: dict[str, str] = {}
         self.data_replies: list[str] = []
         self.mail_replies: list[str] = []  # for the next MAIL commands, then 250
+        self.max_recipients: int | None = None  # per message; RCPTs past it get 452 4.5.3
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_replies:
@@ -89,6 +90,8 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.max_recipients is not None and len(envelope.rcpt_tos) >= self.max_recipients:
+            return "452 4.5.3 too many recipients"
         reply = self.rcpt_replies.get(address, "250 2.1.5 OK")
         if reply.startswith("2"):  # any positive reply takes the recipient (RFC 5321 §4.2.1)
             envelope.rcpt_tos.append(address)

@@ -417,6 +417,19 @@ def test_a_552_to_rcpt_is_retried_not_bounced(mta, sink, root):
     assert maildir_messages(root, "alice") == []
 
 
+def test_recipients_past_a_hosts_limit_go_in_the_next_transaction_at_once(mta, sink):
+    # RFC 5321 §4.5.3.1.10: the client sends the rest in "chunks", not
+    # minutes later at the next retry.
+    remote = sink()
+    remote.handler.max_recipients = 2
+    server = mta(remote)
+    recipients = [f"r{number}@example.net" for number in range(5)]
+    server.context.queue.enqueue(SENDER, recipients, MESSAGE)
+    assert server.relay.run_once() == 1
+    assert [message.rcpt_tos for message in remote.messages] == [recipients[:2], recipients[2:4], recipients[4:]]
+    assert server.context.queue.ids() == []
+
+
 def test_a_utf8_recipient_does_not_take_its_ascii_co_recipients_down_with_it(mta, sink, root):
     # RFC 6531 §3.4 keeps the non-ASCII address from a server without
     # SMTPUTF8; nothing keeps an ASCII one there.
