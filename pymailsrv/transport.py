@@ -47,6 +47,10 @@ log = logging.getLogger("pymailsrv.transport")
 
 # Flush the output buffer once it holds this much, even mid-reply (a RETR).
 OUTPUT_FLUSH_THRESHOLD = 256 * 1024
+# A line's deadline shortens the socket's timeout only once it is this much
+# nearer than the full timeout: the first read of each line (nearly always
+# the only one) costs no settimeout() system call.
+DEADLINE_SLACK_SECONDS = 1.0
 
 # Replies after which the connection ends (the last two only by injected faults).
 _ENDINGS = (After.CLOSE, After.DROP, After.DROP_MID)
@@ -75,12 +79,21 @@ class Connection:
         # it, and ``pymailsrv grade`` judges clients by it.
         self.line_pipelined = False
         self.stopping = False  # set by stop_reading(), from another thread
+        # When the line being read must be in (see read_line); None: no limit.
+        self._line_deadline: float | None = None
+        self._output_failed = False  # a send timed out or failed: say no goodbye
 
     # --- input -----------------------------------------------------------------
 
     def _receive(self) -> bytes:
         self.flush()  # never block for input while the client waits for replies
         self.session.run_put_off_work()  # the client's turn now: work meanwhile
+        if self._line_deadline is not None:
+            remaining = self._line_deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            if remaining < self.sock.gettimeout() - DEADLINE_SLACK_SECONDS:
+                self.sock.settimeout(remaining)  # serve() sets it back for the next line
         chunk = self.sock.recv(RECV_CHUNK)
         if not chunk:
             raise ConnectionClosed
@@ -101,6 +114,12 @@ class Connection:
         ``limit`` octets come back with its own line end (CRLF or LF) and True,
         so the session still knows how the line ended.
         """
+        # The timeout is for the whole line, not for each read: a client
+        # that sends an octet now and then must not hold the connection for
+        # ever (RFC 5321 §4.5.3.2.7 times "awaiting the next command", RFC
+        # 1939 §3 restarts the autologout timer at a command, not an octet).
+        timeout = self.sock.gettimeout()
+        self._line_deadline = None if timeout is None else time.monotonic() + timeout
         # Replies not yet sent while the next line is already here, in our
         # buffer or the kernel's: the client did not wait for them. Only a
         # trace records it, so without one we spare the select() call.
@@ -179,15 +198,23 @@ class Connection:
 
     def flush(self) -> None:
         if self._output:
-            self.sock.sendall(self._output)
-            self.octets_out += len(self._output)
-            self._output.clear()
+            try:
+                self.sock.sendall(self._output)
+            except OSError:  # a timeout too: part of it may have gone, so none of it goes again
+                self._output_failed = True
+                raise
+            finally:
+                self.octets_out += len(self._output)
+                self._output.clear()
 
     def start_tls(self) -> None:
         """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
         self.flush()
         self._input.clear()  # plaintext pipelined after STARTTLS/STLS: never run
-        self.sock = self.tls_context.wrap_socket(self.sock, server_side=True)
+        # The handshake runs on the wrapped socket, once it is self.sock: the
+        # plain one has handed it its descriptor, and stop() must reach it.
+        self.sock = self.tls_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+        self.sock.do_handshake()
         self.tracer.event(self.session, f"TLS established: {self.sock.version()} {self.sock.cipher()[0]}")
         self.session.tls_started()
 
@@ -244,7 +271,8 @@ class Connection:
                 else:
                     reply = self._answer(*self.read_line(session.line_limit))
             except TimeoutError:
-                self.send(session.timed_out())
+                if not self._output_failed:  # a client that reads nothing gets no goodbye either
+                    self.send(session.timed_out())
                 return "timeout"
             except ConnectionClosed:
                 if not self.stopping:
@@ -302,18 +330,21 @@ class SessionHandler(socketserver.BaseRequestHandler):
         except OSError as error:
             outcome = f"network error: {error.strerror or error}"
         finally:
-            if connection.sock is not self.request:
-                # socketserver closes only the socket it accepted; the TLS
-                # one that took over its descriptor is ours to close.
-                connection.sock.close()
-            session.run_put_off_work()
-            session.close()
-            context.tracer.session_ended(session, outcome)
-            # One line per session end, never a password or message text.
-            log.info("%s session %d ended: client=%s user=%s commands=%d in=%d out=%d "
-                     "duration=%.1fs outcome=%s", session.protocol, session.session_id,
-                     self.client_address[0], session.user or "-", session.commands_run,
-                     connection.octets_in, connection.octets_out, time.monotonic() - started, outcome)
-            # Last: a stopping server waits for this, and by now the session
-            # holds nothing (its spool file, its maildrop lock).
-            listener.untrack(connection)
+            try:
+                if connection.sock is not self.request:
+                    # socketserver closes only the socket it accepted; the TLS
+                    # one that took over its descriptor is ours to close.
+                    connection.sock.close()
+                session.run_put_off_work()
+                session.close()
+                context.tracer.session_ended(session, outcome)
+                # One line per session end, never a password or message text.
+                log.info("%s session %d ended: client=%s user=%s commands=%d in=%d out=%d "
+                         "duration=%.1fs outcome=%s", session.protocol, session.session_id,
+                         self.client_address[0], session.user or "-", session.commands_run,
+                         connection.octets_in, connection.octets_out, time.monotonic() - started, outcome)
+            finally:
+                # Last, whatever failed above: a stopping server waits for
+                # this, and by now the session holds nothing (its spool
+                # file, its maildrop lock).
+                listener.untrack(connection)

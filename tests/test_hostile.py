@@ -42,6 +42,8 @@ from pymailsrv.pop3 import Pop3Session
 from pymailsrv.replies import Pop3Reply, Reply, SmtpReply
 from pymailsrv.server import MailServer
 from pymailsrv.smtp import SmtpSession
+from pymailsrv.trace import Tracer
+from pymailsrv.transport import Connection
 from pymailsrv.users import UserStore
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
 from tests.test_crash import ServerProcess
@@ -641,3 +643,21 @@ def test_any_lines_get_well_formed_smtp_replies(context, script, lines):
 @given(script=st.sampled_from(POP3_SCRIPTS), lines=lines_for(POP3_VERBS))
 def test_any_lines_get_well_formed_pop3_replies(context, script, lines):
     run_session(Pop3Session(fresh(context), ("127.0.0.1", 4000)), [line + b"\r\n" for line in script] + lines)
+
+
+# --- a client that reads nothing ----------------------------------------------------------
+
+
+def test_replies_a_client_would_not_read_are_dropped_not_sent_again():
+    # When a send times out, some of it may have gone: sending the buffer
+    # again would repeat it, and wait out the timeout a second time.
+    left, right = socket.socketpair()
+    with left, right:
+        left.settimeout(0.3)
+        connection = Connection(left, session=None, tracer=Tracer())
+        big = Pop3Reply(ok=True, text="", content=[b"x" * 998 + b"\r\n"] * 8000)  # 8 MB: more than both buffers
+        with pytest.raises(TimeoutError):
+            connection.send(big)
+        started = time.monotonic()
+        connection.flush()  # nothing is left to send, so nothing is waited for
+        assert time.monotonic() - started < 0.1

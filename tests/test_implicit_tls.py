@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -24,7 +25,8 @@ import pytest
 from pymailsrv import replies as R
 from pymailsrv.config import ConfigError
 from pymailsrv.server import MailServer
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, START_TIMEOUT, listening_line, make_settings, start_process
+from tests.conftest import (CLIENT_TIMEOUT, PASSWORD, START_TIMEOUT, listening_line, make_settings, start_process,
+                            wait_until)
 from tests.test_pop3 import wire as pop3_wire
 from tests.test_smtp import wire
 from tests.test_starttls import (  # noqa: F401  (tls_files is a fixture)
@@ -213,6 +215,19 @@ def test_client_offering_only_tls_1_1_is_refused_and_the_listener_serves_on(impl
         with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL"):
             tls11_only_context(tls_files).wrap_socket(sock, server_hostname="localhost")
     assert_listener_still_serves(implicit, context, listener)
+
+
+@pytest.mark.parametrize("listener", ["smtps", "pop3s"])
+def test_stop_ends_a_handshake_the_client_never_begins(implicit, listener):
+    # The handshake runs on the TLS socket that holds the descriptor, so
+    # stop() can shut it: it used to wait out the whole timeout (5-10 min).
+    with socket.create_connection(implicit.addresses[listener], timeout=CLIENT_TIMEOUT) as sock:
+        wait_until(lambda: any(listener._open for listener in implicit.listeners),
+                   what="the server has the connection")
+        started = time.monotonic()
+        implicit.stop()
+        assert time.monotonic() - started < 1.0
+        assert read_to_close(sock) == b""
 
 
 def test_client_that_connects_and_leaves_before_the_handshake_harms_nobody(implicit, context):

@@ -13,6 +13,7 @@ The helpers here are shared with ``test_smtp_data.py``.
 from __future__ import annotations
 
 import re
+import select
 import smtplib
 import socket
 import time
@@ -893,6 +894,22 @@ def test_command_timeout_applies_after_each_command(start_server, connect):
         time.sleep(0.2)
         assert exchange(client, "NOOP") == wire(R.R250_OK)
     assert read_reply(client) == wire(R.R421_TIMEOUT, host=server.settings.hostname)
+
+
+def test_a_command_trickled_an_octet_at_a_time_is_timed_out_as_a_whole(start_server, connect):
+    # RFC 5321 §4.5.3.2.7 times the wait for the next command, not for each
+    # octet of it: otherwise an octet every few seconds would hold the
+    # connection (and its slot) for ever.
+    server = start_server(smtp={"command_timeout": 1.0})
+    client = connect(server.addresses["smtp"])
+    started = time.monotonic()
+    for octet in b"NOOP " * 20:  # 100 octets, 0.3 s apart: 30 s, unless the server stops us
+        client.send(bytes([octet]))
+        if select.select([client.sock], [], [], 0.3)[0]:
+            break  # the server spoke: send no more, so its close cannot meet unread octets
+    assert read_reply(client) == wire(R.R421_TIMEOUT, host=server.settings.hostname)
+    assert time.monotonic() - started < 3.0
+    assert client.closed()
 
 
 def test_client_that_closes_mid_command_does_not_hurt_the_server(connect):

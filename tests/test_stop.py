@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
+from pymailsrv.smtp import SmtpSession
 from tests.conftest import PASSWORD, RawClient, wait_until
 from tests.test_crash import ServerProcess
 
@@ -90,3 +91,20 @@ def test_sigterm_lets_every_session_finish_the_reply_in_hand(root, add_user):
                 client.close()
     finally:
         server.stop()
+
+
+def test_a_session_whose_close_fails_is_still_let_go(start_server, raw, monkeypatch):
+    # A bug in a session's clean-up must not leave the connection counted as
+    # open: stop() would wait for it until its deadline.
+    def broken_close(session):
+        raise RuntimeError("a bug in close()")
+
+    monkeypatch.setattr(SmtpSession, "close", broken_close)
+    server = start_server(hostname="test.example")
+    client = raw(server.addresses["smtp"])
+    client.line()
+    assert client.command("QUIT").startswith(b"221")
+    assert client.closed()
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 1.0
