@@ -91,12 +91,21 @@ SMTP_MAX_ERRORS = 20
 # --- Connections (every listener together) ----------------------------------
 
 # One pymailsrv process serves every protocol, one thread and one socket per
-# connection. 500 open connections stay well inside the usual 1024 open-file
-# limit (ulimit -n), leaving room for the Maildir files, lock files and
-# listening sockets those sessions use, and a few MB of thread stacks each
-# (only touched pages count). A connection over the cap is refused by the
-# accepting thread itself, so refused connections start no thread at all.
+# connection, and a few MB of thread stacks each (only touched pages count).
+# A connection over the cap is refused by the accepting thread itself, so
+# refused connections start no thread at all.
 MAX_CONNECTIONS = 500
+# What a connection holds open: its socket, and a POP3 session's lock file.
+# Beside them: the listening sockets, Maildir and queue files, the log. For
+# 500 connections that is 1,256, over the usual soft limit of 1,024 (ulimit
+# -n) but far under the usual hard one: the server raises its soft limit to
+# what max_connections needs (server.py), and warns where it cannot.
+FILES_PER_CONNECTION = 2
+FILES_BESIDES_CONNECTIONS = 256
+# Out of descriptors all the same (a lower hard limit), a listener pauses
+# this long between tries rather than spin, and warns at most this often.
+OUT_OF_DESCRIPTORS_PAUSE_SECONDS = 0.1
+OUT_OF_DESCRIPTORS_WARNING_SECONDS = 60.0
 
 # Postfix's anvil: smtpd_client_connection_count_limit defaults to 50 ("1/2
 # of the default process limit"), so one client address cannot take more than

@@ -38,6 +38,7 @@ import errno
 import logging
 import os
 import pwd
+import resource
 import select
 import socket
 import socketserver
@@ -60,7 +61,11 @@ from pymailsrv.limits import (
     ACCEPT_DEFER_STEP_SECONDS,
     AUTH_FAILURE_WINDOW_SECONDS,
     AUTH_MAX_FAILURES_PER_ADDRESS,
+    FILES_BESIDES_CONNECTIONS,
+    FILES_PER_CONNECTION,
     MAX_CONNECTIONS,
+    OUT_OF_DESCRIPTORS_PAUSE_SECONDS,
+    OUT_OF_DESCRIPTORS_WARNING_SECONDS,
     MAX_CONNECTIONS_PER_ADDRESS,
     POP3_MAX_SESSIONS_PER_USER_ADDRESS,
 )
@@ -237,6 +242,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._incoming = select.poll()  # is a connection still waiting to be accepted?
         self._incoming.register(self.socket, select.POLLIN)
         self._deferring_again_at = 0.0  # time.monotonic(); see _leave_to_another_worker
+        self._warn_of_descriptors_at = 0.0  # time.monotonic(); see _wait_for_a_free_descriptor
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Which of the worker processes gets a connection is luck, and ten
@@ -244,7 +250,22 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # (seen with scripts/bench.py). The busier process then sets the
         # pace for all, as its threads take turns at one interpreter lock.
         self._leave_to_another_worker()
-        return super().get_request()  # non-blocking: fails if another process took it
+        try:
+            return super().get_request()  # non-blocking: fails if another process took it
+        except OSError as error:
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                self._wait_for_a_free_descriptor()
+            raise  # socketserver drops it, and waits for the next connection
+
+    def _wait_for_a_free_descriptor(self) -> None:
+        """accept() failed for want of a descriptor. The connection stays in
+        the kernel's queue, so poll() reports it again at once: without a
+        pause this thread would spin on it. Say so now and then."""
+        if time.monotonic() >= self._warn_of_descriptors_at:
+            log.warning("%s: out of file descriptors: a connection waits unanswered until one is closed "
+                        "(raise the open-files limit, or lower limits.max_connections)", self.name)
+            self._warn_of_descriptors_at = time.monotonic() + OUT_OF_DESCRIPTORS_WARNING_SECONDS
+        time.sleep(OUT_OF_DESCRIPTORS_PAUSE_SECONDS)
 
     def _leave_to_another_worker(self) -> None:
         """While this process serves more connections than another worker, let
@@ -443,6 +464,17 @@ def check_data_root(settings: Settings) -> None:
             raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
 
 
+def raise_open_files_limit(needed: int) -> int:
+    """Raise this process's soft limit on open files to ``needed``, or as near as
+    the hard limit allows; returns the limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        soft = wanted
+    return needed if soft == resource.RLIM_INFINITY else soft
+
+
 def _current_user() -> str:
     try:
         return pwd.getpwuid(os.geteuid()).pw_name
@@ -499,8 +531,9 @@ class MailServer:
         """Bind every listener, become ``run_as``, and tidy the data root; no thread yet.
 
         ``pymailsrv start --processes N`` forks its workers after this
-        (workers.py): they inherit the bound sockets.
+        (workers.py): they inherit the bound sockets, and the open-files limit.
         """
+        self._make_room_for_connections()
         # A listener that cannot run, or an account that does not exist, is a
         # one-line config error, before any warning.
         protocols = self._protocols()
@@ -528,6 +561,20 @@ class MailServer:
             self.stop()
             raise
         return self
+
+    def _make_room_for_connections(self) -> None:
+        """Raise the open-files limit to what max_connections needs, or warn that it cannot be.
+
+        Out of descriptors, accept() fails: a client then waits in the
+        kernel's queue, neither greeted nor refused. Every connection may
+        land in one process, so each process needs room for all of them.
+        """
+        cap = self.settings.limits.max_connections
+        needed = cap * FILES_PER_CONNECTION + FILES_BESIDES_CONNECTIONS
+        limit = raise_open_files_limit(needed)
+        if limit < needed:
+            log.warning("the open-files limit is %d, short of the %d that %s need: raise it (ulimit -n) or "
+                        "lower limits.max_connections", limit, needed, counted(cap, "connection"))
 
     def serve(self, relay: bool = True) -> "MailServer":
         """Accept connections in a thread per listener; with ``relay``, deliver the queue too."""

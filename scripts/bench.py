@@ -87,7 +87,6 @@ import poplib
 import pwd
 import queue
 import re
-import resource
 import shutil
 import signal
 import smtplib
@@ -1236,14 +1235,6 @@ def failure(error: Exception) -> str:
     return f"failed: {error}"[:100]
 
 
-def raise_open_files_limit(needed: int) -> None:
-    """Room for the idle connections, on our side and (inherited) the server's."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-
-
 def filesystem_of(path: Path) -> str:
     """The file system type under ``path`` (fsync costs differ a lot between them)."""
     best, kind = "", "?"
@@ -1292,7 +1283,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM ends the script like Ctrl-C does, through the finally clauses.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    raise_open_files_limit(IDLE_CONNECTIONS * 2 + 256)
+    from pymailsrv.server import raise_open_files_limit
+
+    raise_open_files_limit(IDLE_CONNECTIONS * 2 + 256)  # our side of the idle connections, and the peer's
     notes: list[str] = []
     records: list[Record] = []
     base = Path(tempfile.mkdtemp(prefix="pymailsrv-bench-", dir=args.tmpdir))

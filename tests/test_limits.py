@@ -13,16 +13,22 @@ client under them: connections are given back when their sessions end.
 
 from __future__ import annotations
 
+import os
+import re
+import resource
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from pymailsrv.config import ConfigError, load_settings
 from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
 from pymailsrv.server import ConnectionLimits, Tally
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, listening_line, wait_for_open
 
 OTHER_ADDRESS = "127.0.0.2"
 POP3_IN_USE = b"-ERR [IN-USE] maildrop is locked by another session\r\n"
@@ -263,3 +269,52 @@ def test_a_failed_login_takes_no_session_place(start_server, clients, add_user):
     assert client.command("PASS wrong").startswith(b"-ERR [AUTH]")
     assert server.context.pop3_sessions["alice", "127.0.0.1"] == 0
     assert pop3_login(clients(server.addresses["pop3"])).startswith(b"+OK")
+
+
+# --- out of file descriptors ---------------------------------------------------------------
+
+
+DESCRIPTOR_LIMIT = 64
+
+
+def _low_descriptor_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (DESCRIPTOR_LIMIT, DESCRIPTOR_LIMIT))
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as file:
+        fields = file.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads a process's CPU time from /proc")
+def test_out_of_descriptors_the_server_warns_and_waits_rather_than_spin(root, add_user):
+    # A hard limit the server cannot raise: it says so at start, and once
+    # every descriptor is in use, a connection waits in the kernel's queue
+    # while the listener pauses between tries (it used to spin a CPU).
+    add_user("alice")
+    config = root.parent / "every-connection-from-here.toml"  # no per-address cap to meet first
+    config.write_text("[limits]\nmax_connections_per_address = 500\n")
+    process = subprocess.Popen([sys.executable, "-m", "pymailsrv", "start", "--root", str(root), "--config",
+                                str(config), "--pop3-port", "0", "--smtp-port", "0"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0,
+                               preexec_fn=_low_descriptor_limit)
+    held: list[socket.socket] = []
+    try:
+        seen: list[bytes] = []
+        port = re.search(rb" smtp=127\.0\.0\.1:(\d+)", listening_line(process, seen)).group(1)
+        address = ("127.0.0.1", int(port))
+        assert any(b"the open-files limit is 64, short of the 1256 that 500 connections need" in line
+                   for line in seen)
+        for _ in range(DESCRIPTOR_LIMIT + 16):  # more than the server has descriptors for
+            held.append(socket.create_connection(address, timeout=CLIENT_TIMEOUT))
+        time.sleep(0.5)  # the last connections wait; the listener keeps trying
+        before = _cpu_seconds(process.pid)
+        time.sleep(1.0)
+        assert _cpu_seconds(process.pid) - before < 0.5  # a spinning listener took a whole CPU
+    finally:
+        for sock in held:
+            sock.close()
+        process.terminate()
+        _, errors = process.communicate(timeout=CLIENT_TIMEOUT)
+    assert b"out of file descriptors: a connection waits unanswered until one is closed" in errors
