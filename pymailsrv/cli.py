@@ -157,7 +157,7 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
           tls_key: str | None, pop3s_port: int | None, smtps_port: int | None,
           submission_port: int | None, run_as: str | None, faults: tuple[str, ...],
           processes: int | None) -> None:
-    """Run the server in the foreground until SIGINT or SIGTERM."""
+    """Run the server in the foreground until SIGINT, SIGTERM or SIGHUP."""
     from pymailsrv.server import MailServer
     from pymailsrv.workers import WATCH_INTERVAL_SECONDS, StopRequest, Workers, WorkersFailing
 

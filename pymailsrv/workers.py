@@ -57,7 +57,7 @@ log = logging.getLogger("pymailsrv.workers")
 
 # How often the main process looks for dead workers, and a worker for its main process.
 WATCH_INTERVAL_SECONDS = 1.0
-# How often a waiting process looks whether SIGINT or SIGTERM came (StopRequest).
+# How often a waiting process looks whether a stop signal came (StopRequest).
 STOP_POLL_SECONDS = 0.1
 # How long the main process waits for its workers to stop before it kills them.
 WORKER_STOP_SECONDS = 10.0
@@ -66,11 +66,14 @@ WORKER_STOP_SECONDS = 10.0
 # stops with status 1, and its supervisor (systemd's Restart=) takes over.
 MAX_WORKER_DEATHS_PER_MINUTE = 5
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP too: the server runs in the foreground, and a closed terminal or
+# SSH session sends it. Its default would end the server at once, without
+# the 421 each client is owed (RFC 5321 §3.8).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopRequest:
-    """SIGINT or SIGTERM asked this process to stop: a flag, and a wait that looks at it.
+    """A STOP_SIGNALS signal asked this process to stop: a flag, and a wait that looks at it.
 
     A signal handler runs between two bytecodes of the main thread, which
     may hold any lock just then - a ``threading.Event``'s, say, whose

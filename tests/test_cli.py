@@ -458,7 +458,7 @@ class RunningServer:
             self.process.communicate(timeout=START_TIMEOUT)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])  # HUP: a closed terminal
 def test_start_serves_pop3_and_stops_cleanly_on_signal(root, stop_signal):
     added = run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
     assert added.returncode == 0
