@@ -259,8 +259,11 @@ class Connection:
         reply: Reply | None = session.greeting()
         self.send(reply)
         while reply is None or reply.after not in _ENDINGS:
-            # Stopping: the command in hand is answered; take no other. (A
-            # message's text is still read to its end, for its 250.)
+            # Stopping: the command in hand is answered; take no other. A
+            # message's text is read on while it is already here (its end
+            # too: then the client hears 250); what the client has not yet
+            # sent is cut off by stop_reading, and a text cut short is never
+            # stored: the client hears 421 and sends it again later.
             if self.stopping and not session.collecting_text:
                 return self._say_shutting_down()
             if self.sock.gettimeout() != session.timeout:  # each settimeout is a system call
