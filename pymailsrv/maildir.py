@@ -9,8 +9,9 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   acknowledged. A reader never sees a half-written file in ``new/`` or
   ``cur/``, and an acknowledged message survives ``kill -9`` and power loss.
   A message for several users is written once and hard-linked into the
-  others' ``new/``; if any step fails, every entry already made is taken
-  back, so it is in every mailbox or in none.
+  others' ``new/`` (then fsynced again, for its link count); if any step
+  fails, every entry already made is taken back, so it is in every mailbox
+  or in none.
   Why not write an unnamed file (Linux's ``O_TMPFILE``) and link it into
   ``new/``, with no ``tmp/`` entry at all? On a file system without a
   journal, nothing then makes the file's new link count durable along with
@@ -399,7 +400,6 @@ class IncomingMaildirMessage:
         except OSError as error:
             self.discard()
             raise storage_error(error, "syncing the message to disk") from error
-        file.close()
         final_name = f"{self._name},S={self.octets},W={self.pop3_size}"
         first, *others = [new_dir / final_name for new_dir in self._new_dirs]
         linked: list[Path] = []
@@ -410,6 +410,13 @@ class IncomingMaildirMessage:
             for target in others:
                 os.link(self._tmp_path, target)
                 linked.append(target)
+            if others:
+                # The links raised the file's link count, which its inode
+                # holds: without a journal, only the file's own fsync writes
+                # it (new/'s writes the entries). Else, after a power cut,
+                # deleting one recipient's copy could free the file under
+                # the others'. (The objection to O_TMPFILE above, again.)
+                os.fsync(file.fileno())
             os.rename(self._tmp_path, first)
             linked.append(first)
             for new_dir in self._new_dirs:
@@ -419,6 +426,7 @@ class IncomingMaildirMessage:
                 target.unlink(missing_ok=True)
             self.discard()
             raise storage_error(error, "linking the message into new/") from error
+        file.close()
         return self.queue_id
 
     def discard(self) -> None:
