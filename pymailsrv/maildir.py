@@ -286,7 +286,12 @@ class MaildirStore:
         cutoff = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS
         removed = 0
         for tmp in self.root.glob("*/tmp"):
-            for entry in os.scandir(tmp):
+            try:
+                entries = list(os.scandir(tmp))
+            except OSError as error:  # one broken Maildir (a file named tmp) must not keep the server down
+                log.warning("%s: cannot look for stale files: %s", tmp, error.strerror or error)
+                continue
+            for entry in entries:
                 try:
                     if entry.is_file(follow_symlinks=False) and entry.stat().st_atime < cutoff:
                         os.unlink(entry.path)

@@ -452,7 +452,9 @@ def check_data_root(settings: Settings) -> None:
     # otherwise fail only at the first delivery, with a 451.
     writable = [root, state_dir, *sorted(path for path in state_dir.iterdir() if path.is_dir())]
     writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
-    writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur"))
+    # (A file where one of them should be is that one user's broken Maildir,
+    # refused at their deliveries: no reason to keep the server down.)
+    writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur") and path.is_dir())
     for path in writable:
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import mailbox
+import logging
 import os
 import re
 import shutil
@@ -309,6 +310,17 @@ def test_remove_stale_files_removes_only_old_tmp_files(store, root):
     assert store.remove_stale_files() == 1
     assert listing(tmp) == ["fresh", "olddir"]
     assert len(listing(root / "alice" / "new")) == 1
+
+
+def test_one_broken_maildir_does_not_keep_the_server_from_starting(store, start_server, root, caplog):
+    store.create_maildir("alice")
+    broken = store.create_maildir("bob") / "tmp"
+    broken.rmdir()
+    broken.write_bytes(b"not a directory")  # another program's doing
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.maildir"):
+        server = start_server()
+    assert server.addresses["smtp"]
+    assert f"{broken}: cannot look for stale files: Not a directory" in caplog.messages
 
 
 def test_server_start_removes_stale_tmp_files(store, start_server):
