@@ -161,8 +161,10 @@ def uid_of(key: str) -> str:
 
 
 def _arrival_order(key: str) -> tuple[int, str]:
+    """(seconds, unique name): the time a name begins with, then the name
+    without its ",S=..." fields, which one copy of a message may lack."""
     seconds = key.split(".", 1)[0]
-    return (int(seconds) if seconds.isdigit() else 0, key)
+    return (int(seconds) if seconds.isdigit() else 0, key.split(",", 1)[0])
 
 
 def _scan(maildir: Path) -> list[tuple[str, str]]:
@@ -186,7 +188,7 @@ def _scan(maildir: Path) -> list[tuple[str, str]]:
                 found.append((_key_of(entry.name), f"{subdir}/{entry.name}"))
     # Of two files with one unique name, the one in cur/ comes first: a
     # session has shown it, and a client may know it by that name's UIDL.
-    found.sort(key=lambda pair: (_arrival_order(pair[0]), pair[1].startswith("new/")))
+    found.sort(key=lambda pair: (_arrival_order(pair[0]), pair[1].startswith("new/"), pair[0]))
     return found
 
 

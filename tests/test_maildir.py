@@ -216,7 +216,10 @@ def test_snapshot_is_in_arrival_order_and_sizes_files_without_w(store, root):
     ["cur/1700000005.dup.example:2,S", "new/1700000005.dup.example:2,"],
     ["new/1700000006.col.example:1,a", "new/1700000006.col.example:1,b"],  # one key twice
     ["new/1700000007.cm.example,X=1", "new/1700000007.cm.example,X=2"],  # one UIDL twice
-], ids=["new-over-cur", "new-with-info-over-cur", "one-key", "one-uidl"])
+    # Keys that differ, names that do not: the cur/ copy's ",S=" fields
+    # must not let the new/ copy, without them, take its UIDL.
+    ["cur/1700000005.dup.example,S=22,W=25:2,S", "new/1700000005.dup.example"],
+], ids=["new-over-cur", "new-with-info-over-cur", "one-key", "one-uidl", "new-without-fields-over-cur"])
 def test_two_files_with_one_unique_name_are_both_kept_and_told_apart(store, root, names, caplog):
     store.create_maildir("alice")
     copies = {b"Subject: copy %d\n\nbody\n" % number for number in range(len(names))}
