@@ -39,6 +39,13 @@ def ascii_words(text: str) -> list[str]:
     return _ASCII_WORD.findall(text)
 
 
+def is_decimal(word: str) -> bool:
+    """Is ``word`` ASCII digits, and nothing else? str.isdigit() alone also
+    takes other scripts' digits and superscripts: int() reads "١" as 1, and
+    refuses "²". The protocols, and file names, mean ASCII."""
+    return word.isascii() and word.isdigit()
+
+
 def ascii_upper(word: str) -> str:
     """``word`` upper-cased for matching a verb or keyword.
 

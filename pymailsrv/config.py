@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pymailsrv import limits, schema
+from pymailsrv.commands import is_decimal
 from pymailsrv.paths import is_domain
 
 DEFAULT_ROOT = Path("./mailboxes")
@@ -166,7 +167,7 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
         port = rest[1:] or port
     elif text.count(":") == 1:
         host, port = text.split(":")
-    if not host or not port.isdigit():
+    if not host or not is_decimal(port):
         raise ValueError(f"expected host:port, got {text!r}")
     _port(int(port))
     return host, int(port)

@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from pymailsrv.commands import is_decimal
 from pymailsrv.pop3 import SESSION_CAPABILITIES
 from pymailsrv.replies import POP3_WRONG_STATE, counted
 from pymailsrv.transcripts import Transcript
@@ -405,7 +406,7 @@ def _listed_numbers(exchange: Exchange) -> tuple[int, set[int]]:
     if not exchange.reply.startswith("+OK"):
         return 0, set()
     words = exchange.reply.split()
-    count = int(words[1]) if len(words) > 1 and words[1].isdigit() else 0
+    count = int(words[1]) if len(words) > 1 and is_decimal(words[1]) else 0
     if exchange.verb == "STAT":
         return count, set()
     if exchange.arguments:  # LIST n / UIDL n: "+OK n ..." names that one message
@@ -414,7 +415,7 @@ def _listed_numbers(exchange: Exchange) -> tuple[int, set[int]]:
     if len(listed) == 1 and (summary := _SUMMARY.fullmatch(listed[0])):
         lines = int(summary.group(1).replace(" ", "")) - 1  # the final "." is counted
         return max(count if exchange.verb == "LIST" else 0, lines), set()
-    numbers = {int(line.split()[0]) for line in listed if line.split()[:1] and line.split()[0].isdigit()}
+    numbers = {int(line.split()[0]) for line in listed if line.split()[:1] and is_decimal(line.split()[0])}
     return max(numbers, default=0), numbers
 
 
@@ -432,7 +433,7 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
         elif exchange.verb in ("RETR", "DELE", "TOP") and exchange.arguments:
             uses += 1
             word = exchange.arguments[0]
-            number = int(word) if word.isdigit() else None
+            number = int(word) if is_decimal(word) else None
             if number in deleted:
                 return False, f"{shown(exchange.line)} names a message this session had deleted"
             if number is None or not (1 <= number <= highest or number in named):

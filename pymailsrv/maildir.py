@@ -68,6 +68,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from pymailsrv.commands import is_decimal
 from pymailsrv.durable import discard_file, fsync_directory
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
@@ -164,7 +165,7 @@ def _arrival_order(key: str) -> tuple[int, str]:
     """(seconds, unique name): the time a name begins with, then the name
     without its ",S=..." fields, which one copy of a message may lack."""
     seconds = key.split(".", 1)[0]
-    return (int(seconds) if seconds.isdigit() else 0, key.split(",", 1)[0])
+    return (int(seconds) if is_decimal(seconds) else 0, key.split(",", 1)[0])  # another program's name, maybe
 
 
 def _scan(maildir: Path) -> list[tuple[str, str]]:
@@ -305,7 +306,7 @@ class MaildirStore:
 
 def _pop3_size_of(key: str, path: str | Path) -> int:
     recorded = _name_fields(key).get("W", "")
-    if recorded.isdigit():
+    if is_decimal(recorded):
         return int(recorded)
     with open(path, "rb") as file:
         return pop3_size(file)

@@ -34,6 +34,7 @@ from pathlib import Path
 import click
 
 from pymailsrv.cli_common import echo_report
+from pymailsrv.commands import is_decimal
 from pymailsrv.config import Settings
 from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
 from pymailsrv.replies import counted
@@ -110,7 +111,7 @@ MSG_NUMBER_DIGITS_MAX = 18
 
 def parse_msg_number(text: str) -> int:
     """A message number as the user typed it: 1, 2, ... (ASCII digits only)."""
-    if not (text.isascii() and text.isdigit() and len(text) <= MSG_NUMBER_DIGITS_MAX) or int(text) < 1:
+    if not (is_decimal(text) and len(text) <= MSG_NUMBER_DIGITS_MAX) or int(text) < 1:
         shown = text if len(text) <= MSG_NUMBER_DIGITS_MAX else text[:MSG_NUMBER_DIGITS_MAX] + "..."
         raise MailviewError(f"bad message number {shown!r}: use 1, 2, ... as `mailbox list` shows")
     return int(text)
@@ -164,9 +165,12 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
 def _delivery_time(key: str) -> datetime.datetime | None:
     # The Maildir unique name starts with the delivery time in seconds.
     seconds = key.split(".", 1)[0]
-    if not seconds.isdigit():
+    if not is_decimal(seconds):
         return None
-    return datetime.datetime.fromtimestamp(int(seconds)).astimezone()
+    try:
+        return datetime.datetime.fromtimestamp(int(seconds)).astimezone()
+    except (OverflowError, ValueError, OSError):  # a name another program chose: no time we can show
+        return None
 
 
 # --- header fields ----------------------------------------------------------------

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 
 from pymailsrv import __version__
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import Command, CommandTable, ascii_upper, ascii_words
+from pymailsrv.commands import Command, CommandTable, ascii_upper, ascii_words, is_decimal
 from pymailsrv.limits import (
     POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
@@ -227,8 +227,7 @@ class Pop3Session(Session):
         return words
 
     def _number(self, verb: str, word: str) -> int:
-        # str.isdigit() admits other scripts' digits; the protocol means ASCII.
-        if not (word.isascii() and word.isdigit()):
+        if not is_decimal(word):
             raise self._syntax_error(verb)
         try:
             return int(word)

@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from pymailsrv.commands import is_decimal
 from pymailsrv.replies import counted
 
 CRLF = b"\r\n"
@@ -505,7 +506,7 @@ class Probe:
             status, listing = client.pop3_multi("LIST")
             fail_unless(listing is not None, "+OK to LIST", repr(status))
             live = sorted(int(line.split()[0]) for line in unstuffed(listing)
-                          if line.split()[:1] and line.split()[0].isdigit())
+                          if line.split()[:1] and is_decimal(line.split()[0]))
             found: dict[str, int] = {}
             for msg_number in reversed(live[-SEARCH_NEWEST:]):
                 status, lines = client.pop3_multi(f"TOP {msg_number} 0")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 
+from pymailsrv.commands import is_decimal
 from pymailsrv.probe_base import (
     ConnectionClosed,
     Check,
@@ -348,7 +349,7 @@ def pipelining_in_order(p: Probe) -> None:
 def size_refused_at_mail(p: Probe) -> None:
     client, extensions = greeted(p)
     limit = offered(extensions, "SIZE").strip()
-    if not limit.isdigit() or int(limit) == 0:
+    if not is_decimal(limit) or int(limit) == 0:
         raise Skipped("SIZE is advertised without a fixed limit")
     expect(client.smtp(f"MAIL FROM:<> SIZE={int(limit) + 1}"), (552,), f"MAIL with SIZE over {limit}")
 

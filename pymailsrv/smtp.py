@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pymailsrv.auth import Credentials
-from pymailsrv.commands import ASCII_WHITESPACE, Command, CommandTable, ascii_upper, ascii_words
+from pymailsrv.commands import ASCII_WHITESPACE, Command, CommandTable, ascii_upper, ascii_words, is_decimal
 from pymailsrv.limits import (
     SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
     SMTP_COMMAND_LINE_MAX,
@@ -636,7 +636,7 @@ class SmtpSession(Session):
     def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
         """Check one MAIL parameter of the extensions we offer."""
         if keyword == "SIZE":  # RFC 1870 §6
-            if value is None or not (value.isascii() and value.isdigit()):
+            if value is None or not is_decimal(value):
                 raise CommandError(R501_SYNTAX.format(syntax="SIZE=<octets>"))
             if int(value) > self.settings.smtp.max_message_size:
                 raise CommandError(R552_TOO_BIG)

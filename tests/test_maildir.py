@@ -241,6 +241,19 @@ def test_two_files_with_one_unique_name_are_both_kept_and_told_apart(store, root
     assert "has the unique name of another message: renamed to cur/" in caplog.text
 
 
+@pytest.mark.parametrize("name", ["²³.odd.example", "1700000000.odd.example,S=2,W=²", "9" * 30 + ".odd.example"])
+def test_a_name_with_digits_int_refuses_is_listed_not_crashed_on(store, root, name):
+    # Another program's choice: str.isdigit() takes "²", which int() refuses.
+    store.create_maildir("alice")
+    (root / "alice" / "new" / name).write_bytes(b"Subject: odd\n\nx\n")
+    drop = store.open_maildrop("alice")
+    try:
+        (message,) = drop.snapshot()
+    finally:
+        drop.release()
+    assert message.size == len(b"Subject: odd\r\n\r\nx\r\n")
+
+
 def test_a_message_that_vanishes_is_reported_not_crashed_on(store, root):
     store.deliver("alice", MESSAGE)
     drop = store.open_maildrop("alice")

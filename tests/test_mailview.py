@@ -148,6 +148,18 @@ def test_unknown_user_or_bad_number_is_a_one_line_error(root, alice_with_multipa
     assert result.output == error
 
 
+@pytest.mark.parametrize("name", ["²³.odd.example", "9" * 30 + ".odd.example"])
+def test_a_file_name_that_is_no_time_shows_no_delivery_time(root, alice_with_multipart, name):
+    # int() refuses "²"; 30 nines are past any date: neither may stop the listing.
+    for message in (root / "alice" / "new").iterdir():
+        message.unlink()
+    for message in (root / "alice" / "cur").iterdir():
+        message.unlink()
+    (root / "alice" / "new" / name).write_bytes(b"Subject: odd\n\nx\n")
+    result = show(root, "alice", "1")
+    assert result.exit_code == 0, result.output
+
+
 def test_single_part_message_is_a_tree_of_one():
     message = email.message_from_bytes(b"Subject: x\n\nhello\n", policy=email.policy.default)
     part = mime_tree(message)
