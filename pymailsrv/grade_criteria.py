@@ -188,22 +188,35 @@ def _pipelining_offered(t: Transcript, exchange: Exchange) -> bool:
     return any(line.split()[:1] == ["PIPELINING"] for line in listed)
 
 
+# RFC 2920 §3.1: these "may only appear as the last command in a group",
+# as their replies change what may follow (EHLO's lists what is offered).
+_LAST_IN_A_GROUP = ("EHLO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP")
+
+
 def waits_for_replies(t: Transcript) -> Verdict:
-    """RFC 2920 §3, RFC 2449 §6.6: no command before the last reply, unless PIPELINING was offered."""
+    """RFC 2920 §3, RFC 2449 §6.6: no command before the last reply, unless a
+    reply the client had already read offered PIPELINING."""
     commands = exchanges(t)
     if len(commands) < 2:
         return None, "fewer than two commands: nothing to wait between"
-    asked = "EHLO" if t.header["protocol"] == "smtp" else "CAPA"
-    offered = False
+    smtp = t.header["protocol"] == "smtp"
+    asked = "EHLO" if smtp else "CAPA"
+    offered = _pipelining_offered(t, commands[0])  # by the replies so far
+    known = False  # by the replies the client had read when it sent the line in hand
     previous = commands[0]  # the first line is waits-for-greeting's business
-    if _pipelining_offered(t, previous):
-        offered = True
     for exchange in commands[1:]:
         if exchange.tls_before and not previous.tls_before:
-            offered = False  # RFC 3207 §4.2, RFC 2595 §4: forget what was said before TLS
-        if exchange.pipelined and not offered:
+            offered = known = False  # RFC 3207 §4.2, RFC 2595 §4: forget what was said before TLS
+        if not exchange.pipelined:
+            known = offered  # sent after every reply before it had come
+        elif not known:
+            # Sent with the line before it, so before that line's reply: an
+            # EHLO's own offer cannot cover the MAIL sent along with it.
             return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
-                           f"and no {asked} reply had offered PIPELINING")
+                           f"and no {asked} reply it had read offered PIPELINING")
+        elif smtp and previous.verb in _LAST_IN_A_GROUP:
+            return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
+                           f"which RFC 2920 §3.1 allows only last in a group")
         if _pipelining_offered(t, exchange):
             offered = True
         previous = exchange

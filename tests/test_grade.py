@@ -281,6 +281,39 @@ def test_pipelined_data_after_refused_rcpt_is_allowed_once_ehlo_offered_pipelini
     assert verdicts(result)["smtp.waits-for-replies"] == PASS
 
 
+@pytest.mark.parametrize("group, evidence", [
+    # The offer is in EHLO's reply, which the MAIL sent with it came before.
+    (b"EHLO student.example\r\nMAIL FROM:<bob@example.org>\r\n", "and no EHLO reply it had read offered"),
+    # RFC 2920 §3.1: NOOP only last in a group, even once PIPELINING is known.
+    (b"NOOP\r\nMAIL FROM:<bob@example.org>\r\n", "which RFC 2920 §3.1 allows only last in a group"),
+], ids=["with-ehlo", "after-noop"])
+def test_a_line_pipelined_where_rfc_2920_forbids_fails_waits_for_replies(classroom, root, group, evidence):
+    server = classroom()
+    client = raw_smtp(server)
+    if group.startswith(b"NOOP"):
+        smtp_command(client, "EHLO student.example")  # PIPELINING offered, and read
+    client.send(group)
+    smtp_reply(client)
+    smtp_reply(client)
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.waits-for-replies"]
+    (item,) = [item for item in result.results if item.criterion == "smtp.waits-for-replies"]
+    assert evidence in item.evidence
+
+
+def test_pop3_commands_pipelined_with_capa_fail_waits_for_replies(classroom, root):
+    server = classroom()
+    client = raw_pop3_login(server)
+    client.send(b"CAPA\r\nSTAT\r\n")  # STAT could not know what CAPA would say
+    assert client.line().startswith(b"+OK")
+    client.multiline()
+    assert client.line().startswith(b"+OK")
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.waits-for-replies"]
+
+
 def test_the_same_refused_command_three_times_fails_no_repeated_refusals(classroom, root):
     server = classroom()
     client = raw_smtp(server)
