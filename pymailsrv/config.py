@@ -255,7 +255,7 @@ class Settings:
     transcripts: bool = False
     transcripts_keep: int = _checked(1000, _positive)
     # Let passwords cross unencrypted connections from anywhere (a lab on
-    # its own network); off, only auth.local_networks may (RFC 8314 §3).
+    # its own network); off, only auth.local_networks may (RFC 8314 §4.1).
     allow_plaintext_auth: bool = False
     # Fault scripts for testing mail clients (faults.py); never on a real server.
     faults: tuple[str, ...] = ()

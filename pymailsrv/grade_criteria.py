@@ -130,10 +130,13 @@ def exchanges(transcript: Transcript) -> list[Exchange]:
 
 
 def refused(protocol: str, reply: str) -> bool:
-    """A negative reply: SMTP 4xx/5xx (RFC 5321 §4.2.1), POP3 -ERR (RFC 1939 §3)."""
+    """A refusal the same command would meet again: SMTP 5yz, not 4yz, after
+    which "the action may be requested again" (RFC 5321 §4.2.1); POP3 -ERR,
+    but not [IN-USE] or [SYS/TEMP], which say to try again later (RFC 2449
+    §8.1.2, RFC 3206 §4)."""
     if protocol == "smtp":
-        return reply[:1] in ("4", "5")
-    return reply.startswith("-ERR")
+        return reply[:1] == "5"
+    return reply.startswith("-ERR") and not reply.startswith(("-ERR [IN-USE]", "-ERR [SYS/TEMP]"))
 
 
 def shown(line: str, width: int = 60) -> str:
@@ -267,7 +270,7 @@ def no_repeated_refusals(t: Transcript) -> Verdict:
         if len(run) > MAX_IDENTICAL_REFUSALS:
             return False, f"{shown(run[0].line)} refused {len(run)} times in a row ({shown(exchange.reply, 40)})"
     if not refusals:
-        return None, "no command was refused"
+        return None, "no command was refused for good (a 4yz or [SYS/TEMP] may be tried again)"
     return True, (f"{counted(refusals, 'refused command')}, none sent again unchanged "
                   f"more than {MAX_IDENTICAL_REFUSALS} times")
 
@@ -293,7 +296,7 @@ def _sends_password(t: Transcript, exchange: Exchange) -> bool:
 
 
 def no_password_before_tls(t: Transcript) -> Verdict:
-    """RFC 8314 §3, RFC 2595 §2.3: where TLS is offered, no password crosses before it."""
+    """RFC 8314 §5.2, RFC 2595 §2.3: where TLS is offered, no password crosses before it."""
     starter = "STARTTLS" if t.header["protocol"] == "smtp" else "STLS"
     offered: bool | None = False
     for exchange in exchanges(t):
@@ -510,7 +513,7 @@ SMTP_CRITERIA = [
               "sends no DATA once every RCPT was refused", no_data_without_recipients),
     Criterion("smtp.no-repeated-refusals", "smtp", "RFC 5321 §4.2.1",
               "does not repeat a refused command unchanged", no_repeated_refusals),
-    Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §3, RFC 3207 §4",
+    Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §5.2, RFC 3207 §4",
               "no AUTH PLAIN/LOGIN before STARTTLS when it was offered", no_password_before_tls),
     Criterion("smtp.issues-quit", "smtp", "RFC 5321 §4.1.1.10", "ends the session with QUIT", smtp_issues_quit),
 ]
@@ -525,9 +528,9 @@ POP3_CRITERIA = [
               "RETR/DELE/TOP only messages STAT/LIST/UIDL reported", uses_listed_numbers),
     Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
               "no command in the wrong state more than once", commands_in_right_state),
-    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 1939 §3",
+    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §4",
               "does not repeat a refused command unchanged", no_repeated_refusals),
-    Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §3",
+    Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §5.2",
               "no PASS/AUTH before STLS when CAPA offered it", no_password_before_tls),
     Criterion("pop3.issues-quit", "pop3", "RFC 1939 §6", "ends the session with QUIT", pop3_issues_quit),
 ]

@@ -434,7 +434,7 @@ SMTP_CHECKS = [
     Check("smtp.quit-221-and-close", "RFC 5321 §4.1.1.10", "QUIT gets 221, then the server closes",
           quit_221_and_close),
     Check("smtp.vrfy-answers", "RFC 5321 §3.5.3", "VRFY gets 25x/502/55x and the session goes on", vrfy_answers),
-    Check("smtp.expn-answers", "RFC 5321 §3.5.2", "EXPN gets 25x/502/550 and the session goes on", expn_answers),
+    Check("smtp.expn-answers", "RFC 5321 §4.1.1.7", "EXPN gets 25x/502/550 and the session goes on", expn_answers),
     Check("smtp.help-answers", "RFC 5321 §4.1.1.8", "HELP gets 211/214/502", help_answers),
     Check("smtp.relay-refused", "RFC 5321 §3.6.1", "mail for a foreign domain is refused", relay_refused),
     Check("smtp.postmaster-accepted", "RFC 5321 §4.5.1", "RCPT TO:<postmaster> is accepted",

@@ -229,7 +229,8 @@ POP3_LAST = _ok("{msg_number}", "highest message number accessed, RFC 1460 (obso
 POP3_CAPABILITIES_FOLLOW = _ok("capability list follows", "one capability per line, then '.', RFC 2449 §5")
 POP3_BEGIN_TLS = _ok("begin TLS negotiation",
                      "TLS handshake next; the session then starts afresh, RFC 2595 §4").starting_tls()
-POP3_MECHANISMS_FOLLOW = _ok("SASL mechanisms follow", "one mechanism per line, then '.', RFC 5034 §4")
+POP3_MECHANISMS_FOLLOW = _ok("SASL mechanisms follow", "one mechanism per line, then '.': bare AUTH, which "
+                                                       "RFC 5034 does not define but clients use (as Dovecot answers)")
 POP3_CHALLENGE = Pop3Challenge(ok=True, text="{challenge}", note="SASL challenge: answer in base64, or * to cancel, "
                                                          "RFC 5034 §4")
 
@@ -240,7 +241,7 @@ POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 193
 POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
 POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
 POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here without TLS: use STLS first",
-                             "no password over an unencrypted connection, RFC 8314 §3 / RFC 2595 §2.3; "
+                             "no password over an unencrypted connection, RFC 8314 §4.1 / RFC 2595 §2.3; "
                              "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",
                              code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
@@ -281,7 +282,8 @@ POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
                                    "third failed login: the connection closes; [AUTH], RFC 3206 §5",
                                    code="AUTH").closing()
 POP3_AUTOLOGOUT = _err("autologout: idle for too long",
-                       "inactivity timer expired, no UPDATE, RFC 1939 §3").closing()
+                       "inactivity timer expired, no UPDATE, RFC 1939 §3 (which would close without a reply; "
+                       "we say why first, as Dovecot does)").closing()
 POP3_SHUTTING_DOWN = _err("server shutting down, try again later",
                           "the server is stopping: no UPDATE, nothing deleted, RFC 1939 §6 / RFC 3206 §4",
                           code="SYS/TEMP").closing()

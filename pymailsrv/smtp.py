@@ -616,7 +616,7 @@ class SmtpSession(Session):
         return R252_CANNOT_VRFY
 
     def do_expn(self, argument: str) -> Reply:
-        """EXPN string (RFC 5321 §3.5.2): not offered (§7.3 allows that)."""
+        """EXPN string (RFC 5321 §4.1.1.7): not offered (§7.3 allows that)."""
         return R502_NOT_IMPLEMENTED.format(verb="EXPN")
 
     # --- the transaction: MAIL, RCPT, DATA ----------------------------------------

@@ -376,7 +376,7 @@ def test_pop3_capa_lists_sasl_plain_and_auth_resp_code(pop3):
     assert b"SASL PLAIN\r\n" in lines and b"AUTH-RESP-CODE\r\n" in lines
 
 
-# --- passwords only over TLS or from a local network (RFC 8314 §3) -----------------------------
+# --- passwords only over TLS or from a local network (RFC 8314 §4.1) -----------------------------
 
 
 @pytest.fixture

@@ -326,6 +326,18 @@ def test_the_same_refused_command_three_times_fails_no_repeated_refusals(classro
     assert failed(result) == ["smtp.no-repeated-refusals"]
 
 
+def test_a_command_refused_for_now_may_be_sent_again(classroom, root):
+    # RFC 5321 §4.2.1: after a 4yz "the action may be requested again".
+    server = classroom(faults=["smtp:MAIL*3=451 4.3.0 try again later"])
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    for _ in range(3):
+        assert smtp_command(client, "MAIL FROM:<bob@example.org>")[0].startswith(b"451")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["smtp.no-repeated-refusals"] == NA
+
+
 def test_closing_without_quit_fails_issues_quit(classroom, root):
     server = classroom()
     client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
