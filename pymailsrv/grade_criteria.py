@@ -230,14 +230,19 @@ def waits_for_replies(t: Transcript) -> Verdict:
 
 
 def _issues_quit(t: Transcript, closing_reply: str) -> Verdict:
-    quit_ = next((exchange for exchange in exchanges(t) if exchange.verb == "QUIT"), None)
+    # A QUIT the server refused ("QUIT now": a syntax error) ended nothing.
+    accepted = ("2",) if t.header["protocol"] == "smtp" else ("+OK",)
+    quit_ = next((exchange for exchange in exchanges(t)
+                  if exchange.verb == "QUIT" and exchange.reply.startswith(accepted)), None)
     if quit_ is not None:
-        return True, f"QUIT, answered {shown(quit_.reply or '(nothing)', 40)}"
+        return True, f"QUIT, answered {shown(quit_.reply, 40)}"
     if t.end is None:
         return None, "the session is still in progress (no end record)"
     outcome = t.end["outcome"]
     if outcome.startswith("dropped"):
-        return False, "the client closed the connection without QUIT"
+        return False, "the client closed the connection without an accepted QUIT"
+    if outcome.startswith("network error") and "reset" in outcome:
+        return False, "the client reset the connection without an accepted QUIT"
     if outcome == "timeout":
         return False, f"the client went silent until the server gave up ({closing_reply})"
     return None, f"the server ended the session: {shown(outcome, 50)}"

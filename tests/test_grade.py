@@ -338,6 +338,17 @@ def test_a_command_refused_for_now_may_be_sent_again(classroom, root):
     assert verdicts(result)["smtp.no-repeated-refusals"] == NA
 
 
+def test_a_refused_quit_then_a_close_fails_issues_quit(classroom, root):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    assert smtp_command(client, "QUIT now")[0].startswith(b"501")  # QUIT takes no argument: nothing ended
+    client.close()
+    (result,) = graded(root, server)
+    (item,) = [item for item in result.results if item.criterion == "smtp.issues-quit"]
+    assert (item.result, item.evidence) == (FAIL, "the client closed the connection without an accepted QUIT")
+
+
 def test_closing_without_quit_fails_issues_quit(classroom, root):
     server = classroom()
     client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
@@ -468,7 +479,7 @@ def test_grade_user_prints_a_table_and_a_score_for_each_of_their_sessions(class_
     assert lines[0].endswith(", dropped by client")
     assert lines[1].split() == ["criterion", "rfc", "result", "evidence"]
     assert any(line.startswith("pop3.issues-quit") and " FAIL " in line and
-               "closed the connection without QUIT" in line for line in lines)
+               "closed the connection without an accepted QUIT" in line for line in lines)
     assert lines[-1] == "score 4/5: 4 passed, 1 failed, 3 not applicable"
     assert "smtp" not in result.output  # bob's session is not alice's
 
