@@ -316,21 +316,24 @@ def _smuggling(sequence: bytes):
         p.sent.append(message)  # clean-up deletes it if it is stored
         begin_data(client, p)
         client.send(message.text + b"before" + sequence + b"NOOP smuggled\r\nafter\r\n.\r\n")
-        expect(client.smtp_reply(), range(200, 600), "the end of the text")
+        ended = expect(client.smtp_reply(), range(200, 600), "the end of the text")
         # A server that stopped reading text at the bare sequence has more to say:
         # the smuggled NOOP's 250, then 500s for the lines after it.
-        client.send_line("QUIT")
         replies = []
-        while len(replies) < MAX_REPLIES_AFTER_TEXT:
-            try:
+        try:
+            client.send_line("QUIT")
+            while len(replies) < MAX_REPLIES_AFTER_TEXT:
                 replies.append(client.smtp_reply())
-            except ConnectionClosed:
-                break
-            if replies[-1].code == 221:
-                break
-        codes = " ".join(str(reply.code) for reply in replies)
+                if replies[-1].code == 221:
+                    break
+        except (ConnectionClosed, OSError):
+            if not replies and ended.code >= 400:
+                # It refused the text and hung up (Postfix's 521 to a bare
+                # LF, say): nothing inside the text ran. The safest answer.
+                return
+        codes = " ".join(str(reply.code) for reply in replies) or "the connection closed"
         fail_unless(codes == "221", f"only 221 to QUIT: {sequence!r} must not end the text",
-                    f"{codes} (a command inside the text was run)")
+                    codes if codes == "the connection closed" else f"{codes} (a command inside the text was run)")
 
     return run
 

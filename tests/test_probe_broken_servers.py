@@ -11,7 +11,9 @@ with one switch that breaks one rule of the RFCs:
 * POP3 ``delete_at_dele``: DELE removes the file at once, so RSET or a
   dropped connection cannot save it (RFC 1939 §6; Twisted's old design);
 * SMTP ``bare_lf_ends_data``: ``<LF>.<LF>`` and friends end the text
-  (RFC 5321 §4.1.1.4; the SMTP smuggling of CVE-2023-51764).
+  (RFC 5321 §4.1.1.4; the SMTP smuggling of CVE-2023-51764);
+* SMTP ``bare_lf_refused`` is no bug: it answers a bare LF in the text with
+  521 and hangs up, as Postfix can, and must pass.
 
 With every switch off the fake passes, which shows that the FAILs below
 come from the one rule broken. The fake POP3 serves the Maildir that
@@ -263,7 +265,11 @@ class FakeSmtp(LineHandler):
                     self.send("503 bad sequence")
                     continue
                 self.send("354 go ahead")
-                self.server.store.deliver("alice", self.text())
+                text = self.text()
+                if text is None:  # Postfix 3.9's smtpd_forbid_bare_newline: refuse, and hang up
+                    self.send("521 5.5.2 bare <LF> received")
+                    return
+                self.server.store.deliver("alice", text)
                 sender, recipients = None, []
                 self.send("250 delivered")
             elif verb == "RSET":
@@ -283,13 +289,16 @@ class FakeSmtp(LineHandler):
             else:
                 self.send("500 command not recognized")
 
-    def text(self) -> bytes:
-        """The text after DATA, un-stuffed, with LF line ends."""
+    def text(self) -> bytes | None:
+        """The text after DATA, un-stuffed, with LF line ends; None for a bare
+        LF, when the server is ``bare_lf_refused`` (which is no bug)."""
         stored, after_crlf = [], True
         for _ in range(MAX_TEXT_LINES):
             line = self.rfile.readline(4096)
             if not line:
                 break
+            if self.server.broken == "bare_lf_refused" and not line.endswith(b"\r\n"):
+                return None
             if self.server.broken == "bare_lf_ends_data":
                 if line.rstrip(b"\r\n") == b".":
                     break
@@ -385,6 +394,9 @@ def test_the_failure_says_what_came_back(pymailsrv, fake, store):
 SMTP_BROKEN = {
     None: set(),
     "bare_lf_ends_data": {"smtp.smuggling-lf-dot-lf", "smtp.smuggling-lf-dot-crlf", "smtp.smuggling-crlf-dot-lf"},
+    # Not broken but strict: a 521 and a closed connection at a bare LF is
+    # the safest answer to smuggling, and passes.
+    "bare_lf_refused": set(),
 }
 # The fake advertises PIPELINING only; the timeout check needs --slow.
 SMTP_SKIPPED = {"smtp.size-refused-at-mail", "smtp.size-within-limit-accepted", "smtp.8bitmime-accepted",
