@@ -440,8 +440,12 @@ def _listed_numbers(exchange: Exchange) -> tuple[int, set[int]]:
     return max(numbers, default=0), numbers
 
 
+_LOGIN_COUNT = re.compile(r"^\+OK .*\bhas ([0-9]+) messages? \(")
+
+
 def uses_listed_numbers(t: Transcript) -> Verdict:
-    """RFC 1939 §5: RETR/DELE/TOP name messages STAT/LIST/UIDL reported, never a deleted one."""
+    """RFC 1939 §5: RETR/DELE/TOP name messages STAT/LIST/UIDL (or the login's
+    +OK) reported, never a deleted one."""
     highest, named, deleted = 0, set(), set()
     uses = 0
     for exchange in exchanges(t):
@@ -449,6 +453,10 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
             count, numbers = _listed_numbers(exchange)
             highest = max(highest, count)
             named |= numbers
+        elif exchange.verb in ("PASS", "APOP", "AUTH") and (said := _LOGIN_COUNT.search(exchange.reply)):
+            # RFC 1939 §7's own example: "+OK mrose's maildrop has 2 messages
+            # (320 octets)". A client may go by it (curl does).
+            highest = max(highest, int(said.group(1)))
         elif exchange.verb == "RSET" and exchange.reply.startswith("+OK"):
             deleted.clear()
         elif exchange.verb in ("RETR", "DELE", "TOP") and exchange.arguments:
@@ -458,7 +466,7 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
             if number in deleted:
                 return False, f"{shown(exchange.line)} names a message this session had deleted"
             if number is None or not (1 <= number <= highest or number in named):
-                listed = f"1-{highest}" if highest else "nothing (no STAT, LIST or UIDL first)"
+                listed = f"1-{highest}" if highest else "nothing (no STAT, LIST, UIDL, nor a count at login)"
                 return False, f"{shown(exchange.line)} but the server had listed {listed}"
             if exchange.verb == "DELE" and exchange.reply.startswith("+OK"):
                 deleted.add(number)
@@ -530,7 +538,7 @@ POP3_CRITERIA = [
     Criterion("pop3.waits-for-replies", "pop3", "RFC 2449 §6.6",
               "waits for each reply unless CAPA listed PIPELINING", waits_for_replies),
     Criterion("pop3.uses-listed-numbers", "pop3", "RFC 1939 §5",
-              "RETR/DELE/TOP only messages STAT/LIST/UIDL reported", uses_listed_numbers),
+              "RETR/DELE/TOP only messages STAT/LIST/UIDL or the login reported", uses_listed_numbers),
     Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
               "no command in the wrong state more than once", commands_in_right_state),
     Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §4",

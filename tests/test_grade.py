@@ -375,12 +375,23 @@ def test_pop3_commands_in_the_wrong_state_twice_fail(classroom, root):
 def test_retr_of_a_number_never_listed_fails_uses_listed_numbers(classroom, root, store):
     store.deliver("alice", b"Subject: one\n\nhello\n")
     server = classroom()
-    client = raw_pop3_login(server)
-    assert client.command("RETR 1").startswith(b"+OK")  # right by luck: nothing listed it
-    client.multiline()
+    client = raw_pop3_login(server)  # "+OK alice's maildrop has 1 message (...)"
+    assert client.command("RETR 2").startswith(b"-ERR")  # a guess: nothing listed a second message
     client.command("QUIT")
     (result,) = graded(root, server)
     assert failed(result) == ["pop3.uses-listed-numbers"]
+
+
+def test_retr_of_a_number_the_login_counted_passes_uses_listed_numbers(classroom, root, store):
+    # As curl does: RFC 1939 §7's example login reply gives the count.
+    store.deliver("alice", b"Subject: one\n\nhello\n")
+    server = classroom()
+    client = raw_pop3_login(server)
+    assert client.command("RETR 1").startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
 
 
 # --- passwords and TLS ---------------------------------------------------------------
