@@ -67,15 +67,17 @@ _WRONG_STATE = re.compile(re.escape("-ERR " + POP3_WRONG_STATE.text)
 class Exchange:
     """One client command line and what followed it, up to the next command.
 
-    ``text`` holds the lines of SMTP DATA (recorded without an ``ending``,
-    only with ``--trace-bodies``; otherwise a summary and the final dot), and
-    ``after_text`` the server's lines once the text had ended.
+    ``text`` holds the lines of SMTP DATA (only with ``--trace-bodies``;
+    otherwise a summary and the final dot), ``text_events`` the same as
+    recorded (their ``ending``: the summary's is the first bare one, if
+    any), and ``after_text`` the server's lines once the text had ended.
     """
 
     index: int  # position of the command in transcript.events
     event: dict
     replies: list[str] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    text_events: list[dict] = field(default_factory=list)
     after_text: list[dict] = field(default_factory=list)
     tls_before: bool = False  # a TLS handshake had been done when it was sent
 
@@ -102,8 +104,9 @@ class Exchange:
 
 
 def is_command(event: dict) -> bool:
-    """A client line read as a command (or a SASL answer), not as message text."""
-    return event["dir"] == "C" and "ending" in event
+    """A client line read as a command (or a SASL answer), not as message text:
+    only a command can be sent ahead of a reply, so only it says ``pipelined``."""
+    return event["dir"] == "C" and "pipelined" in event
 
 
 def is_tls_start(event: dict) -> bool:
@@ -121,6 +124,7 @@ def exchanges(transcript: Transcript) -> list[Exchange]:
             found.append(Exchange(index, event, tls_before=tls))
         elif found and event["dir"] == "C":
             found[-1].text.append(event["line"])
+            found[-1].text_events.append(event)
         elif found and event["dir"] == "S":
             if found[-1].text:
                 found[-1].after_text.append(event)
@@ -145,7 +149,8 @@ def shown(line: str, width: int = 60) -> str:
 
 
 def _ending(event: dict) -> str:
-    return {"CRLF": "CRLF", "LF": "a bare LF", "none": "no line end"}.get(event["ending"], event["ending"])
+    return {"CRLF": "CRLF", "LF": "a bare LF", "CR": "a bare CR", "none": "no line end"}.get(
+        event["ending"], event["ending"])
 
 
 # --- rules both protocols share ------------------------------------------------------
@@ -164,7 +169,7 @@ def waits_for_greeting(t: Transcript) -> Verdict:
 
 
 def uses_crlf(t: Transcript) -> Verdict:
-    """RFC 5321 §2.3.8, RFC 1939 §3: every command line ends in CR LF."""
+    """RFC 5321 §2.3.8, RFC 1939 §3: every line ends in CR LF, the message text's too."""
     commands = exchanges(t)
     if not commands:
         return None, "the client sent no command"
@@ -172,6 +177,11 @@ def uses_crlf(t: Transcript) -> Verdict:
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         return False, f"{shown(wrong[0].line)} ended in {_ending(wrong[0].event)}{more}"
+    # Text lines recorded before a line end was, have none: they count as CRLF.
+    text = next((event for exchange in commands for event in exchange.text_events
+                 if event.get("ending", "CRLF") != "CRLF"), None)
+    if text is not None:
+        return False, f"the message text had {_ending(text)} (at {shown(text['line'], 40)})"
     every = "all " if len(commands) > 1 else ""
     return True, f"{every}{counted(len(commands), 'command line')} ended in CRLF"
 

@@ -738,7 +738,8 @@ class SmtpSession(Session):
 
     def _end_of_text(self) -> Reply:
         """<CRLF>.<CRLF> came: refuse the text, or deliver it and say 250."""
-        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, b".")
+        self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, b".",
+                                        self.text.bare_line_end)
         refusal = self.text.refusal()
         incoming, self._incoming = self._incoming, None
         try:

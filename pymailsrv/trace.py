@@ -101,6 +101,11 @@ def format_event(event: dict) -> str:
     return f"{shown(event['state'])} {event['dir']}: {line}"
 
 
+def _line_end(line: bytes) -> str:
+    """How a line read from a client ended: "CRLF", "LF" (bare), or "none"."""
+    return "CRLF" if line.endswith(b"\r\n") else "LF" if line.endswith(b"\n") else "none"
+
+
 def octets_summary(lines: int, octets: int) -> str:
     """``[212 lines, 14 380 octets]``: how message text appears in a trace."""
     return f"[{counted(lines, 'line', grouped=True)}, {counted(octets, 'octet', grouped=True)}]"
@@ -225,17 +230,19 @@ class Tracer:
     def client_line(self, session: Session, line: bytes, pipelined: bool = False) -> None:
         if self.active:
             shown = session.mask(line.rstrip(b"\r\n")).decode("utf-8", "backslashreplace")
-            ending = "CRLF" if line.endswith(b"\r\n") else "LF" if line.endswith(b"\n") else "none"
-            self._record(session, "C", shown, session.annotation(line), ending=ending, pipelined=pipelined)
+            self._record(session, "C", shown, session.annotation(line), ending=_line_end(line), pipelined=pipelined)
 
     def client_text_line(self, session: Session, line: bytes) -> None:
         if self.active and self.bodies:
-            self._record(session, "C", line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
+            self._record(session, "C", line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"),
+                         ending=_line_end(line))
 
-    def client_text(self, session: Session, lines: int, octets: int, end_line: bytes) -> None:
-        """The text has ended: its summary, then the line that ended it."""
+    def client_text(self, session: Session, lines: int, octets: int, end_line: bytes,
+                    bare_line_end: str | None = None) -> None:
+        """The text has ended: its summary, then the line that ended it. The
+        summary's ``ending`` is CRLF, or the first bare line end (LF, CR) in it."""
         if self.active and not self.bodies:  # with bodies, every line was recorded as it came
-            self._record(session, "C", octets_summary(lines, octets))
+            self._record(session, "C", octets_summary(lines, octets), ending=bare_line_end or "CRLF")
             self._record(session, "C", end_line.rstrip(b"\r\n").decode("ascii", "backslashreplace"))
 
     def server_reply(self, session: Session, reply: Reply) -> None:

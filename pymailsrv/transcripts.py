@@ -6,7 +6,8 @@ lines in ``ROOT/.pymailsrv/transcripts/<time>-<protocol>-<id>.jsonl``:
 * a ``{"record": "session", ...}`` line: protocol, session id, client, time;
 * one line per event, as the live trace shows them (``dir`` is ``C``, ``S``
   or ``--``; client lines also carry their ``ending`` - CRLF or LF - and
-  whether they were ``pipelined``, sent before our previous reply went out);
+  whether they were ``pipelined``, sent before our previous reply went out;
+  a message text's summary carries the first bare line end in it, if any);
 * a ``{"record": "end", ...}`` line: user, commands, outcome.
 
 A transcript's id is its file name without ``.jsonl``. A session still in

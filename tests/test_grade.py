@@ -187,6 +187,21 @@ def test_lf_only_line_endings_fail_uses_crlf(classroom, root):
     assert evidence == "'EHLO student.example' ended in a bare LF (and 4 more)"
 
 
+@pytest.mark.parametrize("trace_bodies", [False, True], ids=["summary", "bodies"])
+def test_a_bare_lf_in_the_message_text_fails_uses_crlf(classroom, root, trace_bodies):
+    # RFC 5321 §2.3.8 holds for the text too; the server took it here only
+    # because bare_newline = normalize (Postfix 3.9's default).
+    server = classroom(trace_bodies=trace_bodies)
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    assert send_text(client, b"Subject: s3\n\nline one\r\n.\r\n")[0].startswith(b"250")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.uses-crlf"]
+    evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
+    assert evidence.startswith("the message text had a bare LF (at ")
+
+
 def test_talking_before_the_greeting_fails_waits_for_greeting(classroom, root):
     server = classroom(tracer_class=SlowStartTracer)
     client = RawClient(server.addresses["smtp"])
