@@ -114,6 +114,17 @@ def raw_pop3_login(server: MailServer) -> RawClient:
     return client
 
 
+def graded_message(classroom, root, text: bytes, **settings):
+    """The grade of one session: EHLO, a message of ``text`` (accepted), QUIT."""
+    server = classroom(**settings)
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    assert send_text(client, text)[0].startswith(b"250")
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    return result
+
+
 def send_text(client: RawClient, text: bytes) -> list[bytes]:
     """MAIL, RCPT alice, DATA and the text (ending included), each reply awaited."""
     assert smtp_command(client, "MAIL FROM:<bob@example.org>")[0].startswith(b"250")
@@ -191,12 +202,7 @@ def test_lf_only_line_endings_fail_uses_crlf(classroom, root):
 def test_a_bare_lf_in_the_message_text_fails_uses_crlf(classroom, root, trace_bodies):
     # RFC 5321 §2.3.8 holds for the text too; the server took it here only
     # because bare_newline = normalize (Postfix 3.9's default).
-    server = classroom(trace_bodies=trace_bodies)
-    client = raw_smtp(server)
-    smtp_command(client, "EHLO student.example")
-    assert send_text(client, b"Subject: s3\n\nline one\r\n.\r\n")[0].startswith(b"250")
-    smtp_command(client, "QUIT")
-    (result,) = graded(root, server)
+    result = graded_message(classroom, root, b"Subject: s3\n\nline one\r\n.\r\n", trace_bodies=trace_bodies)
     assert failed(result) == ["smtp.uses-crlf"]
     evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
     assert evidence.startswith("the message text had a bare LF (at ")
@@ -251,22 +257,12 @@ def test_mail_before_ehlo_fails_ehlo_before_mail(classroom, root):
 
 
 def test_a_leading_dot_sent_unstuffed_fails_dot_stuffs_text(classroom, root):
-    server = classroom(trace_bodies=True)
-    client = raw_smtp(server)
-    smtp_command(client, "EHLO student.example")
-    assert send_text(client, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")[0].startswith(b"250")
-    smtp_command(client, "QUIT")
-    (result,) = graded(root, server)
+    result = graded_message(classroom, root, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n", trace_bodies=True)
     assert failed(result) == ["smtp.dot-stuffs-text"]
 
 
 def test_dot_stuffing_is_not_applicable_when_bodies_were_not_traced(classroom, root):
-    server = classroom()
-    client = raw_smtp(server)
-    smtp_command(client, "EHLO student.example")
-    send_text(client, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")
-    smtp_command(client, "QUIT")
-    (result,) = graded(root, server)
+    result = graded_message(classroom, root, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")
     assert verdicts(result)["smtp.dot-stuffs-text"] == NA
     assert failed(result) == []
 
