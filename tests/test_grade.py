@@ -313,6 +313,22 @@ def test_a_line_pipelined_where_rfc_2920_forbids_fails_waits_for_replies(classro
     assert evidence in item.evidence
 
 
+def test_text_sent_with_data_before_its_354_fails_waits_for_replies(classroom, root):
+    # RFC 2920 §3.1: DATA comes last in a group, PIPELINING or not.
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    smtp_command(client, "MAIL FROM:<bob@example.org>")
+    smtp_command(client, "RCPT TO:<alice@localhost>")
+    client.send(b"DATA\r\nSubject: x\r\n\r\nhello\r\n.\r\n")
+    assert [smtp_reply(client)[0][:3] for _ in range(2)] == [b"354", b"250"]
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.waits-for-replies"]
+    (item,) = [item for item in result.results if item.criterion == "smtp.waits-for-replies"]
+    assert item.evidence == "the message text was sent before the 354 reply to DATA, which RFC 2920 §3.1 puts last"
+
+
 def test_pop3_commands_pipelined_with_capa_fail_waits_for_replies(classroom, root):
     server = classroom()
     client = raw_pop3_login(server)
