@@ -252,8 +252,8 @@ class Tracer:
             self._record(session, "C", end_line.rstrip(b"\r\n").decode("ascii", "backslashreplace"))
 
     def server_reply(self, session: Session, reply: Reply) -> None:
-        for line in reply.head():
-            self._record(session, "S", line, reply.note)
+        for number, line in enumerate(reply.head()):
+            self._record(session, "S", line, "" if number else reply.note)  # a reply's note, once
 
     def server_body_line(self, session: Session, wire_line: bytes) -> None:
         self._record(session, "S", wire_line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))

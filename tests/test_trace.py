@@ -161,6 +161,16 @@ def test_annotate_says_what_each_line_means_and_where_the_rfc_says_so(traced, ad
     assert "pop3 #N 127.0.0.1 AUTHORIZATION C: USER alice   ; USER name, RFC 1939 §7" in lines
 
 
+def test_annotate_gives_a_multiline_reply_its_note_once(traced):
+    server, stream = traced(annotate=True)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo("client.example")
+    server.stop()
+    ehlo = [line for line in _lines(stream) if " S: 250" in line and "greets client.example" not in line]
+    assert ehlo and all("   ; " not in line for line in ehlo)  # the note is on the first line only
+    assert any(" S: 250-" in line and "greets client.example" in line and "   ; " in line for line in _lines(stream))
+
+
 def test_json_trace_gives_one_object_per_event(traced, add_user):
     add_user("alice")
     server, stream = traced(trace_format="json")
