@@ -16,10 +16,11 @@ one host. Otherwise the domain's MX records are tried in order of
 preference (equal preferences in random order, to share the load); a host
 that cannot be reached, that refuses us before MAIL, or that refuses MAIL
 for now (4xx), makes us try the next one. A domain without MX records is
-its own mail host (the "implicit MX": its A/AAAA records). A single MX record "." is a null MX (RFC 7505): the
-domain takes no mail, and the recipient fails at once (5.1.10), as it does
-for a domain that does not exist (5.1.2). A recipient in one of our own
-domains is delivered locally, through the aliases.
+its own mail host (the "implicit MX": its A/AAAA records). A single MX
+record "." is a null MX (RFC 7505): the domain takes no mail, and the
+recipient fails at once (5.1.10), as it does for a domain that does not
+exist (5.1.2). A recipient in one of our own domains is delivered locally,
+through the aliases.
 
 Outcomes are per recipient (§4.5.4.1): one RCPT may get 250 and the next
 550 in the same transaction, and each is honoured. A 4xx reply, or losing

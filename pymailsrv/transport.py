@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 
 from pymailsrv.limits import RECV_CHUNK
 from pymailsrv.replies import CRLF, After, Reply
-
 from pymailsrv.trace import TEXT_BEFORE_354
 
 if TYPE_CHECKING:
@@ -202,11 +201,11 @@ class Connection:
         if self._output:
             try:
                 self.sock.sendall(self._output)
+                self.octets_out += len(self._output)
             except OSError:  # a timeout too: part of it may have gone, so none of it goes again
                 self._output_failed = True
                 raise
             finally:
-                self.octets_out += len(self._output)
                 self._output.clear()
 
     def start_tls(self) -> None:
