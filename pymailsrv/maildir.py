@@ -165,7 +165,8 @@ def _arrival_order(key: str) -> tuple[int, str]:
     """(seconds, unique name): the time a name begins with, then the name
     without its ",S=..." fields, which one copy of a message may lack."""
     seconds = key.split(".", 1)[0]
-    return (int(seconds) if is_decimal(seconds) else 0, key.split(",", 1)[0])  # another program's name, maybe
+    # Another program may have named the file: only ASCII digits are a time.
+    return (int(seconds) if is_decimal(seconds) else 0, key.split(",", 1)[0])
 
 
 def _scan(maildir: Path) -> list[tuple[str, str]]:
