@@ -772,6 +772,29 @@ class _HopClient(smtplib.SMTP):
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return super()._get_socket(self._address, port, timeout)
 
+    def getreply(self) -> tuple[int, bytes]:
+        """smtplib's reply, in ``relay.timeout`` all told. Its own timeout is
+        per read: a host that drips a reply, an octet or a line at a time,
+        would hold this delivery thread as long as it liked (RFC 5321
+        §4.5.3.2 times each command's whole reply)."""
+        watchdog = threading.Timer(self.timeout, self._cut_off)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return super().getreply()
+        finally:
+            watchdog.cancel()
+
+    def _cut_off(self) -> None:
+        """From the watchdog's thread: end the read in progress (getreply
+        then raises SMTPServerDisconnected). socket.socket's own shutdown,
+        on the descriptor, as for a TLS socket too (see transport._shut)."""
+        if self.sock is not None:
+            try:
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile
+
 
 def _quietly(command) -> None:
     """RSET or QUIT, whose failure changes nothing we have learnt."""

@@ -22,6 +22,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
 import subprocess
 import threading
@@ -589,6 +590,47 @@ def test_thirty_received_fields_still_pass(mta, sink):
                                  b"Received: from a by b\n" * 30 + MESSAGE)
     server.relay.run_once()
     assert len(remote.messages) == 1
+
+
+DRIP_SECONDS = 0.2
+DRIP_LINES = 300  # a minute at most, should the deadline not hold
+
+
+class _DrippingMx(socketserver.BaseRequestHandler):
+    """Greets, then answers EHLO one '250-' line every DRIP_SECONDS, never the last."""
+
+    def handle(self) -> None:
+        self.request.sendall(b"220 drip.example ESMTP\r\n")
+        self.request.recv(1024)  # the EHLO
+        for _ in range(DRIP_LINES):
+            try:
+                self.request.sendall(b"250-still talking\r\n")
+            except OSError:
+                return
+            if self.server.stopping.wait(DRIP_SECONDS):
+                return
+
+
+def test_a_host_that_drips_its_reply_is_given_up_within_the_timeout(mta):
+    # smtplib times each read, and each line came in time: only a deadline on
+    # the whole reply (RFC 5321 §4.5.3.2) frees the delivery thread.
+    dripping = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DrippingMx)
+    dripping.daemon_threads = True
+    dripping.stopping = threading.Event()
+    serving = threading.Thread(target=dripping.serve_forever, args=(0.05,), daemon=True)
+    serving.start()
+    try:
+        server = mta(None, port=dripping.server_address[1], timeout=1.0)
+        queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+        started = time.monotonic()
+        server.relay.run_once()
+        assert time.monotonic() - started < 5.0
+        [recipient] = server.context.queue.get(queue_id).pending
+        assert recipient.status == "4.4.2" and "failed before MAIL" in recipient.last_error
+    finally:
+        dripping.stopping.set()
+        dripping.shutdown()
+        dripping.server_close()
 
 
 def test_an_unreachable_host_is_retried_later(mta, sink):
