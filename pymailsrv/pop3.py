@@ -142,6 +142,7 @@ class Pop3Session(Session):
     protocol = "pop3"
     UNKNOWN_COMMAND = POP3_UNKNOWN_COMMAND
     WRONG_STATE = POP3_WRONG_STATE
+    SYNTAX_ERROR = POP3_SYNTAX
     LINE_TOO_LONG = POP3_LINE_TOO_LONG
     INTERNAL_ERROR = POP3_STORAGE_FAILURE
     TOO_MANY_CONNECTIONS = POP3_TOO_MANY_CONNECTIONS
@@ -216,9 +217,6 @@ class Pop3Session(Session):
             self._session_slot = None
 
     # --- arguments -------------------------------------------------------------
-
-    def _syntax_error(self, verb: str) -> CommandError:
-        return CommandError(POP3_SYNTAX.format(syntax=self.commands.find(verb).syntax))
 
     def _arguments(self, verb: str, argument: str, minimum: int, maximum: int) -> list[str]:
         words = ascii_words(argument)

@@ -84,6 +84,7 @@ class Session:
     # The replies each protocol gives for the failures every session shares.
     UNKNOWN_COMMAND: ClassVar[Reply]
     WRONG_STATE: ClassVar[Reply]  # with {verb} and {state}
+    SYNTAX_ERROR: ClassVar[Reply]  # with {syntax}: the command table's
     LINE_TOO_LONG: ClassVar[Reply]
     INTERNAL_ERROR: ClassVar[Reply]
     TOO_MANY_CONNECTIONS: ClassVar[Reply]  # with {host}: the listener's refusal over a cap
@@ -247,6 +248,10 @@ class Session:
             log.exception("%s session %d from %s: %s failed", self.protocol, self.session_id,
                           self.peer[0], what)
             return self.INTERNAL_ERROR
+
+    def _syntax_error(self, verb: str) -> CommandError:
+        """The refusal of a verb's arguments: its syntax, as the command table writes it."""
+        return CommandError(self.SYNTAX_ERROR.format(syntax=self.commands.find(verb).syntax))
 
     def _counted(self, reply: Reply) -> Reply:
         if self.is_error(reply):

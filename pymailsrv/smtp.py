@@ -391,6 +391,7 @@ class SmtpSession(Session):
     protocol = "smtp"
     UNKNOWN_COMMAND = R500_UNKNOWN_COMMAND
     WRONG_STATE = R503_WRONG_STATE
+    SYNTAX_ERROR = R501_SYNTAX
     LINE_TOO_LONG = R500_LINE_TOO_LONG
     INTERNAL_ERROR = R451_LOCAL_ERROR
     TOO_MANY_CONNECTIONS = R421_TOO_MANY_CONNECTIONS
@@ -467,9 +468,6 @@ class SmtpSession(Session):
         return super().dispatch(line, too_long)
 
     # --- helpers -----------------------------------------------------------------
-
-    def _syntax_error(self, verb: str) -> CommandError:
-        return CommandError(R501_SYNTAX.format(syntax=self.commands.find(verb).syntax))
 
     def _no_argument(self, verb: str, argument: str) -> None:
         """Refuse an argument to a verb that takes none."""
