@@ -178,7 +178,7 @@ def uses_crlf(t: Transcript) -> Verdict:
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         return False, f"{shown(wrong[0].line)} ended in {_ending(wrong[0].event)}{more}"
-    # Text lines recorded before a line end was, have none: they count as CRLF.
+    # Text lines in transcripts older than their recorded line ends have none: CRLF.
     text = next((event for exchange in commands for event in exchange.text_events
                  if event.get("ending", "CRLF") != "CRLF"), None)
     if text is not None:

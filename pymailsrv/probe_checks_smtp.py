@@ -331,9 +331,9 @@ def _smuggling(sequence: bytes):
                 # It refused the text and hung up (Postfix's 521 to a bare
                 # LF, say): nothing inside the text ran. The safest answer.
                 return
-        codes = " ".join(str(reply.code) for reply in replies) or "the connection closed"
-        fail_unless(codes == "221", f"only 221 to QUIT: {sequence!r} must not end the text",
-                    codes if codes == "the connection closed" else f"{codes} (a command inside the text was run)")
+        codes = " ".join(str(reply.code) for reply in replies)
+        came_back = f"{codes} (a command inside the text was run)" if replies else "the connection closed"
+        fail_unless(codes == "221", f"only 221 to QUIT: {sequence!r} must not end the text", came_back)
 
     return run
 

@@ -235,8 +235,8 @@ class Tracer:
 
     def client_line(self, session: Session, line: bytes, pipelined: bool = False) -> None:
         if self.active:
-            shown = session.mask(line.rstrip(b"\r\n")).decode("utf-8", "backslashreplace")
-            self._record(session, "C", shown, session.annotation(line), ending=_line_end(line), pipelined=pipelined)
+            text = session.mask(line.rstrip(b"\r\n")).decode("utf-8", "backslashreplace")
+            self._record(session, "C", text, session.annotation(line), ending=_line_end(line), pipelined=pipelined)
 
     def client_text_line(self, session: Session, line: bytes) -> None:
         if self.active and self.bodies:
