@@ -1,7 +1,8 @@
-"""The other end of the relay, for tests: a tiny DNS server and an SMTP sink.
+"""The other end, for tests: a tiny DNS server, an SMTP sink, a server that drips.
 
-Both listen on 127.0.0.1, port 0 (a free port), and are stopped by the
-fixtures in ``test_relay.py`` whatever the test's result.
+All listen on 127.0.0.1, port 0 (a free port), and are stopped by the
+fixtures in ``test_relay.py`` (and ``dripping_server``'s own exit)
+whatever the test's result.
 
 ``FakeDns`` answers from a dict, with ``dnslib`` building the packets: a
 name it does not know is NXDOMAIN, a known name without the asked type is
@@ -13,14 +14,20 @@ the next DATA commands (``data_replies``), STARTTLS with a given context,
 one whose handshake always fails (``failing_tls_context``), or STARTTLS
 offered and then refused (``starttls_reply``), or DATA answered without
 354 (``data_command_reply``).
+
+``dripping_server`` sends its reply a piece at a time, each in good time:
+every read gets something, so only a deadline on the whole reply ends the
+client's wait (the probe's, the relay's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trustme
@@ -182,3 +189,42 @@ class Sink:
 
     def stop(self) -> None:
         self.controller.stop()
+
+
+class _Drip(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server = self.server
+        try:
+            self.request.sendall(server.opening)
+            if server.after_a_line:
+                self.request.recv(1024)  # the client's first command
+        except OSError:
+            return
+        for _ in range(server.count):
+            try:
+                self.request.sendall(server.drip)
+            except OSError:
+                return
+            if server.stopping.wait(server.seconds):
+                return
+
+
+@contextlib.contextmanager
+def dripping_server(drip: bytes, seconds: float, count: int, opening: bytes = b"",
+                    after_a_line: bool = False) -> Iterator[tuple[str, int]]:
+    """A server that sends ``opening``, reads the client's first line if
+    ``after_a_line``, then sends ``drip`` every ``seconds``, ``count`` times
+    at most (bound the test, should the client's deadline not hold).
+    Yields its address; stopped on leaving the block."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Drip)
+    server.daemon_threads = True
+    server.opening, server.after_a_line, server.drip, server.seconds, server.count = (
+        opening, after_a_line, drip, seconds, count)
+    server.stopping = threading.Event()
+    threading.Thread(target=server.serve_forever, args=(POLL_SECONDS,), daemon=True).start()
+    try:
+        yield server.server_address[:2]
+    finally:
+        server.stopping.set()
+        server.shutdown()
+        server.server_close()

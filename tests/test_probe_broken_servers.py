@@ -42,6 +42,7 @@ from pymailsrv.probe import FAIL, PASS, SKIP, run_probe, text_report
 from pymailsrv.probe_base import Target
 from pymailsrv.tls import generate_self_signed, server_context
 from tests.conftest import PASSWORD
+from tests.remote_side import dripping_server
 
 SOCKET_TIMEOUT = 5.0
 MAX_COMMANDS = 1000  # per connection: a runaway client cannot keep a fake busy
@@ -450,36 +451,11 @@ def test_the_probe_speaks_implicit_tls_and_stls(pymailsrv, fake, store, tls_cont
 # --- a server that answers an octet at a time, never a whole line -------------------------
 
 
-class _Drip(socketserver.BaseRequestHandler):
-    """Sends "+" every DRIP_SECONDS and never a line end: each recv gets
-    something, so only a deadline on the whole reply ends the wait."""
-
-    def handle(self) -> None:
-        for _ in range(DRIP_OCTETS):
-            try:
-                self.request.sendall(b"+")
-            except OSError:
-                return
-            if self.server.stopping.wait(DRIP_SECONDS):
-                return
-
-
-DRIP_SECONDS = 0.1
-DRIP_OCTETS = 600  # a minute at most, should the deadline not hold
-
-
 def test_a_server_that_drips_octets_fails_within_the_timeout():
-    server = FakeServer(("127.0.0.1", 0), _Drip)
-    server.stopping = threading.Event()
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        target = Target("pop3", server.server_address[:2], timeout=1.0)
+    # "+" every 0.1 s and never a line end (a minute at most, should the deadline not hold).
+    with dripping_server(b"+", 0.1, 600) as address:
+        target = Target("pop3", address, timeout=1.0)
         started = time.monotonic()
         [result] = run_probe(target, ("pop3.greeting-ok",))
         assert time.monotonic() - started < 5
         assert (result.status, result.detail) == (FAIL, "no reply: timed out after 1 s waiting for the server")
-    finally:
-        server.stopping.set()
-        server.shutdown()
-        server.server_close()

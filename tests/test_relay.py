@@ -22,7 +22,6 @@ import shutil
 import signal
 import smtplib
 import socket
-import socketserver
 import ssl
 import subprocess
 import threading
@@ -39,7 +38,7 @@ from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import listening_line, make_settings, start_process, wait_until
 from tests.test_queue import put_broken_entries
-from tests.remote_side import FakeDns, Sink, failing_tls_context
+from tests.remote_side import FakeDns, Sink, dripping_server, failing_tls_context
 
 SENDER = "alice@localhost"  # a local user: her bounces land in her Maildir
 MESSAGE = b"From: Alice <alice@localhost>\nSubject: greetings\n\nHello over there.\n.a line with a dot\n"
@@ -592,45 +591,20 @@ def test_thirty_received_fields_still_pass(mta, sink):
     assert len(remote.messages) == 1
 
 
-DRIP_SECONDS = 0.2
-DRIP_LINES = 300  # a minute at most, should the deadline not hold
-
-
-class _DrippingMx(socketserver.BaseRequestHandler):
-    """Greets, then answers EHLO one '250-' line every DRIP_SECONDS, never the last."""
-
-    def handle(self) -> None:
-        self.request.sendall(b"220 drip.example ESMTP\r\n")
-        self.request.recv(1024)  # the EHLO
-        for _ in range(DRIP_LINES):
-            try:
-                self.request.sendall(b"250-still talking\r\n")
-            except OSError:
-                return
-            if self.server.stopping.wait(DRIP_SECONDS):
-                return
-
-
 def test_a_host_that_drips_its_reply_is_given_up_within_the_timeout(mta):
     # smtplib times each read, and each line came in time: only a deadline on
-    # the whole reply (RFC 5321 §4.5.3.2) frees the delivery thread.
-    dripping = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _DrippingMx)
-    dripping.daemon_threads = True
-    dripping.stopping = threading.Event()
-    serving = threading.Thread(target=dripping.serve_forever, args=(0.05,), daemon=True)
-    serving.start()
-    try:
-        server = mta(None, port=dripping.server_address[1], timeout=1.0)
+    # the whole reply (RFC 5321 §4.5.3.2) frees the delivery thread. The host
+    # greets, then answers EHLO with a '250-' line every 0.2 s, never the last
+    # (a minute at most, should the deadline not hold).
+    with dripping_server(b"250-still talking\r\n", 0.2, 300, opening=b"220 drip.example ESMTP\r\n",
+                         after_a_line=True) as (_, port):
+        server = mta(None, port=port, timeout=1.0)
         queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
         started = time.monotonic()
         server.relay.run_once()
         assert time.monotonic() - started < 5.0
         [recipient] = server.context.queue.get(queue_id).pending
         assert recipient.status == "4.4.2" and "failed before MAIL" in recipient.last_error
-    finally:
-        dripping.stopping.set()
-        dripping.shutdown()
-        dripping.server_close()
 
 
 def test_an_unreachable_host_is_retried_later(mta, sink):
