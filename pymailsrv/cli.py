@@ -143,7 +143,7 @@ def main() -> None:
 @click.option("--tls-cert", type=click.Path(dir_okay=False), help="PEM certificate (default: the 'cert generate' pair).")
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key for --tls-cert.")
 @click.option("--pop3s-port", type=int, help="Implicit-TLS POP3 port, e.g. 995 (RFC 8314; default off).")
-@click.option("--smtps-port", type=int, help="Implicit-TLS SMTP port, e.g. 465 (RFC 8314; default off).")
+@click.option("--smtps-port", type=int, help="Implicit-TLS submission port, e.g. 465 (RFC 8314; default off).")
 @click.option("--submission-port", type=int, help="Submission port, e.g. 587 (RFC 6409: AUTH before MAIL; default off).")
 @click.option("--smarthost", metavar="HOST:PORT", help="Send all outbound mail through this host (default: MX lookup).")
 @click.option("--run-as", metavar="USER", help="Started as root: become USER once the ports are bound.")

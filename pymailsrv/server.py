@@ -515,7 +515,8 @@ class MailServer:
         wanted = [("pop3", pop3.port, Pop3Session, False),
                   ("smtp", smtp.port, SmtpSession, False),
                   ("pop3s", pop3.pop3s_port, Pop3Session, True),
-                  ("smtps", smtp.smtps_port, SmtpSession, True),
+                  # RFC 8314 §3.3: port 465 is message submission over TLS.
+                  ("smtps", smtp.smtps_port, SubmissionSession, True),
                   ("submission", smtp.submission_port, SubmissionSession, False)]
         chosen = [listener for listener in wanted if listener[1] is not None]
         for name, _, _, implicit_tls in chosen:

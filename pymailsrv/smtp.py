@@ -622,6 +622,10 @@ class SmtpSession(Session):
     def do_mail(self, argument: str) -> Reply:
         """MAIL FROM:<reverse-path> [parameters] (RFC 5321 §4.1.1.2)."""
         sender, parameters = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
+        if self.user is not None and not self._owns(sender):
+            # RFC 6409 §6.1, on every port: a login is what lets mail out to
+            # other hosts, so it must not carry another person's name.
+            raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
         envelope = Envelope(reverse_path=sender)
         for keyword, value in parameters.items():
             self._mail_parameter(envelope, keyword, value)
@@ -630,6 +634,13 @@ class SmtpSession(Session):
         self.envelope = envelope
         self.enter(SmtpState.MAIL)
         return R250_SENDER_OK.format(address=sender or "")
+
+    def _owns(self, sender: Address | None) -> bool:
+        """Whether the logged-in user may send as ``sender``: their own name,
+        or an alias that delivers to them, in one of our domains."""
+        if sender is None or not self._is_local_domain(sender.domain):
+            return False
+        return self.user in self.context.aliases.expand(unquoted_local_part(sender.local_part)).users
 
     def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
         """Check one MAIL parameter of the extensions we offer."""
@@ -839,22 +850,16 @@ SmtpSession.commands = CommandTable(
 class SubmissionSession(SmtpSession):
     """Message submission (RFC 6409): the port a user's mail program sends through.
 
-    The same SMTP, with two rules more: MAIL needs a logged-in user (RFC 6409
-    §4.3, answered 530 as RFC 4954 §6 says), and that user may send only as
-    themselves, an address of their own name in one of our domains (§6.1).
+    The same SMTP, with one rule more: MAIL needs a logged-in user (RFC 6409
+    §4.3, answered 530 as RFC 4954 §6 says). That a logged-in user may send
+    only as themselves (§6.1) holds on every port (``SmtpSession.do_mail``).
+    The implicit-TLS port (465) is submission too (RFC 8314 §3.3).
     """
 
     def do_mail(self, argument: str) -> Reply:
-        """MAIL FROM:<reverse-path> (RFC 6409 §4.3, §6.1): AUTH first, own address only."""
+        """MAIL FROM:<reverse-path> (RFC 6409 §4.3): AUTH first."""
         if self.user is None:
             raise CommandError(R530_AUTH_REQUIRED)
-        sender, _ = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
-        # The user's own name, or an alias that delivers to them, in one of our domains.
-        local_part = unquoted_local_part(sender.local_part) if sender else ""
-        owned = (sender is not None and self._is_local_domain(sender.domain)
-                 and self.user in self.context.aliases.expand(local_part).users)
-        if not owned:
-            raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
         return super().do_mail(argument)
 
 
