@@ -134,8 +134,8 @@ class FailureThrottle:
 
     Shared by every session of a server, and by its worker processes
     (shared.py). Once an address has failed ``limit`` times within
-    ``window`` seconds of its first failure, ``blocked`` says so until the
-    window is over, and the sessions refuse its attempts without checking
+    ``window`` seconds of its first failure, ``charge`` refuses its attempts
+    until the window is over, and the sessions answer them without checking
     them, so a password cannot be guessed at line rate from many
     connections. Other addresses are never slowed by it.
 
@@ -158,32 +158,42 @@ class FailureThrottle:
         """The indexes where ``key``'s record may be (open addressing, linear probing)."""
         return [(key + step) % self._size for step in range(min(AUTH_THROTTLE_PROBES, self._size))]
 
-    def blocked(self, address: str) -> bool:
-        key, now = address_key(address), time.monotonic()
-        with self._table.locked():
-            for index in self._places(key):
-                held, failures, since = self._table.read(index)
-                if held == key:
-                    return failures >= self._limit and now - since < self._window
-        return False
+    def charge(self, address: str) -> bool:
+        """Count a login from ``address`` as failed before it is checked;
+        False, and nothing counted, while the address is blocked.
 
-    def failed(self, address: str) -> None:
+        Testing and counting under one lock is what makes the limit hold
+        when guesses arrive on many connections at once: each is counted
+        before any is checked. A login that succeeds is ``refund``-ed.
+        """
         key, now = address_key(address), time.monotonic()
         with self._table.locked():
             free = None
             for index in self._places(key):
                 held, failures, since = self._table.read(index)
                 if held == key:
-                    if now - since < self._window:
-                        self._table.write(index, key, failures + 1, since)
-                    else:  # a new window
+                    if now - since >= self._window:  # a new window
                         self._table.write(index, key, 1, now)
-                    return
+                    elif failures >= self._limit:
+                        return False
+                    else:
+                        self._table.write(index, key, failures + 1, since)
+                    return True
                 if free is None and (held == FREE or now - since >= self._window):
                     free = index
             if free is not None:
                 self._table.write(free, key, 1, now)
-                return
-        # Every record near this key is an address that failed within its
-        # window: an attack from very many addresses. This one goes uncounted.
+                return True
         log.warning("failed-login table full: a failure from %s is not counted", address)
+        return True
+
+    def refund(self, address: str) -> None:
+        """Take back the charge of a login from ``address`` that succeeded."""
+        key, now = address_key(address), time.monotonic()
+        with self._table.locked():
+            for index in self._places(key):
+                held, failures, since = self._table.read(index)
+                if held == key:
+                    if failures and now - since < self._window:
+                        self._table.write(index, key, failures - 1, since)
+                    return

@@ -100,7 +100,7 @@ from pymailsrv.replies import (
     Reply,
     counted,
 )
-from pymailsrv.session import Session
+from pymailsrv.session import AddressBlocked, Session
 from pymailsrv.storage import MaildropLocked, MessageInfo, MessageVanished, StorageError
 
 log = logging.getLogger("pymailsrv.pop3")
@@ -324,13 +324,16 @@ class Pop3Session(Session):
 
     def _log_in(self, name: str, credentials_valid: Callable[[str], bool]) -> Reply:
         delay = self.settings.pop3.failed_login_delay
-        blocked = self.login_blocked()
-        user = None if blocked else self.check_login(name, credentials_valid)
+        refusal = POP3_AUTH_FAILED
+        try:
+            user = self.check_login(name, credentials_valid)
+        except AddressBlocked:
+            user, refusal = None, POP3_ADDRESS_BLOCKED
         if user is None:
             self.failed_logins += 1
             if self.failed_logins >= self.settings.auth.max_failures_per_connection:
                 return POP3_TOO_MANY_FAILED_LOGINS.delayed(delay)
-            return (POP3_ADDRESS_BLOCKED if blocked else POP3_AUTH_FAILED).delayed(delay)
+            return refusal.delayed(delay)
         # Counted before the lock, so a refusal names the cap that refused.
         if not self.context.pop3_sessions.take((user, self.peer[0])):
             return POP3_TOO_MANY_SESSIONS

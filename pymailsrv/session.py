@@ -65,6 +65,10 @@ def command_text(line: bytes) -> str:
     return line.rstrip(b"\r\n").decode("utf-8", "surrogateescape")
 
 
+class AddressBlocked(Exception):
+    """The client address has failed to log in too often lately to be heard."""
+
+
 class InputKind(enum.Enum):
     """What the session takes the next client line to be."""
 
@@ -273,20 +277,22 @@ class Session:
                 or in_networks(self.peer[0], self.settings.auth.local_networks))
 
     def check_login(self, name: str, credentials_valid: Callable[[str], bool]) -> str | None:
-        """The user ``name`` names, if the credentials hold; else None, and the
-        client address is charged one failure (``FailureThrottle``)."""
+        """The user ``name`` names, if the credentials hold; else None.
+
+        The client address is charged a failure before the check and refunded
+        if it holds (``FailureThrottle``). Raises AddressBlocked, checking
+        nothing, where the address has failed too often lately.
+        """
+        if not self.context.throttle.charge(self.peer[0]):
+            raise AddressBlocked
         try:
             user = check_user_name(name)
         except UserError:
             user = None  # not a possible user name: fails like a wrong password
         if user is not None and credentials_valid(user):
+            self.context.throttle.refund(self.peer[0])
             return user
-        self.context.throttle.failed(self.peer[0])
         return None
-
-    def login_blocked(self) -> bool:
-        """Has this client address failed too often lately to be heard at all?"""
-        return self.context.throttle.blocked(self.peer[0])
 
     def start_sasl(self, mechanism: str, initial_response: str | None) -> Reply:
         """Begin a SASL exchange (RFC 4954 §4, RFC 5034 §4); the protocol supplies

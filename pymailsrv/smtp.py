@@ -112,7 +112,7 @@ from pymailsrv.replies import (
     CommandError,
     Reply,
 )
-from pymailsrv.session import Session, in_networks
+from pymailsrv.session import AddressBlocked, Session, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
 
 if TYPE_CHECKING:
@@ -595,9 +595,10 @@ class SmtpSession(Session):
 
     def sasl_finished(self, credentials: Credentials) -> Reply:
         delay = self.settings.pop3.failed_login_delay  # one failed-login delay for both protocols
-        if self.login_blocked():
+        try:
+            user = self.check_login(credentials.user, credentials.check(self.context.users))
+        except AddressBlocked:
             return R454_ADDRESS_BLOCKED.delayed(delay)
-        user = self.check_login(credentials.user, credentials.check(self.context.users))
         if user is None:
             self.auth_failures += 1
             if self.auth_failures >= self.settings.auth.max_failures_per_connection:

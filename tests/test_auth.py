@@ -19,9 +19,11 @@ set that list to 127.0.0.1 alone and connect from 127.0.0.2.
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import os
 import smtplib
+import threading
 import time
 
 import pytest
@@ -249,6 +251,30 @@ def test_address_that_failed_too_often_is_454_even_with_the_right_password(start
     assert exchange(other, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
+def test_guesses_sent_at_once_on_many_connections_are_held_to_the_limit(start_server, smtp_at, alice):
+    # The throttle counts each attempt before its password is checked: with
+    # a test first and a count after the check, all twelve were checked.
+    server = start_server(auth={"max_failures_per_address": 3})
+    clients = [smtp_at(server) for _ in range(12)]
+    start = threading.Barrier(len(clients), timeout=CLIENT_TIMEOUT)
+
+    def guess(client: TlsClient) -> bytes:
+        start.wait()
+        return exchange(client, f"AUTH PLAIN {plain(password='wrong')}")
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        replies = sorted(pool.map(guess, clients))
+    assert replies == [wire(R.R454_ADDRESS_BLOCKED)] * 9 + [wire(R.R535_AUTH_FAILED)] * 3
+
+
+def test_a_login_that_succeeds_is_not_counted_as_a_failure(start_server, smtp_at, alice):
+    server = start_server(auth={"max_failures_per_address": 2})
+    for _ in range(3):
+        assert exchange(smtp_at(server), f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+    assert exchange(smtp_at(server), f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
+    assert exchange(smtp_at(server), f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
+
+
 def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, pop3_at, alice):
     server = start_server(auth={"max_failures_per_address": 2})
     client = pop3_at(server)
@@ -274,24 +300,33 @@ def test_the_throttle_counts_the_failures_of_every_worker_process():
     throttle = FailureThrottle(limit=2, window=60)
     child = os.fork()
     if child == 0:  # a worker's failures (start --processes), in its own process
-        throttle.failed("192.0.2.1")
-        throttle.failed("192.0.2.1")
+        throttle.charge("192.0.2.1")
+        throttle.charge("192.0.2.1")
         os._exit(0)
     assert os.waitpid(child, 0)[1] == 0
-    assert throttle.blocked("192.0.2.1") and not throttle.blocked("192.0.2.2")
+    assert not throttle.charge("192.0.2.1") and throttle.charge("192.0.2.2")
+
+
+def test_a_refund_takes_back_one_charge():
+    throttle = FailureThrottle(limit=2, window=60)
+    assert throttle.charge("192.0.2.1") and throttle.charge("192.0.2.1")
+    throttle.refund("192.0.2.1")
+    assert throttle.charge("192.0.2.1")
+    assert not throttle.charge("192.0.2.1")
 
 
 def test_an_address_whose_window_is_over_makes_room_for_another(caplog):
     window = 1.0  # long beside the steps inside it, stalls and all
     throttle = FailureThrottle(limit=1, window=window, size=1)  # room for one address
-    throttle.failed("192.0.2.1")
-    assert throttle.blocked("192.0.2.1")
-    throttle.failed("192.0.2.2")  # .1 is inside its window: no room
-    assert not throttle.blocked("192.0.2.2")
+    assert throttle.charge("192.0.2.1")
+    assert not throttle.charge("192.0.2.1")
+    assert throttle.charge("192.0.2.2")  # .1 is inside its window: no room
+    assert throttle.charge("192.0.2.2")
     assert "failed-login table full: a failure from 192.0.2.2 is not counted" in caplog.text
     time.sleep(window + 0.05)
-    throttle.failed("192.0.2.2")
-    assert throttle.blocked("192.0.2.2") and not throttle.blocked("192.0.2.1")
+    assert throttle.charge("192.0.2.2")
+    assert not throttle.charge("192.0.2.2")
+    assert throttle.charge("192.0.2.1")  # .2 holds the one record now: .1 goes uncounted
 
 
 def test_sasl_answer_may_be_longer_than_a_command_line(smtp, alice):
