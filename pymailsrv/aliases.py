@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
-from pymailsrv.paths import PathError, parse_path, unquoted_local_part
+from pymailsrv.limits import ALIAS_DEPTH_MAX
+from pymailsrv.paths import PathError, canonical_domain, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.aliases")
@@ -123,7 +124,7 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
         raise AliasError(f"invalid target {target!r}: {error}") from None
     if rest.strip() or not address.domain:
         raise AliasError(f"invalid target {target!r}")
-    if address.domain in {domain.lower() for domain in local_domains}:
+    if canonical_domain(address.domain) in {canonical_domain(domain) for domain in local_domains}:
         return _checked_name(unquoted_local_part(address.local_part))
     return str(address)
 
@@ -188,7 +189,7 @@ class AliasTable:
         self.path = self.state_dir / ALIASES_FILE_NAME
         self._lock_path = self.state_dir / "aliases.lock"
         self._user_names = user_names
-        self.domains = tuple(domain.lower() for domain in domains)
+        self.domains = tuple(domains)
         self._postmaster = postmaster
         self._file = ChangedFile(self.path, _read, missing=_AliasFile())
 

@@ -88,6 +88,10 @@ SMTP_DATA_TIMEOUT_SECONDS = 10 * 60
 # Postfix's smtpd_hard_error_limit default: after 20 errors the session ends.
 SMTP_MAX_ERRORS = 20
 
+# sendmail's MaxAliasRecursion default: an alias chain goes at most 10 names
+# deep; deeper is taken for a mistake, logged, and that branch goes nowhere.
+ALIAS_DEPTH_MAX = 10
+
 # --- Connections (every listener together) ----------------------------------
 
 # One pymailsrv process serves every protocol, one thread and one socket per

@@ -179,6 +179,27 @@ def is_domain(text: str) -> bool:
     return _is_address_literal(text)
 
 
+def canonical_domain(domain: str) -> str:
+    """One spelling of ``domain``, to tell whether two name the same place.
+
+    A name in lower case with its UTF-8 labels as A-labels (RFC 5890
+    §2.3.2.1: ``bücher`` and ``xn--bcher-kva`` are one label); an address
+    literal with its address as ``ipaddress`` writes it (``[IPv6:0::1]`` is
+    ``[IPv6:::1]``).
+    """
+    match = _ADDRESS_LITERAL.fullmatch(domain)
+    if match:
+        try:
+            address = (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
+        except ValueError:
+            return domain.lower()
+        return f"[IPv6:{address}]" if match[1] else f"[{address}]"
+    try:
+        return domain.encode("idna").decode("ascii").lower()
+    except UnicodeError:  # no name DNS could hold: compared as written
+        return domain.lower()
+
+
 def _is_address_literal(domain: str) -> bool:
     match = _ADDRESS_LITERAL.fullmatch(domain)
     if match is None:

@@ -53,6 +53,7 @@ from pymailsrv.paths import (
     VCHAR,
     Address,
     PathError,
+    canonical_domain,
     is_domain,
     parse_parameters,
     parse_path,
@@ -687,8 +688,7 @@ class SmtpSession(Session):
         return R250_RECIPIENT_OK.format(address=recipient)
 
     def _is_local_domain(self, domain: str) -> bool:
-        # Address keeps its domain lower-cased; a --domain may be written in capitals.
-        return domain in {local.lower() for local in self.settings.domains}
+        return canonical_domain(domain) in {canonical_domain(local) for local in self.settings.domains}
 
     def _route(self, recipient: Address) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Where mail for ``recipient`` goes: (local users, addresses to relay to),

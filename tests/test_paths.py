@@ -21,6 +21,7 @@ from pymailsrv.paths import (
     PATH_MAX,
     Address,
     PathError,
+    canonical_domain,
     parse_mailbox,
     parse_parameters,
     parse_path,
@@ -335,3 +336,16 @@ def test_parse_mailbox_raises_nothing_but_path_error(text):
         parse_mailbox(text)
     except PathError:
         pass
+
+
+@pytest.mark.parametrize("domain, canonical", [
+    ("Mail.Example", "mail.example"),
+    ("bücher.example", "xn--bcher-kva.example"),
+    ("XN--BCHER-KVA.Example", "xn--bcher-kva.example"),
+    ("[127.0.0.1]", "[127.0.0.1]"),
+    ("[ipv6:0:0::1]", "[IPv6:::1]"),
+    ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+    ("a" * 64 + ".example", "a" * 64 + ".example"),  # no name for DNS: compared as written, lower-cased
+])
+def test_canonical_domain_is_one_spelling_of_each_place(domain, canonical):
+    assert canonical_domain(domain) == canonical

@@ -23,7 +23,7 @@ import pytest
 from pymailsrv import replies as R
 from pymailsrv.config import ConfigError
 from pymailsrv.smtp import SmtpSession
-from tests.conftest import CLIENT_TIMEOUT, RawClient, make_settings
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
 
 # An SMTP reply never has more lines than this here (HELP has one per verb).
 MAX_REPLY_LINES = 50
@@ -647,6 +647,31 @@ def test_domains_are_compared_without_case(start_server, greeted, alice):
     client = greeted(server.addresses["smtp"])
     exchange(client, "MAIL FROM:<x@example.org>")
     assert exchange(client, "RCPT TO:<alice@mail.example>") == wire(R.R250_RECIPIENT_OK, address="alice@mail.example")
+
+
+@pytest.mark.parametrize("configured, spelled", [
+    ("bücher.example", "xn--bcher-kva.example"),  # RFC 5890 §2.3.2.1: one label, two forms
+    ("xn--bcher-kva.example", "XN--Bcher-KVA.example"),
+    ("[IPv6:::1]", "[IPv6:0::1]"),
+    ("[IPv6:::1]", "[IPv6:0:0:0:0:0:0:0:1]"),
+])
+def test_each_spelling_of_a_configured_domain_is_local(start_server, greeted, alice, configured, spelled):
+    server = start_server(domains=[configured])
+    client = greeted(server.addresses["smtp"])
+    exchange(client, "MAIL FROM:<x@example.org>")
+    for local_part in ["alice", "postmaster"]:
+        assert exchange(client, f"RCPT TO:<{local_part}@{spelled}>") == wire(
+            R.R250_RECIPIENT_OK, address=f"{local_part}@{spelled.lower()}")
+
+
+def test_a_logged_in_user_writing_the_a_label_of_our_domain_is_delivered_locally(start_server, alice, store):
+    server = start_server(domains=["bücher.example"])
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        client.login("alice", PASSWORD)
+        assert client.sendmail("alice@xn--bcher-kva.example", ["alice@xn--bcher-kva.example"],
+                               b"Subject: hi\r\n\r\nhello\r\n") == {}
+    assert len(store.messages("alice")) == 1
+    assert server.context.queue.entries() == []
 
 
 @pytest.mark.parametrize("local_part", ["../x", "..", ".pymailsrv", "../.pymailsrv"])
