@@ -27,8 +27,8 @@ stays the sender's, not ours). Two rules keep it finite and unsurprising:
 
 ``postmaster`` (RFC 5321 §4.5.1 requires it) and ``abuse`` (RFC 2142 §2)
 exist even when the file does not name them: they point to
-``smtp.postmaster``, else to the first user. A line in the file overrides
-that.
+``smtp.postmaster``, else to the first user. A line in the file, or a user
+of that name, overrides that.
 
 The server re-reads the file when it changes on disk (``durable.ChangedFile``),
 so an edit applies without a restart. The CLI's changes are read-modify-
@@ -136,9 +136,17 @@ def _checked_name(name: str) -> str:
         raise AliasError(str(error).replace("user name", "name")) from None
 
 
+def _lines(text: str) -> list[str]:
+    """The lines of a file that ends them with LF (or CRLF). Not
+    ``str.splitlines``: it also ends a line at U+2028 and other separators
+    that an address in quotes may hold, and the address would read back as
+    two lines, the second a new alias."""
+    return [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
+
+
 def _parse(text: str, where: str = "aliases") -> _AliasFile:
     """Lines and entries of an aliases file; bad lines are logged and skipped."""
-    parsed = _AliasFile(lines=text.splitlines())
+    parsed = _AliasFile(lines=_lines(text))
     current: _Entry | None = None
     for number, line in enumerate(parsed.lines):
         content = _COMMENT.split(line, 1)[0]
@@ -203,7 +211,7 @@ class AliasTable:
         aliases = {name: list(entry.targets) for name, entry in self._file.get().entries.items()}
         postmaster = self._postmaster or next(iter(user_names), None)
         for name in DEFAULT_ALIASES:
-            if name not in aliases and postmaster is not None:
+            if name not in aliases and name not in user_names and postmaster is not None:
                 aliases[name] = [postmaster]
         return aliases
 
@@ -245,6 +253,9 @@ class AliasTable:
                 return
             if target in done:
                 return  # reached again by another path: its targets are in already
+            if len(path) >= ALIAS_DEPTH_MAX:
+                problems.append(f"more than {ALIAS_DEPTH_MAX} aliases deep: {' -> '.join(path + (target,))}")
+                return
             done.add(target)
             for next_target in aliases[target]:
                 visit(next_target, path + (target,))

@@ -92,6 +92,42 @@ def test_postmaster_and_abuse_exist_by_default(aliases, root):
     assert aliases.expand("abuse") == Expansion(users=("carol",))
 
 
+def test_a_user_named_postmaster_or_abuse_gets_that_mail_itself(root, add_user):
+    for name in ("alice", "abuse", "postmaster"):
+        add_user(name)
+    table = AliasTable(root / ".pymailsrv", UserStore(root / ".pymailsrv").names)
+    assert table.expand("postmaster") == Expansion(users=("postmaster",))
+    assert table.expand("abuse") == Expansion(users=("abuse",))
+
+
+def test_a_line_ends_only_at_a_line_feed_not_at_a_unicode_separator(aliases):
+    target = '"x\u2028evil: m@attacker.example\u2028y"@example.net'
+    assert aliases.add("staff", [target]) == [target]
+    assert aliases.table()["staff"] == [target]
+    assert "evil" not in aliases.table()
+    assert aliases.expand("staff") == Expansion(external=(target,))
+
+
+def test_a_file_with_crlf_line_ends_reads_as_one_with_lf(aliases):
+    write(aliases, "staff: alice,\r\n  bob\r\nsales: carol\r\n")
+    assert aliases.expand("staff") == Expansion(users=("alice", "bob"))
+    assert aliases.expand("sales") == Expansion(users=("carol",))
+
+
+def test_a_chain_deeper_than_sendmails_limit_goes_nowhere_and_says_so(aliases, caplog):
+    write(aliases, "".join(f"a{depth}: a{depth + 1}\n" for depth in range(10)) + "a10: alice\n")
+    assert aliases.expand("a1") == Expansion(users=("alice",))  # ten aliases deep
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.aliases"):
+        expansion = aliases.expand("a0")  # eleven
+    assert not expansion
+    assert expansion.problems == ("more than 10 aliases deep: " + " -> ".join(f"a{depth}" for depth in range(11)),)
+
+
+def test_a_chain_of_a_thousand_is_no_traceback(aliases):
+    write(aliases, "".join(f"a{depth}: a{depth + 1}\n" for depth in range(1200)) + "a1200: alice\n")
+    assert not aliases.expand("a0")
+
+
 def test_comments_continuations_and_bad_lines(aliases, caplog):
     write(aliases, "# who gets what\n\nlist: alice,   # the first\n  bob\nthis is not an alias\n"
                    "odd#name@example.net: x\nteam: a#b@example.net\n")
