@@ -314,9 +314,6 @@ def user_list(settings: Settings) -> None:
         except OSError as error:  # one broken Maildir must not hide everyone else's
             rows.append((name, f"(cannot read: {error.strerror or error})", ""))
             continue
-        except UserError:  # a name put into users.json by hand: it has no Maildir of ours
-            rows.append((name, "(not a valid user name: no Maildir)", ""))
-            continue
         rows.append((name, len(messages), sum(_file_size(path) for _, path in messages)))
     _echo_table(rows, ["user", "messages", "bytes"])
 

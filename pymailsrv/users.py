@@ -129,8 +129,21 @@ def _read_users(path: Path) -> dict[str, dict[str, str]]:
     except RecursionError:
         raise DamagedUserFile(f"{path} is damaged: it is nested too deep") from None
     users = document.get("users") if isinstance(document, dict) else None
-    if not (isinstance(users, dict) and all(isinstance(record, dict) for record in users.values())):
+    if not isinstance(users, dict):
         raise DamagedUserFile(f"{path} is damaged: it holds no users")
+    for name, record in users.items():
+        # A hand edit is checked as 'user add' checks its input: one bad
+        # record would otherwise fail each login with a traceback, or, named
+        # "../x", become the first user and so the postmaster.
+        try:
+            valid_name = check_user_name(name) == name
+        except UserError:
+            valid_name = False
+        if not valid_name:
+            raise DamagedUserFile(f"{path} is damaged: {name!r} is not a user name")
+        if not (isinstance(record, dict) and isinstance(record.get("password"), str)
+                and isinstance(record.get("apop_secret", ""), str)):
+            raise DamagedUserFile(f"{path} is damaged: the record of {name!r} is not a password and its options")
     return users
 
 

@@ -172,16 +172,22 @@ def test_user_list_shows_a_broken_maildir_in_its_row_and_lists_the_rest(cli, roo
     assert rows == [["alice", "(cannot", "read:", "Not", "a", "directory)"], ["bob", "0", "0"]]
 
 
-def test_user_list_shows_a_name_put_into_users_json_by_hand(cli, root):
+@pytest.mark.parametrize("name, record, said", [
+    ("Bob Smith", {"password": "$scrypt$"}, "'Bob Smith' is not a user name"),
+    ("../evil", {"password": "$scrypt$"}, "'../evil' is not a user name"),
+    ("bob", {"password": 5}, "the record of 'bob' is not a password and its options"),
+    ("bob", {}, "the record of 'bob' is not a password and its options"),
+    ("bob", {"password": "$scrypt$", "apop_secret": None}, "the record of 'bob' is not a password and its options"),
+])
+def test_a_record_put_into_users_json_by_hand_is_checked_as_user_add_checks(cli, root, name, record, said):
     cli("user", "add", "alice", "--password-stdin", input="pw\n")
     users_file = root / ".pymailsrv" / "users.json"
     table = json.loads(users_file.read_text())
-    table["users"]["Bob Smith"] = table["users"]["alice"]
+    table["users"][name] = record
     users_file.write_text(json.dumps(table))
     result = cli("user", "list")
-    assert result.exit_code == 0, result.output
-    rows = [line.split(None, 2) for line in result.stdout.splitlines()[2:]]
-    assert rows == [["Bob", "Smith", "(not a valid user name: no Maildir)"], ["alice", "0", "0"]]
+    assert result.exit_code == 1
+    assert one_line_error(result) == f"Error: {users_file} is damaged: {said}"
 
 
 def test_mailbox_list_is_a_table_of_messages(cli, root):
