@@ -57,6 +57,12 @@ def _port(value: int) -> None:
         raise ValueError("a port is 0-65535 (0 picks a free port)")
 
 
+def _remote_port(value: int) -> None:
+    # 0 picks a free port to listen on; there is none to connect to.
+    if not 1 <= value <= 65535:
+        raise ValueError("a port to connect to is 1-65535")
+
+
 def _positive(value: float) -> None:
     if value <= 0:
         raise ValueError("must be greater than 0")
@@ -158,7 +164,8 @@ class SmtpSettings:
 
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """"host:port", "host" or "[v6 address]:port" as (host, port); ValueError if malformed."""
+    """A server to connect to, "host:port", "host" or "[v6 address]:port", as (host, port);
+    ValueError if malformed."""
     host, port = text, str(default_port)
     if text.startswith("["):
         host, bracket, rest = text[1:].partition("]")
@@ -169,7 +176,7 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
         host, port = text.split(":")
     if not host or not is_decimal(port):
         raise ValueError(f"expected host:port, got {text!r}")
-    _port(int(port))
+    _remote_port(int(port))
     return host, int(port)
 
 
@@ -194,7 +201,7 @@ class RelaySettings:
     smarthost_tls: Literal["opportunistic", "required", "verified"] = "opportunistic"
     smarthost_ca_file: Path | None = _checked(None, _existing_file)
     # The port of MX hosts (25 on the Internet; tests use a free port).
-    port: int = _checked(25, _port)
+    port: int = _checked(25, _remote_port)
     # "address:port" of the DNS server for MX lookups; None: the system's.
     dns_server: str | None = _checked(None, lambda value: parse_host_port(value, 53))
     workers: int = _checked(limits.RELAY_WORKERS, _positive)

@@ -192,8 +192,8 @@ def _timeout(_context: click.Context, _option: click.Parameter, seconds: float) 
     return seconds
 
 
-# Port 0 is nothing a server listens on, so as parse_host_port's default it
-# stands for "no port given": the probe must be told where to connect.
+# Port 0 is nothing to connect to, so as parse_host_port's default it makes
+# "no port given" an error: the probe must be told where to connect.
 NO_PORT = 0
 
 
@@ -203,8 +203,6 @@ def _address(value: str | None, option: str) -> tuple[str, int] | None:
         return None
     try:
         host, port = parse_host_port(value, default_port=NO_PORT)
-        if port == NO_PORT:
-            raise ValueError("no port")
     except ValueError:
         raise click.BadParameter(f"expected HOST:PORT or [IPv6]:PORT, port 1-65535, got {value!r}",
                                  param_hint=option) from None

@@ -101,6 +101,10 @@ def convert(value: object, kind: Any, key: str) -> Any:
             return kind(value)
         except ValueError:
             raise SchemaError(key, f"{value!r} is not one of {', '.join(map(str, kind))}") from None
+    if isinstance(value, str) and "\x00" in value:
+        # TOML and JSON can hold one (\u0000), but no path, host or user
+        # name can: the system calls would refuse it with a traceback.
+        raise SchemaError(key, "a NUL character (\\u0000) is in no name or path")
     if kind is Path:
         if not isinstance(value, (str, Path)):
             raise SchemaError(key, f"expected a path, got {value!r}")

@@ -104,6 +104,16 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("hostname = \"mail\\r\\nX-Injected: yes\"\n", "hostname"),
     ("[smtp]\npostmaster = \"../x\"\n", "smtp.postmaster"),  # never a user: refused, not warned of
     ("[relay]\nsmarthost_ca_file = \"/no/such/ca.pem\"\n", "relay.smarthost_ca_file"),
+    # A NUL fits in TOML, in no name or path: os.mkdir, bind and getpwnam raised with a traceback.
+    ("root = \"mail\\u0000box\"\n", "root"),
+    ("host = \"127.0.0.1\\u0000\"\n", "host"),
+    ("run_as = \"nobody\\u0000\"\n", "run_as"),
+    ("[tls]\ncert = \"a\\u0000\"\n", "tls.cert"),
+    ("domains = [\"a\\u0000b\"]\n", "domains[0]"),
+    # Port 0 picks a free port to listen on; there is none to connect to.
+    ("[relay]\nsmarthost = \"mail.example.net:0\"\n", "relay.smarthost"),
+    ("[relay]\nport = 0\n", "relay.port"),
+    ("[relay]\ndns_server = \"127.0.0.1:0\"\n", "relay.dns_server"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
