@@ -15,6 +15,7 @@ import email.policy
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
@@ -51,6 +52,26 @@ def settings_options(command: Callable) -> Callable:
                         help="Data root holding the Maildirs (default ./mailboxes).")(command)
 
 
+def _as_data_root_owner(root: Path) -> None:
+    """Run as root, become the owner of the data root, as the server does
+    with --run-as, and as Dovecot's doveadm becomes the mail user.
+
+    Else what the command writes there is root's alone: a queue entry that
+    'queue flush' rewrote could never again be read by the server, so its
+    mail would be neither delivered nor bounced.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = root.stat()
+    except OSError:  # not there yet: the command makes it, as root
+        return
+    if owner.st_uid != 0:
+        os.setgroups([])  # once the uid is not 0, groups can no longer change
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+
+
 def with_settings(command: Callable) -> Callable:
     """Give a subcommand ``--root`` and ``--config``; it receives ``settings``."""
 
@@ -58,6 +79,7 @@ def with_settings(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(root: str | None, config: str | None, **kwargs: Any) -> Any:
         settings = _settings(root, config)
+        _as_data_root_owner(settings.root)
         try:
             return command(settings=settings, **kwargs)
         except OSError as error:  # a data root that is not a directory, a file we may not read...

@@ -18,6 +18,7 @@ import re
 import shutil
 import smtplib
 import subprocess
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -26,6 +27,7 @@ import pytest
 
 from pymailsrv.config import ConfigError
 from pymailsrv.maildir import MaildirStore
+from pymailsrv.outqueue import OutboundQueue
 from pymailsrv.server import account_to_run_as
 from pymailsrv.users import UserStore
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
@@ -109,6 +111,23 @@ def test_run_as_drops_to_that_user_after_binding_and_still_serves(system_user, s
         server.stop()
     # Whatever the server made (the message, the lock file) belongs to the user.
     assert {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")} == {(uid, gid)}
+
+
+def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_user, shared_dir):
+    root = shared_dir / "root"
+    UserStore(root / ".pymailsrv").add("alice", PASSWORD)
+    MaildirStore(root).create_maildir("alice")
+    OutboundQueue(root / ".pymailsrv").enqueue("alice@localhost", ["bob@example.net"], b"Subject: hi\n\nhi\n")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, system_user.pw_uid, system_user.pw_gid)
+    for command, given in [(("user", "add", "carol", "--password-stdin"), b"pw\n"), (("queue", "flush"), b"")]:
+        done = subprocess.run([sys.executable, "-m", "pymailsrv", *command, "--root", str(root)], input=given,
+                              capture_output=True, timeout=CLIENT_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+    # users.json and the queue entry were rewritten, carol's Maildir made: none is root's.
+    owners = {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
+    assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+    assert (root / "carol" / "new").is_dir()
 
 
 @pytest.mark.parametrize("root_owned, problem", [
