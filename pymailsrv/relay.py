@@ -338,6 +338,9 @@ class Relay:
         self._wakeups = 0  # counts wake() calls, so a wake between two looks is not lost
         self._claim_lock = threading.Lock()
         self._in_flight: set[str] = set()
+        # Outcomes of attempts that were made but could not be written down
+        # (a full disk): written before that message is sent anywhere again.
+        self._unrecorded: dict[str, dict[str, Outcome]] = {}
         self._queue_unreadable = False  # the last look into the queue failed (logged once)
 
     # --- the threads -----------------------------------------------------------
@@ -443,13 +446,21 @@ class Relay:
             log.error("%s: the message file is missing; removing the entry", queue_id)
             self.queue.delete(queue_id)
             return
-        now = time.time()
-        if entry.pending and entry.next_attempt <= now:
+        outcomes = self._unrecorded.pop(queue_id, None)
+        if outcomes is None and entry.pending and entry.next_attempt <= time.time():
             outcomes = self._deliver(entry, message)
             for address, outcome in outcomes.items():
                 log.info("%s: to=<%s> relay=%s %s: %s", queue_id, address, outcome.remote_mta or "none",
                          outcome.state, outcome.diagnostic)
-            entry = self.queue.record(queue_id, outcomes)  # now: after the attempt, which took time
+        if outcomes is not None:
+            try:
+                entry = self.queue.record(queue_id, outcomes)  # now: after the attempt, which took time
+            except Exception:
+                # Else the envelope still says "pending" and every retry would
+                # send another copy. After a restart it is one copy more at
+                # most, the duplicate RFC 5321 §6.1 accepts.
+                self._unrecorded[queue_id] = outcomes
+                raise
             if entry is None:
                 return
         if entry.unreported_failures:

@@ -759,6 +759,25 @@ def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(ro
         server.stop()
 
 
+def test_a_message_sent_but_not_recorded_is_recorded_before_it_is_sent_again(mta, sink):
+    # A directory where the envelope's new version is written: the disk
+    # refuses the record of a delivery that happened.
+    remote = sink()
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    obstacle = server.context.queue.directory / f"{queue_id}.json.tmp"
+    obstacle.mkdir()
+    for _ in range(3):
+        with pytest.raises(IsADirectoryError):
+            server.relay.attempt(queue_id)
+    assert len(remote.messages) == 1
+    assert [recipient.state for recipient in server.context.queue.get(queue_id).recipients] == [State.PENDING]
+    obstacle.rmdir()
+    server.relay.attempt(queue_id)  # the delivery is written down, and the entry is done
+    assert server.context.queue.get(queue_id) is None
+    assert len(remote.messages) == 1
+
+
 def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
     """kill -9 with messages queued and deferred; the next start delivers them all."""
     with socket.socket() as closed:
