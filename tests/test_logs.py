@@ -33,7 +33,7 @@ from tests.conftest import CLIENT_TIMEOUT, RawClient, make_settings
 
 SESSION_END = re.compile(r"(pop3|smtp) session \d+ ended: client=127\.0\.0\.1 user=(\S+) commands=\d+ "
                          r"in=\d+ out=\d+ duration=\d+\.\ds outcome=.+")
-DELIVERY = re.compile(r"delivered [0-9A-F]+ from <sender@example\.org> to alice, bob \(\d+ octets\)")
+DELIVERY = re.compile(r"delivered [0-9A-F]+ from <alice@localhost> to alice, bob \(\d+ octets\)")
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def run_everything(server: MailServer, secrets: dict[str, str]) -> None:
 
     with smtplib.SMTP(*smtp, timeout=CLIENT_TIMEOUT) as client:
         client.login("alice", password)  # AUTH PLAIN
-        assert client.sendmail("sender@example.org", ["alice@localhost", "bob@localhost"], message) == {}
+        assert client.sendmail("alice@localhost", ["alice@localhost", "bob@localhost"], message) == {}
     with smtplib.SMTP(*smtp, timeout=CLIENT_TIMEOUT) as client:
         client.ehlo()
         client.user, client.password = "alice", password

@@ -392,7 +392,7 @@ def test_received_header_says_esmtpsa_after_starttls_and_auth(smtp_client, conte
     smtp_starttls(client, context)
     assert exchange(client, f"EHLO {CLIENT_NAME}").startswith(b"250-")
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
-    deliver(client, greet=False)
+    deliver(client, greet=False, sender="alice@localhost")  # logged in: as herself
     (message,) = stored_messages(store, "alice")
     assert b" with ESMTPSA id " in message
 
@@ -401,16 +401,16 @@ def test_received_header_says_esmtpa_after_auth_on_loopback_without_tls(smtp_cli
     client = smtp_client()
     assert exchange(client, f"EHLO {CLIENT_NAME}").startswith(b"250-")
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
-    deliver(client, greet=False)
+    deliver(client, greet=False, sender="alice@localhost")
     (message,) = stored_messages(store, "alice")
     assert b" with ESMTPA id " in message
 
 
-def deliver(client: RawClient, greet: bool = True) -> None:
-    """One message from bob@example.org to alice@localhost."""
+def deliver(client: RawClient, greet: bool = True, sender: str = "bob@example.org") -> None:
+    """One message from ``sender`` to alice@localhost."""
     if greet:
         assert exchange(client, f"EHLO {CLIENT_NAME}").startswith(b"250-")
-    assert exchange(client, "MAIL FROM:<bob@example.org>").startswith(b"250 ")
+    assert exchange(client, f"MAIL FROM:<{sender}>").startswith(b"250 ")
     assert exchange(client, "RCPT TO:<alice@localhost>").startswith(b"250 ")
     assert exchange(client, "DATA") == wire(R.R354_START_DATA)
     assert exchange(client, b"Subject: hi\r\n\r\nhello\r\n.").startswith(b"250 2.0.0 OK ")
