@@ -217,6 +217,10 @@ class OutboundQueue:
         # postpone_in_memory()), each with the time.monotonic() until when.
         self._postponed_in_memory: dict[str, float] = {}
         self._postponed_lock = threading.Lock()  # one relay thread postpones while others look
+        # Envelopes as entries() last read them, each with the stamp of the
+        # file it came from. The relay looks at every envelope each second;
+        # parsing one costs ten times its stat (0.1 ms against 0.01).
+        self._read: dict[str, tuple[tuple[int, int, int], QueueEntry]] = {}
 
     def _ensure_directories(self) -> None:
         (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
@@ -380,15 +384,39 @@ class OutboundQueue:
                         path, reason)
 
     def entries(self) -> list[QueueEntry]:
-        return [entry for entry in map(self.get, self.ids()) if entry is not None]
+        """Every readable entry, for reading only: an envelope not changed
+        since the last look is not parsed again (``get`` always reads afresh)."""
+        last_read, read, found = self._read, {}, []
+        for queue_id in self.ids():
+            try:
+                status = self._envelope_path(queue_id).stat()
+            except FileNotFoundError:
+                continue  # delivered or deleted meanwhile
+            except OSError:
+                status = None  # get() says what is wrong with it
+            # Every change renames a new file over the old (write_atomically):
+            # a new inode, whatever the clock's resolution.
+            stamp = (status.st_mtime_ns, status.st_size, status.st_ino) if status else None
+            if queue_id in last_read and last_read[queue_id][0] == stamp:
+                entry = last_read[queue_id][1]
+            elif (entry := self.get(queue_id)) is None:
+                continue
+            if stamp is not None:
+                read[queue_id] = (stamp, entry)
+            found.append(entry)
+        self._read = read
+        return found
 
     def due(self, now: float | None = None) -> list[QueueEntry]:
-        """Entries with work to do now, the longest-waiting first."""
+        """Entries with work to do now, the longest-waiting first.
+
+        A finished entry is due at once, to be removed: one is left only by
+        a crash between its last change and its removal.
+        """
         now = time.time() if now is None else now
         postponed = self._still_postponed_in_memory()
         due = [entry for entry in self.entries()
-               if entry.next_attempt <= now and (entry.pending or entry.unreported_failures)
-               and entry.queue_id not in postponed]
+               if (entry.finished or entry.next_attempt <= now) and entry.queue_id not in postponed]
         return sorted(due, key=lambda entry: entry.next_attempt)
 
     # --- changing ----------------------------------------------------------------
@@ -506,7 +534,8 @@ class OutboundQueue:
         return True
 
     def remove_stale_files(self, now: float | None = None) -> int:
-        """Remove what crashed enqueues left: old tmp/ files and .msg files without an envelope.
+        """Remove what crashes left: old tmp/ files, .msg files without an
+        envelope, and envelopes' new versions never renamed (``.json.tmp``).
 
         That includes a held message never released: its envelope in tmp/
         and its .msg, which has no envelope beside it. Old means older than
@@ -517,7 +546,7 @@ class OutboundQueue:
         removed = 0
         queued = set(self.ids())
         candidates = [path for path in self.directory.glob("*.msg") if path.stem not in queued]
-        candidates += list((self.directory / "tmp").glob("*"))
+        candidates += list((self.directory / "tmp").glob("*")) + list(self.directory.glob("*.json.tmp"))
         for path in candidates:
             try:
                 if path.stat().st_mtime < cutoff:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import random
 import re
 import smtplib
@@ -338,6 +339,11 @@ class Relay:
         self._wakeups = 0  # counts wake() calls, so a wake between two looks is not lost
         self._claim_lock = threading.Lock()
         self._in_flight: set[str] = set()
+        # The last look into the queue (_claim): what it found due and not yet
+        # handed out, when it was taken, and the wake() count then.
+        self._due: list[str] = []
+        self._looked_at = -math.inf
+        self._wakeups_at_look = 0
         # Outcomes of attempts that were made but could not be written down
         # (a full disk): written before that message is sent anywhere again.
         self._unrecorded: dict[str, dict[str, Outcome]] = {}
@@ -408,13 +414,26 @@ class Relay:
                 with self._claim_lock:
                     self._in_flight.discard(queue_id)
 
-    def _claim(self) -> str | None:
-        """A due message that no other thread is delivering, now ours; None if none."""
+    def _claim(self, look_again: bool = False) -> str | None:
+        """A due message that no other thread is delivering, now ours; None if none.
+
+        The threads share their looks into the queue: the messages one look
+        found due are handed out in turn, and the next look is taken once
+        they are all out, and then only after a wake() or a whole scan
+        interval (or at once, ``look_again``). So a queue of n messages is
+        read once a batch, not once a message, nor once a second by every
+        thread.
+        """
         with self._claim_lock:
-            for entry in self.queue.due():
-                if entry.queue_id not in self._in_flight:
-                    self._in_flight.add(entry.queue_id)
-                    return entry.queue_id
+            if not self._due and (look_again or self._wakeups != self._wakeups_at_look
+                                  or time.monotonic() - self._looked_at >= self.settings.relay.queue_scan_interval):
+                self._wakeups_at_look, self._looked_at = self._wakeups, time.monotonic()
+                self._due = [entry.queue_id for entry in self.queue.due()]
+            while self._due:
+                queue_id = self._due.pop(0)  # the longest-waiting first
+                if queue_id not in self._in_flight:
+                    self._in_flight.add(queue_id)
+                    return queue_id
         return None
 
     def run_once(self) -> int:
@@ -424,7 +443,7 @@ class Relay:
         ``attempt`` the same way.
         """
         attempted = 0
-        while (queue_id := self._claim()) is not None:
+        while (queue_id := self._claim(look_again=True)) is not None:
             try:
                 self.attempt(queue_id)
             finally:

@@ -354,3 +354,36 @@ def test_queue_delete_refuses_what_is_not_a_queue_id(queue, root, queue_id):
     assert result.exit_code == 1
     assert result.stderr == f"Error: {queue_id!r} is not a queue id (16 hex digits, as `queue list` shows)\n"
     assert queue.ids() == [good]
+
+
+def test_an_entry_finished_just_before_a_crash_is_due_to_be_removed(queue):
+    # kill -9 between the last record() and delete(): nothing left to send, but the files stay.
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], b"Subject: x\n\nx\n")
+    queue.record(queue_id, {"b@example.net": Outcome(State.DELIVERED, "2.0.0", "smtp; 250 2.0.0 OK")})
+    after_restart = OutboundQueue(queue.directory.parent, RetryPolicy())
+    [entry] = after_restart.due()
+    assert entry.queue_id == queue_id and entry.finished
+
+
+def test_an_envelope_rewrite_a_crash_left_half_done_is_removed_once_old(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], b"Subject: x\n\nx\n")
+    left = queue.directory / f"{queue_id}.json.tmp"  # written, never renamed over the envelope
+    left.write_bytes(b'{"queue_id": ')
+    assert queue.remove_stale_files() == 0
+    assert queue.remove_stale_files(now=time.time() + MAILDIR_TMP_MAX_AGE_SECONDS + 1) == 1
+    assert not left.exists() and queue.ids() == [queue_id]
+
+
+def test_the_envelopes_read_again_only_when_changed_still_show_every_change(queue):
+    queue_id = queue.enqueue("a@example.org", ["b@example.net", "c@example.net"], b"Subject: x\n\nx\n")
+    [before] = queue.entries()
+    queue.record(queue_id, {"b@example.net": DELIVERED})
+    [after] = queue.entries()
+    assert [recipient.state for recipient in before.recipients] == [State.PENDING, State.PENDING]
+    assert [recipient.state for recipient in after.recipients] == [State.DELIVERED, State.PENDING]
+    assert queue.entries()[0] is after  # unchanged on disk: not parsed again
+    envelope = queue.directory / f"{queue_id}.json"
+    envelope.write_bytes(envelope.read_bytes()[:-1])  # changed in place, and broken
+    assert queue.entries() == []
+    queue.delete(queue_id)
+    assert queue.entries() == []
