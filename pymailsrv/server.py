@@ -35,6 +35,7 @@ Two guards stand before any session starts:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import pwd
@@ -93,6 +94,8 @@ LISTENER_POLL_SECONDS = 0.05
 # stops meanwhile (relay.STOP_WAIT_SECONDS); both must be done within
 # workers.WORKER_STOP_SECONDS, after which a worker process is killed.
 STOP_DRAIN_SECONDS = 3.0
+# In the state directory: held by the server that serves the data root.
+SERVER_LOCK_FILE_NAME = "server.lock"
 
 
 class Tally:
@@ -466,6 +469,24 @@ def check_data_root(settings: Settings) -> None:
             raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
 
 
+def lock_data_root(settings: Settings) -> int:
+    """One server per data root: an ``flock`` held while it runs; its descriptor.
+
+    A second server on the same root would deliver every queued message a
+    second time, since a relay's claim on a message lives in its own memory.
+    The kernel drops the lock when the process (and its workers) end, so no
+    crash leaves it behind.
+    """
+    descriptor = os.open(settings.state_dir / SERVER_LOCK_FILE_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise ConfigError(f"another pymailsrv is serving {str(settings.root)!r} already: "
+                          f"one data root takes one server") from None
+    return descriptor
+
+
 def raise_open_files_limit(needed: int) -> int:
     """Raise this process's soft limit on open files to ``needed``, or as near as
     the hard limit allows; returns the limit now."""
@@ -506,6 +527,7 @@ class MailServer:
         )
         self.listeners: list[Listener] = []
         self._threads: list[threading.Thread] = []
+        self._root_lock: int | None = None  # lock_data_root's descriptor, from bind() to stop()
         # The delivery threads for the outbound queue (relay.py).
         self.relay = Relay(self.context)
 
@@ -556,6 +578,7 @@ class MailServer:
             elif os.geteuid() == 0:
                 log.warning("running as root: give --run-as USER to drop privileges once the ports are bound")
             check_data_root(self.settings)
+            self._root_lock = lock_data_root(self.settings)
             removed = self.context.store.remove_stale_files()
             if removed:
                 log.info("removed %s from tmp/ (older than 36 hours)", counted(removed, "stale file"))
@@ -629,6 +652,9 @@ class MailServer:
             listener.end_sessions(deadline)
         self.listeners.clear()
         self._threads.clear()
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
 
     def __enter__(self) -> "MailServer":
         return self.start()

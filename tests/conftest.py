@@ -90,11 +90,14 @@ def add_user(users: UserStore, store: MaildirStore):
 
 @pytest.fixture
 def start_server(root: Path):
-    """start_server(**overrides) -> a running MailServer; all are stopped at teardown."""
+    """start_server(**overrides) -> a running MailServer; all are stopped at teardown.
+
+    One data root takes one server: a second one at once needs root=another.
+    """
     started: list[MailServer] = []
 
     def start(**overrides: object) -> MailServer:
-        server = MailServer(make_settings(root, **overrides)).start()
+        server = MailServer(make_settings(overrides.pop("root", root), **overrides)).start()
         started.append(server)
         return server
 

@@ -101,13 +101,17 @@ def hostname(server) -> str:
 
 
 @pytest.fixture
-def smtp(smtp_address):
-    """smtp(address=None) -> a connected smtplib.SMTP; all are closed at teardown."""
+def smtp(request):
+    """smtp(address=None) -> a connected smtplib.SMTP; all are closed at teardown.
+
+    The ``server`` fixture starts only for a client with no address: a test
+    that starts a server of its own may not run a second on the data root.
+    """
     clients: list[smtplib.SMTP] = []
 
     def connect(address: tuple[str, int] | None = None) -> smtplib.SMTP:
-        client = smtplib.SMTP(*(address or smtp_address), local_hostname="client.example",
-                              timeout=CLIENT_TIMEOUT)
+        client = smtplib.SMTP(*(address or request.getfixturevalue("smtp_address")),
+                              local_hostname="client.example", timeout=CLIENT_TIMEOUT)
         clients.append(client)
         return client
 
@@ -120,11 +124,12 @@ def smtp(smtp_address):
 
 
 @pytest.fixture
-def connect(raw, smtp_address):
-    """connect(address=None) -> a RawClient that has read the greeting (kept as .greeting)."""
+def connect(raw, request):
+    """connect(address=None) -> a RawClient that has read the greeting (kept as .greeting);
+    the ``server`` fixture starts only for one with no address, as for ``smtp``."""
 
     def connect(address: tuple[str, int] | None = None) -> RawClient:
-        client = raw(address or smtp_address)
+        client = raw(address or request.getfixturevalue("smtp_address"))
         client.greeting = read_reply(client)
         return client
 

@@ -186,9 +186,9 @@ def pop3_client(client, tls_server):
 # --- SMTP STARTTLS: offered, refused, and the reset (RFC 3207 §4) -----------------------------
 
 
-def test_ehlo_offers_starttls_only_with_a_certificate(tls_server, start_server, smtp_client, raw):
+def test_ehlo_offers_starttls_only_with_a_certificate(tls_server, start_server, smtp_client, raw, tmp_path):
     assert exchange(smtp_client(), f"EHLO {CLIENT_NAME}") == ehlo_wire(tls_server, starttls=True)
-    plain_server = start_server()
+    plain_server = start_server(root=tmp_path / "plain")  # one data root takes one server
     plain_client = raw(plain_server.addresses["smtp"])
     read_reply(plain_client)
     assert exchange(plain_client, f"EHLO {CLIENT_NAME}") == ehlo_wire(plain_server)
@@ -279,9 +279,9 @@ def test_idle_client_after_starttls_gets_421_over_tls(start_server, tls_files, c
 # --- POP3 STLS: offered, refused, and the reset (RFC 2595 §4) ---------------------------------
 
 
-def test_capa_offers_stls_only_with_a_certificate(pop3_client, start_server, raw):
+def test_capa_offers_stls_only_with_a_certificate(pop3_client, start_server, raw, tmp_path):
     assert capa(pop3_client()) == capa_lines(stls=True)
-    plain_server = start_server()
+    plain_server = start_server(root=tmp_path / "plain")  # one data root takes one server
     plain_client = raw(plain_server.addresses["pop3"])
     plain_client.line()
     assert capa(plain_client) == capa_lines()

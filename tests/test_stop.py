@@ -11,6 +11,10 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
+from pymailsrv.config import ConfigError
+from pymailsrv.server import MailServer
 from pymailsrv.smtp import SmtpSession
 from tests.conftest import PASSWORD, RawClient, wait_until
 from tests.test_crash import ServerProcess
@@ -108,3 +112,29 @@ def test_a_session_whose_close_fails_is_still_let_go(start_server, raw, monkeypa
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 1.0
+
+
+def test_a_second_server_on_the_same_data_root_is_refused_until_the_first_stops(root, add_user):
+    # Two relays on one queue would each deliver every message: one copy too many.
+    add_user("alice")
+    first = ServerProcess(root, "--processes", "2").wait_listening()
+    try:
+        second = ServerProcess(root)
+        try:
+            assert second.wait_exit() == 1
+        finally:
+            second.stop()
+        assert second.output().strip().splitlines()[-1] == (
+            f"Error: another pymailsrv is serving {str(root)!r} already: one data root takes one server")
+    finally:
+        first.stop()
+    again = ServerProcess(root).wait_listening()  # the lock went with the first server
+    again.stop()
+
+
+def test_the_embedded_server_holds_the_data_root_while_it_runs(start_server, root):
+    first = start_server()
+    with pytest.raises(ConfigError, match=r"^another pymailsrv is serving .* already: one data root takes one server$"):
+        MailServer(first.settings).start()
+    first.stop()
+    start_server().stop()
