@@ -11,7 +11,6 @@ Every subcommand takes ``--root`` (or ``$PYMAILSRV_ROOT``) and ``--config``.
 
 from __future__ import annotations
 
-import email.policy
 import functools
 import importlib
 import logging
@@ -363,7 +362,12 @@ def mailbox_list(settings: Settings, name: str) -> None:
     name = _user_name(name)
     if not UserStore(settings.state_dir).exists(name):
         raise click.ClickException(f"no such user {name!r}")
-    parser = BytesHeaderParser(policy=email.policy.default)
+    # Here, not at the top, as for `mailbox show`: start goes without it.
+    from pymailsrv.mailview import READING_POLICY, header_fields
+
+    # Fields are decoded as `mailbox show` decodes them: one the email package
+    # cannot take apart, or a huge one, shows raw, and no message stops the listing.
+    parser = BytesHeaderParser(policy=READING_POLICY)
     rows = []
     for msg_number, (info, path) in enumerate(MaildirStore(settings.root).messages(name), start=1):
         try:
@@ -371,16 +375,9 @@ def mailbox_list(settings: Settings, name: str) -> None:
                 headers = parser.parse(file)
         except FileNotFoundError:
             continue
-        rows.append((msg_number, info.uid, _header(headers, "Date"), _header(headers, "From"),
-                     _header(headers, "Subject"), info.size))
+        date, sender, subject = (header_fields(headers, field)[0].value or "" for field in ("Date", "From", "Subject"))
+        rows.append((msg_number, info.uid, date, sender, subject, info.size))
     _echo_table(rows, ["#", "uid", "date", "from", "subject", "size"])
-
-
-def _header(headers: Any, name: str) -> str:
-    try:
-        return str(headers.get(name, ""))
-    except Exception:  # a malformed header must not stop the listing
-        return "(unreadable)"
 
 
 # --- deliver ------------------------------------------------------------------------------

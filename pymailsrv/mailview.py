@@ -12,13 +12,19 @@ students mix them up:
 * the *header* fields of RFC 5322 §3.6 and MIME (RFC 2045), decoded with the
   standard ``email`` package under ``email.policy.default``: encoded words
   such as ``=?utf-8?q?Gr=C3=BC=C3=9Fe?=`` (RFC 2047) come out as text, and
-  where decoding changed a field its raw form is shown under it;
+  where decoding changed a field its raw form is shown under it, and a field
+  the package cannot decode, or not in bounded time, is shown raw with a
+  note why;
 * the *MIME structure* (RFC 2046): a tree of parts, each with its content
   type, filename, transfer encoding and size, both decoded and as it sits
   in the message (base64 makes a part about a third bigger, RFC 2045 §6.8).
 
 Messages are numbered as ``mailbox list`` numbers them and as a POP3 session
 would at login: ``MaildirStore.messages`` order, from 1.
+
+Anyone may send the message, so nothing in it may stop the view or forge a
+line of it: every value taken from the message is shown on one line, its
+line ends and control characters escaped as the trace shows them.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import email.policy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
+from email.policy import EmailPolicy
+from email.utils import collapse_rfc2231_value
 from pathlib import Path
 
 import click
@@ -39,6 +47,7 @@ from pymailsrv.config import Settings
 from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
 from pymailsrv.replies import counted
 from pymailsrv.storage import MessageInfo
+from pymailsrv.trace import shown
 from pymailsrv.users import UserError, UserStore, check_user_name
 
 # The fields shown, in the order a reader meets them: identity and date
@@ -50,6 +59,23 @@ HEADER_FIELDS = ("Message-ID", "Date", "From", "To", "Reply-To", "Subject",
 # Transfer encodings that leave the octets as they are (RFC 2045 §6.2): for
 # these the decoded and the stored size are the same, so only one is shown.
 IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
+
+# What the standard email package raises on malformed input it cannot take
+# apart, though anyone can send it (CPython 3.11): IndexError from the header
+# parser on "Content-Type: text/plain; a*", AttributeError on "To: a@[\";
+# ValueError when a charset is no codec name ("a\x00b"); TypeError when an
+# RFC 2231 charset comes back as a (charset, language, text) tuple and is
+# used as a name.
+EMAIL_PACKAGE_ERRORS = (AttributeError, IndexError, TypeError, ValueError)
+
+# The most of one field's value that is decoded. RFC 5322 §2.1.1 limits a
+# line to 998 octets, but a field may be folded over any number of lines,
+# and CPython 3.11's header parser takes time and memory that grow with the
+# square of a field's length: a Subject of 30 000 encoded words (480 KB)
+# took 2 GB. Eight full lines (8 x 1000 octets, CRLF included) hold a To: of
+# some 200 addresses and decode in under 0.1 s and 10 MB; past them a field
+# is shown as stored, cut there.
+FIELD_DECODE_MAX = 8 * 1000
 
 
 class MailviewError(Exception):
@@ -76,6 +102,7 @@ class Part:
     stored_size: int | None  # the payload as it sits in the message
     defects: tuple[str, ...]
     children: tuple[Part, ...] = ()
+    failure: str | None = None  # why the email package could not take the part apart
 
 
 @dataclass(frozen=True)
@@ -147,7 +174,7 @@ def view_message(store: MaildirStore, users: UserStore, name: str, msg_number: i
 def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: Path,
                data: bytes) -> MessageView:
     """The view of one message whose bytes have been read."""
-    message = email.message_from_bytes(data, policy=email.policy.default)
+    message = email.message_from_bytes(data, policy=READING_POLICY)
     return MessageView(
         user=user,
         msg_number=msg_number,
@@ -156,7 +183,7 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
         file=f"{path.parent.name}/{path.name}",
         disk_size=len(data),
         delivered=_delivery_time(info.key),
-        return_path=_decoded(message, "Return-Path"),
+        return_path=header_fields(message, "Return-Path")[0].value,
         headers=tuple(field for name in HEADER_FIELDS for field in header_fields(message, name)),
         structure=mime_tree(message),
     )
@@ -182,9 +209,35 @@ def _normalized(text: str) -> str:
     return " ".join(text.split())
 
 
-def _decoded(message: Message, name: str) -> str | None:
-    value = message.get(name)
-    return None if value is None else _normalized(str(value))
+def decode_field(name: str, raw: str) -> tuple[str, str | None]:
+    """Field ``name`` decoded under email.policy.default, and None; or, where
+    it cannot be decoded at all or in bounded time, ``raw`` (cut at
+    FIELD_DECODE_MAX) and a note why."""
+    if len(raw) > FIELD_DECODE_MAX:
+        # Octets, as the message was read with surrogateescape: one character each.
+        rest = counted(len(raw) - FIELD_DECODE_MAX, "more octet", grouped=True)
+        return raw[:FIELD_DECODE_MAX], f"not decoded: longer than {FIELD_DECODE_MAX} octets, {rest} not shown"
+    try:
+        # The policy unfolds the value (RFC 5322 §2.2.3) and parses it into a
+        # header object that knows its field's grammar (addresses, dates,
+        # encoded words).
+        return email.policy.default.header_fetch_parse(name, raw), None
+    except (*EMAIL_PACKAGE_ERRORS, RecursionError) as error:  # the parser recurses into nested comments
+        return raw, f"not decoded: the email package raised {type(error).__name__}"
+
+
+class _ReadingPolicy(EmailPolicy):
+    """email.policy.default for reading what anyone may send. The parser and
+    Message's methods (get_content_type, get_param, ...) fetch every field
+    through header_fetch_parse; here a long field is cut before anything
+    unfolds it, and one that decode_field cannot decode comes back raw, a
+    plain string (as under the compat32 policy), for them to read what they can."""
+
+    def header_fetch_parse(self, name: str, value: str) -> str:
+        return decode_field(name, value)[0]
+
+
+READING_POLICY = _ReadingPolicy()
 
 
 def header_fields(message: EmailMessage, name: str) -> list[HeaderField]:
@@ -194,13 +247,12 @@ def header_fields(message: EmailMessage, name: str) -> list[HeaderField]:
         return [HeaderField(name, None)]
     fields = []
     for raw in raw_values:
-        raw = _normalized(raw)
-        try:
-            # The policy parses the raw value into a header object that knows
-            # its field's grammar (addresses, dates, encoded words).
-            value = _normalized(str(email.policy.default.header_factory(name, raw)))
-        except Exception:  # a malformed field is shown as it is, not fatal
-            value = raw
+        value, note = decode_field(name, raw)
+        value = _normalized(str(value))
+        if note is not None:
+            fields.append(HeaderField(name, f"{value}  ({note})"))
+            continue
+        raw = _normalized(raw)  # short: decode_field cut a long one
         fields.append(HeaderField(name, value, raw if raw != value else None))
     return fields
 
@@ -213,43 +265,53 @@ def mime_tree(part: Message) -> Part:
     encoding = part.get("Content-Transfer-Encoding")
     encoding = str(encoding).strip().lower() if encoding is not None else None
     defects = tuple(type(defect).__name__ for defect in part.defects)
+    children: tuple[Part, ...] = ()
+    charset = filename = decoded_size = stored_size = failure = None
     if part.is_multipart():
         # multipart/* holds a list of parts; message/rfc822 a list of one message.
         children = tuple(mime_tree(child) for child in part.get_payload())
-        decoded_size = stored_size = None
-    else:
-        children = ()
-        stored = part.get_payload()
-        stored_size = len(stored.encode("utf-8", "surrogateescape")) if isinstance(stored, str) else None
-        payload = part.get_payload(decode=True)
-        decoded_size = len(payload) if payload is not None else stored_size
+    try:
+        if part.get_content_maintype() == "text" and part.get_param("charset") is not None:
+            # An RFC 2231 value (charset*=utf-8''x) comes as a tuple; this makes it text.
+            charset = collapse_rfc2231_value(part.get_param("charset"))
+        filename = part.get_filename()
+        if not part.is_multipart():
+            stored = part.get_payload()
+            stored_size = len(stored.encode("utf-8", "surrogateescape")) if isinstance(stored, str) else None
+            payload = part.get_payload(decode=True)
+            decoded_size = len(payload) if payload is not None else stored_size
+    except EMAIL_PACKAGE_ERRORS as error:
+        failure = f"the email package raised {type(error).__name__}"
     return Part(
         content_type=part.get_content_type(),
-        charset=part.get_param("charset") if part.get_content_maintype() == "text" else None,
-        filename=part.get_filename(),
+        charset=charset,
+        filename=filename,
         disposition=part.get_content_disposition(),
         encoding=encoding,
         decoded_size=decoded_size,
         stored_size=stored_size,
         defects=defects,
         children=children,
+        failure=failure,
     )
 
 
 def describe_part(part: Part) -> str:
     """One line about a part: type, filename, disposition, encoding, sizes."""
-    facts = [part.content_type + (f"; charset={part.charset}" if part.charset else "")]
+    facts = [shown(part.content_type) + (f"; charset={shown(part.charset)}" if part.charset else "")]
     if part.filename is not None:
-        facts.append(f'"{part.filename}"')
+        facts.append(f'"{shown(part.filename)}"')
     if part.disposition is not None:
-        facts.append(part.disposition)
-    if part.children:
+        facts.append(shown(part.disposition))
+    if part.failure is not None:
+        facts.append(f"not taken apart: {part.failure}")
+    elif part.children:
         facts.append(f"{len(part.children)} part{'s' if len(part.children) != 1 else ''}")
     else:
         if part.encoding and part.encoding not in IDENTITY_ENCODINGS:
-            facts.append(f"{part.encoding}, {part.decoded_size} octets decoded ({part.stored_size} as stored)")
+            facts.append(f"{shown(part.encoding)}, {part.decoded_size} octets decoded ({part.stored_size} as stored)")
         else:
-            facts.append(f"{part.encoding + ', ' if part.encoding else ''}{part.decoded_size} octets")
+            facts.append(f"{shown(part.encoding) + ', ' if part.encoding else ''}{part.decoded_size} octets")
     if part.defects:
         facts.append("defects: " + ", ".join(part.defects))
     return ", ".join(facts)
@@ -282,7 +344,7 @@ def render(view: MessageView) -> str:
         ("file", view.file),
         ("flags", flags),
         ("delivered", delivered),
-        ("return path", f"{view.return_path or '(none)'}  (the envelope's MAIL FROM, RFC 5321 §4.4)"),
+        ("return path", f"{shown(view.return_path or '(none)')}  (the envelope's MAIL FROM, RFC 5321 §4.4)"),
     ]
     lines = ["Envelope (what the server knows)"]
     lines += [f"  {label + ':':<13}{value}" for label, value in facts]
@@ -290,9 +352,9 @@ def render(view: MessageView) -> str:
     width = max(len(name) for name in HEADER_FIELDS) + 2
     for field in view.headers:
         label = f"{field.name}:"
-        lines.append(f"  {label:<{width}}{field.value if field.value is not None else '(absent)'}")
+        lines.append(f"  {label:<{width}}{shown(field.value) if field.value is not None else '(absent)'}")
         if field.raw is not None:
-            lines.append(f"  {'':<{width}}raw: {field.raw}")
+            lines.append(f"  {'':<{width}}raw: {shown(field.raw)}")
     lines += ["", "MIME structure (RFC 2046)"]
     lines += ["  " + line for line in tree_lines(view.structure)]
     return "\n".join(lines) + "\n"
