@@ -29,6 +29,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import re
+import textwrap
 from collections.abc import Iterable
 from email.message import Message
 from email.mime.base import MIMEBase
@@ -48,10 +49,20 @@ _UTF8_POLICY = _POLICY.clone(utf8=True)
 # RFC 5322 §2.1.1: a line is at most 998 characters. A remote reply of many
 # lines is joined into one diagnostic; it is cut to fit, with its field name.
 DIAGNOSTIC_MAX = 900
+# The text for the person is wrapped at the width RFC 5322 §2.1.1 advises
+# (78), so a long reply gives many short lines, never one a server refuses.
+TEXT_WIDTH = 76
+# Postfix's header_size_limit: the most of the original header a bounce
+# quotes. A "header" without an end (a log piped to sendmail) is no reason
+# to send the whole message back.
+ORIGINAL_HEADER_MAX = 102_400
 
 # C0, DEL, C1 and the Unicode line and paragraph separators: the email
 # package (str.splitlines) would end a field at several of them.
 _LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# RFC 5322 §2.2: a field name (printable ASCII but ":") and its colon, or
+# white space that continues the field before (§2.2.3).
+_HEADER_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:|[ \t]")
 # RFC 6533 §3, QCHAR: what utf-8-addr-xtext writes as itself.
 _QCHAR = re.compile(r"[\x21-\x2a\x2c-\x3c\x3e-\x5b\x5d-\x7e]")
 
@@ -77,9 +88,15 @@ def _final_recipient(address: str) -> str:
 
 
 def original_header(message: bytes) -> str:
-    """The header section of a message: everything before the first empty line."""
-    header = re.split(rb"\r?\n\r?\n", message, maxsplit=1)[0]
-    return header.replace(b"\r\n", b"\n").decode("utf-8", errors="replace") + "\n"
+    """The header section of a message: its lines up to the first that is
+    neither a field nor a field's continuation (RFC 5322 §2.2, §2.2.3),
+    normally the empty line before the body; at most about ORIGINAL_HEADER_MAX."""
+    end = 0
+    while end < min(len(message), ORIGINAL_HEADER_MAX) and _HEADER_LINE.match(message, end):
+        line_end = message.find(b"\n", end)
+        end = len(message) if line_end < 0 else line_end + 1
+    header = message[:end].replace(b"\r\n", b"\n").decode("utf-8", errors="replace")
+    return header if header.endswith("\n") else header + "\n"
 
 
 def _status_block(fields: Iterable[tuple[str, str]]) -> Message:
@@ -113,7 +130,8 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
              "Your message could not be delivered to the recipients below. It has",
              "been given up for good: sending it again unchanged will not help.", ""]
     for recipient in failures:
-        lines.append(_one_line(f"<{recipient.address}>: {recipient.last_error or recipient.status}"))
+        lines += textwrap.wrap(_one_line(f"<{recipient.address}>: {recipient.last_error or recipient.status}"),
+                               TEXT_WIDTH, subsequent_indent="    ")
     lines += ["", "The delivery report and the header of your message follow.", ""]
     report.attach(_text_part("\n".join(lines), "plain"))
 

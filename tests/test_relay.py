@@ -523,6 +523,28 @@ def test_bounce_fields_are_written_as_they_are_never_as_encoded_words():
     assert (recipient["Status"], recipient["Diagnostic-Code"]) == ("5.0.0", long_reply)
 
 
+def test_a_long_remote_reply_makes_no_bounce_line_a_server_would_refuse():
+    # A 21-line 550, joined into one diagnostic: 1,347 octets on one line of
+    # a 7bit part, which the sender's server refused (RFC 5321 §4.5.3.1.6).
+    reply = "smtp; 550 5.1.1 " + " ".join(f"line {n:02} of the reason, at some length" for n in range(21))
+    failed = Recipient("bob@example.net", State.FAILED, status="5.1.1", last_error=reply)
+    entry = QueueEntry("Q1", SENDER, [failed], created=0.0, next_attempt=0.0)
+    raw = build_bounce(entry, [failed], MESSAGE, "mx.ours.example", 0.0)
+    assert max(len(line) for line in raw.split(b"\n")) <= 998
+    human = list(email.message_from_bytes(raw, policy=email.policy.default).iter_parts())[0].get_content()
+    assert "line 20 of the reason" in human and max(len(line) for line in human.splitlines()) <= 76
+
+
+def test_a_bounce_quotes_only_the_header_of_a_message_that_has_no_empty_line():
+    # A log piped to sendmail: no empty line, so "everything before it" was the whole message.
+    original = b"Subject: nightly log\nFrom: cron@example.org\n" + b"2026-12-07 12:00:00 all is well\n" * 50_000
+    failed = Recipient("bob@example.net", State.FAILED, status="5.1.1", last_error="smtp; 550 5.1.1 no")
+    entry = QueueEntry("Q1", SENDER, [failed], created=0.0, next_attempt=0.0)
+    bounce = email.message_from_bytes(build_bounce(entry, [failed], original, "mx.ours.example", 0.0),
+                                      policy=email.policy.default)
+    assert list(bounce.iter_parts())[2].get_content() == "Subject: nightly log\nFrom: cron@example.org\n"
+
+
 def refused_once(mta, sink, sender: str) -> tuple[MailServer, Sink]:
     """A message from ``sender`` to an address the remote refuses, after one pass of the relay."""
     remote = sink()
