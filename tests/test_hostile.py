@@ -592,8 +592,8 @@ def check_reply(reply: Reply, session) -> None:
             assert SMTP_LINE.fullmatch(line), line
         else:
             assert isinstance(reply, Pop3Reply) and POP3_HEAD.fullmatch(line), line
-    for body_line in reply.body():
-        assert body_line.endswith(b"\r\n") and b"\n" not in body_line[:-2]
+    for block in reply.body():  # blocks of whole lines (Reply.body), each ended by CRLF, no bare LF
+        assert block.endswith(b"\r\n") and block.count(b"\n") == block.count(b"\r\n")
     if reply.then is not None:
         check_reply(reply.then, session)
 
