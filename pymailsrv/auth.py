@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import struct
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_PROBES
+from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_IPV6_PREFIX, AUTH_THROTTLE_PROBES
 from pymailsrv.shared import FREE, SharedRecords, address_key
 from pymailsrv.users import UserError, UserStore, check_user_name
 
@@ -158,6 +159,14 @@ class FailureThrottle:
         """The indexes where ``key``'s record may be (open addressing, linear probing)."""
         return [(key + step) % self._size for step in range(min(AUTH_THROTTLE_PROBES, self._size))]
 
+    @staticmethod
+    def _key(address: str) -> int:
+        """One client's key: its IPv4 address (also as ::ffff:a.b.c.d), or its IPv6 address's /48."""
+        ip = ipaddress.ip_address(address)
+        if ip.version == 6:
+            address = str(ip.ipv4_mapped or ipaddress.ip_network(f"{ip}/{AUTH_THROTTLE_IPV6_PREFIX}", strict=False))
+        return address_key(address)
+
     def charge(self, address: str) -> bool:
         """Count a login from ``address`` as failed before it is checked;
         False, and nothing counted, while the address is blocked.
@@ -166,7 +175,7 @@ class FailureThrottle:
         when guesses arrive on many connections at once: each is counted
         before any is checked. A login that succeeds is ``refund``-ed.
         """
-        key, now = address_key(address), time.monotonic()
+        key, now = self._key(address), time.monotonic()
         with self._table.locked():
             free = None
             for index in self._places(key):
@@ -189,7 +198,7 @@ class FailureThrottle:
 
     def refund(self, address: str) -> None:
         """Take back the charge of a login from ``address`` that succeeded."""
-        key, now = address_key(address), time.monotonic()
+        key, now = self._key(address), time.monotonic()
         with self._table.locked():
             for index in self._places(key):
                 held, failures, since = self._table.read(index)

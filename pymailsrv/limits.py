@@ -39,6 +39,10 @@ AUTH_MAX_FAILURES_PER_CONNECTION = 3
 # before its attempts are refused without checking (Postfix's anvil idea).
 AUTH_MAX_FAILURES_PER_ADDRESS = 10
 AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
+# Dovecot's PENALTY_IPV6_MASK_BITS: the throttle counts an IPv6 client by
+# its /48, a site's usual allocation, which holds more addresses than any
+# table could follow one by one.
+AUTH_THROTTLE_IPV6_PREFIX = 48
 # The addresses the failed-login throttle can follow at once (24 octets
 # each, 384 KiB in memory the worker processes share), and how many records
 # from the one its hash picks an address may take. Only addresses inside

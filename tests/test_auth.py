@@ -307,6 +307,16 @@ def test_the_throttle_counts_the_failures_of_every_worker_process():
     assert not throttle.charge("192.0.2.1") and throttle.charge("192.0.2.2")
 
 
+def test_an_ipv6_client_is_counted_by_its_48_as_dovecot_counts_it():
+    # A site's /48 holds 2**80 addresses: counted one by one, none would ever be blocked.
+    throttle = FailureThrottle(limit=2, window=60)
+    assert throttle.charge("2001:db8:1:2::1") and throttle.charge("2001:db8:1:ffff::99")
+    assert not throttle.charge("2001:db8:1::7")
+    assert throttle.charge("2001:db8:2::1")  # another /48
+    assert throttle.charge("192.0.2.1") and throttle.charge("::ffff:192.0.2.1")  # one client, two spellings
+    assert not throttle.charge("192.0.2.1")
+
+
 def test_a_refund_takes_back_one_charge():
     throttle = FailureThrottle(limit=2, window=60)
     assert throttle.charge("192.0.2.1") and throttle.charge("192.0.2.1")
