@@ -483,7 +483,7 @@ def test_rejected_recipients_get_no_copy(store, greeted, alice, bob):
     assert len(stored(store, "alice")) == 1 and stored(store, "bob") == []
 
 
-def test_path_like_local_parts_write_nothing_outside_the_root(tmp_path, root, store, greeted, alice):
+def test_path_like_local_parts_write_nothing_outside_the_root(tmp_path, root, store, server, greeted, alice):
     before = files_under(tmp_path)
     client = greeted()
     exchange(client, "MAIL FROM:<a@example.org>")
