@@ -179,8 +179,9 @@ def _parse(text: str, where: str = "aliases") -> _AliasFile:
 
 def _read(path: Path) -> _AliasFile:
     # surrogateescape, as _editing reads it: a target that is not UTF-8 is
-    # then refused by check_target, not turned into another address.
-    return _parse(path.read_text(encoding="utf-8", errors="surrogateescape"), str(path))
+    # then refused by check_target, not turned into another address. And
+    # utf-8-sig: an editor's byte-order mark is no part of the first name.
+    return _parse(path.read_text(encoding="utf-8-sig", errors="surrogateescape"), str(path))
 
 
 class AliasTable:
@@ -320,7 +321,7 @@ class AliasTable:
             # lines we do not change (surrogateescape); the server reads it
             # the same way, and skips its names and targets that are not UTF-8.
             try:
-                text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
+                text = self.path.read_text(encoding="utf-8-sig", errors="surrogateescape")
             except FileNotFoundError:
                 text = ""
             parsed = _parse(text, str(self.path))

@@ -27,6 +27,9 @@ LAST_ERROR_COLUMN_WIDTH = 60
 
 
 def _aliases(settings: Settings) -> AliasTable:
+    # A data root that is not there is a mistyped --root: not one to make
+    # for an aliases file ('user add' makes one).
+    require_data_root(settings.root)
     return AliasTable(settings.state_dir, UserStore(settings.state_dir).names, settings.domains,
                       settings.smtp.postmaster)
 
@@ -70,7 +73,6 @@ def alias_group(with_settings: Callable) -> click.Group:
     @with_settings
     def alias_list(settings: Settings) -> None:
         """List every alias, its targets and where its mail ends up."""
-        require_data_root(settings.root)
         table = _aliases(settings)
         in_file = table.defined_in_file()
         rows = []

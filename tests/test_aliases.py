@@ -108,6 +108,22 @@ def test_a_line_ends_only_at_a_line_feed_not_at_a_unicode_separator(aliases):
     assert aliases.expand("staff") == Expansion(external=(target,))
 
 
+def test_a_byte_order_mark_is_no_part_of_the_first_name(aliases):
+    aliases.path.parent.mkdir(parents=True, exist_ok=True)
+    aliases.path.write_bytes(b"\xef\xbb\xbfstaff: alice\n")
+    assert aliases.expand("staff") == Expansion(users=("alice",))
+    assert aliases.add("staff", ["bob"]) == ["alice", "bob"]
+    assert aliases.path.read_bytes() == b"staff: alice, bob\n"
+
+
+def test_alias_commands_need_a_data_root_that_is_there(tmp_path, clean_environment):
+    for command in (["add", "staff", "alice"], ["remove", "staff"], ["list"]):
+        result = CliRunner().invoke(main, ["alias", *command, "--root", str(tmp_path / "typo")])
+        assert result.exit_code == 1
+        assert result.output == f"Error: no data root at {tmp_path / 'typo'} (is --root right? 'user add' makes one)\n"
+    assert not (tmp_path / "typo").exists()
+
+
 def test_a_file_with_crlf_line_ends_reads_as_one_with_lf(aliases):
     write(aliases, "staff: alice,\r\n  bob\r\nsales: carol\r\n")
     assert aliases.expand("staff") == Expansion(users=("alice", "bob"))
