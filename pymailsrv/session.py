@@ -279,9 +279,10 @@ class Session:
     def check_login(self, name: str, credentials_valid: Callable[[str], bool]) -> str | None:
         """The user ``name`` names, if the credentials hold; else None.
 
-        The client address is charged a failure before the check and refunded
-        if it holds (``FailureThrottle``). Raises AddressBlocked, checking
-        nothing, where the address has failed too often lately.
+        The client address is charged a failure before the check, and
+        refunded if it holds or if the check itself fails, a fault of ours
+        (``FailureThrottle``). Raises AddressBlocked, checking nothing, where
+        the address has failed too often lately.
         """
         if not self.context.throttle.charge(self.peer[0]):
             raise AddressBlocked
@@ -289,7 +290,12 @@ class Session:
             user = check_user_name(name)
         except UserError:
             user = None  # not a possible user name: fails like a wrong password
-        if user is not None and credentials_valid(user):
+        try:
+            valid = user is not None and credentials_valid(user)
+        except BaseException:  # ours, not the client's (users.json unreadable): no failed login
+            self.context.throttle.refund(self.peer[0])
+            raise
+        if valid:
             self.context.throttle.refund(self.peer[0])
             return user
         return None

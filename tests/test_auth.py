@@ -275,6 +275,21 @@ def test_a_login_that_succeeds_is_not_counted_as_a_failure(start_server, smtp_at
     assert exchange(smtp_at(server), f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
+def test_a_login_the_server_could_not_check_is_not_counted_as_a_failure(start_server, pop3_at, alice, root):
+    server = start_server(auth={"max_failures_per_address": 2})
+    users_file = root / ".pymailsrv" / "users.json"
+    good = users_file.read_bytes()
+    users_file.write_bytes(b"{")  # damaged while the server runs: every check is a storage error
+    for _ in range(3):
+        client = pop3_at(server)
+        assert client.command("USER alice").startswith(b"+OK")
+        assert client.command(f"PASS {PASSWORD}").startswith(b"-ERR [SYS/TEMP] ")
+    users_file.write_bytes(good)
+    client = pop3_at(server)
+    assert client.command("USER alice").startswith(b"+OK")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK alice's maildrop has ")
+
+
 def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, pop3_at, alice):
     server = start_server(auth={"max_failures_per_address": 2})
     client = pop3_at(server)
