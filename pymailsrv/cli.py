@@ -398,6 +398,7 @@ def deliver(root: str | None, config: str | None, name: str, file: Any) -> None:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     if not settings.root.is_dir():
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: no data root at {settings.root}")
+    _as_data_root_owner(settings.root)  # FILE is open already: it may be root's alone
     try:
         user = check_user_name(name)
     except UserError as error:

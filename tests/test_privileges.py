@@ -120,11 +120,12 @@ def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_u
     OutboundQueue(root / ".pymailsrv").enqueue("alice@localhost", ["bob@example.net"], b"Subject: hi\n\nhi\n")
     for path in [root, *root.rglob("*")]:
         os.chown(path, system_user.pw_uid, system_user.pw_gid)
-    for command, given in [(("user", "add", "carol", "--password-stdin"), b"pw\n"), (("queue", "flush"), b"")]:
+    for command, given in [(("user", "add", "carol", "--password-stdin"), b"pw\n"), (("queue", "flush"), b""),
+                           (("deliver", "alice"), b"Subject: hi\n\nhi\n")]:
         done = subprocess.run([sys.executable, "-m", "pymailsrv", *command, "--root", str(root)], input=given,
                               capture_output=True, timeout=CLIENT_TIMEOUT)
         assert done.returncode == 0, done.stderr
-    # users.json and the queue entry were rewritten, carol's Maildir made: none is root's.
+    # users.json and the queue entry rewritten, carol's Maildir made, alice's mail delivered: none is root's.
     owners = {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
     assert owners == {(system_user.pw_uid, system_user.pw_gid)}
     assert (root / "carol" / "new").is_dir()
