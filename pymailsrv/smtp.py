@@ -624,9 +624,7 @@ class SmtpSession(Session):
     def do_mail(self, argument: str) -> Reply:
         """MAIL FROM:<reverse-path> [parameters] (RFC 5321 §4.1.1.2)."""
         sender, parameters = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
-        if self.user is not None and not self._owns(sender):
-            # RFC 6409 §6.1, on every port: a login is what lets mail out to
-            # other hosts, so it must not carry another person's name.
+        if self.user is not None and not self.may_send_as(sender):
             raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
         envelope = Envelope(reverse_path=sender)
         for keyword, value in parameters.items():
@@ -637,11 +635,19 @@ class SmtpSession(Session):
         self.enter(SmtpState.MAIL)
         return R250_SENDER_OK.format(address=sender or "")
 
-    def _owns(self, sender: Address | None) -> bool:
-        """Whether the logged-in user may send as ``sender``: their own name,
-        or an alias that delivers to them, in one of our domains."""
-        if sender is None or not self._is_local_domain(sender.domain):
-            return False
+    def may_send_as(self, sender: Address | None) -> bool:
+        """May the logged-in user give ``sender`` in MAIL?
+
+        Here, on the port other servers send to, a login may be another
+        MTA's, relaying mail with its own senders: forwarded mail, and
+        notifications from <> (RFC 5321 §4.5.5). Only an address of our own
+        domains is kept to its owner, so that a login here cannot send as
+        another of our users (Postfix's reject_known_sender_login_mismatch).
+        """
+        return sender is None or not self._is_local_domain(sender.domain) or self._owns(sender)
+
+    def _owns(self, sender: Address) -> bool:
+        """Is ``sender`` the logged-in user's own name, or an alias that delivers to them?"""
         return self.user in self.context.aliases.expand(unquoted_local_part(sender.local_part)).users
 
     def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
@@ -851,10 +857,10 @@ SmtpSession.commands = CommandTable(
 class SubmissionSession(SmtpSession):
     """Message submission (RFC 6409): the port a user's mail program sends through.
 
-    The same SMTP, with one rule more: MAIL needs a logged-in user (RFC 6409
-    §4.3, answered 530 as RFC 4954 §6 says). That a logged-in user may send
-    only as themselves (§6.1) holds on every port (``SmtpSession.do_mail``).
-    The implicit-TLS port (465) is submission too (RFC 8314 §3.3).
+    The same SMTP, with two rules more: MAIL needs a logged-in user (RFC
+    6409 §4.3, answered 530 as RFC 4954 §6 says), and that user may send
+    only as themselves (§6.1). The implicit-TLS port (465) is submission too
+    (RFC 8314 §3.3).
     """
 
     def do_mail(self, argument: str) -> Reply:
@@ -862,6 +868,12 @@ class SubmissionSession(SmtpSession):
         if self.user is None:
             raise CommandError(R530_AUTH_REQUIRED)
         return super().do_mail(argument)
+
+    def may_send_as(self, sender: Address | None) -> bool:
+        """RFC 6409 §6.1: the user's own address, or an alias that delivers to
+        them, in one of our domains; or <>, which a mail program gives a read
+        receipt (RFC 5321 §4.5.5) and which names nobody."""
+        return sender is None or self._is_local_domain(sender.domain) and self._owns(sender)
 
 
 SubmissionSession.commands = CommandTable(*(

@@ -96,14 +96,28 @@ def test_mail_before_auth_is_530(connect, alice, listener):
     assert wire(R.R530_AUTH_REQUIRED) == b"530 5.7.0 authentication required\r\n"
 
 
-# A logged-in user sends only as themselves on every port, or a login on
-# port 25 would carry mail out under anyone's name.
-@pytest.mark.parametrize("listener", ["submission", "smtps", "smtp"])
-@pytest.mark.parametrize("sender", ["bob@localhost", "alice@example.org", "alice.smith@localhost", ""])
+@pytest.mark.parametrize("listener", ["submission", "smtps"])
+@pytest.mark.parametrize("sender", ["bob@localhost", "alice@example.org", "alice.smith@localhost"])
 def test_mail_from_an_address_not_owned_is_553(logged_in, bob, sender, listener):
     reply = exchange(logged_in(listener), f"MAIL FROM:<{sender}>")
     assert reply == wire(R.R553_SENDER_NOT_OWNED, address=sender, user="alice")
     assert reply.startswith(b"553 5.7.1 ")
+
+
+# On port 25 a login may be another MTA's (pymailsrv's relay logs in to its
+# smarthost): it relays other domains' senders, but sends as none of our users.
+@pytest.mark.parametrize("sender, allowed", [("bob@localhost", False), ("alice.smith@localhost", False),
+                                             ("alice@localhost", True), ("someone@example.org", True)])
+def test_a_login_on_port_25_sends_as_no_other_user_of_ours(logged_in, bob, sender, allowed):
+    reply = exchange(logged_in("smtp"), f"MAIL FROM:<{sender}>")
+    assert reply == (wire(R.R250_SENDER_OK, address=sender) if allowed
+                     else wire(R.R553_SENDER_NOT_OWNED, address=sender, user="alice"))
+
+
+@pytest.mark.parametrize("listener", ["submission", "smtps", "smtp"])
+def test_a_logged_in_user_may_send_a_notification_from_the_null_path(logged_in, listener):
+    # RFC 5321 §4.5.5: a read receipt (MDN) goes from <>, which names nobody.
+    assert exchange(logged_in(listener), "MAIL FROM:<>") == wire(R.R250_SENDER_OK, address="")
 
 
 @pytest.mark.parametrize("sender", ["alice@localhost", "ALICE@LocalHost", "alice@example.net",
