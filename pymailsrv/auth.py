@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import ipaddress
 import logging
 import struct
@@ -130,24 +131,38 @@ class SaslExchange:
         return self.challenge()
 
 
+class Admission(enum.Enum):
+    """What the throttle says of a login about to be checked (FailureThrottle.begin)."""
+
+    CHECK = "check"  # check it: it is counted as under way until end()
+    WAIT = "wait"  # ask again shortly: the checks under way may yet use up what is left
+    REFUSE = "refuse"  # the address has failed too often lately: answer it unchecked
+
+
 class FailureThrottle:
     """Failed logins per client address, in windows of time (Postfix's anvil idea).
 
     Shared by every session of a server, and by its worker processes
     (shared.py). Once an address has failed ``limit`` times within
-    ``window`` seconds of its first failure, ``charge`` refuses its attempts
-    until the window is over, and the sessions answer them without checking
-    them, so a password cannot be guessed at line rate from many
-    connections. Other addresses are never slowed by it.
+    ``window`` seconds of its first failure, ``begin`` refuses its logins
+    until the window is over, and the sessions answer them unchecked, so a
+    password cannot be guessed at line rate from many connections. Other
+    addresses are never slowed by it.
+
+    Logins sent at once on many connections are held to the limit too: a
+    login waits while the checks already under way, were they all to fail,
+    would reach it. So at most ``limit`` guesses are ever checked in a
+    window, and right passwords sent at once only wait a check's time.
 
     The table is a hash table of ``size`` records - address, failures,
-    start of their window - each address in one of AUTH_THROTTLE_PROBES
-    records after the one its key picks. A record whose window is over is
-    free for another address. Times are ``time.monotonic()``: one clock for
-    every process of the machine.
+    checks under way, start of the window - each address in one of
+    AUTH_THROTTLE_PROBES records after the one its key picks. A record whose
+    window is over is free for another address. Times are
+    ``time.monotonic()``: one clock for every process of the machine.
     """
 
-    _RECORD = struct.Struct("=Qqd")  # address_key (FREE: never used), failures, window start
+    # address_key (FREE: never used), failures, checks under way, window start
+    _RECORD = struct.Struct("=Qqqd")
 
     def __init__(self, limit: int, window: float, size: int = AUTH_THROTTLE_ADDRESSES) -> None:
         self._limit = limit
@@ -167,42 +182,44 @@ class FailureThrottle:
             address = str(ip.ipv4_mapped or ipaddress.ip_network(f"{ip}/{AUTH_THROTTLE_IPV6_PREFIX}", strict=False))
         return address_key(address)
 
-    def charge(self, address: str) -> bool:
-        """Count a login from ``address`` as failed before it is checked;
-        False, and nothing counted, while the address is blocked.
-
-        Testing and counting under one lock is what makes the limit hold
-        when guesses arrive on many connections at once: each is counted
-        before any is checked. A login that succeeds is ``refund``-ed.
-        """
+    def begin(self, address: str) -> Admission:
+        """May a login from ``address`` be checked now? CHECK counts it as
+        under way until ``end``; testing and counting happen under one lock."""
         key, now = self._key(address), time.monotonic()
         with self._table.locked():
             free = None
             for index in self._places(key):
-                held, failures, since = self._table.read(index)
+                held, failures, checking, since = self._table.read(index)
                 if held == key:
-                    if now - since >= self._window:  # a new window
-                        self._table.write(index, key, 1, now)
-                    elif failures >= self._limit:
-                        return False
-                    else:
-                        self._table.write(index, key, failures + 1, since)
-                    return True
+                    if now - since >= self._window:
+                        # A new window. Checks counted in the old one and
+                        # never ended (their process died) are forgotten too.
+                        failures, checking, since = 0, 0, now
+                    if failures >= self._limit:
+                        return Admission.REFUSE
+                    if failures + checking >= self._limit:
+                        return Admission.WAIT
+                    # Without a failure yet, the window starts now, not earlier.
+                    self._table.write(index, key, failures, checking + 1, since if failures else now)
+                    return Admission.CHECK
                 if free is None and (held == FREE or now - since >= self._window):
                     free = index
             if free is not None:
-                self._table.write(free, key, 1, now)
-                return True
-        log.warning("failed-login table full: a failure from %s is not counted", address)
-        return True
+                self._table.write(free, key, 0, 1, now)
+                return Admission.CHECK
+        log.warning("failed-login table full: a login from %s is not counted", address)
+        return Admission.CHECK
 
-    def refund(self, address: str) -> None:
-        """Take back the charge of a login from ``address`` that succeeded."""
+    def end(self, address: str, failed: bool) -> None:
+        """A check that ``begin`` let through is over; ``failed``: a wrong password."""
         key, now = self._key(address), time.monotonic()
         with self._table.locked():
             for index in self._places(key):
-                held, failures, since = self._table.read(index)
+                held, failures, checking, since = self._table.read(index)
                 if held == key:
-                    if failures and now - since < self._window:
-                        self._table.write(index, key, failures - 1, since)
+                    if failed:
+                        if not failures or now - since >= self._window:
+                            failures, since = 0, now  # the window starts at its first failure
+                        failures += 1
+                    self._table.write(index, key, failures, max(checking - 1, 0), since)
                     return

@@ -39,6 +39,11 @@ AUTH_MAX_FAILURES_PER_CONNECTION = 3
 # before its attempts are refused without checking (Postfix's anvil idea).
 AUTH_MAX_FAILURES_PER_ADDRESS = 10
 AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
+# A login from an address whose checks under way could still reach that
+# limit waits for them (FailureThrottle): asking again this often, for at
+# most this long (a check takes some 50 ms), then answered as refused.
+LOGIN_THROTTLE_POLL_SECONDS = 0.02
+LOGIN_THROTTLE_WAIT_SECONDS = 10.0
 # Dovecot's PENALTY_IPV6_MASK_BITS: the throttle counts an IPv6 client by
 # its /48, a site's usual allocation, which holds more addresses than any
 # table could follow one by one.

@@ -36,12 +36,13 @@ import enum
 import functools
 import ipaddress
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar
 
-from pymailsrv.auth import Credentials, SaslCancelled, SaslError, SaslExchange
+from pymailsrv.auth import Admission, Credentials, SaslCancelled, SaslError, SaslExchange
 from pymailsrv.commands import Command, CommandTable
-from pymailsrv.limits import SASL_LINE_MAX
+from pymailsrv.limits import LOGIN_THROTTLE_POLL_SECONDS, LOGIN_THROTTLE_WAIT_SECONDS, SASL_LINE_MAX
 from pymailsrv.replies import After, CommandError, Reply
 from pymailsrv.users import UserError, check_user_name
 
@@ -279,26 +280,28 @@ class Session:
     def check_login(self, name: str, credentials_valid: Callable[[str], bool]) -> str | None:
         """The user ``name`` names, if the credentials hold; else None.
 
-        The client address is charged a failure before the check, and
-        refunded if it holds or if the check itself fails, a fault of ours
-        (``FailureThrottle``). Raises AddressBlocked, checking nothing, where
-        the address has failed too often lately.
+        The client address's failed logins are counted (``FailureThrottle``):
+        a wrong password is one, a check that raises is a fault of ours and
+        none. Raises AddressBlocked, checking nothing, where the address has
+        failed too often lately; waits first while checks under way from it
+        could still bring it there.
         """
-        if not self.context.throttle.charge(self.peer[0]):
+        throttle, address = self.context.throttle, self.peer[0]
+        deadline = time.monotonic() + LOGIN_THROTTLE_WAIT_SECONDS
+        while (admission := throttle.begin(address)) is Admission.WAIT and time.monotonic() < deadline:
+            time.sleep(LOGIN_THROTTLE_POLL_SECONDS)
+        if admission is not Admission.CHECK:
             raise AddressBlocked
+        failed = False
         try:
-            user = check_user_name(name)
-        except UserError:
-            user = None  # not a possible user name: fails like a wrong password
-        try:
-            valid = user is not None and credentials_valid(user)
-        except BaseException:  # ours, not the client's (users.json unreadable): no failed login
-            self.context.throttle.refund(self.peer[0])
-            raise
-        if valid:
-            self.context.throttle.refund(self.peer[0])
-            return user
-        return None
+            try:
+                user = check_user_name(name)
+            except UserError:
+                user = None  # not a possible user name: fails like a wrong password
+            failed = not (user is not None and credentials_valid(user))
+        finally:
+            throttle.end(address, failed)
+        return None if failed else user
 
     def start_sasl(self, mechanism: str, initial_response: str | None) -> Reply:
         """Begin a SASL exchange (RFC 4954 §4, RFC 5034 §4); the protocol supplies

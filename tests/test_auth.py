@@ -29,7 +29,7 @@ import time
 import pytest
 
 from pymailsrv import replies as R
-from pymailsrv.auth import FailureThrottle
+from pymailsrv.auth import Admission, FailureThrottle
 from pymailsrv.server import MailServer
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 from tests.test_pop3 import wire as pop3_wire
@@ -267,6 +267,20 @@ def test_guesses_sent_at_once_on_many_connections_are_held_to_the_limit(start_se
     assert replies == [wire(R.R454_ADDRESS_BLOCKED)] * 9 + [wire(R.R535_AUTH_FAILED)] * 3
 
 
+def test_right_passwords_sent_at_once_on_many_connections_all_log_in(start_server, smtp_at, alice):
+    # They wait while the checks under way could reach the limit, never refused.
+    server = start_server(auth={"max_failures_per_address": 3})
+    clients = [smtp_at(server) for _ in range(12)]
+    start = threading.Barrier(len(clients), timeout=CLIENT_TIMEOUT)
+
+    def log_in(client: TlsClient) -> bytes:
+        start.wait()
+        return exchange(client, f"AUTH PLAIN {plain()}")
+
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        assert list(pool.map(log_in, clients)) == [wire(R.R235_AUTHENTICATED)] * 12
+
+
 def test_a_login_that_succeeds_is_not_counted_as_a_failure(start_server, smtp_at, alice):
     server = start_server(auth={"max_failures_per_address": 2})
     for _ in range(3):
@@ -311,47 +325,60 @@ def test_throttle_forgets_failures_after_the_window(start_server, smtp_at, alice
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
+def fail(throttle: FailureThrottle, address: str) -> None:
+    """One wrong password from ``address``, as a session reports it."""
+    assert throttle.begin(address) is Admission.CHECK
+    throttle.end(address, failed=True)
+
+
 def test_the_throttle_counts_the_failures_of_every_worker_process():
     throttle = FailureThrottle(limit=2, window=60)
     child = os.fork()
     if child == 0:  # a worker's failures (start --processes), in its own process
-        throttle.charge("192.0.2.1")
-        throttle.charge("192.0.2.1")
+        fail(throttle, "192.0.2.1")
+        fail(throttle, "192.0.2.1")
         os._exit(0)
     assert os.waitpid(child, 0)[1] == 0
-    assert not throttle.charge("192.0.2.1") and throttle.charge("192.0.2.2")
+    assert throttle.begin("192.0.2.1") is Admission.REFUSE
+    assert throttle.begin("192.0.2.2") is Admission.CHECK
+
+
+def test_checks_under_way_hold_back_the_next_only_while_they_could_reach_the_limit():
+    throttle = FailureThrottle(limit=2, window=60)
+    assert throttle.begin("192.0.2.1") is Admission.CHECK
+    assert throttle.begin("192.0.2.1") is Admission.CHECK
+    assert throttle.begin("192.0.2.1") is Admission.WAIT  # two under way: both may fail
+    throttle.end("192.0.2.1", failed=False)  # the right password
+    assert throttle.begin("192.0.2.1") is Admission.CHECK
+    throttle.end("192.0.2.1", failed=True)
+    throttle.end("192.0.2.1", failed=True)
+    assert throttle.begin("192.0.2.1") is Admission.REFUSE
 
 
 def test_an_ipv6_client_is_counted_by_its_48_as_dovecot_counts_it():
     # A site's /48 holds 2**80 addresses: counted one by one, none would ever be blocked.
     throttle = FailureThrottle(limit=2, window=60)
-    assert throttle.charge("2001:db8:1:2::1") and throttle.charge("2001:db8:1:ffff::99")
-    assert not throttle.charge("2001:db8:1::7")
-    assert throttle.charge("2001:db8:2::1")  # another /48
-    assert throttle.charge("192.0.2.1") and throttle.charge("::ffff:192.0.2.1")  # one client, two spellings
-    assert not throttle.charge("192.0.2.1")
-
-
-def test_a_refund_takes_back_one_charge():
-    throttle = FailureThrottle(limit=2, window=60)
-    assert throttle.charge("192.0.2.1") and throttle.charge("192.0.2.1")
-    throttle.refund("192.0.2.1")
-    assert throttle.charge("192.0.2.1")
-    assert not throttle.charge("192.0.2.1")
+    fail(throttle, "2001:db8:1:2::1")
+    fail(throttle, "2001:db8:1:ffff::99")
+    assert throttle.begin("2001:db8:1::7") is Admission.REFUSE
+    assert throttle.begin("2001:db8:2::1") is Admission.CHECK  # another /48
+    fail(throttle, "192.0.2.1")
+    fail(throttle, "::ffff:192.0.2.1")  # one client, two spellings
+    assert throttle.begin("192.0.2.1") is Admission.REFUSE
 
 
 def test_an_address_whose_window_is_over_makes_room_for_another(caplog):
     window = 1.0  # long beside the steps inside it, stalls and all
     throttle = FailureThrottle(limit=1, window=window, size=1)  # room for one address
-    assert throttle.charge("192.0.2.1")
-    assert not throttle.charge("192.0.2.1")
-    assert throttle.charge("192.0.2.2")  # .1 is inside its window: no room
-    assert throttle.charge("192.0.2.2")
-    assert "failed-login table full: a failure from 192.0.2.2 is not counted" in caplog.text
+    fail(throttle, "192.0.2.1")
+    assert throttle.begin("192.0.2.1") is Admission.REFUSE
+    fail(throttle, "192.0.2.2")  # .1 is inside its window: no room, so uncounted
+    fail(throttle, "192.0.2.2")
+    assert "failed-login table full: a login from 192.0.2.2 is not counted" in caplog.text
     time.sleep(window + 0.05)
-    assert throttle.charge("192.0.2.2")
-    assert not throttle.charge("192.0.2.2")
-    assert throttle.charge("192.0.2.1")  # .2 holds the one record now: .1 goes uncounted
+    fail(throttle, "192.0.2.2")
+    assert throttle.begin("192.0.2.2") is Admission.REFUSE
+    assert throttle.begin("192.0.2.1") is Admission.CHECK  # .2 holds the one record now
 
 
 def test_sasl_answer_may_be_longer_than_a_command_line(smtp, alice):
