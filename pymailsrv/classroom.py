@@ -32,11 +32,12 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import astuple, dataclass
+from pathlib import Path
 
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import output_file, read_password
+from pymailsrv.cli_common import as_data_root_owner, output_file, read_password
 from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
@@ -215,6 +216,12 @@ def classroom_group(with_settings: Callable) -> click.Group:
     def setup(settings: Settings, students: int, prefix: str, csv_path: str | None,
               password_stdin: bool) -> None:
         """Create student accounts and print a sheet to hand out."""
+        as_data_root_owner(settings.root)
+        # The sheet is then written as that owner: a place only root may write
+        # is refused now, before any account is made.
+        if csv_path is not None and not os.access(Path(csv_path).parent, os.W_OK):
+            raise click.ClickException(f"cannot write {csv_path}: its directory is not writable by "
+                                       f"the data root's owner, whom this command runs as")
         shared = None
         if password_stdin:
             shared = read_password(from_stdin=True)
@@ -248,6 +255,7 @@ def classroom_group(with_settings: Callable) -> click.Group:
     @with_settings
     def reset(settings: Settings, prefix: str) -> None:
         """Empty every student mailbox (accounts and passwords stay)."""
+        as_data_root_owner(settings.root)
         result = reset_class(settings, prefix)
         for name in result.busy:
             click.echo(f"note: {name} is logged in over POP3: mailbox left as it is", err=True)

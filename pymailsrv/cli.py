@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 import sys
 from collections.abc import Callable
 from email.parser import BytesHeaderParser
@@ -23,7 +22,7 @@ from typing import Any, NoReturn
 
 import click
 
-from pymailsrv.cli_common import echo_report, read_password, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, echo_report, read_password, require_data_root
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
@@ -51,26 +50,6 @@ def settings_options(command: Callable) -> Callable:
                         help="Data root holding the Maildirs (default ./mailboxes).")(command)
 
 
-def _as_data_root_owner(root: Path) -> None:
-    """Run as root, become the owner of the data root, as the server does
-    with --run-as, and as Dovecot's doveadm becomes the mail user.
-
-    Else what the command writes there is root's alone: a queue entry that
-    'queue flush' rewrote could never again be read by the server, so its
-    mail would be neither delivered nor bounced.
-    """
-    if os.geteuid() != 0:
-        return
-    try:
-        owner = root.stat()
-    except OSError:  # not there yet: the command makes it, as root
-        return
-    if owner.st_uid != 0:
-        os.setgroups([])  # once the uid is not 0, groups can no longer change
-        os.setgid(owner.st_gid)
-        os.setuid(owner.st_uid)
-
-
 def with_settings(command: Callable) -> Callable:
     """Give a subcommand ``--root`` and ``--config``; it receives ``settings``."""
 
@@ -78,7 +57,6 @@ def with_settings(command: Callable) -> Callable:
     @functools.wraps(command)
     def wrapper(root: str | None, config: str | None, **kwargs: Any) -> Any:
         settings = _settings(root, config)
-        _as_data_root_owner(settings.root)
         try:
             return command(settings=settings, **kwargs)
         except OSError as error:  # a data root that is not a directory, a file we may not read...
@@ -241,6 +219,7 @@ def cert_generate(settings: Settings, hostname: str | None, force: bool) -> None
     from pymailsrv.server import default_certificate_paths
     from pymailsrv.tls import generate_self_signed
 
+    as_data_root_owner(settings.root)
     cert_path, key_path = default_certificate_paths(settings)
     if cert_path.exists() and not force:
         raise click.ClickException(f"{cert_path} already exists (use --force to replace it)")
@@ -266,6 +245,7 @@ def user() -> None:
 @with_settings
 def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) -> None:
     """Create a user and their Maildir."""
+    as_data_root_owner(settings.root)
     name = _user_name(name)
     users = UserStore(settings.state_dir)
     if users.exists(name):
@@ -292,6 +272,7 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
 @with_settings
 def user_remove(settings: Settings, name: str, purge: bool) -> None:
     """Remove a user (their mail stays on disk unless --purge)."""
+    as_data_root_owner(settings.root)
     name = _user_name(name)
     try:
         UserStore(settings.state_dir).remove(name)
@@ -311,6 +292,7 @@ def user_remove(settings: Settings, name: str, purge: bool) -> None:
 @with_settings
 def user_passwd(settings: Settings, name: str, password_stdin: bool) -> None:
     """Change a user's password (and APOP secret, if they have one)."""
+    as_data_root_owner(settings.root)
     name = _user_name(name)
     users = UserStore(settings.state_dir)
     if not users.exists(name):
@@ -398,7 +380,7 @@ def deliver(root: str | None, config: str | None, name: str, file: Any) -> None:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     if not settings.root.is_dir():
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: no data root at {settings.root}")
-    _as_data_root_owner(settings.root)  # FILE is open already: it may be root's alone
+    as_data_root_owner(settings.root)  # FILE is open already: it may be root's alone
     try:
         user = check_user_name(name)
     except UserError as error:

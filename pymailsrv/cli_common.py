@@ -7,6 +7,7 @@ module: a command module importing ``cli.py`` back would make a cycle.
 from __future__ import annotations
 
 import getpass
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,6 +45,28 @@ def read_password(from_stdin: bool) -> str:
         # SASL PLAIN and APOP carry UTF-8 (RFC 4616 §2): no login could match.
         raise click.ClickException("the password must be UTF-8 text") from None
     return password
+
+
+def as_data_root_owner(root: Path) -> None:
+    """For a command that writes into the data root, run as root: become
+    its owner, as the server does with --run-as, and as Dovecot's doveadm
+    becomes the mail user.
+
+    Else what the command writes there is root's alone: a queue entry that
+    'queue flush' rewrote could never again be read by the server, so its
+    mail would be neither delivered nor bounced. Commands that only read
+    stay as they are.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        owner = root.stat()
+    except OSError:  # not there yet: the command makes it, as root
+        return
+    if owner.st_uid != 0:
+        os.setgroups([])  # once the uid is not 0, groups can no longer change
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
 
 
 def require_data_root(root: Path) -> None:

@@ -16,7 +16,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.aliases import AliasError, AliasTable
-from pymailsrv.cli_common import echo_report, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, echo_report, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
 from pymailsrv.replies import counted
@@ -46,6 +46,7 @@ def alias_group(with_settings: Callable) -> click.Group:
     def alias_add(settings: Settings, name: str, targets: tuple[str, ...]) -> None:
         """Make NAME deliver to TARGETs too (users, aliases or user@domain)."""
         table = _aliases(settings)
+        as_data_root_owner(settings.root)
         try:
             now = table.add(name, targets)
         except AliasError as error:
@@ -63,8 +64,10 @@ def alias_group(with_settings: Callable) -> click.Group:
     @with_settings
     def alias_remove(settings: Settings, name: str, targets: tuple[str, ...]) -> None:
         """Remove the alias NAME, or only the TARGETs given."""
+        table = _aliases(settings)
+        as_data_root_owner(settings.root)
         try:
-            left = _aliases(settings).remove(name, targets)
+            left = table.remove(name, targets)
         except AliasError as error:
             raise click.ClickException(str(error)) from None
         click.echo(f"{name.lower()}: {', '.join(left)}" if left else f"removed alias {name.lower()}")
@@ -124,6 +127,7 @@ def queue_group(with_settings: Callable) -> click.Group:
     def queue_flush(settings: Settings) -> None:
         """Make every queued message due now (a running server tries them at once)."""
         require_data_root(settings.root)
+        as_data_root_owner(settings.root)
         count = OutboundQueue(settings.state_dir).flush()
         click.echo(f"{counted(count, 'message')} due now")
 
@@ -135,6 +139,7 @@ def queue_group(with_settings: Callable) -> click.Group:
         # The id becomes a file name: "../x" must be refused, not looked up.
         if not is_queue_id(queue_id.upper()):
             raise click.ClickException(f"{queue_id!r} is not a queue id (16 hex digits, as `queue list` shows)")
+        as_data_root_owner(settings.root)
         try:
             deleted = OutboundQueue(settings.state_dir).delete(queue_id.upper())
         except OSError as error:  # e.g. a directory where the envelope should be

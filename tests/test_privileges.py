@@ -131,6 +131,19 @@ def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_u
     assert (root / "carol" / "new").is_dir()
 
 
+def test_a_sheet_the_data_roots_owner_could_not_write_is_refused_before_any_account(system_user, shared_dir,
+                                                                                     tmp_path):
+    root = make_root(shared_dir, system_user)
+    sheet = tmp_path / "sheet.csv"  # pytest's tmp_path is root's alone
+    done = subprocess.run([sys.executable, "-m", "pymailsrv", "classroom", "setup", "--students", "2", "--csv",
+                           str(sheet), "--password-stdin", "--root", str(root)], input=b"pw12345678\n",
+                          capture_output=True, timeout=CLIENT_TIMEOUT)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip() == (f"Error: cannot write {sheet}: its directory is not writable by the "
+                                            f"data root's owner, whom this command runs as")
+    assert UserStore(root / ".pymailsrv").names() == ["alice"]
+
+
 @pytest.mark.parametrize("root_owned, problem", [
     ("", "{root}"),  # the data root itself
     ("alice/new", "{root}/alice/new"),  # a Maildir made by 'user add' as root
