@@ -186,6 +186,10 @@ def canonical_domain(domain: str) -> str:
     §2.3.2.1: ``bücher`` and ``xn--bcher-kva`` are one label); an address
     literal with its address as ``ipaddress`` writes it (``[IPv6:0::1]`` is
     ``[IPv6:::1]``).
+
+    An A-label is "xn--" and the label's Punycode (RFC 3492), as IDNA 2008
+    makes it, with no mapping: Python's "idna" codec is IDNA 2003, whose
+    mapping makes ``straße`` ``strasse``, another domain.
     """
     match = _ADDRESS_LITERAL.fullmatch(domain)
     if match:
@@ -194,10 +198,8 @@ def canonical_domain(domain: str) -> str:
         except ValueError:
             return domain.lower()
         return f"[IPv6:{address}]" if match[1] else f"[{address}]"
-    try:
-        return domain.encode("idna").decode("ascii").lower()
-    except UnicodeError:  # no name DNS could hold: compared as written
-        return domain.lower()
+    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
+                    for label in domain.lower().split("."))
 
 
 def _is_address_literal(domain: str) -> bool:

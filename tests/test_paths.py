@@ -346,6 +346,8 @@ def test_parse_mailbox_raises_nothing_but_path_error(text):
     ("[ipv6:0:0::1]", "[IPv6:::1]"),
     ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
     ("a" * 64 + ".example", "a" * 64 + ".example"),  # no name for DNS: compared as written, lower-cased
+    ("straße.example", "xn--strae-oqa.example"),  # IDNA 2008; IDNA 2003 made it strasse, another domain
+    ("ς.example", "xn--3xa.example"),  # final sigma is not σ (xn--4xa)
 ])
 def test_canonical_domain_is_one_spelling_of_each_place(domain, canonical):
     assert canonical_domain(domain) == canonical

@@ -669,6 +669,16 @@ def test_each_spelling_of_a_configured_domain_is_local(start_server, greeted, al
             R.R250_RECIPIENT_OK, address=f"{local_part}@{spelled.lower()}")
 
 
+def test_a_domain_that_idna_2003_would_map_onto_ours_is_not_ours(start_server, greeted, alice):
+    server = start_server(domains=["straße.example"])
+    client = greeted(server.addresses["smtp"])
+    exchange(client, "MAIL FROM:<x@example.org>")
+    assert exchange(client, "RCPT TO:<alice@strasse.example>") == wire(R.R550_RELAY_DENIED,
+                                                                      address="alice@strasse.example")
+    assert exchange(client, "RCPT TO:<alice@xn--strae-oqa.example>") == wire(
+        R.R250_RECIPIENT_OK, address="alice@xn--strae-oqa.example")
+
+
 def test_a_logged_in_user_writing_the_a_label_of_our_domain_is_delivered_locally(start_server, alice, store):
     server = start_server(domains=["bücher.example"])
     with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
