@@ -231,7 +231,10 @@ class AliasTable:
         found_users: list[str] = []
         external: list[str] = []
         problems: list[str] = []
-        done: set[str] = set()
+        # Each alias expanded so far, with how deep: met again as deep or
+        # deeper, its targets are in already; met nearer the top, the depth
+        # limit may have cut fewer of them, so it is expanded again.
+        done: dict[str, int] = {}
 
         def visit(target: str, path: tuple[str, ...]) -> None:
             try:
@@ -252,12 +255,12 @@ class AliasTable:
                 elif path:  # a bad target; an unknown recipient itself is only a 550
                     problems.append(f"{' -> '.join(path + (target,))}: no such user or alias")
                 return
-            if target in done:
+            if done.get(target, ALIAS_DEPTH_MAX + 1) <= len(path):
                 return  # reached again by another path: its targets are in already
             if len(path) >= ALIAS_DEPTH_MAX:
                 problems.append(f"more than {ALIAS_DEPTH_MAX} aliases deep: {' -> '.join(path + (target,))}")
                 return
-            done.add(target)
+            done[target] = len(path)
             for next_target in aliases[target]:
                 visit(next_target, path + (target,))
 

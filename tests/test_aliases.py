@@ -139,6 +139,13 @@ def test_a_chain_deeper_than_sendmails_limit_goes_nowhere_and_says_so(aliases, c
     assert expansion.problems == ("more than 10 aliases deep: " + " -> ".join(f"a{depth}" for depth in range(11)),)
 
 
+def test_a_name_cut_short_down_a_deep_branch_is_followed_again_down_a_short_one(aliases):
+    # x is met first nine aliases down, where the limit cuts its chain, then through short.
+    deep = "".join(f"deep{n}: deep{n + 1}\n" for n in range(1, 8)) + "deep8: x\n"
+    write(aliases, "top: deep1, short\n" + deep + "short: x\nx: y\ny: alice\n")
+    assert aliases.expand("top").users == ("alice",)
+
+
 def test_a_chain_of_a_thousand_is_no_traceback(aliases):
     write(aliases, "".join(f"a{depth}: a{depth + 1}\n" for depth in range(1200)) + "a1200: alice\n")
     assert not aliases.expand("a0")
