@@ -347,6 +347,9 @@ class Relay:
         # Outcomes of attempts that were made but could not be written down
         # (a full disk): written before that message is sent anywhere again.
         self._unrecorded: dict[str, dict[str, Outcome]] = {}
+        # Likewise the recipients whose failures were bounced, but not yet
+        # written down as reported: no second bounce goes out for them.
+        self._unrecorded_bounces: dict[str, list[str]] = {}
         self._queue_unreadable = False  # the last look into the queue failed (logged once)
 
     # --- the threads -----------------------------------------------------------
@@ -753,6 +756,8 @@ class Relay:
 
     def _report(self, entry: QueueEntry, message: bytes) -> QueueEntry | None:
         """Bounce the failures not yet reported (RFC 3464), unless the sender is <>."""
+        if (bounced := self._unrecorded_bounces.pop(entry.queue_id, None)) is not None:
+            return self._reported(entry.queue_id, bounced)
         failures = entry.unreported_failures
         addresses = [recipient.address for recipient in failures]
         if not entry.sender:
@@ -774,7 +779,17 @@ class Relay:
         except StorageError as error:
             log.error("%s: cannot queue the bounce, will try again: %s", entry.queue_id, error)
             return self.queue.postpone(entry.queue_id, time.time() + self.queue.retry.min_backoff)
-        return self.queue.mark_reported(entry.queue_id, addresses)
+        return self._reported(entry.queue_id, addresses)
+
+    def _reported(self, queue_id: str, addresses: list[str]) -> QueueEntry | None:
+        """Write down that the failures of ``addresses`` were bounced; kept in
+        memory while the disk will not take it (as _unrecorded is), else every
+        retry would send the sender another bounce."""
+        try:
+            return self.queue.mark_reported(queue_id, addresses)
+        except Exception:
+            self._unrecorded_bounces[queue_id] = addresses
+            raise
 
 
 class _HopClient(smtplib.SMTP):

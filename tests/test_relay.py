@@ -33,7 +33,7 @@ import trustme
 from aiosmtpd.smtp import AuthResult
 
 from pymailsrv.dsn import build_bounce
-from pymailsrv.outqueue import OutboundQueue, QueueEntry, Recipient, RetryPolicy, State
+from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import listening_line, make_settings, start_process, wait_until
@@ -798,6 +798,23 @@ def test_a_message_sent_but_not_recorded_is_recorded_before_it_is_sent_again(mta
     server.relay.attempt(queue_id)  # the delivery is written down, and the entry is done
     assert server.context.queue.get(queue_id) is None
     assert len(remote.messages) == 1
+
+
+def test_a_bounce_sent_but_not_recorded_is_recorded_before_another_could_go(mta):
+    server = mta(None)
+    queue = server.context.queue
+    queue_id = queue.enqueue("erin@example.org", ["nobody@example.net"], MESSAGE)
+    queue.record(queue_id, {"nobody@example.net": Outcome(State.FAILED, "5.1.1", "smtp; 550 5.1.1 no such user")})
+    obstacle = queue.directory / f"{queue_id}.json.tmp"  # the disk refuses to write down the report
+    obstacle.mkdir()
+    for _ in range(3):
+        with pytest.raises(IsADirectoryError):
+            server.relay.attempt(queue_id)
+    bounces = [other for other in queue.ids() if other != queue_id]
+    assert len(bounces) == 1 and queue.get(bounces[0]).sender == ""
+    obstacle.rmdir()
+    server.relay.attempt(queue_id)  # the report is written down, and the entry is done
+    assert queue.ids() == bounces
 
 
 def test_a_killed_server_delivers_its_queue_after_restart(root, sink, tmp_path):
