@@ -48,7 +48,7 @@ from pathlib import Path
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
 from pymailsrv.limits import ALIAS_DEPTH_MAX
-from pymailsrv.paths import PathError, canonical_domain, parse_path, unquoted_local_part
+from pymailsrv.paths import PathError, in_domains, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.aliases")
@@ -124,7 +124,7 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
         raise AliasError(f"invalid target {target!r}: {error}") from None
     if rest.strip() or not address.domain:
         raise AliasError(f"invalid target {target!r}")
-    if canonical_domain(address.domain) in {canonical_domain(domain) for domain in local_domains}:
+    if in_domains(address.domain, local_domains):
         return _checked_name(unquoted_local_part(address.local_part))
     return str(address)
 

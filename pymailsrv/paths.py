@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymailsrv.commands import ascii_words
@@ -200,6 +201,11 @@ def canonical_domain(domain: str) -> str:
         return f"[IPv6:{address}]" if match[1] else f"[{address}]"
     return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
                     for label in domain.lower().split("."))
+
+
+def in_domains(domain: str, domains: Iterable[str]) -> bool:
+    """Is ``domain`` one of ``domains``, in whichever spelling (canonical_domain)?"""
+    return canonical_domain(domain) in {canonical_domain(each) for each in domains}
 
 
 def _is_address_literal(domain: str) -> bool:

@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
-from pymailsrv.paths import canonical_domain, unquoted_local_part
+from pymailsrv.paths import in_domains, unquoted_local_part
 from pymailsrv.replies import counted
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
@@ -332,7 +332,6 @@ class Relay:
         # opportunistic, since nothing says which MX hosts can do TLS.
         self._tls_policy = relay.smarthost_tls if self._smarthost else "opportunistic"
         self._resolver = MxResolver(relay.dns_server)
-        self._local_domains = {canonical_domain(domain) for domain in self.settings.domains}
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
         self._wakeup = threading.Condition()
@@ -503,7 +502,7 @@ class Relay:
         by_domain: dict[str, list[str]] = {}
         for address in pending:
             domain = address.rpartition("@")[2].lower()
-            if canonical_domain(domain) in self._local_domains:
+            if in_domains(domain, self.settings.domains):
                 outcomes[address] = self.deliver_locally(entry.sender, address, message)
             else:
                 by_domain.setdefault(domain, []).append(address)
@@ -768,7 +767,7 @@ class Relay:
         bounce = build_bounce(entry, failures, message, self.settings.hostname, time.time())
         try:
             outcome = None
-            if canonical_domain(entry.sender.rpartition("@")[2]) in self._local_domains:
+            if in_domains(entry.sender.rpartition("@")[2], self.settings.domains):
                 outcome = self.deliver_locally("", entry.sender, bounce)
                 if outcome.state is State.FAILED:
                     log.warning("%s: the bounce to <%s> cannot be delivered: %s", entry.queue_id,

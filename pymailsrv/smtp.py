@@ -53,7 +53,7 @@ from pymailsrv.paths import (
     VCHAR,
     Address,
     PathError,
-    canonical_domain,
+    in_domains,
     is_domain,
     parse_parameters,
     parse_path,
@@ -694,7 +694,7 @@ class SmtpSession(Session):
         return R250_RECIPIENT_OK.format(address=recipient)
 
     def _is_local_domain(self, domain: str) -> bool:
-        return canonical_domain(domain) in {canonical_domain(local) for local in self.settings.domains}
+        return in_domains(domain, self.settings.domains)
 
     def _route(self, recipient: Address) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Where mail for ``recipient`` goes: (local users, addresses to relay to),
