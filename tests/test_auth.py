@@ -251,34 +251,30 @@ def test_address_that_failed_too_often_is_454_even_with_the_right_password(start
     assert exchange(other, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
-def test_guesses_sent_at_once_on_many_connections_are_held_to_the_limit(start_server, smtp_at, alice):
-    # The throttle counts each attempt before its password is checked: with
-    # a test first and a count after the check, all twelve were checked.
-    server = start_server(auth={"max_failures_per_address": 3})
-    clients = [smtp_at(server) for _ in range(12)]
-    start = threading.Barrier(len(clients), timeout=CLIENT_TIMEOUT)
+def logins_at_once(server: MailServer, smtp_at, password: str, count: int = 12) -> list[bytes]:
+    """AUTH PLAIN as alice on ``count`` connections at the same moment; the replies in order."""
+    clients = [smtp_at(server) for _ in range(count)]
+    start = threading.Barrier(count, timeout=CLIENT_TIMEOUT)
 
-    def guess(client: TlsClient) -> bytes:
+    def log_in(client: TlsClient) -> bytes:
         start.wait()
-        return exchange(client, f"AUTH PLAIN {plain(password='wrong')}")
+        return exchange(client, f"AUTH PLAIN {plain(password=password)}")
 
-    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
-        replies = sorted(pool.map(guess, clients))
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        return list(pool.map(log_in, clients))
+
+
+def test_guesses_sent_at_once_on_many_connections_are_held_to_the_limit(start_server, smtp_at, alice):
+    # With a test before the check and a count after it, all twelve were checked.
+    server = start_server(auth={"max_failures_per_address": 3})
+    replies = sorted(logins_at_once(server, smtp_at, "wrong"))
     assert replies == [wire(R.R454_ADDRESS_BLOCKED)] * 9 + [wire(R.R535_AUTH_FAILED)] * 3
 
 
 def test_right_passwords_sent_at_once_on_many_connections_all_log_in(start_server, smtp_at, alice):
     # They wait while the checks under way could reach the limit, never refused.
     server = start_server(auth={"max_failures_per_address": 3})
-    clients = [smtp_at(server) for _ in range(12)]
-    start = threading.Barrier(len(clients), timeout=CLIENT_TIMEOUT)
-
-    def log_in(client: TlsClient) -> bytes:
-        start.wait()
-        return exchange(client, f"AUTH PLAIN {plain()}")
-
-    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
-        assert list(pool.map(log_in, clients)) == [wire(R.R235_AUTHENTICATED)] * 12
+    assert logins_at_once(server, smtp_at, PASSWORD) == [wire(R.R235_AUTHENTICATED)] * 12
 
 
 def test_a_login_that_succeeds_is_not_counted_as_a_failure(start_server, smtp_at, alice):
