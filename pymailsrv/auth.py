@@ -27,7 +27,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_IPV6_PREFIX, AUTH_THROTTLE_PROBES
-from pymailsrv.shared import FREE, SharedRecords, address_key
+from pymailsrv.shared import SharedRecords, address_key
 from pymailsrv.users import UserError, UserStore, check_user_name
 
 log = logging.getLogger("pymailsrv.auth")
@@ -156,9 +156,10 @@ class FailureThrottle:
 
     The table is a hash table of ``size`` records - address, failures,
     checks under way, start of the window - each address in one of
-    AUTH_THROTTLE_PROBES records after the one its key picks. A record whose
-    window is over is free for another address. Times are
-    ``time.monotonic()``: one clock for every process of the machine.
+    AUTH_THROTTLE_PROBES records after the one its key picks. A record with
+    no check under way and no failure inside its window is free for another
+    address. Times are ``time.monotonic()``: one clock for every process of
+    the machine.
     """
 
     # address_key (FREE: never used), failures, checks under way, window start
@@ -191,18 +192,15 @@ class FailureThrottle:
             for index in self._places(key):
                 held, failures, checking, since = self._table.read(index)
                 if held == key:
-                    if now - since >= self._window:
-                        # A new window. Checks counted in the old one and
-                        # never ended (their process died) are forgotten too.
-                        failures, checking, since = 0, 0, now
+                    if failures and now - since >= self._window:
+                        failures = 0  # a new window; checks under way from the old still count
                     if failures >= self._limit:
                         return Admission.REFUSE
                     if failures + checking >= self._limit:
                         return Admission.WAIT
-                    # Without a failure yet, the window starts now, not earlier.
-                    self._table.write(index, key, failures, checking + 1, since if failures else now)
+                    self._table.write(index, key, failures, checking + 1, since)
                     return Admission.CHECK
-                if free is None and (held == FREE or now - since >= self._window):
+                if free is None and self._is_free(failures, checking, since, now):
                     free = index
             if free is not None:
                 self._table.write(free, key, 0, 1, now)
@@ -223,3 +221,18 @@ class FailureThrottle:
                         failures += 1
                     self._table.write(index, key, failures, max(checking - 1, 0), since)
                     return
+
+    def forget_checks(self) -> None:
+        """Count no check as under way: a worker process died, and the checks
+        it had begun will never end. (Those of the other workers that are
+        under way are forgotten too: a moment's leeway, at a rare event.)"""
+        with self._table.locked():
+            for index in range(self._size):
+                held, failures, checking, since = self._table.read(index)
+                if checking:
+                    self._table.write(index, held, failures, 0, since)
+
+    def _is_free(self, failures: int, checking: int, since: float, now: float) -> bool:
+        """May this record go to another address? Only if it remembers nothing
+        that still counts: no check under way, no failure inside its window."""
+        return not checking and (not failures or now - since >= self._window)

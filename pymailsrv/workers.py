@@ -191,6 +191,7 @@ class Workers:
             if number is None:
                 continue
             freed = self.server.context.connections.release_all_of(pid)
+            self.server.context.throttle.forget_checks()  # those it had begun will never end
             log.error("worker %d (pid %d) ended unexpectedly (%s, with %s); starting another",
                       number, pid, _how_it_ended(status), counted(freed, "open connection"))
             ended.append(number)

@@ -351,6 +351,32 @@ def test_checks_under_way_hold_back_the_next_only_while_they_could_reach_the_lim
     assert throttle.begin("192.0.2.1") is Admission.REFUSE
 
 
+def test_a_check_under_way_across_the_end_of_a_window_still_counts_in_the_next():
+    # Else a right password that straddled the window's end made room for one guess too many.
+    window = 1.0  # long beside the steps inside it, stalls and all
+    throttle = FailureThrottle(limit=2, window=window)
+    fail(throttle, "192.0.2.1")
+    assert throttle.begin("192.0.2.1") is Admission.CHECK  # the right password, slow to check
+    time.sleep(window + 0.05)
+    assert throttle.begin("192.0.2.1") is Admission.CHECK  # a new window: one guess
+    assert throttle.begin("192.0.2.1") is Admission.WAIT  # the first check may still fail
+    throttle.end("192.0.2.1", failed=False)
+    assert throttle.begin("192.0.2.1") is Admission.CHECK
+
+
+def test_the_checks_of_a_worker_that_died_are_forgotten():
+    throttle = FailureThrottle(limit=2, window=60)
+    child = os.fork()
+    if child == 0:  # a worker that begins two checks, and dies before it ends them
+        throttle.begin("192.0.2.1")
+        throttle.begin("192.0.2.1")
+        os._exit(0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert throttle.begin("192.0.2.1") is Admission.WAIT
+    throttle.forget_checks()  # what the main process does when it reaps a worker
+    assert throttle.begin("192.0.2.1") is Admission.CHECK
+
+
 def test_an_ipv6_client_is_counted_by_its_48_as_dovecot_counts_it():
     # A site's /48 holds 2**80 addresses: counted one by one, none would ever be blocked.
     throttle = FailureThrottle(limit=2, window=60)
