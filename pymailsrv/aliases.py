@@ -146,7 +146,9 @@ def _lines(text: str) -> list[str]:
 
 def _parse(text: str, where: str = "aliases") -> _AliasFile:
     """Lines and entries of an aliases file; bad lines are logged and skipped."""
-    parsed = _AliasFile(lines=_lines(text))
+    # An editor's byte-order mark is no part of the first name. (Not the
+    # utf-8-sig codec: loaded on first use, after --run-as it may be unreadable.)
+    parsed = _AliasFile(lines=_lines(text.removeprefix("\ufeff")))
     current: _Entry | None = None
     for number, line in enumerate(parsed.lines):
         content = _COMMENT.split(line, 1)[0]
@@ -179,9 +181,8 @@ def _parse(text: str, where: str = "aliases") -> _AliasFile:
 
 def _read(path: Path) -> _AliasFile:
     # surrogateescape, as _editing reads it: a target that is not UTF-8 is
-    # then refused by check_target, not turned into another address. And
-    # utf-8-sig: an editor's byte-order mark is no part of the first name.
-    return _parse(path.read_text(encoding="utf-8-sig", errors="surrogateescape"), str(path))
+    # then refused by check_target, not turned into another address.
+    return _parse(path.read_text(encoding="utf-8", errors="surrogateescape"), str(path))
 
 
 class AliasTable:
@@ -324,7 +325,7 @@ class AliasTable:
             # lines we do not change (surrogateescape); the server reads it
             # the same way, and skips its names and targets that are not UTF-8.
             try:
-                text = self.path.read_text(encoding="utf-8-sig", errors="surrogateescape")
+                text = self.path.read_text(encoding="utf-8", errors="surrogateescape")
             except FileNotFoundError:
                 text = ""
             parsed = _parse(text, str(self.path))

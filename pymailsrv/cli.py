@@ -217,16 +217,19 @@ def cert() -> None:
 def cert_generate(settings: Settings, hostname: str | None, force: bool) -> None:
     """Write a self-signed certificate and key that 'start' then uses (for a lab)."""
     from pymailsrv.server import default_certificate_paths
-    from pymailsrv.tls import generate_self_signed
+    from pymailsrv.tls import self_signed_pair, write_pair
 
-    as_data_root_owner(settings.root)
     cert_path, key_path = default_certificate_paths(settings)
     if cert_path.exists() and not force:
         raise click.ClickException(f"{cert_path} already exists (use --force to replace it)")
     try:
-        generate_self_signed(cert_path, key_path, hostname or settings.hostname)
+        # Made before the switch of user: cryptography is loaded on use, and the
+        # data root's owner may not be able to read the Python it comes with.
+        pair = self_signed_pair(hostname or settings.hostname)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
+    as_data_root_owner(settings.root)
+    write_pair(cert_path, key_path, pair)
     click.echo(f"wrote {cert_path} and {key_path} (self-signed for {hostname or settings.hostname})")
 
 

@@ -22,13 +22,20 @@ that into ``501 5.1.3`` (a bad address) or ``501 5.5.4`` (bad parameters).
 
 from __future__ import annotations
 
+import codecs
 import ipaddress
 import re
 import string
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pymailsrv.commands import ascii_words
+
+# RFC 3492, for A-labels (canonical_domain). Looked up now, not at the first
+# UTF-8 domain: by then a server started with --run-as may no longer be
+# able to read the Python it runs on, and a codec is loaded on first use.
+PUNYCODE = codecs.lookup("punycode")
 
 # RFC 5321 §4.5.3.1.1-3: local part 64 octets, domain 255, path 256.
 LOCAL_PART_MAX = 64
@@ -181,12 +188,14 @@ def is_domain(text: str) -> bool:
 
 
 def canonical_domain(domain: str) -> str:
-    """One spelling of ``domain``, to tell whether two name the same place.
+    """One spelling of ``domain``, to tell whether two name the same place,
+    and to ask DNS about it.
 
-    A name in lower case with its UTF-8 labels as A-labels (RFC 5890
-    §2.3.2.1: ``bücher`` and ``xn--bcher-kva`` are one label); an address
-    literal with its address as ``ipaddress`` writes it (``[IPv6:0::1]`` is
-    ``[IPv6:::1]``).
+    A name in lower case with its UTF-8 labels in NFC (RFC 5891 §5.3) and as
+    A-labels (RFC 5890 §2.3.2.1: ``bücher`` and ``xn--bcher-kva`` are one
+    label); an address literal with its address as ``ipaddress`` writes it
+    (``[IPv6:0::1]`` is ``[IPv6:::1]``, ``[IPv6:::ffff:127.0.0.1]`` is
+    ``[127.0.0.1]``).
 
     An A-label is "xn--" and the label's Punycode (RFC 3492), as IDNA 2008
     makes it, with no mapping: Python's "idna" codec is IDNA 2003, whose
@@ -198,9 +207,12 @@ def canonical_domain(domain: str) -> str:
             address = (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
         except ValueError:
             return domain.lower()
-        return f"[IPv6:{address}]" if match[1] else f"[{address}]"
-    return ".".join(label if label.isascii() else "xn--" + label.encode("punycode").decode("ascii")
-                    for label in domain.lower().split("."))
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
+    labels = unicodedata.normalize("NFC", domain.lower()).split(".")
+    return ".".join(label if label.isascii() else "xn--" + PUNYCODE.encode(label)[0].decode("ascii")
+                    for label in labels)
 
 
 def in_domains(domain: str, domains: Iterable[str]) -> bool:

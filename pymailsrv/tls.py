@@ -4,8 +4,9 @@ Only the standard library's ``ssl`` speaks TLS here. The server context
 requires TLS 1.2 or newer and keeps the library's default ciphers: we
 choose nothing cryptographic ourselves.
 
-``generate_self_signed`` writes a certificate and key with the
-``cryptography`` package (no hand-made ASN.1): good for a lab or for trying
+``self_signed_pair`` makes a certificate and key with the
+``cryptography`` package (no hand-made ASN.1), ``write_pair`` writes them:
+good for a lab or for trying
 STARTTLS with ``curl --insecure``, not for mail from strangers, who will not
 trust it.
 """
@@ -18,6 +19,7 @@ import ssl
 from pathlib import Path
 
 from pymailsrv.durable import write_all_atomically
+from pymailsrv.paths import canonical_domain, is_domain
 
 # A self-signed certificate is a lab tool; a year is long enough for a course.
 SELF_SIGNED_VALIDITY_DAYS = 365
@@ -40,10 +42,9 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
-def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
-    """Write a self-signed certificate for ``hostname`` (a name or an address) and its key (mode 0600).
-
-    ValueError if ``hostname`` can be neither.
+def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate for ``hostname`` (a name or an address) and
+    its key, as PEM: (certificate, key). ValueError if ``hostname`` can be neither.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -74,22 +75,25 @@ def generate_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_pair(cert_path: Path, key_path: Path, pair: tuple[bytes, bytes]) -> None:
+    """Write self_signed_pair's certificate and key (the key mode 0600)."""
+    certificate, key = pair
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     # Both written before either replaces an old one: a disk that refuses
     # the second must not leave a new key beside the old certificate.
-    write_all_atomically([
-        (key_path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()), 0o600),
-        (cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644),
-    ])
+    write_all_atomically([(key_path, key, 0o600), (cert_path, certificate, 0o644)])
 
 
 def _a_label(hostname: str) -> str:
     """``hostname`` as DNS and certificates write it: a UTF-8 name in its A-label (xn--) form."""
-    try:
-        return hostname.encode("idna").decode("ascii")
-    except UnicodeError:
-        raise ValueError(f"{hostname!r} is neither a host name nor an address") from None
+    if not is_domain(hostname):
+        raise ValueError(f"{hostname!r} is neither a host name nor an address")
+    return canonical_domain(hostname)
 
 
 def client_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:

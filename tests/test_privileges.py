@@ -144,6 +144,34 @@ def test_a_sheet_the_data_roots_owner_could_not_write_is_refused_before_any_acco
     assert UserStore(root / ".pymailsrv").names() == ["alice"]
 
 
+def test_after_run_as_a_utf8_domain_and_an_aliases_file_need_nothing_more_loaded(system_user, shared_dir):
+    # Codecs load on first use: after the switch of user, where the Python
+    # installed is root's alone (as on this kind of machine), every RCPT got 451.
+    root = make_root(shared_dir, system_user)
+    aliases = root / ".pymailsrv" / "aliases"
+    aliases.write_text("staff: alice\n")
+    os.chown(aliases, system_user.pw_uid, system_user.pw_gid)
+    server = ServerProcess(root, "--run-as", system_user.pw_name, "--domain", "bücher.example",
+                           "--domain", "localhost").wait_listening()
+    try:
+        with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.sendmail("a@example.org", ["staff@localhost", "alice@xn--bcher-kva.example"],
+                                   b"Subject: hi\r\n\r\nhi\r\n") == {}
+    finally:
+        server.stop()
+    assert len(MaildirStore(root).messages("alice")) == 1
+
+
+def test_commands_that_switch_user_load_what_they_need_first(system_user, shared_dir):
+    root = make_root(shared_dir, system_user)
+    for command in (("alias", "add", "staff", "alice"), ("cert", "generate")):
+        done = subprocess.run([sys.executable, "-m", "pymailsrv", *command, "--root", str(root)],
+                              capture_output=True, timeout=CLIENT_TIMEOUT)
+        assert done.returncode == 0, done.stderr
+    owners = {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
+    assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+
+
 @pytest.mark.parametrize("root_owned, problem", [
     ("", "{root}"),  # the data root itself
     ("alice/new", "{root}/alice/new"),  # a Maildir made by 'user add' as root

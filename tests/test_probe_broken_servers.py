@@ -40,7 +40,7 @@ import pytest
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.probe import FAIL, PASS, SKIP, run_probe, text_report
 from pymailsrv.probe_base import Target
-from pymailsrv.tls import generate_self_signed, server_context
+from pymailsrv.tls import self_signed_pair, server_context, write_pair
 from tests.conftest import PASSWORD
 from tests.remote_side import dripping_server
 
@@ -432,7 +432,7 @@ def test_a_smuggled_command_shows_in_what_came_back(pymailsrv, fake, store):
 
 @pytest.fixture
 def tls_context(tmp_path) -> ssl.SSLContext:
-    generate_self_signed(tmp_path / "cert.pem", tmp_path / "key.pem", "localhost")
+    write_pair(tmp_path / "cert.pem", tmp_path / "key.pem", self_signed_pair("localhost"))
     return server_context(tmp_path / "cert.pem", tmp_path / "key.pem")
 
 
