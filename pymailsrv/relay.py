@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING
 from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
-from pymailsrv.paths import in_domains, unquoted_local_part
+from pymailsrv.paths import canonical_domain, in_domains, unquoted_local_part
 from pymailsrv.replies import counted
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
@@ -257,9 +257,12 @@ class MxResolver:
         import dns.resolver
 
         resolver = self._get_resolver(domain)
+        # Asked as an A-label we make (IDNA 2008): given a U-label, dnspython
+        # without the idna package maps it by IDNA 2003, straße to strasse.
+        asked = canonical_domain(domain)
         implicit = False
         try:
-            records = list(resolver.resolve(domain, "MX"))
+            records = list(resolver.resolve(asked, "MX"))
         except dns.resolver.NXDOMAIN:
             raise RouteError(Outcome(State.FAILED, STATUS_NO_SUCH_DOMAIN,
                                      _local_diagnostic(f"the domain {domain} does not exist"))) from None
@@ -290,7 +293,7 @@ class MxResolver:
                     f"mail for {domain} loops back to myself: {myself} is its best MX host")))
         # Host names as DNS has them: a UTF-8 domain as its A-label (for TLS's
         # SNI and the bounce's Remote-MTA, which take no other form).
-        names = [_host_name(dns.name.from_text(domain))] if implicit else [
+        names = [_host_name(dns.name.from_text(asked))] if implicit else [
             _host_name(record.exchange) for record in records if record.exchange != dns.name.root]
         hops: list[Hop] = []
         lookup_failed: dns.exception.DNSException | None = None

@@ -60,6 +60,9 @@ ZONE = {
                               (20, "b.example.net")]},
     "ours.example": {"MX": [(10, "MX.Ours.Example"), (20, "a.example.net")]},
     "mx.ours.example": {"A": ["127.0.0.9"]},
+    # straße.example, as IDNA 2008 writes it; IDNA 2003 would ask for strasse.example.
+    "xn--strae-oqa.example": {"MX": [(10, "mx.xn--strae-oqa.example")]},
+    "mx.xn--strae-oqa.example": {"A": ["127.0.0.1"]},
     # Two MX hosts at one address: the sink, tried twice (the tests listen on 127.0.0.1 only).
     "twice.example": {"MX": [(10, "first.twice.example"), (20, "second.twice.example")]},
     "first.twice.example": {"A": ["127.0.0.1"]},
@@ -125,6 +128,11 @@ def delivery_status(bounce: email.message.EmailMessage) -> tuple[dict, list[dict
 def test_mx_hosts_are_tried_in_order_of_preference(dns):
     hops = MxResolver(dns.address).hops("ordered.example", 25)
     assert [hop.name for hop in hops] == ["a.example.net", "b.example.net", "c.example.net"]
+
+
+def test_a_utf8_domain_is_looked_up_by_its_idna_2008_a_label(dns):
+    hops = MxResolver(dns.address).hops("straße.example", 25)
+    assert [(hop.name, hop.address) for hop in hops] == [("mx.xn--strae-oqa.example", "127.0.0.1")]
 
 
 def test_a_backup_mx_passes_mail_only_to_better_mx_hosts(dns):
