@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,21 +233,26 @@ class AliasTable:
         found_users: list[str] = []
         external: list[str] = []
         problems: list[str] = []
-        # Each alias expanded so far, with how deep: met again as deep or
-        # deeper, its targets are in already; met nearer the top, the depth
-        # limit may have cut fewer of them, so it is expanded again.
-        done: dict[str, int] = {}
-
-        def visit(target: str, path: tuple[str, ...]) -> None:
+        # The aliases expanded so far. Breadth first, each is met first by
+        # its shortest path, so once is enough, however many paths lead to
+        # it: the depth limit cuts only what no shorter path reaches.
+        done: set[str] = set()
+        try:
+            name = _checked_name(local_part)
+        except AliasError:
+            return Expansion()
+        waiting: deque[tuple[str, tuple[str, ...]]] = deque([(name, ())])  # a target, the aliases above it
+        while waiting:
+            target, path = waiting.popleft()
             try:
                 target = check_target(target, self.domains)
             except AliasError as error:
                 problems.append(f"{' -> '.join(path)}: {error}")
-                return
+                continue
             if "@" in target:
                 if target not in external:
                     external.append(target)
-                return
+                continue
             if target in path or target not in aliases:
                 if target in users:
                     if target not in found_users:
@@ -255,21 +261,14 @@ class AliasTable:
                     problems.append(f"alias loop: {' -> '.join(path + (target,))}")
                 elif path:  # a bad target; an unknown recipient itself is only a 550
                     problems.append(f"{' -> '.join(path + (target,))}: no such user or alias")
-                return
-            if done.get(target, ALIAS_DEPTH_MAX + 1) <= len(path):
-                return  # reached again by another path: its targets are in already
+                continue
+            if target in done:
+                continue  # reached again by another path: its targets are in already
+            done.add(target)
             if len(path) >= ALIAS_DEPTH_MAX:
                 problems.append(f"more than {ALIAS_DEPTH_MAX} aliases deep: {' -> '.join(path + (target,))}")
-                return
-            done[target] = len(path)
-            for next_target in aliases[target]:
-                visit(next_target, path + (target,))
-
-        try:
-            name = _checked_name(local_part)
-        except AliasError:
-            return Expansion()
-        visit(name, ())
+                continue
+            waiting.extend((next_target, path + (target,)) for next_target in aliases[target])
         for problem in problems:
             log.warning("expanding %r: %s", name, problem)
         return Expansion(tuple(found_users), tuple(external), tuple(problems))

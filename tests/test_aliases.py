@@ -35,8 +35,9 @@ def test_an_alias_expands_to_users_and_outside_addresses(aliases):
 
 def test_expansion_is_recursive_and_gives_each_target_once(aliases):
     write(aliases, "all: staff, team, x@example.net\nstaff: alice, bob\nteam: bob, carol, X@EXAMPLE.NET\n")
-    assert aliases.expand("all") == Expansion(users=("alice", "bob", "carol"), external=("X@example.net",
-                                                                                        "x@example.net"))
+    # Breadth first: all's own targets before those of the aliases it names.
+    assert aliases.expand("all") == Expansion(users=("alice", "bob", "carol"), external=("x@example.net",
+                                                                                        "X@example.net"))
 
 
 def test_a_user_is_a_user_and_an_unknown_name_goes_nowhere(aliases):
@@ -144,6 +145,15 @@ def test_a_name_cut_short_down_a_deep_branch_is_followed_again_down_a_short_one(
     deep = "".join(f"deep{n}: deep{n + 1}\n" for n in range(1, 8)) + "deep8: x\n"
     write(aliases, "top: deep1, short\n" + deep + "short: x\nx: y\ny: alice\n")
     assert aliases.expand("top").users == ("alice",)
+
+
+def test_a_wide_table_is_expanded_once_per_alias_with_few_problems(aliases):
+    # 270 aliases each naming the next 30: each reached by very many paths, and expanded once.
+    write(aliases, "".join(f"a{n}: " + ", ".join(f"a{m}" for m in range(n + 1, min(n + 31, 270))) + "\n"
+                           for n in range(269)) + "a269: alice\n")
+    expansion = aliases.expand("a0")
+    assert expansion.users == ("alice",)
+    assert expansion.problems == ()  # a269 is ten aliases down by its shortest path: within the limit
 
 
 def test_a_chain_of_a_thousand_is_no_traceback(aliases):
