@@ -218,10 +218,12 @@ def classroom_group(with_settings: Callable) -> click.Group:
         """Create student accounts and print a sheet to hand out."""
         as_data_root_owner(settings.root)
         # The sheet is then written as that owner: a place only root may write
-        # is refused now, before any account is made.
-        if csv_path is not None and not os.access(Path(csv_path).parent, os.W_OK):
-            raise click.ClickException(f"cannot write {csv_path}: its directory is not writable by "
-                                       f"the data root's owner, whom this command runs as")
+        # (a directory, or a sheet left by an earlier run) is refused now,
+        # before any account is made.
+        sheet = Path(csv_path) if csv_path is not None else None
+        if sheet is not None and not os.access(sheet if os.path.exists(sheet) else sheet.parent, os.W_OK):
+            raise click.ClickException(f"cannot write {csv_path}: not writable by the data root's "
+                                       f"owner, whom this command runs as")
         shared = None
         if password_stdin:
             shared = read_password(from_stdin=True)

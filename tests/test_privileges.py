@@ -131,16 +131,21 @@ def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_u
     assert (root / "carol" / "new").is_dir()
 
 
+@pytest.mark.parametrize("where", ["root's directory", "root's sheet in an open directory"])
 def test_a_sheet_the_data_roots_owner_could_not_write_is_refused_before_any_account(system_user, shared_dir,
-                                                                                     tmp_path):
+                                                                                     tmp_path, where):
     root = make_root(shared_dir, system_user)
     sheet = tmp_path / "sheet.csv"  # pytest's tmp_path is root's alone
+    if where == "root's sheet in an open directory":
+        sheet = shared_dir / "sheet.csv"
+        sheet.write_text("left by a run as root\n")
+        sheet.chmod(0o600)
     done = subprocess.run([sys.executable, "-m", "pymailsrv", "classroom", "setup", "--students", "2", "--csv",
                            str(sheet), "--password-stdin", "--root", str(root)], input=b"pw12345678\n",
                           capture_output=True, timeout=CLIENT_TIMEOUT)
     assert done.returncode == 1
-    assert done.stderr.decode().strip() == (f"Error: cannot write {sheet}: its directory is not writable by the "
-                                            f"data root's owner, whom this command runs as")
+    assert done.stderr.decode().strip() == (f"Error: cannot write {sheet}: not writable by the data root's "
+                                            f"owner, whom this command runs as")
     assert UserStore(root / ".pymailsrv").names() == ["alice"]
 
 
