@@ -31,7 +31,7 @@ def _aliases(settings: Settings) -> AliasTable:
     # for an aliases file ('user add' makes one).
     require_data_root(settings.root)
     return AliasTable(settings.state_dir, UserStore(settings.state_dir).names, settings.domains,
-                      settings.smtp.postmaster)
+                      settings.smtp.postmaster_user)
 
 
 def alias_group(with_settings: Callable) -> click.Group:

@@ -162,6 +162,11 @@ class SmtpSettings:
     smtps_port: int | None = _checked(None, _port)
     submission_port: int | None = _checked(None, _port)
 
+    @property
+    def postmaster_user(self) -> str | None:
+        """The user ``postmaster`` names, as user names are kept: in lower case."""
+        return self.postmaster.lower() if self.postmaster else None
+
 
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     """A server to connect to, "host:port", "host" or "[v6 address]:port", as (host, port);

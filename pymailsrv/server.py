@@ -521,7 +521,7 @@ class MailServer:
                                          settings.limits.max_connections_per_address),
             pop3_sessions=Tally(settings.limits.pop3_sessions_per_user_address),
             tls=tls_context(settings),
-            aliases=AliasTable(settings.state_dir, users.names, settings.domains, settings.smtp.postmaster),
+            aliases=AliasTable(settings.state_dir, users.names, settings.domains, settings.smtp.postmaster_user),
             queue=OutboundQueue(settings.state_dir, RetryPolicy.from_settings(settings.relay)),
             faults=fault_plan(settings),
         )
@@ -615,7 +615,7 @@ class MailServer:
 
     def _check_postmaster(self) -> None:
         """RFC 5321 §4.5.1: postmaster mail must be deliverable; warn if it is not."""
-        wanted = self.settings.smtp.postmaster
+        wanted = self.settings.smtp.postmaster_user
         try:
             names = self.context.users.names()
         except DamagedUserFile as error:  # no login would work: say so now, not at the first client

@@ -461,8 +461,10 @@ def test_postmaster_goes_to_the_first_user_by_default(store, greeted, alice, bob
     assert len(stored(store, "alice")) == 1 and stored(store, "bob") == []
 
 
-def test_postmaster_goes_to_the_configured_user(start_server, greeted, store, alice, bob):
-    server = start_server(domains=["a.example", "b.example"], smtp={"postmaster": "bob"})
+@pytest.mark.parametrize("written", ["bob", "Bob"])  # a user name in any case, as 'user add' takes it
+def test_postmaster_goes_to_the_configured_user(start_server, greeted, store, alice, bob, caplog, written):
+    server = start_server(domains=["a.example", "b.example"], smtp={"postmaster": written})
+    assert "no such user" not in caplog.text
     client = greeted(server.addresses["smtp"])
     deliver(client, ["Postmaster"], [b"Subject: one"])
     deliver(client, ["postmaster@a.example"], [b"Subject: two"])
