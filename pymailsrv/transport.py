@@ -33,6 +33,7 @@ import select
 import socket
 import socketserver
 import ssl
+import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,9 @@ class Connection:
         # it, and ``pymailsrv grade`` judges clients by it.
         self.line_pipelined = False
         self.stopping = False  # set by stop_reading(), from another thread
+        # Set with it: a reply's delay (a failed login's, an injected fault's)
+        # ends at once when the server stops, which waits for no sleeper.
+        self._stopped = threading.Event()
         # When the line being read must be in (see read_line); None: no limit.
         self._line_deadline: float | None = None
         self._output_failed = False  # a send timed out or failed: say no goodbye
@@ -173,7 +177,7 @@ class Connection:
             return  # an injected fault: hang up without a word
         if reply.delay:
             self.flush()
-            time.sleep(reply.delay)
+            self._stopped.wait(reply.delay)
         for line in reply.head():
             self._output += line.encode("utf-8", "replace") + CRLF
         tracing = self.tracer.active  # if not, RETR's text goes out unlooked at
@@ -229,6 +233,7 @@ class Connection:
         it will not send the message a second time (RFC 5321 §6.1).
         """
         self.stopping = True
+        self._stopped.set()
         self._shut(socket.SHUT_RD)
 
     def shutdown(self) -> None:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pymailsrv.config import ConfigError
-from pymailsrv.server import MailServer
+from pymailsrv.server import STOP_DRAIN_SECONDS, MailServer
 from pymailsrv.smtp import SmtpSession
 from tests.conftest import PASSWORD, RawClient, wait_until
 from tests.test_crash import ServerProcess
@@ -55,6 +55,23 @@ def test_the_reply_in_hand_goes_out_before_the_421(start_server, raw):
     assert client.line() == b"250 2.0.0 OK\r\n"
     assert client.line() == SHUTTING_DOWN_421
     stopping.join()
+
+
+def test_a_long_delay_in_hand_ends_when_the_server_stops(start_server, raw):
+    # A sleep stop() could not cut: it waited STOP_DRAIN_SECONDS, and left the
+    # session thread asleep for the rest of the delay (here 30 s).
+    server = start_server(hostname="test.example", faults=["smtp:NOOP=delay 30000"])
+    client = raw(server.addresses["smtp"])
+    client.line()
+    client.send(b"NOOP\r\n")
+    wait_until(lambda: server.context.faults.faults[0].fired == 1, what="the session has NOOP in hand")
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < STOP_DRAIN_SECONDS
+    assert client.line() == b"250 2.0.0 OK\r\n"
+    assert client.line() == SHUTTING_DOWN_421
+    wait_until(lambda: not [thread for thread in threading.enumerate() if "process_request" in thread.name],
+               what="the session's thread has ended")
 
 
 def test_a_pop3_session_stopped_before_quit_deletes_nothing(start_server, raw, add_user, store):
