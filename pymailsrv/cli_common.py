@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 from pymailsrv.trace import escape_controls
+from pymailsrv.users import UserError, check_password
 
 
 def echo_report(text: str, **options: object) -> None:
@@ -37,14 +38,10 @@ def read_password(from_stdin: bool) -> str:
         except click.Abort:  # Ctrl-C, or the end of a piped stdin before the second time
             raise click.ClickException("no password given: type it twice at the prompt, or give "
                                        "--password-stdin and the password on stdin") from None
-    if not password:
-        raise click.ClickException("the password may not be empty")
     try:
-        password.encode("utf-8")
-    except UnicodeEncodeError:  # stdin's octets that were not UTF-8, kept as lone surrogates
-        # SASL PLAIN and APOP carry UTF-8 (RFC 4616 §2): no login could match.
-        raise click.ClickException("the password must be UTF-8 text") from None
-    return password
+        return check_password(password)
+    except UserError as error:
+        raise click.ClickException(str(error)) from None
 
 
 def as_data_root_owner(root: Path) -> None:

@@ -34,12 +34,30 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "configure the pymailsrv mail_server fixture")
 
 
+MARKER_OPTIONS = ("users", "faults", "domains")
+
+
 @pytest.fixture
 def mail_server(request: pytest.FixtureRequest) -> Iterator[MailServer]:
     """A running pymailsrv (SMTP and POP3 on 127.0.0.1), stopped after the test."""
     marker = request.node.get_closest_marker("mail_server")
-    options = dict(marker.kwargs) if marker else {}
-    faults = [*request.config.getoption("--mail-fault"), *options.get("faults", ())]
-    with MailServer(users=options.get("users"), domains=tuple(options.get("domains", ("localhost",))),
+    options = _marker_options(marker) if marker else {}
+    faults = [*request.config.getoption("--mail-fault"), *(options.get("faults") or ())]
+    with MailServer(users=options.get("users"), domains=tuple(options.get("domains") or ("localhost",)),
                     faults=faults) as server:
         yield server
+
+
+def _marker_options(marker: pytest.Mark) -> dict:
+    """The marker's keywords, or a usage error that names the mistake: a
+    typo in a keyword would otherwise start a server without what it meant."""
+    takes = ", ".join(f"{name}=" for name in MARKER_OPTIONS)
+    if marker.args:
+        raise pytest.UsageError(f"mail_server takes keywords only ({takes}), not {marker.args!r}")
+    unknown = sorted(set(marker.kwargs) - set(MARKER_OPTIONS))
+    if unknown:
+        raise pytest.UsageError(f"mail_server does not take {', '.join(unknown)} (it takes {takes})")
+    for name in ("faults", "domains"):
+        if isinstance(marker.kwargs.get(name), str):  # a list of one was meant: not its characters
+            raise pytest.UsageError(f"mail_server's {name}= is a list, not a string: {name}=[{marker.kwargs[name]!r}]")
+    return dict(marker.kwargs)

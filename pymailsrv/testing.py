@@ -30,8 +30,9 @@ from pathlib import Path
 from types import TracebackType
 
 from pymailsrv.config import check_seconds, load_settings
+from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import MailServer as _Server
-from pymailsrv.users import check_user_name
+from pymailsrv.users import UserStore, check_user_name
 
 # How often wait_for_messages looks at the Maildir while it waits.
 POLL_SECONDS = 0.02
@@ -57,20 +58,21 @@ class MailServer:
     def start(self) -> "MailServer":
         if self._server is not None:  # a second server would orphan the first, still running
             raise RuntimeError("this MailServer is already running: stop() it first")
-        self._directory = tempfile.TemporaryDirectory(prefix="pymailsrv-test-")
-        settings = load_settings(read_files=False, overrides={
-            "root": self._directory.name, "host": "127.0.0.1", "domains": list(self._domains),
-            "trace": self._trace, "faults": list(self._faults),
-            # A test wants answers now: no delay after a wrong password.
-            "pop3": {"port": 0, "failed_login_delay": 0}, "smtp": {"port": 0},
-            # Mail relayed by the code under test never leaves the machine:
-            # it waits in the queue (queued()), its next hop a closed port.
-            "relay": {"smarthost": CLOSED_LOOPBACK_PORT},
-        })
         try:
-            self._server = _Server(settings).start()
+            self._directory = tempfile.TemporaryDirectory(prefix="pymailsrv-test-")
+            settings = load_settings(read_files=False, overrides={
+                "root": self._directory.name, "host": "127.0.0.1", "domains": list(self._domains),
+                "trace": self._trace, "faults": list(self._faults),
+                # A test wants answers now: no delay after a wrong password.
+                "pop3": {"port": 0, "failed_login_delay": 0}, "smtp": {"port": 0},
+                # Mail relayed by the code under test never leaves the machine:
+                # it waits in the queue (queued()), its next hop a closed port.
+                "relay": {"smarthost": CLOSED_LOOPBACK_PORT},
+            })
+            # The accounts before the server, which looks for them as it starts.
             for name, password in self._users.items():
-                self.add_user(name, password)
+                _make_account(UserStore(settings.state_dir), MaildirStore(settings.root), name, password)
+            self._server = _Server(settings).start()
         except BaseException:
             self.stop()
             raise
@@ -120,10 +122,7 @@ class MailServer:
     def add_user(self, name: str, password: str) -> str:
         """Create an account and its Maildir; returns its address in the first domain."""
         context = self._running.context
-        user = check_user_name(name)
-        context.users.add(user, password)
-        context.store.create_maildir(user)
-        return f"{user}@{self._domains[0]}"
+        return f"{_make_account(context.users, context.store, name, password)}@{self._domains[0]}"
 
     def add_fault(self, spec: str) -> None:
         """Add a fault script while the server runs (``faults.py`` grammar)."""
@@ -135,18 +134,25 @@ class MailServer:
         As 'pymailsrv deliver' does, it refuses a user who does not exist: a
         test that delivers to a typo should fail here, not pass emptily.
         """
-        if not self._running.context.users.exists(check_user_name(user)):
-            raise ValueError(f"no such user {user!r}")
+        user = self._existing(user)
         if isinstance(message, EmailMessage):
             message = message.as_bytes(policy=email.policy.SMTP)
         elif isinstance(message, str):
             message = message.encode("utf-8")
-        return self._running.context.store.deliver(check_user_name(user), message)
+        return self._running.context.store.deliver(user, message)
+
+    def _existing(self, user: str) -> str:
+        """``user`` as user names are kept, if such a user exists; else ValueError."""
+        name = check_user_name(user)
+        if not self._running.context.users.exists(name):
+            raise ValueError(f"no such user {user!r}")
+        return name
 
     def messages(self, user: str) -> list[EmailMessage]:
-        """Every message in ``user``'s mailbox, oldest first, parsed."""
+        """Every message in ``user``'s mailbox, oldest first, parsed; a user
+        who does not exist is refused, as by deliver()."""
         parsed = []
-        for _, path in self._running.context.store.messages(check_user_name(user)):
+        for _, path in self._running.context.store.messages(self._existing(user)):
             try:
                 with open(path, "rb") as file:
                     parsed.append(self._parser.parse(file))
@@ -174,3 +180,11 @@ class MailServer:
         if len(found) < count:
             raise AssertionError(f"{user} has {len(found)} messages after {timeout} s, expected {count}")
         return found
+
+
+def _make_account(users: UserStore, store: MaildirStore, name: str, password: str) -> str:
+    """An account and its Maildir, checked as 'pymailsrv user add' checks them; its user name."""
+    user = check_user_name(name)
+    users.add(user, password)
+    store.create_maildir(user)
+    return user

@@ -72,6 +72,20 @@ def check_user_name(name: str) -> str:
     return lowered
 
 
+def check_password(password: object) -> str:
+    """The password, if a login could ever give it; else UserError: text,
+    not empty, and UTF-8 (SASL PLAIN and APOP carry UTF-8, RFC 4616 §2)."""
+    if not isinstance(password, str):
+        raise UserError(f"a password is text, not {type(password).__name__}")
+    if not password:
+        raise UserError("the password may not be empty")
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:  # octets that were not UTF-8, kept as lone surrogates
+        raise UserError("the password must be UTF-8 text") from None
+    return password
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii").rstrip("=")
 
@@ -206,7 +220,7 @@ class UserStore:
 
     @staticmethod
     def _record(password: str, apop: bool) -> dict[str, str]:
-        record = {"password": hash_password(password)}
+        record = {"password": hash_password(check_password(password))}
         if apop:
             record["apop_secret"] = password
         return record

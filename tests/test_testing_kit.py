@@ -12,7 +12,9 @@ import re
 import smtplib
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -275,10 +277,58 @@ def test_wait_for_messages_refuses_a_timeout_it_could_never_end(timeout):
             server.wait_for_messages("alice", 1, timeout=timeout)
 
 
-def test_deliver_to_a_user_who_does_not_exist_fails_as_the_cli_does():
+def test_a_user_who_does_not_exist_fails_as_the_cli_does():
+    # Else assert server.messages("alcie") == [] would pass, emptily.
     with MailServer(users={"alice": "pw"}) as server:
         with pytest.raises(ValueError, match="no such user 'alcie'"):
             server.deliver("alcie", b"Subject: typo\n\nhi\n")
+        with pytest.raises(ValueError, match="no such user 'alcie'"):
+            server.messages("alcie")
+        with pytest.raises(ValueError, match="no such user 'alcie'"):
+            server.wait_for_messages("alcie", 1, timeout=0)
+
+
+def kit_directories() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("pymailsrv-test-*"))
+
+
+@pytest.mark.parametrize("options, error", [
+    ({"domains": ("not a domain",)}, "bad value for 'domains"),
+    ({"users": {"alice": ""}}, "the password may not be empty"),  # no login could ever give it
+    ({"users": {"alice": None}}, "a password is text, not NoneType"),
+])
+def test_a_server_that_cannot_start_says_why_and_leaves_nothing_behind(options, error):
+    before = kit_directories()
+    with pytest.raises(Exception, match=re.escape(error)):
+        MailServer(**options).start()
+    assert kit_directories() == before
+
+
+def test_the_users_given_are_there_when_the_server_starts(caplog):
+    with MailServer(users={"alice": "pw"}):
+        pass
+    assert "there are no users yet" not in caplog.text
+
+
+@pytest.mark.parametrize("marker, said", [
+    ('user={"alice": "pw"}', "mail_server does not take user (it takes users=, faults=, domains=)"),
+    ('{"alice": "pw"}', "mail_server takes keywords only (users=, faults=, domains=)"),
+    ('domains="example.org"', "mail_server's domains= is a list, not a string: domains=['example.org']"),
+])
+def test_the_marker_names_a_mistake_in_its_arguments(tmp_path, marker, said):
+    (tmp_path / "test_it.py").write_text(f"import pytest\n\n@pytest.mark.mail_server({marker})\n"
+                                         "def test_it(mail_server):\n    pass\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and said in done.stdout + done.stderr
+
+
+def test_the_marker_takes_none_for_its_defaults(tmp_path):
+    (tmp_path / "test_it.py").write_text("import pytest\n\n@pytest.mark.mail_server(users=None, faults=None, "
+                                         "domains=None)\ndef test_it(mail_server):\n    assert mail_server.host\n")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout
 
 
 def test_starting_a_running_server_again_is_refused():
