@@ -35,6 +35,7 @@ import os
 import struct
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -66,6 +67,10 @@ class SharedRecords:
         self._file = _anonymous_file()
         self._file.truncate(count * layout.size)
         self._memory = mmap.mmap(self._file.fileno(), count * layout.size)  # MAP_SHARED
+        # The file goes with the table, closed, not left to warn (ResourceWarning)
+        # in a test suite that starts many servers (testing.py) and takes
+        # warnings for errors. Forked workers keep their own copies open.
+        weakref.finalize(self, self._file.close)
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:

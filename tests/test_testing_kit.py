@@ -335,3 +335,16 @@ def test_starting_a_running_server_again_is_refused():
     with MailServer(users={"alice": "pw"}) as server:
         with pytest.raises(RuntimeError, match="already running"):
             server.start()
+
+
+def test_servers_come_and_go_without_a_resource_warning():
+    # A suite that takes warnings for errors failed on the shared memory's
+    # files, left for the garbage collector to close (and to warn of).
+    script = ("import gc, smtplib\nfrom pymailsrv.testing import MailServer\n"
+              "for _ in range(3):\n"
+              "    with MailServer(users={'alice': 'pw'}) as server:\n"
+              "        smtplib.SMTP(server.host, server.smtp_port, timeout=10).quit()\n"
+              "gc.collect()\n")
+    done = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ResourceWarning" not in done.stderr, done.stderr
