@@ -185,6 +185,6 @@ class MailServer:
 def _make_account(users: UserStore, store: MaildirStore, name: str, password: str) -> str:
     """An account and its Maildir, checked as 'pymailsrv user add' checks them; its user name."""
     user = check_user_name(name)
+    store.create_maildir(user)  # first, as 'user add' does: no account without its Maildir
     users.add(user, password)
-    store.create_maildir(user)
     return user
