@@ -80,6 +80,17 @@ def credentials(pid: int) -> dict[str, list[int]]:
             for key in ("Uid", "Gid", "Groups")}
 
 
+def cli(root: Path, *arguments: str, given: bytes = b"") -> subprocess.CompletedProcess:
+    """``python -m pymailsrv ARGUMENTS --root ROOT`` in a process of its own, as root, ``given`` on stdin."""
+    return subprocess.run([sys.executable, "-m", "pymailsrv", *arguments, "--root", str(root)], input=given,
+                          capture_output=True, timeout=CLIENT_TIMEOUT)
+
+
+def owners(root: Path) -> set[tuple[int, int]]:
+    """(uid, gid) of everything under ``root``."""
+    return {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
+
+
 def start_fails(root: Path, *arguments: str) -> str:
     """Run 'start' expecting it to refuse; returns the last line of its stderr."""
     server = ServerProcess(root, *arguments)
@@ -110,7 +121,7 @@ def test_run_as_drops_to_that_user_after_binding_and_still_serves(system_user, s
     finally:
         server.stop()
     # Whatever the server made (the message, the lock file) belongs to the user.
-    assert {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")} == {(uid, gid)}
+    assert owners(root) == {(uid, gid)}
 
 
 def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_user, shared_dir):
@@ -122,12 +133,10 @@ def test_a_command_run_as_root_on_a_users_data_root_writes_as_that_user(system_u
         os.chown(path, system_user.pw_uid, system_user.pw_gid)
     for command, given in [(("user", "add", "carol", "--password-stdin"), b"pw\n"), (("queue", "flush"), b""),
                            (("deliver", "alice"), b"Subject: hi\n\nhi\n")]:
-        done = subprocess.run([sys.executable, "-m", "pymailsrv", *command, "--root", str(root)], input=given,
-                              capture_output=True, timeout=CLIENT_TIMEOUT)
+        done = cli(root, *command, given=given)
         assert done.returncode == 0, done.stderr
     # users.json and the queue entry rewritten, carol's Maildir made, alice's mail delivered: none is root's.
-    owners = {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
-    assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+    assert owners(root) == {(system_user.pw_uid, system_user.pw_gid)}
     assert (root / "carol" / "new").is_dir()
 
 
@@ -140,9 +149,8 @@ def test_a_sheet_the_data_roots_owner_could_not_write_is_refused_before_any_acco
         sheet = shared_dir / "sheet.csv"
         sheet.write_text("left by a run as root\n")
         sheet.chmod(0o600)
-    done = subprocess.run([sys.executable, "-m", "pymailsrv", "classroom", "setup", "--students", "2", "--csv",
-                           str(sheet), "--password-stdin", "--root", str(root)], input=b"pw12345678\n",
-                          capture_output=True, timeout=CLIENT_TIMEOUT)
+    done = cli(root, "classroom", "setup", "--students", "2", "--csv", str(sheet), "--password-stdin",
+               given=b"pw12345678\n")
     assert done.returncode == 1
     assert done.stderr.decode().strip() == (f"Error: cannot write {sheet}: not writable by the data root's "
                                             f"owner, whom this command runs as")
@@ -170,11 +178,9 @@ def test_after_run_as_a_utf8_domain_and_an_aliases_file_need_nothing_more_loaded
 def test_commands_that_switch_user_load_what_they_need_first(system_user, shared_dir):
     root = make_root(shared_dir, system_user)
     for command in (("alias", "add", "staff", "alice"), ("cert", "generate")):
-        done = subprocess.run([sys.executable, "-m", "pymailsrv", *command, "--root", str(root)],
-                              capture_output=True, timeout=CLIENT_TIMEOUT)
+        done = cli(root, *command)
         assert done.returncode == 0, done.stderr
-    owners = {(path.stat().st_uid, path.stat().st_gid) for path in root.rglob("*")}
-    assert owners == {(system_user.pw_uid, system_user.pw_gid)}
+    assert owners(root) == {(system_user.pw_uid, system_user.pw_gid)}
 
 
 @pytest.mark.parametrize("root_owned, problem", [

@@ -310,24 +310,26 @@ def test_the_users_given_are_there_when_the_server_starts(caplog):
     assert "there are no users yet" not in caplog.text
 
 
+def run_marked_test(directory: Path, marker: str, body: str = "pass") -> subprocess.CompletedProcess:
+    """pytest, in a process of its own, on one test marked ``@pytest.mark.mail_server(MARKER)``."""
+    (directory / "test_it.py").write_text(f"import pytest\n\n@pytest.mark.mail_server({marker})\n"
+                                          f"def test_it(mail_server):\n    {body}\n")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+                          cwd=directory, capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("marker, said", [
     ('user={"alice": "pw"}', "mail_server does not take user (it takes users=, faults=, domains=)"),
     ('{"alice": "pw"}', "mail_server takes keywords only (users=, faults=, domains=)"),
     ('domains="example.org"', "mail_server's domains= is a list, not a string: domains=['example.org']"),
 ])
 def test_the_marker_names_a_mistake_in_its_arguments(tmp_path, marker, said):
-    (tmp_path / "test_it.py").write_text(f"import pytest\n\n@pytest.mark.mail_server({marker})\n"
-                                         "def test_it(mail_server):\n    pass\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = run_marked_test(tmp_path, marker)
     assert done.returncode != 0 and said in done.stdout + done.stderr
 
 
 def test_the_marker_takes_none_for_its_defaults(tmp_path):
-    (tmp_path / "test_it.py").write_text("import pytest\n\n@pytest.mark.mail_server(users=None, faults=None, "
-                                         "domains=None)\ndef test_it(mail_server):\n    assert mail_server.host\n")
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    done = run_marked_test(tmp_path, "users=None, faults=None, domains=None", "assert mail_server.host")
     assert done.returncode == 0, done.stdout
 
 
