@@ -64,7 +64,9 @@ from pymailsrv.replies import (
     POP3_UNSUPPORTED_MECHANISM,
     POP3_AUTOLOGOUT,
     POP3_CAPABILITIES_FOLLOW,
+    POP3_APOP_NOT_OFFERED,
     POP3_GREETING,
+    POP3_GREETING_WITH_APOP,
     POP3_IN_USE,
     POP3_LAST,
     POP3_LINE_TOO_LONG,
@@ -153,9 +155,15 @@ class Pop3Session(Session):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         # RFC 1939 §7: the greeting's timestamp is the APOP challenge; it must
-        # be different in every greeting, so it carries a random part.
-        self.apop_timestamp = (f"<{os.getpid()}.{secrets.token_hex(6)}.{int(time.time())}"
-                               f"@{self.settings.hostname}>")
+        # be different in every greeting, so it carries a random part. It is
+        # there only while some user has an APOP secret, as Dovecot offers
+        # APOP only where it is set up: mutt tries APOP whenever a greeting
+        # has a timestamp, and each try that cannot succeed would count as a
+        # failed login, until the throttle refused even right passwords.
+        self.apop_timestamp: str | None = None
+        if self.context.users.anyone_has_apop_secret():
+            self.apop_timestamp = (f"<{os.getpid()}.{secrets.token_hex(6)}.{int(time.time())}"
+                                   f"@{self.settings.hostname}>")
         self.pending_user: str | None = None  # named by USER, awaiting PASS
         self._user_command_number = 0  # commands_run when that USER came
         self.user: str | None = None
@@ -172,7 +180,9 @@ class Pop3Session(Session):
         return Pop3State.AUTHORIZATION
 
     def greeting(self) -> Reply:
-        return POP3_GREETING.format(timestamp=self.apop_timestamp)
+        if self.apop_timestamp is None:
+            return POP3_GREETING
+        return POP3_GREETING_WITH_APOP.format(timestamp=self.apop_timestamp)
 
     def timed_out(self) -> Reply:
         return POP3_AUTOLOGOUT
@@ -292,6 +302,8 @@ class Pop3Session(Session):
     def do_apop(self, argument: str) -> Reply:
         """APOP name digest (RFC 1939 §7): MD5(timestamp + secret), no password sent."""
         name, digest = self._arguments("APOP", argument, 2, 2)
+        if self.apop_timestamp is None:
+            raise CommandError(POP3_APOP_NOT_OFFERED)
 
         def digest_matches(user: str) -> bool:
             secret = self.context.users.apop_secret(user)

@@ -137,8 +137,8 @@ def apop_login(p: Probe) -> None:
     digest = apop_digest(timestamp, p.target.password)
     reply = client.pop3(f"APOP {p.target.user} {digest}")
     if not reply.startswith("+OK"):
-        # The greeting offers APOP to everyone, but an account may have no APOP
-        # secret (pymailsrv keeps one only after "user add --apop"): say so.
+        # The greeting offers APOP to every account, but this one may have
+        # no APOP secret (pymailsrv keeps one only after "user add --apop").
         raise Failed(f"expected +OK to APOP with --password as the shared secret, got {reply!r} "
                      "(does the account have an APOP secret?)")
 

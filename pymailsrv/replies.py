@@ -204,8 +204,9 @@ def _err(text: str, note: str, code: str | None = None) -> Pop3Reply:
     return Pop3Reply(ok=False, text=text, code=code, note=note)
 
 
-POP3_GREETING = _ok("pymailsrv POP3 server ready {timestamp}",
-                    "greeting; <...> is the APOP challenge, RFC 1939 §4, §7")
+POP3_GREETING = _ok("pymailsrv POP3 server ready", "greeting, RFC 1939 §4")
+POP3_GREETING_WITH_APOP = _ok("pymailsrv POP3 server ready {timestamp}",
+                              "greeting; <...> is the APOP challenge, RFC 1939 §4, §7")
 POP3_SIGNING_OFF = _ok("pymailsrv POP3 server signing off",
                        "QUIT before login: nothing changes, RFC 1939 §4").closing()
 POP3_SIGNING_OFF_AFTER_UPDATE = _ok("pymailsrv POP3 server signing off ({remaining})",
@@ -240,6 +241,9 @@ POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state",
 POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 1939 §3")
 POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
 POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
+POP3_APOP_NOT_OFFERED = _err("APOP is not offered: the greeting had no timestamp",
+                              "APOP needs the greeting's timestamp, RFC 1939 §7; here only while "
+                              "some user has an APOP secret")
 POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here without TLS: use STLS first",
                              "no password over an unencrypted connection, RFC 8314 §4.1 / RFC 2595 §2.3; "
                              "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",

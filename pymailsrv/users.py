@@ -167,6 +167,8 @@ class UserStore:
         self.path = self.state_dir / "users.json"
         self._lock_path = self.state_dir / "users.lock"
         self._file = ChangedFile(self.path, _read_users, missing={})
+        # anyone_has_apop_secret's answer, with the users it was found in.
+        self._apop_answer: tuple[object, bool] = (None, False)
 
     # --- reading ---------------------------------------------------------------
 
@@ -190,6 +192,19 @@ class UserStore:
     def apop_secret(self, name: str) -> str | None:
         record = self._load().get(name)
         return record.get("apop_secret") if record else None
+
+    def anyone_has_apop_secret(self) -> bool:
+        """Could an APOP login succeed now? False too while users.json cannot
+        be read, when no login can."""
+        try:
+            users = self._load()
+        except (DamagedUserFile, OSError):
+            return False
+        seen_in, answer = self._apop_answer
+        if seen_in is not users:  # users.json changed: ask again, once
+            answer = any("apop_secret" in record for record in users.values())
+            self._apop_answer = (users, answer)
+        return answer
 
     # --- changing ----------------------------------------------------------------
 

@@ -93,12 +93,23 @@ def bad_commands_until_closed(client: RawClient, count: int) -> list[bytes]:
 # --- greeting and AUTHORIZATION (RFC 1939 §4, §7) -----------------------------
 
 
-def test_greeting_is_ok_with_an_apop_timestamp(connect):
+def test_greeting_is_ok_with_an_apop_timestamp(connect, alice):
     greeting = connect().greeting
     assert re.fullmatch(rb"\+OK pymailsrv POP3 server ready <[^<>@\s]+@[^<>\s]+>\r\n", greeting)
 
 
-def test_every_greeting_has_a_new_timestamp(connect):
+def test_greeting_offers_no_apop_while_no_user_has_an_apop_secret(connect, add_user):
+    # mutt tries APOP whenever the greeting has a timestamp: each try would
+    # be a failed login, and enough of them block right passwords too.
+    add_user("bob")
+    client = connect()
+    assert client.greeting == b"+OK pymailsrv POP3 server ready\r\n"
+    assert client.command(f"APOP bob {'0' * 32}") == wire(R.POP3_APOP_NOT_OFFERED)
+    add_user("carol", apop=True)  # the running server sees users.json change
+    assert re.fullmatch(rb"\+OK pymailsrv POP3 server ready <.+>\r\n", connect().greeting)
+
+
+def test_every_greeting_has_a_new_timestamp(connect, alice):
     timestamps = {re.search(rb"<.*>", connect().greeting).group() for _ in range(5)}
     assert len(timestamps) == 5
 
@@ -525,7 +536,7 @@ def test_apop_digest_is_computed_from_this_greetings_timestamp(connect, alice):
     assert other.command(f"APOP alice {digest}") == wire(R.POP3_AUTH_FAILED)
 
 
-def test_apop_is_refused_for_a_user_without_an_apop_secret(connect, add_user):
+def test_apop_is_refused_for_a_user_without_an_apop_secret(connect, alice, add_user):
     add_user("bob")
     client = connect()
     timestamp = re.search(rb"<.*>", client.greeting).group().decode()
