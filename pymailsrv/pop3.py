@@ -131,6 +131,10 @@ SESSION_CAPABILITIES = (
 # has a limit of its own; a maildrop in use, which RFC 2449 §8.1.2 tells
 # the client to try again later (IN-USE); and a failure on our side (SYS/TEMP).
 _NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
+# Nor is asking for a message another program removed meanwhile (mutt, say):
+# counted, a client fetching a maildrop emptied under it would be cut off
+# before its QUIT, and download again what it had fetched and deleted.
+_NOT_BAD_REPLIES = (POP3_MESSAGE_VANISHED,)
 
 # RFC 5034: the SASL mechanisms POP3 AUTH offers. PLAIN sends the password,
 # so it is offered only where USER/PASS would be (TLS or a local network).
@@ -207,7 +211,7 @@ class Pop3Session(Session):
 
     def is_error(self, reply: Reply) -> bool:
         # Failed logins are counted in _log_in (auth.max_failures_per_connection).
-        return not reply.ok and reply.code not in _NOT_BAD_COMMANDS
+        return not reply.ok and reply.code not in _NOT_BAD_COMMANDS and reply not in _NOT_BAD_REPLIES
 
     def named_user(self) -> str | None:
         return self.user or self.pending_user
@@ -267,7 +271,7 @@ class Pop3Session(Session):
         try:
             return self.maildrop.text(self.messages[index].key)
         except MessageVanished:
-            raise CommandError(POP3_MESSAGE_VANISHED.format(msg_number=index + 1)) from None
+            raise CommandError(POP3_MESSAGE_VANISHED) from None
 
     # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
 

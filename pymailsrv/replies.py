@@ -266,8 +266,8 @@ POP3_ADDRESS_BLOCKED = _err("too many failed logins from your address, try again
 POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
 POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
                             "marked messages may not be used, RFC 1939 §5")
-POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished from the maildrop",
-                             "another program removed the file during the session")
+POP3_MESSAGE_VANISHED = _err("message has vanished: another program removed it from the maildrop",
+                             "the file went during the session, not the client's fault")
 # RFC 3206 §5: AUTH says the credentials were wrong, not that the server is ill.
 POP3_AUTH_FAILED = _err("invalid user name or password",
                         "credentials refused, after a delay against guessing, RFC 3206 §5", code="AUTH")

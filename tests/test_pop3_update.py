@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pymailsrv import replies as R
+from pymailsrv.limits import POP3_MAX_BAD_COMMANDS_AFTER_LOGIN
 from pymailsrv.storage import MaildropLocked
 from tests.conftest import PASSWORD, RawClient
 
@@ -364,9 +365,26 @@ def test_message_removed_underneath_the_session_is_reported_and_deletable(login,
     client, _ = login()
     (first, _second) = sorted((root / "alice" / "cur").iterdir())
     first.unlink()
-    assert client.command("RETR 1") == b"-ERR message 1 has vanished from the maildrop\r\n"
+    vanished = b"-ERR message has vanished: another program removed it from the maildrop\r\n"
+    assert client.command("RETR 1") == vanished
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
     assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
+
+
+def test_messages_removed_underneath_the_session_are_no_bad_commands(login, store, root):
+    # A client fetching a maildrop another program emptied must reach QUIT:
+    # cut off, it would fetch again what it had fetched and deleted.
+    deliver(store, 2)
+    client, _ = login()
+    kept, removed = sorted((root / "alice" / "cur").iterdir())
+    removed.unlink()
+    assert client.command("RETR 1").startswith(b"+OK ")
+    client.multiline()
+    assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
+    for _ in range(POP3_MAX_BAD_COMMANDS_AFTER_LOGIN + 1):
+        assert client.command("RETR 2") == wire(R.POP3_MESSAGE_VANISHED)
+    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
+    assert not kept.exists()
 
 
 def test_message_renamed_by_a_mail_reader_is_still_found(login, store, root):
