@@ -244,10 +244,12 @@ class MessageText:
     Here none of them ends anything.
 
     Bare line ends (RFC 5321 §2.3.8 allows only CRLF) follow the
-    ``smtp.bare_newline`` setting: ``normalize`` (Postfix 3.9's default)
-    treats a bare LF, and a bare CR, as a line end; ``reject`` refuses the
-    message once it has been read to its end. Either way a bare CR is never
-    stored as such. A line too long, a message too big or a storage failure
+    ``smtp.bare_newline`` setting: ``normalize`` treats a bare LF as a line
+    end (Postfix 3.9's default), and a bare CR too (where Postfix keeps it
+    as text), except CRs just before a line end, which are part of it;
+    ``reject`` refuses the message once it has been read to its end. Either
+    way a bare CR is never stored as such, for POP3 sends a message line by
+    line. A line too long, a message too big or a storage failure
     also refuse the message only at the end, so the session stays in step.
     Text is stored with LF line ends, the Maildir convention.
     """
@@ -342,7 +344,10 @@ class MessageText:
             content = content[1:]
         if b"\r" in content:
             self._saw_bare("CR")
-            content = content.replace(b"\r", b"\n")
+            # CRs just before the line end go with it: some clients end lines
+            # with CR CR LF, and a LF for each CR would end the header
+            # section early, making the rest of the header body text.
+            content = content.rstrip(b"\r").replace(b"\r", b"\n")
         self._store(content + b"\n")
         return False
 

@@ -321,8 +321,18 @@ def test_bare_lf_is_a_line_end_and_bare_cr_never_stored_by_default(store, greete
     open_transaction(client, ["alice@localhost"])
     queue_id_of(send_text(client, b"one\ntwo\r\nthree\rfour\r\nfive\r\r\n.\r\n"))
     [message] = stored(store, "alice")
-    assert without_trace(message) == b"one\ntwo\nthree\nfour\nfive\n\n"
+    assert without_trace(message) == b"one\ntwo\nthree\nfour\nfive\n"
     assert b"\r" not in message
+
+
+def test_cr_cr_lf_is_one_line_end_and_keeps_the_header_whole(store, greeted, alice):
+    # Some clients end lines so (mailsend 1.17b2): a LF for each CR would
+    # end the header section after Subject, and From would be body text.
+    client = greeted()
+    open_transaction(client, ["alice@localhost"])
+    queue_id_of(send_text(client, b"Subject: report\r\r\nFrom: a@example.com\r\n\r\r\nbody\r\r\n.\r\n"))
+    [message] = stored(store, "alice")
+    assert without_trace(message) == b"Subject: report\nFrom: a@example.com\n\nbody\n"
 
 
 def test_bare_lf_with_reject_is_550_after_the_data_and_nothing_is_stored(start_server, greeted, store, alice):
