@@ -17,7 +17,8 @@ accepted and ignored, as §4.1.1.3 and Appendix C ask. ``%`` and ``!`` are
 ordinary characters of a local part: they never route mail anywhere.
 
 Every parser raises ``PathError`` with a short reason; the SMTP session turns
-that into ``501 5.1.3`` (a bad address) or ``501 5.5.4`` (bad parameters).
+that into ``501 5.1.7`` or ``501 5.1.3`` (a bad sender's or recipient's
+address) or ``501 5.5.4`` (bad parameters).
 """
 
 from __future__ import annotations

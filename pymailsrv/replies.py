@@ -353,8 +353,11 @@ R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long",
 R500_TEXT_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "message has a line longer than 1000 octets",
                                     note="text line over 1000 octets: message refused, RFC 5321 §4.5.3.1.6")
 R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}", note="bad arguments, RFC 5321 §4.2.2")
-R501_BAD_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}",
-                             note="the path does not follow the grammar, RFC 5321 §4.1.2")
+# RFC 3463 §3.2: X.1.7 is a bad sender's address, X.1.3 a bad recipient's.
+R501_BAD_SENDER_ADDRESS = SmtpReply(501, "5.1.7", "bad address syntax: {detail}",
+                                    note="the reverse-path does not follow the grammar, RFC 5321 §4.1.2")
+R501_BAD_RECIPIENT_ADDRESS = SmtpReply(501, "5.1.3", "bad address syntax: {detail}",
+                                       note="the forward-path does not follow the grammar, RFC 5321 §4.1.2")
 # RFC 3463 §3.6: X.5.4 "invalid command arguments" - the path was fine, a parameter was not.
 R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}",
                                note="a malformed ESMTP parameter, RFC 5321 §4.1.2")

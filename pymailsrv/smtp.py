@@ -97,7 +97,8 @@ from pymailsrv.replies import (
     R500_LINE_TOO_LONG,
     R500_TEXT_LINE_TOO_LONG,
     R500_UNKNOWN_COMMAND,
-    R501_BAD_ADDRESS,
+    R501_BAD_RECIPIENT_ADDRESS,
+    R501_BAD_SENDER_ADDRESS,
     R501_BAD_PARAMETER,
     R501_SYNTAX,
     R502_NOT_IMPLEMENTED,
@@ -495,7 +496,8 @@ class SmtpSession(Session):
         try:
             address, parameter_text = parse_path(rest, reverse_path=reverse_path)
         except PathError as error:
-            raise CommandError(R501_BAD_ADDRESS.format(detail=error)) from None
+            bad_address = R501_BAD_SENDER_ADDRESS if reverse_path else R501_BAD_RECIPIENT_ADDRESS
+            raise CommandError(bad_address.format(detail=error)) from None
         # A malformed parameter is a bad argument (X.5.4), not a bad address (X.1.3).
         try:
             parameters = parse_parameters(parameter_text)

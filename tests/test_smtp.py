@@ -404,25 +404,25 @@ def test_mail_without_from_colon_is_501(greeted, argument):
 
 def test_mail_address_without_angle_brackets_is_501(greeted):
     assert exchange(greeted(), "MAIL FROM:a@example.org") == wire(
-        R.R501_BAD_ADDRESS, detail="the address must be in angle brackets: <user@domain>")
+        R.R501_BAD_SENDER_ADDRESS, detail="the address must be in angle brackets: <user@domain>")
 
 
 def test_rcpt_address_without_angle_brackets_is_501(greeted, alice):
     client = greeted()
     exchange(client, "MAIL FROM:<a@example.org>")
     assert exchange(client, "RCPT TO:alice@localhost") == wire(
-        R.R501_BAD_ADDRESS, detail="the address must be in angle brackets: <user@domain>")
+        R.R501_BAD_RECIPIENT_ADDRESS, detail="the address must be in angle brackets: <user@domain>")
 
 
 def test_mail_with_a_malformed_address_is_501(greeted):
     assert exchange(greeted(), "MAIL FROM:<a..b@example.org>") == wire(
-        R.R501_BAD_ADDRESS, detail="bad local part 'a..b'")
+        R.R501_BAD_SENDER_ADDRESS, detail="bad local part 'a..b'")
 
 
 def test_mail_from_a_bare_postmaster_is_501(greeted):
     # RFC 5321 §4.1.2: the bare <Postmaster> is a forward-path (RCPT) only.
     client = greeted()
-    assert exchange(client, "MAIL FROM:<Postmaster>") == wire(R.R501_BAD_ADDRESS, detail="expected local-part@domain")
+    assert exchange(client, "MAIL FROM:<Postmaster>") == wire(R.R501_BAD_SENDER_ADDRESS, detail="expected local-part@domain")
     assert exchange(client, "MAIL FROM:<postmaster@example.org>") == wire(
         R.R250_SENDER_OK, address="postmaster@example.org")
 
@@ -537,7 +537,7 @@ def test_utf8_local_part_with_smtputf8_is_parsed_and_refused_as_unknown_user(gre
 
 def test_undecodable_octets_in_a_path_are_501(greeted):
     reply = exchange(greeted(), b"MAIL FROM:<a\xff@example.org>")
-    assert reply.startswith(b"501 5.1.3 bad address syntax: bad local part ")
+    assert reply.startswith(b"501 5.1.7 bad address syntax: bad local part ")
 
 
 # --- RCPT: local users, postmaster, relay ----------------------------------------------------------
@@ -695,7 +695,7 @@ def test_path_like_local_part_that_is_no_dot_string_is_501(greeted, alice, local
     client = greeted()
     exchange(client, "MAIL FROM:<a@example.org>")
     assert exchange(client, f"RCPT TO:<{local_part}@localhost>") == wire(
-        R.R501_BAD_ADDRESS, detail=f"bad local part {local_part!r}")
+        R.R501_BAD_RECIPIENT_ADDRESS, detail=f"bad local part {local_part!r}")
 
 
 @pytest.mark.parametrize("local_part", ["a/b", "a/b/c", '"../alice"', '"a/b"', '".pymailsrv"',
@@ -822,7 +822,7 @@ def test_a_reply_that_repeats_client_text_is_ascii_and_at_most_512_octets(greete
     assert reply.startswith(b"555 5.5.4 unsupported parameter KKK") and reply.endswith(b"KKK...\r\n")
     assert len(reply) == 512
     reply = exchange(client, "MAIL FROM:<\x01\xff é@example.org>".encode("utf-8", "surrogateescape"))
-    assert reply.isascii() and reply.startswith(b"501 5.1.3 ") and b"\\xe9" in reply
+    assert reply.isascii() and reply.startswith(b"501 5.1.7 ") and b"\\xe9" in reply
 
 
 def test_line_limit_does_not_grow_with_repeated_ehlo(greeted):
