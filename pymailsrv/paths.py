@@ -149,7 +149,10 @@ def parse_mailbox(text: str) -> Address:
         raise PathError(f"bad domain {domain!r}")
     if _octets(domain) > DOMAIN_MAX:
         raise PathError(f"the domain is longer than {DOMAIN_MAX} octets")
-    return Address(local_part, domain.lower())
+    domain = domain.lower()
+    if domain.startswith("[ipv6:"):
+        domain = "[IPv6:" + domain[len("[ipv6:"):]  # the tag as RFC 5321 §4.1.3 spells it
+    return Address(local_part, domain)
 
 
 def _closing_bracket(text: str) -> int:

@@ -654,19 +654,19 @@ def test_domains_are_compared_without_case(start_server, greeted, alice):
     assert exchange(client, "RCPT TO:<alice@mail.example>") == wire(R.R250_RECIPIENT_OK, address="alice@mail.example")
 
 
-@pytest.mark.parametrize("configured, spelled", [
-    ("bücher.example", "xn--bcher-kva.example"),  # RFC 5890 §2.3.2.1: one label, two forms
-    ("xn--bcher-kva.example", "XN--Bcher-KVA.example"),
-    ("[IPv6:::1]", "[IPv6:0::1]"),
-    ("[IPv6:::1]", "[IPv6:0:0:0:0:0:0:0:1]"),
+@pytest.mark.parametrize("configured, spelled, echoed", [
+    ("bücher.example", "xn--bcher-kva.example", "xn--bcher-kva.example"),  # RFC 5890 §2.3.2.1: one label, two forms
+    ("xn--bcher-kva.example", "XN--Bcher-KVA.example", "xn--bcher-kva.example"),
+    ("[IPv6:::1]", "[IPv6:0::1]", "[IPv6:0::1]"),
+    ("[IPv6:::1]", "[ipv6:0:0:0:0:0:0:0:1]", "[IPv6:0:0:0:0:0:0:0:1]"),
 ])
-def test_each_spelling_of_a_configured_domain_is_local(start_server, greeted, alice, configured, spelled):
+def test_each_spelling_of_a_configured_domain_is_local(start_server, greeted, alice, configured, spelled, echoed):
     server = start_server(domains=[configured])
     client = greeted(server.addresses["smtp"])
     exchange(client, "MAIL FROM:<x@example.org>")
     for local_part in ["alice", "postmaster"]:
         assert exchange(client, f"RCPT TO:<{local_part}@{spelled}>") == wire(
-            R.R250_RECIPIENT_OK, address=f"{local_part}@{spelled.lower()}")
+            R.R250_RECIPIENT_OK, address=f"{local_part}@{echoed}")
 
 
 def test_a_domain_that_idna_2003_would_map_onto_ours_is_not_ours(start_server, greeted, alice):
