@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import ipaddress
 import logging
 import os
 import pwd
@@ -217,6 +218,17 @@ class ServerContext:
     placement: Placement = field(default_factory=Placement)
 
 
+def client_host_and_port(address: tuple) -> tuple[str, int]:
+    """A client's (host, port), an IPv6 socket's four-part address cut to two,
+    and an IPv4 client of an IPv6 socket (``::ffff:127.0.0.1``) written as
+    IPv4: networks such as 127.0.0.0/8, the limits and the logs then see one
+    client as one address."""
+    host, port = address[0], address[1]
+    if ":" in host:
+        host = str(ipaddress.IPv6Address(host).ipv4_mapped or host)
+    return host, port
+
+
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -236,6 +248,9 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: set[Connection] = set()
         self._open_changed = threading.Condition()  # guards _open and _stopping; notified as sessions end
         self._stopping = False
+        # socketserver opens an IPv4 socket unless told otherwise: "::" and
+        # "::1" need an IPv6 one (on Linux "::" takes IPv4 clients as well).
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, SessionHandler)
         # Worker processes share this socket (workers.py): a connection wakes
         # every one waiting in poll(), and only one gets it. A blocking
@@ -254,11 +269,12 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         # pace for all, as its threads take turns at one interpreter lock.
         self._leave_to_another_worker()
         try:
-            return super().get_request()  # non-blocking: fails if another process took it
+            request, client_address = super().get_request()  # non-blocking: fails if another process took it
         except OSError as error:
             if error.errno in (errno.EMFILE, errno.ENFILE):
                 self._wait_for_a_free_descriptor()
             raise  # socketserver drops it, and waits for the next connection
+        return request, client_host_and_port(client_address)
 
     def _wait_for_a_free_descriptor(self) -> None:
         """accept() failed for want of a descriptor. The connection stays in
@@ -632,7 +648,8 @@ class MailServer:
         return {listener.name: listener.server_address[:2] for listener in self.listeners}
 
     def listening_line(self) -> str:
-        pairs = " ".join(f"{name}={host}:{port}" for name, (host, port) in self.addresses.items())
+        pairs = " ".join(f"{name}={f'[{host}]' if ':' in host else host}:{port}"  # RFC 3986 §3.2.2
+                         for name, (host, port) in self.addresses.items())
         return f"listening {pairs}"
 
     def stop(self) -> None:

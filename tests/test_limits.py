@@ -27,7 +27,7 @@ import pytest
 
 from pymailsrv.config import ConfigError, load_settings
 from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
-from pymailsrv.server import ConnectionLimits, Tally
+from pymailsrv.server import ConnectionLimits, Tally, client_host_and_port
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, listening_line, wait_for_open
 
 OTHER_ADDRESS = "127.0.0.2"
@@ -318,3 +318,15 @@ def test_out_of_descriptors_the_server_warns_and_waits_rather_than_spin(root, ad
         process.terminate()
         _, errors = process.communicate(timeout=CLIENT_TIMEOUT)
     assert b"out of file descriptors: a connection waits unanswered until one is closed" in errors
+
+
+@pytest.mark.parametrize("accepted, seen", [
+    (("127.0.0.1", 4000), ("127.0.0.1", 4000)),
+    (("::ffff:127.0.0.1", 4000, 0, 0), ("127.0.0.1", 4000)),  # an IPv4 client of "--host ::"
+    (("::1", 4000, 0, 0), ("::1", 4000)),
+    (("2001:db8::7", 4000, 0, 0), ("2001:db8::7", 4000)),
+])
+def test_a_client_is_known_by_one_address_whichever_socket_took_it(accepted, seen):
+    # 127.0.0.0/8 in auth.local_networks, the per-address caps and the logs
+    # must see an IPv4 client as IPv4 on an IPv6 socket too.
+    assert client_host_and_port(accepted) == seen
