@@ -118,9 +118,12 @@ def _listen_address(value: str) -> None:
         raise ValueError("give an address to listen on (0.0.0.0 or :: for every interface)")
 
 
-def _processes(value: int) -> None:
-    if not 1 <= value <= limits.MAX_PROCESSES:
-        raise ValueError(f"must be 1-{limits.MAX_PROCESSES}")
+def _one_to(cap: int) -> typing.Callable[[int], None]:
+    """A check for a count from 1 up to ``cap``, the cap that stops a typo."""
+    def check(value: int) -> None:
+        if not 1 <= value <= cap:
+            raise ValueError(f"must be 1-{cap}")
+    return check
 
 
 def _recipient_limit(value: int) -> None:
@@ -209,7 +212,7 @@ class RelaySettings:
     port: int = _checked(25, _remote_port)
     # "address:port" of the DNS server for MX lookups; None: the system's.
     dns_server: str | None = _checked(None, lambda value: parse_host_port(value, 53))
-    workers: int = _checked(limits.RELAY_WORKERS, _positive)
+    workers: int = _checked(limits.RELAY_WORKERS, _one_to(limits.RELAY_WORKERS_MAX))
     # Retries (Postfix's minimal_backoff_time, maximal_backoff_time,
     # maximal_queue_lifetime), in seconds.
     min_backoff: float = _checked(float(limits.QUEUE_MIN_BACKOFF_SECONDS), _positive_seconds)
@@ -245,7 +248,7 @@ class AuthSettings:
 class LimitSettings:
     # Open connections, all listeners together, and per client address; over
     # either the listener refuses at once (421 / -ERR [SYS/TEMP]).
-    max_connections: int = _checked(limits.MAX_CONNECTIONS, _positive)
+    max_connections: int = _checked(limits.MAX_CONNECTIONS, _one_to(limits.MAX_CONNECTIONS_CAP))
     max_connections_per_address: int = _checked(limits.MAX_CONNECTIONS_PER_ADDRESS, _positive)
     # Logged-in POP3 sessions of one user from one address (-ERR [IN-USE]).
     pop3_sessions_per_user_address: int = _checked(limits.POP3_MAX_SESSIONS_PER_USER_ADDRESS, _positive)
@@ -280,7 +283,7 @@ class Settings:
     # None: stay who we are.
     run_as: str | None = None
     # Worker processes that serve connections (workers.py); 1: this process.
-    processes: int = _checked(1, _processes)
+    processes: int = _checked(1, _one_to(limits.MAX_PROCESSES))
     # Keep a worker serving two sessions or more on a CPU of its own
     # (placement.py says why); off: the kernel places every thread.
     pin_workers: bool = True

@@ -108,6 +108,11 @@ ALIAS_DEPTH_MAX = 10
 # A connection over the cap is refused by the accepting thread itself, so
 # refused connections start no thread at all.
 MAX_CONNECTIONS = 500
+# The highest it may be set to. Admitting and releasing a connection reads a
+# table of this many places shared by the worker processes, so a typo of
+# 2,000,000 took 0.4-0.8 s a greeting; at this cap it is a few milliseconds,
+# and ten thousand threads are more than one Python process serves well.
+MAX_CONNECTIONS_CAP = 10_000
 # What a connection holds open: its socket, and a POP3 session's lock file.
 # Beside them: the listening sockets, Maildir and queue files, the log. For
 # 500 connections that is 1,256, over the usual soft limit of 1,024 (ulimit
@@ -193,6 +198,8 @@ QUEUE_SCAN_INTERVAL_SECONDS = 1.0
 # Delivery threads: Postfix's default_process_limit is 100, but a teaching
 # server on one machine needs only a few connections out at a time.
 RELAY_WORKERS = 4
+# At most Postfix's default_process_limit: 500 threads could not all start.
+RELAY_WORKERS_MAX = 100
 
 # RFC 5321 §4.5.3.2: the client's timeouts run from 2 minutes (DATA
 # initiation) to 10 minutes (the reply to the final dot); smtplib has one

@@ -53,7 +53,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pymailsrv.aliases import AliasTable
+from pymailsrv.aliases import ALIASES_FILE_NAME, AliasTable
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
 from pymailsrv.faults import FaultError, FaultPlan
@@ -72,7 +72,7 @@ from pymailsrv.limits import (
     POP3_MAX_SESSIONS_PER_USER_ADDRESS,
 )
 from pymailsrv.maildir import MaildirStore
-from pymailsrv.outqueue import OutboundQueue, RetryPolicy
+from pymailsrv.outqueue import QUEUE_DIR_NAME, OutboundQueue, RetryPolicy
 from pymailsrv.placement import Placement
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
@@ -466,6 +466,14 @@ def check_data_root(settings: Settings) -> None:
         # chown mends only what permissions refuse, not a read-only disk or a file in the way.
         fix = f"; {advice}" if error.errno in (errno.EACCES, errno.EPERM) else ""
         raise ConfigError(f"cannot create {str(state_dir)!r} as {who}: {error.strerror}{fix}") from None
+    # A file where the queue's directory belongs, or a directory where the
+    # aliases file does, would fail only later: the relay with a traceback,
+    # every RCPT with a 451.
+    for name, is_right_kind, kind in ((QUEUE_DIR_NAME, Path.is_dir, "a directory"),
+                                      (ALIASES_FILE_NAME, Path.is_file, "a file")):
+        path = state_dir / name
+        if path.exists() and not is_right_kind(path):
+            raise ConfigError(f"{str(path)!r} must be {kind}: move it out of the way")
     # Every directory the server writes into (state: locks, queue, transcripts;
     # each Maildir's tmp/new/cur): one made by a command run as root would
     # otherwise fail only at the first delivery, with a 451.

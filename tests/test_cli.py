@@ -510,6 +510,22 @@ def test_two_listeners_given_one_port_are_named(root):
                                               "Address already in use").encode()
 
 
+@pytest.mark.parametrize("name, make, kind", [
+    ("queue", lambda path: path.write_bytes(b""), "a directory"),
+    ("aliases", lambda path: path.mkdir(), "a file"),
+])
+def test_start_with_the_wrong_kind_of_entry_in_the_state_directory_is_one_line(root, name, make, kind):
+    # A file for the queue gave a traceback at the relay's start (a crash loop
+    # with workers); a directory for aliases, a 451 and a traceback at each RCPT.
+    run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
+    make(root / ".pymailsrv" / name)
+    result = run_cli("start", "--root", str(root), "--pop3-port", "0", "--smtp-port", "0")
+    assert result.returncode == 1
+    assert b"Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {str(root / '.pymailsrv' / name)!r} must be {kind}: move it out of the way").encode()
+
+
 def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root):
     run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
     (root / ".pymailsrv" / "users.json").write_bytes(b"{")

@@ -127,11 +127,21 @@ def test_caps_are_read_from_the_limits_table(tmp_path):
     assert (limits.max_connections, limits.max_connections_per_address) == (40, 4)
 
 
-@pytest.mark.parametrize("key", ["max_connections", "max_connections_per_address",
-                                 "pop3_sessions_per_user_address"])
-def test_a_cap_of_zero_would_lock_everyone_out_and_is_refused(key):
-    with pytest.raises(ConfigError, match=f"bad value for 'limits.{key}': must be greater than 0"):
+@pytest.mark.parametrize("key, why", [("max_connections", "must be 1-10000"),
+                                      ("max_connections_per_address", "must be greater than 0"),
+                                      ("pop3_sessions_per_user_address", "must be greater than 0")])
+def test_a_cap_of_zero_would_lock_everyone_out_and_is_refused(key, why):
+    with pytest.raises(ConfigError, match=f"bad value for 'limits.{key}': {why}"):
         load_settings(config=None, overrides={"limits": {key: 0}})
+
+
+@pytest.mark.parametrize("section, key, cap", [("limits", "max_connections", 10_000), ("relay", "workers", 100)])
+def test_a_count_past_its_cap_is_taken_for_a_typo(section, key, cap):
+    # 2,000,000 connections made every greeting wait 0.4-0.8 s on the shared
+    # table; 500 relay threads could not all start.
+    load_settings(config=None, overrides={section: {key: cap}})
+    with pytest.raises(ConfigError, match=f"bad value for '{section}.{key}': must be 1-{cap}"):
+        load_settings(config=None, overrides={section: {key: cap + 1}})
 
 
 # --- over the cap, on the wire ------------------------------------------------------------
