@@ -121,9 +121,10 @@ MAX_CONNECTIONS_CAP = 10_000
 FILES_PER_CONNECTION = 2
 FILES_BESIDES_CONNECTIONS = 256
 # Out of descriptors all the same (a lower hard limit), a listener pauses
-# this long between tries rather than spin, and warns at most this often.
+# this long between tries rather than spin. Out of descriptors or threads, it
+# warns at most once in SHORTAGE_WARNING_SECONDS, not once a connection.
 OUT_OF_DESCRIPTORS_PAUSE_SECONDS = 0.1
-OUT_OF_DESCRIPTORS_WARNING_SECONDS = 60.0
+SHORTAGE_WARNING_SECONDS = 60.0
 
 # Postfix's anvil: smtpd_client_connection_count_limit defaults to 50 ("1/2
 # of the default process limit"), so one client address cannot take more than

@@ -68,8 +68,8 @@ from pymailsrv.limits import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
     OUT_OF_DESCRIPTORS_PAUSE_SECONDS,
-    OUT_OF_DESCRIPTORS_WARNING_SECONDS,
     POP3_MAX_SESSIONS_PER_USER_ADDRESS,
+    SHORTAGE_WARNING_SECONDS,
 )
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import QUEUE_DIR_NAME, OutboundQueue, RetryPolicy
@@ -260,7 +260,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._incoming = select.poll()  # is a connection still waiting to be accepted?
         self._incoming.register(self.socket, select.POLLIN)
         self._deferring_again_at = 0.0  # time.monotonic(); see _leave_to_another_worker
-        self._warn_of_descriptors_at = 0.0  # time.monotonic(); see _wait_for_a_free_descriptor
+        self._warned_at: dict[str, float] = {}  # shortage -> time.monotonic(); see _now_and_then
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Which of the worker processes gets a connection is luck, and ten
@@ -280,11 +280,18 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         """accept() failed for want of a descriptor. The connection stays in
         the kernel's queue, so poll() reports it again at once: without a
         pause this thread would spin on it. Say so now and then."""
-        if time.monotonic() >= self._warn_of_descriptors_at:
+        if self._now_and_then("descriptors"):
             log.warning("%s: out of file descriptors: a connection waits unanswered until one is closed "
                         "(raise the open-files limit, or lower limits.max_connections)", self.name)
-            self._warn_of_descriptors_at = time.monotonic() + OUT_OF_DESCRIPTORS_WARNING_SECONDS
         time.sleep(OUT_OF_DESCRIPTORS_PAUSE_SECONDS)
+
+    def _now_and_then(self, shortage: str) -> bool:
+        """Is it time to warn of ``shortage`` again? At most once in SHORTAGE_WARNING_SECONDS."""
+        now = time.monotonic()
+        if now < self._warned_at.get(shortage, 0.0):
+            return False
+        self._warned_at[shortage] = now + SHORTAGE_WARNING_SECONDS
+        return True
 
     def _leave_to_another_worker(self) -> None:
         """While this process serves more connections than another worker, let
@@ -367,6 +374,14 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
     def process_request(self, request: socket.socket, client_address: tuple[str, int]) -> None:
         try:
             super().process_request(request, client_address)  # starts the connection's thread
+        except RuntimeError:  # "can't start new thread": the process is at its limit
+            self.context.connections.release(client_address[0])
+            if self._now_and_then("threads"):
+                log.warning("%s: cannot start a thread for a connection: refusing connections until "
+                            "sessions end (raise the process limit, ulimit -u, or lower "
+                            "limits.max_connections)", self.name)
+            self._refuse(request)
+            self.shutdown_request(request)
         except BaseException:
             self.context.connections.release(client_address[0])  # no thread, no session
             raise

@@ -205,6 +205,29 @@ def test_refused_connections_start_no_thread(start_server, clients, monkeypatch)
     assert server.context.connections.open == 1
 
 
+def test_a_connection_no_thread_can_start_for_gets_421_and_one_warning(start_server, clients, monkeypatch, caplog):
+    # What Thread.start raises at the process limit (ulimit -u). Each such
+    # connection logged a traceback, and heard nothing before it was closed.
+    server = start_server()
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if getattr(getattr(thread, "_target", None), "__name__", "") == "process_request_thread":
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    for _ in range(3):
+        refused = clients(server.addresses["smtp"])
+        assert refused.line() == refusal_421(server)
+        assert refused.closed()
+    monkeypatch.undo()
+    warnings = [record for record in caplog.records if "cannot start a thread" in record.getMessage()]
+    assert len(warnings) == 1 and "Traceback" not in caplog.text
+    assert server.context.connections.open == 0
+    assert greeted(clients(server.addresses["smtp"])).command("NOOP") == b"250 2.0.0 OK\r\n"
+
+
 # --- under the cap: never locked out --------------------------------------------------------
 
 
