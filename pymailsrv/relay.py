@@ -352,7 +352,7 @@ class Relay:
         # Likewise the recipients whose failures were bounced, but not yet
         # written down as reported: no second bounce goes out for them.
         self._unrecorded_bounces: dict[str, list[str]] = {}
-        self._queue_unreadable = False  # the last look into the queue failed (logged once)
+        self._queue_unreadable = False  # the last look into the queue failed (logged once, by _work)
 
     # --- the threads -----------------------------------------------------------
 
@@ -400,8 +400,6 @@ class Relay:
                               self.settings.relay.queue_scan_interval, exc_info=not isinstance(error, OSError))
                 self._queue_unreadable = True
                 queue_id = None
-            else:
-                self._queue_unreadable = False
             if queue_id is None:
                 with self._wakeup:
                     self._wakeup.wait_for(lambda: self._wakeups != seen or self._stopping.is_set(),
@@ -434,6 +432,7 @@ class Relay:
                                   or time.monotonic() - self._looked_at >= self.settings.relay.queue_scan_interval):
                 self._wakeups_at_look, self._looked_at = self._wakeups, time.monotonic()
                 self._due = [entry.queue_id for entry in self.queue.due()]
+                self._queue_unreadable = False  # this look worked: a failure again is news
             while self._due:
                 queue_id = self._due.pop(0)  # the longest-waiting first
                 if queue_id not in self._in_flight:

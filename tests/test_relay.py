@@ -747,13 +747,18 @@ def test_the_running_server_delivers_what_is_enqueued(start_server, dns, sink, a
     remote.wait_for(1)
 
 
-def test_broken_queue_files_neither_stop_the_delivery_threads_nor_the_good_mail(start_server, dns, sink):
+def test_broken_queue_files_neither_stop_the_delivery_threads_nor_the_good_mail(start_server, dns, sink, caplog):
     remote = sink()
     server = start_server(relay={"dns_server": dns.address, "port": remote.port, "queue_scan_interval": 0.05})
     queue = server.context.queue
-    # First the queue directory is a file for a while: every look into it fails.
+    # First the queue directory is a file for a while: every look into it
+    # fails, and that is said once (it was once a scan, as the workers that
+    # did not look took it for a look that worked).
     queue.directory.write_bytes(b"not a directory")
     time.sleep(0.3)  # several looks, by every worker
+    assert [record.getMessage() for record in caplog.records].count(
+        "cannot look into the queue ([Errno 20] Not a directory: "
+        f"{str(queue.directory)!r}); trying again every 0.05s") == 1
     queue.directory.unlink()
     # Then it holds broken entries beside the good one.
     put_broken_entries(queue)
