@@ -299,6 +299,8 @@ class Settings:
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overrides.items():
+        if isinstance(value, dict) and key in merged and not isinstance(merged[key], dict):
+            continue  # the file's "pop3 = 5" stays, for the check to refuse: a flag must not hide it
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = _merge(merged[key], value)
         else:

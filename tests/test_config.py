@@ -119,6 +119,14 @@ def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
 
 
+def test_a_value_that_must_be_a_table_is_refused_even_beside_a_flag(tmp_path):
+    # The flag's table replaced the file's "pop3 = 5", which then went unseen.
+    config = tmp_path / "pymailsrv.toml"
+    config.write_text("pop3 = 5\n")
+    with pytest.raises(ConfigError, match="^bad value for 'pop3': expected a table"):
+        load_settings(config=config, overrides={"pop3": {"port": 0}})
+
+
 def test_invalid_toml_is_one_line(tmp_path):
     assert error_for(tmp_path, "[pop3\nport = 1\n").startswith("config file ")
 
