@@ -230,7 +230,9 @@ def waits_for_replies(t: Transcript) -> Verdict:
             # EHLO's own offer cannot cover the MAIL sent along with it.
             return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
                            f"and no {asked} reply it had read offered PIPELINING")
-        elif smtp and previous.verb in _LAST_IN_A_GROUP:
+        elif smtp and previous.verb in _LAST_IN_A_GROUP and not (previous.verb == "DATA" and previous.text_events):
+            # (A line pipelined after DATA's text went with the text, after the
+            # 354: RFC 2920 §3.1 lets the text be the first "command" of a group.)
             return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
                            f"which RFC 2920 §3.1 allows only last in a group")
         if _pipelining_offered(t, exchange):
@@ -460,16 +462,20 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
     """RFC 1939 §5: RETR/DELE/TOP name messages STAT/LIST/UIDL (or the login's
     +OK) reported, never a deleted one."""
     highest, named, deleted = 0, set(), set()
+    told = False  # whether the server had said anything of the maildrop's messages
     uses = 0
     for exchange in exchanges(t):
         if exchange.verb in ("STAT", "LIST", "UIDL"):
             count, numbers = _listed_numbers(exchange)
             highest = max(highest, count)
             named |= numbers
-        elif exchange.verb in ("PASS", "APOP", "AUTH") and (said := _LOGIN_COUNT.search(exchange.reply)):
+            told = True
+        elif said := _LOGIN_COUNT.search(exchange.reply):
             # RFC 1939 §7's own example: "+OK mrose's maildrop has 2 messages
-            # (320 octets)". A client may go by it (curl does).
+            # (320 octets)". A client may go by it (curl does). The reply to
+            # PASS, APOP or AUTH, or to AUTH's last response line (shown ****).
             highest = max(highest, int(said.group(1)))
+            told = True
         elif exchange.verb == "RSET" and exchange.reply.startswith("+OK"):
             deleted.clear()
         elif exchange.verb in ("RETR", "DELE", "TOP") and exchange.arguments:
@@ -479,7 +485,8 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
             if number in deleted:
                 return False, f"{shown(exchange.line)} names a message this session had deleted"
             if number is None or not (1 <= number <= highest or number in named):
-                listed = f"1-{highest}" if highest else "nothing (no STAT, LIST, UIDL, nor a count at login)"
+                listed = (f"1-{highest}" if highest else "no message" if told
+                          else "nothing (no STAT, LIST, UIDL, nor a count at login)")
                 return False, f"{shown(exchange.line)} but the server had listed {listed}"
             if exchange.verb == "DELE" and exchange.reply.startswith("+OK"):
                 deleted.add(number)

@@ -313,6 +313,20 @@ def test_a_line_pipelined_where_rfc_2920_forbids_fails_waits_for_replies(classro
     assert evidence in item.evidence
 
 
+def test_a_pipelining_client_may_send_quit_with_the_text_after_the_354(classroom, root):
+    # RFC 2920 §3.1: the message text may be the first "command" of a group.
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    client.send(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\n")
+    assert [smtp_reply(client)[0][:3] for _ in range(3)] == [b"250", b"250", b"354"]
+    client.send(b"Subject: x\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    assert [smtp_reply(client)[0][:3] for _ in range(2)] == [b"250", b"221"]
+    (result,) = graded(root, server)
+    assert failed(result) == []
+    assert verdicts(result)["smtp.waits-for-replies"] == PASS
+
+
 def test_text_sent_with_data_before_its_354_fails_waits_for_replies(classroom, root):
     # RFC 2920 §3.1: DATA comes last in a group, PIPELINING or not.
     server = classroom()
@@ -419,6 +433,32 @@ def test_retr_of_a_number_the_login_counted_passes_uses_listed_numbers(classroom
     client.command("QUIT")
     (result,) = graded(root, server)
     assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+
+
+def test_retr_of_a_number_counted_in_reply_to_auths_response_passes_uses_listed_numbers(classroom, root, store):
+    # curl: AUTH PLAIN, "+ ", the credentials, and the count comes in reply to them.
+    store.deliver("alice", b"Subject: one\n\nhello\n")
+    server = classroom()
+    client = RawClient(server.addresses["pop3"])
+    assert client.line().startswith(b"+OK")
+    assert client.command("AUTH PLAIN") == b"+ \r\n"
+    credentials = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
+    assert client.command(credentials).startswith(b"+OK alice's maildrop has 1 message ")
+    assert client.command("RETR 1").startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+
+
+def test_retr_after_a_login_that_counted_no_message_says_so(classroom, root):
+    server = classroom()
+    client = raw_pop3_login(server)  # "+OK alice's maildrop has 0 messages (0 octets)"
+    assert client.command("RETR 1").startswith(b"-ERR")
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    (item,) = [item for item in result.results if item.criterion == "pop3.uses-listed-numbers"]
+    assert (item.result, item.evidence) == (FAIL, "'RETR 1' but the server had listed no message")
 
 
 # --- passwords and TLS ---------------------------------------------------------------
