@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pymailsrv.limits import RECV_CHUNK
-from pymailsrv.replies import CRLF, After, Reply
+from pymailsrv.replies import CRLF, After, Reply, counted
 from pymailsrv.trace import TEXT_BEFORE_354
 
 if TYPE_CHECKING:
@@ -215,7 +215,11 @@ class Connection:
     def start_tls(self) -> None:
         """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
         self.flush()
-        self._input.clear()  # plaintext pipelined after STARTTLS/STLS: never run
+        if self._input:  # plaintext pipelined after STARTTLS/STLS: never run; the trace says so, not what
+            lines, octets = self._input.count(b"\n"), len(self._input)
+            self.tracer.event(self.session, f"{counted(lines, 'line')} ({counted(octets, 'octet')}) sent with it, "
+                                            "before TLS: thrown away, never run (RFC 3207 §4.2, RFC 2595 §4)")
+            self._input.clear()
         # The handshake runs on the wrapped socket, once it is self.sock: the
         # plain one has handed it its descriptor, and stop() must reach it.
         self.sock = self.tls_context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)

@@ -31,7 +31,7 @@ import trustme
 
 from pymailsrv import replies as R
 from pymailsrv.pop3 import SESSION_CAPABILITIES
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
 from tests.test_pop3 import wire as pop3_wire
 from tests.test_smtp import exchange, read_reply, wire
 
@@ -345,6 +345,23 @@ def test_smtp_command_pipelined_after_starttls_is_discarded(tls_server, smtp_cli
     # Had RSET run, its 250 would come before NOOP's, and QUIT would read that one.
     assert exchange(client, "NOOP") == wire(R.R250_OK)
     assert exchange(client, "QUIT") == wire(R.R221_BYE, host=tls_server.settings.hostname)
+
+
+def test_the_trace_says_that_plaintext_after_starttls_was_thrown_away(traced, tls_files, client, context):
+    # Else the trace, which promises every line on the wire, showed nothing
+    # of the injection. Only a count: the lines may carry a password.
+    server, stream = traced(trace=True, tls=tls_files.settings())
+    connected = client(server.addresses["smtp"])
+    read_reply(connected)
+    assert exchange(connected, f"EHLO {CLIENT_NAME}").startswith(b"250-")
+    connected.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<evil@example.org>\r\n")
+    assert read_reply(connected) == wire(R.R220_READY_FOR_TLS)
+    connected.start_tls(context)
+    assert exchange(connected, "QUIT") == wire(R.R221_BYE, host=server.settings.hostname)
+    wait_for_open(server, 0)
+    assert ("-- 2 lines (36 octets) sent with it, before TLS: thrown away, never run "
+            "(RFC 3207 §4.2, RFC 2595 §4)") in stream.getvalue()
+    assert "evil" not in stream.getvalue()
 
 
 def test_smtp_ehlo_injected_after_starttls_does_not_greet_the_tls_session(smtp_client, context):
