@@ -177,7 +177,7 @@ def pop3_client(client, tls_server):
 
     def connect(source: str = "127.0.0.1") -> TlsClient:
         connected = client(tls_server.addresses["pop3"], source)
-        assert connected.line().startswith(b"+OK pymailsrv POP3 server ready <")
+        assert connected.line().startswith(b"+OK pymailsrv POP3 server ready")
         return connected
 
     return connect
