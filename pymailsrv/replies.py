@@ -91,6 +91,11 @@ class Reply:
     def summary(self) -> str:
         return self.head()[0]
 
+    @property
+    def refused(self) -> bool:
+        """A negative reply: POP3's -ERR, SMTP's 4yz or 5yz."""
+        raise NotImplementedError
+
     def format(self, **fields: object) -> "Reply":
         """This reply with the ``{field}`` placeholders of its text filled in."""
         return dataclasses.replace(self, text=self.text.format(**fields))  # type: ignore[attr-defined]
@@ -130,6 +135,10 @@ class Pop3Reply(Reply):
 
     def with_content(self, content: Iterable[bytes]) -> "Pop3Reply":
         return dataclasses.replace(self, content=content)
+
+    @property
+    def refused(self) -> bool:
+        return not self.ok
 
     def head(self) -> list[str]:
         status = "+OK" if self.ok else "-ERR"
@@ -175,7 +184,7 @@ class SmtpReply(Reply):
                 for number, line in enumerate(lines)]
 
     @property
-    def is_error(self) -> bool:
+    def refused(self) -> bool:
         return self.code >= 400
 
 

@@ -119,6 +119,8 @@ class Session:
         self.fault_counts: dict[str, int] = {}
         self.drop_in_text = False
         self._put_off: list[Callable[[], None]] = []
+        # An AUTH was refused, and no known command has come since (mask()).
+        self._after_refused_auth = False
 
     # --- what each protocol supplies -------------------------------------
 
@@ -229,6 +231,7 @@ class Session:
         verb, _, argument = command_text(line).partition(" ")
         command = self.commands.find(verb)
         self.commands_run += 1
+        self._after_refused_auth = self._after_refused_auth and command is None
         if command is None:
             return self._counted(self.UNKNOWN_COMMAND)
         if self.state not in command.states:
@@ -239,7 +242,10 @@ class Session:
         return self._counted(self._run(command, argument))
 
     def _run(self, command: Command, argument: str) -> Reply:
-        return self._guarded(command.verb, command.handler, self, argument)
+        reply = self._guarded(command.verb, command.handler, self, argument)
+        if command.verb == "AUTH" and reply.refused:
+            self._after_refused_auth = True  # see mask()
+        return reply
 
     def _guarded(self, what: str, function: Callable[..., Reply], *arguments: object) -> Reply:
         """Run a handler; a refusal becomes its reply, anything else a temporary failure."""
@@ -358,6 +364,11 @@ class Session:
         # a credential, so both are masked.
         words = command_text(line).split()
         command = self.commands.find(words[0]) if words else None
+        if command is None and words and self._after_refused_auth:
+            # A client whose AUTH was refused may send the base64 lines it
+            # meant for the exchange all the same: until the next command,
+            # what is no command is taken for them.
+            return b"****"
         if command is None or command.secret_from is None:
             return line
         shown = 1 + command.secret_from  # the verb, then the public arguments

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from pymailsrv.cli import main
 from pymailsrv.trace import Tracer, octets_summary
 from pymailsrv.transcripts import TranscriptError, each_transcript, load
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
 
 
 def _lines(stream: io.StringIO) -> list[str]:
@@ -62,6 +63,25 @@ def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
     digest = hashlib.md5(timestamp + PASSWORD.encode()).hexdigest()
     assert "pop3 #N 127.0.0.1 AUTHORIZATION C: APOP alice ****" in _lines(stream)
     assert digest not in stream.getvalue()
+
+
+def test_base64_lines_sent_after_a_refused_auth_are_masked_until_a_command(traced, add_user):
+    # POP3 offers no AUTH LOGIN; a client sends its user and password lines
+    # all the same, and they went onto the projector and into transcripts.
+    add_user("alice")
+    server, stream = traced(trace=True)
+    client = RawClient(server.addresses["pop3"])
+    client.line()
+    secret = base64.b64encode(PASSWORD.encode()).decode()
+    assert client.command("AUTH LOGIN").startswith(b"-ERR")
+    assert client.command(secret).startswith(b"-ERR")
+    assert client.command("CAPA").startswith(b"+OK")
+    client.multiline()
+    assert client.command("QUITE").startswith(b"-ERR")  # a typo once a command came: shown
+    wait_for_open(server, 0)  # the third bad command before login closed the session
+    lines = [line for line in _lines(stream) if " C: " in line]
+    assert [line.split(" C: ")[1] for line in lines] == ["AUTH LOGIN", "****", "CAPA", "QUITE"]
+    assert secret not in stream.getvalue()
 
 
 def test_smtp_data_is_summarised_and_state_changes_have_their_own_lines(traced, add_user):
