@@ -290,7 +290,8 @@ def no_repeated_refusals(t: Transcript) -> Verdict:
         if len(run) > MAX_IDENTICAL_REFUSALS:
             return False, f"{shown(run[0].line)} refused {len(run)} times in a row ({shown(exchange.reply, 40)})"
     if not refusals:
-        return None, "no command was refused for good (a 4yz or [SYS/TEMP] may be tried again)"
+        again = "a 4yz" if protocol == "smtp" else "an [IN-USE] or [SYS/TEMP]"
+        return None, f"no command was refused for good ({again} may be tried again)"
     return True, (f"{counted(refusals, 'refused command')}, none sent again unchanged "
                   f"more than {MAX_IDENTICAL_REFUSALS} times")
 
@@ -536,8 +537,8 @@ SMTP_CRITERIA = [
     Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8", "ends every command line with CRLF", uses_crlf),
     Criterion("smtp.waits-for-replies", "smtp", "RFC 2920 §3",
               "waits for each reply unless EHLO offered PIPELINING", waits_for_replies),
-    Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4", "says EHLO or HELO before MAIL",
-              ehlo_before_mail),
+    Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4",
+              "says EHLO or HELO before MAIL (again after STARTTLS)", ehlo_before_mail),
     Criterion("smtp.dot-stuffs-text", "smtp", "RFC 5321 §4.5.2",
               "doubles the dot of text lines that start with '.'", dot_stuffs_text),
     Criterion("smtp.ends-data-correctly", "smtp", "RFC 5321 §4.1.1.4",
@@ -545,9 +546,9 @@ SMTP_CRITERIA = [
     Criterion("smtp.no-data-without-recipients", "smtp", "RFC 5321 §3.3",
               "sends no DATA once every RCPT was refused", no_data_without_recipients),
     Criterion("smtp.no-repeated-refusals", "smtp", "RFC 5321 §4.2.1",
-              "does not repeat a refused command unchanged", no_repeated_refusals),
+              "does not send a refused command a third time unchanged", no_repeated_refusals),
     Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §5.2, RFC 3207 §4",
-              "no AUTH PLAIN/LOGIN before STARTTLS when it was offered", no_password_before_tls),
+              "sends no AUTH PLAIN/LOGIN before an offered STARTTLS", no_password_before_tls),
     Criterion("smtp.issues-quit", "smtp", "RFC 5321 §4.1.1.10", "ends the session with QUIT", smtp_issues_quit),
 ]
 
@@ -560,11 +561,11 @@ POP3_CRITERIA = [
     Criterion("pop3.uses-listed-numbers", "pop3", "RFC 1939 §5",
               "RETR/DELE/TOP only messages STAT/LIST/UIDL or the login reported", uses_listed_numbers),
     Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
-              "no command in the wrong state more than once", commands_in_right_state),
+              "sends a command in the wrong state at most once", commands_in_right_state),
     Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §4",
-              "does not repeat a refused command unchanged", no_repeated_refusals),
+              "does not send a refused command a third time unchanged", no_repeated_refusals),
     Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §5.2",
-              "no PASS/AUTH before STLS when CAPA offered it", no_password_before_tls),
+              "sends no PASS/AUTH before STLS, when CAPA offered it", no_password_before_tls),
     Criterion("pop3.issues-quit", "pop3", "RFC 1939 §6", "ends the session with QUIT", pop3_issues_quit),
 ]
 

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import poplib
+import re
 import smtplib
 import ssl
 import subprocess
@@ -142,6 +143,14 @@ def test_every_criterion_is_data_with_a_stable_id_and_an_rfc():
             assert criterion.id.startswith(f"{protocol}.") and criterion.protocol == protocol
             assert criterion.rfc.startswith("RFC ") and "§" in criterion.rfc
             assert callable(criterion.check) and criterion.title
+
+
+def test_the_teaching_guide_lists_each_criterion_as_the_grader_has_it():
+    # The guide's table had drifted: other RFC sections, other wording.
+    guide = (Path(__file__).parent.parent / "docs" / "teaching.rst").read_text()
+    rows = re.findall(r"^``([a-z0-9.-]+)``\s{2,}(RFC.*?)\s{2,}(.*)$", guide, re.M)
+    assert rows == [(criterion.id, criterion.rfc, criterion.title)
+                    for criteria in CRITERIA.values() for criterion in criteria]
 
 
 @pytest.mark.parametrize("module", ["pymailsrv.grade", "pymailsrv.grade_criteria"])
