@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pymailsrv.limits import REPLY_LINE_MAX
 
 CRLF = b"\r\n"
+# RFC 1939 §3: the line holding a single dot that ends a multi-line reply.
+END_OF_MULTILINE = b"." + CRLF
 
 # RFC 5321 §4.2: reply text is tab and printable ASCII (textstring).
 _NOT_REPLY_TEXT = re.compile(r"[^\t\x20-\x7e]")
@@ -77,6 +79,9 @@ class Reply:
     note: str = dataclasses.field(default="", kw_only=True)
     # A reply sent straight after this one, unasked (SMTP's closing 421).
     then: "Reply | None" = dataclasses.field(default=None, kw_only=True)
+    # Its body is message text (RETR, TOP): a trace summarises that, unless
+    # asked for bodies, and shows other bodies (CAPA, LIST, UIDL) line by line.
+    message_text: bool = dataclasses.field(default=False, kw_only=True)
 
     def head(self) -> list[str]:
         """The status line(s), without line ends: what a trace always shows."""
@@ -155,7 +160,7 @@ class Pop3Reply(Reply):
                 block = b"." + block
             yield block.replace(CRLF + b".", CRLF + b"..")
         if self.after is not After.DROP_MID:  # a reply cut off never reaches its end
-            yield b"." + CRLF
+            yield END_OF_MULTILINE
 
 
 @dataclass(frozen=True)
@@ -229,8 +234,10 @@ POP3_SCAN_LISTINGS_FOLLOW = _ok("{messages} ({size} octets)",
                                 "one scan listing per line, then '.', RFC 1939 §5")
 POP3_UNIQUE_ID = _ok("{msg_number} {uid}", "unique-id listing, stable across sessions, RFC 1939 §7")
 POP3_UNIQUE_IDS_FOLLOW = _ok("unique-id listing follows", "one unique-id per line, then '.', RFC 1939 §7")
-POP3_MESSAGE_FOLLOWS = _ok("{size} octets", "the message follows, byte-stuffed, then '.', RFC 1939 §3, §5")
-POP3_TOP_FOLLOWS = _ok("top of message follows", "header, blank line, n body lines, RFC 1939 §7")
+POP3_MESSAGE_FOLLOWS = dataclasses.replace(
+    _ok("{size} octets", "the message follows, byte-stuffed, then '.', RFC 1939 §3, §5"), message_text=True)
+POP3_TOP_FOLLOWS = dataclasses.replace(
+    _ok("top of message follows", "header, blank line, n body lines, RFC 1939 §7"), message_text=True)
 POP3_MARKED_DELETED = _ok("message {msg_number} deleted",
                           "only marked: removed at QUIT (UPDATE), RFC 1939 §5, §6")
 POP3_NOOP = _ok("", "nothing to do, RFC 1939 §5")

@@ -258,9 +258,11 @@ class Tracer:
     def server_body_line(self, session: Session, wire_line: bytes) -> None:
         self._record(session, "S", wire_line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))
 
-    def server_body(self, session: Session, lines: int, octets: int) -> None:
-        if lines and not self.bodies:
-            self._record(session, "S", octets_summary(lines, octets))
+    def server_text(self, session: Session, lines: int, octets: int, ended: bool) -> None:
+        """Message text sent (RETR, TOP), summarised; then the dot that ended it."""
+        self._record(session, "S", octets_summary(lines, octets))
+        if ended:
+            self._record(session, "S", ".")
 
     def event(self, session: Session, text: str) -> None:
         """Something that is not a protocol line: a TLS handshake, say."""

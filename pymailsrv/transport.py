@@ -38,7 +38,7 @@ import time
 from typing import TYPE_CHECKING
 
 from pymailsrv.limits import RECV_CHUNK
-from pymailsrv.replies import CRLF, After, Reply, counted
+from pymailsrv.replies import CRLF, END_OF_MULTILINE, After, Reply, counted
 from pymailsrv.trace import TEXT_BEFORE_354
 
 if TYPE_CHECKING:
@@ -183,19 +183,26 @@ class Connection:
         tracing = self.tracer.active  # if not, RETR's text goes out unlooked at
         if tracing:
             self.tracer.server_reply(self.session, reply)
+        summarised = tracing and reply.message_text and not self.tracer.bodies
         body_lines = body_octets = 0
+        last_block = b""
         for wire_block in reply.body():
             self._output += wire_block
-            if tracing:
+            if summarised:
                 body_lines += wire_block.count(b"\n")
                 body_octets += len(wire_block)
-                if self.tracer.bodies:
-                    for wire_line in _WIRE_LINE.findall(wire_block):
-                        self.tracer.server_body_line(self.session, wire_line)
+                last_block = wire_block
+            elif tracing:
+                for wire_line in _WIRE_LINE.findall(wire_block):
+                    self.tracer.server_body_line(self.session, wire_line)
             if len(self._output) >= OUTPUT_FLUSH_THRESHOLD:
                 self.flush()
-        if tracing:
-            self.tracer.server_body(self.session, body_lines, body_octets)
+        if summarised:
+            # The lone dot that ends it is shown as a line of its own, as the
+            # SMTP text's is (Reply.body gives it a block of its own).
+            ended = last_block == END_OF_MULTILINE
+            self.tracer.server_text(self.session, body_lines - ended, body_octets - ended * len(END_OF_MULTILINE),
+                                    ended)
         if reply.then is not None:
             self.send(reply.then)
         if reply.after in (After.CLOSE, After.DROP_MID):

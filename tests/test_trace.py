@@ -44,12 +44,32 @@ def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(tr
         "pop3 #N 127.0.0.1 TRANSACTION S: +OK alice's maildrop has 1 message (22 octets)",
         "pop3 #N 127.0.0.1 TRANSACTION C: RETR 1",
         "pop3 #N 127.0.0.1 TRANSACTION S: +OK 22 octets",
-        "pop3 #N 127.0.0.1 TRANSACTION S: [4 lines, 25 octets]",
+        "pop3 #N 127.0.0.1 TRANSACTION S: [3 lines, 22 octets]",
+        "pop3 #N 127.0.0.1 TRANSACTION S: .",
         "pop3 #N 127.0.0.1 TRANSACTION C: QUIT",
         "pop3 #N 127.0.0.1 -- TRANSACTION -> UPDATE",
         "pop3 #N 127.0.0.1 UPDATE S: +OK pymailsrv POP3 server signing off (1 message left)",
     ]
     assert PASSWORD not in stream.getvalue()
+
+
+def test_listings_are_shown_line_by_line_and_only_message_text_summarised(traced, add_user, store):
+    # CAPA, LIST and UIDL came out as "[12 lines, 139 octets]", where the
+    # lesson has students try them; only message text is to be summarised.
+    add_user("alice")
+    store.deliver("alice", b"Subject: hi\n\nhello\n")
+    server, stream = traced(trace=True)
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    client.user("alice")
+    client.pass_(PASSWORD)
+    client.list()
+    client.top(1, 0)
+    client.quit()
+    server.stop()
+    lines = [line.split(" S: ", 1)[1] for line in _lines(stream) if " S: " in line]
+    start = lines.index("+OK 1 message (22 octets)")
+    assert lines[start:start + 6] == ["+OK 1 message (22 octets)", "1 22", ".",
+                                      "+OK top of message follows", "[2 lines, 15 octets]", "."]
 
 
 def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
