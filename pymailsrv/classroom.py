@@ -37,7 +37,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import as_data_root_owner, output_file, read_password
+from pymailsrv.cli_common import as_data_root_owner, output_file, read_password, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
@@ -257,6 +257,7 @@ def classroom_group(with_settings: Callable) -> click.Group:
     @with_settings
     def reset(settings: Settings, prefix: str) -> None:
         """Empty every student mailbox (accounts and passwords stay)."""
+        require_data_root(settings.root)  # else a mistyped --root "removed 0 messages"
         as_data_root_owner(settings.root)
         result = reset_class(settings, prefix)
         for name in result.busy:

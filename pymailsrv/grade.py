@@ -38,7 +38,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import output_file
+from pymailsrv.cli_common import output_file, require_data_root
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
 from pymailsrv.replies import counted
 from pymailsrv.trace import escape_controls
@@ -260,6 +260,7 @@ def grade_command(with_settings: Callable) -> click.Command:
         """Judge the client side of saved sessions (start the server with --transcripts)."""
         if sum((user is not None, bool(transcript_ids), everything)) != 1:
             raise click.UsageError("give exactly one of --user U, --transcript ID ... or --all")
+        require_data_root(settings.root)
         grades, unreadable = grades_asked_for(settings.state_dir, user, transcript_ids)
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)

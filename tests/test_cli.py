@@ -299,7 +299,7 @@ def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
 
 
 @pytest.mark.parametrize("command", [("user", "list"), ("alias", "list"), ("queue", "list"), ("queue", "flush"),
-                                     ("transcripts", "list")])
+                                     ("transcripts", "list"), ("classroom", "reset"), ("grade", "--all")])
 def test_a_command_that_only_reads_says_when_there_is_no_data_root(cli, tmp_path, command):
     # A mistyped --root: an empty listing, exit 0, would hide the typo.
     result = cli(*command, "--root", str(tmp_path / "mailbxes"), root_option=False)
