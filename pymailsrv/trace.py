@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, TextIO
 
 from pymailsrv.replies import Reply, counted
@@ -120,6 +122,19 @@ def octets_summary(lines: int, octets: int) -> str:
 # Two servers on one data root (or a restart) may number a session alike
 # within one second: the transcript then takes the next free "-2" ... name.
 TRANSCRIPT_NAME_TRIES = 10
+# A transcript's name: the second its session began, the protocol, the
+# session number, and the "-2" ... that a taken name was given.
+_TRANSCRIPT_NAME = re.compile(r"([0-9]{8}T[0-9]{6})-[a-z0-9]+-([0-9]+)(?:-([0-9]+))?\.jsonl")
+
+
+def oldest_first(paths: Iterable[Path]) -> list[Path]:
+    """Transcripts in the order their sessions began: by the second, then by
+    session number (by name alone, pop3 came before smtp within a second,
+    and smtp-10 before smtp-9)."""
+    def began(path: Path) -> tuple[str, int, int]:
+        match = _TRANSCRIPT_NAME.fullmatch(path.name)
+        return (match[1], int(match[2]), int(match[3] or 1)) if match else (path.name, 0, 0)
+    return sorted(paths, key=began)
 
 
 class Tracer:
@@ -229,9 +244,9 @@ class Tracer:
     def _prune(self) -> None:
         """Keep only the newest ``transcripts_keep`` transcripts."""
         directory = self.options.transcripts_dir
-        names = sorted(path.name for path in directory.glob("*.jsonl"))
-        for name in names[: max(0, len(names) - self.options.transcripts_keep)]:
-            (directory / name).unlink(missing_ok=True)
+        paths = oldest_first(directory.glob("*.jsonl"))
+        for path in paths[: max(0, len(paths) - self.options.transcripts_keep)]:
+            path.unlink(missing_ok=True)
 
     def client_line(self, session: Session, line: bytes, pipelined: bool = False) -> None:
         if self.active:

@@ -29,7 +29,7 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.cli_common import echo_report, require_data_root
-from pymailsrv.trace import format_event, shown
+from pymailsrv.trace import format_event, oldest_first, shown
 
 SUFFIX = ".jsonl"
 
@@ -131,11 +131,11 @@ def find(state_dir: Path, transcript_id: str) -> Transcript:
 
 
 def each_transcript(state_dir: Path, unreadable: list[str], keep_events: bool = True) -> Iterator[Transcript]:
-    """Every transcript (see ``load``) by file name, read as it is asked for, so
+    """Every transcript (see ``load``), oldest first, read as it is asked for, so
     that memory holds one at a time; an "ID: why" note in ``unreadable`` for each
     file that cannot be read (all of them once the last transcript is read)."""
     directory = transcripts_dir(state_dir)
-    for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
+    for path in oldest_first(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
         try:
             transcript = load(path, keep_events)
         except (OSError, TranscriptError) as error:

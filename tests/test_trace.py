@@ -9,12 +9,13 @@ import json
 import poplib
 import re
 import smtplib
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from pymailsrv.cli import main
-from pymailsrv.trace import Tracer, octets_summary
+from pymailsrv.trace import Tracer, octets_summary, oldest_first
 from pymailsrv.transcripts import TranscriptError, each_transcript, load
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
 
@@ -393,3 +394,11 @@ def test_a_last_line_cut_inside_a_utf8_sequence_is_left_out(transcripts, root):
     result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "crashed"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "pop3 session 7 from 127.0.0.1\nAUTHORIZATION C: QUIT\n-- ended: (in progress)\n"
+
+
+def test_transcripts_are_listed_and_pruned_in_the_order_their_sessions_began():
+    names = ["20250301T101502-smtp-10.jsonl", "20250301T101502-pop3-11.jsonl", "20250301T101502-smtp-9.jsonl",
+             "20250301T101501-smtp-12.jsonl", "20250301T101502-smtp-9-2.jsonl"]
+    assert [path.name for path in oldest_first(Path(name) for name in names)] == [
+        "20250301T101501-smtp-12.jsonl", "20250301T101502-smtp-9.jsonl", "20250301T101502-smtp-9-2.jsonl",
+        "20250301T101502-smtp-10.jsonl", "20250301T101502-pop3-11.jsonl"]
