@@ -96,11 +96,21 @@ def shown(text: object) -> str:
 
 
 def format_event(event: dict) -> str:
-    """One event in the text form, without the time and client columns."""
+    """One event in the text form, without the time and client columns.
+
+    A client line that did not wait for the reply before it, or did not end
+    in CRLF, says so after it: the JSON form and the grader see that, and a
+    class going through a transcript should too.
+    """
     line = shown(event["line"])
     if event["dir"] == "--":
         return f"-- {line}"
-    return f"{shown(event['state'])} {event['dir']}: {line}"
+    marks = ["pipelined"] if event.get("pipelined") else []
+    ending = event.get("ending", "CRLF")
+    if ending != "CRLF":
+        marks.append("no line end" if ending == "none" else f"bare {ending}")
+    after = f"  ({', '.join(marks)})" if marks else ""
+    return f"{shown(event['state'])} {event['dir']}: {line}{after}"
 
 
 # The event a trace records when message text came before the reply to

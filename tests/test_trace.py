@@ -73,6 +73,25 @@ def test_listings_are_shown_line_by_line_and_only_message_text_summarised(traced
                                       "+OK top of message follows", "[2 lines, 15 octets]", "."]
 
 
+def test_a_line_sent_early_or_without_crlf_is_marked(traced, add_user):
+    # The JSON and the grader knew; the text trace and 'transcripts show'
+    # looked the same for a correct client and a broken one.
+    add_user("alice")
+    server, stream = traced(trace=True)
+    client = RawClient(server.addresses["smtp"])
+    client.line()
+    client.send(b"HELO pc07\n")
+    client.line()
+    client.send(b"MAIL FROM:<bob@example.org>\r\nRCPT TO:<alice@localhost>\r\n")
+    client.line()
+    client.line()
+    client.command("QUIT")
+    wait_for_open(server, 0)
+    said = [line.split(" C: ", 1)[1] for line in _lines(stream) if " C: " in line]
+    assert said == ["HELO pc07  (bare LF)", "MAIL FROM:<bob@example.org>",
+                    "RCPT TO:<alice@localhost>  (pipelined)", "QUIT"]
+
+
 def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
     add_user("alice", apop=True)
     server, stream = traced(trace=True)
