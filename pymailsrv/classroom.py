@@ -46,6 +46,9 @@ from pymailsrv.users import UserError, UserStore, check_user_name
 
 DEFAULT_PREFIX = "student"
 NUMBER_MIN_DIGITS = 2
+# The most accounts one setup makes: a typo stopper (100000 ran on and on,
+# at a password hash each, and a SIGTERM lost the sheet of those made).
+CLASS_SIZE_MAX = 1000
 
 # Lower case and digits minus the ones that look alike on paper or a projector.
 PASSWORD_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
@@ -101,6 +104,8 @@ def student_names(prefix: str, count: int) -> list[str]:
     """``prefix01`` .. ``prefixNN``, padded to the width of ``count`` (at least 2 digits)."""
     if count < 1:
         raise ValueError("a class has at least one student")
+    if not prefix:  # "01", "02": names no one would take for a student's
+        raise ValueError("give a prefix: user names are the prefix, then a number")
     width = max(NUMBER_MIN_DIGITS, len(str(count)))
     try:
         return [check_user_name(f"{prefix}{number:0{width}d}") for number in range(1, count + 1)]
@@ -207,7 +212,7 @@ def classroom_group(with_settings: Callable) -> click.Group:
         """Accounts for a class of students."""
 
     @classroom.command("setup")
-    @click.option("--students", type=click.IntRange(min=1), required=True, help="How many accounts.")
+    @click.option("--students", type=click.IntRange(1, CLASS_SIZE_MAX), required=True, help="How many accounts.")
     @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="User names are PREFIX01, ...")
     @output_file("--csv", "csv_path", help_text="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
     @click.option("--password-stdin", is_flag=True,

@@ -107,6 +107,15 @@ def test_prefix_and_zero_padding_follow_the_class_size(root, users):
     assert student_names("s", 120)[:1] + student_names("s", 120)[-1:] == ["s001", "s120"]
 
 
+def test_an_empty_prefix_or_a_class_past_the_cap_is_refused(root, users):
+    result = classroom(root, "setup", "--students", "2", "--prefix", "")
+    assert result.exit_code == 1
+    assert result.output == "Error: give a prefix: user names are the prefix, then a number\n"
+    result = classroom(root, "setup", "--students", "1001")
+    assert result.exit_code == 2 and "1001 is not in the range 1<=x<=1000" in result.output
+    assert users.names() == []
+
+
 def test_a_prefix_that_makes_bad_names_is_a_one_line_error(root):
     result = classroom(root, "setup", "--students", "2", "--prefix", "../x")
     assert result.exit_code == 1
