@@ -25,13 +25,19 @@ def _lines(stream: io.StringIO) -> list[str]:
     return [re.sub(r"#\d+", "#N", line.split(" ", 1)[1]) for line in stream.getvalue().splitlines()]
 
 
-def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(traced, add_user, store):
+def traced_pop3_login(traced, add_user, store) -> tuple:
+    """(server, trace stream, poplib client logged in as alice, who has one message)."""
     add_user("alice")
     store.deliver("alice", b"Subject: hi\n\nhello\n")
     server, stream = traced(trace=True)
     client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
     client.user("alice")
     client.pass_(PASSWORD)
+    return server, stream, client
+
+
+def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(traced, add_user, store):
+    server, stream, client = traced_pop3_login(traced, add_user, store)
     client.retr(1)
     client.quit()
     server.stop()
@@ -57,12 +63,7 @@ def test_trace_shows_every_pop3_line_in_rfc_notation_with_the_password_masked(tr
 def test_listings_are_shown_line_by_line_and_only_message_text_summarised(traced, add_user, store):
     # CAPA, LIST and UIDL came out as "[12 lines, 139 octets]", where the
     # lesson has students try them; only message text is to be summarised.
-    add_user("alice")
-    store.deliver("alice", b"Subject: hi\n\nhello\n")
-    server, stream = traced(trace=True)
-    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
-    client.user("alice")
-    client.pass_(PASSWORD)
+    server, stream, client = traced_pop3_login(traced, add_user, store)
     client.list()
     client.top(1, 0)
     client.quit()
