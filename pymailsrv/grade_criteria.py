@@ -471,7 +471,8 @@ def uses_listed_numbers(t: Transcript) -> Verdict:
             highest = max(highest, count)
             named |= numbers
             told = True
-        elif said := _LOGIN_COUNT.search(exchange.reply):
+        elif (exchange.verb in ("PASS", "APOP", "AUTH", _MASK)
+              and (said := _LOGIN_COUNT.search(exchange.reply))):
             # RFC 1939 §7's own example: "+OK mrose's maildrop has 2 messages
             # (320 octets)". A client may go by it (curl does). The reply to
             # PASS, APOP or AUTH, or to AUTH's last response line (shown ****).

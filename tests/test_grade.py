@@ -460,6 +460,21 @@ def test_retr_of_a_number_counted_in_reply_to_auths_response_passes_uses_listed_
     assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
 
 
+def test_a_message_deleted_then_reset_may_be_retrieved(classroom, root, store):
+    # RSET's reply also says "maildrop has 1 message (...)": it is no login count,
+    # and it must still take back the DELE.
+    store.deliver("alice", b"Subject: one\n\nhello\n")
+    server = classroom()
+    client = raw_pop3_login(server)
+    assert client.command("DELE 1").startswith(b"+OK")
+    assert client.command("RSET").startswith(b"+OK")
+    assert client.command("RETR 1").startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+
+
 def test_retr_after_a_login_that_counted_no_message_says_so(classroom, root):
     server = classroom()
     client = raw_pop3_login(server)  # "+OK alice's maildrop has 0 messages (0 octets)"
