@@ -231,21 +231,26 @@ class Session:
         verb, _, argument = command_text(line).partition(" ")
         command = self.commands.find(verb)
         self.commands_run += 1
-        self._after_refused_auth = self._after_refused_auth and command is None
+        reply = self._answer(command, argument)
+        # An AUTH refused however (its handler, its state, a fault) may be
+        # followed by the base64 lines meant for its exchange; mask() hides
+        # what is no command until the next command.
+        self._after_refused_auth = (reply.refused and command is not None and command.verb == "AUTH"
+                                    or self._after_refused_auth and command is None)
+        return self._counted(reply)
+
+    def _answer(self, command: Command | None, argument: str) -> Reply:
         if command is None:
-            return self._counted(self.UNKNOWN_COMMAND)
+            return self.UNKNOWN_COMMAND
         if self.state not in command.states:
-            return self._counted(self.WRONG_STATE.format(verb=command.verb, state=self.state.name))
+            return self.WRONG_STATE.format(verb=command.verb, state=self.state.name)
         faults = self.context.faults
         if faults:
-            return self._counted(faults.run(self, command.verb, argument, lambda: self._run(command, argument)))
-        return self._counted(self._run(command, argument))
+            return faults.run(self, command.verb, argument, lambda: self._run(command, argument))
+        return self._run(command, argument)
 
     def _run(self, command: Command, argument: str) -> Reply:
-        reply = self._guarded(command.verb, command.handler, self, argument)
-        if command.verb == "AUTH" and reply.refused:
-            self._after_refused_auth = True  # see mask()
-        return reply
+        return self._guarded(command.verb, command.handler, self, argument)
 
     def _guarded(self, what: str, function: Callable[..., Reply], *arguments: object) -> Reply:
         """Run a handler; a refusal becomes its reply, anything else a temporary failure."""

@@ -125,6 +125,20 @@ def test_base64_lines_sent_after_a_refused_auth_are_masked_until_a_command(trace
     assert secret not in stream.getvalue()
 
 
+def test_base64_lines_after_an_auth_refused_for_its_state_are_masked_too(traced):
+    # AUTH before EHLO is refused by the command table, not by AUTH's handler.
+    server, stream = traced(trace=True)
+    client = RawClient(server.addresses["smtp"])
+    client.line()
+    secret = base64.b64encode(PASSWORD.encode()).decode()
+    assert client.command("AUTH LOGIN").startswith(b"503 ")
+    assert client.command(secret).startswith(b"500 ")
+    client.command("QUIT")
+    wait_for_open(server, 0)
+    said = [line.split(" C: ", 1)[1] for line in _lines(stream) if " C: " in line]
+    assert said == ["AUTH LOGIN", "****", "QUIT"]
+
+
 def test_smtp_data_is_summarised_and_state_changes_have_their_own_lines(traced, add_user):
     add_user("alice")
     server, stream = traced(trace=True)
