@@ -212,7 +212,8 @@ def classroom_group(with_settings: Callable) -> click.Group:
         """Accounts for a class of students."""
 
     @classroom.command("setup")
-    @click.option("--students", type=click.IntRange(1, CLASS_SIZE_MAX), required=True, help="How many accounts.")
+    @click.option("--students", type=click.IntRange(1, CLASS_SIZE_MAX), required=True,
+                  help=f"How many accounts (at most {CLASS_SIZE_MAX}).")
     @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="User names are PREFIX01, ...")
     @output_file("--csv", "csv_path", help_text="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
     @click.option("--password-stdin", is_flag=True,

@@ -94,7 +94,8 @@ class PathError(ValueError):
 
 @dataclass(frozen=True)
 class Address:
-    """A mailbox: ``local_part@domain``. The domain is kept lower-cased."""
+    """A mailbox: ``local_part@domain``. The domain is kept lower-cased, but
+    for an address literal's ``IPv6:`` tag, spelled as RFC 5321 §4.1.3 does."""
 
     local_part: str
     domain: str

@@ -394,11 +394,12 @@ class Relay:
             try:
                 queue_id = self._claim()
             except Exception as error:  # e.g. the queue directory unreadable: look again after the wait
-                if not self._queue_unreadable:  # once, not at every look by every worker
+                with self._claim_lock:  # as _claim clears it: a look that works meanwhile is not lost
+                    news, self._queue_unreadable = not self._queue_unreadable, True
+                if news:  # once, not at every look by every worker
                     # The disk's own complaint is one line; anything else is a bug, with its traceback.
                     log.error("cannot look into the queue (%s); trying again every %gs", error,
                               self.settings.relay.queue_scan_interval, exc_info=not isinstance(error, OSError))
-                self._queue_unreadable = True
                 queue_id = None
             if queue_id is None:
                 with self._wakeup:
