@@ -218,6 +218,17 @@ class ServerContext:
     placement: Placement = field(default_factory=Placement)
 
 
+def address_family_of(host: str) -> socket.AddressFamily:
+    """socketserver opens an IPv4 socket unless told otherwise: "::" and
+    "::1" need an IPv6 one (on Linux "::" takes IPv4 clients as well)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def host_and_port(host: str, port: int) -> str:
+    """``127.0.0.1:25``, ``[::1]:25``: an IPv6 host in brackets (RFC 3986 §3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def client_host_and_port(address: tuple) -> tuple[str, int]:
     """A client's (host, port), an IPv6 socket's four-part address cut to two,
     and an IPv4 client of an IPv6 socket (``::ffff:127.0.0.1``) written as
@@ -248,9 +259,7 @@ class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self._open: set[Connection] = set()
         self._open_changed = threading.Condition()  # guards _open and _stopping; notified as sessions end
         self._stopping = False
-        # socketserver opens an IPv4 socket unless told otherwise: "::" and
-        # "::1" need an IPv6 one (on Linux "::" takes IPv4 clients as well).
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = address_family_of(address[0])
         super().__init__(address, SessionHandler)
         # Worker processes share this socket (workers.py): a connection wakes
         # every one waiting in poll(), and only one gets it. A blocking
@@ -671,8 +680,7 @@ class MailServer:
         return {listener.name: listener.server_address[:2] for listener in self.listeners}
 
     def listening_line(self) -> str:
-        pairs = " ".join(f"{name}={f'[{host}]' if ':' in host else host}:{port}"  # RFC 3986 §3.2.2
-                         for name, (host, port) in self.addresses.items())
+        pairs = " ".join(f"{name}={host_and_port(host, port)}" for name, (host, port) in self.addresses.items())
         return f"listening {pairs}"
 
     def stop(self) -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from pymailsrv.config import ConfigError, load_settings
 from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
-from pymailsrv.server import ConnectionLimits, Tally, client_host_and_port
+from pymailsrv.server import ConnectionLimits, Tally, address_family_of, client_host_and_port, host_and_port
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, listening_line, wait_for_open
 
 OTHER_ADDRESS = "127.0.0.2"
@@ -363,3 +363,16 @@ def test_a_client_is_known_by_one_address_whichever_socket_took_it(accepted, see
     # 127.0.0.0/8 in auth.local_networks, the per-address caps and the logs
     # must see an IPv4 client as IPv4 on an IPv6 socket too.
     assert client_host_and_port(accepted) == seen
+
+
+@pytest.mark.parametrize("host, family, shown", [
+    ("127.0.0.1", socket.AF_INET, "127.0.0.1:25"),
+    ("0.0.0.0", socket.AF_INET, "0.0.0.0:25"),
+    ("::1", socket.AF_INET6, "[::1]:25"),
+    ("::", socket.AF_INET6, "[::]:25"),
+])
+def test_an_ipv6_host_gets_an_ipv6_socket_and_brackets(host, family, shown):
+    # "--host ::" failed: socketserver opened an IPv4 socket for any host.
+    # (The tests listen on 127.0.0.1 only, so the choice is tested here.)
+    assert address_family_of(host) == family
+    assert host_and_port(host, 25) == shown
