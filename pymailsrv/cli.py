@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 import click
 
-from pymailsrv.cli_common import as_data_root_owner, echo_report, read_password, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, echo_table, read_password, require_data_root
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
@@ -66,12 +66,6 @@ def with_settings(command: Callable) -> Callable:
             raise click.ClickException(str(error)) from None
 
     return wrapper
-
-
-def _echo_table(rows: list[tuple], headers: list[str]) -> None:
-    from tabulate import tabulate  # here, not at the top: start and most commands go without it
-
-    echo_report(tabulate(rows, headers=headers))
 
 
 def _user_name(name: str) -> str:
@@ -321,7 +315,7 @@ def user_list(settings: Settings) -> None:
             rows.append((name, f"(cannot read: {error.strerror or error})", ""))
             continue
         rows.append((name, len(messages), sum(_file_size(path) for _, path in messages)))
-    _echo_table(rows, ["user", "messages", "bytes"])
+    echo_table(rows, ["user", "messages", "bytes"])
 
 
 def _file_size(path: Path) -> int:
@@ -362,7 +356,7 @@ def mailbox_list(settings: Settings, name: str) -> None:
             continue
         date, sender, subject = (header_fields(headers, field)[0].value or "" for field in ("Date", "From", "Subject"))
         rows.append((msg_number, info.uid, date, sender, subject, info.size))
-    _echo_table(rows, ["#", "uid", "date", "from", "subject", "size"])
+    echo_table(rows, ["#", "uid", "date", "from", "subject", "size"])
 
 
 # --- deliver ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from pymailsrv.trace import escape_controls
+from pymailsrv.trace import escape_controls, shown
 from pymailsrv.users import UserError, check_password
 
 
@@ -24,6 +24,16 @@ def echo_report(text: str, **options: object) -> None:
     (addresses, replies, headers): its control characters are escaped, so an
     ESC in a mail header cannot recolour or rewrite the terminal reading it."""
     click.echo(escape_controls(text), **options)
+
+
+def echo_table(rows: list[tuple], headers: list[str]) -> None:
+    """A table of what others wrote (subjects, addresses, replies), each cell
+    escaped before its width is measured: escaped after, an ESC that
+    tabulate counted as nothing pushed the columns out of line."""
+    from tabulate import tabulate  # here, not at the top: start and most commands go without it
+
+    click.echo(tabulate([[shown(cell) if isinstance(cell, str) else cell for cell in row] for row in rows],
+                        headers=headers))
 
 
 def read_password(from_stdin: bool) -> str:

@@ -13,10 +13,9 @@ import time
 from collections.abc import Callable
 
 import click
-from tabulate import tabulate
 
 from pymailsrv.aliases import AliasError, AliasTable
-from pymailsrv.cli_common import as_data_root_owner, echo_report, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, echo_table, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
 from pymailsrv.replies import counted
@@ -83,7 +82,7 @@ def alias_group(with_settings: Callable) -> click.Group:
             expansion = table.expand(name)
             where = [*expansion.users, *expansion.external] or ["(nowhere)"]
             rows.append((name + ("" if name in in_file else " (default)"), ", ".join(targets), ", ".join(where)))
-        echo_report(tabulate(rows, headers=["alias", "targets", "delivers to"]))
+        echo_table(rows, ["alias", "targets", "delivers to"])
 
     return alias
 
@@ -119,8 +118,8 @@ def queue_group(with_settings: Callable) -> click.Group:
         if not entries:
             click.echo("the queue is empty")
             return
-        echo_report(tabulate([_row(entry, now) for entry in entries],
-                             headers=["id", "age", "sender", "recipients", "attempts", "next try", "last error"]))
+        echo_table([_row(entry, now) for entry in entries],
+                   ["id", "age", "sender", "recipients", "attempts", "next try", "last error"])
 
     @queue.command("flush")
     @with_settings

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
-from pymailsrv.cli_common import echo_report, require_data_root
+from pymailsrv.cli_common import echo_table, require_data_root
 from pymailsrv.trace import format_event, oldest_first, shown
 
 SUFFIX = ".jsonl"
@@ -174,7 +173,7 @@ def transcripts_group(with_settings: Callable) -> click.Group:
                          commands, transcript.outcome))
         for note in unreadable:
             click.echo(f"note: skipped {note}", err=True)
-        echo_report(tabulate(rows, headers=["id", "time", "protocol", "client", "user", "commands", "outcome"]))
+        echo_table(rows, ["id", "time", "protocol", "client", "user", "commands", "outcome"])
 
     @transcripts.command("show")
     @click.argument("transcript_id")

@@ -219,6 +219,9 @@ def test_mailbox_list_and_show_escape_control_characters_from_the_message(cli, r
         assert result.exit_code == 0, result.output
         assert "\x1b" not in result.stdout and "\u009b" not in result.stdout and "\x07" not in result.stdout
         assert "red\\x1b[31m\\u009b2J" in result.stdout
+    # Escaped before the columns were measured: each row as wide as the header.
+    lines = cli("mailbox", "list", "alice").stdout.splitlines()
+    assert len({len(line) for line in lines}) == 1, lines
 
 
 # --- deliver (a local delivery agent: sysexits) ------------------------------------------
