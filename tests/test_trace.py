@@ -25,6 +25,11 @@ def _lines(stream: io.StringIO) -> list[str]:
     return [re.sub(r"#\d+", "#N", line.split(" ", 1)[1]) for line in stream.getvalue().splitlines()]
 
 
+def _client_lines(stream: io.StringIO) -> list[str]:
+    """What the trace shows of each line the client sent."""
+    return [line.split(" C: ", 1)[1] for line in _lines(stream) if " C: " in line]
+
+
 def traced_pop3_login(traced, add_user, store) -> tuple:
     """(server, trace stream, poplib client logged in as alice, who has one message)."""
     add_user("alice")
@@ -88,9 +93,8 @@ def test_a_line_sent_early_or_without_crlf_is_marked(traced, add_user):
     client.line()
     client.command("QUIT")
     wait_for_open(server, 0)
-    said = [line.split(" C: ", 1)[1] for line in _lines(stream) if " C: " in line]
-    assert said == ["HELO pc07  (bare LF)", "MAIL FROM:<bob@example.org>",
-                    "RCPT TO:<alice@localhost>  (pipelined)", "QUIT"]
+    assert _client_lines(stream) == ["HELO pc07  (bare LF)", "MAIL FROM:<bob@example.org>",
+                                     "RCPT TO:<alice@localhost>  (pipelined)", "QUIT"]
 
 
 def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
@@ -120,8 +124,7 @@ def test_base64_lines_sent_after_a_refused_auth_are_masked_until_a_command(trace
     client.multiline()
     assert client.command("QUITE").startswith(b"-ERR")  # a typo once a command came: shown
     wait_for_open(server, 0)  # the third bad command before login closed the session
-    lines = [line for line in _lines(stream) if " C: " in line]
-    assert [line.split(" C: ")[1] for line in lines] == ["AUTH LOGIN", "****", "CAPA", "QUITE"]
+    assert _client_lines(stream) == ["AUTH LOGIN", "****", "CAPA", "QUITE"]
     assert secret not in stream.getvalue()
 
 
@@ -135,8 +138,7 @@ def test_base64_lines_after_an_auth_refused_for_its_state_are_masked_too(traced)
     assert client.command(secret).startswith(b"500 ")
     client.command("QUIT")
     wait_for_open(server, 0)
-    said = [line.split(" C: ", 1)[1] for line in _lines(stream) if " C: " in line]
-    assert said == ["AUTH LOGIN", "****", "QUIT"]
+    assert _client_lines(stream) == ["AUTH LOGIN", "****", "QUIT"]
 
 
 def test_smtp_data_is_summarised_and_state_changes_have_their_own_lines(traced, add_user):
