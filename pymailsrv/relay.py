@@ -374,6 +374,11 @@ class Relay:
     def stop(self) -> None:
         self._stopping.set()
         self.wake()
+        with self._claim_lock:
+            under_way = len(self._in_flight)
+        if under_way:  # else a slow host's delivery holds the stop up without a word
+            log.info("stopping: waiting up to %gs for %s under way; what is not done stays queued",
+                     STOP_WAIT_SECONDS, counted(under_way, "delivery", "deliveries"))
         deadline = time.monotonic() + STOP_WAIT_SECONDS
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))

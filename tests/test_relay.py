@@ -637,6 +637,20 @@ def test_a_host_that_drips_its_reply_is_given_up_within_the_timeout(mta):
         assert recipient.status == "4.4.2" and "failed before MAIL" in recipient.last_error
 
 
+def test_a_stop_that_waits_for_a_delivery_says_so(mta, caplog):
+    # A host that greets and then drips held the stop up for 5 s, unexplained.
+    with dripping_server(b"250-still talking\r\n", 0.2, 100, opening=b"220 drip.example ESMTP\r\n",
+                         after_a_line=True) as (_, port):
+        server = mta(None, port=port)
+        server.relay.start()
+        server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+        wait_until(lambda: server.relay._in_flight, what="the delivery to start")
+        with caplog.at_level(logging.INFO, logger="pymailsrv.relay"):
+            server.relay.stop()
+    assert ("stopping: waiting up to 5s for 1 delivery under way; what is not done stays queued"
+            in caplog.messages)
+
+
 def test_an_unreachable_host_is_retried_later(mta, sink):
     server = mta(None)  # port 1: nothing listens there
     queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
