@@ -345,6 +345,10 @@ def pipelining_in_order(p: Probe) -> None:
     client.send(b"".join(command.encode() + b"\r\n" for command in commands))  # one write: a group
     codes = [client.smtp_reply().code for _ in commands]
     shape = [code // 100 for code in codes]
+    if shape == [2, 2, 2, 2, 2]:
+        # The refusal marks the order; an open relay (its own check fails)
+        # gives none, and five 250s say nothing of which reply was which.
+        raise Skipped(f"RCPT TO:<{FOREIGN_ADDRESS}> was accepted: no refusal to tell the order by")
     fail_unless(shape[:2] == [2, 2] and shape[2] in (4, 5) and codes[3:] == [250, 250],
                 "replies in order: 250 250 4xx/5xx 250 250", " ".join(map(str, codes)))
 
