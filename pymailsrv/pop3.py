@@ -211,7 +211,8 @@ class Pop3Session(Session):
 
     def is_error(self, reply: Reply) -> bool:
         # Failed logins are counted in _log_in (auth.max_failures_per_connection).
-        return not reply.ok and reply.code not in _NOT_BAD_COMMANDS and reply not in _NOT_BAD_REPLIES
+        return (not reply.ok and reply.code not in _NOT_BAD_COMMANDS
+                and not any(reply.made_from(template) for template in _NOT_BAD_REPLIES))
 
     def named_user(self) -> str | None:
         return self.user or self.pending_user
@@ -271,7 +272,7 @@ class Pop3Session(Session):
         try:
             return self.maildrop.text(self.messages[index].key)
         except MessageVanished:
-            raise CommandError(POP3_MESSAGE_VANISHED) from None
+            raise CommandError(POP3_MESSAGE_VANISHED.format(msg_number=index + 1)) from None
 
     # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
 

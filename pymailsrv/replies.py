@@ -105,6 +105,10 @@ class Reply:
         """This reply with the ``{field}`` placeholders of its text filled in."""
         return dataclasses.replace(self, text=self.text.format(**fields))  # type: ignore[attr-defined]
 
+    def made_from(self, template: "Reply") -> bool:
+        """Is this ``template``, its placeholders filled in or not?"""
+        return dataclasses.replace(self, text=template.text) == template  # type: ignore[attr-defined]
+
     def closing(self) -> "Reply":
         """This reply, after which the connection is closed."""
         return dataclasses.replace(self, after=After.CLOSE)
@@ -282,7 +286,7 @@ POP3_ADDRESS_BLOCKED = _err("too many failed logins from your address, try again
 POP3_NO_SUCH_MESSAGE = _err("no such message", "no message with that number in the snapshot, RFC 1939 §5")
 POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
                             "marked messages may not be used, RFC 1939 §5")
-POP3_MESSAGE_VANISHED = _err("message has vanished: another program removed it from the maildrop",
+POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished: another program removed it from the maildrop",
                              "the file went during the session, not the client's fault")
 # RFC 3206 §5: AUTH says the credentials were wrong, not that the server is ill.
 POP3_AUTH_FAILED = _err("invalid user name or password",

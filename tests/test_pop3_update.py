@@ -365,7 +365,7 @@ def test_message_removed_underneath_the_session_is_reported_and_deletable(login,
     client, _ = login()
     (first, _second) = sorted((root / "alice" / "cur").iterdir())
     first.unlink()
-    vanished = b"-ERR message has vanished: another program removed it from the maildrop\r\n"
+    vanished = b"-ERR message 1 has vanished: another program removed it from the maildrop\r\n"
     assert client.command("RETR 1") == vanished
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
     assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
@@ -382,7 +382,7 @@ def test_messages_removed_underneath_the_session_are_no_bad_commands(login, stor
     client.multiline()
     assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
     for _ in range(POP3_MAX_BAD_COMMANDS_AFTER_LOGIN + 1):
-        assert client.command("RETR 2") == wire(R.POP3_MESSAGE_VANISHED)
+        assert client.command("RETR 2") == wire(R.POP3_MESSAGE_VANISHED, msg_number=2)
     assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
     assert not kept.exists()
 
