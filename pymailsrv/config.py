@@ -314,7 +314,10 @@ def config_file(explicit: str | os.PathLike | None) -> Path | None:
         return Path(explicit)
     if os.environ.get("PYMAILSRV_CONFIG"):
         return Path(os.environ["PYMAILSRV_CONFIG"])
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    try:
+        return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+    except OSError:  # a working directory we may not look into ('sudo -u' from root's home): no file there
+        return None
 
 
 def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None,

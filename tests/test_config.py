@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pymailsrv import limits
+from pymailsrv import config, limits
 from pymailsrv.config import DEFAULT_ROOT, ConfigError, Settings, config_file, load_settings
 
 
@@ -62,6 +62,15 @@ def test_config_file_is_the_flag_then_the_environment_then_the_working_directory
     monkeypatch.setenv("PYMAILSRV_CONFIG", str(tmp_path / "env.toml"))
     assert config_file(None) == tmp_path / "env.toml"
     assert config_file(local) == local
+
+
+def test_a_working_directory_that_cannot_be_looked_into_has_no_config_file(monkeypatch):
+    # 'sudo -u pymailsrv pymailsrv user add ...' from root's home (mode 0700)
+    # died with a traceback looking for ./pymailsrv.toml. Root may look
+    # anywhere, so a name too long for the system stands in for the refusal.
+    monkeypatch.delenv("PYMAILSRV_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_CONFIG_FILE", Path("x" * 300) / "pymailsrv.toml")
+    assert config_file(None) is None
 
 
 def test_environment_config_file_is_read(tmp_path, monkeypatch):
