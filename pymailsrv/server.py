@@ -416,7 +416,9 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     try:
         return server_context(cert, key)
     except (OSError, ssl.SSLError) as error:
-        raise ConfigError(f"cannot load the TLS certificate {str(cert)!r}: {error}") from None
+        # Either file may be the one at fault (an unreadable key, say): both are named.
+        raise ConfigError(f"cannot load the TLS certificate {str(cert)!r} with its key {str(key)!r}: {error}"
+                          ) from None
 
 
 def fault_plan(settings: Settings) -> FaultPlan:

@@ -159,11 +159,14 @@ def test_tls_cert_without_tls_key_is_a_config_error(root, tls_dir):
         MailServer(make_settings(root, tls={"cert": str(tls_dir / "cert.pem")}))
 
 
-def test_unreadable_certificate_is_a_config_error_naming_it(root, tmp_path):
-    bogus = tmp_path / "bogus.pem"
+def test_unreadable_certificate_is_a_config_error_naming_it_and_its_key(root, tmp_path):
+    # The key alone may be at fault (root's 0600 key, a server not started as root).
+    bogus, key = tmp_path / "bogus.pem", tmp_path / "key.pem"
     bogus.write_text("not a certificate\n")
-    with pytest.raises(ConfigError, match=f"^cannot load the TLS certificate '{re.escape(str(bogus))}': "):
-        MailServer(make_settings(root, tls={"cert": str(bogus), "key": str(bogus)}))
+    key.write_text("not a key\n")
+    with pytest.raises(ConfigError, match=(f"^cannot load the TLS certificate '{re.escape(str(bogus))}' "
+                                           f"with its key '{re.escape(str(key))}': ")):
+        MailServer(make_settings(root, tls={"cert": str(bogus), "key": str(key)}))
 
 
 def test_start_as_a_process_offers_starttls_with_the_generated_pair(root, tls_dir):
