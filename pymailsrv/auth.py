@@ -27,6 +27,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_IPV6_PREFIX, AUTH_THROTTLE_PROBES
+from pymailsrv.paths import unmapped
 from pymailsrv.shared import SharedRecords, address_key
 from pymailsrv.users import UserError, UserStore, check_user_name
 
@@ -178,10 +179,10 @@ class FailureThrottle:
     @staticmethod
     def _key(address: str) -> int:
         """One client's key: its IPv4 address (also as ::ffff:a.b.c.d), or its IPv6 address's /48."""
-        ip = ipaddress.ip_address(address)
+        ip = unmapped(ipaddress.ip_address(address))
         if ip.version == 6:
-            address = str(ip.ipv4_mapped or ipaddress.ip_network(f"{ip}/{AUTH_THROTTLE_IPV6_PREFIX}", strict=False))
-        return address_key(address)
+            return address_key(str(ipaddress.ip_network(f"{ip}/{AUTH_THROTTLE_IPV6_PREFIX}", strict=False)))
+        return address_key(str(ip))
 
     def begin(self, address: str) -> Admission:
         """May a login from ``address`` be checked now? CHECK counts it as

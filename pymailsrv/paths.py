@@ -192,6 +192,12 @@ def is_domain(text: str) -> bool:
     return _is_address_literal(text)
 
 
+def unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4 address written as IPv6 (``::ffff:a.b.c.d``, RFC 4291 §2.5.5.2)
+    as the IPv4 address it is; any other address as it is."""
+    return (address.ipv4_mapped or address) if address.version == 6 else address
+
+
 def canonical_domain(domain: str) -> str:
     """One spelling of ``domain``, to tell whether two name the same place,
     and to ask DNS about it.
@@ -212,8 +218,7 @@ def canonical_domain(domain: str) -> str:
             address = (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
         except ValueError:
             return domain.lower()
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
+        address = unmapped(address)
         return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
     labels = unicodedata.normalize("NFC", domain.lower()).split(".")
     return ".".join(label if label.isascii() else "xn--" + PUNYCODE.encode(label)[0].decode("ascii")

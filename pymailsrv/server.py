@@ -73,6 +73,7 @@ from pymailsrv.limits import (
 )
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import QUEUE_DIR_NAME, OutboundQueue, RetryPolicy
+from pymailsrv.paths import unmapped
 from pymailsrv.placement import Placement
 from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import Relay
@@ -234,10 +235,7 @@ def client_host_and_port(address: tuple) -> tuple[str, int]:
     and an IPv4 client of an IPv6 socket (``::ffff:127.0.0.1``) written as
     IPv4: networks such as 127.0.0.0/8, the limits and the logs then see one
     client as one address."""
-    host, port = address[0], address[1]
-    if ":" in host:
-        host = str(ipaddress.IPv6Address(host).ipv4_mapped or host)
-    return host, port
+    return str(unmapped(ipaddress.ip_address(address[0]))), address[1]
 
 
 class Listener(socketserver.ThreadingMixIn, socketserver.TCPServer):
