@@ -454,7 +454,7 @@ class SmtpSession(Session):
         # before it sees the first 452; counting them would close the session
         # and lose the recipients already accepted (Postfix does not count
         # them either: smtpd_recipient_overshoot_limit).
-        return reply.refused and reply != R452_TOO_MANY_RECIPIENTS
+        return reply.refused and not reply.made_from(R452_TOO_MANY_RECIPIENTS)
 
     def close(self) -> None:
         self._discard_text()
