@@ -158,7 +158,7 @@ def _ending(event: dict) -> str:
 
 
 def waits_for_greeting(t: Transcript) -> Verdict:
-    """RFC 5321 §3.1, RFC 1939 §4: the server speaks first; the client waits for it."""
+    """RFC 5321 §3.1, §4.3.1, RFC 1939 §4: the server speaks first; the client waits for it."""
     commands = exchanges(t)
     if not commands:
         return None, "the client sent no command"
@@ -274,7 +274,11 @@ def pop3_issues_quit(t: Transcript) -> Verdict:
 
 
 def no_repeated_refusals(t: Transcript) -> Verdict:
-    """RFC 5321 §4.2.1: a client SHOULD NOT repeat the exact request that was refused."""
+    """RFC 5321 §4.2.1: a client SHOULD NOT repeat the exact request that was refused.
+
+    POP3 has no such sentence; RFC 3206 §3 gives its response codes so that
+    a client knows whether trying again can help, and we hold it to that.
+    """
     protocol = t.header["protocol"]
     run: list[Exchange] = []
     refusals = 0
@@ -342,7 +346,7 @@ def no_password_before_tls(t: Transcript) -> Verdict:
 
 
 def ehlo_before_mail(t: Transcript) -> Verdict:
-    """RFC 5321 §4.1.4: EHLO or HELO before the first MAIL (and again after STARTTLS)."""
+    """RFC 5321 §4.1.4: EHLO or HELO before the first MAIL; RFC 3207 §4.2: again after STARTTLS."""
     greeted = None
     tls = False
     mails = 0
@@ -533,12 +537,12 @@ class Criterion:
 
 
 SMTP_CRITERIA = [
-    Criterion("smtp.waits-for-greeting", "smtp", "RFC 5321 §3.1, §4.3.2",
+    Criterion("smtp.waits-for-greeting", "smtp", "RFC 5321 §3.1, §4.3.1",
               "sends nothing before the 220 greeting", waits_for_greeting),
     Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8", "ends every command line with CRLF", uses_crlf),
     Criterion("smtp.waits-for-replies", "smtp", "RFC 2920 §3",
               "waits for each reply unless EHLO offered PIPELINING", waits_for_replies),
-    Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4",
+    Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4, RFC 3207 §4.2",
               "says EHLO or HELO before MAIL (again after STARTTLS)", ehlo_before_mail),
     Criterion("smtp.dot-stuffs-text", "smtp", "RFC 5321 §4.5.2",
               "doubles the dot of text lines that start with '.'", dot_stuffs_text),
@@ -563,7 +567,7 @@ POP3_CRITERIA = [
               "RETR/DELE/TOP only messages STAT/LIST/UIDL or the login reported", uses_listed_numbers),
     Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
               "sends a command in the wrong state at most once", commands_in_right_state),
-    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §4",
+    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §3",
               "does not send a refused command a third time unchanged", no_repeated_refusals),
     Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §5.2",
               "sends no PASS/AUTH before STLS, when CAPA offered it", no_password_before_tls),

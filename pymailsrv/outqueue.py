@@ -37,8 +37,9 @@ The envelope holds the reverse-path (``""`` is the null path ``<>``), the
 arrival time, the next attempt time, how many attempts were made, and every
 recipient with its own state: ``pending`` until a delivery attempt says
 ``delivered`` or ``failed`` for it. One message to two hosts can thus be
-delivered to one and retried for the other (RFC 5321 §4.5.4.1 asks that
-recipients of one message be tracked apart).
+delivered to one and retried for the other (RFC 5321 §3.3 answers each
+RCPT on its own, and §4.5.3.1.10 has the client retry only "those addresses
+that received 452 responses").
 
 Retries follow ``RetryPolicy``: after a temporary failure the next attempt
 waits ``min_backoff``, then twice as long each time up to ``max_backoff``;

@@ -224,21 +224,22 @@ def quit_221_and_close(p: Probe) -> None:
 
 def vrfy_answers(p: Probe) -> None:
     client, _ = greeted(p)
-    # §3.5.3: 250/251 confirm, 252 "cannot verify", 550/551/553 refuse; 502 if not offered.
-    expect(client.smtp(f"VRFY {p.target.rcpt or 'postmaster'}"), (250, 251, 252, 502, 550, 551, 553),
+    # §4.3.2: 250/251/252 succeed (252 "cannot verify", §3.5.3), 550/551/553
+    # refuse, 502/504 not implemented.
+    expect(client.smtp(f"VRFY {p.target.rcpt or 'postmaster'}"), (250, 251, 252, 502, 504, 550, 551, 553),
            "VRFY")
     in_step(client)
 
 
 def expn_answers(p: Probe) -> None:
     client, _ = greeted(p)
-    expect(client.smtp("EXPN postmaster"), (250, 252, 502, 550), "EXPN")
+    expect(client.smtp("EXPN postmaster"), (250, 252, 500, 502, 504, 550), "EXPN")  # §4.3.2
     in_step(client)
 
 
 def help_answers(p: Probe) -> None:
     client, _ = greeted(p)
-    expect(client.smtp("HELP"), (211, 214, 502), "HELP")
+    expect(client.smtp("HELP"), (211, 214, 502, 504), "HELP")  # §4.3.2
     in_step(client)
 
 
@@ -440,9 +441,11 @@ SMTP_CHECKS = [
     Check("smtp.noop-250", "RFC 5321 §4.1.1.9", "NOOP, with or without argument, gets 250", noop_250),
     Check("smtp.quit-221-and-close", "RFC 5321 §4.1.1.10", "QUIT gets 221, then the server closes",
           quit_221_and_close),
-    Check("smtp.vrfy-answers", "RFC 5321 §3.5.3", "VRFY gets 25x/502/55x and the session goes on", vrfy_answers),
-    Check("smtp.expn-answers", "RFC 5321 §4.1.1.7", "EXPN gets 25x/502/550 and the session goes on", expn_answers),
-    Check("smtp.help-answers", "RFC 5321 §4.1.1.8", "HELP gets 211/214/502", help_answers),
+    Check("smtp.vrfy-answers", "RFC 5321 §3.5, §4.3.2", "VRFY gets 25x/50x/55x and the session goes on",
+          vrfy_answers),
+    Check("smtp.expn-answers", "RFC 5321 §4.1.1.7, §4.3.2", "EXPN gets 25x/50x/550 and the session goes on",
+          expn_answers),
+    Check("smtp.help-answers", "RFC 5321 §4.1.1.8, §4.3.2", "HELP gets 211/214/502/504", help_answers),
     Check("smtp.relay-refused", "RFC 5321 §3.6.1", "mail for a foreign domain is refused", relay_refused),
     Check("smtp.postmaster-accepted", "RFC 5321 §4.5.1", "RCPT TO:<postmaster> is accepted",
           postmaster_accepted),

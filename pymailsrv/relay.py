@@ -22,7 +22,7 @@ recipient fails at once (5.1.10), as it does for a domain that does not
 exist (5.1.2). A recipient in one of our own domains is delivered locally,
 through the aliases.
 
-Outcomes are per recipient (§4.5.4.1): one RCPT may get 250 and the next
+Outcomes are per recipient (§3.3): one RCPT may get 250 and the next
 550 in the same transaction, and each is honoured. A 4xx reply, or losing
 the connection, leaves the recipient pending for the queue's next retry;
 a 5xx reply fails it.
@@ -202,8 +202,9 @@ def count_hops(message: bytes) -> int:
 def without_return_path(message: bytes) -> bytes:
     """The message without the Return-Path: field our SMTP server put first.
 
-    RFC 5321 §4.4: Return-Path is added at final delivery only; a message
-    passed on must not carry one. Ours is always the first line, so we need
+    RFC 5321 §4.4: Return-Path is added at final delivery; a message passed
+    on should not carry one (the sender "SHOULD NOT send" one, a relay "MAY
+    remove" it). Ours is always the first line, so we need
     not (and, as a relay, must not) look any further into the message.
     """
     return _RETURN_PATH.sub(b"", message, count=1)
@@ -280,9 +281,10 @@ class MxResolver:
                 f"{domain} has a null MX record (RFC 7505): it accepts no mail")))
         # Lowest preference first; among equals a random order (§5.1).
         records.sort(key=lambda record: (record.preference, random.random()))
-        # §5.1: a client that finds itself among the MX hosts "MUST discard
-        # all MX records with a preference value equal to or greater than its
-        # own": we are a backup MX passing mail to a better one. Sent to our
+        # §5.1: a relay host that finds itself among the MX hosts: "all
+        # records at that preference level and higher-numbered ones MUST be
+        # discarded from consideration": we are a backup MX passing mail to
+        # a better one. Sent to our
         # own level or lower, it would come straight back to us.
         mine = [record.preference for record in records
                 if myself is not None and _host_name(record.exchange) == myself.lower()]

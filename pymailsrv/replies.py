@@ -348,11 +348,13 @@ R421_SHUTTING_DOWN = SmtpReply(421, "4.3.2", "{host} service shutting down, try 
                                note="the server is stopping, RFC 5321 §3.8 / RFC 3463 X.3.2").closing()
 R421_TOO_MANY_ERRORS = SmtpReply(421, "4.7.0", "{host} too many errors",
                                  note="error limit reached, closing (Postfix's hard limit)").closing()
-# RFC 5321 §3.1: a server that will not serve a client may answer 421 in
-# place of its greeting; written by the accepting thread itself.
+# RFC 5321 §3.1 lets a server refuse a session for good with 554 in place
+# of its greeting; a refusal for now is 421, "Service not available, closing
+# transmission channel" (§4.2.2), a reply §4.2 allows upon connection.
+# Written by the accepting thread itself.
 R421_TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "{host} too many connections",
                                       note="connection cap reached, try again later (Postfix's anvil), "
-                                           "RFC 5321 §3.1").closing()
+                                           "RFC 5321 §4.2, §4.2.2").closing()
 R421_TOO_MANY_AUTH_FAILURES = SmtpReply(421, "4.7.0", "{host} too many failed authentications",
                                         note="failed logins are limited per connection").closing()
 R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later",

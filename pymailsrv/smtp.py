@@ -617,13 +617,15 @@ class SmtpSession(Session):
         return R235_AUTHENTICATED
 
     def do_vrfy(self, argument: str) -> Reply:
-        """VRFY string (RFC 5321 §3.5.3): 252, so nobody can list our users."""
+        """VRFY string (RFC 5321 §3.5.3, §7.3): 252, so nobody can list our users."""
         if not argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error("VRFY")
         return R252_CANNOT_VRFY
 
     def do_expn(self, argument: str) -> Reply:
-        """EXPN string (RFC 5321 §4.1.1.7): not offered (§7.3 allows that)."""
+        """EXPN string (RFC 5321 §4.1.1.7): 502, not implemented, as Postfix
+        answers. EXPN is a SHOULD (§3.5.2), and §4.2.4 gives 502 to a command
+        recognized but not implemented."""
         return R502_NOT_IMPLEMENTED.format(verb="EXPN")
 
     # --- the transaction: MAIL, RCPT, DATA ----------------------------------------
