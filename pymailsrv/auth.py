@@ -56,8 +56,10 @@ class Credentials:
     def check(self, users: UserStore) -> Callable[[str], bool]:
         """The test a login makes of these credentials (Session.check_login).
 
-        RFC 4616 §2: if the user may not act as the authzid, "the
-        authentication fails", as with a wrong password. We let no user act
+        RFC 4616 §2: the server "will verify that the authentication
+        credentials permit the client to act as the (presented or derived)
+        authorization identity (authzid). If both steps succeed, the user is
+        authenticated": a refused authzid fails as a wrong password does. We let no user act
         for another: the authzid must be empty or the user itself, in any
         case, as every user name is read (users.check_user_name).
         """

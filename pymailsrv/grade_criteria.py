@@ -44,7 +44,8 @@ Verdict = tuple["bool | None", str]
 # RFC 5321 §4.2.1 says not to repeat a refused request; a third identical
 # try in a row is where a retry turns into a loop.
 MAX_IDENTICAL_REFUSALS = 2
-# RFC 1939 §3: one command in the wrong state is a slip; the second is a pattern.
+# RFC 1939 §3 answers a command "issued when the session is in an incorrect
+# state" with -ERR; one is a slip, a second a pattern (our threshold).
 MAX_WRONG_STATE_COMMANDS = 1
 # SASL mechanisms that put the password itself on the wire (RFC 4616, and
 # the de-facto LOGIN); challenge-response ones such as CRAM-MD5 do not.
@@ -137,8 +138,8 @@ def exchanges(transcript: Transcript) -> list[Exchange]:
 def refused(protocol: str, reply: str) -> bool:
     """A refusal the same command would meet again: SMTP 5yz, not 4yz, after
     which "the action may be requested again" (RFC 5321 §4.2.1); POP3 -ERR,
-    but not [IN-USE] or [SYS/TEMP], which say to try again later (RFC 2449
-    §8.1.2, RFC 3206 §4)."""
+    but not [IN-USE] or [SYS/TEMP], which say to try again later (RFC 3206
+    §3, §4)."""
     if protocol == "smtp":
         return reply[:1] == "5"
     return reply.startswith("-ERR") and not reply.startswith(("-ERR [IN-USE]", "-ERR [SYS/TEMP]"))

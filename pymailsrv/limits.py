@@ -7,9 +7,9 @@ module means a reader can check each number against its RFC in one sitting.
 
 # --- POP3 -----------------------------------------------------------------
 
-# RFC 2449 §4: "Commands in the POP3 consist of a case-insensitive keyword,
-# possibly followed by one or more arguments ... may not exceed 255 octets,
-# including the terminating CRLF."
+# RFC 2449 §4: "The maximum length of a command is increased from 47
+# characters (4 character command, single space, 40 character argument,
+# CRLF) to 255 octets, including the terminating CRLF."
 POP3_COMMAND_LINE_MAX = 255
 
 # RFC 1939 §3: "A POP3 server MAY have an inactivity autologout timer. Such a

@@ -505,8 +505,10 @@ class MaildirMaildrop:
         """Give a file whose unique name another file has a new one, in cur/.
 
         The new name has no ``,S=,W=`` fields: its size is counted from the file.
-        Unrenamed, it would be a second message with one UIDL (RFC 1939 §7
-        forbids that), so if it cannot be renamed it is left out.
+        Unrenamed, it would be a second message with one UIDL (RFC 1939 §7: a
+        unique-id "uniquely identifies a message within a maildrop"; only
+        identical copies may share one), so if it cannot be renamed it is
+        left out.
         """
         _, _, flags = relative.partition(INFO_SEPARATOR)
         try:

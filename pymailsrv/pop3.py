@@ -3,16 +3,17 @@
 Read this module beside RFC 1939. A POP3 session moves through three states
 (RFC 1939 §3)::
 
-    connect --> AUTHORIZATION --USER+PASS / APOP--> TRANSACTION --QUIT--> UPDATE --> close
-                      |                                   |
-                      +--QUIT--> close                    +--(connection lost)--> close, nothing deleted
+    connect --> AUTHORIZATION --USER+PASS / APOP / AUTH--> TRANSACTION --QUIT--> UPDATE --> close
+                      |                                          |
+                      +--QUIT--> close                           +--(connection lost)--> close, nothing deleted
 
-* AUTHORIZATION (§4): the client names itself with USER and PASS, or APOP.
+* AUTHORIZATION (§4): the client names itself with USER and PASS or APOP
+  (§7), or AUTH (RFC 5034 §4).
   Before saying ``+OK`` we take the maildrop lock (§4) and a *snapshot*:
   the messages present now, their sizes and unique ids. Mail that arrives
   during the session is not in the snapshot, so message numbers never change.
-* TRANSACTION (§5): STAT, LIST, RETR, DELE, NOOP, RSET, TOP, UIDL (and the
-  obsolete LAST of RFC 1460). DELE only *marks* a message.
+* TRANSACTION (§5; TOP and UIDL: §7): STAT, LIST, RETR, DELE, NOOP, RSET,
+  TOP, UIDL (and the obsolete LAST of RFC 1460). DELE only *marks* a message.
 * UPDATE (§6): entered only by QUIT from TRANSACTION. Only here are the
   marked messages removed. A client that disconnects without QUIT never
   reaches UPDATE, so nothing it marked is deleted.
@@ -124,12 +125,13 @@ SESSION_CAPABILITIES = (
     "EXPIRE NEVER",  # §6.7: we never delete mail on our own
     "LOGIN-DELAY 0",  # §6.5: a client may log in again at once
     f"IMPLEMENTATION pymailsrv-{__version__}",  # §6.9
-    "AUTH-RESP-CODE",  # RFC 3206 §6: [AUTH] and [SYS/...] codes on failures
+    "AUTH-RESP-CODE",  # RFC 3206 §6: [AUTH] on every login refused for its credentials
 )
 
 # -ERR replies that are no bad command (RFC 3206): a refused login, which
-# has a limit of its own; a maildrop in use, which RFC 2449 §8.1.2 tells
-# the client to try again later (IN-USE); and a failure on our side (SYS/TEMP).
+# has a limit of its own; a maildrop in use (IN-USE: "the authentication was
+# successful", RFC 2449 §8.1.2, and the session may be "tried again later",
+# RFC 3206 §3); and a failure on our side (SYS/TEMP).
 _NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
 # Nor is asking for a message another program removed meanwhile (mutt, say):
 # counted, a client fetching a maildrop emptied under it would be cut off
@@ -219,7 +221,9 @@ class Pop3Session(Session):
 
     def tls_started(self) -> None:
         super().tls_started()
-        self.pending_user = None  # RFC 2595 §4: forget what was said in plaintext
+        # Forget the plaintext USER, as RFC 3207 §4.2 asks of SMTP (RFC 2595
+        # §4 asks only the client to forget).
+        self.pending_user = None
 
     def close(self) -> None:
         # RFC 1939 §6: a session that ends without QUIT never enters UPDATE,
@@ -277,7 +281,7 @@ class Pop3Session(Session):
     # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
 
     def do_stls(self, argument: str) -> Reply:
-        """STLS (RFC 2595 §4): the TLS handshake, then the session starts afresh."""
+        """STLS (RFC 2595 §4): the TLS handshake; the session stays in AUTHORIZATION."""
         self._arguments("STLS", argument, 0, 0)
         if self.tls:
             raise CommandError(POP3_ALREADY_TLS)
@@ -320,7 +324,8 @@ class Pop3Session(Session):
         return self._log_in(name, digest_matches)
 
     def do_auth(self, argument: str) -> Reply:
-        """AUTH [mechanism [initial-response]] (RFC 5034 §4); bare AUTH lists them."""
+        """AUTH mechanism [initial-response] (RFC 5034 §4); a bare AUTH, which
+        RFC 5034 does not define, lists the mechanisms (as Dovecot does)."""
         words = self._arguments("AUTH", argument, 0, 2)
         if not words:
             # What CAPA's SASL line lists: nothing where a password may not go.
@@ -538,6 +543,6 @@ Pop3Session.commands = CommandTable(
             capability="TOP"),
     Command("UIDL", Pop3Session.do_uidl, _TRANSACTION, "UIDL [msg]", "RFC 1939 §7",
             capability="UIDL"),
-    Command("LAST", Pop3Session.do_last, _TRANSACTION, "LAST", "RFC 1460 §4 (obsolete)"),
+    Command("LAST", Pop3Session.do_last, _TRANSACTION, "LAST", "RFC 1460 (obsolete)"),
     Command("CAPA", Pop3Session.do_capa, _BOTH, "CAPA", "RFC 2449 §5"),
 )

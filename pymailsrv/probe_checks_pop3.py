@@ -35,8 +35,8 @@ from pymailsrv.probe_base import (
 # RFC 1939 §3: "Responses may be up to 512 characters long, including the
 # terminating CRLF."
 RESPONSE_LINE_MAX = 512
-# RFC 2449 §4: a command line "may not exceed 255 octets, including the
-# terminating CRLF"; the check sends more than that.
+# RFC 2449 §4: a command is at most "255 octets, including the terminating
+# CRLF"; the check sends more than that.
 OVERLONG_COMMAND = "NOOP " + "x" * 300
 # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes' duration";
 # the slow check stays idle for just under that.

@@ -249,7 +249,7 @@ POP3_RESET = _ok("maildrop has {messages} ({size} octets)", "all DELE marks remo
 POP3_LAST = _ok("{msg_number}", "highest message number accessed, RFC 1460 (obsolete)")
 POP3_CAPABILITIES_FOLLOW = _ok("capability list follows", "one capability per line, then '.', RFC 2449 §5")
 POP3_BEGIN_TLS = _ok("begin TLS negotiation",
-                     "TLS handshake next; the session then starts afresh, RFC 2595 §4").starting_tls()
+                     "TLS handshake next; the session stays in AUTHORIZATION, RFC 2595 §4").starting_tls()
 POP3_MECHANISMS_FOLLOW = _ok("SASL mechanisms follow", "one mechanism per line, then '.': bare AUTH, which "
                                                        "RFC 5034 does not define but clients use (as Dovecot answers)")
 POP3_CHALLENGE = Pop3Challenge(ok=True, text="{challenge}", note="SASL challenge: answer in base64, or * to cancel, "
@@ -269,7 +269,7 @@ POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here witho
                              "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",
                              code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
-                            "TLS needs a certificate on the server, RFC 2595 §4")
+                            "TLS needs a certificate on the server, RFC 2595 §2.4")
 POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")
 POP3_UNSUPPORTED_MECHANISM = _err("unsupported SASL mechanism", "see CAPA's SASL line, RFC 5034 §4")
 POP3_AUTH_CANCELLED = _err("authentication cancelled", "the client answered *, RFC 5034 §4")
@@ -324,7 +324,7 @@ R221_BYE = SmtpReply(221, "2.0.0", "{host} closing connection",
                      note="closing after QUIT, RFC 5321 §4.1.1.10").closing()
 R214_HELP = SmtpReply(214, "2.0.0", "{text}", note="help, from the command table, RFC 5321 §4.1.1.8")
 R235_AUTHENTICATED = SmtpReply(235, "2.7.0", "authentication successful",
-                               note="logged in: this session may now relay, RFC 4954 §6")
+                               note="logged in, RFC 4954 §6; this session may now relay (our policy)")
 R250_OK = SmtpReply(250, "2.0.0", "OK", note="requested action completed, RFC 5321 §4.2.2")
 R250_HELO = SmtpReply(250, None, "{host} greets {client}",
                       note="greeted: plain SMTP, no extensions, RFC 5321 §4.1.1.1")

@@ -220,7 +220,7 @@ class Connection:
                 self._output.clear()
 
     def start_tls(self) -> None:
-        """Handshake now; the session then starts over as RFC 3207 §4.2 requires."""
+        """Handshake now; then the session forgets what came before it (RFC 3207 §4.2)."""
         self.flush()
         if self._input:  # plaintext pipelined after STARTTLS/STLS: never run; the trace says so, not what
             lines, octets = self._input.count(b"\n"), len(self._input)

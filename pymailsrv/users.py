@@ -36,8 +36,9 @@ STATE_DIR_NAME = ".pymailsrv"
 
 USER_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
-# scrypt cost: N = 2**14, r = 8, p = 1 (the parameters RFC 7914 §2 and the
-# Python docs use as the interactive-login example): 16 MiB and ~50 ms a check.
+# scrypt cost: N = 2**14 (the scrypt paper's figure for interactive logins),
+# r = 8, p = 1 (RFC 7914 §2: "At the current time, r=8 and p=1 appears to
+# yield good results"): 16 MiB and ~50 ms a check.
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -74,7 +75,8 @@ def check_user_name(name: str) -> str:
 
 def check_password(password: object) -> str:
     """The password, if a login could ever give it; else UserError: text,
-    not empty, and UTF-8 (SASL PLAIN and APOP carry UTF-8, RFC 4616 §2)."""
+    not empty, and UTF-8 (SASL PLAIN carries UTF-8, RFC 4616 §2; an APOP
+    secret is hashed as UTF-8 here, which RFC 1939 §7 leaves open)."""
     if not isinstance(password, str):
         raise UserError(f"a password is text, not {type(password).__name__}")
     if not password:
