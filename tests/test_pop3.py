@@ -472,7 +472,7 @@ def test_noop_answers_a_bare_ok(login):
 
 
 def test_last_reports_the_highest_message_accessed_and_rset_clears_it(login, store):
-    """RFC 1460 §4 (obsolete): RETR and DELE count as access, TOP does not."""
+    """RFC 1460 (obsolete): RETR and DELE count as access, TOP does not."""
     for _ in range(3):
         store.deliver("alice", MESSAGE)
     client = login()
