@@ -25,7 +25,7 @@ stays the sender's, not ours). Two rules keep it finite and unsurprising:
   keeps a copy, as in sendmail); if not, it is a loop, logged and skipped;
 * every target is delivered to once, however many paths lead to it.
 
-``postmaster`` (RFC 5321 §4.5.1 requires it) and ``abuse`` (RFC 2142 §2)
+``postmaster`` (RFC 5321 §4.5.1 requires it) and ``abuse`` (RFC 2142 §4)
 exist even when the file does not name them: they point to
 ``smtp.postmaster``, else to the first user. A line in the file, or a user
 of that name, overrides that.
@@ -55,7 +55,7 @@ from pymailsrv.users import UserError, check_user_name
 log = logging.getLogger("pymailsrv.aliases")
 
 ALIASES_FILE_NAME = "aliases"
-# RFC 5321 §4.5.1 (postmaster) and RFC 2142 §2 (abuse): names every mail
+# RFC 5321 §4.5.1 (postmaster) and RFC 2142 §4 (abuse): names every mail
 # domain should answer, so they exist unless the file says otherwise.
 DEFAULT_ALIASES = ("postmaster", "abuse")
 

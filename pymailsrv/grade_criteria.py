@@ -203,7 +203,7 @@ def _pipelining_offered(t: Transcript, exchange: Exchange) -> bool:
     return any(line.split()[:1] == ["PIPELINING"] for line in listed)
 
 
-# RFC 2920 §3.1: these "may only appear as the last command in a group",
+# RFC 2920 §3.1: these "can only appear as the last command in a group",
 # as their replies change what may follow (EHLO's lists what is offered).
 _LAST_IN_A_GROUP = ("EHLO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP")
 

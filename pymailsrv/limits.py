@@ -64,8 +64,9 @@ SASL_LINE_MAX = 12288
 
 # RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including
 # the command word and the <CRLF> is 512 octets." RFC 1870 §3 lets SIZE add
-# up to 26 octets, RFC 6531 §3.4 asks for room for UTF-8 paths: we allow the
-# base plus a generous margin for ESMTP parameters, per session, never grown.
+# 26 octets to MAIL, RFC 6531 §3.1 item 5 lets SMTPUTF8 add 10: we allow the
+# base plus a generous margin for parameters (and UTF-8 paths), to MAIL and
+# RCPT only, per session, never grown.
 SMTP_COMMAND_LINE_MAX = 512
 SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE = 512
 

@@ -210,8 +210,8 @@ def _delivery_time(key: str) -> datetime.datetime | None:
 
 
 def _normalized(text: str) -> str:
-    # RFC 5322 §2.2.3: unfolding removes the line breaks; runs of white space
-    # then mean the same as one space, so they do not count as a change.
+    # RFC 5322 §2.2.3: unfolding removes the line breaks; §3.2.2: runs of
+    # white space then mean one space, so they do not count as a change.
     return " ".join(text.split())
 
 

@@ -456,9 +456,8 @@ class OutboundQueue:
                 if outcome.state is State.PENDING and expired:
                     # RFC 3463 X.4.7 is "delivery time expired", but it also
                     # says to report "the code for the actual problem" when
-                    # known, so the last status stays; only its class turns
-                    # permanent, as Action: failed says.
-                    recipient.status = "5" + outcome.status[1:]
+                    # known, so the last status stays, class and all: RFC
+                    # 3464 §2.3.3 lets Action: failed carry a 4.x.x status.
                     recipient.last_error = (f"{outcome.diagnostic} (gave up after "
                                             f"{format_duration(now - entry.created)} in the queue)")
                     recipient.state = State.FAILED

@@ -202,7 +202,7 @@ def canonical_domain(domain: str) -> str:
     """One spelling of ``domain``, to tell whether two name the same place,
     and to ask DNS about it.
 
-    A name in lower case with its UTF-8 labels in NFC (RFC 5891 §5.3) and as
+    A name in lower case with its UTF-8 labels in NFC (RFC 5891 §5.2) and as
     A-labels (RFC 5890 §2.3.2.1: ``bücher`` and ``xn--bcher-kva`` are one
     label); an address literal with its address as ``ipaddress`` writes it
     (``[IPv6:0::1]`` is ``[IPv6:::1]``, ``[IPv6:::ffff:127.0.0.1]`` is

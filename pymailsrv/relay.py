@@ -92,12 +92,15 @@ log = logging.getLogger("pymailsrv.relay")
 STATUS_DELIVERED = "2.0.0"
 STATUS_NO_SUCH_USER = "5.1.1"  # X.1.1 bad destination mailbox address
 STATUS_NO_SUCH_DOMAIN = "5.1.2"  # X.1.2 bad destination system address
-STATUS_NULL_MX = "5.1.10"  # RFC 7505 §4.2: recipient address has null MX
+STATUS_NULL_MX = "5.1.10"  # RFC 7505: X.1.10 "Recipient address has null MX"
 STATUS_LOCAL_ERROR = "4.3.0"  # X.3.0 other or undefined mail system status
 STATUS_NO_ANSWER = "4.4.1"  # X.4.1 no answer from host
 STATUS_BAD_CONNECTION = "4.4.2"  # X.4.2 bad connection
 STATUS_DNS_FAILURE = "4.4.3"  # X.4.3 directory server failure
-STATUS_LOOP = "5.4.6"  # X.4.6 routing loop detected
+# X.4.6 routing loop detected: RFC 3463 §3.5 calls it "useful only as a
+# persistent transient error", but a loop does not mend itself; Postfix
+# also fails a message that loops back to it with 5.4.6.
+STATUS_LOOP = "5.4.6"
 STATUS_TOO_MANY_RECIPIENTS = "4.5.3"  # X.5.3 too many recipients (RFC 5321 §4.5.3.1.10)
 STATUS_NEEDS_8BITMIME = "5.6.3"  # X.6.3 conversion required but not supported (8-bit text, RFC 6152)
 STATUS_NEEDS_SMTPUTF8 = "5.6.7"  # RFC 6531 §3.5: non-ASCII address, server without SMTPUTF8
@@ -707,7 +710,7 @@ class Relay:
                           data: bytes) -> dict[str, Outcome]:
         """The recipients whose mail this host may not be sent, as it lacks an extension.
 
-        RFC 6531 §3.4: without SMTPUTF8, no non-ASCII address goes (X.6.7;
+        RFC 6531 §3.2: without SMTPUTF8, no non-ASCII address goes (X.6.7;
         a sender's concerns every recipient, a recipient's only itself), and
         no UTF-8 header (X.6.9). RFC 6152 §3: without 8BITMIME, no 8-bit
         text goes; the client converts it to 7 bits or fails it, and

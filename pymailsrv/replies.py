@@ -416,12 +416,16 @@ R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received",
 R550_RELAY_DENIED = SmtpReply(550, "5.7.1", "<{address}>: relay access denied",
                               note="not our domain and you may not relay: no open relay, RFC 5321 §3.6.2; "
                                    "550, as §4.3.2 lists for RCPT (Postfix says 554)")
+R550_SENDER_NOT_OWNED = SmtpReply(550, "5.7.1", "<{address}>: sender address not owned by user {user}",
+                                  note="a submitting user may only send as themselves: 550 5.7.1, as "
+                                       "RFC 6409 §6.1 says (Postfix answers 553)")
+# RFC 6531 §3.5: a non-ASCII path without SMTPUTF8 is 550 at MAIL, 553 at RCPT.
+R550_SENDER_NEEDS_SMTPUTF8 = SmtpReply(550, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
+                                       note="a UTF-8 sender needs MAIL ... SMTPUTF8, RFC 6531 §3.5")
 R552_TOO_BIG = SmtpReply(552, "5.3.4", "message size exceeds fixed limit",
                          note="over the SIZE limit, RFC 1870 §6 / RFC 3463 X.3.4")
-R553_SENDER_NOT_OWNED = SmtpReply(553, "5.7.1", "<{address}>: sender address not owned by user {user}",
-                                  note="a submitting user may only send as themselves, RFC 6409 §6.1")
-R553_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
-                                note="UTF-8 addresses need MAIL ... SMTPUTF8, RFC 6531 §3.5")
+R553_RECIPIENT_NEEDS_SMTPUTF8 = SmtpReply(553, "5.6.7", "non-ASCII address requires the SMTPUTF8 parameter",
+                                          note="a UTF-8 recipient needs MAIL ... SMTPUTF8, RFC 6531 §3.5")
 R554_NO_VALID_RECIPIENTS = SmtpReply(554, "5.5.1", "no valid recipients",
                                      note="DATA after every RCPT was refused, RFC 5321 §3.3")
 R555_UNKNOWN_PARAMETER = SmtpReply(555, "5.5.4", "unsupported parameter {parameter}",

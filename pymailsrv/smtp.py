@@ -77,7 +77,7 @@ from pymailsrv.replies import (
     R530_AUTH_REQUIRED,
     R535_AUTH_FAILED,
     R538_ENCRYPTION_REQUIRED,
-    R553_SENDER_NOT_OWNED,
+    R550_SENDER_NOT_OWNED,
     R221_BYE,
     R250_DELIVERED,
     R250_EHLO,
@@ -107,8 +107,9 @@ from pymailsrv.replies import (
     R550_BARE_LINE_END,
     R550_NO_SUCH_USER,
     R550_RELAY_DENIED,
+    R550_SENDER_NEEDS_SMTPUTF8,
     R552_TOO_BIG,
-    R553_NEEDS_SMTPUTF8,
+    R553_RECIPIENT_NEEDS_SMTPUTF8,
     R554_NO_VALID_RECIPIENTS,
     R555_UNKNOWN_PARAMETER,
     CommandError,
@@ -137,7 +138,8 @@ TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 # A client's EHLO/HELO name: printable, no spaces. RFC 5321 §4.1.4 forbids
 # refusing a name that does not match the client's address, and clients send
 # names that are no domain ("my_laptop"), so we ask no more. UTF-8 is
-# allowed (a U-label domain, RFC 6531), control characters are not.
+# tolerated, though RFC 6531 §3.7.1 has clients send only ASCII (LDH or
+# A-label) names in EHLO; control characters are not.
 _CLIENT_NAME = re.compile(with_utf8_text(VCHAR) + "+")
 # What of a client's name that is no domain may go into the comment of a
 # Received: header: a ";" would end the "from" clause for a parser that
@@ -262,7 +264,7 @@ class MessageText:
         self._after_crlf = True  # the DATA command line itself ended in CRLF
         self.lines_read = 0
         self.octets_read = 0  # as sent, for the trace
-        self.octets = 0  # RFC 1870 §4's message size, for the size limit (see _store)
+        self.octets = 0  # RFC 1870 §5's message size, for the size limit (see _store)
         self.line_too_long = False
         self.too_big = False
         self.bare_line_end: str | None = None  # "LF" or "CR", the first seen
@@ -359,7 +361,7 @@ class MessageText:
     def _store(self, data: bytes) -> None:
         if self.refusal() is not None:
             return  # the message will be refused: stop writing, keep reading
-        # RFC 1870 §4: the size is "the number of octets, including CR-LF
+        # RFC 1870 §5: the size is "the number of octets, including CR-LF
         # pairs" the client sends, less the dots it doubled. The text comes
         # here with a LF for each CRLF, so each counts one octet more.
         self.octets += len(data) + data.count(b"\n")
@@ -468,8 +470,9 @@ class SmtpSession(Session):
         self._new_transaction()
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
-        # RFC 5321 §4.5.3.1.4 allows 512 octets; only MAIL and RCPT may use
-        # the extra room their parameters need (RFC 1870 §3, RFC 6531 §3.4).
+        # RFC 5321 §4.5.3.1.4 allows 512 octets; RFC 1870 §3 (+26) and RFC
+        # 6531 §3.1 item 5 (+10) give MAIL room for its parameters. We give
+        # more, and to RCPT too (a UTF-8 path is longer), but to no other.
         if len(line) > SMTP_COMMAND_LINE_MAX and line[:4].upper() not in (b"MAIL", b"RCPT"):
             too_long = True
         return super().dispatch(line, too_long)
@@ -634,12 +637,12 @@ class SmtpSession(Session):
         """MAIL FROM:<reverse-path> [parameters] (RFC 5321 §4.1.1.2)."""
         sender, parameters = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
         if self.user is not None and not self.may_send_as(sender):
-            raise CommandError(R553_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
+            raise CommandError(R550_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
         envelope = Envelope(reverse_path=sender)
         for keyword, value in parameters.items():
             self._mail_parameter(envelope, keyword, value)
         if sender is not None and not sender.is_ascii and not envelope.smtputf8:
-            raise CommandError(R553_NEEDS_SMTPUTF8)  # RFC 6531 §3.6
+            raise CommandError(R550_SENDER_NEEDS_SMTPUTF8)
         self.envelope = envelope
         self.enter(SmtpState.MAIL)
         return R250_SENDER_OK.format(address=sender or "")
@@ -691,7 +694,7 @@ class SmtpSession(Session):
         if parameters:  # we offer no RCPT parameters (no DSN, RFC 3461)
             raise CommandError(R555_UNKNOWN_PARAMETER.format(parameter=next(iter(parameters))))
         if not recipient.is_ascii and not self.envelope.smtputf8:
-            raise CommandError(R553_NEEDS_SMTPUTF8)
+            raise CommandError(R553_RECIPIENT_NEEDS_SMTPUTF8)
         if len(self.envelope.forward_paths) >= self.settings.smtp.max_recipients:
             raise CommandError(R452_TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
         users, relay_to = self._route(recipient)

@@ -666,12 +666,18 @@ def send_transaction(client: smtplib.SMTP, sender: str, recipients: list[str], m
             replies.append(read_reply(client))
             if replies[-1][0] >= 400:
                 break
-    if replies[-1][0] != 354:  # RFC 2920 §3.1: DATA is refused once MAIL or every RCPT was
-        # The first refusal says why; a DATA answered otherwise than 354 by a
-        # server that refused nothing before it is its own reason.
-        refused = next((reply for reply in replies if reply[0] >= 400), replies[-1])
+    # The first refusal says why; a DATA answered otherwise than 354 by a
+    # server that refused nothing before it is its own reason.
+    refusal = next((reply for reply in replies if reply[0] >= 400), None)
+    if replies[-1][0] != 354:
         client.rset()
-        raise smtplib.SMTPResponseException(*refused)
+        raise smtplib.SMTPResponseException(*(refusal or replies[-1]))
+    if refusal:
+        # RFC 2920 §3.1: a client "cannot assume that the DATA command will
+        # be rejected" after refused recipients; a 354 then gets a lone dot.
+        client.sock.sendall(b".\r\n")
+        read_reply(client)
+        raise smtplib.SMTPResponseException(*refusal)
     client.sock.sendall(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
     code, text = read_reply(client)
     if code != 250:

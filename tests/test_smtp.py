@@ -511,16 +511,20 @@ def test_utf8_sender_with_smtputf8_is_accepted(greeted):
         R.R250_SENDER_OK, address="jürgen@bücher.example")
 
 
-def test_utf8_sender_without_smtputf8_is_553(greeted):
-    # RFC 6531 §3.6: 553 5.6.7 "non-ASCII addresses not permitted".
-    assert exchange(greeted(), "MAIL FROM:<jürgen@bücher.example>") == wire(R.R553_NEEDS_SMTPUTF8)
+def test_utf8_sender_without_smtputf8_is_550(greeted):
+    # RFC 6531 §3.5: "the MAIL command requires an ASCII address, the
+    # reply-code 550 is returned", with X.6.7.
+    reply = exchange(greeted(), "MAIL FROM:<jürgen@bücher.example>")
+    assert reply == wire(R.R550_SENDER_NEEDS_SMTPUTF8)
+    assert reply.startswith(b"550 5.6.7 ")
 
 
 def test_utf8_recipient_domain_needs_smtputf8(start_server, greeted, alice):
     server = start_server(domains=["bücher.example"])
     client = greeted(server.addresses["smtp"])
     exchange(client, "MAIL FROM:<a@example.org>")
-    assert exchange(client, "RCPT TO:<alice@bücher.example>") == wire(R.R553_NEEDS_SMTPUTF8)
+    reply = exchange(client, "RCPT TO:<alice@bücher.example>")
+    assert reply == wire(R.R553_RECIPIENT_NEEDS_SMTPUTF8) and reply.startswith(b"553 5.6.7 ")  # RFC 6531 §3.5
     exchange(client, "RSET")
     exchange(client, "MAIL FROM:<a@example.org> SMTPUTF8")
     assert exchange(client, "RCPT TO:<alice@bücher.example>") == wire(

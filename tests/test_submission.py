@@ -2,7 +2,7 @@
 
 The submission listener is SMTP with two rules more: AUTH before MAIL
 (530 5.7.0, RFC 6409 §4.3 / RFC 4954 §6), and a logged-in user sends only
-as themselves (553 5.7.1, RFC 6409 §6.1). Relaying - mail for a domain
+as themselves (550 5.7.1, RFC 6409 §6.1). Relaying - mail for a domain
 that is not ours - is for logged-in clients only, on any listener; until
 the outbound queue exists they get a temporary 451 4.4.0. A client that has
 not logged in can never relay (550 5.7.1).
@@ -98,10 +98,10 @@ def test_mail_before_auth_is_530(connect, alice, listener):
 
 @pytest.mark.parametrize("listener", ["submission", "smtps"])
 @pytest.mark.parametrize("sender", ["bob@localhost", "alice@example.org", "alice.smith@localhost"])
-def test_mail_from_an_address_not_owned_is_553(logged_in, bob, sender, listener):
+def test_mail_from_an_address_not_owned_is_550(logged_in, bob, sender, listener):
     reply = exchange(logged_in(listener), f"MAIL FROM:<{sender}>")
-    assert reply == wire(R.R553_SENDER_NOT_OWNED, address=sender, user="alice")
-    assert reply.startswith(b"553 5.7.1 ")
+    assert reply == wire(R.R550_SENDER_NOT_OWNED, address=sender, user="alice")
+    assert reply.startswith(b"550 5.7.1 ")
 
 
 # On port 25 a login may be another MTA's (pymailsrv's relay logs in to its
@@ -111,7 +111,7 @@ def test_mail_from_an_address_not_owned_is_553(logged_in, bob, sender, listener)
 def test_a_login_on_port_25_sends_as_no_other_user_of_ours(logged_in, bob, sender, allowed):
     reply = exchange(logged_in("smtp"), f"MAIL FROM:<{sender}>")
     assert reply == (wire(R.R250_SENDER_OK, address=sender) if allowed
-                     else wire(R.R553_SENDER_NOT_OWNED, address=sender, user="alice"))
+                     else wire(R.R550_SENDER_NOT_OWNED, address=sender, user="alice"))
 
 
 @pytest.mark.parametrize("listener", ["submission", "smtps", "smtp"])
@@ -147,7 +147,7 @@ def test_smtplib_submits_after_starttls_and_login(submission_server, tls_files, 
         with pytest.raises(smtplib.SMTPSenderRefused) as refused:
             smtp.sendmail("bob@localhost", ["alice@localhost"], b"Subject: forged\r\n\r\nx\r\n")
         assert (refused.value.smtp_code, refused.value.smtp_error) == (
-            553, b"5.7.1 <bob@localhost>: sender address not owned by user alice")
+            550, b"5.7.1 <bob@localhost>: sender address not owned by user alice")
     (message,) = stored_messages(store, "bob")
     assert b" with ESMTPSA id " in message
 
