@@ -322,7 +322,8 @@ def _sends_password(t: Transcript, exchange: Exchange) -> bool:
 
 
 def no_password_before_tls(t: Transcript) -> Verdict:
-    """RFC 8314 §5.2, RFC 2595 §2.3: where TLS is offered, no password crosses before it."""
+    """RFC 8314 §5.2, RFC 4954 §4 (SMTP), RFC 2595 §2.3 (POP3): where TLS is
+    offered, no password crosses before it."""
     starter = "STARTTLS" if t.header["protocol"] == "smtp" else "STLS"
     offered: bool | None = False
     for exchange in exchanges(t):
@@ -553,7 +554,7 @@ SMTP_CRITERIA = [
               "sends no DATA once every RCPT was refused", no_data_without_recipients),
     Criterion("smtp.no-repeated-refusals", "smtp", "RFC 5321 §4.2.1",
               "does not send a refused command a third time unchanged", no_repeated_refusals),
-    Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §5.2, RFC 3207 §4",
+    Criterion("smtp.no-password-before-tls", "smtp", "RFC 8314 §5.2, RFC 4954 §4",
               "sends no AUTH PLAIN/LOGIN before an offered STARTTLS", no_password_before_tls),
     Criterion("smtp.issues-quit", "smtp", "RFC 5321 §4.1.1.10", "ends the session with QUIT", smtp_issues_quit),
 ]
