@@ -51,7 +51,9 @@ def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    try:  # a lab server reached by its address: clients check an iPAddress SAN (RFC 5280 §4.2.1.6; RFC 6125 §1.7.2 leaves IP addresses out)
+    # A lab server reached by its address: clients check an iPAddress SAN
+    # (RFC 5280 §4.2.1.6; RFC 6125 §1.7.2 leaves IP addresses out of scope).
+    try:
         for_host: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
     except ValueError:
         for_host = x509.DNSName(_a_label(hostname))
