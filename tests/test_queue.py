@@ -204,7 +204,8 @@ def test_a_recipient_deferred_past_the_queue_lifetime_fails(queue):
     queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
     entry = queue.record(queue_id, {"b@example.net": DEFERRED}, now=100.0)
     [recipient] = entry.recipients
-    assert recipient.state is State.FAILED and recipient.status == "5.2.2"
+    # RFC 3464 §2.3.3: failed, with the last (temporary) status as it was.
+    assert recipient.state is State.FAILED and recipient.status == DEFERRED.status
     assert recipient.last_error.startswith(DEFERRED.diagnostic)
 
 
