@@ -67,6 +67,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -348,7 +349,7 @@ class Relay:
         self._in_flight: set[str] = set()
         # The last look into the queue (_claim): what it found due and not yet
         # handed out, when it was taken, and the wake() count then.
-        self._due: list[str] = []
+        self._due: deque[str] = deque()
         self._looked_at = -math.inf
         self._wakeups_at_look = 0
         # Outcomes of attempts that were made but could not be written down
@@ -442,10 +443,10 @@ class Relay:
             if not self._due and (look_again or self._wakeups != self._wakeups_at_look
                                   or time.monotonic() - self._looked_at >= self.settings.relay.queue_scan_interval):
                 self._wakeups_at_look, self._looked_at = self._wakeups, time.monotonic()
-                self._due = [entry.queue_id for entry in self.queue.due()]
+                self._due = deque(entry.queue_id for entry in self.queue.due())
                 self._queue_unreadable = False  # this look worked: a failure again is news
             while self._due:
-                queue_id = self._due.pop(0)  # the longest-waiting first
+                queue_id = self._due.popleft()  # the longest-waiting first
                 if queue_id not in self._in_flight:
                     self._in_flight.add(queue_id)
                     return queue_id
