@@ -1,5 +1,15 @@
-"""``python -m pymailsrv`` is the same click group as the ``pymailsrv`` script."""
+"""``python -m pymailsrv`` and the ``pymailsrv`` script: the click group of cli.py."""
 
-from pymailsrv.cli import main
+import sys
 
-main()
+
+def run() -> None:
+    try:
+        from pymailsrv.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the modules load: the words click has for it later
+        sys.exit("\nAborted!")
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -489,6 +489,16 @@ def test_start_serves_pop3_and_stops_cleanly_on_signal(root, stop_signal):
     assert sum(line.startswith(b"listening ") for line in stderr.splitlines()) == 1
 
 
+def test_ctrl_c_while_the_modules_load_is_aborted_without_a_traceback(tmp_path):
+    # Ctrl-C in start's first quarter second came while cli.py was still being
+    # imported, before click could make it "Aborted!", and printed a traceback.
+    # A click that raises KeyboardInterrupt as it loads stands in for that moment.
+    (tmp_path / "click.py").write_text("raise KeyboardInterrupt\n")
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    result = run_cli("start", env={"PYTHONPATH": path})
+    assert (result.returncode, result.stdout, result.stderr) == (1, b"", b"\nAborted!\n")
+
+
 def test_start_on_a_port_in_use_is_exit_1_without_a_traceback(root):
     import socket
 
