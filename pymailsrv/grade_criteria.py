@@ -19,9 +19,11 @@ one line, and ``check``, a function of the transcript that returns
   summarised because the server ran without ``--trace-bodies``).
 
 Only the client is judged. What the server did (a 421 for too many errors,
-a timeout while the client was typing DATA) never counts against it, and a
-rule the client could not have known about is N/A: a POP3 client that
-never asked CAPA was never told that STLS was offered.
+a shutdown while the client was sending its text) never counts against it,
+and a rule the client could not have known about is N/A: a POP3 client that
+never asked CAPA was never told that STLS was offered. A client that fell
+silent until the server timed out did leave its session (and its text)
+unfinished, and that does count.
 
 The catalogues, ``SMTP_CRITERIA`` and ``POP3_CRITERIA``, are at the foot of
 the module.
@@ -406,11 +408,17 @@ def ends_data_correctly(t: Transcript) -> Verdict:
     if not texts:
         return None, "no message text was sent"
     for exchange in texts:
-        replies = exchange.after_text
-        if not replies:
+        # A server line while the text had not ended cut it short: it was
+        # read in state DATA, or (text summarised, so nothing of it recorded
+        # yet) it follows the 354 straight away. A timeout, or a stop.
+        after = exchange.after_text[0] if exchange.after_text else None
+        if after is not None and after["state"] == "DATA" or not exchange.text and len(exchange.replies) > 1:
+            line = shown(after["line"] if after is not None else exchange.replies[1], 40)
+            if t.end is not None and t.end["outcome"] == "timeout":
+                return False, f"the text never ended with '.': the server gave up ({line})"
+            return None, f"the server ended the session while the text came ({line})"
+        if after is None:
             return False, "the text never ended: the connection closed before <CRLF>.<CRLF>"
-        if replies[0]["state"] == "DATA":  # answered while still reading text: the timeout
-            return False, f"the text never ended with '.': the server gave up ({shown(replies[0]['line'], 40)})"
     last = texts[-1].after_text[0]["line"]
     return True, f"{counted(len(texts), 'message text')} ended with '.', answered {shown(last, 40)}"
 
@@ -541,7 +549,8 @@ class Criterion:
 SMTP_CRITERIA = [
     Criterion("smtp.waits-for-greeting", "smtp", "RFC 5321 §3.1, §4.3.1",
               "sends nothing before the 220 greeting", waits_for_greeting),
-    Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8", "ends every command line with CRLF", uses_crlf),
+    Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8",
+              "ends every line, commands and message text, with CRLF", uses_crlf),
     Criterion("smtp.waits-for-replies", "smtp", "RFC 2920 §3",
               "waits for each reply unless EHLO offered PIPELINING", waits_for_replies),
     Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4, RFC 3207 §4.2",

@@ -65,11 +65,13 @@ def classroom(root, add_user):
         server.stop()
 
 
-def graded(root, server: MailServer):
-    """Once every client has gone, stop the server, then grade every transcript it saved, oldest first."""
+def graded(root, server: MailServer, stop_first: bool = False):
+    """Once every client has gone (or at once: ``stop_first``), stop the server,
+    then grade every transcript it saved, oldest first."""
     # A session that has not yet seen its client close would be cut by the
     # stop, and its outcome be "server stopping" rather than "dropped by client".
-    wait_for_open(server, 0)
+    if not stop_first:
+        wait_for_open(server, 0)
     server.stop()
     for _ in range(END_RECORD_POLLS):
         transcripts = list(each_transcript(root / ".pymailsrv", [], keep_events=False))
@@ -397,6 +399,35 @@ def test_a_refused_quit_then_a_close_fails_issues_quit(classroom, root):
     (result,) = graded(root, server)
     (item,) = [item for item in result.results if item.criterion == "smtp.issues-quit"]
     assert (item.result, item.evidence) == (FAIL, "the client closed the connection without an accepted QUIT")
+
+
+def test_a_server_stopped_while_the_text_came_counts_against_nothing(classroom, root):
+    # The stop's 421 came in the middle of the text: neither the end of the
+    # text nor the QUIT was the student's to give.
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
+        smtp_command(client, command)
+    client.send(b"Subject: half a message\r\n")
+    (result,) = graded(root, server, stop_first=True)
+    assert verdicts(result)["smtp.ends-data-correctly"] == NA
+    assert verdicts(result)["smtp.issues-quit"] == NA
+    assert failed(result) == []
+
+
+def test_a_client_silent_in_the_text_until_the_timeout_fails_ends_data_correctly(classroom, root):
+    server = classroom(smtp={"data_timeout": 0.5})
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
+        smtp_command(client, command)
+    client.send(b"Subject: never ended\r\n")
+    assert smtp_reply(client)[0].startswith(b"421 4.4.2 ")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.ends-data-correctly", "smtp.issues-quit"]
+    [evidence] = [item.evidence for item in result.results if item.criterion == "smtp.ends-data-correctly"]
+    assert evidence.startswith("the text never ended with '.': the server gave up ('421 4.4.2 ")
 
 
 def test_closing_without_quit_fails_issues_quit(classroom, root):

@@ -158,3 +158,25 @@ def test_put_off_work_that_fails_is_logged_and_the_session_goes_on(root, caplog)
     assert record.getMessage() == (f"smtp session {session.session_id} from 127.0.0.1: "
                                    "work put off until after a reply failed")
     assert record.exc_info[1].args == ("a bug",)
+
+
+def test_a_bug_in_a_command_is_logged_with_its_traceback_and_answered_without_its_text(root, add_user, caplog):
+    # SECURITY.rst: the log gets the traceback, the client a generic temporary
+    # failure, never the exception's text (which may name files or hold data).
+    add_user("alice")
+    with MailServer(make_settings(root)) as server:
+        def broken(local_part: str):
+            raise RuntimeError("secret-internal-detail")
+
+        server.context.aliases.expand = broken
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        assert client.command("HELO client.example").startswith(b"250 ")
+        assert client.command("MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        refused = client.command("RCPT TO:<alice@localhost>")
+        assert refused == b"451 4.3.0 local error in processing, try again later\r\n"
+        assert client.command("NOOP") == b"250 2.0.0 OK\r\n"  # the session goes on
+        client.close()
+    [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert re.fullmatch(r"smtp session \d+ from 127\.0\.0\.1: RCPT failed", record.getMessage())
+    assert record.exc_info[1].args == ("secret-internal-detail",)
