@@ -21,8 +21,7 @@ POP3_AUTOLOGOUT_SECONDS = 10 * 60
 POP3_FAILED_LOGIN_DELAY_SECONDS = 2.0
 
 # Dovecot's limits: pop3-login closes after 3 bad commands (CLIENT_MAX_BAD_
-# COMMANDS) and 3 failed logins; the pop3 process allows 20 bad commands.
-POP3_MAX_FAILED_LOGINS = 3
+# COMMANDS); the pop3 process allows 20. (Failed logins: see Authentication.)
 POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN = 3
 POP3_MAX_BAD_COMMANDS_AFTER_LOGIN = 20
 
@@ -32,8 +31,9 @@ POP3_UIDL_MAX = 70
 
 # --- Authentication (both protocols) ----------------------------------------
 
-# Dovecot closes a login connection after 3 failed attempts; we do the same
-# for SMTP AUTH, so one connection cannot try passwords at line rate.
+# Dovecot closes a login connection after 3 failed attempts; we do the same,
+# in POP3 and SMTP AUTH alike, so one connection cannot try passwords at
+# line rate.
 AUTH_MAX_FAILURES_PER_CONNECTION = 3
 # Across connections, one client address may fail this often in the window
 # before its attempts are refused without checking (Postfix's anvil idea).
