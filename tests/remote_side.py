@@ -103,7 +103,6 @@ class SinkHandler:
         if reply.startswith("2"):  # any positive reply takes the recipient (RFC 5321 §4.2.1)
             envelope.rcpt_tos.append(address)
         return reply
-        return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
         if self.data_replies:
