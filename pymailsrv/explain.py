@@ -14,7 +14,7 @@ hand-coded transitions must be copied into the script by hand):
   with no move for a state leaves the state as it was; so does any command
   that fails;
 * ``OTHER_TRANSITIONS`` adds the changes no command makes (the end of the
-  DATA text, the close after UPDATE). Diagrams draw them dashed.
+  DATA text, the close after UPDATE). The Graphviz drawing dashes them.
 
 Three renderings, all pure functions of the session class, so a test can
 hand in a subclass with one more command and see the drawing change:

@@ -427,7 +427,23 @@ def test_a_client_silent_in_the_text_until_the_timeout_fails_ends_data_correctly
     (result,) = graded(root, server)
     assert failed(result) == ["smtp.ends-data-correctly", "smtp.issues-quit"]
     [evidence] = [item.evidence for item in result.results if item.criterion == "smtp.ends-data-correctly"]
-    assert evidence.startswith("the text never ended with '.': the server gave up ('421 4.4.2 ")
+    assert evidence == "the text never ended with '.': the server gave up waiting for it"
+
+
+def test_a_server_that_hangs_up_in_the_text_on_purpose_counts_against_nothing(classroom, root):
+    # An injected drop-mid fault ends the session without a word: the text,
+    # sent whole with its dot, was cut off by the server, not left unended.
+    server = classroom(faults=["smtp:DATA=drop-mid"])
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
+        smtp_command(client, command)
+    client.send(b"Subject: cut off\r\n\r\nbody\r\n.\r\n")
+    assert client.sock.recv(100) == b""  # closed, without a reply
+    client.close()
+    (result,) = graded(root, server)
+    assert verdicts(result)["smtp.ends-data-correctly"] == NA
+    assert failed(result) == []
 
 
 def test_closing_without_quit_fails_issues_quit(classroom, root):
