@@ -59,9 +59,10 @@ class Credentials:
         RFC 4616 §2: the server "will verify that the authentication
         credentials permit the client to act as the (presented or derived)
         authorization identity (authzid). If both steps succeed, the user is
-        authenticated": a refused authzid fails as a wrong password does. We let no user act
-        for another: the authzid must be empty or the user itself, in any
-        case, as every user name is read (users.check_user_name).
+        authenticated": a refused authzid fails as a wrong password does.
+        We let no user act for another: the authzid must be empty or the
+        user itself, in any case, as every user name is read
+        (users.check_user_name).
         """
         def valid(name: str) -> bool:
             if self.authzid and not _same_user(self.authzid, self.user):

@@ -127,8 +127,8 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
     report["Auto-Submitted"] = "auto-replied"
 
     lines = [f"This is the mail system at {reporting_mta}.", "",
-             "Your message could not be delivered to the recipients below. It has",
-             "been given up for good: sending it again unchanged will not help.", ""]
+             "Your message could not be delivered to the recipients below, and we",
+             "have given up on it.", ""]
     for recipient in failures:
         lines += textwrap.wrap(_one_line(f"<{recipient.address}>: {recipient.last_error or recipient.status}"),
                                TEXT_WIDTH, subsequent_indent="    ")

@@ -90,8 +90,8 @@ SMTP_RECIPIENTS_MAX = 1000
 SMTP_RECIPIENTS_RFC_MINIMUM = 100
 
 # RFC 5321 §4.5.3.2.7: the server should wait at least 5 minutes for the next
-# command; §4.5.3.2.6 (DATA termination): the client waits 10 minutes for the reply
-# to the final dot, so we wait as long between two DATA reads.
+# command; §4.5.3.2.6 (DATA termination): the client waits 10 minutes for the
+# reply to the final dot, so we wait as long for each line of the text.
 SMTP_COMMAND_TIMEOUT_SECONDS = 5 * 60
 SMTP_DATA_TIMEOUT_SECONDS = 10 * 60
 

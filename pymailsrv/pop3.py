@@ -324,8 +324,8 @@ class Pop3Session(Session):
         return self._log_in(name, digest_matches)
 
     def do_auth(self, argument: str) -> Reply:
-        """AUTH mechanism [initial-response] (RFC 5034 §4); a bare AUTH, which
-        RFC 5034 does not define, lists the mechanisms (as Dovecot does)."""
+        """AUTH mechanism [initial-response] (RFC 5034 §4); a bare AUTH lists the mechanisms."""
+        # A bare AUTH is not in RFC 5034, but clients send it, and Dovecot answers it.
         words = self._arguments("AUTH", argument, 0, 2)
         if not words:
             # What CAPA's SASL line lists: nothing where a password may not go.

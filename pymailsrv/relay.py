@@ -208,8 +208,8 @@ def without_return_path(message: bytes) -> bytes:
 
     RFC 5321 §4.4: Return-Path is added at final delivery; a message passed
     on should not carry one (the sender "SHOULD NOT send" one, a relay "MAY
-    remove" it). Ours is always the first line, so we need
-    not (and, as a relay, must not) look any further into the message.
+    remove" it). Ours is always the first line, so we need not (and, as a
+    relay, must not) look any further into the message.
     """
     return _RETURN_PATH.sub(b"", message, count=1)
 
@@ -288,8 +288,8 @@ class MxResolver:
         # §5.1: a relay host that finds itself among the MX hosts: "all
         # records at that preference level and higher-numbered ones MUST be
         # discarded from consideration": we are a backup MX passing mail to
-        # a better one. Sent to our
-        # own level or lower, it would come straight back to us.
+        # a better one. Sent to our own level or lower, it would come
+        # straight back to us.
         mine = [record.preference for record in records
                 if myself is not None and _host_name(record.exchange) == myself.lower()]
         if mine:

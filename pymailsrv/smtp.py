@@ -626,9 +626,9 @@ class SmtpSession(Session):
         return R252_CANNOT_VRFY
 
     def do_expn(self, argument: str) -> Reply:
-        """EXPN string (RFC 5321 §4.1.1.7): 502, not implemented, as Postfix
-        answers. EXPN is a SHOULD (§3.5.2), and §4.2.4 gives 502 to a command
-        recognized but not implemented."""
+        """EXPN string (RFC 5321 §4.1.1.7): 502, not implemented, as Postfix answers."""
+        # EXPN is a SHOULD (§3.5.2), and §4.2.4 gives 502 to a command that is
+        # recognized but not implemented.
         return R502_NOT_IMPLEMENTED.format(verb="EXPN")
 
     # --- the transaction: MAIL, RCPT, DATA ----------------------------------------

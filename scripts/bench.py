@@ -672,12 +672,13 @@ def send_transaction(client: smtplib.SMTP, sender: str, recipients: list[str], m
     if replies[-1][0] != 354:
         client.rset()
         raise smtplib.SMTPResponseException(*(refusal or replies[-1]))
-    if refusal:
+    if replies[0][0] >= 400 or not any(200 <= code < 300 for code, _ in replies[1:-1]):
         # RFC 2920 §3.1: a client "cannot assume that the DATA command will
-        # be rejected" after refused recipients; a 354 then gets a lone dot.
+        # be rejected" when no recipient was accepted; a 354 then gets a
+        # lone dot, so nothing is delivered.
         client.sock.sendall(b".\r\n")
         read_reply(client)
-        raise smtplib.SMTPResponseException(*refusal)
+        raise smtplib.SMTPResponseException(*(refusal or replies[-1]))
     client.sock.sendall(DOT_AT_LINE_START.sub(b"..", message) + b".\r\n")  # RFC 5321 §4.5.2
     code, text = read_reply(client)
     if code != 250:

@@ -352,7 +352,7 @@ def test_parse_mailbox_raises_nothing_but_path_error(text):
     ("a" * 64 + ".example", "a" * 64 + ".example"),  # no name for DNS: compared as written, lower-cased
     ("straße.example", "xn--strae-oqa.example"),  # IDNA 2008; IDNA 2003 made it strasse, another domain
     ("ς.example", "xn--3xa.example"),  # final sigma is not σ (xn--4xa)
-    ("bu\u0308cher.example", "xn--bcher-kva.example"),  # RFC 5891 §5.3: NFC first
+    ("bu\u0308cher.example", "xn--bcher-kva.example"),  # RFC 5891 §5.2: NFC first
     ("[IPv6:::ffff:127.0.0.1]", "[127.0.0.1]"),
 ])
 def test_canonical_domain_is_one_spelling_of_each_place(domain, canonical):

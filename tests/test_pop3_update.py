@@ -244,7 +244,7 @@ def test_second_login_to_a_locked_maildrop_gets_in_use(login):
 
 
 def test_a_client_may_retry_a_locked_maildrop_without_being_cut_off(login):
-    # RFC 2449 §8.1.2: IN-USE says to try again later. Unlike a bad command,
+    # RFC 3206 §3: IN-USE says to try again later. Unlike a bad command,
     # it does not count towards the three that close a session before login.
     first, _ = login()
     second, reply = login()

@@ -439,7 +439,7 @@ def test_recipients_past_a_hosts_limit_go_in_the_next_transaction_at_once(mta, s
 
 
 def test_a_utf8_recipient_does_not_take_its_ascii_co_recipients_down_with_it(mta, sink, root):
-    # RFC 6531 §3.4 keeps the non-ASCII address from a server without
+    # RFC 6531 §3.2 keeps the non-ASCII address from a server without
     # SMTPUTF8; nothing keeps an ASCII one there.
     remote = sink(enable_SMTPUTF8=False)
     server = mta(remote)
@@ -471,7 +471,7 @@ def test_mail_names_the_extensions_the_message_needs(mta, sink, message, options
 
 
 @pytest.mark.parametrize("message, lacking, status", [
-    # RFC 6531 §3.4: no UTF-8 header to a host without SMTPUTF8 (X.6.9).
+    # RFC 6531 §3.2: no UTF-8 header to a host without SMTPUTF8 (X.6.9).
     (UTF8_HEADER, {"enable_SMTPUTF8": False}, "5.6.9"),
     # RFC 6152 §3: no 8-bit text to one without 8BITMIME (aiosmtpd offers it
     # only where it leaves the text as bytes); we fail it rather than convert.

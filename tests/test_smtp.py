@@ -803,7 +803,7 @@ def test_command_line_over_512_octets_is_500_and_the_next_is_answered(greeted):
 
 
 def test_mail_line_with_long_parameters_within_1024_octets_is_parsed(greeted):
-    # RFC 1870 §3 / RFC 6531 §3.4: MAIL and RCPT get room for their parameters.
+    # RFC 1870 §3 / RFC 6531 §3.1 item 5 give MAIL room for its parameters (RCPT: ours).
     client = greeted()
     line = "MAIL FROM:<a@example.org> X-LONG=" + "v" * 560
     assert 512 < len(line) + 2 < 1024

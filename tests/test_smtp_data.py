@@ -408,7 +408,7 @@ def test_message_at_the_declared_size_limit_is_delivered(start_server, greeted, 
 ])
 def test_the_size_limit_counts_crlf_pairs_but_not_doubled_dots(start_server, greeted, store, alice,
                                                                lines, delivered):
-    # RFC 1870 §4: the message size is "the number of octets, including CR-LF
+    # RFC 1870 §5: the message size is "the number of octets, including CR-LF
     # pairs, but not the SMTP DATA command's terminating dot or doubled
     # quoting dots" - the same whether or not the client declared a SIZE.
     server = start_server(smtp={"max_message_size": 1000})
