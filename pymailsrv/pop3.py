@@ -24,6 +24,9 @@ Three ways to name a message, kept apart on purpose (Dovecot's glossary):
 * ``index``: 0..n-1, the position in the snapshot (``msg_number - 1``);
 * ``key``: the store's own name for the message; only storage reads it.
 
+A message is *live* while it is in the snapshot and not marked by DELE:
+only live messages are counted, listed or may be named (RFC 1939 §5).
+
 ``_index()`` is the one place a msg_number from the client becomes an index.
 The command table at the foot of the module drives dispatch, CAPA and the
 state diagram; every handler returns a reply from ``replies.py``.
@@ -128,15 +131,17 @@ SESSION_CAPABILITIES = (
     "AUTH-RESP-CODE",  # RFC 3206 §6: [AUTH] on every login refused for its credentials
 )
 
-# -ERR replies that are no bad command (RFC 3206): a refused login, which
-# has a limit of its own; a maildrop in use (IN-USE: "the authentication was
-# successful", RFC 2449 §8.1.2, and the session may be "tried again later",
-# RFC 3206 §3); and a failure on our side (SYS/TEMP).
-_NOT_BAD_COMMANDS = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
-# Nor is asking for a message another program removed meanwhile (mutt, say):
-# counted, a client fetching a maildrop emptied under it would be cut off
-# before its QUIT, and download again what it had fetched and deleted.
-_NOT_BAD_REPLIES = (POP3_MESSAGE_VANISHED,)
+# -ERR replies that do not count as bad commands: every one that carries
+# one of these response codes (RFC 2449 §8, RFC 3206). [AUTH] refuses a
+# login, and failed logins have a limit of their own; [IN-USE] means "the
+# authentication was successful" (RFC 2449 §8.1.2) and the session may be
+# "tried again later" (RFC 3206 §3); [SYS/TEMP] is a failure on our side.
+_UNCOUNTED_CODES = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
+# Nor does asking for a message another program removed meanwhile (mutt,
+# say). If it counted, a client fetching a maildrop emptied under it would
+# reach the limit before its QUIT, its DELEs would never reach UPDATE, and
+# it would download everything again next time.
+_UNCOUNTED_REPLIES = (POP3_MESSAGE_VANISHED,)
 
 # RFC 5034: the SASL mechanisms POP3 AUTH offers. PLAIN sends the password,
 # so it is offered only where USER/PASS would be (TLS or a local network).
@@ -171,7 +176,7 @@ class Pop3Session(Session):
             self.apop_timestamp = (f"<{os.getpid()}.{secrets.token_hex(6)}.{int(time.time())}"
                                    f"@{self.settings.hostname}>")
         self.pending_user: str | None = None  # named by USER, awaiting PASS
-        self._user_command_number = 0  # commands_run when that USER came
+        self._commands_run_at_user = 0  # commands_run when that USER came
         self.user: str | None = None
         self.maildrop = None
         self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
@@ -204,6 +209,8 @@ class Pop3Session(Session):
         return self.settings.pop3.autologout
 
     def max_errors(self) -> int:
+        # The command that reaches the limit is answered with too_many_errors()
+        # instead of its own reply, and the connection closes.
         if self.state is Pop3State.AUTHORIZATION:
             return POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN
         return POP3_MAX_BAD_COMMANDS_AFTER_LOGIN
@@ -212,9 +219,10 @@ class Pop3Session(Session):
         return POP3_TOO_MANY_BAD_COMMANDS
 
     def is_error(self, reply: Reply) -> bool:
+        """Does this reply count as a bad command?"""
         # Failed logins are counted in _log_in (auth.max_failures_per_connection).
-        return (not reply.ok and reply.code not in _NOT_BAD_COMMANDS
-                and not any(reply.made_from(template) for template in _NOT_BAD_REPLIES))
+        return (not reply.ok and reply.code not in _UNCOUNTED_CODES
+                and not any(reply.made_from(template) for template in _UNCOUNTED_REPLIES))
 
     def named_user(self) -> str | None:
         return self.user or self.pending_user
@@ -228,6 +236,10 @@ class Pop3Session(Session):
     def close(self) -> None:
         # RFC 1939 §6: a session that ends without QUIT never enters UPDATE,
         # so the messages marked by DELE stay. We only give up the lock.
+        self._release_maildrop()
+
+    def _release_maildrop(self) -> None:
+        """Give back the maildrop lock and the session slot (the connection may go on)."""
         if self.maildrop is not None:
             self.maildrop.release()
             self.maildrop = None
@@ -282,6 +294,9 @@ class Pop3Session(Session):
 
     def do_stls(self, argument: str) -> Reply:
         """STLS (RFC 2595 §4): the TLS handshake; the session stays in AUTHORIZATION."""
+        # Only the checks are here: POP3_BEGIN_TLS is a .starting_tls() reply,
+        # so the transport runs the handshake once the +OK is on the wire
+        # (Connection.start_tls), then calls tls_started() above.
         self._arguments("STLS", argument, 0, 0)
         if self.tls:
             raise CommandError(POP3_ALREADY_TLS)
@@ -294,15 +309,17 @@ class Pop3Session(Session):
         (name,) = self._arguments("USER", argument, 1, 1)
         if not self.plaintext_auth_allowed():
             raise CommandError(POP3_PRIVACY_REQUIRED)
-        self.pending_user, self._user_command_number = name, self.commands_run
+        self.pending_user, self._commands_run_at_user = name, self.commands_run
         return POP3_USER_ACCEPTED
 
     def do_pass(self, argument: str) -> Reply:
         """PASS string (RFC 1939 §7): straight after USER; the password may contain spaces."""
         name, self.pending_user = self.pending_user, None
         # RFC 1939 §7: PASS "may only be given ... immediately after a
-        # successful USER command"; after any other, the name is forgotten.
-        if name is None or self.commands_run != self._user_command_number + 1:
+        # successful USER command". dispatch() counts every line, unknown
+        # verbs too, before the handler runs, so "immediately after" is one
+        # more than at USER. Any PASS, accepted or not, uses the name up.
+        if name is None or self.commands_run != self._commands_run_at_user + 1:
             raise CommandError(POP3_USER_FIRST)
         if not argument:
             raise self._syntax_error("PASS")
@@ -314,6 +331,9 @@ class Pop3Session(Session):
         if self.apop_timestamp is None:
             raise CommandError(POP3_APOP_NOT_OFFERED)
 
+        # A digest of the wrong shape is a wrong answer, a failed login, not a
+        # syntax error; checked before hmac.compare_digest, which raises
+        # TypeError on non-ASCII text (our failure, SYS/TEMP, to the client).
         def digest_matches(user: str) -> bool:
             secret = self.context.users.apop_secret(user)
             if secret is None or not _APOP_DIGEST.fullmatch(digest):
@@ -328,7 +348,8 @@ class Pop3Session(Session):
         # A bare AUTH is not in RFC 5034, but clients send it, and Dovecot answers it.
         words = self._arguments("AUTH", argument, 0, 2)
         if not words:
-            # What CAPA's SASL line lists: nothing where a password may not go.
+            # What CAPA's SASL line lists, asked of the same row: nothing where
+            # a password may not go.
             offered = SASL_MECHANISMS if self.commands.find("AUTH").offered_to(self) else ()
             return POP3_MECHANISMS_FOLLOW.with_lines(name.encode("ascii") for name in offered)
         mechanism = ascii_upper(words[0])
@@ -356,24 +377,29 @@ class Pop3Session(Session):
             if self.failed_logins >= self.settings.auth.max_failures_per_connection:
                 return POP3_TOO_MANY_FAILED_LOGINS.delayed(delay)
             return refusal.delayed(delay)
-        # Counted before the lock, so a refusal names the cap that refused.
+        # Not in RFC 1939: Dovecot's cap on logged-in sessions per user and
+        # client address (server.py). Taken before the lock, so that when
+        # the cap refuses, the client hears TOO_MANY_SESSIONS, not IN-USE.
         if not self.context.pop3_sessions.take((user, self.peer[0])):
             return POP3_TOO_MANY_SESSIONS
         self._session_slot = (user, self.peer[0])
-        # RFC 1939 §4: lock the maildrop before saying +OK ...
+        # RFC 1939 §4: lock the maildrop before saying +OK ... A login that
+        # fails from here on leaves the session in AUTHORIZATION, so it gives
+        # back the slot and the lock at once: kept, they would make the
+        # client's next try fail with IN-USE against itself.
         try:
             self.maildrop = self.context.store.open_maildrop(user)
         except MaildropLocked:
-            self.close()
+            self._release_maildrop()
             return POP3_IN_USE
         except BaseException:
-            self.close()
+            self._release_maildrop()
             raise
         try:
             # ... and take the snapshot the whole session works from.
             self.messages = self.maildrop.snapshot()
         except (StorageError, OSError):
-            self.close()
+            self._release_maildrop()
             raise
         self.user = user
         self.enter(Pop3State.TRANSACTION)
@@ -398,7 +424,7 @@ class Pop3Session(Session):
             log.exception("pop3 session %d: UPDATE failed for %s", self.session_id, self.user)
             failures = len(keys)
         finally:
-            self.close()
+            self._release_maildrop()
         if failures:
             return POP3_UPDATE_FAILED
         count, _ = self._totals()
@@ -427,8 +453,8 @@ class Pop3Session(Session):
         """RETR msg (RFC 1939 §5): the whole message, byte-stuffed."""
         (word,) = self._arguments("RETR", argument, 1, 1)
         index = self._index("RETR", word)
-        text = self._text(index)
-        self.maildrop.mark_seen(self.messages[index].key)
+        text = self._text(index)  # opened now: a vanished message is an -ERR, not a +OK with no text
+        self.maildrop.mark_seen(self.messages[index].key)  # for other mail readers: POP3 has no flags
         self.highest_accessed = max(self.highest_accessed, index + 1)
         return POP3_MESSAGE_FOLLOWS.format(size=self.messages[index].size).with_content(text)
 
@@ -455,9 +481,9 @@ class Pop3Session(Session):
 
     def do_top(self, argument: str) -> Reply:
         """TOP msg n (RFC 1939 §7): the header, the blank line, and n body lines."""
-        word, count = self._arguments("TOP", argument, 2, 2)
-        index = self._index("TOP", word)
-        body_lines = self._number("TOP", count)
+        msg_word, n_word = self._arguments("TOP", argument, 2, 2)
+        index = self._index("TOP", msg_word)
+        body_lines = self._number("TOP", n_word)
         return POP3_TOP_FOLLOWS.with_lines(_top(_lines_of(self._text(index)), body_lines))
 
     def do_uidl(self, argument: str) -> Reply:
@@ -489,8 +515,11 @@ class Pop3Session(Session):
 
 def _lines_of(text: Iterator[bytes]) -> Iterator[bytes]:
     """The lines of a message's text, without their CRLF."""
-    with contextlib.closing(text):  # closed with us: TOP stops reading early
+    # Closing this generator closes the text too: TOP stops reading early.
+    with contextlib.closing(text):
         for block in text:
+            # Maildrop.text yields whole CRLF-ended lines, so the last piece
+            # of each split is always empty.
             yield from block.split(CRLF)[:-1]
 
 
@@ -516,6 +545,10 @@ _AUTHORIZATION = frozenset({Pop3State.AUTHORIZATION})
 _TRANSACTION = frozenset({Pop3State.TRANSACTION})
 _BOTH = _AUTHORIZATION | _TRANSACTION
 
+# moves= and OTHER_TRANSITIONS describe the state diagram (pymailsrv explain);
+# the handlers change the state themselves with self.enter() (_log_in for
+# PASS, APOP and AUTH; do_quit for QUIT), and UPDATE's close comes from the
+# .closing() reply.
 Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK, then close", None),)
 
 Pop3Session.commands = CommandTable(
