@@ -114,7 +114,8 @@ def queue_group(with_settings: Callable) -> click.Group:
         """List queued messages, oldest first."""
         require_data_root(settings.root)
         now = time.time()
-        entries = OutboundQueue(settings.state_dir).entries()
+        # By arrival: an id begins with its second, then random digits.
+        entries = sorted(OutboundQueue(settings.state_dir).entries(), key=lambda entry: entry.created)
         if not entries:
             click.echo("the queue is empty")
             return

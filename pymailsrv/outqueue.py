@@ -111,6 +111,15 @@ class Recipient:
     reported: bool = False
 
 
+def _take(recipient: Recipient, outcome: Outcome) -> None:
+    """One attempt's outcome for one recipient."""
+    recipient.attempts += 1
+    recipient.status = outcome.status
+    recipient.remote_mta = outcome.remote_mta
+    recipient.last_error = None if outcome.state is State.DELIVERED else outcome.diagnostic
+    recipient.state = outcome.state
+
+
 @dataclass
 class QueueEntry:
     """One queued message: its envelope, as ``<id>.json`` keeps it."""
@@ -437,8 +446,10 @@ class OutboundQueue:
         """Write down one delivery attempt's outcomes and schedule the next attempt.
 
         ``outcomes`` maps recipient addresses to what happened; recipients
-        not in it were not tried. A temporary failure past the queue
-        lifetime is a failure: the message has waited long enough.
+        not in it (or no longer pending: see ``settle``) were not tried. A
+        temporary failure past the queue lifetime is a failure: the message
+        has waited long enough. The next attempt comes no later than that
+        lifetime's end, so the sender hears of it then, not a backoff later.
         """
         now = time.time() if now is None else now
 
@@ -449,10 +460,7 @@ class OutboundQueue:
                 outcome = outcomes.get(recipient.address)
                 if outcome is None:
                     continue
-                recipient.attempts += 1
-                recipient.status = outcome.status
-                recipient.remote_mta = outcome.remote_mta
-                recipient.last_error = None if outcome.state is State.DELIVERED else outcome.diagnostic
+                _take(recipient, outcome)
                 if outcome.state is State.PENDING and expired:
                     # RFC 3463 X.4.7 is "delivery time expired", but it also
                     # says to report "the code for the actual problem" when
@@ -461,10 +469,24 @@ class OutboundQueue:
                     recipient.last_error = (f"{outcome.diagnostic} (gave up after "
                                             f"{format_duration(now - entry.created)} in the queue)")
                     recipient.state = State.FAILED
-                else:
-                    recipient.state = outcome.state
             if entry.pending:
-                entry.next_attempt = now + self.retry.delay(entry.attempts)
+                entry.next_attempt = min(now + self.retry.delay(entry.attempts),
+                                         entry.created + self.retry.max_queue_lifetime)
+
+        return self._update(queue_id, change)
+
+    def settle(self, queue_id: str, outcomes: dict[str, Outcome]) -> QueueEntry | None:
+        """Write down, in the middle of an attempt, the recipients it has
+        finished with (delivered or failed); ``record`` still ends the attempt.
+
+        An attempt sends to one host after another: a crash or a stop
+        between two must not send again to those already done.
+        """
+        def change(entry: QueueEntry) -> None:
+            for recipient in entry.pending:
+                outcome = outcomes.get(recipient.address)
+                if outcome is not None and outcome.state is not State.PENDING:
+                    _take(recipient, outcome)
 
         return self._update(queue_id, change)
 

@@ -507,9 +507,10 @@ class Relay:
         pending = [recipient.address for recipient in entry.pending]
         hops = count_hops(message)
         if hops > self.settings.relay.max_hops:
+            # "section", not the sign: a DSN's Diagnostic-Code is ASCII (RFC 3464 §2.3.6).
             loop = Outcome(State.FAILED, STATUS_LOOP, _local_diagnostic(
                 f"mail loop: the message has {hops} Received: header fields, more than "
-                f"{self.settings.relay.max_hops} (RFC 5321 §6.3)"))
+                f"{self.settings.relay.max_hops} (RFC 5321 section 6.3)"))
             return {address: loop for address in pending}
         outgoing = wire_format(without_return_path(message))
         outcomes: dict[str, Outcome] = {}
@@ -524,7 +525,9 @@ class Relay:
             # The smarthost takes every recipient in one transaction.
             host, port = self._smarthost
             by_domain = {"": [address for addresses in by_domain.values() for address in addresses]}
+        settled: set[str] = set()
         for domain, addresses in by_domain.items():
+            settled |= self._settle(entry.queue_id, outcomes, settled)
             try:
                 hops_to_try = [Hop(host, host, port)] if self._smarthost else self._route(domain)
             except RouteError as error:
@@ -540,6 +543,26 @@ class Relay:
                 outcomes.update(dict.fromkeys(addresses, Outcome(
                     State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local error: {error!r}"))))
         return outcomes
+
+    def _settle(self, queue_id: str, outcomes: dict[str, Outcome], settled: set[str]) -> set[str]:
+        """Before the next host, write down the recipients done with since
+        ``settled``; returns them.
+
+        Should the server die or stop in that host's transaction, they are
+        not sent again (the one duplicate RFC 5321 §6.1 accepts is the
+        message in flight). A failure to write is no reason to stop: the
+        attempt's record() tries again at its end.
+        """
+        done = {address: outcome for address, outcome in outcomes.items()
+                if outcome.state is not State.PENDING and address not in settled}
+        if not done:
+            return set()
+        try:
+            self.queue.settle(queue_id, done)
+        except (OSError, StorageError) as error:
+            log.warning("%s: cannot write down the recipients done so far: %s", queue_id, error)
+            return set()
+        return set(done)
 
     def _route(self, domain: str) -> list[Hop]:
         port = self.settings.relay.port

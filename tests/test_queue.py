@@ -209,6 +209,26 @@ def test_a_recipient_deferred_past_the_queue_lifetime_fails(queue):
     assert recipient.last_error.startswith(DEFERRED.diagnostic)
 
 
+def test_the_last_retry_comes_when_the_queue_lifetime_ends_not_a_backoff_later(queue):
+    # The lifetime is 100 s: a backoff of 10 s from 95 s would bounce at 105 s.
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=0.0)
+    assert queue.record(queue_id, {"b@example.net": DEFERRED}, now=95.0).next_attempt == 100.0
+    entry = queue.record(queue_id, {"b@example.net": DEFERRED}, now=100.0)
+    assert [recipient.state for recipient in entry.recipients] == [State.FAILED]
+
+
+def test_recipients_settled_mid_attempt_stay_done_though_the_attempt_is_never_recorded(queue):
+    # A crash between two hosts: what the first took must not be sent again.
+    queue_id = queue.enqueue("a@example.org", ["b@example.net", "c@example.org", "d@example.com"], MESSAGE,
+                             now=0.0)
+    queue.settle(queue_id, {"b@example.net": DELIVERED, "c@example.org": DEFERRED, "d@example.com": FAILED})
+    entry = OutboundQueue(queue.directory.parent, RetryPolicy()).get(queue_id)  # as after a restart
+    assert [(recipient.address, recipient.state) for recipient in entry.recipients] == [
+        ("b@example.net", State.DELIVERED), ("c@example.org", State.PENDING), ("d@example.com", State.FAILED)]
+    assert (entry.attempts, entry.next_attempt) == (0, 0.0)  # scheduling stays record()'s
+    assert [recipient.address for recipient in entry.unreported_failures] == ["d@example.com"]
+
+
 def test_due_lists_what_may_be_tried_now_longest_waiting_first(queue):
     late = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE, now=50.0)
     early = queue.enqueue("a@example.org", ["c@example.net"], MESSAGE, now=10.0)
@@ -333,6 +353,16 @@ def test_queue_list_flush_and_delete(queue, root):
     missing = runner.invoke(main, ["queue", "delete", queue_id, "--root", str(root)])
     assert missing.exit_code == 1 and "no message" in missing.output
     assert queue.ids() == []
+
+
+def test_queue_list_is_oldest_first(queue, root):
+    # Ids begin with the second they were made in, then random digits: in
+    # one second, their order is not the order of arrival.
+    arrivals = {queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE, now=created): created
+                for created in (30.0, 10.0, 20.0, 40.0, 0.0)}
+    listing = CliRunner().invoke(main, ["queue", "list", "--root", str(root)])
+    listed = [line.split()[0] for line in listing.output.splitlines()[2:]]
+    assert listed == sorted(arrivals, key=arrivals.get)
 
 
 def test_queue_list_shows_the_good_entries_beside_broken_ones(queue, root, clean_environment):

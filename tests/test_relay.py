@@ -506,6 +506,34 @@ def test_a_bug_met_in_a_delivery_is_a_failed_attempt_that_still_ends_the_message
         "X-pymailsrv; local error: AttributeError(\"'str' object has no attribute 'decode'\") (gave up after")
 
 
+def test_a_crash_between_two_hosts_sends_nothing_again_to_the_first(mta, sink, monkeypatch):
+    # One message to two domains is two transactions. The server dying in
+    # the second used to leave the first domain's recipient pending, sent
+    # again after the restart.
+    remote = sink()
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net", "carol@implicit.example"], MESSAGE)
+    real_send = server.relay._send
+    sends = []
+
+    def dies_in_the_second(*arguments):
+        sends.append(arguments)
+        if len(sends) == 2:
+            raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
+        return real_send(*arguments)
+
+    monkeypatch.setattr(server.relay, "_send", dies_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        server.relay.run_once()
+    states = {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
+    assert states == {"bob@example.net": State.DELIVERED, "carol@implicit.example": State.PENDING}
+    monkeypatch.setattr(server.relay, "_send", real_send)
+    server.relay.attempt(queue_id)  # the retry, after the restart
+    assert sorted(rcpt for message in remote.messages for rcpt in message.rcpt_tos) == [
+        "bob@example.net", "carol@implicit.example"]
+    assert server.context.queue.get(queue_id) is None
+
+
 def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
     # RFC 6533 §3: "utf-8;" and the address in utf-8-addr-xtext form.
     server = mta(sink(enable_SMTPUTF8=False))
