@@ -36,7 +36,7 @@ from email.mime.base import MIMEBase
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 
-from pymailsrv.outqueue import ENHANCED_STATUS, QueueEntry, Recipient
+from pymailsrv.outqueue import ENHANCED_STATUS, QueueEntry, Recipient, format_duration
 
 # Stored like every message here: LF line ends (Maildir's convention); the
 # relay turns them into CRLF on the wire. Fields are written as they are
@@ -130,8 +130,10 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
              "Your message could not be delivered to the recipients below, and we",
              "have given up on it.", ""]
     for recipient in failures:
-        lines += textwrap.wrap(_one_line(f"<{recipient.address}>: {recipient.last_error or recipient.status}"),
-                               TEXT_WIDTH, subsequent_indent="    ")
+        why = f"{recipient.last_error or recipient.status}"
+        if recipient.gave_up_after is not None:
+            why += f" (gave up after {format_duration(recipient.gave_up_after)} in the queue)"
+        lines += textwrap.wrap(_one_line(f"<{recipient.address}>: {why}"), TEXT_WIDTH, subsequent_indent="    ")
     lines += ["", "The delivery report and the header of your message follow.", ""]
     report.attach(_text_part("\n".join(lines), "plain"))
 

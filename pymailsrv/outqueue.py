@@ -109,6 +109,9 @@ class Recipient:
     remote_mta: str | None = None
     # A failure is reported to the sender once: True once a bounce for it is queued.
     reported: bool = False
+    # Seconds it had waited when the queue lifetime ran out and it failed;
+    # kept apart from last_error, which is the remote's reply (RFC 3464 §2.3.6).
+    gave_up_after: float | None = None
 
 
 def _take(recipient: Recipient, outcome: Outcome) -> None:
@@ -466,8 +469,7 @@ class OutboundQueue:
                     # says to report "the code for the actual problem" when
                     # known, so the last status stays, class and all: RFC
                     # 3464 §2.3.3 lets Action: failed carry a 4.x.x status.
-                    recipient.last_error = (f"{outcome.diagnostic} (gave up after "
-                                            f"{format_duration(now - entry.created)} in the queue)")
+                    recipient.gave_up_after = now - entry.created
                     recipient.state = State.FAILED
             if entry.pending:
                 entry.next_attempt = min(now + self.retry.delay(entry.attempts),
