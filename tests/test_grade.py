@@ -128,11 +128,16 @@ def graded_message(classroom, root, text: bytes, **settings):
     return result
 
 
-def send_text(client: RawClient, text: bytes) -> list[bytes]:
-    """MAIL, RCPT alice, DATA and the text (ending included), each reply awaited."""
+def start_text(client: RawClient) -> None:
+    """MAIL, RCPT alice and DATA, each reply awaited: the server now reads text."""
     assert smtp_command(client, "MAIL FROM:<bob@example.org>")[0].startswith(b"250")
     assert smtp_command(client, "RCPT TO:<alice@localhost>")[0].startswith(b"250")
     assert smtp_command(client, "DATA")[0].startswith(b"354")
+
+
+def send_text(client: RawClient, text: bytes) -> list[bytes]:
+    """MAIL, RCPT alice, DATA and the text (ending included); the reply to it."""
+    start_text(client)
     client.send(text)
     return smtp_reply(client)
 
@@ -407,8 +412,7 @@ def test_a_server_stopped_while_the_text_came_counts_against_nothing(classroom, 
     server = classroom()
     client = raw_smtp(server)
     smtp_command(client, "EHLO student.example")
-    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
-        smtp_command(client, command)
+    start_text(client)
     client.send(b"Subject: half a message\r\n")
     (result,) = graded(root, server, stop_first=True)
     assert verdicts(result)["smtp.ends-data-correctly"] == NA
@@ -420,8 +424,7 @@ def test_a_client_silent_in_the_text_until_the_timeout_fails_ends_data_correctly
     server = classroom(smtp={"data_timeout": 0.5})
     client = raw_smtp(server)
     smtp_command(client, "EHLO student.example")
-    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
-        smtp_command(client, command)
+    start_text(client)
     client.send(b"Subject: never ended\r\n")
     assert smtp_reply(client)[0].startswith(b"421 4.4.2 ")
     (result,) = graded(root, server)
@@ -436,8 +439,7 @@ def test_a_server_that_hangs_up_in_the_text_on_purpose_counts_against_nothing(cl
     server = classroom(faults=["smtp:DATA=drop-mid"])
     client = raw_smtp(server)
     smtp_command(client, "EHLO student.example")
-    for command in ("MAIL FROM:<bob@example.org>", "RCPT TO:<alice@localhost>", "DATA"):
-        smtp_command(client, command)
+    start_text(client)
     client.send(b"Subject: cut off\r\n\r\nbody\r\n.\r\n")
     assert client.sock.recv(100) == b""  # closed, without a reply
     client.close()
