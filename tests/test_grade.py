@@ -481,16 +481,21 @@ def test_retr_of_a_number_never_listed_fails_uses_listed_numbers(classroom, root
     assert failed(result) == ["pop3.uses-listed-numbers"]
 
 
+def retr_1_then_quit_graded(client: RawClient, root, server: MailServer) -> dict[str, str]:
+    """RETR 1 (accepted), QUIT, then the session's verdicts."""
+    assert client.command("RETR 1").startswith(b"+OK")
+    client.multiline()
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    return verdicts(result)
+
+
 def test_retr_of_a_number_the_login_counted_passes_uses_listed_numbers(classroom, root, store):
     # As curl does: RFC 1939 §7's example login reply gives the count.
     store.deliver("alice", b"Subject: one\n\nhello\n")
     server = classroom()
     client = raw_pop3_login(server)
-    assert client.command("RETR 1").startswith(b"+OK")
-    client.multiline()
-    client.command("QUIT")
-    (result,) = graded(root, server)
-    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+    assert retr_1_then_quit_graded(client, root, server)["pop3.uses-listed-numbers"] == PASS
 
 
 def test_retr_of_a_number_counted_in_reply_to_auths_response_passes_uses_listed_numbers(classroom, root, store):
@@ -502,11 +507,7 @@ def test_retr_of_a_number_counted_in_reply_to_auths_response_passes_uses_listed_
     assert client.command("AUTH PLAIN") == b"+ \r\n"
     credentials = base64.b64encode(f"\0alice\0{PASSWORD}".encode()).decode()
     assert client.command(credentials).startswith(b"+OK alice's maildrop has 1 message ")
-    assert client.command("RETR 1").startswith(b"+OK")
-    client.multiline()
-    client.command("QUIT")
-    (result,) = graded(root, server)
-    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+    assert retr_1_then_quit_graded(client, root, server)["pop3.uses-listed-numbers"] == PASS
 
 
 def test_a_message_deleted_then_reset_may_be_retrieved(classroom, root, store):
@@ -517,11 +518,7 @@ def test_a_message_deleted_then_reset_may_be_retrieved(classroom, root, store):
     client = raw_pop3_login(server)
     assert client.command("DELE 1").startswith(b"+OK")
     assert client.command("RSET").startswith(b"+OK")
-    assert client.command("RETR 1").startswith(b"+OK")
-    client.multiline()
-    client.command("QUIT")
-    (result,) = graded(root, server)
-    assert verdicts(result)["pop3.uses-listed-numbers"] == PASS
+    assert retr_1_then_quit_graded(client, root, server)["pop3.uses-listed-numbers"] == PASS
 
 
 def test_retr_after_a_login_that_counted_no_message_says_so(classroom, root):

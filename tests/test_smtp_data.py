@@ -85,6 +85,14 @@ def stored(store, user: str) -> list[bytes]:
     return [path.read_bytes() for _, path in store.messages(user)]
 
 
+def stored_text(store, client: RawClient, text: bytes) -> bytes:
+    """Send ``text`` (ending included) to alice alone; the one message stored."""
+    open_transaction(client, ["alice@localhost"])
+    queue_id_of(send_text(client, text))
+    [message] = stored(store, "alice")
+    return message
+
+
 def without_trace(message: bytes) -> bytes:
     """The stored message without the Return-Path: and Received: lines we added."""
     lines = message.split(b"\n")
@@ -184,10 +192,7 @@ def test_utf8_message_with_smtputf8_round_trips(server, greeted, alice):
 
 
 def test_empty_message_is_delivered_with_only_the_trace_lines(store, greeted, alice):
-    client = greeted()
-    open_transaction(client, ["alice@localhost"])
-    queue_id_of(send_text(client, b".\r\n"))
-    [message] = stored(store, "alice")
+    message = stored_text(store, greeted(), b".\r\n")
     assert without_trace(message) == b""
 
 
@@ -261,10 +266,7 @@ def test_dot_line_after_a_bare_lf_line_is_text(store, greeted, alice):
 
 
 def test_dot_then_bare_lf_after_crlf_is_text(store, greeted, alice):
-    client = greeted()
-    open_transaction(client, ["alice@localhost"])
-    queue_id_of(send_text(client, b"one\r\n.\ntwo\r\n.\r\n"))
-    [message] = stored(store, "alice")
+    message = stored_text(store, greeted(), b"one\r\n.\ntwo\r\n.\r\n")
     assert without_trace(message) == b"one\n.\ntwo\n"
 
 
@@ -317,10 +319,7 @@ def test_second_transaction_on_the_same_connection(store, greeted, alice):
 
 
 def test_bare_lf_is_a_line_end_and_bare_cr_never_stored_by_default(store, greeted, alice):
-    client = greeted()
-    open_transaction(client, ["alice@localhost"])
-    queue_id_of(send_text(client, b"one\ntwo\r\nthree\rfour\r\nfive\r\r\n.\r\n"))
-    [message] = stored(store, "alice")
+    message = stored_text(store, greeted(), b"one\ntwo\r\nthree\rfour\r\nfive\r\r\n.\r\n")
     assert without_trace(message) == b"one\ntwo\nthree\nfour\nfive\n"
     assert b"\r" not in message
 
@@ -328,10 +327,7 @@ def test_bare_lf_is_a_line_end_and_bare_cr_never_stored_by_default(store, greete
 def test_cr_cr_lf_is_one_line_end_and_keeps_the_header_whole(store, greeted, alice):
     # Some clients end lines so (mailsend 1.17b2): a LF for each CR would
     # end the header section after Subject, and From would be body text.
-    client = greeted()
-    open_transaction(client, ["alice@localhost"])
-    queue_id_of(send_text(client, b"Subject: report\r\r\nFrom: a@example.com\r\n\r\r\nbody\r\r\n.\r\n"))
-    [message] = stored(store, "alice")
+    message = stored_text(store, greeted(), b"Subject: report\r\r\nFrom: a@example.com\r\n\r\r\nbody\r\r\n.\r\n")
     assert without_trace(message) == b"Subject: report\nFrom: a@example.com\n\nbody\n"
 
 
