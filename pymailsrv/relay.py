@@ -419,12 +419,16 @@ class Relay:
                 continue
             try:
                 self.attempt(queue_id)
-            except Exception:  # one broken message must not stop a worker
-                log.exception("delivery of %s failed unexpectedly; it stays queued", queue_id)
+            except Exception as error:  # one broken message must not stop a worker
                 # In memory: the failure may be the disk itself (ENOSPC
                 # while recording the outcome), and then next_attempt in the
                 # envelope never moves and the message would be due at once.
-                self.queue.postpone_in_memory(queue_id, time.monotonic() + self.queue.retry.min_backoff)
+                wait = self.queue.retry.min_backoff
+                self.queue.postpone_in_memory(queue_id, time.monotonic() + wait)
+                # The disk's own complaint (a full disk, a message file that
+                # cannot be read) is one line; anything else is a bug, with its traceback.
+                log.error("delivery of %s failed (%s); it stays queued, tried again in %gs", queue_id, error,
+                          wait, exc_info=not isinstance(error, OSError))
             finally:
                 with self._claim_lock:
                     self._in_flight.discard(queue_id)

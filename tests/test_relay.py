@@ -822,7 +822,7 @@ class _DiskFullQueue(OutboundQueue):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
-def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(root, dns, sink):
+def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(root, dns, sink, caplog):
     """The envelope's next_attempt never moves, so the relay postpones the message in memory."""
     remote = sink()
     settings = make_settings(root, relay={"dns_server": dns.address, "port": remote.port,
@@ -833,10 +833,16 @@ def test_a_message_whose_outcome_cannot_be_recorded_is_not_sent_again_at_once(ro
     server.relay = Relay(server.context)
     server.start()
     try:
-        server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+        queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
         remote.wait_for(1)
         time.sleep(1.0)  # not postponed, the message went to the sink ~1000 times a second
         assert len(remote.messages) == 1
+        # The disk's complaint is one line, without a traceback.
+        [failure] = [record for record in caplog.records if "it stays queued" in record.getMessage()]
+        assert failure.getMessage() == (f"delivery of {queue_id} failed ([Errno 28] No space left on device); "
+                                        "it stays queued, tried again in 60s")
+        assert failure.levelno == logging.ERROR and not failure.exc_info
+        assert "Traceback" not in caplog.text
     finally:
         server.stop()
 
