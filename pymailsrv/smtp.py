@@ -859,7 +859,8 @@ SmtpSession.commands = CommandTable(
             moves={_MAIL: _GREETED, _RCPT: _GREETED}),
     Command("VRFY", SmtpSession.do_vrfy, _ANY, "VRFY string", "RFC 5321 §4.1.1.6"),
     Command("EXPN", SmtpSession.do_expn, _ANY, "EXPN string", "RFC 5321 §4.1.1.7"),
-    Command("HELP", SmtpSession.do_help, _ANY, "HELP [string]", "RFC 5321 §4.1.1.8"),
+    # RFC 5321 §4.1.1.1: EHLO lists every command we offer beyond §4.5.1's required ones.
+    Command("HELP", SmtpSession.do_help, _ANY, "HELP [string]", "RFC 5321 §4.1.1.8", capability="HELP"),
     Command("NOOP", SmtpSession.do_noop, _ANY, "NOOP [string]", "RFC 5321 §4.1.1.9"),
     Command("QUIT", SmtpSession.do_quit, _ANY, "QUIT", "RFC 5321 §4.1.1.10",
             moves={state: None for state in _ANY}),

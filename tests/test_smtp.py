@@ -67,9 +67,10 @@ def exchange(client: RawClient, command: str | bytes) -> bytes:
 
 def ehlo_lines(hostname: str, client_name: str, max_size: int) -> str:
     # AUTH is offered because the tests connect from 127.0.0.1, a local network
-    # where a password may cross without TLS (auth.local_networks).
+    # where a password may cross without TLS (auth.local_networks). HELP is
+    # listed as RFC 5321 §4.1.1.1 asks for every command past §4.5.1's list.
     return "\n".join([f"{hostname} greets {client_name}", "PIPELINING", f"SIZE {max_size}", "8BITMIME",
-                      "ENHANCEDSTATUSCODES", "SMTPUTF8", "AUTH PLAIN LOGIN"])
+                      "ENHANCEDSTATUSCODES", "SMTPUTF8", "AUTH PLAIN LOGIN", "HELP"])
 
 
 def help_line(command) -> str:
@@ -180,7 +181,7 @@ def test_ehlo_lists_exactly_the_extensions_offered(connect, server, hostname):
     reply = exchange(connect(), "EHLO client.example")
     lines = ehlo_lines(hostname, "client.example", server.settings.smtp.max_message_size)
     assert reply == wire(R.R250_EHLO, lines=lines)
-    assert reply.endswith(b"250 AUTH PLAIN LOGIN\r\n")
+    assert reply.endswith(b"250-AUTH PLAIN LOGIN\r\n250 HELP\r\n")
 
 
 def test_ehlo_through_smtplib_sees_every_keyword(smtp, server):
@@ -188,7 +189,7 @@ def test_ehlo_through_smtplib_sees_every_keyword(smtp, server):
     assert client.ehlo() == answer(R.R250_EHLO, lines=ehlo_lines(
         server.settings.hostname, "client.example", server.settings.smtp.max_message_size))
     assert set(client.esmtp_features) == {"pipelining", "size", "8bitmime", "enhancedstatuscodes", "smtputf8",
-                                          "auth"}
+                                          "auth", "help"}
     assert client.esmtp_features["size"] == str(server.settings.smtp.max_message_size)
 
 

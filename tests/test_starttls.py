@@ -105,7 +105,7 @@ def ehlo_wire(server, client_name: str = CLIENT_NAME, starttls: bool = False, au
     """The EHLO reply the server owes: STARTTLS and AUTH only where they are offered."""
     lines = [f"{server.settings.hostname} greets {client_name}", "PIPELINING",
              f"SIZE {server.settings.smtp.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"]
-    lines += ["STARTTLS"] * starttls + ["AUTH PLAIN LOGIN"] * auth
+    lines += ["STARTTLS"] * starttls + ["AUTH PLAIN LOGIN"] * auth + ["HELP"]
     return wire(R.R250_EHLO, lines="\n".join(lines))
 
 
