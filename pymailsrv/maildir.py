@@ -426,6 +426,10 @@ class IncomingMaildirMessage:
                 # deleting one recipient's copy could free the file under
                 # the others'. (The objection to O_TMPFILE above, again.)
                 os.fsync(file.fileno())
+            # Closed before the rename: once the message is in new/, nothing
+            # may fail that we cannot take back, or the client, told of a
+            # failure, sends it again and it arrives twice.
+            file.close()
             os.rename(self._tmp_path, first)
             linked.append(first)
             for new_dir in self._new_dirs:
@@ -435,7 +439,6 @@ class IncomingMaildirMessage:
                 target.unlink(missing_ok=True)
             self.discard()
             raise storage_error(error, "linking the message into new/") from error
-        file.close()
         return self.queue_id
 
     def discard(self) -> None:

@@ -25,8 +25,10 @@ command table, refused if unknown or not valid in this state, and the handler
 runs. A handler answers by returning a Reply or raising ``CommandError``; any
 other exception is a bug or a storage failure, logged with its traceback and
 answered with a generic temporary failure that never shows the exception text
-to the client. Each error reply counts towards a limit that depends on the
-state (``max_errors``); past it the session answers once more and closes.
+to the client; met in message text, it ends the session too, as where the
+text stood is then unknown. Each error reply counts towards a limit that
+depends on the state (``max_errors``); past it the session answers once more
+and closes.
 """
 
 from __future__ import annotations
@@ -204,7 +206,12 @@ class Session:
         self.run_put_off_work()
         if self.drop_in_text:
             return dataclasses.replace(self.INTERNAL_ERROR, after=After.DROP), b""
-        return self.take_text(block, too_long)
+        try:
+            return self.take_text(block, too_long)
+        except Exception:
+            # As for a command, but where the text stood is now unknown: the
+            # session ends after the reply, and close() throws the text away.
+            return dataclasses.replace(self._internal_error("message text"), after=After.CLOSE), b""
 
     def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
         raise NotImplementedError  # only protocols that collect text (SMTP DATA)
@@ -259,11 +266,13 @@ class Session:
         except CommandError as refusal:
             return refusal.reply
         except Exception:
-            # A bug or a storage failure: the log gets the traceback, the
-            # client a temporary failure, never the exception's text.
-            log.exception("%s session %d from %s: %s failed", self.protocol, self.session_id,
-                          self.peer[0], what)
-            return self.INTERNAL_ERROR
+            return self._internal_error(what)
+
+    def _internal_error(self, what: str) -> Reply:
+        """A bug or a storage failure, met in ``what``: the log gets the
+        traceback, the client a temporary failure, never the exception's text."""
+        log.exception("%s session %d from %s: %s failed", self.protocol, self.session_id, self.peer[0], what)
+        return self.INTERNAL_ERROR
 
     def _syntax_error(self, verb: str) -> CommandError:
         """The refusal of a verb's arguments: its syntax, as the command table writes it."""

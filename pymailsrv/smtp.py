@@ -769,24 +769,22 @@ class SmtpSession(Session):
         self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, b".",
                                         self.text.bare_line_end)
         refusal = self.text.refusal()
-        incoming, self._incoming = self._incoming, None
         try:
             if refusal is not None:
-                incoming.discard()
                 return self._counted(refusal)
             try:
-                queue_id = incoming.commit(self.envelope)
+                queue_id = self._incoming.commit(self.envelope)
             except StorageError as error:
-                incoming.discard()
                 log.error("smtp session %d: delivery failed: %s", self.session_id, error)
                 return self._counted(_storage_refusal(error))
+            self._incoming = None  # committed: the finally has nothing to throw away
             # Logged while the client reads the 250: the message is already safe.
             self.later(functools.partial(
                 log.info, "delivered %s from <%s> to %s (%d octets)", queue_id, self.envelope.reverse_path or "",
                 ", ".join(self.envelope.users + self.envelope.relay_recipients), self.text.octets))
             return R250_DELIVERED.format(queue_id=queue_id)
         finally:
-            self._new_transaction()
+            self._new_transaction()  # throws away a text refused, or not committed
 
     def _trace_header(self, queue_id: str) -> bytes:
         """Return-Path: and Received: (RFC 5321 §4.4), LF line ends as stored."""

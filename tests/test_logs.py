@@ -25,6 +25,7 @@ import uuid
 
 import pytest
 
+from pymailsrv.maildir import IncomingMaildirMessage
 from pymailsrv.replies import R250_OK
 from pymailsrv.server import MailServer, trace_options
 from pymailsrv.smtp import SmtpSession
@@ -180,3 +181,29 @@ def test_a_bug_in_a_command_is_logged_with_its_traceback_and_answered_without_it
     [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
     assert re.fullmatch(r"smtp session \d+ from 127\.0\.0\.1: RCPT failed", record.getMessage())
     assert record.exc_info[1].args == ("secret-internal-detail",)
+
+
+def test_a_bug_met_in_message_text_ends_the_session_and_keeps_nothing(root, add_user, caplog, monkeypatch):
+    # As for a command (above), but where the text stood is then unknown: the
+    # client hears 451 and the session ends; the half-made message is gone.
+    add_user("alice")
+
+    def broken(incoming) -> str:
+        raise RuntimeError("secret-internal-detail")
+
+    monkeypatch.setattr(IncomingMaildirMessage, "commit", broken)
+    with MailServer(make_settings(root)) as server:
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        assert client.command("HELO client.example").startswith(b"250 ")
+        assert client.command("MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert client.command("RCPT TO:<alice@localhost>").startswith(b"250 ")
+        assert client.command("DATA").startswith(b"354 ")
+        refused = client.command("Subject: hello\r\n\r\nhi\r\n.")
+        assert refused == b"451 4.3.0 local error in processing, try again later\r\n"
+        assert client.closed()
+        client.close()
+    [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert re.fullmatch(r"smtp session \d+ from 127\.0\.0\.1: message text failed", record.getMessage())
+    assert record.exc_info[1].args == ("secret-internal-detail",)
+    assert [os.listdir(root / "alice" / folder) for folder in ("tmp", "new", "cur")] == [[], [], []]
