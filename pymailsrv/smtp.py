@@ -4,24 +4,29 @@ Read this module beside RFC 5321. A session is a conversation; inside it the
 client runs mail *transactions* (§3.3), each one MAIL, then RCPT (once per
 recipient), then DATA. The per-connection facts live on the session (the
 client's EHLO name); the per-transaction ones in an ``Envelope`` that MAIL
-starts and RSET, EHLO and the end of DATA throw away (aiosmtpd's split)::
+starts and RSET, EHLO, HELO, STARTTLS and the end of DATA throw away
+(aiosmtpd's split). MAIL, RCPT and DATA, as states, mean the command of
+that name was the last accepted::
 
     CONNECTED --EHLO/HELO--> GREETED --MAIL--> MAIL --RCPT--> RCPT --DATA--> DATA
                                 ^                                             |
-                                +------------- <CRLF>.<CRLF>, 250 -----------+
+                                +------- <CRLF>.<CRLF> (250, or a refusal) ---+
+
+(``pymailsrv explain`` draws the whole diagram, every command's moves.)
 
 * A client must say EHLO or HELO before MAIL (§4.1.4); EHLO and RSET may
   come at any time and abort the transaction in progress.
-* RCPT checks each recipient at once (§3.3): a local user of one of our
-  domains, ``postmaster`` of any of them (§4.5.1), or a refusal. We are never
-  an open relay: mail for other domains is refused (550 5.7.1) unless the
-  client is in ``relay.trusted_networks``.
+* RCPT checks each recipient as it is given, not after DATA (§3.3): a
+  local user of one of our domains, ``postmaster`` of any of them (§4.5.1),
+  or a refusal. We are never an open relay: mail for other domains is
+  refused (550 5.7.1) unless the client is in ``relay.trusted_networks``.
 * DATA's text ends only at ``<CRLF>.<CRLF>`` (§4.1.1.4), with the leading
   dot of stuffed lines removed (§4.5.2). See ``MessageText`` for why nothing
   else - ``<LF>.<LF>``, ``<CR>.<CR>``, ``<LF>.<CRLF>`` - may end it (SMTP
   smuggling, CVE-2023-51764). The text streams to disk as it comes.
-* ``250`` after DATA means the message is durable in every recipient's
-  Maildir (``maildir.py`` fsyncs before we answer).
+* ``250`` after DATA means the message is durable in every local
+  recipient's Maildir and, for outside recipients, in the outbound queue
+  (``Spool``: ``maildir.py`` and ``outqueue.py`` fsync before we answer).
 
 Extensions offered in the EHLO reply: PIPELINING (RFC 2920), SIZE (RFC 1870),
 8BITMIME (RFC 6152), ENHANCEDSTATUSCODES (RFC 2034, codes from RFC 3463) and
@@ -126,7 +131,8 @@ log = logging.getLogger("pymailsrv.smtp")
 POSTMASTER = "postmaster"
 
 # RFC 4954: the SASL mechanisms AUTH offers. Both send the password itself,
-# so AUTH is offered only where that is safe (TLS or a local network).
+# so AUTH is offered only where that is safe (TLS or a local network), or
+# where the site allows it (Session.plaintext_auth_allowed).
 SASL_MECHANISMS = ("PLAIN", "LOGIN")
 
 # RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets with its CRLF, "not
@@ -135,16 +141,21 @@ SASL_MECHANISMS = ("PLAIN", "LOGIN")
 # carries none must still stop at 1000.
 TEXT_LINE_OCTETS = SMTP_TEXT_LINE_MAX - 1
 
-# A client's EHLO/HELO name: printable, no spaces. RFC 5321 §4.1.4 forbids
-# refusing a name that does not match the client's address, and clients send
-# names that are no domain ("my_laptop"), so we ask no more. UTF-8 is
-# tolerated, though RFC 6531 §3.7.1 has clients send only ASCII (LDH or
-# A-label) names in EHLO; control characters are not.
+# A client's EHLO/HELO name: printable, no spaces. RFC 5321 §4.1.2 allows
+# only letters, digits and hyphens in a domain's labels ("the underscore
+# character is not permitted") and would have a command that breaks that
+# refused with 501; but clients send names that are no domain
+# ("my_laptop"), and we take them, as MTAs commonly do. (§4.1.4 only keeps
+# a server from refusing mail because the name does not match the client's
+# address, which we never check.) UTF-8 is tolerated, though RFC 6531
+# §3.7.1 has clients send only ASCII (LDH or A-label) names in EHLO;
+# control characters are not.
 _CLIENT_NAME = re.compile(with_utf8_text(VCHAR) + "+")
-# What of a client's name that is no domain may go into the comment of a
-# Received: header: a ";" would end the "from" clause for a parser that
-# splits there, a "(" or ")" the comment. The rest shows as "?", as
-# Postfix's printable() shows what it may not print.
+# What of a client's name that is no domain may NOT go into the comment of
+# a Received: header, and shows as "?" there (as Postfix's printable()
+# shows what it may not print): anything but letters, digits, ".", "_" and
+# "-". A ";" would end the "from" clause for a parser that splits there, a
+# "(" or ")" the comment.
 _UNSAFE_IN_RECEIVED = re.compile(r"[^A-Za-z0-9._-]")
 # How much of the client's name a greeting echoes. Any reply line is made
 # ASCII and cut to 512 octets anyway (replies.reply_line); this keeps the
@@ -170,10 +181,13 @@ class Envelope:
     """One mail transaction (RFC 5321 §3.3)."""
 
     reverse_path: Address | None = None  # None is the null path <> (bounces)
-    forward_paths: list[Address] = field(default_factory=list)
-    users: list[str] = field(default_factory=list)  # local users, each once
-    relay_recipients: list[str] = field(default_factory=list)  # for the outbound queue, each once
-    rejected_recipients: int = 0
+    forward_paths: list[Address] = field(default_factory=list)  # as RCPT gave them
+    # Where the message goes, aliases expanded: the user names of local
+    # mailboxes, and outside addresses (from RCPT, or from an alias) for
+    # the outbound queue; each once.
+    local_users: list[str] = field(default_factory=list)
+    relay_recipients: list[str] = field(default_factory=list)
+    rejected_recipients: int = 0  # only to answer DATA 554 rather than 503 (§3.3)
     smtputf8: bool = False  # RFC 6531: the client may use UTF-8 addresses
 
 
@@ -196,7 +210,7 @@ class Spool:
 
     def __init__(self, context: ServerContext, envelope: Envelope) -> None:
         self._queue = context.queue
-        self._local = context.store.receive(envelope.users) if envelope.users else None
+        self._local = context.store.receive(envelope.local_users) if envelope.local_users else None
         self._outbound: IncomingMessage | None = None
         try:
             if envelope.relay_recipients:
@@ -204,6 +218,7 @@ class Spool:
         except StorageError:
             self.discard()
             raise
+        # The id quoted in our 250: the Maildir copy's if there is one, else the queue entry's.
         self.queue_id = (self._local or self._outbound).queue_id
 
     def _parts(self) -> list[IncomingMessage]:
@@ -247,9 +262,11 @@ class MessageText:
     Here none of them ends anything.
 
     Bare line ends (RFC 5321 §2.3.8 allows only CRLF) follow the
-    ``smtp.bare_newline`` setting: ``normalize`` treats a bare LF as a line
-    end (Postfix 3.9's default), and a bare CR too (where Postfix keeps it
-    as text), except CRs just before a line end, which are part of it;
+    ``smtp.bare_newline`` setting: ``normalize``, the default, treats a bare
+    LF as a line end, as Postfix 3.9's default does, though §4.1.1.4 says
+    servers "MUST NOT do this": mail programs still send them, and refusing
+    their mail helps nobody. A bare CR is a line end too (where Postfix
+    keeps it as text), except CRs just before a line end, which are part of it;
     ``reject`` refuses the message once it has been read to its end. Either
     way a bare CR is never stored as such, for POP3 sends a message line by
     line. A line too long, a message too big or a storage failure
@@ -257,8 +274,8 @@ class MessageText:
     Text is stored with LF line ends, the Maildir convention.
     """
 
-    def __init__(self, incoming: IncomingMessage, max_size: int, normalize_bare_newlines: bool) -> None:
-        self._incoming = incoming
+    def __init__(self, sink: IncomingMessage | Spool, max_size: int, normalize_bare_newlines: bool) -> None:
+        self._sink = sink  # where the stored text is written: the session's Spool
         self._max_size = max_size
         self._normalize = normalize_bare_newlines
         self._after_crlf = True  # the DATA command line itself ended in CRLF
@@ -292,6 +309,7 @@ class MessageText:
             else:
                 line_start = offset
                 while line_start < run_end:
+                    # find() gives -1 where there is no LF: +1 makes it 0, false, so "or" takes the end.
                     line_end = block.find(b"\n", line_start, run_end) + 1 or run_end
                     if self.feed(block[line_start:line_end], too_long):
                         return line_end
@@ -374,7 +392,7 @@ class MessageText:
         """Write ``data`` without counting it against the size limit: the
         text as counted, or the trace header we put before it."""
         try:
-            self._incoming.write(data)
+            self._sink.write(data)
         except StorageError as error:
             self.storage_error = error
 
@@ -414,7 +432,7 @@ class SmtpSession(Session):
         self.esmtp = False  # EHLO (not HELO) was used
         self.envelope = Envelope()
         self.text: MessageText | None = None
-        self._incoming: Spool | None = None
+        self._spool: Spool | None = None  # the text's destination, from DATA until it is committed
         self.auth_failures = 0
 
     # --- what the base class asks of a protocol ------------------------------
@@ -432,6 +450,9 @@ class SmtpSession(Session):
         return R421_SHUTTING_DOWN.format(host=self.settings.hostname)
 
     def command_line_limit(self) -> int:
+        """The longest line the transport reads: a text line, or a command line
+        with room for MAIL's and RCPT's parameters (``dispatch`` holds every
+        other verb to RFC 5321's 512 octets)."""
         if self.state is SmtpState.DATA:
             return SMTP_TEXT_LINE_MAX
         return SMTP_COMMAND_LINE_MAX + SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE
@@ -446,8 +467,10 @@ class SmtpSession(Session):
         return SMTP_MAX_ERRORS
 
     def too_many_errors(self, last_error: Reply) -> Reply:
-        # RFC 5321 §3.8 lets a server send 421 unasked: the client still sees
-        # its 20th error, then the reason the connection closes.
+        # RFC 5321 §7.8 lets a server close "after generating an appropriate
+        # number of 5yz" replies, a defence against attack (where §3.8 would
+        # not have it close over commands it does not understand); §3.8's
+        # unasked 421 says why. The client still sees its SMTP_MAX_ERRORS-th error first.
         return last_error.followed_by(R421_TOO_MANY_ERRORS.format(host=self.settings.hostname))
 
     def is_error(self, reply: Reply) -> bool:
@@ -458,6 +481,20 @@ class SmtpSession(Session):
         # them either: smtpd_recipient_overshoot_limit).
         return reply.refused and not reply.made_from(R452_TOO_MANY_RECIPIENTS)
 
+    def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
+        """Message text, for ``Session.handle_text`` (after DATA's 354).
+
+        ``block`` is whole lines as the transport read them; ``too_long``
+        says it is one line, cut at SMTP_TEXT_LINE_MAX (the transport hands
+        such a line alone). Returns the reply once <CRLF>.<CRLF> has come
+        (else None), and what came after that line: pipelined commands, which
+        the transport reads next as commands.
+        """
+        end = self.text.feed_block(block, too_long)
+        if end is None:
+            return None, b""
+        return self._end_of_text(), block[end:]
+
     def close(self) -> None:
         self._discard_text()
 
@@ -467,7 +504,7 @@ class SmtpSession(Session):
         self.client_name = None
         self.esmtp = False
         self.user = None
-        self._new_transaction()
+        self._reset_transaction()
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         # RFC 5321 §4.5.3.1.4 allows 512 octets; RFC 1870 §3 (+26) and RFC
@@ -480,7 +517,8 @@ class SmtpSession(Session):
     # --- helpers -----------------------------------------------------------------
 
     def _no_argument(self, verb: str, argument: str) -> None:
-        """Refuse an argument to a verb that takes none."""
+        """Refuse an argument to a verb whose syntax has none (DATA, RSET,
+        QUIT in RFC 5321 §4.1.1): 501, a syntax error in parameters (§4.2.2)."""
         if argument.strip(ASCII_WHITESPACE):
             raise self._syntax_error(verb)
 
@@ -508,16 +546,19 @@ class SmtpSession(Session):
             raise CommandError(R501_BAD_PARAMETER.format(detail=error)) from None
         return address, parameters
 
-    def _new_transaction(self) -> None:
-        """Forget the transaction in progress (RSET, EHLO, end of DATA)."""
+    def _reset_transaction(self) -> None:
+        """End the transaction in progress, if any (RSET, EHLO, HELO, STARTTLS,
+        the end of DATA): back to GREETED, or CONNECTED where no EHLO or HELO
+        stands (the callers set or clear ``client_name`` first)."""
         self._discard_text()
         self.envelope = Envelope()
         self.enter(SmtpState.GREETED if self.client_name else SmtpState.CONNECTED)
 
     def _discard_text(self) -> None:
-        if self._incoming is not None:
-            self._incoming.discard()
-            self._incoming = None
+        """Throw away the text being received, if any, and read commands again."""
+        if self._spool is not None:
+            self._spool.discard()
+            self._spool = None
         self.text = None
         self.expect_lines(None)
 
@@ -536,9 +577,11 @@ class SmtpSession(Session):
 
     def do_ehlo(self, argument: str) -> Reply:
         """EHLO domain (RFC 5321 §4.1.1.1): greet, and list the extensions."""
+        # The name is checked before anything is reset: after a refused EHLO
+        # "the SMTP server MUST stay in the same state" (§4.1.4).
         self.client_name = self._client_name_from("EHLO", argument)
         self.esmtp = True
-        self._new_transaction()
+        self._reset_transaction()
         lines = [f"{self.settings.hostname} greets {_echoed_name(self.client_name)}", *self.extensions()]
         return R250_EHLO.format(lines="\n".join(lines))
 
@@ -546,13 +589,13 @@ class SmtpSession(Session):
         """HELO domain (RFC 5321 §4.1.1.1): greet, plain SMTP without extensions."""
         self.client_name = self._client_name_from("HELO", argument)
         self.esmtp = False
-        self._new_transaction()
+        self._reset_transaction()
         return R250_HELO.format(host=self.settings.hostname, client=_echoed_name(self.client_name))
 
     def do_rset(self, argument: str) -> Reply:
         """RSET (RFC 5321 §4.1.1.5): abort the transaction, keep the greeting."""
         self._no_argument("RSET", argument)
-        self._new_transaction()
+        self._reset_transaction()
         return R250_OK
 
     def do_noop(self, argument: str) -> Reply:
@@ -602,10 +645,13 @@ class SmtpSession(Session):
         return self.start_sasl(mechanism, words[1] if len(words) == 2 else None)
 
     def sasl_challenge(self, challenge: str) -> Reply:
+        """For Session.start_sasl: a challenge as SMTP sends it (334, RFC 4954 §4)."""
         return R334_CHALLENGE.format(challenge=challenge)
 
     def sasl_finished(self, credentials: Credentials) -> Reply:
-        delay = self.settings.pop3.failed_login_delay  # one failed-login delay for both protocols
+        """For Session.start_sasl: the exchange gave credentials; log in, or refuse."""
+        # One failed-login delay for both protocols; the setting lives under [pop3].
+        delay = self.settings.pop3.failed_login_delay
         try:
             user = self.check_login(credentials.user, credentials.check(self.context.users))
         except AddressBlocked:
@@ -628,7 +674,8 @@ class SmtpSession(Session):
     def do_expn(self, argument: str) -> Reply:
         """EXPN string (RFC 5321 §4.1.1.7): 502, not implemented, as Postfix answers."""
         # EXPN is a SHOULD (§3.5.2), and §4.2.4 gives 502 to a command that is
-        # recognized but not implemented.
+        # recognized but not implemented. §7.3's 252 is for a server that has
+        # EXPN and turns it off for security; we never implemented it.
         return R502_NOT_IMPLEMENTED.format(verb="EXPN")
 
     # --- the transaction: MAIL, RCPT, DATA ----------------------------------------
@@ -638,6 +685,8 @@ class SmtpSession(Session):
         sender, parameters = self._path_argument("MAIL", "FROM", argument, reverse_path=True)
         if self.user is not None and not self.may_send_as(sender):
             raise CommandError(R550_SENDER_NOT_OWNED.format(address=sender or "", user=self.user))
+        # Built aside and taken only once all is well: after a refused MAIL
+        # the server "MUST stay in the same state" (§4.1.4).
         envelope = Envelope(reverse_path=sender)
         for keyword, value in parameters.items():
             self._mail_parameter(envelope, keyword, value)
@@ -699,7 +748,7 @@ class SmtpSession(Session):
             raise CommandError(R452_TOO_MANY_RECIPIENTS)  # RFC 5321 §4.5.3.1.10
         users, relay_to = self._route(recipient)
         self.envelope.forward_paths.append(recipient)
-        self.envelope.users.extend(user for user in users if user not in self.envelope.users)
+        self.envelope.local_users.extend(user for user in users if user not in self.envelope.local_users)
         self.envelope.relay_recipients.extend(
             address for address in relay_to if address not in self.envelope.relay_recipients)
         self.enter(SmtpState.RCPT)
@@ -709,8 +758,9 @@ class SmtpSession(Session):
         return in_domains(domain, self.settings.domains)
 
     def _route(self, recipient: Address) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Where mail for ``recipient`` goes: (local users, addresses to relay to),
-        or the refusal. A bare <Postmaster> has no domain and is ours."""
+        """Where mail for ``recipient`` goes: (local users, addresses to relay
+        to); raises CommandError with the refusal. A bare <Postmaster> has no
+        domain and is ours."""
         if recipient.domain and not self._is_local_domain(recipient.domain):
             # Relaying is only for clients who logged in or sit in a trusted
             # network; for anyone else we are never an open relay.
@@ -726,8 +776,10 @@ class SmtpSession(Session):
         if expansion:
             return expansion.users, expansion.external
         if local_part.isascii() and local_part.lower() == POSTMASTER:
-            # RFC 5321 §4.5.1: postmaster must be accepted; with no user at all
-            # there is nobody to deliver to yet, which is a passing state.
+            # RFC 5321 §4.5.1: postmaster must be accepted. It is a default
+            # alias (aliases.py) for smtp.postmaster or the first user, so we
+            # come here only when that names nobody: no user at all yet, a
+            # passing state.
             log.error("postmaster mail cannot be delivered: no user to receive it")
             raise CommandError(R451_LOCAL_ERROR)
         raise CommandError(R550_NO_SUCH_USER.format(address=recipient))
@@ -735,34 +787,29 @@ class SmtpSession(Session):
     def do_data(self, argument: str) -> Reply:
         """DATA (RFC 5321 §4.1.1.4): 354, then the text up to <CRLF>.<CRLF>."""
         self._no_argument("DATA", argument)
-        if not (self.envelope.users or self.envelope.relay_recipients):
+        if not (self.envelope.local_users or self.envelope.relay_recipients):
             if self.envelope.rejected_recipients:
                 raise CommandError(R554_NO_VALID_RECIPIENTS)  # RFC 5321 §3.3
             raise CommandError(R503_BAD_SEQUENCE.format(detail="need RCPT first"))
         try:
-            self._incoming = Spool(self.context, self.envelope)
-        except StorageError as error:
-            self._discard_text()
+            self._spool = Spool(self.context, self.envelope)
+        except StorageError as error:  # Spool() has taken back whatever it made
             raise CommandError(_storage_refusal(error)) from None
-        self.text = MessageText(self._incoming, self.settings.smtp.max_message_size,
+        self.text = MessageText(self._spool, self.settings.smtp.max_message_size,
                                 self.settings.smtp.bare_newline == "normalize")
         # Writing the trace header makes the file in the Maildir's tmp/ (the
         # queue's copy, for a relay, is made with the Spool): done while the
-        # client reads our 354, it costs the client no wait. Should it fail,
-        # the text is refused once it has ended, as for a failed write later.
+        # client reads our 354, it costs the client no wait. It still comes
+        # first, as handle_text runs put-off work before it takes any text.
+        # Should it fail, the text is refused once it has ended, as for a
+        # failed write later.
         self.later(self._write_trace_header)
         self.expect_text()
         self.enter(SmtpState.DATA)
         return R354_START_DATA
 
     def _write_trace_header(self) -> None:
-        self.text.write_unmetered(self._trace_header(self._incoming.queue_id))
-
-    def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
-        end = self.text.feed_block(block, too_long)
-        if end is None:
-            return None, b""
-        return self._end_of_text(), block[end:]
+        self.text.write_unmetered(self._trace_header(self._spool.queue_id))
 
     def _end_of_text(self) -> Reply:
         """<CRLF>.<CRLF> came: refuse the text, or deliver it and say 250."""
@@ -773,29 +820,37 @@ class SmtpSession(Session):
             if refusal is not None:
                 return self._counted(refusal)
             try:
-                queue_id = self._incoming.commit(self.envelope)
+                queue_id = self._spool.commit(self.envelope)
             except StorageError as error:
                 log.error("smtp session %d: delivery failed: %s", self.session_id, error)
                 return self._counted(_storage_refusal(error))
-            self._incoming = None  # committed: the finally has nothing to throw away
-            # Logged while the client reads the 250: the message is already safe.
+            self._spool = None  # committed: the finally has nothing to throw away
+            # Logged while the client reads the 250: the message is already
+            # safe. partial() takes the values now, before the finally below
+            # resets the envelope and the text.
             self.later(functools.partial(
                 log.info, "delivered %s from <%s> to %s (%d octets)", queue_id, self.envelope.reverse_path or "",
-                ", ".join(self.envelope.users + self.envelope.relay_recipients), self.text.octets))
+                ", ".join(self.envelope.local_users + self.envelope.relay_recipients), self.text.octets))
             return R250_DELIVERED.format(queue_id=queue_id)
         finally:
-            self._new_transaction()  # throws away a text refused, or not committed
+            self._reset_transaction()  # throws away a text refused, or not committed
 
     def _trace_header(self, queue_id: str) -> bytes:
-        """Return-Path: and Received: (RFC 5321 §4.4), LF line ends as stored."""
+        """Return-Path: and Received: (RFC 5321 §4.4), LF line ends as stored.
+
+        The outbound queue's copy gets them too; relay.py takes Return-Path:
+        off again before sending, as §4.4 keeps it for the final delivery.
+        """
         envelope = self.envelope
         # RFC 3848 / RFC 6531 §3.7.3: the "with" protocol name, S for TLS, A for AUTH.
         protocol = "SMTP"
         if self.esmtp:
             protocol = ("UTF8SMTP" if envelope.smtputf8 else "ESMTP") + ("S" if self.tls else "") + (
                 "A" if self.user else "")
-        # The "for" clause names the one recipient, as a Path or a Mailbox (§4.4):
-        # a bare <Postmaster> (§4.1.1.3) is neither, having no domain.
+        # The "for" clause names exactly one recipient (§4.4), so only where
+        # there is one: naming one of several, in a copy each of them gets,
+        # would show a blind copy's recipient to the others (§7.2). As a Path or a Mailbox: a bare
+        # <Postmaster> (§4.1.1.3) is neither, having no domain.
         only = envelope.forward_paths[0] if len(envelope.forward_paths) == 1 else None
         recipient = f"\n\tfor <{only}>" if only is not None and only.domain else ""
         date = _date_of_second(int(time.time()))
@@ -816,7 +871,9 @@ class SmtpSession(Session):
         address = f"[IPv6:{ip}]" if ":" in ip else f"[{ip}]"  # RFC 5321 §4.1.3
         if is_domain(name) and (name.isascii() or self.envelope.smtputf8):
             return f"{name} ({address})"
-        # TCP-info holds only addresses; the name goes into a comment of its own.
+        # TCP-info is what the connection told us, never the EHLO name; with
+        # no reverse lookup it is the address literal alone, and the name the
+        # client gave goes into a comment of its own.
         return f"{address} ({address}) (helo={_UNSAFE_IN_RECEIVED.sub('?', name)})"
 
 
@@ -829,8 +886,9 @@ def _date_of_second(second: int) -> str:
 
 # --- The command table (RFC 5321 §4.1.1, §4.3.2) ---------------------------
 
-_CONNECTED, _GREETED, _MAIL, _RCPT, _DATA = SmtpState
-_ANY = frozenset({_CONNECTED, _GREETED, _MAIL, _RCPT})
+_CONNECTED, _GREETED, _MAIL, _RCPT, _DATA = SmtpState  # in the order SmtpState names them
+# Every state that reads commands: in DATA, lines are message text.
+_COMMAND_STATES = frozenset({_CONNECTED, _GREETED, _MAIL, _RCPT})
 
 SmtpSession.OTHER_TRANSITIONS = ((_DATA, "<CRLF>.<CRLF>", _GREETED),)
 
@@ -838,30 +896,34 @@ SmtpSession.commands = CommandTable(
     Command("STARTTLS", SmtpSession.do_starttls, frozenset({_CONNECTED, _GREETED}), "STARTTLS",
             "RFC 3207 §4", capability="STARTTLS",
             offered=lambda session: session.context.tls is not None and not session.tls,
+            # Made by tls_started() once the handshake is done (RFC 3207 §4.2).
             moves={_CONNECTED: _CONNECTED, _GREETED: _CONNECTED}),
     Command("AUTH", SmtpSession.do_auth, frozenset({_GREETED}), "AUTH mechanism [initial-response]",
             "RFC 4954 §4", capability="AUTH " + " ".join(SASL_MECHANISMS),
             offered=SmtpSession.plaintext_auth_allowed, secret_from=1),
-    Command("EHLO", SmtpSession.do_ehlo, _ANY, "EHLO domain", "RFC 5321 §4.1.1.1",
-            moves={state: _GREETED for state in _ANY}),
-    Command("HELO", SmtpSession.do_helo, _ANY, "HELO domain", "RFC 5321 §4.1.1.1",
-            moves={state: _GREETED for state in _ANY}),
+    Command("EHLO", SmtpSession.do_ehlo, _COMMAND_STATES, "EHLO domain", "RFC 5321 §4.1.1.1",
+            moves={state: _GREETED for state in _COMMAND_STATES}),
+    Command("HELO", SmtpSession.do_helo, _COMMAND_STATES, "HELO domain", "RFC 5321 §4.1.1.1",
+            moves={state: _GREETED for state in _COMMAND_STATES}),
     Command("MAIL", SmtpSession.do_mail, frozenset({_GREETED}),
             "MAIL FROM:<reverse-path> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]", "RFC 5321 §4.1.1.2",
             moves={_GREETED: _MAIL}),
     Command("RCPT", SmtpSession.do_rcpt, frozenset({_MAIL, _RCPT}), "RCPT TO:<forward-path>",
             "RFC 5321 §4.1.1.3", moves={_MAIL: _RCPT, _RCPT: _RCPT}),
+    # Valid in MAIL too, only to be refused precisely: 554 where every RCPT
+    # was refused, else 503 (§3.3).
     Command("DATA", SmtpSession.do_data, frozenset({_MAIL, _RCPT}), "DATA", "RFC 5321 §4.1.1.4",
             moves={_RCPT: _DATA}),
-    Command("RSET", SmtpSession.do_rset, _ANY, "RSET", "RFC 5321 §4.1.1.5",
+    Command("RSET", SmtpSession.do_rset, _COMMAND_STATES, "RSET", "RFC 5321 §4.1.1.5",
             moves={_MAIL: _GREETED, _RCPT: _GREETED}),
-    Command("VRFY", SmtpSession.do_vrfy, _ANY, "VRFY string", "RFC 5321 §4.1.1.6"),
-    Command("EXPN", SmtpSession.do_expn, _ANY, "EXPN string", "RFC 5321 §4.1.1.7"),
+    Command("VRFY", SmtpSession.do_vrfy, _COMMAND_STATES, "VRFY string", "RFC 5321 §4.1.1.6"),
+    Command("EXPN", SmtpSession.do_expn, _COMMAND_STATES, "EXPN string", "RFC 5321 §4.1.1.7"),
     # RFC 5321 §4.1.1.1: EHLO lists every command we offer beyond §4.5.1's required ones.
-    Command("HELP", SmtpSession.do_help, _ANY, "HELP [string]", "RFC 5321 §4.1.1.8", capability="HELP"),
-    Command("NOOP", SmtpSession.do_noop, _ANY, "NOOP [string]", "RFC 5321 §4.1.1.9"),
-    Command("QUIT", SmtpSession.do_quit, _ANY, "QUIT", "RFC 5321 §4.1.1.10",
-            moves={state: None for state in _ANY}),
+    Command("HELP", SmtpSession.do_help, _COMMAND_STATES, "HELP [string]", "RFC 5321 §4.1.1.8",
+            capability="HELP"),
+    Command("NOOP", SmtpSession.do_noop, _COMMAND_STATES, "NOOP [string]", "RFC 5321 §4.1.1.9"),
+    Command("QUIT", SmtpSession.do_quit, _COMMAND_STATES, "QUIT", "RFC 5321 §4.1.1.10",
+            moves={state: None for state in _COMMAND_STATES}),  # the 221 closes the connection
 )
 
 
@@ -887,6 +949,8 @@ class SubmissionSession(SmtpSession):
         return sender is None or self._is_local_domain(sender.domain) and self._owns(sender)
 
 
+# The rows hold SmtpSession's functions, so a handler overridden here needs
+# its row replaced too; helpers called through self (may_send_as) need none.
 SubmissionSession.commands = CommandTable(*(
     dataclasses.replace(command, handler=SubmissionSession.do_mail) if command.verb == "MAIL" else command
     for command in SmtpSession.commands))

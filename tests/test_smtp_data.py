@@ -768,7 +768,8 @@ class _Collected:
 def _parsed(pieces: list[tuple[bytes, bool]], by_block: bool, max_size: int, normalize: bool) -> tuple:
     """Feed ``pieces`` - (blocks of whole lines, or single lines; too long?) as the
     transport hands them - and say what came of it."""
-    text = MessageText(_Collected(), max_size=max_size, normalize_bare_newlines=normalize)
+    sink = _Collected()
+    text = MessageText(sink, max_size=max_size, normalize_bare_newlines=normalize)
     consumed = 0
     for piece, too_long in pieces:
         if by_block:
@@ -781,7 +782,7 @@ def _parsed(pieces: list[tuple[bytes, bool]], by_block: bool, max_size: int, nor
         consumed += len(piece)
     refusal = text.refusal()
     # A refused message is thrown away: how much of it was written first does not matter.
-    stored = bytes(text._incoming.data) if refusal is None else None
+    stored = bytes(sink.data) if refusal is None else None
     return stored, consumed, text.lines_read, text.bare_line_end, text.line_too_long, text.too_big, refusal
 
 
