@@ -58,6 +58,7 @@ queue flush`` from another process is noticed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -68,6 +69,7 @@ import ssl
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -529,16 +531,17 @@ class Relay:
             # The smarthost takes every recipient in one transaction.
             host, port = self._smarthost
             by_domain = {"": [address for addresses in by_domain.values() for address in addresses]}
-        settled: set[str] = set()
+        settled: set[str] = set()  # recipients this attempt has written down so far
+        settle = functools.partial(self._settle, entry.queue_id, settled)
         for domain, addresses in by_domain.items():
-            settled |= self._settle(entry.queue_id, outcomes, settled)
+            settle(outcomes)
             try:
                 hops_to_try = [Hop(host, host, port)] if self._smarthost else self._route(domain)
             except RouteError as error:
                 outcomes.update(dict.fromkeys(addresses, error.outcome))
                 continue
             try:
-                outcomes.update(self._send(hops_to_try, entry.sender, addresses, outgoing))
+                outcomes.update(self._send(hops_to_try, entry.sender, addresses, outgoing, settle))
             except Exception as error:
                 # A bug of ours, met in talking to some server: a failed
                 # attempt all the same, recorded, so the retries back off
@@ -548,25 +551,26 @@ class Relay:
                     State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local error: {error!r}"))))
         return outcomes
 
-    def _settle(self, queue_id: str, outcomes: dict[str, Outcome], settled: set[str]) -> set[str]:
-        """Before the next host, write down the recipients done with since
-        ``settled``; returns them.
+    def _settle(self, queue_id: str, settled: set[str], outcomes: dict[str, Outcome]) -> None:
+        """Before the next transaction (to the next host, or the next chunk
+        for this one), write down the recipients done with that are not yet
+        in ``settled``, and add them to it.
 
-        Should the server die or stop in that host's transaction, they are
-        not sent again (the one duplicate RFC 5321 §6.1 accepts is the
-        message in flight). A failure to write is no reason to stop: the
-        attempt's record() tries again at its end.
+        Should the server die or stop in that transaction, they are not
+        sent again (the one duplicate RFC 5321 §6.1 accepts is the message
+        in flight). A failure to write is no reason to stop: the attempt's
+        record() tries again at its end.
         """
         done = {address: outcome for address, outcome in outcomes.items()
                 if outcome.state is not State.PENDING and address not in settled}
         if not done:
-            return set()
+            return
         try:
             self.queue.settle(queue_id, done)
         except (OSError, StorageError) as error:
             log.warning("%s: cannot write down the recipients done so far: %s", queue_id, error)
-            return set()
-        return set(done)
+            return
+        settled.update(done)
 
     def _route(self, domain: str) -> list[Hop]:
         port = self.settings.relay.port
@@ -575,13 +579,15 @@ class Relay:
             return [Hop(domain, address, port)]
         return self._resolver.hops(domain, port, myself=self.settings.hostname)
 
-    def _send(self, hops: list[Hop], sender: str, recipients: list[str], data: bytes) -> dict[str, Outcome]:
-        """Try the hops in order until one takes part in a transaction (§5.1)."""
+    def _send(self, hops: list[Hop], sender: str, recipients: list[str], data: bytes,
+              settle: Callable[[dict[str, Outcome]], None]) -> dict[str, Outcome]:
+        """Try the hops in order until one takes part in a transaction (§5.1).
+        ``settle`` writes down outcomes between one host's transactions."""
         failure: HopFailed | None = None
         for hop in hops:
             try:
                 try:
-                    return self._transaction(hop, sender, recipients, data)
+                    return self._transaction(hop, sender, recipients, data, settle)
                 except StartTlsFailed as error:
                     if self._tls_policy != "opportunistic":
                         raise
@@ -591,14 +597,14 @@ class Relay:
                     # takes it in plaintext. A host that broke TLS mid-
                     # handshake is in no known state: start on a new connection.
                     log.warning("%s: %s; delivering without TLS", hop, error)
-                    return self._transaction(hop, sender, recipients, data, starttls=False)
+                    return self._transaction(hop, sender, recipients, data, settle, starttls=False)
             except HopFailed as error:
                 log.info("%s: %s", hop, error)
                 failure = error
         return dict.fromkeys(recipients, failure.outcome)
 
     def _transaction(self, hop: Hop, sender: str, recipients: list[str], data: bytes,
-                     starttls: bool = True) -> dict[str, Outcome]:
+                     settle: Callable[[dict[str, Outcome]], None], starttls: bool = True) -> dict[str, Outcome]:
         try:
             client = _HopClient(hop, local_hostname=self.settings.hostname, timeout=self.settings.relay.timeout)
         except smtplib.SMTPConnectError as error:  # a greeting other than 220
@@ -633,6 +639,8 @@ class Relay:
                     break
                 waiting = [address for address, outcome in sent.items()
                            if outcome.state is State.PENDING and outcome.status == STATUS_TOO_MANY_RECIPIENTS]
+                if waiting:
+                    settle(outcomes)
             _quietly(client.quit)
             return outcomes
         finally:

@@ -534,6 +534,36 @@ def test_a_crash_between_two_hosts_sends_nothing_again_to_the_first(mta, sink, m
     assert server.context.queue.get(queue_id) is None
 
 
+def test_a_crash_between_two_chunks_for_one_host_sends_nothing_again_to_the_first(mta, sink, monkeypatch):
+    # Past a host's recipient limit the rest go to it in a next transaction
+    # (RFC 5321 §4.5.3.1.10). The server dying in that one used to leave the
+    # first chunk's recipients pending, sent again after the restart.
+    remote = sink()
+    remote.handler.max_recipients = 2
+    server = mta(remote)
+    recipients = [f"r{number}@example.net" for number in range(3)]
+    queue_id = server.context.queue.enqueue(SENDER, recipients, MESSAGE)
+    real_mail = server.relay._mail
+    transactions = []
+
+    def dies_in_the_second(*arguments):
+        transactions.append(arguments)
+        if len(transactions) == 2:
+            raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
+        return real_mail(*arguments)
+
+    monkeypatch.setattr(server.relay, "_mail", dies_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        server.relay.run_once()
+    states = {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
+    assert states == {"r0@example.net": State.DELIVERED, "r1@example.net": State.DELIVERED,
+                      "r2@example.net": State.PENDING}
+    monkeypatch.setattr(server.relay, "_mail", real_mail)
+    server.relay.attempt(queue_id)  # the retry, after the restart
+    assert [message.rcpt_tos for message in remote.messages] == [recipients[:2], recipients[2:]]
+    assert server.context.queue.get(queue_id) is None
+
+
 def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
     # RFC 6533 §3: "utf-8;" and the address in utf-8-addr-xtext form.
     server = mta(sink(enable_SMTPUTF8=False))
