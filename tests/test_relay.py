@@ -506,6 +506,25 @@ def test_a_bug_met_in_a_delivery_is_a_failed_attempt_that_still_ends_the_message
         "X-pymailsrv; local error: AttributeError(\"'str' object has no attribute 'decode'\")")
 
 
+def dying_in_the_second_call(monkeypatch, server, method: str, queue_id: str) -> dict[str, State]:
+    """Run an attempt that dies, as by kill -9, in its second call of the
+    relay's ``method``; the recipients' states it leaves in the queue."""
+    real = getattr(server.relay, method)
+    calls = []
+
+    def dies_in_the_second(*arguments):
+        calls.append(arguments)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
+        return real(*arguments)
+
+    monkeypatch.setattr(server.relay, method, dies_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        server.relay.run_once()
+    monkeypatch.setattr(server.relay, method, real)
+    return {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
+
+
 def test_a_crash_between_two_hosts_sends_nothing_again_to_the_first(mta, sink, monkeypatch):
     # One message to two domains is two transactions. The server dying in
     # the second used to leave the first domain's recipient pending, sent
@@ -513,21 +532,8 @@ def test_a_crash_between_two_hosts_sends_nothing_again_to_the_first(mta, sink, m
     remote = sink()
     server = mta(remote)
     queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net", "carol@implicit.example"], MESSAGE)
-    real_send = server.relay._send
-    sends = []
-
-    def dies_in_the_second(*arguments):
-        sends.append(arguments)
-        if len(sends) == 2:
-            raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
-        return real_send(*arguments)
-
-    monkeypatch.setattr(server.relay, "_send", dies_in_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        server.relay.run_once()
-    states = {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
+    states = dying_in_the_second_call(monkeypatch, server, "_send", queue_id)
     assert states == {"bob@example.net": State.DELIVERED, "carol@implicit.example": State.PENDING}
-    monkeypatch.setattr(server.relay, "_send", real_send)
     server.relay.attempt(queue_id)  # the retry, after the restart
     assert sorted(rcpt for message in remote.messages for rcpt in message.rcpt_tos) == [
         "bob@example.net", "carol@implicit.example"]
@@ -543,22 +549,9 @@ def test_a_crash_between_two_chunks_for_one_host_sends_nothing_again_to_the_firs
     server = mta(remote)
     recipients = [f"r{number}@example.net" for number in range(3)]
     queue_id = server.context.queue.enqueue(SENDER, recipients, MESSAGE)
-    real_mail = server.relay._mail
-    transactions = []
-
-    def dies_in_the_second(*arguments):
-        transactions.append(arguments)
-        if len(transactions) == 2:
-            raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
-        return real_mail(*arguments)
-
-    monkeypatch.setattr(server.relay, "_mail", dies_in_the_second)
-    with pytest.raises(KeyboardInterrupt):
-        server.relay.run_once()
-    states = {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
+    states = dying_in_the_second_call(monkeypatch, server, "_mail", queue_id)
     assert states == {"r0@example.net": State.DELIVERED, "r1@example.net": State.DELIVERED,
                       "r2@example.net": State.PENDING}
-    monkeypatch.setattr(server.relay, "_mail", real_mail)
     server.relay.attempt(queue_id)  # the retry, after the restart
     assert [message.rcpt_tos for message in remote.messages] == [recipients[:2], recipients[2:]]
     assert server.context.queue.get(queue_id) is None
