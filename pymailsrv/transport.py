@@ -109,8 +109,11 @@ class Connection:
         """Has the client sent octets we have not read yet? Never blocks."""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return bool(readable)
+        # poll(), not select(): select() takes no descriptor past 1023, and
+        # the server raises its open-files limit beyond that (limits.py).
+        waiting = select.poll()
+        waiting.register(self.sock, select.POLLIN)
+        return bool(waiting.poll(0))
 
     def read_line(self, limit: int) -> tuple[bytes, bool]:
         """One line with its line end, and whether it was longer than ``limit``.

@@ -6,8 +6,10 @@ import base64
 import hashlib
 import io
 import json
+import os
 import poplib
 import re
+import resource
 import smtplib
 from pathlib import Path
 
@@ -95,6 +97,35 @@ def test_a_line_sent_early_or_without_crlf_is_marked(traced, add_user):
     wait_for_open(server, 0)
     assert _client_lines(stream) == ["HELO pc07  (bare LF)", "MAIL FROM:<bob@example.org>",
                                      "RCPT TO:<alice@localhost>  (pipelined)", "QUIT"]
+
+
+def test_a_traced_session_on_a_descriptor_past_1023_is_served(traced):
+    # Whether a line came pipelined was asked of select(), which takes no
+    # descriptor past 1023: the server raises its open-files limit for 500
+    # connections, and there a traced session died at its first line.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1100
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-files limit is {hard}")
+    filler = []
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    try:
+        with open(os.devnull) as devnull:
+            while len(filler) < wanted and (not filler or filler[-1] < 1030):
+                filler.append(os.dup(devnull.fileno()))  # the lowest free ones, up to past 1023
+        server, stream = traced(trace=True)
+        client = RawClient(server.addresses["smtp"])
+        assert client.line().startswith(b"220 ")
+        assert client.command("HELO pc07") == f"250 {server.settings.hostname} greets pc07\r\n".encode()
+        client.send(b"NOOP\r\nNOOP\r\n")
+        assert [client.line(), client.line()] == [b"250 2.0.0 OK\r\n"] * 2
+        client.close()
+        wait_for_open(server, 0)
+        assert _client_lines(stream) == ["HELO pc07", "NOOP", "NOOP  (pipelined)"]
+    finally:
+        for descriptor in filler:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
