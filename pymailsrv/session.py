@@ -233,11 +233,11 @@ class Session:
 
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         """Look the verb up in the command table and run its handler."""
+        self.commands_run += 1  # every line, too long or unknown too (see Pop3Session.do_pass)
         if too_long:
             return self._counted(self.LINE_TOO_LONG)
         verb, _, argument = command_text(line).partition(" ")
         command = self.commands.find(verb)
-        self.commands_run += 1
         reply = self._answer(command, argument)
         # An AUTH refused however (its handler, its state, a fault) may be
         # followed by the base64 lines meant for its exchange; mask() hides

@@ -139,7 +139,8 @@ def test_pass_after_a_failed_pass_needs_user_again(connect, alice):
     assert client.command(f"PASS {PASSWORD}") == wire(R.POP3_USER_FIRST)
 
 
-@pytest.mark.parametrize("between", ["CAPA", "USER", "BOGUS", "APOP alice " + "0" * 32, "AUTH PLAIN eA=="])
+@pytest.mark.parametrize("between", ["CAPA", "USER", "BOGUS", "APOP alice " + "0" * 32, "AUTH PLAIN eA==",
+                                     "X" * 300])  # the last too long a line to be read as a command
 def test_pass_must_come_straight_after_user(connect, alice, between):
     # RFC 1939 §7: PASS "may only be given in the AUTHORIZATION state
     # immediately after a successful USER command".
