@@ -88,10 +88,10 @@ def _written_beside(path: Path, data: bytes, mode: int) -> Path:
     temporary = path.with_name(path.name + ".tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        # O_CREAT's mode applies only to a new file; one left over by a
-        # crash keeps its old mode unless we set it.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as file:
+        with os.fdopen(fd, "wb") as file:  # closes fd whatever fails below
+            # O_CREAT's mode applies only to a new file; one left over by a
+            # crash keeps its old mode unless we set it.
+            os.fchmod(fd, mode)
             file.write(data)
             file.flush()
             os.fsync(file.fileno())

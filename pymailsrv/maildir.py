@@ -10,8 +10,10 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   ``cur/``, and an acknowledged message survives ``kill -9`` and power loss.
   A message for several users is written once and hard-linked into the
   others' ``new/`` (then fsynced again, for its link count); if any step
-  fails, every entry already made is taken back, so it is in every mailbox
-  or in none.
+  fails, every entry already made is taken back (from ``cur/`` too, where a
+  POP3 login has moved it meanwhile), so it is in every mailbox or in none.
+  A crash midway can leave it in some: the client, told no 250, sends it
+  again, and they have it twice, the duplicate RFC 5321 §6.1 accepts.
   Why not write an unnamed file (Linux's ``O_TMPFILE``) and link it into
   ``new/``, with no ``tmp/`` entry at all? On a file system without a
   journal, nothing then makes the file's new link count durable along with
@@ -240,7 +242,8 @@ class MaildirStore:
 
     def receive(self, users: Iterable[str]) -> "IncomingMaildirMessage":
         """Start receiving one message for these users (see IncomingMaildirMessage)."""
-        return IncomingMaildirMessage(self, [check_user_name(user) for user in users])
+        # Each once: a second "ALICE" beside "alice" would be a second link to one name.
+        return IncomingMaildirMessage(self, list(dict.fromkeys(check_user_name(user) for user in users)))
 
     def deliver(self, user: str, message: bytes) -> str:
         """Deliver one whole message to ``user``; returns its id once it is durable."""
@@ -271,6 +274,9 @@ class MaildirStore:
         except BlockingIOError:
             os.close(fd)
             raise MaildropLocked(user) from None
+        except BaseException:  # e.g. ENOLCK on a network file system
+            os.close(fd)
+            raise
         return MaildirMaildrop(path, fd, self.unique_name)
 
     def messages(self, user: str) -> list[tuple[MessageInfo, Path]]:
@@ -434,16 +440,36 @@ class IncomingMaildirMessage:
             linked.append(first)
             for new_dir in self._new_dirs:
                 fsync_directory(new_dir)
-        except OSError as error:
-            for target in linked:
-                target.unlink(missing_ok=True)
+        except BaseException as error:  # a failed step, or Ctrl-C in `pymailsrv deliver`
+            for entry in linked:
+                _take_back(entry)
             self.discard()
-            raise storage_error(error, "linking the message into new/") from error
+            if isinstance(error, OSError):
+                raise storage_error(error, "linking the message into new/") from error
+            raise
         return self.queue_id
 
     def discard(self) -> None:
         if self._file is not None:
             discard_file(self._file, self._tmp_path)
+
+
+def _take_back(entry: Path) -> None:
+    """Remove an entry a failed delivery made in new/, or in cur/, where a
+    POP3 login may have moved it meanwhile (as ``<name>:2,`` and flags)."""
+    try:
+        entry.unlink()
+        return
+    except FileNotFoundError:
+        pass
+    cur = entry.parent.parent / "cur"
+    try:
+        names = os.listdir(cur)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(entry.name + INFO_SEPARATOR):
+            (cur / name).unlink(missing_ok=True)
 
 
 class MaildirMaildrop:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from pymailsrv import maildir as maildir_module
 from pymailsrv import replies as R
+from pymailsrv.durable import write_atomically
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.maildir import READ_BLOCK_OCTETS, MaildirStore, pop3_size, pop3_text, uid_of
 from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError, storage_error
@@ -118,6 +119,85 @@ def test_delivery_to_several_users_is_all_or_none(store, root):
     with pytest.raises(StorageError):
         incoming.commit()
     assert listing(root / "alice" / "new") == []
+    assert listing(root / "alice" / "tmp") == []
+
+
+def test_a_delivery_taken_back_leaves_no_copy_that_a_login_moved_meanwhile(store, root, monkeypatch):
+    # bob logs in between his link and alice's rename: his snapshot moves the
+    # entry to cur/, where the take-back used to miss it, so bob kept a
+    # message the client was told had failed, and would send again.
+    store.create_maildir("alice")
+    store.create_maildir("bob")
+    incoming = store.receive(["alice", "bob"])
+    incoming.write(MESSAGE)
+    real_link = os.link
+
+    def link_then_bob_logs_in(source, target):
+        real_link(source, target)
+        maildrop = store.open_maildrop("bob")
+        assert len(maildrop.snapshot()) == 1
+        maildrop.release()
+
+    monkeypatch.setattr(os, "link", link_then_bob_logs_in)
+    (root / "alice" / "new").rmdir()
+    (root / "alice" / "new").write_bytes(b"")  # alice's rename, after bob's link, fails
+    with pytest.raises(StorageError):
+        incoming.commit()
+    assert [listing(root / "bob" / folder) for folder in ("new", "cur")] == [[], []]
+    assert listing(root / "alice" / "tmp") == []
+
+
+def test_a_delivery_interrupted_after_its_links_is_taken_back(store, root, monkeypatch):
+    # Ctrl-C in `pymailsrv deliver` between bob's link and alice's rename:
+    # only an OSError was taken back, so bob kept a message never delivered.
+    store.create_maildir("alice")
+    store.create_maildir("bob")
+    incoming = store.receive(["alice", "bob"])
+    incoming.write(MESSAGE)
+
+    def interrupted(source, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        incoming.commit()
+    assert [listing(root / user / folder) for user in ("alice", "bob") for folder in ("tmp", "new")] == [[]] * 4
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_lock_that_fails_for_another_reason_keeps_no_descriptor_open(store, monkeypatch):
+    # Only "held by another session" closed the lock file's descriptor.
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")  # as on some network file systems
+
+    store.create_maildir("alice")
+    monkeypatch.setattr(maildir_module.fcntl, "flock", no_locks)
+    before = open_descriptors()
+    with pytest.raises(OSError, match="No locks available"):
+        store.open_maildrop("alice")
+    assert open_descriptors() == before
+
+
+def test_a_file_written_atomically_keeps_no_descriptor_open_when_its_mode_cannot_be_set(tmp_path, monkeypatch):
+    def refused(fd, mode):
+        raise PermissionError(errno.EPERM, "Operation not permitted")  # as on vfat
+
+    monkeypatch.setattr(os, "fchmod", refused)
+    before = open_descriptors()
+    with pytest.raises(PermissionError):
+        write_atomically(tmp_path / "users.json", b"{}")
+    assert open_descriptors() == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_user_named_twice_gets_the_message_once(store, root):
+    incoming = store.receive(["alice", "ALICE"])
+    incoming.write(MESSAGE)
+    incoming.commit()
+    assert len(listing(root / "alice" / "new")) == 1
     assert listing(root / "alice" / "tmp") == []
 
 
