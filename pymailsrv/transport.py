@@ -177,7 +177,10 @@ class Connection:
 
     def send(self, reply: Reply) -> None:
         if reply.after is After.DROP:
-            return  # an injected fault: hang up without a word
+            # An injected fault: hang up without a word. The replies owed
+            # before it still go: the trace has shown them sent.
+            self.flush()
+            return
         if reply.delay:
             self.flush()
             self._stopped.wait(reply.delay)

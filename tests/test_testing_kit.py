@@ -10,6 +10,7 @@ import io
 import poplib
 import re
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -134,6 +135,20 @@ def test_a_drop_fault_hangs_up_instead_of_answering(mail_server):
     client = smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT)
     with pytest.raises(smtplib.SMTPServerDisconnected):
         client.ehlo()
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:RCPT=drop"])
+def test_a_drop_fault_still_sends_the_replies_owed_before_it(mail_server):
+    # Pipelined: the replies to EHLO and MAIL were queued, not yet sent, when
+    # RCPT's fault hung up; they were lost, though the trace showed them.
+    with socket.create_connection((mail_server.host, mail_server.smtp_port), timeout=CLIENT_TIMEOUT) as client:
+        client.sendall(b"EHLO pc07\r\nMAIL FROM:<me@example.org>\r\nRCPT TO:<alice@localhost>\r\n")
+        received = b""
+        while chunk := client.recv(65536):  # to the hang-up; CLIENT_TIMEOUT bounds each read
+            received += chunk
+    replies = received.split(b"\r\n")
+    assert replies[0].startswith(b"220 ") and replies[1].startswith(b"250-")
+    assert replies[-3:] == [b"250 HELP", b"250 2.1.0 sender <me@example.org> OK", b""]
 
 
 @pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:DATA=drop-mid"])
