@@ -8,7 +8,9 @@ that one table the session derives:
   the current state (unknown and known-but-wrong-state are different errors);
 * the capability listings: POP3 ``CAPA`` and SMTP ``EHLO`` keywords;
 * ``HELP``: the syntax line of every verb;
-* the state diagram: which verbs each state accepts and where they lead.
+* the state diagram (``pymailsrv explain``): which verbs each state accepts
+  and where they lead. ``moves`` records where each handler's ``enter()``
+  goes; it is kept in step with the handlers by hand.
 
 Nothing looks a handler up by building a method name from client input.
 """
@@ -69,7 +71,8 @@ class Command:
     capability:  the CAPA line / EHLO keyword the verb brings, if any.
     offered:     whether the session offers the verb right now (STARTTLS only
                  with a certificate and before TLS; AUTH only where a
-                 password may be sent); listings leave out what is not.
+                 password may be sent); listings and HELP leave out what is
+                 not. Dispatch does not look: the handler refuses it itself.
     moves:       state -> next state when the command succeeds there (the
                  edges of the state diagram; the handler makes the move).
     secret_from: the index of the first argument word that is a credential:

@@ -11,17 +11,20 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
   file beside the old one, is fsynced, renamed over it (``rename(2)`` is
   atomic: a reader sees the old file or the new one, never half of one) and
   the directory is fsynced. A crash at any point leaves the old file or the
-  new one. Given several files (a TLS key and its certificate), it writes
-  them all before it renames any, so a failed write (a full or read-only
-  disk) changes none of them.
+  new one (POSIX promises nothing of crashes; journaled file systems such as
+  ext4 and XFS make a rename one step). Given several files (a TLS key and
+  its certificate), it writes them all before it renames any, so a failed
+  write (a full or read-only disk) changes none of them; a failure or crash
+  between two renames can still leave one new beside one old.
 * ``exclusive_lock(path)``: an ``flock`` held for a read-modify-write, so two
   writers (the CLI and a running server, or two CLI runs) cannot both read
   the old content and each write back their own change. The kernel drops
   the lock when the process dies: no stale lock survives a crash.
 * ``ChangedFile``: the parsed content of a file, parsed again only when the
   file's identity (inode, modification time, size) changes. An atomic
-  rewrite always changes the inode, so an edit through the CLI is seen at
-  once; so is an edit in a text editor, which changes the time or size.
+  rewrite gives the file a new inode (an old number can come back, but
+  then the time tells), so an edit through the CLI is seen at once; so is
+  an edit in a text editor, which changes the time or size.
 * ``discard_file(file, path)``: a half-written file closed and removed,
   even when the close itself fails on a full disk.
 """

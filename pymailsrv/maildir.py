@@ -34,17 +34,22 @@ Every user's mailbox is a plain Maildir (cr.yp.to/proto/maildir.html) at
   a process of its own), where these steps took 1.37-1.64 ms in the same
   runs; and a POP3 client would not yet see every message SMTP had
   acknowledged.
-* The unique name is ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``
-  followed by ``,S=<octets on disk>,W=<octets as POP3 sends them>`` as
-  Maildir++ and Dovecot do, so STAT and LIST never open a message file.
+* A file's name, ``new/<key>`` or ``cur/<key>:2,<flags>``: the *key* is
+  everything before the first ``:`` (what the Maildir spec calls the unique
+  name), and the *info* after it. The key stays the same while the message
+  moves from ``new/`` to ``cur/`` and gains flags. Ours is
+  ``<base>,S=<octets on disk>,W=<octets as POP3 sends them>``, the *base*
+  being ``<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>``.
+* The spec asks readers not to read anything out of names; we read two
+  things, only to spare work: ``W=`` (Dovecot's field; ``S=`` is
+  Maildir++'s) so STAT and LIST never open a message file, and a name
+  without it is read instead; and the leading seconds, for arrival order.
   Messages are stored with LF line ends, the Maildir convention; POP3 sends
   them with CRLF (RFC 1939 §3), and W counts exactly that.
-* A file's *key* is its name up to the ``:2,`` info part: it stays the same
-  while the message moves from ``new/`` to ``cur/`` and gains flags. The
-  UIDL is the unique name itself (stable across sessions, RFC 1939 §7), or a
-  hash of it where the name does not fit the UIDL rules.
-* Two files with one unique name (a Maildir restored over another, a
-  careless program) would share a key and a UIDL, and a session would
+* The UIDL is the base (stable across sessions, RFC 1939 §7), or a hash of
+  it where it does not fit the UIDL rules.
+* Two files with one key (a Maildir restored over another, a
+  careless program) would share a UIDL too, and a session would
   serve or delete one for the other; moving the second from ``new/`` to
   ``cur/`` would replace the first. The snapshot gives the second a unique
   name of its own and logs it, as Dovecot does.
@@ -139,11 +144,12 @@ def pop3_size(file: BinaryIO) -> int:
 
 
 def _key_of(name: str) -> str:
-    return name.split(INFO_SEPARATOR, 1)[0].split(":", 1)[0]
+    """A file name less its info part (``:2,<flags>``, or another program's ``:``)."""
+    return name.split(":", 1)[0]
 
 
 def _name_fields(key: str) -> dict[str, str]:
-    """The ``,S=…,W=…`` fields after the unique name."""
+    """The ``,S=…,W=…`` fields after the base."""
     fields = {}
     for part in key.split(",")[1:]:
         field, _, value = part.partition("=")
@@ -156,16 +162,16 @@ _UIDL = re.compile(rf"[\x21-\x7e]{{1,{POP3_UIDL_MAX}}}")
 
 
 def uid_of(key: str) -> str:
-    """The UIDL of a message: its unique name, or a digest where that will not do."""
-    unique = key.split(",", 1)[0]
-    if _UIDL.fullmatch(unique):
-        return unique
-    return hashlib.sha1(unique.encode("utf-8", "surrogateescape")).hexdigest()
+    """The UIDL of a message: its key's base, or a digest where that will not do."""
+    base = key.split(",", 1)[0]
+    if _UIDL.fullmatch(base):
+        return base
+    return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _arrival_order(key: str) -> tuple[int, str]:
-    """(seconds, unique name): the time a name begins with, then the name
-    without its ",S=..." fields, which one copy of a message may lack."""
+    """(seconds, base): the time a name begins with, then the name without
+    its ",S=..." fields, which a name given by another program may lack."""
     seconds = key.split(".", 1)[0]
     # Another program may have named the file: only ASCII digits are a time.
     return (int(seconds) if is_decimal(seconds) else 0, key.split(",", 1)[0])
@@ -292,7 +298,8 @@ class MaildirStore:
         return listing
 
     def remove_stale_files(self) -> int:
-        """Remove tmp/ files older than 36 hours, as the Maildir spec says; returns the count."""
+        """Remove tmp/ files not accessed for 36 hours, as the Maildir spec
+        says (the server does it once, at start); returns the count."""
         cutoff = time.time() - MAILDIR_TMP_MAX_AGE_SECONDS
         removed = 0
         for tmp in self.root.glob("*/tmp"):

@@ -1,9 +1,10 @@
 """The storage vocabulary the protocol sessions know, and nothing more.
 
 A session never sees a path. POP3 gets a ``Maildrop`` (RFC 1939's word for a
-user's mailbox while a session holds it); SMTP gets an ``IncomingMessage`` to
-write a message into as it streams in. ``maildir.py`` implements both on
-Maildir folders (``MailStore``), ``outqueue.py`` the second for mail going
+user's mailbox; here, the one a session holds locked); SMTP gets an
+``IncomingMessage`` to write a message into as it streams in. ``maildir.py``
+implements both on Maildir folders (``MaildirStore``, which keeps the
+``MailStore`` promises below), ``outqueue.py`` the second for mail going
 elsewhere; anything else that keeps these promises could stand in their place.
 """
 

@@ -13,15 +13,19 @@ POP3 or SMTP; everything protocol-shaped comes from the session.
   it and stay in step with the client.
 * ``send(reply)`` queues the reply's lines. Output is flushed whenever the
   input buffer holds no complete line, that is, before we would block
-  waiting for the client: pipelined commands (RFC 2920 §3, RFC 2449 §6.6)
+  waiting for the client: pipelined commands (RFC 2920 §3.2, RFC 2449 §6.6)
   get their replies in one write, in order, and a client waiting for an
   answer always has it. Then, while the client reads them, the session
   does the work it put off until they were sent (``Session.later``).
 * ``start_tls()`` turns the connection into a TLS one after a STARTTLS or
   STLS reply, or at once on an implicit-TLS port (RFC 8314). Plaintext the
-  client sent after the command is thrown away unread: executing it would
-  let a man in the middle inject commands into the protected session
-  (CVE-2011-0411; RFC 3207 §4.2, RFC 2595 §4).
+  client sent after the command is never run: what is already in our
+  buffer is thrown away, and what is still in the kernel's makes the
+  handshake fail. Running it would let a man in the middle inject commands
+  into the protected session (CVE-2011-0411). RFC 3207 §4 and RFC 2595 §4
+  have the client send nothing more before the handshake, so it is no
+  pipeline that RFC 2920 §3.2 protects; and after it, RFC 3207 §4.2 has
+  the server forget what the client said before.
 * Every line read or written goes to the trace (``trace.py``).
 """
 
@@ -124,8 +128,9 @@ class Connection:
         """
         # The timeout is for the whole line, not for each read: a client
         # that sends an octet now and then must not hold the connection for
-        # ever (RFC 5321 §4.5.3.2.7 times "awaiting the next command", RFC
-        # 1939 §3 restarts the autologout timer at a command, not an octet).
+        # ever. RFC 5321 §4.5.3.2.7 times "awaiting the next command", and
+        # RFC 1939 §3 has "the receipt of any command" reset the autologout
+        # timer; timing whole lines is our choice, against slow drips.
         timeout = self.sock.gettimeout()
         self._line_deadline = None if timeout is None else time.monotonic() + timeout
         # Replies not yet sent while the next line is already here, in our
@@ -149,8 +154,10 @@ class Connection:
 
         Handing the session many lines at once lets it store plain text in
         one piece rather than a line at a time (scripts/bench.py measured
-        the difference on 100 KB messages). A line over ``limit`` comes alone,
-        cut short, as from read_line.
+        the difference on 100 KB messages). Only the first line is held to
+        ``limit``: one over it comes alone, cut short, as from read_line.
+        The lines after it are as long as they came, within what the reads
+        brought (RECV_CHUNK at a time); the session checks their length.
         """
         line, too_long = self.read_line(limit)
         end = self._input.rfind(b"\n")
