@@ -102,7 +102,7 @@ class Connection:
             if remaining <= 0:
                 raise TimeoutError
             if remaining < self.sock.gettimeout() - DEADLINE_SLACK_SECONDS:
-                self.sock.settimeout(remaining)  # serve() sets it back for the next line
+                self.sock.settimeout(remaining)  # serve() sets it back once the line is in
         chunk = self.sock.recv(RECV_CHUNK)
         if not chunk:
             raise ConnectionClosed
@@ -283,8 +283,8 @@ class Connection:
         simply goes away raises ConnectionClosed instead.
         """
         session = self.session
+        self._use_timeout(session.timeout)
         if implicit_tls:
-            self.sock.settimeout(session.timeout)
             self.start_tls()
         reply: Reply | None = session.greeting()
         self.send(reply)
@@ -296,8 +296,6 @@ class Connection:
             # stored: the client hears 421 and sends it again later.
             if self.stopping and not session.collecting_text:
                 return self._say_shutting_down()
-            if self.sock.gettimeout() != session.timeout:  # each settimeout is a system call
-                self.sock.settimeout(session.timeout)
             try:
                 if session.collecting_text:
                     reply = self._answer_text(*self.read_text(session.line_limit))
@@ -311,6 +309,9 @@ class Connection:
                 if not self.stopping:
                     raise
                 return self._say_shutting_down()
+            # The state's timeout, for the reply and the next line: the read
+            # may have cut it to what was left of the line's deadline.
+            self._use_timeout(session.timeout)
             if reply is not None:
                 self.send(reply)
                 if reply.after is After.START_TLS:
@@ -318,6 +319,10 @@ class Connection:
         if reply.after is not After.CLOSE:
             return f"fault: {reply.after.value}"
         return "closed: " + reply.summary
+
+    def _use_timeout(self, seconds: float) -> None:
+        if self.sock.gettimeout() != seconds:  # each settimeout is a system call
+            self.sock.settimeout(seconds)
 
     def _say_shutting_down(self) -> str:
         self.send(self.session.shutting_down())  # RFC 5321 §3.8: a 421 before going

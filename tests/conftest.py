@@ -201,8 +201,12 @@ def listening_line(process: subprocess.Popen, seen: list[bytes] | None = None) -
 class RawClient:
     """A line-level client for tests that need the exact bytes on the wire."""
 
-    def __init__(self, address: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(address, timeout=CLIENT_TIMEOUT)
+    def __init__(self, address: tuple[str, int], receive_buffer: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in address[0] else socket.AF_INET)
+        if receive_buffer is not None:  # before connecting: it bounds the window offered
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(CLIENT_TIMEOUT)
+        self.sock.connect(address)
         self.file = self.sock.makefile("rb")
 
     def send(self, data: bytes) -> None:
@@ -238,11 +242,11 @@ class RawClient:
 
 @pytest.fixture
 def raw():
-    """raw(address) -> a RawClient; all are closed at teardown."""
+    """raw(address, receive_buffer=None) -> a RawClient; all are closed at teardown."""
     clients: list[RawClient] = []
 
-    def connect(address: tuple[str, int]) -> RawClient:
-        client = RawClient(address)
+    def connect(address: tuple[str, int], receive_buffer: int | None = None) -> RawClient:
+        client = RawClient(address, receive_buffer)
         clients.append(client)
         return client
 

@@ -266,6 +266,28 @@ def test_pop3_line_without_newline_is_dropped_at_autologout(start_server, raw, a
     assert time.monotonic() - started < 5
 
 
+def test_a_line_sent_slowly_leaves_its_reply_the_whole_timeout(start_server, raw, alice, store):
+    # A line that came in pieces near its deadline shortened the socket's
+    # timeout to what was left of it, and the reply went out under that: a
+    # big RETR to a client slow to read it was cut off.
+    lines = 120_000  # 8.5 MB
+    store.deliver("alice", b"Subject: big\n\n" + (b"x" * 70 + b"\n") * lines)
+    server = start_server(pop3={"autologout": 3})
+    client = raw(server.addresses["pop3"], receive_buffer=64 * 1024)  # what the server's buffers cannot hold waits
+    assert client.line().startswith(b"+OK ")
+    client.command("USER alice")
+    assert client.command(f"PASS {PASSWORD}").startswith(b"+OK ")
+    client.send(b"RETR")
+    time.sleep(2.5)
+    client.send(b" 1")  # the server reads on with half a second of the line's time left
+    time.sleep(0.2)
+    client.send(b"\r\n")
+    time.sleep(1.5)  # and we are slow to read: the server waits on full buffers
+    assert client.line().startswith(b"+OK ")
+    assert len(client.multiline()) == 2 + lines + 1  # the header, the blank line, the body, the dot
+    assert client.command("QUIT").startswith(b"+OK ")
+
+
 # --- 10 000 pipelined commands -----------------------------------------------------------------
 
 
