@@ -26,13 +26,14 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
   then the time tells), so an edit through the CLI is seen at once; so is
   an edit in a text editor, which changes the time or size.
 * ``discard_file(file, path)``: a half-written file closed and removed,
-  even when the close itself fails on a full disk.
+  even when the close itself fails on a full disk; never raises.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger("pymailsrv.durable")
 
 
 def fsync_directory(path: Path) -> None:
@@ -55,14 +58,19 @@ def discard_file(file: BinaryIO, path: Path) -> None:
     """Close a half-written file and remove it, whatever the close says.
 
     On a full disk, close() flushes the buffer again, the write fails again
-    and close raises: the file must go all the same, or tmp/ keeps it.
+    and close raises: the file must go all the same, or tmp/ keeps it. A
+    file that cannot be removed (a disk gone read-only) is logged and left
+    to the stale-file sweep: a discard runs where something has already
+    failed, or a session is ending, and raising would hide that or stop it.
     """
     try:
         file.close()
     except OSError:
         pass
-    finally:
+    try:
         path.unlink(missing_ok=True)
+    except OSError as error:
+        log.warning("cannot remove %s: %s; the stale-file sweep will", path, error.strerror or error)
 
 
 def write_atomically(path: Path, data: bytes, mode: int = 0o600) -> None:

@@ -183,6 +183,23 @@ def test_a_bug_in_a_command_is_logged_with_its_traceback_and_answered_without_it
     assert record.exc_info[1].args == ("secret-internal-detail",)
 
 
+def test_a_session_whose_close_fails_is_still_logged_as_ended(root, caplog, monkeypatch):
+    def broken(session) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(SmtpSession, "close", broken)
+    caplog.set_level(logging.INFO, logger="pymailsrv")
+    with MailServer(make_settings(root)) as server:
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        assert client.command("QUIT").startswith(b"221 ")
+        client.close()
+    failure = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert [re.fullmatch(r"smtp session \d+: closing it failed", record.getMessage()) is not None
+            for record in failure] == [True]
+    assert any(SESSION_END.fullmatch(record.getMessage()) for record in caplog.records)
+
+
 def test_a_bug_met_in_message_text_ends_the_session_and_keeps_nothing(root, add_user, caplog, monkeypatch):
     # As for a command (above), but where the text stood is then unknown: the
     # client hears 451 and the session ends; the half-made message is gone.

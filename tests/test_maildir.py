@@ -231,6 +231,19 @@ def test_discarded_message_leaves_nothing(store, root):
     assert listing(root / "alice" / "tmp") == [] and listing(root / "alice" / "new") == []
 
 
+def test_a_discard_that_cannot_remove_its_file_says_so_and_raises_nothing(store, root, caplog):
+    # A discard runs where something already failed, or as a session ends:
+    # a file it cannot remove (here tmp/ is no longer a directory; a disk
+    # gone read-only is the real case) is left to the stale-file sweep.
+    incoming = store.receive(["alice"])
+    incoming.write(MESSAGE)
+    (root / "alice" / "tmp").rename(root / "alice" / "tmp-moved")
+    (root / "alice" / "tmp").write_bytes(b"")
+    incoming.discard()
+    [warning] = [record.getMessage() for record in caplog.records if record.name == "pymailsrv.durable"]
+    assert re.fullmatch(r"cannot remove .*/alice/tmp/[^/]+: Not a directory; the stale-file sweep will", warning)
+
+
 def test_receive_refuses_invalid_user_names_creating_nothing(store, root):
     for name in ("../escape", ".pymailsrv", "a/b"):
         with pytest.raises(UserError):
