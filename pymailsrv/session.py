@@ -1,8 +1,9 @@
 """The protocol session: a line comes in, a Reply goes out.
 
-A session is the heir of the old design's ``TPop`` object: one per connection,
-holding the protocol state. It never sees a socket (the transport owns that)
-nor a file name (storage owns those). The transport calls:
+A session is the heir of ``TPop``, the session object of the Delphi mail
+server design pymailsrv grew out of: one per connection, holding the
+protocol state. It never sees a socket (the transport owns that) nor a file
+name (storage owns those). The transport calls:
 
 * ``greeting()`` once, when the client connects;
 * ``handle_line(line, too_long)`` for every command line the client sends,
@@ -242,8 +243,8 @@ class Session:
         # An AUTH refused however (its handler, its state, a fault) may be
         # followed by the base64 lines meant for its exchange; mask() hides
         # what is no command until the next command.
-        self._after_refused_auth = (reply.refused and command is not None and command.verb == "AUTH"
-                                    or self._after_refused_auth and command is None)
+        if command is not None:  # a known verb: it ends the masking, or (a refused AUTH) starts it
+            self._after_refused_auth = command.verb == "AUTH" and reply.refused
         return self._counted(reply)
 
     def _answer(self, command: Command | None, argument: str) -> Reply:
