@@ -119,7 +119,7 @@ def verify_password(password: str, phc: str) -> bool:
         expected = _unb64(digest)
         computed = _scrypt(password, _unb64(salt), int(cost["ln"]), int(cost["r"]), int(cost["p"]),
                            len(expected))
-    except (ValueError, KeyError):
+    except (ValueError, KeyError, TypeError):  # a hash edited by hand (TypeError: a cost out of range)
         return False
     return scheme == "scrypt" and hmac.compare_digest(computed, expected)
 
@@ -160,6 +160,13 @@ def _read_users(path: Path) -> dict[str, dict[str, str]]:
         if not (isinstance(record, dict) and isinstance(record.get("password"), str)
                 and isinstance(record.get("apop_secret", ""), str)):
             raise DamagedUserFile(f"{path} is damaged: the record of {name!r} is not a password and its options")
+        if "apop_secret" in record:
+            # An empty secret would let anyone log in by APOP: the digest of
+            # the greeting's timestamp alone would match it.
+            try:
+                check_password(record["apop_secret"])
+            except UserError as error:
+                raise DamagedUserFile(f"{path} is damaged: the APOP secret of {name!r}: {error}") from None
     return users
 
 
@@ -214,11 +221,18 @@ class UserStore:
     def _editing(self) -> Iterator[dict[str, dict[str, str]]]:
         """Read, let the caller change, and atomically write the users, under the lock."""
         with exclusive_lock(self._lock_path):
-            users = dict(self._load())
+            # Read afresh, not from the cache: a rewrite by another process
+            # could in principle get the old inode number back, with the same
+            # size and second, and then look unchanged.
+            try:
+                users = _read_users(self.path)
+            except FileNotFoundError:
+                users = {}
             yield users
             write_atomically(self.path, json.dumps({"users": users}, indent=2, sort_keys=True).encode("utf-8"))
 
     def add(self, name: str, password: str, apop: bool = False) -> None:
+        name = check_user_name(name)  # else the file holds a name that _read_users refuses
         with self._editing() as users:
             if name in users:
                 raise UserError(f"user {name!r} already exists")

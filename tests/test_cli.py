@@ -178,6 +178,8 @@ def test_user_list_shows_a_broken_maildir_in_its_row_and_lists_the_rest(cli, roo
     ("bob", {"password": 5}, "the record of 'bob' is not a password and its options"),
     ("bob", {}, "the record of 'bob' is not a password and its options"),
     ("bob", {"password": "$scrypt$", "apop_secret": None}, "the record of 'bob' is not a password and its options"),
+    # An empty APOP secret would let anyone log in as bob: the digest of the timestamp alone matches.
+    ("bob", {"password": "$scrypt$", "apop_secret": ""}, "the APOP secret of 'bob': the password may not be empty"),
 ])
 def test_a_record_put_into_users_json_by_hand_is_checked_as_user_add_checks(cli, root, name, record, said):
     cli("user", "add", "alice", "--password-stdin", input="pw\n")

@@ -69,7 +69,8 @@ def test_password_hash_is_a_phc_scrypt_string_with_random_salt():
 
 
 @pytest.mark.parametrize("stored", ["", "plain", "$scrypt$ln=14$x$y", "$md5$ln=1,r=1,p=1$AAAA$AAAA",
-                                    "$scrypt$ln=x,r=8,p=1$AAAA$AAAA"])
+                                    "$scrypt$ln=x,r=8,p=1$AAAA$AAAA", "$scrypt$ln=70,r=8,p=1$AAAA$AAAA",
+                                    "$scrypt$ln=-1,r=8,p=1$AAAA$AAAA"])
 def test_a_malformed_stored_hash_never_verifies(stored):
     assert not verify_password("anything", stored)
 
@@ -133,6 +134,13 @@ def test_a_leftover_temporary_file_does_not_loosen_the_mode(users):
     leftover.chmod(0o644)
     users.add("alice", PASSWORD)
     assert stat.S_IMODE(os.stat(users.path).st_mode) == 0o600
+
+
+def test_add_keeps_a_name_as_the_file_must_hold_it(users):
+    users.add("Alice", PASSWORD)  # else users.json would hold a name every later read refuses
+    assert users.names() == ["alice"]
+    with pytest.raises(UserError, match="invalid user name"):
+        users.add("../evil", PASSWORD)
 
 
 def test_add_remove_and_passwd(users):
