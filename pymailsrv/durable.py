@@ -25,6 +25,8 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
   rewrite gives the file a new inode (an old number can come back, but
   then the time tells), so an edit through the CLI is seen at once; so is
   an edit in a text editor, which changes the time or size.
+* ``private`` and ``make_private_directory``: files and directories only
+  their owner may read, whatever the umask.
 * ``discard_file(file, path)``: a half-written file closed and removed,
   even when the close itself fails on a full disk; never raises.
 """
@@ -32,6 +34,7 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -41,6 +44,11 @@ from pathlib import Path
 from typing import BinaryIO, Generic, TypeVar
 
 T = TypeVar("T")
+
+# Mail, the queue and the trace are their owner's alone to read, whatever
+# the umask: files 0600, directories 0700 (Postfix's umask is 077).
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
 
 log = logging.getLogger("pymailsrv.durable")
 
@@ -52,6 +60,23 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private(path: str | Path, flags: int) -> int:
+    """An ``opener`` for open(): a file it creates has PRIVATE_FILE_MODE."""
+    return os.open(path, flags, PRIVATE_FILE_MODE)
+
+
+def make_private_directory(path: Path) -> bool:
+    """Make ``path`` (and its missing parents) with PRIVATE_DIRECTORY_MODE;
+    True if it was made, False if it was there."""
+    try:
+        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True)
+    except FileExistsError:
+        if not path.is_dir():  # a file in the way: say so, not that it "exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path)) from None
+        return False
+    return True
 
 
 def discard_file(file: BinaryIO, path: Path) -> None:

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pymailsrv.commands import is_decimal
-from pymailsrv.durable import discard_file, fsync_directory
+from pymailsrv.durable import discard_file, fsync_directory, make_private_directory, private
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
     MaildropLocked,
@@ -329,14 +329,9 @@ def _pop3_size_of(key: str, path: str | Path) -> int:
 def make_maildir(path: Path) -> None:
     """Make whatever of ``path``/tmp, new, cur is missing; what was made is fsynced,
     so a message acknowledged into it stays findable after a power cut."""
-    made = False
+    made = make_private_directory(path)
     for subdir in SUBDIRS:
-        try:
-            (path / subdir).mkdir(parents=True)
-            made = True
-        except FileExistsError:
-            if not (path / subdir).is_dir():
-                raise
+        made = make_private_directory(path / subdir) or made
     if made:
         fsync_directory(path)
         fsync_directory(path.parent)
@@ -388,10 +383,10 @@ class IncomingMaildirMessage:
 
     def _create_in_tmp(self) -> BinaryIO:
         try:
-            return open(self._tmp_path, "xb")
+            return open(self._tmp_path, "xb", opener=private)
         except FileNotFoundError:  # new/ is there, tmp/ is not
             make_maildir(self._maildirs[0])
-            return open(self._tmp_path, "xb")
+            return open(self._tmp_path, "xb", opener=private)
 
     def write(self, data: bytes) -> None:
         if not data:

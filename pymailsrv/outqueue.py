@@ -72,7 +72,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from pymailsrv import schema
-from pymailsrv.durable import discard_file, exclusive_lock, fsync_directory, write_atomically
+from pymailsrv.durable import (
+    discard_file,
+    exclusive_lock,
+    fsync_directory,
+    make_private_directory,
+    private,
+    write_atomically,
+)
 from pymailsrv.limits import (
     MAILDIR_TMP_MAX_AGE_SECONDS,
     QUEUE_MAX_BACKOFF_SECONDS,
@@ -236,7 +243,8 @@ class OutboundQueue:
         self._read: dict[str, tuple[tuple[int, int, int], QueueEntry]] = {}
 
     def _ensure_directories(self) -> None:
-        (self.directory / "tmp").mkdir(parents=True, exist_ok=True)
+        make_private_directory(self.directory)
+        make_private_directory(self.directory / "tmp")
 
     def message_path(self, queue_id: str) -> Path:
         return self.directory / f"{queue_id}.msg"
@@ -602,7 +610,7 @@ class IncomingQueueMessage:
             self.queue_id = _new_queue_id()
             self._tmp_path = queue.directory / "tmp" / self.queue_id
             try:
-                self._file: BinaryIO = open(self._tmp_path, "xb")
+                self._file: BinaryIO = open(self._tmp_path, "xb", opener=private)
                 break
             except FileExistsError:
                 continue

@@ -56,6 +56,7 @@ from pathlib import Path
 from pymailsrv.aliases import ALIASES_FILE_NAME, AliasTable
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings
+from pymailsrv.durable import make_private_directory
 from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import (
     ACCEPT_DEFER_PAUSE_SECONDS,
@@ -485,7 +486,7 @@ def check_data_root(settings: Settings) -> None:
     root, state_dir = settings.root, settings.state_dir
     advice = f"the data root must belong to the user the server runs as: chown -R {who} {str(root)!r}"
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        make_private_directory(state_dir)
     except OSError as error:
         # chown mends only what permissions refuse, not a read-only disk or a file in the way.
         fix = f"; {advice}" if error.errno in (errno.EACCES, errno.EPERM) else ""

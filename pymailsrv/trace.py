@@ -38,6 +38,7 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, TextIO
 
+from pymailsrv.durable import make_private_directory, private
 from pymailsrv.replies import Reply, counted
 
 if TYPE_CHECKING:
@@ -211,7 +212,7 @@ class Tracer:
         header = {"record": "session", "protocol": session.protocol, "session": session.session_id,
                   "client": session.peer[0], "time": round(time.time(), 3)}
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_private_directory(directory)
             transcript = self._new_transcript(directory, f"{time.strftime('%Y%m%dT%H%M%S')}-"
                                                          f"{session.protocol}-{session.session_id}")
             transcript.write(json.dumps(header) + "\n")
@@ -225,7 +226,7 @@ class Tracer:
     def _new_transcript(directory: Path, stem: str) -> IO[str]:
         for suffix in ["", *(f"-{number}" for number in range(2, TRANSCRIPT_NAME_TRIES + 1))]:
             try:
-                return open(directory / f"{stem}{suffix}.jsonl", "x", encoding="utf-8")
+                return open(directory / f"{stem}{suffix}.jsonl", "x", encoding="utf-8", opener=private)
             except FileExistsError:
                 continue
         raise FileExistsError(f"{stem}.jsonl and its {TRANSCRIPT_NAME_TRIES - 1} other names are taken")

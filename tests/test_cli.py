@@ -326,7 +326,7 @@ def test_user_add_over_a_file_in_the_maildirs_place_adds_no_user(cli, root):
     (root / "frank").write_bytes(b"")
     result = cli("user", "add", "frank", "--password-stdin", input="pw\n")
     assert result.exit_code == 1
-    assert re.fullmatch(r"Error: cannot use .*frank/\w+: Not a directory", one_line_error(result))
+    assert re.fullmatch(r"Error: cannot use .*/frank: Not a directory", one_line_error(result))  # the file itself
     assert not UserStore(root / ".pymailsrv").exists("frank")
     cli("user", "add", "alice", "--password-stdin", input="pw\n")
     assert cli("user", "list").exit_code == 0

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pymailsrv import replies as R
 from pymailsrv.durable import write_atomically
 from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS
 from pymailsrv.maildir import READ_BLOCK_OCTETS, MaildirStore, pop3_size, pop3_text, uid_of
+from pymailsrv.outqueue import OutboundQueue
 from pymailsrv.storage import InsufficientStorage, MessageVanished, StorageError, storage_error
 from pymailsrv.users import UserError
 
@@ -222,6 +224,23 @@ def test_delivery_makes_again_a_maildir_removed_by_hand(store, root, removed, po
 def test_a_maildir_made_by_a_delivery_is_fsynced_with_its_parent(store, root, synced):
     store.deliver("alice", MESSAGE)
     assert synced[:2] == [str(root / "alice"), str(root)]
+
+
+def test_mail_is_its_owners_alone_to_read_whatever_the_umask(store, root):
+    # With the usual umask of 022, messages were 0644 and Maildirs 0755:
+    # every local account could read everyone's mail.
+    old_umask = os.umask(0o022)
+    try:
+        store.deliver("alice", MESSAGE)
+        queue = OutboundQueue(root / ".pymailsrv")
+        queue_id = queue.enqueue("bob@example.org", ["carol@example.net"], MESSAGE)
+    finally:
+        os.umask(old_umask)
+    (message,) = (root / "alice" / "new").iterdir()
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in [
+        message, root / "alice", *(root / "alice" / subdir for subdir in ("tmp", "new", "cur")),
+        queue.message_path(queue_id), queue.directory, queue.directory / "tmp"]}
+    assert modes == {path: 0o600 if path.is_file() else 0o700 for path in modes}
 
 
 def test_discarded_message_leaves_nothing(store, root):

@@ -216,7 +216,7 @@ def test_a_file_in_the_way_is_not_told_to_chown(tmp_path):
     root.mkdir()
     (root / ".pymailsrv").write_bytes(b"")  # where the state directory goes
     who = pwd.getpwuid(os.geteuid()).pw_name
-    assert start_fails(root) == f"Error: cannot create {str(root / '.pymailsrv')!r} as {who}: File exists"
+    assert start_fails(root) == f"Error: cannot create {str(root / '.pymailsrv')!r} as {who}: Not a directory"
 
 
 def test_only_root_may_run_as_another_user(monkeypatch):
