@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import logging
 import math
 import random
@@ -230,8 +231,20 @@ class MxResolver:
 
     dnspython is imported at the first lookup rather than with this module:
     it takes about 40 ms, a tenth of the server's start-up, and only mail for
-    another domain, with no smarthost, needs it.
+    another domain, with no smarthost, needs it. A server about to become
+    another user loads it first (``load_before_switching_user``).
     """
+
+    @staticmethod
+    def load_before_switching_user() -> None:
+        """Import dnspython now: the account the server becomes may not be
+        able to read the Python it comes with."""
+        # dnspython loads a record type's class at its first answer, and
+        # where it cannot, reads the record as generic data: so the types
+        # we look up (and those an answer brings along) are loaded too.
+        for module in ("dns.exception", "dns.name", "dns.resolver", "dns.rdtypes.ANY.CNAME", "dns.rdtypes.ANY.MX",
+                       "dns.rdtypes.ANY.SOA", "dns.rdtypes.IN.A", "dns.rdtypes.IN.AAAA"):
+            importlib.import_module(module)
 
     def __init__(self, dns_server: str | None = None) -> None:
         self._dns_server = dns_server

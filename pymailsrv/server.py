@@ -77,7 +77,7 @@ from pymailsrv.outqueue import QUEUE_DIR_NAME, OutboundQueue, RetryPolicy
 from pymailsrv.paths import unmapped
 from pymailsrv.placement import Placement
 from pymailsrv.pop3 import Pop3Session
-from pymailsrv.relay import Relay
+from pymailsrv.relay import MxResolver, Relay
 from pymailsrv.replies import counted
 from pymailsrv.session import Session
 from pymailsrv.shared import FREE, SharedCounter, SharedRecords, address_key
@@ -623,6 +623,7 @@ class MailServer:
             # Nothing below runs as root if run_as is set: no mailbox is
             # touched before this line.
             if account is not None:
+                MxResolver.load_before_switching_user()
                 drop_privileges(account)
             elif os.geteuid() == 0:
                 log.warning("running as root: give --run-as USER to drop privileges once the ports are bound")

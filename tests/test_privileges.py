@@ -31,7 +31,9 @@ from pymailsrv.outqueue import OutboundQueue
 from pymailsrv.server import account_to_run_as
 from pymailsrv.users import UserStore
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
+from tests.remote_side import FakeDns, Sink
 from tests.test_crash import ServerProcess
+from tests.test_relay import ZONE
 
 
 @pytest.fixture
@@ -173,6 +175,28 @@ def test_after_run_as_a_utf8_domain_and_an_aliases_file_need_nothing_more_loaded
     finally:
         server.stop()
     assert len(MaildirStore(root).messages("alice")) == 1
+
+
+def test_after_run_as_the_relay_needs_nothing_more_loaded(system_user, shared_dir):
+    # dnspython loaded at the first MX lookup, after the switch of user: where
+    # the Python installed is root's alone, mail for another domain failed at
+    # every retry (ModuleNotFoundError; then, with the modules loaded, every
+    # record read as generic data), and was never recorded.
+    dns, remote = FakeDns(ZONE), Sink()
+    root = make_root(shared_dir, system_user)
+    config = shared_dir / "pymailsrv.toml"
+    config.write_text(f'[relay]\ndns_server = "{dns.address}"\nport = {remote.port}\n'
+                      f'trusted_networks = ["127.0.0.0/8"]\n')
+    server = ServerProcess(root, "--run-as", system_user.pw_name, "--config", str(config)).wait_listening()
+    try:
+        with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.sendmail("alice@localhost", ["bob@implicit.example"], b"Subject: hi\r\n\r\nhi\r\n") == {}
+        [received] = remote.wait_for(1)
+        assert received.rcpt_tos == ["bob@implicit.example"]
+    finally:
+        server.stop()
+        remote.stop()
+        dns.stop()
 
 
 def test_commands_that_switch_user_load_what_they_need_first(system_user, shared_dir):
