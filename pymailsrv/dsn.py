@@ -139,17 +139,20 @@ def build_bounce(entry: QueueEntry, failures: list[Recipient], original: bytes, 
 
     status = MIMEBase("message", "delivery-status")
     del status["MIME-Version"]  # only the top-level message carries it
-    blocks = [_status_block([
+    blocks = [_status_block([  # RFC 3464 §2.2's order: extension fields (ours, X-) last
         ("Reporting-MTA", f"dns; {reporting_mta}"),
-        ("X-Queue-ID", entry.queue_id),
         ("Arrival-Date", email.utils.formatdate(entry.created, localtime=True)),
+        ("X-Queue-ID", entry.queue_id),
     ])]
     for recipient in failures:
         fields = [("Final-Recipient", _final_recipient(recipient.address)),
                   ("Action", "failed"),
                   # RFC 3464 §2.3.4: an RFC 3463 code, whatever the queue file says.
                   ("Status", recipient.status if ENHANCED_STATUS.fullmatch(recipient.status or "") else "5.0.0")]
-        if recipient.remote_mta:
+        # RFC 3464 §2.3.5: Remote-MTA names the MTA "that reported delivery
+        # status": one that replied. A host we could not reach, or that we
+        # judged ourselves (a missing extension), reported nothing.
+        if recipient.remote_mta and (recipient.last_error or "").startswith("smtp;"):
             fields.append(("Remote-MTA", f"dns; {_ascii_field(recipient.remote_mta)}"))
         if recipient.last_error:
             fields.append(("Diagnostic-Code", _ascii_field(recipient.last_error)[:DIAGNOSTIC_MAX]))

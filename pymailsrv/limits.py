@@ -206,8 +206,11 @@ RELAY_WORKERS_MAX = 100
 # RFC 5321 §4.5.3.2: the client's timeouts run from 2 minutes (DATA
 # initiation) to 10 minutes (the reply to the final dot); smtplib has one
 # timeout for every socket operation, so we use the common 5 minutes of the
-# greeting, MAIL and RCPT (§4.5.3.2.1-3).
+# greeting, MAIL and RCPT (§4.5.3.2.1-3) ...
 SMTP_CLIENT_TIMEOUT_SECONDS = 5 * 60
+# ... and §4.5.3.2.6's 10 minutes for DATA and its text: "a spurious timeout
+# at this point would typically result in delivery of multiple copies".
+SMTP_CLIENT_DATA_TIMEOUT_SECONDS = 10 * 60
 
 # The loop guard. RFC 5321 §6.3: counting Received: fields is "an effective,
 # although rarely optimal, method of detecting loops", and servers "SHOULD

@@ -170,8 +170,9 @@ class QueueEntry:
 
 
 # RFC 3463 §2: an enhanced status code, class.subject.detail, in ASCII digits
-# (a remote reply may begin with one; a bounce's Status field must be one).
-ENHANCED_STATUS = re.compile(r"([245])\.([0-9]{1,3})\.([0-9]{1,3})\b")
+# with no leading zeros (a remote reply may begin with one; a bounce's Status
+# field must be one).
+ENHANCED_STATUS = re.compile(r"([245])\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\b")
 
 
 @dataclass(frozen=True)
@@ -512,10 +513,11 @@ class OutboundQueue:
         return self._update(queue_id, change)
 
     def postpone(self, queue_id: str, until: float) -> QueueEntry | None:
-        """Leave a message alone until ``until`` (after a failure of our own)."""
+        """Leave a message alone until ``until`` at least (after a failure of
+        our own); a later next attempt, its recipients' backoff, stays."""
 
         def change(entry: QueueEntry) -> None:
-            entry.next_attempt = until
+            entry.next_attempt = max(entry.next_attempt, until)
 
         return self._update(queue_id, change)
 

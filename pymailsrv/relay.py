@@ -44,10 +44,11 @@ not rewrite messages into 7 bits.
 
 Failures go back to the sender as one RFC 3464 bounce per attempt
 (``dsn.py``), sent from the null reverse-path. A message whose own
-reverse-path is null is never bounced (RFC 5321 §4.5.5: that is how bounce
-loops are prevented); a message that has passed through more than
-``relay.max_hops`` servers (counted by its Received: fields, §6.3) is
-failed, not relayed, as a mail loop.
+reverse-path is null is never bounced (RFC 5321 §6.1 forbids it: such a
+message is itself a notification, §4.5.5, and bouncing it could loop); a
+message that has passed through more than ``relay.max_hops`` servers
+(counted by its Received: fields, §6.3) is failed, not relayed, as a mail
+loop.
 
 Threads: ``relay.workers`` threads each claim one due message at a time, so
 at most that many connections go out at once. An enqueue wakes them; so
@@ -76,6 +77,7 @@ from typing import TYPE_CHECKING
 
 from pymailsrv.config import parse_host_port
 from pymailsrv.dsn import build_bounce
+from pymailsrv.limits import SMTP_CLIENT_DATA_TIMEOUT_SECONDS
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
 from pymailsrv.paths import canonical_domain, in_domains, unquoted_local_part
 from pymailsrv.replies import counted
@@ -822,8 +824,9 @@ class Relay:
         failures = entry.unreported_failures
         addresses = [recipient.address for recipient in failures]
         if not entry.sender:
-            # RFC 5321 §4.5.5: a message from <> is itself a notification;
-            # bouncing it could start an endless exchange of bounces.
+            # RFC 5321 §6.1: "if this address is null ("<>"), the
+            # receiver-SMTP MUST NOT send a notification" (such a message is
+            # itself one, §4.5.5): bouncing it could start an endless exchange.
             log.info("%s: not bounced, the sender is <>: %s", entry.queue_id, ", ".join(addresses))
             return self.queue.mark_reported(entry.queue_id, addresses)
         bounce = build_bounce(entry, failures, message, self.settings.hostname, time.time())
@@ -877,6 +880,20 @@ class _HopClient(smtplib.SMTP):
 
     def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
         return super()._get_socket(self._address, port, timeout)
+
+    def data(self, msg: bytes) -> tuple[int, bytes]:
+        """DATA and the text, with SMTP_CLIENT_DATA_TIMEOUT_SECONDS at least
+        for their replies: a host slow to answer the final dot has the
+        message, and giving up on it sends the message again."""
+        step_timeout = self.timeout
+        self.timeout = max(step_timeout, SMTP_CLIENT_DATA_TIMEOUT_SECONDS)
+        self.sock.settimeout(self.timeout)
+        try:
+            return super().data(msg)
+        finally:
+            self.timeout = step_timeout
+            if self.sock is not None:  # smtplib closes it on a lost connection
+                self.sock.settimeout(step_timeout)
 
     def getreply(self) -> tuple[int, bytes]:
         """smtplib's reply, in ``relay.timeout`` all told. Its own timeout is

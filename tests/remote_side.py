@@ -22,6 +22,7 @@ client's wait (the probe's, the relay's).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socketserver
 import ssl
@@ -89,6 +90,7 @@ class SinkHandler:
         self.data_replies: list[str] = []
         self.mail_replies: list[str] = []  # for the next MAIL commands, then 250
         self.max_recipients: int | None = None  # per message; RCPTs past it get 452 4.5.3
+        self.data_reply_delay = 0.0  # seconds before the reply to the final dot
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.mail_replies:
@@ -105,6 +107,7 @@ class SinkHandler:
         return reply
 
     async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(self.data_reply_delay)
         if self.data_replies:
             return self.data_replies.pop(0)
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content,

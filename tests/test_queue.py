@@ -150,6 +150,15 @@ def test_postponed_in_memory_a_message_is_not_due_until_then_in_this_process(que
     assert [entry.queue_id for entry in queue.due()] == [queue_id]
 
 
+def test_a_postponement_never_brings_a_later_attempt_forward(queue):
+    # A bounce the disk would not take postpones the message by min_backoff;
+    # that used to overwrite a recipient's longer backoff, retried early.
+    queue_id = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
+    later = queue.record(queue_id, {"b@example.net": DEFERRED}).next_attempt  # min_backoff (10 s) away
+    assert queue.postpone(queue_id, time.time() + 1).next_attempt == later
+    assert queue.postpone(queue_id, later + 60).next_attempt == later + 60
+
+
 def test_a_queue_opened_anew_holds_everything_as_before(queue, root):
     first = queue.enqueue("a@example.org", ["b@example.net"], MESSAGE)
     second = queue.enqueue("a@example.org", ["c@example.net"], MESSAGE)

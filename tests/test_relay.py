@@ -329,6 +329,7 @@ def test_one_recipient_accepted_and_one_refused_are_both_honoured(mta, sink, roo
     per_message, [recipient] = delivery_status(bounce)
     assert per_message["Reporting-MTA"].startswith("dns; ")
     assert per_message["Arrival-Date"]
+    assert list(per_message) == ["Reporting-MTA", "Arrival-Date", "X-Queue-ID"]  # RFC 3464 §2.2: extensions last
     assert recipient == {
         "Final-Recipient": "rfc822; nobody@example.net", "Action": "failed", "Status": "5.1.1",
         "Remote-MTA": "dns; mx2.example.net",
@@ -336,6 +337,45 @@ def test_one_recipient_accepted_and_one_refused_are_both_honoured(mta, sink, roo
         "Last-Attempt-Date": recipient["Last-Attempt-Date"]}
     original_header = list(bounce.iter_parts())[2].get_content()
     assert "Subject: greetings" in original_header and "Hello over there" not in original_header
+
+
+def test_a_host_that_never_answered_is_no_remote_mta_in_the_bounce(mta, root):
+    # RFC 3464 §2.3.5: Remote-MTA names the MTA "that reported delivery
+    # status". Every host of ordered.example refuses the connection: none
+    # reported anything, and the diagnostic is ours.
+    server = mta(None, max_queue_lifetime=0.0)
+    server.context.queue.enqueue(SENDER, ["bob@ordered.example"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    assert "Remote-MTA" not in recipient
+    assert recipient["Diagnostic-Code"].startswith("X-pymailsrv; connect to ")
+
+
+def test_a_status_with_leading_zeros_is_not_taken_as_one(mta, sink, root):
+    # RFC 3463 §2: the sub-codes have no leading zeros; "5.01.1" would have
+    # gone into the bounce's Status field as it was.
+    remote = sink()
+    remote.handler.rcpt_replies["bob@example.net"] = "550 5.01.1 no such user"
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    assert (recipient["Status"], recipient["Diagnostic-Code"]) == ("5.0.0", "smtp; 550 5.01.1 no such user")
+
+
+def test_a_host_slow_to_answer_the_final_dot_is_waited_for(mta, sink):
+    # RFC 5321 §4.5.3.2.6: 10 minutes for that reply, for "a spurious timeout
+    # at this point would typically result in delivery of multiple copies".
+    # relay.timeout, the other steps' limit, cut it off, and the message went
+    # again at the retry.
+    remote = sink()
+    remote.handler.data_reply_delay = 1.5
+    server = mta(remote, timeout=0.5)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert len(remote.messages) == 1 and server.context.queue.ids() == []
 
 
 def test_a_temporary_and_a_permanent_refusal_in_one_transaction(mta, sink, root):
