@@ -116,6 +116,20 @@ def _listen_address(value: str) -> None:
     # blank would open the server to the whole network. That is said outright.
     if not value.strip():
         raise ValueError("give an address to listen on (0.0.0.0 or :: for every interface)")
+    try:  # what bind() will do with it: a name no IDNA codec takes raised there, past any check
+        value.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"{value!r} is no address or host name") from None
+
+
+def _dns_server(value: str) -> None:
+    # dnspython takes only an address for a name server (a name would need
+    # a name server to look it up): "localhost:53" failed every MX lookup.
+    host, _ = parse_host_port(value, 53)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"expected an IP address and a port, got {value!r}") from None
 
 
 def _one_to(cap: int) -> typing.Callable[[int], None]:
@@ -211,7 +225,7 @@ class RelaySettings:
     # The port of MX hosts (25 on the Internet; tests use a free port).
     port: int = _checked(25, _remote_port)
     # "address:port" of the DNS server for MX lookups; None: the system's.
-    dns_server: str | None = _checked(None, lambda value: parse_host_port(value, 53))
+    dns_server: str | None = _checked(None, _dns_server)
     workers: int = _checked(limits.RELAY_WORKERS, _one_to(limits.RELAY_WORKERS_MAX))
     # Retries (Postfix's minimal_backoff_time, maximal_backoff_time,
     # maximal_queue_lifetime), in seconds.

@@ -123,6 +123,10 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("[relay]\nsmarthost = \"mail.example.net:0\"\n", "relay.smarthost"),
     ("[relay]\nport = 0\n", "relay.port"),
     ("[relay]\ndns_server = \"127.0.0.1:0\"\n", "relay.dns_server"),
+    # Accepted, then every MX lookup failed: dnspython takes only an address.
+    ("[relay]\ndns_server = \"localhost:53\"\n", "relay.dns_server"),
+    # No IDNA codec takes it: bind() raised TypeError, a traceback.
+    (f"host = \"{'ä' * 70}\"\n", "host"),
 ])
 def test_bad_value_is_named(tmp_path, text, key):
     assert error_for(tmp_path, text).startswith(f"bad value for {key!r}")
