@@ -155,7 +155,10 @@ def _parse(text: str, where: str = "aliases") -> _AliasFile:
         content = _COMMENT.split(line, 1)[0]
         if not content.strip():
             continue
-        if line[0] in " \t" and current is not None:  # continuation (aliases(5))
+        if line[0] in " \t":  # a continuation (aliases(5)), never a name of its own
+            if current is None:  # of a line skipped, or of none: skipped with it
+                log.warning("%s line %d skipped: it continues a line that was skipped, or none", where, number + 1)
+                continue
             current.targets.extend(part.strip() for part in content.split(",") if part.strip())
             current.lines.append(number)
             continue

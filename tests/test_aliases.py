@@ -170,6 +170,17 @@ def test_comments_continuations_and_bad_lines(aliases, caplog):
     assert "line 5 skipped" in caplog.text and "line 6 skipped" in caplog.text
 
 
+def test_a_line_that_continues_a_skipped_one_is_skipped_too(aliases, caplog):
+    # aliases(5): a line that starts with white space continues the one
+    # before. After a bad line it was read as a name of its own: here it
+    # defined "evil", sending mail for evil@ to an outside address.
+    write(aliases, "  stray: alice\nBad Name!: alice\n  evil: root@elsewhere.example\nteam: alice\n")
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.aliases"):
+        assert not aliases.expand("evil") and not aliases.expand("stray")
+    assert aliases.expand("team").users == ("alice",)
+    assert [line for line in (1, 2, 3) if f"line {line} skipped" in caplog.text] == [1, 2, 3]
+
+
 def test_a_target_that_is_not_utf8_is_a_problem_not_another_address(aliases):
     aliases.path.parent.mkdir(parents=True, exist_ok=True)
     aliases.path.write_bytes(b"team: alice, caf\xe9@example.net\n")
