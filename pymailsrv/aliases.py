@@ -49,7 +49,7 @@ from pathlib import Path
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
 from pymailsrv.limits import ALIAS_DEPTH_MAX
-from pymailsrv.paths import PathError, in_domains, parse_path, unquoted_local_part
+from pymailsrv.paths import Address, PathError, in_domains, least_quoted, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.aliases")
@@ -127,7 +127,9 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
         raise AliasError(f"invalid target {target!r}")
     if in_domains(address.domain, local_domains):
         return _checked_name(unquoted_local_part(address.local_part))
-    return str(address)
+    # One form for one mailbox: "x"@example.com and x@example.com, both
+    # targets, were sent two copies.
+    return str(Address(least_quoted(address.local_part), address.domain))
 
 
 def _checked_name(name: str) -> str:

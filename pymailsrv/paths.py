@@ -182,6 +182,14 @@ def unquoted_local_part(local_part: str) -> str:
     return local_part
 
 
+def least_quoted(local_part: str) -> str:
+    """The local part with the least quoting, the form RFC 5321 §4.1.2 has a
+    sender transmit ("all quoted forms MUST be treated as equivalent"):
+    ``"bob"`` is ``bob``; one that needs its quotes keeps them as given."""
+    unquoted = unquoted_local_part(local_part)
+    return unquoted if _DOT_STRING.fullmatch(unquoted) else local_part
+
+
 def is_domain(text: str) -> bool:
     """Is ``text`` a Domain or an address literal, as RFC 5321 §4.1.2 writes them?"""
     if _DOMAIN.fullmatch(text):

@@ -60,6 +60,7 @@ from pymailsrv.paths import (
     PathError,
     in_domains,
     is_domain,
+    least_quoted,
     parse_parameters,
     parse_path,
     unquoted_local_part,
@@ -765,7 +766,9 @@ class SmtpSession(Session):
             # Relaying is only for clients who logged in or sit in a trusted
             # network; for anyone else we are never an open relay.
             if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
-                return (), (str(recipient),)
+                # In the form with the least quoting (§4.1.2): "bob"@x and
+                # bob@x, one mailbox, are then queued once.
+                return (), (str(Address(least_quoted(recipient.local_part), recipient.domain)),)
             raise CommandError(R550_RELAY_DENIED.format(address=recipient))
         local_part = unquoted_local_part(recipient.local_part)
         # Aliases (aliases.py) name users and outside addresses; a plain user

@@ -70,6 +70,12 @@ def test_a_quoted_address_in_our_own_domain_is_a_local_name(aliases):
     assert aliases.add("boss", ['"alice"@example.com']) == ["alice"]  # RFC 5321 §4.1.2
 
 
+def test_the_quoted_and_plain_forms_of_one_outside_address_get_one_copy(aliases):
+    # RFC 5321 §4.1.2: "all quoted forms MUST be treated as equivalent".
+    write(aliases, 'ext: "x"@example.net, x@example.net, "a b"@example.net\n')
+    assert aliases.expand("ext").external == ("x@example.net", '"a b"@example.net')
+
+
 def test_editing_keeps_a_hand_edit_that_is_not_utf8_byte_for_byte(aliases):
     aliases.path.parent.mkdir(parents=True, exist_ok=True)
     aliases.path.write_bytes(b"# caf\xe9 team\nstaff: alice\n")

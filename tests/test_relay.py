@@ -1055,7 +1055,10 @@ def test_an_authenticated_client_reaches_another_domain_through_the_queue(relayi
     server, remote = relaying_server
     with smtplib.SMTP(*server.addresses["smtp"], timeout=10) as client:
         client.login("alice", "correct horse")
-        refused = client.sendmail("alice@localhost", ["bob@example.net"], b"Subject: out\r\n\r\nbye\r\n")
+        # One mailbox twice, quoted and plain (RFC 5321 §4.1.2: "all quoted
+        # forms MUST be treated as equivalent"): it used to be queued twice.
+        refused = client.sendmail("alice@localhost", ['"bob"@example.net', "bob@example.net"],
+                                  b"Subject: out\r\n\r\nbye\r\n")
     assert refused == {}
     [received] = remote.wait_for(1)
     assert (received.mail_from, received.rcpt_tos) == ("alice@localhost", ["bob@example.net"])
