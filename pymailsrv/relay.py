@@ -100,6 +100,7 @@ STATUS_NO_SUCH_USER = "5.1.1"  # X.1.1 bad destination mailbox address
 STATUS_NO_SUCH_DOMAIN = "5.1.2"  # X.1.2 bad destination system address
 STATUS_NULL_MX = "5.1.10"  # RFC 7505: X.1.10 "Recipient address has null MX"
 STATUS_LOCAL_ERROR = "4.3.0"  # X.3.0 other or undefined mail system status
+STATUS_MESSAGE_LOST = "5.3.0"  # the same, for good: the queued message file is gone
 STATUS_NO_ANSWER = "4.4.1"  # X.4.1 no answer from host
 STATUS_BAD_CONNECTION = "4.4.2"  # X.4.2 bad connection
 STATUS_DNS_FAILURE = "4.4.3"  # X.4.3 directory server failure
@@ -168,6 +169,17 @@ class Hop:
 
 def _local_diagnostic(text: str) -> str:
     return f"{DIAGNOSTIC_TYPE}; {text}"
+
+
+def _message_file_failure(error: OSError) -> Outcome:
+    """A queued message whose file cannot be read. Accepted mail is
+    delivered or reported (RFC 5321 §6.1): a file gone is a failure, bounced;
+    one unreadable now (EIO, its permissions) is a failed attempt, so the
+    backoff and the queue lifetime apply, and the sender hears at its end."""
+    if isinstance(error, FileNotFoundError):
+        return Outcome(State.FAILED, STATUS_MESSAGE_LOST, _local_diagnostic("the message file is gone from the queue"))
+    return Outcome(State.PENDING, STATUS_LOCAL_ERROR,
+                   _local_diagnostic(f"cannot read the message file: {error.strerror or error}"))
 
 
 def is_positive(code: int) -> bool:
@@ -496,14 +508,17 @@ class Relay:
         entry = self.queue.get(queue_id)
         if entry is None:
             return  # delivered or deleted meanwhile
+        outcomes = self._unrecorded.pop(queue_id, None)
+        due = entry.pending and entry.next_attempt <= time.time()
         try:
             message = self.queue.message_path(queue_id).read_bytes()
-        except FileNotFoundError:
-            log.error("%s: the message file is missing; removing the entry", queue_id)
-            self.queue.delete(queue_id)
-            return
-        outcomes = self._unrecorded.pop(queue_id, None)
-        if outcomes is None and entry.pending and entry.next_attempt <= time.time():
+        except OSError as error:
+            message = b""  # a bounce then quotes no header
+            unreadable = _message_file_failure(error)
+            log.error("%s: %s", queue_id, unreadable.diagnostic)
+            if outcomes is None and due:
+                outcomes = dict.fromkeys([recipient.address for recipient in entry.pending], unreadable)
+        if outcomes is None and due:
             outcomes = self._deliver(entry, message)
             for address, outcome in outcomes.items():
                 log.info("%s: to=<%s> relay=%s %s: %s", queue_id, address, outcome.remote_mta or "none",

@@ -565,6 +565,55 @@ def dying_in_the_second_call(monkeypatch, server, method: str, queue_id: str) ->
     return {recipient.address: recipient.state for recipient in server.context.queue.get(queue_id).recipients}
 
 
+def test_a_message_file_gone_from_the_queue_is_bounced_not_dropped(mta, sink, root):
+    # RFC 5321 §6.1: accepted mail is delivered or reported. The entry was
+    # removed with a line in the log, and the sender never heard.
+    remote = sink()
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.context.queue.message_path(queue_id).unlink()
+    server.relay.run_once()
+    assert remote.messages == [] and server.context.queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    assert (recipient["Status"], recipient["Diagnostic-Code"]) == (
+        "5.3.0", "X-pymailsrv; the message file is gone from the queue")
+
+
+def unreadable(path: Path) -> None:
+    """Make ``path`` a file no read gets through (as root, permissions would not stop one; EIO is the real case)."""
+    path.unlink()
+    path.symlink_to(path.name)  # itself: ELOOP
+
+
+def test_a_message_file_that_cannot_be_read_backs_off_and_is_bounced_at_the_lifetime(mta, sink, root):
+    # It raised out of the attempt: retried every min_backoff for ever,
+    # never recorded, so never expired, never bounced.
+    remote = sink()
+    server = mta(remote, max_queue_lifetime=0.0)
+    queue = server.context.queue
+    queue_id = queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    unreadable(queue.message_path(queue_id))
+    server.relay.run_once()
+    assert remote.messages == [] and queue.ids() == []
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    assert (recipient["Status"], recipient["Diagnostic-Code"]) == (
+        "4.3.0", "X-pymailsrv; cannot read the message file: Too many levels of symbolic links")
+
+
+def test_a_message_file_that_cannot_be_read_is_a_failed_attempt(mta, sink):
+    server = mta(sink())
+    queue = server.context.queue
+    queue_id = queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    unreadable(queue.message_path(queue_id))
+    before = time.time()
+    server.relay.run_once()
+    entry = queue.get(queue_id)
+    assert entry.attempts == 1 and entry.next_attempt >= before + 60  # min_backoff
+    assert entry.pending[0].last_error == "X-pymailsrv; cannot read the message file: Too many levels of symbolic links"
+
+
 def test_a_crash_between_two_hosts_sends_nothing_again_to_the_first(mta, sink, monkeypatch):
     # One message to two domains is two transactions. The server dying in
     # the second used to leave the first domain's recipient pending, sent
