@@ -151,19 +151,25 @@ class FailureThrottle:
     ``window`` seconds of its first failure, ``begin`` refuses its logins
     until the window is over, and the sessions answer them unchecked, so a
     password cannot be guessed at line rate from many connections. Other
-    addresses are never slowed by it.
+    addresses are not slowed by it, but for an IPv6 address's neighbours:
+    one client may hold a whole /48, so the /48 is counted as one.
 
     Logins sent at once on many connections are held to the limit too: a
     login waits while the checks already under way, were they all to fail,
-    would reach it. So at most ``limit`` guesses are ever checked in a
-    window, and right passwords sent at once only wait a check's time.
+    would reach it. So at most ``limit`` guesses are checked in a window
+    (while the table has room: see below), and right passwords sent at
+    once only wait a check's time.
 
     The table is a hash table of ``size`` records - address, failures,
     checks under way, start of the window - each address in one of
     AUTH_THROTTLE_PROBES records after the one its key picks. A record with
     no check under way and no failure inside its window is free for another
-    address. Times are ``time.monotonic()``: one clock for every process of
-    the machine.
+    address. Where all of an address's places are taken, its login is
+    checked uncounted, and logged: refusing it would let whoever fills the
+    table lock everybody out. Where an address goes is keyed with a secret
+    (``shared.address_key``), so no client can aim at another's places.
+    Times are ``time.monotonic()``: one clock for every process of the
+    machine.
     """
 
     # address_key (FREE: never used), failures, checks under way, window start

@@ -22,7 +22,11 @@ Linux, elsewhere a temporary file unlinked at once. Nothing is left on
 disk, and the server needs no writable directory for it.
 
 A client address is kept as a 64-bit digest (``address_key``), so records
-have a fixed size whatever the address.
+have a fixed size whatever the address. The digest is keyed with a secret
+made when this module loads, before any worker is forked, so every process
+of one server agrees on it and no client can work it out: knowing where
+each address goes, a client could pick addresses whose records crowd its
+own out of the table, and then its failed logins would go uncounted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import secrets
 import struct
 import tempfile
 import threading
@@ -43,10 +48,13 @@ from typing import BinaryIO
 FREE = 0
 
 
+_ADDRESS_KEY_SECRET = secrets.token_bytes(32)  # a 256-bit key for blake2b
+
+
 def address_key(address: str) -> int:
     """A client address as a 64-bit number, never FREE (two addresses alike: 1 in 2**64)."""
-    digest = int.from_bytes(hashlib.blake2b(address.encode(), digest_size=8).digest(), "big")
-    return digest or 1
+    digest = hashlib.blake2b(address.encode(), digest_size=8, key=_ADDRESS_KEY_SECRET).digest()
+    return int.from_bytes(digest, "big") or 1
 
 
 # The thread lock of every SharedRecords in this process (see above).

@@ -23,6 +23,8 @@ import concurrent.futures
 import hashlib
 import os
 import smtplib
+import subprocess
+import sys
 import threading
 import time
 
@@ -31,6 +33,7 @@ import pytest
 from pymailsrv import replies as R
 from pymailsrv.auth import Admission, FailureThrottle
 from pymailsrv.server import MailServer
+from pymailsrv.shared import address_key
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 from tests.test_pop3 import wire as pop3_wire
 from tests.test_smtp import exchange, read_reply, wire
@@ -337,6 +340,18 @@ def test_the_throttle_counts_the_failures_of_every_worker_process():
     assert os.waitpid(child, 0)[1] == 0
     assert throttle.begin("192.0.2.1") is Admission.REFUSE
     assert throttle.begin("192.0.2.2") is Admission.CHECK
+
+
+def test_where_an_address_goes_in_the_table_cannot_be_worked_out_outside_the_server():
+    # The key was an unkeyed hash: a client could compute addresses whose
+    # records fill the places its own address may take, and then its failed
+    # logins went uncounted. Every start keys it with a secret of its own.
+    here = address_key("192.0.2.1")
+    another_start = subprocess.run(
+        [sys.executable, "-c", "from pymailsrv.shared import address_key; print(address_key('192.0.2.1'))"],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT, check=True)
+    assert int(another_start.stdout) != here
+    assert here != int.from_bytes(hashlib.blake2b(b"192.0.2.1", digest_size=8).digest(), "big")
 
 
 def test_checks_under_way_hold_back_the_next_only_while_they_could_reach_the_limit():
