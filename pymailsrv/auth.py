@@ -19,16 +19,14 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
-import ipaddress
 import logging
 import struct
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
-from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_IPV6_PREFIX, AUTH_THROTTLE_PROBES
-from pymailsrv.paths import unmapped
-from pymailsrv.shared import SharedRecords, address_key
+from pymailsrv.limits import AUTH_THROTTLE_ADDRESSES, AUTH_THROTTLE_PROBES
+from pymailsrv.shared import SharedRecords, client_key
 from pymailsrv.users import UserError, UserStore, check_user_name
 
 log = logging.getLogger("pymailsrv.auth")
@@ -185,18 +183,10 @@ class FailureThrottle:
         """The indexes where ``key``'s record may be (open addressing, linear probing)."""
         return [(key + step) % self._size for step in range(min(AUTH_THROTTLE_PROBES, self._size))]
 
-    @staticmethod
-    def _key(address: str) -> int:
-        """One client's key: its IPv4 address (also as ::ffff:a.b.c.d), or its IPv6 address's /48."""
-        ip = unmapped(ipaddress.ip_address(address))
-        if ip.version == 6:
-            return address_key(str(ipaddress.ip_network(f"{ip}/{AUTH_THROTTLE_IPV6_PREFIX}", strict=False)))
-        return address_key(str(ip))
-
     def begin(self, address: str) -> Admission:
         """May a login from ``address`` be checked now? CHECK counts it as
         under way until ``end``; testing and counting happen under one lock."""
-        key, now = self._key(address), time.monotonic()
+        key, now = client_key(address), time.monotonic()
         with self._table.locked():
             free = None
             for index in self._places(key):
@@ -220,7 +210,7 @@ class FailureThrottle:
 
     def end(self, address: str, failed: bool) -> None:
         """A check that ``begin`` let through is over; ``failed``: a wrong password."""
-        key, now = self._key(address), time.monotonic()
+        key, now = client_key(address), time.monotonic()
         with self._table.locked():
             for index in self._places(key):
                 held, failures, checking, since = self._table.read(index)

@@ -44,12 +44,13 @@ AUTH_FAILURE_WINDOW_SECONDS = 5 * 60
 # most this long (a check takes some 50 ms), then answered as refused.
 LOGIN_THROTTLE_POLL_SECONDS = 0.02
 LOGIN_THROTTLE_WAIT_SECONDS = 10.0
-# Dovecot's PENALTY_IPV6_MASK_BITS: the throttle counts an IPv6 client by
-# its /48, a site's usual allocation, which holds more addresses than any
-# table could follow one by one.
-AUTH_THROTTLE_IPV6_PREFIX = 48
-# The addresses the failed-login throttle can follow at once (24 octets
-# each, 384 KiB in memory the worker processes share), and how many records
+# Dovecot's PENALTY_IPV6_MASK_BITS: the failed-login throttle and the
+# per-address connection cap count an IPv6 client by its /48, a site's usual
+# allocation, which holds more addresses than any table could follow one by
+# one (and one client could take a new one for each connection).
+CLIENT_IPV6_PREFIX = 48
+# The addresses the failed-login throttle can follow at once (32 octets
+# each, 512 KiB in memory the worker processes share), and how many records
 # from the one its hash picks an address may take. Only addresses inside
 # their window hold a record; with the table far from full, 16 places make
 # a crowded neighbourhood very unlikely (the auth.py warning says if one is).

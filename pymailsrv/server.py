@@ -80,7 +80,7 @@ from pymailsrv.pop3 import Pop3Session
 from pymailsrv.relay import MxResolver, Relay
 from pymailsrv.replies import counted
 from pymailsrv.session import Session
-from pymailsrv.shared import FREE, SharedCounter, SharedRecords, address_key
+from pymailsrv.shared import FREE, SharedCounter, SharedRecords, client_key
 from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import server_context
 from pymailsrv.trace import TraceOptions, Tracer
@@ -151,7 +151,7 @@ class ConnectionLimits:
         self._table = SharedRecords(self._RECORD, total)
 
     def admit(self, address: str) -> bool:
-        key = address_key(address)
+        key = client_key(address)  # an IPv6 client by its /48, as the throttle counts it
         with self._table.locked():
             keys = [held for held, _ in self._table.read_all()]
             if keys.count(key) >= self.per_address or FREE not in keys:
@@ -160,7 +160,7 @@ class ConnectionLimits:
             return True
 
     def release(self, address: str) -> None:
-        mine = (address_key(address), os.getpid())
+        mine = (client_key(address), os.getpid())
         with self._table.locked():
             self._table.write(self._table.read_all().index(mine), FREE, 0)
 

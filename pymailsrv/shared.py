@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import ipaddress
 import mmap
 import os
 import secrets
@@ -44,11 +45,23 @@ import weakref
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from pymailsrv.limits import CLIENT_IPV6_PREFIX
+from pymailsrv.paths import unmapped
+
 # address_key never gives it: a record whose key is 0 is free.
 FREE = 0
 
 
 _ADDRESS_KEY_SECRET = secrets.token_bytes(32)  # a 256-bit key for blake2b
+
+
+def client_key(address: str) -> int:
+    """One client's key: its IPv4 address (also as ``::ffff:a.b.c.d``), or
+    its IPv6 address's /48 (CLIENT_IPV6_PREFIX)."""
+    ip = unmapped(ipaddress.ip_address(address))
+    if ip.version == 6:
+        return address_key(str(ipaddress.ip_network(f"{ip}/{CLIENT_IPV6_PREFIX}", strict=False)))
+    return address_key(str(ip))
 
 
 def address_key(address: str) -> int:

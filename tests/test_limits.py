@@ -111,6 +111,20 @@ def test_connection_limits_count_the_total_and_each_address():
     assert not limits.admit("192.0.2.1") and limits.open == 3
 
 
+def test_the_per_address_cap_counts_an_ipv6_client_by_its_48_as_the_throttle_does():
+    # It counted each address: one client, holding a whole /48, could open
+    # connections from new addresses until the total was used up.
+    limits = ConnectionLimits(total=10, per_address=2)
+    assert limits.admit("2001:db8::1") and limits.admit("2001:db8:0:1::2")
+    assert not limits.admit("2001:db8:0:ffff::3")  # the same /48
+    assert limits.admit("2001:db8:1::1")  # another
+    limits.release("2001:db8::1")
+    assert limits.admit("2001:db8::4")
+    # And an IPv4 address written as IPv6 (a dual-stack listener) is that address.
+    assert limits.admit("192.0.2.1") and limits.admit("::ffff:192.0.2.1")
+    assert not limits.admit("192.0.2.1")
+
+
 # --- settings ---------------------------------------------------------------------------
 
 
