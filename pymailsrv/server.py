@@ -512,6 +512,8 @@ def check_data_root(settings: Settings) -> None:
             raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"{str(path)!r} is not writable by {who}; {advice}")
+        if not os.access(path, os.R_OK):  # it is listed too: the queue, a maildrop
+            raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
     # The files it reads: users.json, aliases.
     for path in sorted(state_dir.iterdir()):
         if path.is_file() and not os.access(path, os.R_OK):

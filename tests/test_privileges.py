@@ -223,6 +223,21 @@ def test_run_as_refuses_a_data_root_the_user_cannot_write(system_user, shared_di
                     f"the server runs as: chown -R {name} {str(root)!r}")
 
 
+def test_run_as_refuses_a_queue_it_cannot_list(system_user, shared_dir):
+    # Written to and entered, but not listed (0300): the relay's first look
+    # into the queue raised, after the listeners had started, and start
+    # printed a traceback.
+    root = make_root(shared_dir, system_user)
+    queue = root / ".pymailsrv" / "queue"
+    queue.mkdir()
+    os.chown(queue, system_user.pw_uid, system_user.pw_gid)
+    queue.chmod(0o300)
+    name = system_user.pw_name
+    assert start_fails(root, "--run-as", name) == (
+        f"Error: {str(queue)!r} is not readable by {name}; the data root must belong to the user "
+        f"the server runs as: chown -R {name} {str(root)!r}")
+
+
 # --- refusals that need no root --------------------------------------------------------------
 
 
