@@ -81,10 +81,12 @@ def _text(data: bytes) -> str:
 
 
 def plain() -> Mechanism:
-    """RFC 4616 §2: message = [authzid] UTF8NUL authcid UTF8NUL passwd."""
+    """RFC 4616 §2: message = [authzid] UTF8NUL authcid UTF8NUL passwd,
+    authcid and passwd each 1*SAFE: neither may be empty."""
     answer = yield b""  # the challenge is empty
     parts = answer.split(b"\0")
-    if len(parts) != 3:
+    if len(parts) != 3 or not (parts[1] and parts[2]):
+        # Malformed, not a wrong password: no check, and no failure counted.
         raise SaslError("PLAIN expects authzid NUL authcid NUL password")
     authzid, authcid, password = (_text(part) for part in parts)
     return Credentials(authcid, password, authzid)

@@ -161,7 +161,8 @@ def test_star_cancels_the_exchange_with_501(smtp, alice, command):
     assert exchange(client, f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)  # free to try again
 
 
-@pytest.mark.parametrize("response", ["not-base64!", "YWJj=", "YQ", b64("no nul bytes")])
+@pytest.mark.parametrize("response", ["not-base64!", "YWJj=", "YQ", b64("no nul bytes"),
+                                      b64("\0\0"), b64("\0alice\0"), b64("\0\0secret")])  # RFC 4616: 1*SAFE
 def test_initial_response_that_is_not_plain_base64_is_501(smtp, alice, response):
     assert exchange(smtp(), f"AUTH PLAIN {response}") == wire(R.R501_AUTH_MALFORMED)
 
