@@ -509,6 +509,9 @@ class Relay:
         if entry is None:
             return  # delivered or deleted meanwhile
         outcomes = self._unrecorded.pop(queue_id, None)
+        # Asked again, from the envelope just read: _claim hands out ids from
+        # a look that may be seconds old, and another thread may have tried
+        # this message since. Not due now, it is not sent again.
         due = entry.pending and entry.next_attempt <= time.time()
         try:
             message = self.queue.message_path(queue_id).read_bytes()
@@ -564,6 +567,9 @@ class Relay:
         settled: set[str] = set()  # recipients this attempt has written down so far
         settle = functools.partial(self._settle, entry.queue_id, settled)
         for domain, addresses in by_domain.items():
+            # Before each transaction, who is done so far (the local
+            # deliveries above, the domains before this one): a crash in it
+            # then delivers to none of them again.
             settle(outcomes)
             try:
                 hops_to_try = [Hop(host, host, port)] if self._smarthost else self._route(domain)

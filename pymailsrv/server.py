@@ -7,16 +7,28 @@ listener accepts connections in its own thread and serves each connection in
 a thread of its own (``socketserver.ThreadingMixIn``, daemon threads).
 
 A connection that fails only ends itself: ``handle_error`` logs it and the
-listener carries on. ``stop()`` stops accepting, then shuts down the sockets
-of the connections still open, so their threads end promptly; a POP3 session
-cut off like that changes nothing in its maildrop (RFC 1939 §6).
+listener carries on.
 
 Port 0 means "pick a free port"; ``addresses`` tells which ports were bound,
 and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
 
-``start()`` is ``bind()`` then ``serve()``. Between the two,
-``pymailsrv start --processes N`` forks N worker processes (workers.py),
-each of which then serves the sockets bound here.
+``start()`` is ``bind()`` then ``serve()``, in this order:
+
+1. ``bind()``: raise the open-files limit for ``max_connections``; check
+   the listeners and the ``run_as`` account; bind every port; become
+   ``run_as``; check the data root and take its lock (one server a root);
+   sweep stale files from the Maildirs' tmp/; check that postmaster has
+   someone to go to.
+2. ``pymailsrv start --processes N`` forks N worker processes here
+   (workers.py), each of which then serves the sockets bound above.
+3. ``serve()``: a thread per listener accepts; the relay starts (in one
+   process only), and sweeps the queue's stale files first.
+
+``stop()`` runs the other way: stop accepting; stop reading new commands
+(each session finishes the one in hand, STOP_DRAIN_SECONDS at most); stop
+the relay meanwhile; shut the sockets still open; give up the data root's
+lock. A POP3 session cut off like that changes nothing in its maildrop
+(RFC 1939 §6).
 
 Two guards stand before any session starts:
 
