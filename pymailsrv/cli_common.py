@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from pymailsrv.trace import escape_controls, shown
-from pymailsrv.users import UserError, check_password
+from pymailsrv.users import UserError, valid_new_password
 
 
 def echo_report(text: str, **options: object) -> None:
@@ -49,7 +49,7 @@ def read_password(from_stdin: bool) -> str:
             raise click.ClickException("no password given: type it twice at the prompt, or give "
                                        "--password-stdin and the password on stdin") from None
     try:
-        return check_password(password)
+        return valid_new_password(password)
     except UserError as error:
         raise click.ClickException(str(error)) from None
 

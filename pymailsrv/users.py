@@ -38,7 +38,9 @@ USER_NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 # scrypt cost: N = 2**14 (the scrypt paper's figure for interactive logins),
 # r = 8, p = 1 (RFC 7914 §2: "At the current time, r=8 and p=1 appears to
-# yield good results"): 16 MiB and ~50 ms a check.
+# yield good results"): 16 MiB and ~50 ms a check. hashlib.scrypt refuses
+# more than 32 MiB unless given maxmem (OpenSSL's default), so ln=15 with
+# r=8 would fail every login: raise both together, or not at all.
 SCRYPT_LOG2_N = 14
 SCRYPT_R = 8
 SCRYPT_P = 1
@@ -51,6 +53,8 @@ SCRYPT_HASH_OCTETS = 32
 # with scripts/bench.py); run on these few threads, at most this many blocks
 # are ever kept. Two threads keep both cores busy: scrypt releases the GIL.
 SCRYPT_THREADS = 2
+# The pool starts its threads at its first task, not here: importing this
+# module starts none (a forking server, workers.py, must fork before any).
 _scrypt_threads = concurrent.futures.ThreadPoolExecutor(SCRYPT_THREADS, thread_name_prefix="scrypt")
 
 
@@ -73,7 +77,7 @@ def check_user_name(name: str) -> str:
     return lowered
 
 
-def check_password(password: object) -> str:
+def valid_new_password(password: object) -> str:
     """The password, if a login could ever give it; else UserError: text,
     not empty, and UTF-8 (SASL PLAIN carries UTF-8, RFC 4616 §2; an APOP
     secret is hashed as UTF-8 here, which RFC 1939 §7 leaves open)."""
@@ -164,13 +168,18 @@ def _read_users(path: Path) -> dict[str, dict[str, str]]:
             # An empty secret would let anyone log in by APOP: the digest of
             # the greeting's timestamp alone would match it.
             try:
-                check_password(record["apop_secret"])
+                valid_new_password(record["apop_secret"])
             except UserError as error:
                 raise DamagedUserFile(f"{path} is damaged: the APOP secret of {name!r}: {error}") from None
     return users
 
 
 class UserStore:
+    """The accounts in ``users.json``: read through a cache that follows the
+    file, changed under an flock. Names given to the readers (``exists``,
+    ``check_password``, ``apop_secret``) are the checked, lower-cased ones
+    (``check_user_name``); the CLI and the sessions check them first."""
+
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = Path(state_dir)
         self.path = self.state_dir / "users.json"
@@ -251,7 +260,7 @@ class UserStore:
 
     @staticmethod
     def _record(password: str, apop: bool) -> dict[str, str]:
-        record = {"password": hash_password(check_password(password))}
+        record = {"password": hash_password(valid_new_password(password))}
         if apop:
             record["apop_secret"] = password
         return record
