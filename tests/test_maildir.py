@@ -110,11 +110,17 @@ def test_one_message_for_several_users_is_in_every_maildir(store, root):
     assert listing(root / "alice" / "tmp") == [] and listing(root / "bob" / "tmp") == []
 
 
-def test_delivery_to_several_users_is_all_or_none(store, root):
+def written_for_alice_and_bob(store):
+    """A message for alice and bob, written into tmp/, not yet committed."""
     store.create_maildir("alice")
     store.create_maildir("bob")
     incoming = store.receive(["alice", "bob"])
     incoming.write(MESSAGE)
+    return incoming
+
+
+def test_delivery_to_several_users_is_all_or_none(store, root):
+    incoming = written_for_alice_and_bob(store)
     # bob's new/ turns into a file before the commit: linking there fails.
     (root / "bob" / "new").rmdir()
     (root / "bob" / "new").write_bytes(b"")
@@ -128,10 +134,7 @@ def test_a_delivery_taken_back_leaves_no_copy_that_a_login_moved_meanwhile(store
     # bob logs in between his link and alice's rename: his snapshot moves the
     # entry to cur/, where the take-back used to miss it, so bob kept a
     # message the client was told had failed, and would send again.
-    store.create_maildir("alice")
-    store.create_maildir("bob")
-    incoming = store.receive(["alice", "bob"])
-    incoming.write(MESSAGE)
+    incoming = written_for_alice_and_bob(store)
     real_link = os.link
 
     def link_then_bob_logs_in(source, target):
@@ -152,10 +155,7 @@ def test_a_delivery_taken_back_leaves_no_copy_that_a_login_moved_meanwhile(store
 def test_a_delivery_interrupted_after_its_links_is_taken_back(store, root, monkeypatch):
     # Ctrl-C in `pymailsrv deliver` between bob's link and alice's rename:
     # only an OSError was taken back, so bob kept a message never delivered.
-    store.create_maildir("alice")
-    store.create_maildir("bob")
-    incoming = store.receive(["alice", "bob"])
-    incoming.write(MESSAGE)
+    incoming = written_for_alice_and_bob(store)
 
     def interrupted(source, target):
         raise KeyboardInterrupt
