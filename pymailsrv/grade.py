@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import time
 import xml.etree.ElementTree as ET
@@ -41,7 +40,7 @@ from tabulate import tabulate
 from pymailsrv.cli_common import output_file, require_data_root
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
 from pymailsrv.replies import counted
-from pymailsrv.trace import escape_controls
+from pymailsrv.trace import ascii_json, escape_controls
 from pymailsrv.transcripts import Transcript, TranscriptError, each_transcript, find, transcripts_dir
 
 PASS, FAIL, NA = "PASS", "FAIL", "N/A"
@@ -184,7 +183,7 @@ def json_report(grades: list[Grade]) -> str:
                   "passed": graded.passed, "applicable": graded.applicable, "score": graded.score,
                   "failed": graded.failed,
                   "results": [vars(result) for result in graded.results]} for graded in grades]
-    return json.dumps(documents, indent=2, ensure_ascii=False)
+    return ascii_json(documents)
 
 
 def junit_report(grades: list[Grade]) -> str:

@@ -34,7 +34,6 @@ exit status is 0 only if no check failed.
 from __future__ import annotations
 
 import fnmatch
-import json
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -50,6 +49,7 @@ from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
+from pymailsrv.trace import ascii_json
 
 CATALOGUES: dict[str, list[Check]] = {"pop3": POP3_CHECKS, "smtp": SMTP_CHECKS}
 
@@ -158,7 +158,7 @@ def text_report(results: list[Result]) -> str:
 
 
 def json_report(results: list[Result]) -> str:
-    return json.dumps([asdict(result) for result in results], indent=2, ensure_ascii=False)
+    return ascii_json([asdict(result) for result in results])
 
 
 def junit_report(results: list[Result], suite: str) -> str:

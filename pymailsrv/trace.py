@@ -70,8 +70,9 @@ _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
 # Reports (grade, probe, mailbox, queue and transcript listings) keep their
 # layout, newlines and tabs, and show everything else as the trace does.
 # Lone surrogates (undecodable octets) too: no terminal or XML file takes them.
+# U+FFFE and U+FFFF are no XML characters either (a JUnit file).
 _SHOWN_IN_REPORTS = {**{code: escape for code, escape in _CONTROLS_SHOWN.items() if code not in (0x09, 0x0A)},
-                     **{code: f"\\u{code:04x}" for code in range(0xD800, 0xE000)}}
+                     **{code: f"\\u{code:04x}" for code in (*range(0xD800, 0xE000), 0xFFFE, 0xFFFF)}}
 
 
 def escape_controls(report: str) -> str:
@@ -79,6 +80,13 @@ def escape_controls(report: str) -> str:
     characters but newline and tab escaped (ESC as \\x1b), and those that
     reorder or break a line (U+202E, U+2028), as the trace shows them."""
     return report.translate(_SHOWN_IN_REPORTS)
+
+
+def ascii_json(document: object) -> str:
+    """``document`` as JSON that escape_controls leaves as it is, and so any
+    JSON parser still reads: ASCII, with every other character as \\uXXXX,
+    and DEL, which JSON may leave raw, so too (\\x7f is no JSON escape)."""
+    return json.dumps(document, indent=2).replace("\x7f", "\\u007f")
 
 
 @dataclass(frozen=True)

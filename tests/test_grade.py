@@ -675,6 +675,19 @@ def test_a_client_that_sends_control_characters_cannot_reach_the_terminal_or_bre
     ET.fromstring(junit.stdout)  # XML 1.0 allows no ESC: escaped, it parses
 
 
+def test_a_client_that_sends_del_or_a_noncharacter_breaks_neither_json_nor_junit(classroom, root):
+    # DEL went into the JSON as \x7f, no JSON escape; U+FFFF into the JUnit
+    # file, where XML 1.0 allows no such character.
+    a_session_as(classroom, root, "USER stu\x7fdent\uffff01")
+    as_json = run(root, "--all", "--format", "json")
+    assert as_json.exit_code == 0, as_json.output
+    (document,) = json.loads(as_json.stdout)
+    assert document["user"] == "stu\x7fdent\uffff01"  # as sent, once parsed
+    junit = run(root, "--all", "--format", "junit")
+    assert junit.exit_code == 0, junit.output
+    ET.fromstring(junit.stdout)
+
+
 def test_a_user_name_that_a_spreadsheet_would_run_is_written_as_text(classroom, root):
     a_session_as(classroom, root, 'USER =HYPERLINK("http://evil.example/","marks")')
     result = run(root, "--all", "--format", "csv")

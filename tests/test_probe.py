@@ -16,10 +16,24 @@ import xml.etree.ElementTree as ET
 import pytest
 from click.testing import CliRunner
 
-from pymailsrv.probe import CATALOGUES, FAIL, PASS, SKIP, probe, run_check, run_probe, summary, text_report
+from pymailsrv.probe import (
+    CATALOGUES,
+    FAIL,
+    PASS,
+    SKIP,
+    Result,
+    json_report,
+    junit_report,
+    probe,
+    run_check,
+    run_probe,
+    summary,
+    text_report,
+)
 from pymailsrv.probe_base import NEEDS, Check, Probe, Sent, Target
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
+from pymailsrv.trace import escape_controls
 from tests.conftest import PASSWORD
 
 # Check ids pymailsrv is known to fail, each with the bug report that explains
@@ -157,6 +171,15 @@ def test_json_format_lists_one_object_per_check(mail_server):
                                                     if check.id.startswith("smtp.smuggling-")]
     assert {result["status"] for result in report} == {PASS}
     assert report[0]["rfc"].startswith("RFC 5321") and report[0]["transcript"][0].startswith("S: 220")
+
+
+def test_a_reply_with_del_or_a_noncharacter_breaks_neither_json_nor_junit():
+    # As the reports go out: DEL went into the JSON as \x7f, no JSON escape;
+    # U+FFFF into the JUnit file, where XML 1.0 allows no such character.
+    line = "S: +OK fake \x7f\uffff ready"
+    results = [Result("pop3.greeting-ok", "RFC 1939 §4", "a greeting", FAIL, [], line, [line], 0.1)]
+    assert json.loads(escape_controls(json_report(results)))[0]["transcript"] == [line]
+    ET.fromstring(escape_controls(junit_report(results, "pop3")))
 
 
 def test_junit_format_has_a_testcase_per_check_with_failures_and_skips(mail_server):
