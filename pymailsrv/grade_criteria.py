@@ -355,23 +355,23 @@ def no_password_before_tls(t: Transcript) -> Verdict:
 
 def ehlo_before_mail(t: Transcript) -> Verdict:
     """RFC 5321 §4.1.4: EHLO or HELO before the first MAIL; RFC 3207 §4.2: again after STARTTLS."""
-    greeted = None
+    greeted = None  # the greeting that stands now
+    first = None  # the one that stood at the first MAIL (TLS may have ended it since)
     tls = False
-    mails = 0
     for exchange in exchanges(t):
         if exchange.tls_before and not tls:
             tls, greeted = True, None  # RFC 3207 §4.2: the session starts afresh
         if exchange.verb in ("EHLO", "HELO") and exchange.reply.startswith("250"):
             greeted = exchange
         elif exchange.verb == "MAIL":
-            mails += 1
             if greeted is None:
                 after_tls = " since STARTTLS" if tls else ""
                 return False, (f"{shown(exchange.line)} came before any EHLO/HELO{after_tls} "
                                f"({shown(exchange.reply, 40)})")
-    if not mails:
+            first = first or greeted
+    if first is None:
         return None, "the client sent no MAIL"
-    return True, f"{shown(greeted.line)} came before MAIL"
+    return True, f"{shown(first.line)} came before MAIL"
 
 
 def _data_texts(t: Transcript) -> Iterator[Exchange]:

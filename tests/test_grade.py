@@ -571,6 +571,22 @@ def test_smtp_auth_after_starttls_passes(classroom, root, certificate):
     assert verdicts(result)["smtp.ehlo-before-mail"] == PASS  # smtplib says EHLO again after TLS
 
 
+def test_a_mail_before_starttls_and_none_after_is_graded_not_a_crash(classroom, root, certificate):
+    # The greeting was forgotten at TLS, and the evidence then read it:
+    # AttributeError, and 'grade --all' stopped for the whole class.
+    tls, context = certificate
+    server = classroom(tls=tls)
+    client = smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT)
+    client.ehlo("student.example")
+    assert client.mail("alice@localhost")[0] == 250
+    assert client.rset()[0] == 250
+    client.starttls(context=context)
+    client.quit()
+    (result,) = graded(root, server)
+    assert verdicts(result)["smtp.ehlo-before-mail"] == PASS
+    assert run(root, "--all").exit_code == 0
+
+
 def test_pop3_pass_after_capa_offered_stls_fails_no_password_before_tls(classroom, root, certificate):
     tls, _ = certificate
     server = classroom(tls=tls, trace_bodies=True)  # CAPA's list is recorded only with bodies
