@@ -431,7 +431,12 @@ def ends_data_correctly(t: Transcript) -> Verdict:
 
 
 def no_data_without_recipients(t: Transcript) -> Verdict:
-    """RFC 5321 §3.3: no DATA once every RCPT was refused (RFC 2920 §3: unless pipelined)."""
+    """No DATA once every RCPT was refused (RFC 2920 §3: unless pipelined).
+
+    Good practice, after RFC 5321 §3.3, which lets the server refuse such a
+    DATA (503 or 554) and forbids the client only the text without a 354:
+    a client that has read every refusal has nothing to send.
+    """
     accepted, refusals, datas = 0, [], 0
     for exchange in exchanges(t):
         if exchange.verb in ("MAIL", "RSET", "EHLO", "HELO"):
@@ -558,7 +563,7 @@ SMTP_CRITERIA = [
               "sends nothing before the 220 greeting", waits_for_greeting),
     Criterion("smtp.uses-crlf", "smtp", "RFC 5321 §2.3.8",
               "ends every line, commands and message text, with CRLF", uses_crlf),
-    Criterion("smtp.waits-for-replies", "smtp", "RFC 2920 §3",
+    Criterion("smtp.waits-for-replies", "smtp", "RFC 5321 §4.3.1, RFC 2920 §3",
               "waits for each reply unless EHLO offered PIPELINING", waits_for_replies),
     Criterion("smtp.ehlo-before-mail", "smtp", "RFC 5321 §4.1.4, RFC 3207 §4.2",
               "says EHLO or HELO before MAIL (again after STARTTLS)", ehlo_before_mail),
@@ -566,7 +571,7 @@ SMTP_CRITERIA = [
               "doubles the dot of text lines that start with '.'", dot_stuffs_text),
     Criterion("smtp.ends-data-correctly", "smtp", "RFC 5321 §4.1.1.4",
               "ends the text with <CRLF>.<CRLF>", ends_data_correctly),
-    Criterion("smtp.no-data-without-recipients", "smtp", "RFC 5321 §3.3",
+    Criterion("smtp.no-data-without-recipients", "smtp", "after RFC 5321 §3.3",
               "sends no DATA once every RCPT was refused", no_data_without_recipients),
     Criterion("smtp.no-repeated-refusals", "smtp", "RFC 5321 §4.2.1",
               "does not send a refused command a third time unchanged", no_repeated_refusals),
@@ -585,7 +590,7 @@ POP3_CRITERIA = [
               "RETR/DELE/TOP only messages STAT/LIST/UIDL or the login reported", uses_listed_numbers),
     Criterion("pop3.commands-in-right-state", "pop3", "RFC 1939 §3",
               "sends a command in the wrong state at most once", commands_in_right_state),
-    Criterion("pop3.no-repeated-refusals", "pop3", "RFC 3206 §3",
+    Criterion("pop3.no-repeated-refusals", "pop3", "after RFC 5321 §4.2.1",
               "does not send a refused command a third time unchanged", no_repeated_refusals),
     Criterion("pop3.no-password-before-tls", "pop3", "RFC 2595 §2.3, RFC 8314 §5.2",
               "sends no PASS/AUTH before STLS, when CAPA offered it", no_password_before_tls),
