@@ -20,7 +20,9 @@ What each option unlocks:
   mail in the maildrop send it there first, to the probed user. Every check
   deletes the mail it sent before the next one starts.
 * ``--rcpt ADDR`` (an SMTP probe): the checks that deliver a message; with
-  the POP3 login as well, the ones that read it back (dot-stuffing, 8BITMIME).
+  the POP3 login as well, the ones that read it back (dot-stuffing, 8BITMIME),
+  and every check's mail is deleted after it. Without a login the messages
+  stay, and a note on stderr counts them.
 * ``--tls`` (implicit TLS, RFC 8314) or ``--starttls`` (STLS, RFC 2595;
   STARTTLS, RFC 3207) for the probed connections; certificates are not
   verified, since the probe checks the protocol.
@@ -47,6 +49,7 @@ from pymailsrv.cli_common import echo_report
 from pymailsrv.config import parse_host_port
 from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
+from pymailsrv.replies import counted
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
 from pymailsrv.trace import ascii_json
@@ -74,6 +77,7 @@ class Result:
     detail: str  # why it failed or was skipped; empty on PASS
     transcript: list[str]  # the whole dialogue, C: and S: lines
     seconds: float
+    left_behind: int = 0  # messages it sent that are still in the mailbox (no POP3 login to delete them)
 
 
 def run_check(check: Check, target: Target) -> Result:
@@ -101,7 +105,7 @@ def run_check(check: Check, target: Target) -> Result:
             probe.cleanup()
     sent = [line[3:] for line in probe.transcript if line.startswith("C: ")]
     return Result(check.id, check.rfc, check.title, status, sent, detail, list(probe.transcript),
-                  round(time.monotonic() - started, 3))
+                  round(time.monotonic() - started, 3), probe.left_behind)
 
 
 def one_line(error: Exception) -> str:
@@ -259,4 +263,9 @@ def probe(protocol: str, address: str, user: str | None, password_stdin: bool, s
             junit_report(results, suite=f"pymailsrv probe {protocol} {address}")
         echo_report(report)
         click.echo(summary(results), err=True)  # stdout stays one parseable document
+    left_behind = sum(result.left_behind for result in results)
+    if left_behind:
+        click.echo(f"note: {counted(left_behind, 'message')} the probe sent to {target.rcpt} "
+                   "stayed there: give a POP3 login (--pop3, --user, --password-stdin) to have them deleted",
+                   err=True)
     sys.exit(1 if any(result.status == FAIL for result in results) else 0)

@@ -140,7 +140,7 @@ class LineClient:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = bytearray()
         self.greeting: object = None  # set by Probe.connect: a str (POP3) or SmtpReply
-        self.last_line = b""  # the last status line read, exactly as sent
+        self.status_lines: list[bytes] = []  # every status line read, exactly as sent
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname=address[0])
 
@@ -219,7 +219,7 @@ class LineClient:
     def pop3_reply(self) -> str:
         """One status line, without its line end."""
         line = self.line(self._reply_deadline())
-        self.last_line = line
+        self.status_lines.append(line)
         self._note("S", line.rstrip(b"\r\n"))
         return line.rstrip(b"\r\n").decode("utf-8", "replace")
 
@@ -358,6 +358,7 @@ class Probe:
     target: Target
     transcript: list[str] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
+    left_behind: int = 0  # messages sent that cleanup could not delete (no POP3 login)
     _clients: list[LineClient] = field(default_factory=list)
 
     # --- connections -------------------------------------------------------
@@ -410,17 +411,19 @@ class Probe:
         client.greeting = client.pop3_reply()
         return client
 
-    def login(self, quiet: bool = False) -> LineClient:
-        """A POP3 session in the TRANSACTION state (USER/PASS, RFC 1939 §7).
+    def login(self, quiet: bool = False, verbs: tuple[str, str] = ("USER", "PASS")) -> LineClient:
+        """A POP3 session in the TRANSACTION state (USER/PASS, RFC 1939 §7;
+        ``verbs`` spells them, in another case say).
 
         A maildrop still locked by a session the probe just cut off is
         waited for; any other refusal fails the check.
         """
+        user_verb, pass_verb = verbs
         for _ in range(LOCK_RETRIES):
             client = self.pop3_connect(quiet)
-            reply = client.pop3(f"USER {self.target.user}")
-            fail_unless(reply.startswith("+OK"), "+OK to USER", repr(reply))
-            reply = client.pop3(f"PASS {self.target.password}", shown="PASS ****")
+            reply = client.pop3(f"{user_verb} {self.target.user}")
+            fail_unless(reply.startswith("+OK"), f"+OK to {user_verb}", repr(reply))
+            reply = client.pop3(f"{pass_verb} {self.target.password}", shown=f"{pass_verb} ****")
             if reply.startswith("+OK"):
                 return client
             client.close()
@@ -539,10 +542,14 @@ class Probe:
         return client, msg_number
 
     def cleanup(self) -> None:
-        """Delete every message this check sent that is still there (best effort)."""
+        """Delete every message this check sent that is still there (best
+        effort); with no POP3 login to do it, count them in ``left_behind``."""
         self.close_all()
         can_log_in, _ = NEEDS["login"]
-        if not self.sent or not can_log_in(self.target):
+        if not can_log_in(self.target):
+            self.left_behind = len(self.sent)
+            return
+        if not self.sent:
             return
         try:
             client = self.login(quiet=True)

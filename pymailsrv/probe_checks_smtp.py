@@ -38,7 +38,10 @@ from pymailsrv.probe_base import (
 )
 
 # RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including
-# the command word and the <CRLF> is 512 octets."
+# the command word and the <CRLF> is 512 octets." §4.5.3.1 makes such sizes
+# what every implementation must at least take, so a server that takes more
+# keeps the RFC: the check that sends this is the strict reading ("(strict)"
+# in its title), a FAIL to discuss rather than a bug to report.
 OVERLONG_COMMAND = "NOOP " + "x" * 600
 # RFC 5321 §4.5.3.1.8: a server MUST accept at least 100 recipients.
 RECIPIENTS_MINIMUM = 100
@@ -150,7 +153,8 @@ def rcpt_before_mail_503(p: Probe) -> None:
 
 def data_before_mail_503(p: Probe) -> None:
     client, _ = greeted(p)
-    expect(client.smtp("DATA"), (503,), "DATA before MAIL")
+    # §3.3: "If there was no MAIL ... the server MAY return" 503 or 554.
+    expect(client.smtp("DATA"), (503, 554), "DATA before MAIL")
 
 
 def data_without_recipients_refused(p: Probe) -> None:
@@ -261,8 +265,8 @@ def postmaster_accepted(p: Probe) -> None:
 
 
 def postmaster_at_domain_accepted(p: Probe) -> None:
-    domain = p.target.rcpt.rpartition("@")[2]
-    if not domain:
+    _, at, domain = p.target.rcpt.rpartition("@")
+    if not (at and domain):
         raise Skipped("--rcpt has no domain")
     client, _ = greeted(p)
     expect(client.smtp("MAIL FROM:<>"), (250,), "MAIL")
@@ -423,7 +427,8 @@ SMTP_CHECKS = [
     Check("smtp.mail-before-ehlo-503", "RFC 5321 §4.1.4", "MAIL before EHLO/HELO gets 503",
           mail_before_ehlo_503),
     Check("smtp.rcpt-before-mail-503", "RFC 5321 §4.1.4", "RCPT before MAIL gets 503", rcpt_before_mail_503),
-    Check("smtp.data-before-mail-503", "RFC 5321 §4.1.4", "DATA before MAIL gets 503", data_before_mail_503),
+    Check("smtp.data-before-mail-503", "RFC 5321 §4.1.4, §3.3", "DATA before MAIL gets 503 (or 554)",
+          data_before_mail_503),
     Check("smtp.data-without-recipients-refused", "RFC 5321 §3.3", "DATA with no recipient gets 503/554",
           data_without_recipients_refused),
     Check("smtp.nested-mail-503", "RFC 5321 §4.1.4", "a second MAIL in a transaction gets 503", nested_mail_503),
@@ -451,7 +456,7 @@ SMTP_CHECKS = [
           postmaster_accepted),
     Check("smtp.postmaster-at-domain-accepted", "RFC 5321 §4.5.1", "postmaster@ the --rcpt domain is accepted",
           postmaster_at_domain_accepted, RCPT),
-    Check("smtp.command-line-over-512-refused", "RFC 5321 §4.5.3.1.4", "a command over 512 octets gets 500",
+    Check("smtp.command-line-over-512-refused", "RFC 5321 §4.5.3.1.4", "a command over 512 octets gets 500 (strict)",
           command_line_over_512_refused),
     Check("smtp.recipients-100-accepted", "RFC 5321 §4.5.3.1.8", "100 recipients are accepted",
           recipients_100_accepted, RCPT),

@@ -113,6 +113,34 @@ def test_checks_whose_options_are_missing_are_skipped_with_the_reason(mail_serve
     assert not [result for result in results if result.status == FAIL], text_report(results)
 
 
+def test_the_apop_digest_is_masked_as_a_password_is(mail_server):
+    # With the greeting's timestamp beside it, the digest let a guess list
+    # find the secret from the report.
+    (result,) = run_probe(target_for(mail_server, "pop3"), only=["pop3.apop-login"])
+    assert result.status == PASS
+    assert result.sent == ["APOP alice ****"] and "C: APOP alice ****" in result.transcript
+
+
+def test_a_recipient_without_a_domain_skips_the_postmaster_check(mail_server):
+    # rpartition gave the whole name as the domain: RCPT TO:<postmaster@alice>, a false FAIL.
+    (result,) = run_probe(target_for(mail_server, "smtp", rcpt="alice"), only=["smtp.postmaster-at-domain-accepted"])
+    assert (result.status, result.detail) == (SKIP, "--rcpt has no domain")
+
+
+def test_mail_the_probe_cannot_delete_is_said_on_stderr(mail_server, store):
+    # With --rcpt and no POP3 login, the SMTP checks that deliver left their
+    # messages behind without a word, though the README said every check
+    # deletes its mail.
+    host, port = mail_server.addresses["smtp"]
+    outcome = CliRunner().invoke(probe, ["smtp", f"{host}:{port}", "--rcpt", "alice@localhost",
+                                         "--only", "smtp.data-delivers", "--timeout", str(TIMEOUT)])
+    assert outcome.exit_code == 0, outcome.output
+    assert len(store.messages("alice")) == 1
+    assert outcome.stderr.splitlines()[-1] == (
+        "note: 1 message the probe sent to alice@localhost stayed there: give a POP3 login "
+        "(--pop3, --user, --password-stdin) to have them deleted")
+
+
 def test_a_probe_of_the_wrong_protocol_fails_and_shows_what_came_back(mail_server):
     target = target_for(mail_server, "pop3", address=mail_server.addresses["smtp"])
     (result,) = run_probe(target, only=["pop3.greeting-ok"])

@@ -13,7 +13,11 @@ with one switch that breaks one rule of the RFCs:
 * SMTP ``bare_lf_ends_data``: ``<LF>.<LF>`` and friends end the text
   (RFC 5321 §4.1.1.4; the SMTP smuggling of CVE-2023-51764);
 * SMTP ``bare_lf_refused`` is no bug: it answers a bare LF in the text with
-  521 and hangs up, as Postfix can, and must pass.
+  521 and hangs up, as Postfix can, and must pass. Nor are SMTP
+  ``data_554`` (554, not 503, to a DATA with no recipient: RFC 5321 §3.3
+  allows both), POP3 ``no_capa`` (RFC 1939 alone: no CAPA) and POP3
+  ``slow_unlock`` (the maildrop's lock freed a moment after a session
+  ends, as a server that notices a dropped connection late does).
 
 With every switch off the fake passes, which shows that the FAILs below
 come from the one rule broken. The fake POP3 serves the Maildir that
@@ -103,6 +107,8 @@ class FakePop3(LineHandler):
             for line, verb, argument in self.commands():
                 if len(line) > POP3_LINE_MAX:
                     self.send("-ERR line too long")
+                elif verb == "CAPA" and server.broken == "no_capa":
+                    self.send("-ERR")
                 elif verb == "CAPA":
                     self.send("+OK", "USER", "TOP", "UIDL", *(["STLS"] if server.tls else []), ".")
                 elif verb == "STLS" and server.tls and self.messages is None:
@@ -129,6 +135,8 @@ class FakePop3(LineHandler):
                     self.transaction(verb, argument)
         finally:
             if self.messages is not None:
+                if server.broken == "slow_unlock":
+                    time.sleep(0.3)  # past the probe's first retry (0.1 s), well within its 25
                 server.lock.release()
 
     def quit(self) -> None:
@@ -264,7 +272,7 @@ class FakeSmtp(LineHandler):
                     self.send("554 relay access denied" if not address.endswith("@localhost") else "550 no")
             elif verb == "DATA":
                 if sender is None or not recipients:
-                    self.send("503 bad sequence")
+                    self.send("554 no valid recipients" if self.server.broken == "data_554" else "503 bad sequence")
                     continue
                 self.send("354 go ahead")
                 text = self.text()
@@ -361,7 +369,9 @@ POP3_BROKEN = {
     "lf_sizes": {"pop3.retr-size-matches-list"},
     "no_stuffing": {"pop3.retr-byte-stuffing"},
     "delete_at_dele": {"pop3.dele-deferred-until-quit", "pop3.disconnect-without-quit-keeps-mail"},
+    "no_capa": set(),
 }
+POP3_ALSO_SKIPPED = {"no_capa": {"pop3.capa-in-authorization", "pop3.capa-in-transaction"}}
 # The fake offers no APOP timestamp; the timeout check needs --slow.
 POP3_SKIPPED = {"pop3.apop-login", "pop3.apop-bad-digest-err", "pop3.apop-timestamp-unique",
                 "pop3.autologout-at-least-10-minutes"}
@@ -376,8 +386,21 @@ def test_a_pop3_server_breaking_one_rule_fails_exactly_its_checks(pymailsrv, fak
     results = run_probe(target)
     outcome = statuses(results)
     assert outcome[FAIL] == POP3_BROKEN[broken], text_report(results)
-    assert outcome[SKIP] == POP3_SKIPPED, text_report(results)
+    assert outcome[SKIP] == POP3_SKIPPED | POP3_ALSO_SKIPPED.get(broken, set()), text_report(results)
     assert store.messages("alice") == []  # the probe cleaned up, even after its FAILs
+
+
+def test_a_lock_freed_late_is_waited_for_by_every_login(pymailsrv, fake, store):
+    # Two checks logged in on their own, without login()'s wait for a lock
+    # a session just cut off still holds: one FAILed a correct server, the
+    # other PASSed lines that were only the -ERR [IN-USE] of a refused login.
+    server = fake(FakePop3Server, store.maildir("alice"), "slow_unlock")
+    target = Target("pop3", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=server.server_address[:2], timeout=SOCKET_TIMEOUT)
+    results = run_probe(target, only=["pop3.user-pass-login", "pop3.keywords-case-insensitive",
+                                      "pop3.overlong-command-refused", "pop3.response-lines-end-in-crlf"])
+    assert [result.status for result in results] == [PASS] * 4, text_report(results)
+    assert "S: +OK logged in" in results[-1].transcript  # the lines judged are a real session's
 
 
 def test_the_failure_says_what_came_back(pymailsrv, fake, store):
@@ -402,6 +425,7 @@ SMTP_BROKEN = {
     # Fails the relay check alone: the pipelining check has no refusal to tell
     # the order by, and skips rather than blame the order.
     "open_relay": {"smtp.relay-refused"},
+    "data_554": set(),
 }
 SMTP_ALSO_SKIPPED = {"open_relay": {"smtp.pipelining-in-order"}}
 # The fake advertises PIPELINING only; the timeout check needs --slow.
