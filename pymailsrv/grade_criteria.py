@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pymailsrv.commands import is_decimal
 from pymailsrv.pop3 import SESSION_CAPABILITIES
 from pymailsrv.replies import POP3_WRONG_STATE, counted
-from pymailsrv.trace import TEXT_BEFORE_354
+from pymailsrv.trace import SENT_BEFORE_TLS, TEXT_BEFORE_354
 from pymailsrv.transcripts import Transcript
 
 Verdict = tuple["bool | None", str]
@@ -220,6 +220,12 @@ def waits_for_replies(t: Transcript) -> Verdict:
     asked = "EHLO" if smtp else "CAPA"
     if any(event["dir"] == "--" and event["line"] == TEXT_BEFORE_354 for event in t.events):
         return False, "the message text was sent before the 354 reply to DATA, which RFC 2920 §3.1 puts last"
+    for event in t.events:
+        if event["dir"] == "--" and event["line"].endswith(SENT_BEFORE_TLS):
+            # The plaintext was thrown away, so it is no command of the transcript.
+            return False, (f"{event['line'].removesuffix(SENT_BEFORE_TLS).strip()} sent with "
+                           f"{'STARTTLS' if smtp else 'STLS'}, before its reply and the TLS handshake "
+                           "(RFC 3207 §4, RFC 2595 §4)")
     offered = _pipelining_offered(t, commands[0])  # by the replies so far
     known = False  # by the replies the client had read when it sent the line in hand
     previous = commands[0]  # the first line is waits-for-greeting's business

@@ -117,15 +117,18 @@ def format_event(event: dict) -> str:
     marks = ["pipelined"] if event.get("pipelined") else []
     ending = event.get("ending", "CRLF")
     if ending != "CRLF":
-        marks.append("no line end" if ending == "none" else f"bare {ending}")
+        marks.append("no line end" if ending == "none" else f"bare {shown(ending)}")  # a hand edit may hold anything
     after = f"  ({', '.join(marks)})" if marks else ""
-    return f"{shown(event['state'])} {event['dir']}: {line}{after}"
+    return f"{shown(event['state'])} {shown(event['dir'])}: {line}{after}"
 
 
 # The event a trace records when message text came before the reply to
 # DATA had gone out (the grader looks for it: RFC 2920 §3.1 puts DATA last
 # in a group, as its 354 must be read before the text).
 TEXT_BEFORE_354 = "the message text came before the 354 reply to DATA was sent"
+# The end of the event recorded for plaintext sent along with STARTTLS or
+# STLS, before their reply and the handshake (the grader looks for it too).
+SENT_BEFORE_TLS = "sent with it, before TLS: thrown away, never run (RFC 3207 §4.2, RFC 2595 §4)"
 
 
 def _line_end(line: bytes) -> str:

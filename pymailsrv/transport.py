@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from pymailsrv.limits import RECV_CHUNK
 from pymailsrv.replies import CRLF, END_OF_MULTILINE, After, Reply, counted
-from pymailsrv.trace import TEXT_BEFORE_354
+from pymailsrv.trace import SENT_BEFORE_TLS, TEXT_BEFORE_354
 
 if TYPE_CHECKING:
     from pymailsrv.session import Session
@@ -237,8 +237,7 @@ class Connection:
         self.flush()
         if self._input:  # plaintext pipelined after STARTTLS/STLS: never run; the trace says so, not what
             lines, octets = self._input.count(b"\n"), len(self._input)
-            self.tracer.event(self.session, f"{counted(lines, 'line')} ({counted(octets, 'octet')}) sent with it, "
-                                            "before TLS: thrown away, never run (RFC 3207 §4.2, RFC 2595 §4)")
+            self.tracer.event(self.session, f"{counted(lines, 'line')} ({counted(octets, 'octet')}) {SENT_BEFORE_TLS}")
             self._input.clear()
         # The handshake runs on the wrapped socket, once it is self.sock: the
         # plain one has handed it its descriptor, and stop() must reach it.

@@ -587,6 +587,22 @@ def test_a_mail_before_starttls_and_none_after_is_graded_not_a_crash(classroom, 
     assert run(root, "--all").exit_code == 0
 
 
+def test_a_command_sent_along_with_starttls_fails_waits_for_replies(classroom, root, certificate):
+    # The server throws it away unrun (CVE-2011-0411), so it was in no
+    # exchange of the transcript, and the client passed.
+    tls, context = certificate
+    server = classroom(tls=tls)
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    client.send(b"STARTTLS\r\nEHLO sneaky.example\r\n")
+    assert smtp_reply(client)[0].startswith(b"220")
+    client.close()
+    (result,) = graded(root, server)
+    [waits] = [item for item in result.results if item.criterion == "smtp.waits-for-replies"]
+    assert (waits.result, waits.evidence) == (FAIL, 
+        "1 line (21 octets) sent with STARTTLS, before its reply and the TLS handshake (RFC 3207 §4, RFC 2595 §4)")
+
+
 def test_pop3_pass_after_capa_offered_stls_fails_no_password_before_tls(classroom, root, certificate):
     tls, _ = certificate
     server = classroom(tls=tls, trace_bodies=True)  # CAPA's list is recorded only with bodies

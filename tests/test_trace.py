@@ -422,13 +422,16 @@ def test_transcripts_show_refuses_a_bad_one_in_one_line(transcripts, root, name)
 
 def test_transcripts_show_escapes_every_field_of_a_file_edited_by_hand(transcripts, root):
     header, event, end = GOOD_RECORDS
-    edited = [{**header, "client": "127.0.0.1\x1b[2J"}, {**event, "state": "AUTH\x1b]0;owned\x07"},
+    # The direction and the line end too: printed as they were, they let an
+    # OSC sequence through even to a pipe.
+    edited = [{**header, "client": "127.0.0.1\x1b[2J"},
+              {**event, "state": "AUTH\x1b]0;owned\x07", "dir": "C\x1b]0;dir\x07", "ending": "LF\x1b]0;end\x07"},
               {**end, "outcome": "closed\r\n-- ended: fine"}]
     (transcripts / "edited.jsonl").write_text("".join(json.dumps(record) + "\n" for record in edited))
     result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "edited"])
     assert result.exit_code == 0, result.output
     assert result.stdout == ("pop3 session 7 from 127.0.0.1\\x1b[2J\n"
-                             "AUTH\\x1b]0;owned\\x07 C: QUIT\n"
+                             "AUTH\\x1b]0;owned\\x07 C\\x1b]0;dir\\x07: QUIT  (bare LF\\x1b]0;end\\x07)\n"
                              "-- ended: closed\\x0d\\x0a-- ended: fine\n")
 
 
