@@ -177,7 +177,10 @@ class Tracer:
 
     # --- recording ---------------------------------------------------------------
 
-    def _record(self, session: Session, direction: str, line: str, note: str = "", **extra: object) -> None:
+    def _record(self, session: Session, direction: str, line: str, note: str = "", refusal: bool = False,
+                **extra: object) -> None:
+        """One event, to the live trace and the transcript; ``refusal`` only
+        colours a server line red on a terminal (a listing's "4 180" is none)."""
         if not self.active:
             return
         now = time.time()
@@ -186,7 +189,7 @@ class Tracer:
                  **({"note": note} if note else {}), **extra}
         with self._lock:
             if self.options.live:
-                self._print(event, now)
+                self._print(event, now, refusal)
             transcript = self._transcripts.get(session.session_id)
             if transcript is not None:
                 try:
@@ -194,7 +197,7 @@ class Tracer:
                 except OSError as error:
                     self._transcript_failed(error)
 
-    def _print(self, event: dict, now: float) -> None:
+    def _print(self, event: dict, now: float, refusal: bool) -> None:
         stream = self._stream or sys.stderr
         if self.options.json:
             stream.write(json.dumps(event) + "\n")
@@ -208,7 +211,7 @@ class Tracer:
         if stream.isatty():
             key = event["dir"]
             if key == "S":
-                key = "S-" if event["line"][:1] in ("-", "4", "5") else "S+"
+                key = "S-" if refusal else "S+"
             text = f"{_COLOURS[key]}{text}{_RESET}"
             stamp = f"{_DIM}{stamp}{_RESET}"
         stream.write(f"{stamp} {who} {text}\n")
@@ -290,7 +293,8 @@ class Tracer:
 
     def server_reply(self, session: Session, reply: Reply) -> None:
         for number, line in enumerate(reply.head()):
-            self._record(session, "S", line, "" if number else reply.note)  # a reply's note, once
+            self._record(session, "S", line, "" if number else reply.note,  # a reply's note, once
+                         refusal=reply.refused)
 
     def server_body_line(self, session: Session, wire_line: bytes) -> None:
         self._record(session, "S", wire_line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"))

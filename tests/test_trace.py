@@ -17,9 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from pymailsrv.cli import main
+from pymailsrv.server import MailServer, trace_options
 from pymailsrv.trace import Tracer, octets_summary, oldest_first
 from pymailsrv.transcripts import TranscriptError, each_transcript, load
-from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_for_open
+from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings, wait_for_open
 
 
 def _lines(stream: io.StringIO) -> list[str]:
@@ -126,6 +127,34 @@ def test_a_traced_session_on_a_descriptor_past_1023_is_served(traced):
         for descriptor in filler:
             os.close(descriptor)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_a_server_line_is_red_only_when_it_refuses(root, add_user, store):
+    # A listing's "4 22" (or a body line "-- ") was red, as a -ERR is.
+    add_user("alice")
+    for _ in range(4):
+        store.deliver("alice", b"Subject: hi\n\nhello\n")
+    settings = make_settings(root, trace=True)
+    terminal = Terminal()
+    server = MailServer(settings, tracer=Tracer(trace_options(settings), terminal)).start()
+    try:
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        client.pass_(PASSWORD)
+        client.list()
+        with pytest.raises(poplib.error_proto):
+            client.retr(9)
+        client.quit()
+    finally:
+        server.stop()
+    lines = terminal.getvalue().splitlines()
+    assert next(line for line in lines if line.endswith("S: 4 22\033[0m")).count("\033[32m") == 1  # green
+    assert next(line for line in lines if "S: -ERR" in line).count("\033[31m") == 1  # red
 
 
 def test_apop_shows_the_user_name_but_never_the_digest(traced, add_user):
