@@ -132,8 +132,18 @@ SENT_BEFORE_TLS = "sent with it, before TLS: thrown away, never run (RFC 3207 §
 
 
 def _line_end(line: bytes) -> str:
-    """How a line read from a client ended: "CRLF", "LF" (bare), or "none"."""
+    """How a line read from a client ended: "CRLF", "LF" (bare), or "none";
+    "CR" where a bare CR stands in it, as RFC 5321 §2.3.8 allows a CR only
+    in a line end (the summary of message text says the same)."""
+    if b"\r" in _content(line):
+        return "CR"
     return "CRLF" if line.endswith(b"\r\n") else "LF" if line.endswith(b"\n") else "none"
+
+
+def _content(line: bytes) -> bytes:
+    """A line read from a client without its line end: one CRLF or LF, no
+    more (a CR before it is no part of it, and shows)."""
+    return line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith(b"\n") else line
 
 
 def octets_summary(lines: int, octets: int) -> str:
@@ -275,13 +285,12 @@ class Tracer:
 
     def client_line(self, session: Session, line: bytes, pipelined: bool = False) -> None:
         if self.active:
-            text = session.mask(line.rstrip(b"\r\n")).decode("utf-8", "backslashreplace")
+            text = session.mask(_content(line)).decode("utf-8", "backslashreplace")
             self._record(session, "C", text, session.annotation(line), ending=_line_end(line), pipelined=pipelined)
 
     def client_text_line(self, session: Session, line: bytes) -> None:
         if self.active and self.bodies:
-            self._record(session, "C", line.rstrip(b"\r\n").decode("utf-8", "backslashreplace"),
-                         ending=_line_end(line))
+            self._record(session, "C", _content(line).decode("utf-8", "backslashreplace"), ending=_line_end(line))
 
     def client_text(self, session: Session, lines: int, octets: int, end_line: bytes,
                     bare_line_end: str | None = None) -> None:

@@ -224,6 +224,30 @@ def test_a_bare_lf_in_the_message_text_fails_uses_crlf(classroom, root, trace_bo
     assert evidence.startswith("the message text had a bare LF (at ")
 
 
+@pytest.mark.parametrize("trace_bodies", [False, True], ids=["summary", "bodies"])
+def test_a_bare_cr_inside_a_text_line_fails_uses_crlf_traced_or_not(classroom, root, trace_bodies):
+    # With --trace-bodies a line's ending came from its last octets alone:
+    # "line one\rline two\r\n" passed there, and failed in the summary.
+    result = graded_message(classroom, root, b"Subject: s4\r\n\r\nline one\rline two\r\n.\r\n",
+                            trace_bodies=trace_bodies)
+    assert failed(result) == ["smtp.uses-crlf"]
+    evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
+    assert evidence.startswith("the message text had a bare CR (at ")
+
+
+def test_a_command_line_ended_in_cr_cr_lf_fails_uses_crlf(classroom, root):
+    # All the CRs were taken off with the line end: "EHLO a\r\r\n" was
+    # recorded as a clean "EHLO a".
+    server = classroom()
+    client = raw_smtp(server)
+    assert smtp_command(client, "EHLO student.example", end=b"\r\r\n")[-1][:3] == b"250"
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.uses-crlf"]
+    evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
+    assert evidence == "'EHLO student.example\\r' ended in a bare CR"
+
+
 def test_talking_before_the_greeting_fails_waits_for_greeting(classroom, root):
     server = classroom(tracer_class=SlowStartTracer)
     client = RawClient(server.addresses["smtp"])

@@ -244,7 +244,7 @@ def test_a_clients_control_characters_are_shown_escaped(traced, raw, root):
     client.send(b"QUIT\r\n")
     client.line()
     server.stop()
-    shown = r"AUTHORIZATION C: NOOP \x1b[2J\x0dx\x00\x7f\u0085"
+    shown = r"AUTHORIZATION C: NOOP \x1b[2J\x0dx\x00\x7f\u0085  (bare CR)"  # a CR that ends no line
     assert f"pop3 #N 127.0.0.1 {shown}" in _lines(stream)
     listing = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)]).output
     transcript_id = listing.splitlines()[2].split()[0]
