@@ -3,7 +3,7 @@
 The prober (``probe.py``) judges a *server*; this catalogue judges a
 *client*, from what pymailsrv recorded while a student's program talked to
 it (``trace.py``, ``transcripts.py``). Every client line of a transcript
-carries how it ended (``ending``: CRLF or LF) and whether it was
+carries how it ended (``ending``: see transcripts.py) and whether it was
 ``pipelined``, sent before our previous reply - the greeting included - had
 gone out. That, with the server's own lines, is enough to grade the rules a
 client must keep.

@@ -5,9 +5,11 @@ lines in ``ROOT/.pymailsrv/transcripts/<time>-<protocol>-<id>.jsonl``:
 
 * a ``{"record": "session", ...}`` line: protocol, session id, client, time;
 * one line per event, as the live trace shows them (``dir`` is ``C``, ``S``
-  or ``--``; client lines also carry their ``ending`` - CRLF or LF - and
-  whether they were ``pipelined``, sent before our previous reply went out;
-  a message text's summary carries the first bare line end in it, if any);
+  or ``--``; client lines also carry their ``ending`` - CRLF; LF, a bare
+  one; CR, where a bare CR stands in the line; none, for a last line the
+  client never ended - and, commands, whether they were ``pipelined``, sent
+  before our previous reply went out; a message text's summary carries the
+  first bare line end in it, if any);
 * a ``{"record": "end", ...}`` line: user, commands, outcome.
 
 A transcript's id is its file name without ``.jsonl``. A session still in
