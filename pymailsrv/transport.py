@@ -305,6 +305,9 @@ class Connection:
                     self.send(session.timed_out())
                 return "timeout"
             except ConnectionClosed:
+                if self._input and not session.collecting_text:
+                    # A last line the client never ended: the trace shows it, as "no line end".
+                    self.tracer.client_line(session, bytes(self._input))
                 if not self.stopping:
                     raise
                 return self._say_shutting_down()

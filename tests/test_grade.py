@@ -248,6 +248,19 @@ def test_a_command_line_ended_in_cr_cr_lf_fails_uses_crlf(classroom, root):
     assert evidence == "'EHLO student.example\\r' ended in a bare CR"
 
 
+def test_a_last_line_never_ended_is_in_the_transcript_and_fails_uses_crlf(classroom, root):
+    # The unended QUIT was left in the server's buffer when the client
+    # closed: never traced, so uses-crlf passed.
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    client.send(b"QUIT")
+    client.close()
+    (result,) = graded(root, server)
+    evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
+    assert evidence == "'QUIT' ended in no line end"
+
+
 def test_talking_before_the_greeting_fails_waits_for_greeting(classroom, root):
     server = classroom(tracer_class=SlowStartTracer)
     client = RawClient(server.addresses["smtp"])
