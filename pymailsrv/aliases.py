@@ -49,7 +49,7 @@ from pathlib import Path
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
 from pymailsrv.limits import ALIAS_DEPTH_MAX
-from pymailsrv.paths import Address, PathError, in_domains, least_quoted, parse_path, unquoted_local_part
+from pymailsrv.paths import PathError, in_domains, least_quoted, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
 
 log = logging.getLogger("pymailsrv.aliases")
@@ -129,7 +129,7 @@ def check_target(target: str, local_domains: Iterable[str] = ()) -> str:
         return _checked_name(unquoted_local_part(address.local_part))
     # One form for one mailbox: "x"@example.com and x@example.com, both
     # targets, were sent two copies.
-    return str(Address(least_quoted(address.local_part), address.domain))
+    return least_quoted(address)
 
 
 def _checked_name(name: str) -> str:

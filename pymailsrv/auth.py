@@ -172,7 +172,7 @@ class FailureThrottle:
     machine.
     """
 
-    # address_key (FREE: never used), failures, checks under way, window start
+    # client_key (FREE: never used), failures, checks under way, window start
     _RECORD = struct.Struct("=Qqqd")
 
     def __init__(self, limit: int, window: float, size: int = AUTH_THROTTLE_ADDRESSES) -> None:

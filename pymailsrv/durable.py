@@ -68,8 +68,9 @@ def private(path: str | Path, flags: int) -> int:
 
 
 def make_private_directory(path: Path) -> bool:
-    """Make ``path`` (and its missing parents) with PRIVATE_DIRECTORY_MODE;
-    True if it was made, False if it was there."""
+    """Make ``path`` with PRIVATE_DIRECTORY_MODE (missing parents with the
+    default mode, as mkdir -p makes them); True if it was made, False if it
+    was there."""
     try:
         path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True)
     except FileExistsError:

@@ -213,19 +213,21 @@ _LAST_IN_A_GROUP = ("EHLO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP")
 def waits_for_replies(t: Transcript) -> Verdict:
     """RFC 2920 §3, RFC 2449 §6.6: no command before the last reply, unless a
     reply the client had already read offered PIPELINING."""
-    commands = exchanges(t)
-    if len(commands) < 2:
-        return None, "fewer than two commands: nothing to wait between"
     smtp = t.header["protocol"] == "smtp"
-    asked = "EHLO" if smtp else "CAPA"
-    if any(event["dir"] == "--" and event["line"] == TEXT_BEFORE_354 for event in t.events):
-        return False, "the message text was sent before the 354 reply to DATA, which RFC 2920 §3.1 puts last"
+    # What the server recorded of lines that are no command in the transcript:
     for event in t.events:
-        if event["dir"] == "--" and event["line"].endswith(SENT_BEFORE_TLS):
-            # The plaintext was thrown away, so it is no command of the transcript.
+        if event["dir"] != "--":
+            continue
+        if event["line"] == TEXT_BEFORE_354:
+            return False, "the message text was sent before the 354 reply to DATA, which RFC 2920 §3.1 puts last"
+        if event["line"].endswith(SENT_BEFORE_TLS):  # thrown away unrun
             return False, (f"{event['line'].removesuffix(SENT_BEFORE_TLS).strip()} sent with "
                            f"{'STARTTLS' if smtp else 'STLS'}, before its reply and the TLS handshake "
                            "(RFC 3207 §4, RFC 2595 §4)")
+    commands = exchanges(t)
+    if len(commands) < 2:
+        return None, "fewer than two commands: nothing to wait between"
+    asked = "EHLO" if smtp else "CAPA"
     offered = _pipelining_offered(t, commands[0])  # by the replies so far
     known = False  # by the replies the client had read when it sent the line in hand
     previous = commands[0]  # the first line is waits-for-greeting's business

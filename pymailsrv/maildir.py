@@ -239,7 +239,8 @@ class MaildirStore:
     # --- delivery ------------------------------------------------------------
 
     def unique_name(self) -> tuple[str, str]:
-        """A new Maildir unique name and the short id we quote to clients."""
+        """A new base for a message's file name (see the module docstring) and
+        the short id we quote to clients."""
         now = time.time()
         queue_id = os.urandom(5).hex().upper()
         name = (f"{int(now)}.M{int(now % 1 * 1_000_000):06d}P{os.getpid()}"
@@ -470,7 +471,7 @@ def _take_back(entry: Path) -> None:
     except FileNotFoundError:
         return
     for name in names:
-        if name.startswith(entry.name + INFO_SEPARATOR):
+        if _key_of(name) == entry.name:
             (cur / name).unlink(missing_ok=True)
 
 

@@ -182,12 +182,14 @@ def unquoted_local_part(local_part: str) -> str:
     return local_part
 
 
-def least_quoted(local_part: str) -> str:
-    """The local part with the least quoting, the form RFC 5321 §4.1.2 has a
-    sender transmit ("all quoted forms MUST be treated as equivalent"):
-    ``"bob"`` is ``bob``; one that needs its quotes keeps them as given."""
-    unquoted = unquoted_local_part(local_part)
-    return unquoted if _DOT_STRING.fullmatch(unquoted) else local_part
+def least_quoted(address: Address) -> str:
+    """The address with its local part quoted the least, the form RFC 5321
+    §4.1.2 has a sender transmit ("all quoted forms MUST be treated as
+    equivalent"): ``"bob"@x`` is ``bob@x``; a local part that needs its
+    quotes keeps them as given. One mailbox, one spelling."""
+    unquoted = unquoted_local_part(address.local_part)
+    local_part = unquoted if _DOT_STRING.fullmatch(unquoted) else address.local_part
+    return str(Address(local_part, address.domain))
 
 
 def is_domain(text: str) -> bool:

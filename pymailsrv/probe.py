@@ -77,7 +77,7 @@ class Result:
     detail: str  # why it failed or was skipped; empty on PASS
     transcript: list[str]  # the whole dialogue, C: and S: lines
     seconds: float
-    left_behind: int = 0  # messages it sent that are still in the mailbox (no POP3 login to delete them)
+    left_behind: int = 0  # messages it sent, and could not delete if stored (no POP3 login)
 
 
 def run_check(check: Check, target: Target) -> Result:
@@ -265,7 +265,7 @@ def probe(protocol: str, address: str, user: str | None, password_stdin: bool, s
         click.echo(summary(results), err=True)  # stdout stays one parseable document
     left_behind = sum(result.left_behind for result in results)
     if left_behind:
-        click.echo(f"note: {counted(left_behind, 'message')} the probe sent to {target.rcpt} "
-                   "stayed there: give a POP3 login (--pop3, --user, --password-stdin) to have them deleted",
+        click.echo(f"note: the probe sent {counted(left_behind, 'message')} to {target.rcpt}, and with no POP3 "
+                   "login cannot delete what was stored: give --pop3, --user and --password-stdin for that",
                    err=True)
     sys.exit(1 if any(result.status == FAIL for result in results) else 0)

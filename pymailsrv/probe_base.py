@@ -358,7 +358,7 @@ class Probe:
     target: Target
     transcript: list[str] = field(default_factory=list)
     sent: list[Sent] = field(default_factory=list)
-    left_behind: int = 0  # messages sent that cleanup could not delete (no POP3 login)
+    left_behind: int = 0  # messages sent, that cleanup could not delete if stored (no POP3 login)
     _clients: list[LineClient] = field(default_factory=list)
 
     # --- connections -------------------------------------------------------

@@ -75,6 +75,15 @@ def multi(client: LineClient, command: str) -> list[bytes]:
     return lines
 
 
+def optional_multi(client: LineClient, command: str, unsupported: str) -> list[bytes]:
+    """The raw body of a multi-line reply to a command the RFC makes optional;
+    an -ERR skips the check, saying ``unsupported`` and what came back."""
+    status, lines = client.pop3_multi(command)
+    if lines is None:
+        raise Skipped(f"{unsupported}: {status!r}")
+    return lines
+
+
 def listing(client: LineClient, command: str) -> dict[int, str]:
     """A LIST or UIDL listing: msg_number -> the rest of its line."""
     entries = {}
@@ -109,9 +118,7 @@ def capa_in_authorization(p: Probe) -> None:
 def _capabilities(client: LineClient) -> None:
     """CAPA lists at least one capability; skipped where the server has no CAPA
     (an extension, RFC 2449: a server of RFC 1939 alone answers -ERR)."""
-    status, capabilities = client.pop3_multi("CAPA")
-    if capabilities is None:
-        raise Skipped(f"the server has no CAPA ({status!r})")
+    capabilities = optional_multi(client, "CAPA", "the server has no CAPA")
     fail_unless(len(capabilities) > 0, "at least one capability", "an empty list")
 
 
@@ -245,9 +252,7 @@ def top_header_and_lines(p: Probe) -> None:
     client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     whole = unstuffed(multi(client, f"RETR {msg_number}"))
     header = whole[: whole.index(b"") + 1]  # up to and with the empty line
-    status, top = client.pop3_multi(f"TOP {msg_number} 0")
-    if top is None:
-        raise Skipped(f"TOP is not supported (optional, RFC 1939 §7): {status!r}")
+    top = optional_multi(client, f"TOP {msg_number} 0", "TOP is not supported (optional, RFC 1939 §7)")
     fail_unless(unstuffed(top) == header, "the header and the empty line, no body", unstuffed(top)[-2:])
     top = unstuffed(multi(client, f"TOP {msg_number} 2"))
     fail_unless(top == header + list(THREE_LINE_BODY[:2]), "the header and 2 body lines", top[-3:])
@@ -256,9 +261,7 @@ def top_header_and_lines(p: Probe) -> None:
 def top_beyond_body(p: Probe) -> None:
     client, msg_number = p.session_holding(p.message(THREE_LINE_BODY))
     whole = unstuffed(multi(client, f"RETR {msg_number}"))
-    status, top = client.pop3_multi(f"TOP {msg_number} 100")
-    if top is None:
-        raise Skipped(f"TOP is not supported (optional, RFC 1939 §7): {status!r}")
+    top = optional_multi(client, f"TOP {msg_number} 100", "TOP is not supported (optional, RFC 1939 §7)")
     fail_unless(unstuffed(top) == whole, "the entire message", f"{len(top)} of {len(whole)} lines")
 
 
@@ -375,9 +378,7 @@ def message_numbers_stable(p: Probe) -> None:
 
 def uidl_listing(p: Probe) -> None:
     client = p.login()
-    status, raw = client.pop3_multi("UIDL")
-    if raw is None:
-        raise Skipped(f"UIDL is not supported (optional, RFC 1939 §7): {status!r}")
+    raw = optional_multi(client, "UIDL", "UIDL is not supported (optional, RFC 1939 §7)")
     uids = []
     for line in unstuffed(raw):
         match = re.fullmatch(rb"(\d+) ([\x21-\x7e]{1,70})", line)

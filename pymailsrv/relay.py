@@ -454,8 +454,8 @@ class Relay:
                 # envelope never moves and the message would be due at once.
                 wait = self.queue.retry.min_backoff
                 self.queue.postpone_in_memory(queue_id, time.monotonic() + wait)
-                # The disk's own complaint (a full disk, a message file that
-                # cannot be read) is one line; anything else is a bug, with its traceback.
+                # The disk's own complaint (a full disk while recording) is
+                # one line; anything else is a bug, with its traceback.
                 log.error("delivery of %s failed (%s); it stays queued, tried again in %gs", queue_id, error,
                           wait, exc_info=not isinstance(error, OSError))
             finally:
@@ -917,7 +917,7 @@ class _HopClient(smtplib.SMTP):
                 self.sock.settimeout(step_timeout)
 
     def getreply(self) -> tuple[int, bytes]:
-        """smtplib's reply, in ``relay.timeout`` all told. Its own timeout is
+        """smtplib's reply, in ``self.timeout`` all told (relay.timeout; more for DATA). Its own timeout is
         per read: a host that drips a reply, an octet or a line at a time,
         would hold this delivery thread as long as it liked (RFC 5321
         §4.5.3.2 times each command's whole reply)."""

@@ -15,8 +15,9 @@ and ``listening_line()`` is the one line ``pymailsrv start`` prints for them.
 ``start()`` is ``bind()`` then ``serve()``, in this order:
 
 1. ``bind()``: raise the open-files limit for ``max_connections``; check
-   the listeners and the ``run_as`` account; bind every port; become
-   ``run_as``; check the data root and take its lock (one server a root);
+   the listeners and the ``run_as`` account; bind every port; load what
+   ``run_as`` may not be able to read (dnspython); become ``run_as``; check
+   the data root and take its lock (one server a root);
    sweep stale files from the Maildirs' tmp/; check that postmaster has
    someone to go to.
 2. ``pymailsrv start --processes N`` forks N worker processes here
@@ -146,17 +147,18 @@ class Tally:
 
 
 class ConnectionLimits:
-    """Open connections: at most ``total`` in all, ``per_address`` from one address.
+    """Open connections: at most ``total`` in all, ``per_address`` from one client
+    (an address, or an IPv6 /48: ``shared.client_key``).
 
     Kept in memory that worker processes forked after it share (shared.py),
     so the caps hold for the whole server however many processes serve it.
     The table has one record per connection the server may have open: the
-    client address (``FREE``: an unused record) and the pid of the process
+    client's key (``FREE``: an unused record) and the pid of the process
     serving it, so the records of a worker that died can be freed
     (``release_all_of``).
     """
 
-    _RECORD = struct.Struct("=Qq")  # address_key, pid
+    _RECORD = struct.Struct("=Qq")  # client_key, pid
 
     def __init__(self, total: int, per_address: int) -> None:
         self.per_address = per_address
@@ -522,10 +524,9 @@ def check_data_root(settings: Settings) -> None:
     for path in writable:
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{str(path)!r} is not writable by {who}; {advice}")
-        if not os.access(path, os.R_OK):  # it is listed too: the queue, a maildrop
-            raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
+        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):  # listed too: the queue, a maildrop
+            kind = "writable" if not os.access(path, os.W_OK | os.X_OK) else "readable"
+            raise ConfigError(f"{str(path)!r} is not {kind} by {who}; {advice}")
     # The files it reads: users.json, aliases.
     for path in sorted(state_dir.iterdir()):
         if path.is_file() and not os.access(path, os.R_OK):
@@ -637,7 +638,8 @@ class MailServer:
             # Nothing below runs as root if run_as is set: no mailbox is
             # touched before this line.
             if account is not None:
-                MxResolver.load_before_switching_user()
+                if not self.settings.relay.smarthost:  # with one, no MX is ever looked up
+                    MxResolver.load_before_switching_user()
                 drop_privileges(account)
             elif os.geteuid() == 0:
                 log.warning("running as root: give --run-as USER to drop privileges once the ports are bound")

@@ -212,7 +212,7 @@ class Session:
         except Exception:
             # As for a command, but where the text stood is now unknown: the
             # session ends after the reply, and close() throws the text away.
-            return dataclasses.replace(self._internal_error("message text"), after=After.CLOSE), b""
+            return self._internal_error("message text").closing(), b""
 
     def take_text(self, block: bytes, too_long: bool) -> tuple[Reply | None, bytes]:
         raise NotImplementedError  # only protocols that collect text (SMTP DATA)

@@ -571,7 +571,7 @@ class SmtpSession(Session):
             "8BITMIME",  # RFC 6152
             "ENHANCEDSTATUSCODES",  # RFC 2034
             "SMTPUTF8",  # RFC 6531
-            *self.commands.capabilities(self),  # STARTTLS and AUTH, when offered
+            *self.commands.capabilities(self),  # STARTTLS and AUTH when offered, HELP
         ]
 
     # --- the session: EHLO, HELO, RSET, NOOP, QUIT, HELP, VRFY, EXPN ----------
@@ -768,7 +768,7 @@ class SmtpSession(Session):
             if self.user is not None or in_networks(self.peer[0], self.settings.relay.trusted_networks):
                 # In the form with the least quoting (§4.1.2): "bob"@x and
                 # bob@x, one mailbox, are then queued once.
-                return (), (str(Address(least_quoted(recipient.local_part), recipient.domain)),)
+                return (), (least_quoted(recipient),)
             raise CommandError(R550_RELAY_DENIED.format(address=recipient))
         local_part = unquoted_local_part(recipient.local_part)
         # Aliases (aliases.py) name users and outside addresses; a plain user

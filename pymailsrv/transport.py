@@ -91,6 +91,7 @@ class Connection:
         # When the line being read must be in (see read_line); None: no limit.
         self._line_deadline: float | None = None
         self._output_failed = False  # a send timed out or failed: say no goodbye
+        self._readable: select.poll | None = None  # made at the first _input_waiting
 
     # --- input -----------------------------------------------------------------
 
@@ -114,10 +115,12 @@ class Connection:
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
             return True
         # poll(), not select(): select() takes no descriptor past 1023, and
-        # the server raises its open-files limit beyond that (limits.py).
-        waiting = select.poll()
-        waiting.register(self.sock, select.POLLIN)
-        return bool(waiting.poll(0))
+        # the server raises its open-files limit beyond that (limits.py). The
+        # descriptor stays the same through start_tls.
+        if self._readable is None:
+            self._readable = select.poll()
+            self._readable.register(self.sock, select.POLLIN)
+        return bool(self._readable.poll(0))
 
     def read_line(self, limit: int) -> tuple[bytes, bool]:
         """One line with its line end, and whether it was longer than ``limit``.
@@ -135,7 +138,7 @@ class Connection:
         self._line_deadline = None if timeout is None else time.monotonic() + timeout
         # Replies not yet sent while the next line is already here, in our
         # buffer or the kernel's: the client did not wait for them. Only a
-        # trace records it, so without one we spare the select() call.
+        # trace records it, so without one we spare the poll() call.
         self.line_pipelined = (self.tracer.active and bool(self._output)
                                and (bool(self._input) or self._input_waiting()))
         while True:

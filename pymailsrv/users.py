@@ -230,9 +230,9 @@ class UserStore:
     def _editing(self) -> Iterator[dict[str, dict[str, str]]]:
         """Read, let the caller change, and atomically write the users, under the lock."""
         with exclusive_lock(self._lock_path):
-            # Read afresh, not from the cache: a rewrite by another process
-            # could in principle get the old inode number back, with the same
-            # size and second, and then look unchanged.
+            # Read afresh, not from the cache, as aliases.py does: a rewrite by
+            # another process could in principle get the old inode number back,
+            # and with the same size and time look unchanged.
             try:
                 users = _read_users(self.path)
             except FileNotFoundError:

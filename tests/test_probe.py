@@ -137,8 +137,8 @@ def test_mail_the_probe_cannot_delete_is_said_on_stderr(mail_server, store):
     assert outcome.exit_code == 0, outcome.output
     assert len(store.messages("alice")) == 1
     assert outcome.stderr.splitlines()[-1] == (
-        "note: 1 message the probe sent to alice@localhost stayed there: give a POP3 login "
-        "(--pop3, --user, --password-stdin) to have them deleted")
+        "note: the probe sent 1 message to alice@localhost, and with no POP3 login cannot delete what was "
+        "stored: give --pop3, --user and --password-stdin for that")
 
 
 def test_a_probe_of_the_wrong_protocol_fails_and_shows_what_came_back(mail_server):

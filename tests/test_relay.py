@@ -108,6 +108,13 @@ def maildir_messages(root: Path, user: str) -> list[email.message.EmailMessage]:
             for path in sorted((root / user / "new").iterdir())]
 
 
+def bounced_recipient(root: Path) -> dict:
+    """The one recipient block of the one bounce alice (the sender) got."""
+    [bounce] = maildir_messages(root, "alice")
+    _, [recipient] = delivery_status(bounce)
+    return recipient
+
+
 def delivery_status(bounce: email.message.EmailMessage) -> tuple[dict, list[dict]]:
     """The per-message block and the per-recipient blocks of a DSN, as dicts."""
     assert bounce.get_content_type() == "multipart/report"
@@ -211,8 +218,7 @@ def test_null_mx_fails_at_once_and_bounces_with_status_5_1_10(mta, sink, root):
     server.context.queue.enqueue(SENDER, ["dan@nullmx.example"], MESSAGE)
     server.relay.run_once()
     assert remote.messages == [] and server.context.queue.ids() == []
-    [bounce] = maildir_messages(root, "alice")
-    _, [recipient] = delivery_status(bounce)
+    recipient = bounced_recipient(root)
     assert recipient["Final-Recipient"] == "rfc822; dan@nullmx.example"
     assert recipient["Status"] == "5.1.10"
 
@@ -346,8 +352,7 @@ def test_a_host_that_never_answered_is_no_remote_mta_in_the_bounce(mta, root):
     server = mta(None, max_queue_lifetime=0.0)
     server.context.queue.enqueue(SENDER, ["bob@ordered.example"], MESSAGE)
     server.relay.run_once()
-    [bounce] = maildir_messages(root, "alice")
-    _, [recipient] = delivery_status(bounce)
+    recipient = bounced_recipient(root)
     assert "Remote-MTA" not in recipient
     assert recipient["Diagnostic-Code"].startswith("X-pymailsrv; connect to ")
 
@@ -360,8 +365,7 @@ def test_a_status_with_leading_zeros_is_not_taken_as_one(mta, sink, root):
     server = mta(remote)
     server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
     server.relay.run_once()
-    [bounce] = maildir_messages(root, "alice")
-    _, [recipient] = delivery_status(bounce)
+    recipient = bounced_recipient(root)
     assert (recipient["Status"], recipient["Diagnostic-Code"]) == ("5.0.0", "smtp; 550 5.01.1 no such user")
 
 
@@ -574,8 +578,7 @@ def test_a_message_file_gone_from_the_queue_is_bounced_not_dropped(mta, sink, ro
     server.context.queue.message_path(queue_id).unlink()
     server.relay.run_once()
     assert remote.messages == [] and server.context.queue.ids() == []
-    [bounce] = maildir_messages(root, "alice")
-    _, [recipient] = delivery_status(bounce)
+    recipient = bounced_recipient(root)
     assert (recipient["Status"], recipient["Diagnostic-Code"]) == (
         "5.3.0", "X-pymailsrv; the message file is gone from the queue")
 
@@ -596,8 +599,7 @@ def test_a_message_file_that_cannot_be_read_backs_off_and_is_bounced_at_the_life
     unreadable(queue.message_path(queue_id))
     server.relay.run_once()
     assert remote.messages == [] and queue.ids() == []
-    [bounce] = maildir_messages(root, "alice")
-    _, [recipient] = delivery_status(bounce)
+    recipient = bounced_recipient(root)
     assert (recipient["Status"], recipient["Diagnostic-Code"]) == (
         "4.3.0", "X-pymailsrv; cannot read the message file: Too many levels of symbolic links")
 
