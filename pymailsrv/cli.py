@@ -26,7 +26,7 @@ from pymailsrv.cli_common import as_data_root_owner, echo_table, read_password, 
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
-from pymailsrv.storage import StorageError
+from pymailsrv.storage import MaildropLocked, StorageError
 from pymailsrv.users import DamagedUserFile, UserError, UserStore, check_user_name
 
 # sysexits.h, as mail delivery agents use them.
@@ -271,15 +271,31 @@ def user_remove(settings: Settings, name: str, purge: bool) -> None:
     """Remove a user (their mail stays on disk unless --purge)."""
     as_data_root_owner(settings.root)
     name = _user_name(name)
-    try:
-        UserStore(settings.state_dir).remove(name)
-    except UserError as error:
-        raise click.ClickException(str(error)) from None
-    if purge:
+    users, store = UserStore(settings.state_dir), MaildirStore(settings.root)
+    maildrop = None
+    if purge and users.exists(name):
+        # The maildrop's lock (RFC 1939 §4), as 'classroom reset' takes it: a
+        # POP3 session must not read on in a Maildir deleted under it.
         try:
-            MaildirStore(settings.root).remove_maildir(name)
-        except StorageError as error:
-            raise click.ClickException(f"removed user {name}, but not their mail: {error}") from None
+            maildrop = store.open_maildrop(name)
+        except MaildropLocked:
+            raise click.ClickException(f"{name} is logged in over POP3: nothing removed; "
+                                       "try again once that session ends") from None
+        except (OSError, StorageError) as error:
+            raise click.ClickException(f"cannot take {name}'s mailbox: {error}") from None
+    try:
+        try:
+            users.remove(name)
+        except UserError as error:
+            raise click.ClickException(str(error)) from None
+        if purge:
+            try:
+                store.remove_maildir(name)
+            except StorageError as error:
+                raise click.ClickException(f"removed user {name}, but not their mail: {error}") from None
+    finally:
+        if maildrop is not None:
+            maildrop.release()
     click.echo(f"removed user {name}" + (" and their mail" if purge else ""))
 
 

@@ -116,6 +116,26 @@ def test_user_remove_keeps_mail_and_purge_deletes_it(cli, root):
     assert one_line_error(result) == "Error: no such user 'bob'"
 
 
+def test_purge_refuses_a_mailbox_a_pop3_session_holds_and_removes_nothing(cli, root, add_user, store, pop3):
+    # It deleted the Maildir under the session, which read on in a mailbox
+    # gone; 'classroom reset' already left such a mailbox alone.
+    add_user("alice")
+    store.deliver("alice", b"Subject: a\n\nx\n")
+    client = pop3()
+    client.user("alice")
+    client.pass_(PASSWORD)  # holds the maildrop lock (RFC 1939 §4)
+    result = cli("user", "remove", "alice", "--purge")
+    assert result.exit_code == 1
+    assert one_line_error(result) == (
+        "Error: alice is logged in over POP3: nothing removed; try again once that session ends")
+    assert UserStore(root / ".pymailsrv").exists("alice") and len(store.messages("alice")) == 1
+    assert client.stat() == (1, 17)
+    client.quit()
+    result = cli("user", "remove", "alice", "--purge")
+    assert (result.exit_code, result.stdout) == (0, "removed user alice and their mail\n")
+    assert not (root / "alice").exists()
+
+
 def test_user_passwd_changes_the_password(cli, root):
     cli("user", "add", "alice", "--password-stdin", input="old\n")
     result = cli("user", "passwd", "alice", "--password-stdin", input="new\n")
