@@ -257,7 +257,7 @@ def waits_for_replies(t: Transcript) -> Verdict:
 
 def _client_ended(outcome: str) -> bool:
     """The session's end record says the client closed or reset the connection."""
-    return outcome.startswith("dropped") or (outcome.startswith("network error") and "reset" in outcome)
+    return outcome == "dropped by client" or (outcome.startswith("network error") and "reset" in outcome)
 
 
 def _issues_quit(t: Transcript, closing_reply: str) -> Verdict:

@@ -365,7 +365,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
         listener.track(connection)
         context.tracer.session_started(session)
         started = time.monotonic()
-        outcome = "dropped"
+        outcome = "server error"  # kept only if serve() raises what none of these catch: a bug of ours
         try:
             outcome = connection.serve(implicit_tls=listener.implicit_tls)
         except ConnectionClosed:

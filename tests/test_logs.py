@@ -200,6 +200,24 @@ def test_a_session_whose_close_fails_is_still_logged_as_ended(root, caplog, monk
     assert any(SESSION_END.fullmatch(record.getMessage()) for record in caplog.records)
 
 
+def test_a_session_a_bug_of_ours_ends_is_logged_as_a_server_error(root, caplog):
+    # Its outcome was "dropped", which the grader reads as the client's
+    # doing: a bug of ours would have failed a student's issues-quit.
+    caplog.set_level(logging.INFO, logger="pymailsrv")
+    with MailServer(make_settings(root)) as server:
+        def broken(session, line, pipelined=False):
+            raise RuntimeError("a bug")
+
+        server.context.tracer.client_line = broken
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        client.send(b"NOOP\r\n")
+        assert client.closed()
+        client.close()
+    [ended] = [record.getMessage() for record in caplog.records if SESSION_END.fullmatch(record.getMessage())]
+    assert ended.endswith(" outcome=server error")
+
+
 def test_a_bug_met_in_message_text_ends_the_session_and_keeps_nothing(root, add_user, caplog, monkeypatch):
     # As for a command (above), but where the text stood is then unknown: the
     # client hears 451 and the session ends; the half-made message is gone.
