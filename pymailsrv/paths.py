@@ -248,7 +248,19 @@ def _is_address_literal(domain: str) -> bool:
         (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
     except ValueError:
         return False
-    return True
+    return not match[1] or _few_enough_groups(match[2])
+
+
+def _few_enough_groups(ipv6: str) -> bool:
+    """RFC 5321 §4.1.3 is stricter than RFC 4291, which ipaddress follows:
+    "::" stands for "at least 2 16-bit groups of zeros", so "No more than 6
+    groups in addition to the '::' may be present" (4, with an IPv4 part)."""
+    if "::" not in ipv6:
+        return True  # a full form: ipaddress has counted its groups
+    parts = [part for part in re.split(":+", ipv6) if part]
+    if "." in ipv6:  # the last part is the IPv4 address
+        return len(parts) - 1 <= 4
+    return len(parts) <= 6
 
 
 def _octets(text: str) -> int:

@@ -190,13 +190,18 @@ def test_a_label_of_63_octets_is_accepted_and_64_refused():
     ("[192.0.2.1]", "[192.0.2.1]"),
     ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
     ("[ipv6:::1]", "[IPv6:::1]"),  # the tag as RFC 5321 §4.1.3 spells it
+    ("[IPv6:1:2:3:4:5:6::]", "[IPv6:1:2:3:4:5:6::]"),  # six groups and "::": the most §4.1.3 allows
+    ("[IPv6:1:2:3:4::1.2.3.4]", "[IPv6:1:2:3:4::1.2.3.4]"),  # four and an IPv4 part
 ])
 def test_address_literal_is_a_domain(literal, kept_as):
     assert forward(f"<alice@{literal}>") == Address("alice", kept_as)
 
 
 @pytest.mark.parametrize("literal", ["[256.1.1.1]", "[999.999.999.999]", "[1.2.3]", "[\u0661.\u0661.\u0661.\u0661]",
-                                     "[IPv6:not-an-address]", "[IPv6:2001:db8::1::2]", "[2001:db8::1]"])
+                                     "[IPv6:not-an-address]", "[IPv6:2001:db8::1::2]", "[2001:db8::1]",
+                                     # RFC 5321 §4.1.3: "::" is at least two groups, so at most 6 others
+                                     # (4 beside an IPv4 part), where RFC 4291 allows 7 (5).
+                                     "[IPv6:1:2:3:4:5:6:7::]", "[IPv6:1::2:3:4:5:6:7]", "[IPv6:1:2:3:4:5::1.2.3.4]"])
 def test_address_literal_that_is_not_an_ip_address_is_refused(literal):
     # RFC 5321 §4.1.3: IPv4 literals are four decimal octets (0-255, ASCII digits).
     with pytest.raises(PathError, match="domain"):
