@@ -36,6 +36,7 @@ from pymailsrv.probe_base import (
     fail_unless,
     unstuffed,
 )
+from pymailsrv.trace import shown
 
 # RFC 5321 §4.5.3.1.4: "The maximum total length of a command line including
 # the command word and the <CRLF> is 512 octets." §4.5.3.1 makes such sizes
@@ -320,7 +321,10 @@ def _smuggling(sequence: bytes):
         message = p.message()
         p.sent.append(message)  # clean-up deletes it if it is stored
         begin_data(client, p)
-        client.send(message.text + b"before" + sequence + b"NOOP smuggled\r\nafter\r\n.\r\n")
+        smuggled = b"before" + sequence + b"NOOP smuggled\r\nafter\r\n.\r\n"
+        # One transcript line, its line ends escaped: split at each, the bare
+        # sequence the check is about would not show.
+        client.send(message.text + smuggled, shown=f"(the message text, then) {shown(smuggled.decode('ascii'))}")
         ended = expect(client.smtp_reply(), range(200, 600), "the end of the text")
         # A server that stopped reading text at the bare sequence has more to say:
         # the smuggled NOOP's 250, then 500s for the lines after it.

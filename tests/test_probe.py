@@ -141,6 +141,15 @@ def test_mail_the_probe_cannot_delete_is_said_on_stderr(mail_server, store):
         "stored: give --pop3, --user and --password-stdin for that")
 
 
+def test_a_smuggling_check_shows_the_bare_sequence_it_sent(mail_server):
+    # The transcript split what was sent at every line end, so the five
+    # smuggling checks read alike and the bare LF they are about never showed.
+    (result,) = run_probe(target_for(mail_server, "smtp"), only=["smtp.smuggling-lf-dot-lf"])
+    assert result.status == PASS
+    assert (r"C: (the message text, then) before\x0a.\x0aNOOP smuggled\x0d\x0aafter\x0d\x0a.\x0d\x0a"
+            in result.transcript)
+
+
 def test_a_probe_of_the_wrong_protocol_fails_and_shows_what_came_back(mail_server):
     target = target_for(mail_server, "pop3", address=mail_server.addresses["smtp"])
     (result,) = run_probe(target, only=["pop3.greeting-ok"])
