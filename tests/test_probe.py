@@ -150,6 +150,14 @@ def test_a_smuggling_check_shows_the_bare_sequence_it_sent(mail_server):
             in result.transcript)
 
 
+def test_a_size_within_a_small_limit_is_asked_within_it(start_server, add_user):
+    # It always asked SIZE=1000, over a limit of 500: a false FAIL.
+    add_user("alice")
+    server = start_server(smtp={"max_message_size": 500})
+    (result,) = run_probe(target_for(server, "smtp"), only=["smtp.size-within-limit-accepted"])
+    assert (result.status, result.sent[-1]) == (PASS, "MAIL FROM:<> SIZE=500")
+
+
 def test_a_probe_of_the_wrong_protocol_fails_and_shows_what_came_back(mail_server):
     target = target_for(mail_server, "pop3", address=mail_server.addresses["smtp"])
     (result,) = run_probe(target, only=["pop3.greeting-ok"])
