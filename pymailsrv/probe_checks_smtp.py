@@ -362,19 +362,24 @@ def pipelining_in_order(p: Probe) -> None:
                 "replies in order: 250 250 4xx/5xx 250 250", " ".join(map(str, codes)))
 
 
+def _size_limit(extensions: dict[str, str]) -> int | None:
+    """The fixed limit SIZE offers, or None (RFC 1870 §4: 0 or none means no fixed one)."""
+    limit = offered(extensions, "SIZE").strip()
+    return int(limit) if is_decimal(limit) and int(limit) > 0 else None
+
+
 def size_refused_at_mail(p: Probe) -> None:
     client, extensions = greeted(p)
-    limit = offered(extensions, "SIZE").strip()
-    if not is_decimal(limit) or int(limit) == 0:
+    limit = _size_limit(extensions)
+    if limit is None:
         raise Skipped("SIZE is advertised without a fixed limit")
-    expect(client.smtp(f"MAIL FROM:<> SIZE={int(limit) + 1}"), (552,), f"MAIL with SIZE over {limit}")
+    expect(client.smtp(f"MAIL FROM:<> SIZE={limit + 1}"), (552,), f"MAIL with SIZE over {limit}")
 
 
 def size_within_limit_accepted(p: Probe) -> None:
     client, extensions = greeted(p)
-    limit = offered(extensions, "SIZE").strip()
-    # Within the limit, however small (RFC 1870 §4: 0 or none means no fixed one).
-    size = min(1000, int(limit)) if is_decimal(limit) and int(limit) > 0 else 1000
+    limit = _size_limit(extensions)
+    size = 1000 if limit is None else min(1000, limit)  # within the limit, however small
     expect(client.smtp(f"MAIL FROM:<> SIZE={size}"), (250,), f"MAIL FROM:<> SIZE={size}")
 
 
