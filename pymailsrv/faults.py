@@ -26,15 +26,21 @@ The grammar::
 
 A reply or ``drop`` replaces the command: its handler never runs, so nothing
 is stored or changed for this or any other session. ``delay`` runs it and
-answers late; ``drop-mid`` runs it, then hangs up partway (after half the
-octets of a multi-line reply, often in the middle of a line, or after the
-first line of DATA's text, discarded). Every
-fault that fires is marked in the trace.
+answers late; ``drop-mid`` runs it, then hangs up partway: after half the
+octets of a POP3 multi-line reply (often in the middle of a line), after the
+first half of an SMTP multi-line reply's lines (each still promising more),
+or after the first line of DATA's text (discarded). A one-line reply is sent
+whole before the hang-up. Every fault that fires is marked in the trace.
+
+Every fault that matches a command counts it, and the first of them (in the
+order given) that is due fires. A refusal injected by a fault counts toward
+the session's limit of bad commands, as the server's own refusals do.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 import threading
 from dataclasses import dataclass, field
@@ -57,8 +63,14 @@ _POP3_REPLY = re.compile(r"(?P<status>\+OK|-ERR)(?: \[(?P<code>[^\]]+)\])?(?: (?
 _DELAY = re.compile(r"delay (?P<milliseconds>\d+)")
 LONGEST_DELAY_MS = LONGEST_WAIT_SECONDS * 1000
 
-DROP = "drop"
-DROP_MID = "drop-mid"
+
+class Action(enum.Enum):
+    """What a fault does when it fires."""
+
+    REPLY = "reply"  # answer the spec's reply; the command never runs
+    DROP = "drop"  # hang up without answering; the command never runs
+    DROP_MID = "drop-mid"  # run the command, then hang up partway
+    DELAY = "delay"  # run the command, then answer late
 
 
 class FaultError(ValueError):
@@ -74,12 +86,17 @@ def _verbs(protocol: str) -> list[str]:
     return [command.verb for command in table]
 
 
-def _reply(protocol: str, action: str) -> Reply:
+def _not_an_action(spec: str, reply_example: str) -> FaultError:
+    return FaultError(f"bad fault {spec!r}: the action is a reply such as '{reply_example}', "
+                      f"or {Action.DROP.value}, {Action.DROP_MID.value} or 'delay MILLISECONDS'")
+
+
+def _reply(spec: str, protocol: str, action: str) -> Reply:
     """The reply a fault answers with, parsed from the spec's action."""
     if protocol == "smtp":
         found = _SMTP_REPLY.fullmatch(action)
         if not found:
-            raise FaultError(f"an SMTP fault reply looks like '452 4.2.2 text', not {action!r}")
+            raise _not_an_action(spec, "452 4.2.2 text")
         code = int(found["code"])
         reply = SmtpReply(code, found["enhanced"], found["text"] or "injected fault",
                           note="an injected fault (--fault)")
@@ -87,7 +104,7 @@ def _reply(protocol: str, action: str) -> Reply:
         return reply.closing() if code == 421 else reply
     found = _POP3_REPLY.fullmatch(action)
     if not found:
-        raise FaultError(f"a POP3 fault reply looks like '-ERR [SYS/TEMP] text', not {action!r}")
+        raise _not_an_action(spec, "-ERR [SYS/TEMP] text")
     return Pop3Reply(ok=found["status"] == "+OK", text=found["text"] or "injected fault", code=found["code"],
                      note="an injected fault (--fault)")
 
@@ -101,7 +118,7 @@ class Fault:
     match: str | None
     nth: int | None
     times: int | None
-    action: str  # DROP, DROP_MID, "delay", or "reply"
+    action: Action
     reply: Reply | None = None
     delay: float = 0.0
     fired: int = 0
@@ -111,28 +128,30 @@ class Fault:
     def parse(cls, spec: str) -> "Fault":
         found = _SPEC.fullmatch(spec.strip())
         if not found:
-            raise FaultError(f"bad fault {spec!r}: expected PROTOCOL:VERB[#N][*N]=ACTION, "
+            raise FaultError(f"bad fault {spec!r}: expected PROTOCOL:VERB[ ARGUMENT][[MATCH]][#N][*N]=ACTION, "
                              f"e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'")
         protocol, action = found["protocol"].lower(), found["action"].strip()
-        if found["verb"].upper() not in _verbs(protocol):
+        verbs = _verbs(protocol)
+        if found["verb"].upper() not in verbs:
             raise FaultError(f"bad fault {spec!r}: {protocol} has no command {found['verb']!r}, so it "
-                             f"could never fire (its commands: {', '.join(_verbs(protocol))})")
+                             f"could never fire (its commands: {', '.join(verbs)})")
         fault = cls(spec=spec.strip(), protocol=protocol, verb=found["verb"].upper(),
                     argument=found["argument"].strip() if found["argument"] else None, match=found["match"],
                     nth=int(found["nth"]) if found["nth"] else None,
-                    times=int(found["times"]) if found["times"] else None, action="reply")
+                    times=int(found["times"]) if found["times"] else None, action=Action.REPLY)
         if 0 in (fault.nth, fault.times):
             raise FaultError(f"bad fault {spec!r}: #N and *N count from 1, so it could never fire")
         delay = _DELAY.fullmatch(action)
-        if action in (DROP, DROP_MID):
-            fault.action = action
+        if action in (Action.DROP.value, Action.DROP_MID.value):
+            fault.action = Action(action)
         elif delay:
             milliseconds = delay["milliseconds"].lstrip("0") or "0"
+            # Length first: int() refuses a string of over 4300 digits (ValueError).
             if len(milliseconds) > len(str(LONGEST_DELAY_MS)) or int(milliseconds) > LONGEST_DELAY_MS:
                 raise FaultError(f"bad fault {spec!r}: a delay is at most {LONGEST_DELAY_MS} ms (a year)")
-            fault.action, fault.delay = "delay", int(milliseconds) / 1000
+            fault.action, fault.delay = Action.DELAY, int(milliseconds) / 1000
         else:
-            fault.reply = _reply(protocol, action)
+            fault.reply = _reply(fault.spec, protocol, action)
         return fault
 
     def matches(self, session: Session, verb: str, argument: str) -> bool:
@@ -142,8 +161,8 @@ class Fault:
             return False
         if self.argument is not None and not argument.upper().startswith(self.argument.upper()):
             return False
-        return (self.match is None or self.match.lower() in argument.lower()
-                or self.match == session.named_user())
+        return self.match is None or any(self.match.lower() in text.lower()
+                                         for text in (argument, session.named_user() or ""))
 
     def claim(self, occurrence: int) -> bool:
         """Should the fault fire for this session's ``occurrence``-th matching command?"""
@@ -172,23 +191,30 @@ class FaultPlan:
 
     def run(self, session: Session, verb: str, argument: str, handler: Callable[[], Reply]) -> Reply:
         """The reply to a command: its handler's, unless a fault fires."""
-        for fault in self.faults:
-            if not fault.matches(session, verb, argument):
-                continue
-            occurrence = session.fault_counts[fault.spec] = session.fault_counts.get(fault.spec, 0) + 1
-            if fault.claim(occurrence):
-                session.context.tracer.event(session, f"FAULT injected: {fault.spec}")
-                return _apply(fault, session, handler)
-        return handler()
+        firing = None
+        # Faults are only ever appended, so a fault's place in the list names
+        # it (two faults may share a spec, and each keeps its own count).
+        for place, fault in enumerate(self.faults):
+            if fault.matches(session, verb, argument):
+                occurrence = session.fault_counts.get(place, 0) + 1
+                session.fault_counts[place] = occurrence
+                if firing is None and fault.claim(occurrence):
+                    firing = fault
+        if firing is None:
+            return handler()
+        session.context.tracer.event(session, f"FAULT injected: {firing.spec}")
+        return _apply(firing, session, handler)
 
 
 def _apply(fault: Fault, session: Session, handler: Callable[[], Reply]) -> Reply:
-    if fault.reply is not None:
+    """The reply of a command a fault fired on: the fault's own, or the
+    handler's, late or cut off."""
+    if fault.action is Action.REPLY:
         return fault.reply
-    if fault.action == DROP:
+    if fault.action is Action.DROP:
         return dataclasses.replace(session.INTERNAL_ERROR, after=After.DROP)
     reply = handler()
-    if fault.action == "delay":
+    if fault.action is Action.DELAY:
         return reply.delayed(reply.delay + fault.delay)
     # drop-mid: at DATA's first line of text; halfway through a multi-line
     # reply, its end never sent; after a one-line reply.
@@ -198,4 +224,7 @@ def _apply(fault: Fault, session: Session, handler: Callable[[], Reply]) -> Repl
     if isinstance(reply, Pop3Reply) and reply.content is not None:
         content = b"".join(reply.content)
         return dataclasses.replace(reply, content=[content[: len(content) // 2]], after=After.DROP_MID)
+    if isinstance(reply, SmtpReply) and "\n" in reply.text:
+        lines = reply.text.split("\n")
+        return dataclasses.replace(reply, text="\n".join(lines[: len(lines) // 2]), after=After.DROP_MID)
     return reply.closing()

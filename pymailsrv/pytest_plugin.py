@@ -11,8 +11,10 @@
             refused = client.sendmail("me@example.org", ["alice@localhost", "alice@localhost"], b"hi")
         assert refused == {"alice@localhost": (452, b"4.2.2 mailbox full")}
 
-The marker takes ``users``, ``faults`` and ``domains``; ``--mail-fault SPEC``
-(repeatable) adds faults to every mail_server of the run.
+The marker takes ``users``, ``faults`` and ``domains``; as pytest's markers
+do, the closest one (the test's own, else its class's, else its module's)
+is taken whole. ``--mail-fault SPEC`` (repeatable) adds faults to every
+mail_server of the run.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from pymailsrv.testing import MailServer
+from pymailsrv.faults import Fault, FaultError
+from pymailsrv.testing import MailServer, check_arguments
+
+MARKER_OPTIONS = ("users", "faults", "domains")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -30,11 +35,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "mail_server(users=None, faults=None, domains=None): "
-                                       "configure the pymailsrv mail_server fixture")
-
-
-MARKER_OPTIONS = ("users", "faults", "domains")
+    options = ", ".join(f"{name}=None" for name in MARKER_OPTIONS)
+    config.addinivalue_line("markers", f"mail_server({options}): configure the pymailsrv mail_server fixture")
+    for spec in config.getoption("--mail-fault"):
+        try:  # once, here: else every test that uses the fixture fails with the same traceback
+            Fault.parse(spec)
+        except FaultError as error:
+            raise pytest.UsageError(f"--mail-fault: {error}") from None
 
 
 @pytest.fixture
@@ -57,7 +64,8 @@ def _marker_options(marker: pytest.Mark) -> dict:
     unknown = sorted(set(marker.kwargs) - set(MARKER_OPTIONS))
     if unknown:
         raise pytest.UsageError(f"mail_server does not take {', '.join(unknown)} (it takes {takes})")
-    for name in ("faults", "domains"):
-        if isinstance(marker.kwargs.get(name), str):  # a list of one was meant: not its characters
-            raise pytest.UsageError(f"mail_server's {name}= is a list, not a string: {name}=[{marker.kwargs[name]!r}]")
+    try:
+        check_arguments(**marker.kwargs)
+    except TypeError as error:
+        raise pytest.UsageError(f"mail_server's {error}") from None
     return dict(marker.kwargs)

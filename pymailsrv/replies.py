@@ -186,7 +186,8 @@ class SmtpReply(Reply):
 
     def head(self) -> list[str]:
         lines = self.text.split("\n")
-        last = len(lines) - 1
+        # A reply cut off (faults.py) never reaches its last line.
+        last = len(lines) - 1 if self.after is not After.DROP_MID else len(lines)
         enhanced = f"{self.enhanced} " if self.enhanced else ""
         # RFC 5321 §4.2.1: every line but the last has a hyphen after the code.
         return [reply_line(f"{self.code}{' ' if number == last else '-'}{enhanced}{line}")

@@ -9,7 +9,7 @@ passed or not::
 
     def test_welcome_mail_is_sent():
         with MailServer(users={"alice": "secret"}) as server:
-            send_welcome("alice@localhost", smtp_host=server.host, smtp_port=server.smtp_port)
+            send_welcome("alice@localhost", server.host, server.smtp_port)
             [message] = server.wait_for_messages("alice", 1)
             assert message["Subject"] == "Welcome"
 
@@ -36,8 +36,20 @@ from pymailsrv.users import UserStore, check_user_name
 
 # How often wait_for_messages looks at the Maildir while it waits.
 POLL_SECONDS = 0.02
-# The discard port on loopback: nothing listens there, so nothing is sent.
+# The discard port on loopback: nothing listens there (or, if something
+# does, it speaks no SMTP), so relayed mail stays in the queue.
 CLOSED_LOOPBACK_PORT = "127.0.0.1:9"
+
+
+def check_arguments(users: object = None, domains: object = (), faults: object = ()) -> None:
+    """TypeError for arguments of the wrong shape: a string where a list was
+    meant would be taken a character at a time ("localhost" as the domains
+    "l", "o", ...), and users that are no dict fail deep inside."""
+    if users is not None and not isinstance(users, dict):
+        raise TypeError(f"users= maps names to passwords, not a {type(users).__name__}: users={{'alice': 'secret'}}")
+    for name, value in (("domains", domains), ("faults", faults)):
+        if isinstance(value, str):
+            raise TypeError(f"{name}= is a list, not a string: {name}=[{value!r}]")
 
 
 class MailServer:
@@ -45,6 +57,7 @@ class MailServer:
 
     def __init__(self, users: dict[str, str] | None = None, *, domains: tuple[str, ...] = ("localhost",),
                  faults: tuple[str, ...] | list[str] = (), trace: bool = False) -> None:
+        check_arguments(users=users, domains=domains, faults=faults)
         self._users = dict(users or {})
         self._domains = tuple(domains)
         self._faults = tuple(faults)

@@ -161,6 +161,19 @@ def test_dropping_in_the_middle_of_data_stores_nothing(mail_server):
     assert list((mail_server.root / "alice" / "tmp").iterdir()) == []
 
 
+@pytest.mark.mail_server(faults=["smtp:EHLO=drop-mid"])
+def test_drop_mid_cuts_an_smtp_multiline_reply_after_half_its_lines(mail_server):
+    with socket.create_connection((mail_server.host, mail_server.smtp_port), timeout=CLIENT_TIMEOUT) as client:
+        client.sendall(b"EHLO pc07\r\n")
+        received = b""
+        while chunk := client.recv(65536):  # to the hang-up; CLIENT_TIMEOUT bounds each read
+            received += chunk
+    greeting, *ehlo, end = received.split(b"\r\n")
+    assert greeting.startswith(b"220 ") and end == b""
+    # Each line sent still promises more: the client is left waiting for the last.
+    assert len(ehlo) >= 2 and all(line.startswith(b"250-") for line in ehlo)
+
+
 @pytest.mark.mail_server(users={"alice": "pw"}, faults=["pop3:RETR=drop-mid"])
 def test_dropping_in_the_middle_of_retr_deletes_nothing(mail_server):
     mail_server.deliver("alice", b"Subject: long\n\n" + b"line\n" * 100)
@@ -183,6 +196,24 @@ def test_a_delay_fault_answers_late_and_fires_only_as_often_as_asked(mail_server
         started = time.monotonic()
         assert client.noop() == (250, b"2.0.0 OK")
         assert time.monotonic() - started < 1.0  # a NOOP takes well under a millisecond, stalls aside
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=[
+    "smtp:RCPT#2=452 4.2.2 second", "smtp:RCPT#2=452 4.2.2 second", "smtp:RCPT#3=550 5.1.1 third"])
+def test_every_matching_fault_counts_a_command_and_the_first_due_fires(mail_server):
+    # The same spec twice counted each RCPT twice (its #2 fired at the 1st),
+    # and a fault that fired kept the faults after it from counting.
+    with smtplib.SMTP(mail_server.host, mail_server.smtp_port, timeout=CLIENT_TIMEOUT) as client:
+        client.ehlo()
+        client.mail("me@example.org")
+        assert [client.rcpt("alice@localhost")[0] for _ in range(4)] == [250, 452, 550, 250]
+
+
+@pytest.mark.mail_server(users={"alice": "pw"}, faults=["pop3:PASS[Ali]=-ERR [AUTH] refused"])
+def test_a_fault_matches_a_user_name_that_holds_its_text_in_any_case(mail_server):
+    for typed in ("alice", "ALICE"):
+        with pytest.raises(poplib.error_proto, match=r"-ERR \[AUTH\] refused"):
+            _pop3_login(mail_server, typed)
 
 
 def test_faults_can_be_added_while_the_server_runs():
@@ -271,7 +302,8 @@ def test_the_cli_takes_faults_and_refuses_a_bad_one_in_one_line(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
-        "Error: an SMTP fault reply looks like '452 4.2.2 text', not 'nonsense'")
+        "Error: bad fault 'smtp:RCPT=nonsense': the action is a reply such as '452 4.2.2 text', "
+        "or drop, drop-mid or 'delay MILLISECONDS'")
     assert "Traceback" not in result.stderr
 
 
@@ -325,11 +357,11 @@ def test_the_users_given_are_there_when_the_server_starts(caplog):
     assert "there are no users yet" not in caplog.text
 
 
-def run_marked_test(directory: Path, marker: str, body: str = "pass") -> subprocess.CompletedProcess:
+def run_marked_test(directory: Path, marker: str, body: str = "pass", *options: str) -> subprocess.CompletedProcess:
     """pytest, in a process of its own, on one test marked ``@pytest.mark.mail_server(MARKER)``."""
     (directory / "test_it.py").write_text(f"import pytest\n\n@pytest.mark.mail_server({marker})\n"
                                           f"def test_it(mail_server):\n    {body}\n")
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_it.py"],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, "test_it.py"],
                           cwd=directory, capture_output=True, text=True, timeout=60)
 
 
@@ -365,3 +397,21 @@ def test_servers_come_and_go_without_a_resource_warning():
     done = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", script],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ResourceWarning" not in done.stderr, done.stderr
+
+
+def test_a_bad_mail_fault_option_is_one_usage_error_before_any_test_runs(tmp_path):
+    done = run_marked_test(tmp_path, "", "pass", "--mail-fault", "smtp:RCPT=bogus")
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR
+    assert done.stderr.strip() == ("ERROR: --mail-fault: bad fault 'smtp:RCPT=bogus': the action is a reply such as "
+                                   "'452 4.2.2 text', or drop, drop-mid or 'delay MILLISECONDS'")
+
+
+@pytest.mark.parametrize("options, said", [
+    ({"domains": "example.org"}, "domains= is a list, not a string: domains=['example.org']"),
+    ({"faults": "smtp:MAIL=421"}, "faults= is a list, not a string: faults=['smtp:MAIL=421']"),
+    ({"users": ["alice"]}, "users= maps names to passwords, not a list: users={'alice': 'secret'}"),
+])
+def test_mail_server_refuses_a_string_where_a_list_is_meant(options, said):
+    # A string was taken a character at a time: the domains "e", "x", "a" ...
+    with pytest.raises(TypeError, match=re.escape(said)):
+        MailServer(**options)
