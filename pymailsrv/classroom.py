@@ -16,33 +16,40 @@ so it is created readable by its owner only (mode 0600), like users.json.
   are stored only as scrypt hashes (users.py). ``--password-stdin`` gives
   everyone one password instead, for a class that should share it.
 * An account that already exists is left alone, password included, and
-  named in a note: running setup twice never locks a student out.
+  named in a note: running setup twice never locks a student out. The CSV
+  file must be a new one each time, so no earlier sheet's passwords are
+  written over. SIGTERM or a closed terminal stops setup as Ctrl-C does: the
+  accounts made so far are still printed (and written to the CSV file).
 
 ``classroom reset`` empties every student mailbox between lessons. It takes
 each maildrop's lock first, as a POP3 session does (RFC 1939 §4), so a
 student who is still logged in keeps a consistent session: that mailbox is
-skipped with a note, and the teacher can run reset again later.
+skipped with a note, and the teacher can run reset again later. A mailbox
+that cannot be opened is skipped with a note too, and the rest are emptied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
 import secrets
-from collections.abc import Callable
+import signal
+from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import click
 from tabulate import tabulate
 
-from pymailsrv.cli_common import as_data_root_owner, output_file, read_password, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, note_mail_left, output_file, read_password, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
-from pymailsrv.storage import MaildropLocked
-from pymailsrv.users import UserError, UserStore, check_user_name
+from pymailsrv.server import host_and_port
+from pymailsrv.storage import MaildropLocked, StorageError
+from pymailsrv.users import UserError, UserStore, add_account, check_user_name
 
 DEFAULT_PREFIX = "student"
 NUMBER_MIN_DIGITS = 2
@@ -71,13 +78,16 @@ class Account:
     pop3: str  # host:port
 
 
-SHEET_HEADERS = ("user", "password", "address", "SMTP server", "POP3 server")  # Account's fields
+SHEET_HEADERS = ("user", "password", "address", "SMTP server", "POP3 server")  # in Account's field order
 
 
 @dataclass(frozen=True)
 class SetupResult:
     created: list[Account]
     skipped: list[str]  # names that already existed
+    # Created accounts whose Maildir already held mail an earlier account of
+    # that name left ('user remove' keeps it): user -> messages.
+    inherited: dict[str, int]
 
 
 class SetupInterrupted(Exception):
@@ -93,6 +103,7 @@ class SetupInterrupted(Exception):
 class ResetResult:
     removed: dict[str, int]  # user -> messages removed
     busy: list[str]  # users whose maildrop a POP3 session holds
+    unopened: dict[str, str]  # user -> why their maildrop could not be opened
     failures: int  # messages that could not be removed
 
 
@@ -100,12 +111,18 @@ def _print_sheet(accounts: list[Account]) -> None:
     click.echo(tabulate([astuple(account) for account in accounts], headers=SHEET_HEADERS))
 
 
+def check_prefix(prefix: str) -> None:
+    """ValueError for the empty prefix: "01", "02" are names no one would take
+    for a student's, and reset would empty every all-digit user's mailbox."""
+    if not prefix:
+        raise ValueError("give a prefix: user names are the prefix, then a number")
+
+
 def student_names(prefix: str, count: int) -> list[str]:
     """``prefix01`` .. ``prefixNN``, padded to the width of ``count`` (at least 2 digits)."""
     if count < 1:
         raise ValueError("a class has at least one student")
-    if not prefix:  # "01", "02": names no one would take for a student's
-        raise ValueError("give a prefix: user names are the prefix, then a number")
+    check_prefix(prefix)
     width = max(NUMBER_MIN_DIGITS, len(str(count)))
     try:
         return [check_user_name(f"{prefix}{number:0{width}d}") for number in range(1, count + 1)]
@@ -140,33 +157,49 @@ def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
     store = MaildirStore(settings.root)
     host = server_host(settings)
     names = student_names(prefix, count)
-    created, skipped = [], []
+    result = SetupResult(created=[], skipped=[], inherited={})
     try:
         for name in names:
             if users.exists(name):
-                skipped.append(name)
+                result.skipped.append(name)
                 continue
             password = shared_password if shared_password is not None else generate_password()
-            # The Maildir first, as 'user add' does: an account whose Maildir
-            # could not be made would be skipped, password unknown, next time.
-            store.create_maildir(name)
             try:
-                users.add(name, password)
+                # The Maildir first: an account whose Maildir could not be
+                # made would be skipped, password unknown, next time.
+                left = add_account(users, store, name, password)
             except UserError:  # created by someone else since we looked
-                skipped.append(name)
+                result.skipped.append(name)
                 continue
-            created.append(Account(name, password, f"{name}@{settings.domains[0]}",
-                                   f"{host}:{settings.smtp.port}", f"{host}:{settings.pop3.port}"))
+            result.created.append(Account(name, password, f"{name}@{settings.domains[0]}",
+                                          host_and_port(host, settings.smtp.port),
+                                          host_and_port(host, settings.pop3.port)))
+            if left:
+                result.inherited[name] = left
     except (Exception, KeyboardInterrupt) as error:
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
-        raise SetupInterrupted(SetupResult(created, skipped), reason) from error
-    return SetupResult(created, skipped)
+        raise SetupInterrupted(result, reason) from error
+    return result
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) interrupt as Ctrl-C does, for
+    the while setup runs: else they end the process, and the passwords of
+    the accounts made so far are lost with it."""
+    stopping = (signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def write_csv(path: str | os.PathLike, accounts: list[Account]) -> None:
-    """The sheet as CSV, readable by its owner only: it holds passwords."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that already existed
+    """The sheet as CSV, in a new file readable by its owner only: it holds
+    passwords, and an earlier sheet's would be lost if it were written over."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(SHEET_HEADERS)
@@ -175,9 +208,11 @@ def write_csv(path: str | os.PathLike, accounts: list[Account]) -> None:
 
 def reset_class(settings: Settings, prefix: str = DEFAULT_PREFIX) -> ResetResult:
     """Remove every message from every student maildrop that no session holds."""
+    check_prefix(prefix)
     store = MaildirStore(settings.root)
     removed: dict[str, int] = {}
     busy: list[str] = []
+    unopened: dict[str, str] = {}
     failures = 0
     for name in UserStore(settings.state_dir).names():
         if not is_student(name, prefix):
@@ -187,6 +222,9 @@ def reset_class(settings: Settings, prefix: str = DEFAULT_PREFIX) -> ResetResult
         except MaildropLocked:
             busy.append(name)
             continue
+        except (OSError, StorageError) as error:  # one broken mailbox: the others are still emptied
+            unopened[name] = str(error)
+            continue
         try:
             keys = [message.key for message in maildrop.snapshot()]
             failed = maildrop.expunge(keys)
@@ -194,7 +232,7 @@ def reset_class(settings: Settings, prefix: str = DEFAULT_PREFIX) -> ResetResult
             maildrop.release()
         removed[name] = len(keys) - failed
         failures += failed
-    return ResetResult(removed, busy, failures)
+    return ResetResult(removed, busy, unopened, failures)
 
 
 # --- the command line -----------------------------------------------------------------
@@ -215,7 +253,8 @@ def classroom_group(with_settings: Callable) -> click.Group:
     @click.option("--students", type=click.IntRange(1, CLASS_SIZE_MAX), required=True,
                   help=f"How many accounts (at most {CLASS_SIZE_MAX}).")
     @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True, help="User names are PREFIX01, ...")
-    @output_file("--csv", "csv_path", help_text="Also write the sheet to this CSV file (mode 0600: it holds passwords).")
+    @output_file("--csv", "csv_path", new=True,
+                 help_text="Also write the sheet to this new CSV file (mode 0600: it holds passwords).")
     @click.option("--password-stdin", is_flag=True,
                   help="One password for everyone, from the first line of stdin.")
     @with_settings
@@ -223,39 +262,40 @@ def classroom_group(with_settings: Callable) -> click.Group:
               password_stdin: bool) -> None:
         """Create student accounts and print a sheet to hand out."""
         as_data_root_owner(settings.root)
-        # The sheet is then written as that owner: a place only root may write
-        # (a directory, or a sheet left by an earlier run) is refused now,
-        # before any account is made.
-        sheet = Path(csv_path) if csv_path is not None else None
-        if sheet is not None and not os.access(sheet if os.path.exists(sheet) else sheet.parent, os.W_OK):
+        # The sheet is then written as that owner: a directory only root may
+        # write into is refused now, before any account is made.
+        if csv_path is not None and not os.access(Path(csv_path).parent, os.W_OK):
             raise click.ClickException(f"cannot write {csv_path}: not writable by the data root's "
                                        f"owner, whom this command runs as")
         shared = None
         if password_stdin:
             shared = read_password(from_stdin=True)
+        stopped = None
         try:
-            result = setup_class(settings, students, prefix, shared)
-        except SetupInterrupted as stopped:
-            made = stopped.result.created
-            if not made:
-                raise click.ClickException(f"no account made: {stopped}") from None
-            _print_sheet(made)  # those passwords exist nowhere else: first, then why
-            raise click.ClickException(f"stopped after {counted(len(made), 'account')}: {stopped}; "
-                                       f"the sheet above holds their passwords") from None
+            with _signals_interrupt():
+                result = setup_class(settings, students, prefix, shared)
+        except SetupInterrupted as interruption:
+            stopped, result = interruption, interruption.result
         except ValueError as error:
             raise click.ClickException(str(error)) from None
+        if stopped is not None and not result.created:
+            raise click.ClickException(f"no account made: {stopped}")
         for name in result.skipped:
             click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
-        _print_sheet(result.created)
+        for name, left in result.inherited.items():
+            note_mail_left(name, left)
+        _print_sheet(result.created)  # those passwords exist nowhere else: first, then the rest
+        made = counted(len(result.created), "account")
         if csv_path is not None:
             try:
                 write_csv(csv_path, result.created)
             except OSError as error:  # what no check beforehand can rule out: a full disk, say
                 raise click.ClickException(f"cannot write {csv_path}: {error.strerror} "
                                            "(the accounts exist: their passwords are in the sheet above)") from None
-            click.echo(f"wrote {counted(len(result.created), 'account')} to {csv_path} (mode 0600)", err=True)
-        click.echo(f"created {counted(len(result.created), 'account')}, skipped {len(result.skipped)}",
-                   err=True)
+            click.echo(f"wrote {made} to {csv_path} (mode 0600)", err=True)
+        if stopped is not None:
+            raise click.ClickException(f"stopped after {made}: {stopped}; the sheet above holds their passwords")
+        click.echo(f"created {made}, skipped {len(result.skipped)}", err=True)
 
     @classroom.command("reset")
     @click.option("--prefix", default=DEFAULT_PREFIX, show_default=True,
@@ -265,13 +305,20 @@ def classroom_group(with_settings: Callable) -> click.Group:
         """Empty every student mailbox (accounts and passwords stay)."""
         require_data_root(settings.root)  # else a mistyped --root "removed 0 messages"
         as_data_root_owner(settings.root)
-        result = reset_class(settings, prefix)
+        try:
+            result = reset_class(settings, prefix)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
         for name in result.busy:
             click.echo(f"note: {name} is logged in over POP3: mailbox left as it is", err=True)
+        for name, why in result.unopened.items():
+            click.echo(f"note: {name}'s mailbox could not be opened: left as it is ({why})", err=True)
         total = sum(result.removed.values())
         click.echo(f"removed {counted(total, 'message')} "
                    f"from {counted(len(result.removed), 'mailbox', 'mailboxes')}")
-        if result.failures:
-            raise click.ClickException(f"{counted(result.failures, 'message')} could not be removed")
+        trouble = ([f"{counted(result.failures, 'message')} could not be removed"] if result.failures else []) + (
+            [f"{counted(len(result.unopened), 'mailbox', 'mailboxes')} could not be opened"] if result.unopened else [])
+        if trouble:
+            raise click.ClickException("; ".join(trouble))
 
     return classroom

@@ -22,12 +22,11 @@ from typing import Any, NoReturn
 
 import click
 
-from pymailsrv.cli_common import as_data_root_owner, echo_table, read_password, require_data_root
+from pymailsrv.cli_common import as_data_root_owner, echo_table, note_mail_left, read_password, require_data_root
 from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.maildir import MaildirStore
-from pymailsrv.replies import counted
 from pymailsrv.storage import MaildropLocked, StorageError
-from pymailsrv.users import DamagedUserFile, UserError, UserStore, check_user_name
+from pymailsrv.users import DamagedUserFile, UserError, UserStore, add_account, check_user_name
 
 # sysexits.h, as mail delivery agents use them.
 EX_DATAERR = 65
@@ -248,19 +247,12 @@ def user_add(settings: Settings, name: str, password_stdin: bool, apop: bool) ->
     if users.exists(name):
         raise click.ClickException(f"user {name!r} already exists")
     password = read_password(password_stdin)
-    # The Maildir first: a user whose Maildir cannot be made is not added.
-    # (Should adding the user fail after it, an empty Maildir is left: harmless.)
-    store = MaildirStore(settings.root)
-    store.create_maildir(name)
     try:
-        users.add(name, password, apop=apop)
+        left = add_account(users, MaildirStore(settings.root), name, password, apop=apop)
     except UserError as error:
         raise click.ClickException(str(error)) from None
     click.echo(f"added user {name}")
-    # 'user remove' keeps the mail: a new account of the same name gets it.
-    if left := len(store.messages(name)):
-        click.echo(f"note: {name}'s Maildir already holds {counted(left, 'message')}, left by an earlier "
-                   f"account of that name; {name} will see them", err=True)
+    note_mail_left(name, left)
 
 
 @user.command("remove")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from pymailsrv.replies import counted
 from pymailsrv.trace import escape_controls, shown
 from pymailsrv.users import UserError, valid_new_password
 
@@ -34,6 +35,14 @@ def echo_table(rows: list[tuple], headers: list[str]) -> None:
 
     click.echo(tabulate([[shown(cell) if isinstance(cell, str) else cell for cell in row] for row in rows],
                         headers=headers))
+
+
+def note_mail_left(name: str, left: int) -> None:
+    """The note for a new account whose Maildir holds mail an earlier account
+    of that name left ('user remove' keeps it, add_account counts it)."""
+    if left:
+        click.echo(f"note: {name}'s Maildir already holds {counted(left, 'message')}, left by an earlier "
+                   f"account of that name; {name} will see them", err=True)
 
 
 def read_password(from_stdin: bool) -> str:
@@ -83,20 +92,23 @@ def require_data_root(root: Path) -> None:
         raise click.ClickException(f"no data root at {root} (is --root right? 'user add' makes one)")
 
 
-def output_file(*names: str, help_text: str) -> Callable[[Callable], Callable]:
+def output_file(*names: str, help_text: str, new: bool = False) -> Callable[[Callable], Callable]:
     """An option naming a file to write, checked when the command line is read.
 
     ``click.Path`` checks the file but not the directory it goes into; this
     checks that too, so a typo is refused before the command does any work
-    (creates accounts, grades a class) rather than after.
+    (creates accounts, grades a class) rather than after. ``new``: a file
+    that is already there is refused, where what it holds exists nowhere else.
     """
 
-    def directory_exists(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
+    def can_be_written(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
         if value == "":  # Path("").parent is ".", which is there: the empty name would pass
             raise click.BadParameter("give a file name")
         if value is not None and not Path(value).parent.is_dir():
             raise click.BadParameter(f"no directory {Path(value).parent} to write into")
+        if value is not None and new and os.path.lexists(value):
+            raise click.BadParameter(f"{value} is already there: give a new file name")
         return value
 
     return click.option(*names, type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-                        callback=directory_exists, help=help_text)
+                        callback=can_be_written, help=help_text)

@@ -32,7 +32,7 @@ from types import TracebackType
 from pymailsrv.config import check_seconds, load_settings
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import MailServer as _Server
-from pymailsrv.users import UserStore, check_user_name
+from pymailsrv.users import UserStore, add_account, check_user_name
 
 # How often wait_for_messages looks at the Maildir while it waits.
 POLL_SECONDS = 0.02
@@ -84,7 +84,7 @@ class MailServer:
             })
             # The accounts before the server, which looks for them as it starts.
             for name, password in self._users.items():
-                _make_account(UserStore(settings.state_dir), MaildirStore(settings.root), name, password)
+                add_account(UserStore(settings.state_dir), MaildirStore(settings.root), name, password)
             self._server = _Server(settings).start()
         except BaseException:
             self.stop()
@@ -135,7 +135,9 @@ class MailServer:
     def add_user(self, name: str, password: str) -> str:
         """Create an account and its Maildir; returns its address in the first domain."""
         context = self._running.context
-        return f"{_make_account(context.users, context.store, name, password)}@{self._domains[0]}"
+        user = check_user_name(name)
+        add_account(context.users, context.store, user, password)
+        return f"{user}@{self._domains[0]}"
 
     def add_fault(self, spec: str) -> None:
         """Add a fault script while the server runs (``faults.py`` grammar)."""
@@ -193,11 +195,3 @@ class MailServer:
         if len(found) < count:
             raise AssertionError(f"{user} has {len(found)} messages after {timeout} s, expected {count}")
         return found
-
-
-def _make_account(users: UserStore, store: MaildirStore, name: str, password: str) -> str:
-    """An account and its Maildir, checked as 'pymailsrv user add' checks them; its user name."""
-    user = check_user_name(name)
-    store.create_maildir(user)  # first, as 'user add' does: no account without its Maildir
-    users.add(user, password)
-    return user

@@ -27,8 +27,12 @@ import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
+
+if TYPE_CHECKING:
+    from pymailsrv.maildir import MaildirStore
 
 # Server state lives here, beside the users' Maildirs; a user name can never
 # be this (it may not start with a dot).
@@ -264,3 +268,20 @@ class UserStore:
         if apop:
             record["apop_secret"] = password
         return record
+
+
+def add_account(users: UserStore, mailboxes: MaildirStore, name: str, password: str, *,
+                apop: bool = False) -> int:
+    """Create user ``name`` and their Maildir, as 'user add', 'classroom setup'
+    and the test kit all do; returns how many messages the Maildir already
+    holds: 'user remove' keeps a user's mail, so a new account of the same
+    name gets what an earlier one left (the caller says so).
+
+    The Maildir comes first: a user whose Maildir cannot be made is not
+    added. (Should adding the user fail after it, an empty Maildir is left:
+    harmless.)
+    """
+    name = check_user_name(name)  # before the name becomes a path
+    mailboxes.create_maildir(name)
+    users.add(name, password, apop=apop)
+    return len(mailboxes.messages(name))

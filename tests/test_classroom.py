@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from pymailsrv.classroom import PASSWORD_ALPHABET, generate_password, is_student, student_names
 from pymailsrv.cli import main
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, wait_until
 
 SHEET_HEADERS = ["user", "password", "address", "SMTP server", "POP3 server"]
 
@@ -69,8 +74,6 @@ def test_sheet_shows_the_configured_domain_host_and_ports(root, tmp_path):
 
 def test_csv_holds_the_same_rows_and_only_its_owner_may_read_it(root, tmp_path):
     sheet = tmp_path / "sheet.csv"
-    sheet.write_text("old\n")
-    sheet.chmod(0o644)  # an existing file is narrowed too
     result = classroom(root, "setup", "--students", "2", "--csv", str(sheet))
     assert result.exit_code == 0, result.output
     assert stat.S_IMODE(sheet.stat().st_mode) == 0o600
@@ -204,3 +207,73 @@ def test_a_csv_path_that_cannot_be_written_is_refused_before_any_account_exists(
     assert result.stderr.splitlines()[-1] == expected
     assert users.names() == []
     assert [path.name for path in root.iterdir() if path.name != ".pymailsrv"] == []
+
+
+def test_an_existing_csv_file_is_refused_before_any_account_exists(root, users, tmp_path):
+    # Written over, an earlier run's sheet lost passwords kept nowhere else.
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("user,password\nstudent01,k7dm-q3xa-9fpe\n")
+    result = classroom(root, "setup", "--students", "2", "--csv", str(sheet))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines()[-1] == (f"Error: Invalid value for '--csv': {sheet} is already there: "
+                                              "give a new file name")
+    assert sheet.read_text() == "user,password\nstudent01,k7dm-q3xa-9fpe\n"
+    assert users.names() == []
+
+
+def test_the_sheet_writes_an_ipv6_host_in_brackets(root, tmp_path):
+    config = tmp_path / "class.toml"
+    config.write_text('host = "::1"\n')
+    result = classroom(root, "setup", "--students", "1", "--config", str(config))
+    assert sheet_rows(result.stdout)[0][3:] == ["[::1]:2525", "[::1]:1100"]
+
+
+def test_setup_names_an_account_that_gets_mail_an_earlier_one_left(root, users, store):
+    assert classroom(root, "setup", "--students", "1").exit_code == 0
+    store.deliver("student01", b"Subject: last term\n\nsecret\n")
+    users.remove("student01")  # as 'user remove' without --purge: the mail stays
+    result = classroom(root, "setup", "--students", "1")
+    assert result.exit_code == 0, result.output
+    assert ("note: student01's Maildir already holds 1 message, left by an earlier account of that name; "
+            "student01 will see them\n") in result.stderr
+
+
+def test_setup_stopped_by_sigterm_still_prints_the_passwords_it_made(root, users):
+    setup = subprocess.Popen([sys.executable, "-m", "pymailsrv", "classroom", "setup", "--root", str(root),
+                              "--students", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # A password hash each (tens of milliseconds): well within the run.
+        wait_until(lambda: len(users.names()) >= 2, seconds=30, what="two accounts made")
+        setup.send_signal(signal.SIGTERM)
+        stdout, stderr = setup.communicate(timeout=30)
+    finally:
+        setup.kill()
+        setup.wait()
+    assert setup.returncode == 1
+    made = users.names()
+    assert 2 <= len(made) < 1000
+    assert [row[0] for row in sheet_rows(stdout)] == made
+    assert stderr.startswith(f"Error: stopped after {len(made)} accounts: interrupted; ")
+
+
+def test_reset_goes_on_past_a_mailbox_it_cannot_open(root, add_user, store):
+    for name in ("student01", "student02", "student03"):
+        add_user(name)
+        store.deliver(name, b"Subject: a\n\nx\n")
+    shutil.rmtree(root / "student02")
+    (root / "student02").write_bytes(b"not a directory")
+    result = classroom(root, "reset")
+    assert result.exit_code == 1
+    assert result.stdout == "removed 2 messages from 2 mailboxes\n"
+    assert "note: student02's mailbox could not be opened: left as it is (" in result.stderr
+    assert result.stderr.splitlines()[-1] == "Error: 1 mailbox could not be opened"
+    assert store.messages("student01") == store.messages("student03") == []
+
+
+def test_reset_refuses_an_empty_prefix(root, add_user, store):
+    add_user("2024")  # an all-digit name: "" and digits would take it for a student
+    store.deliver("2024", b"Subject: a\n\nx\n")
+    result = classroom(root, "reset", "--prefix", "")
+    assert result.exit_code == 1
+    assert result.stderr == "Error: give a prefix: user names are the prefix, then a number\n"
+    assert len(store.messages("2024")) == 1
