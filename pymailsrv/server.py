@@ -47,6 +47,7 @@ Two guards stand before any session starts:
 
 from __future__ import annotations
 
+import codecs
 import errno
 import fcntl
 import ipaddress
@@ -472,6 +473,15 @@ def account_to_run_as(name: str) -> pwd.struct_passwd:
     return account
 
 
+# Python loads a codec at its first use, from the Python installed, which
+# after the switch of user may be unreadable (root's alone): looked up before
+# it are "idna", which socket and ssl use for every host name the relay
+# connects to, and "unicode_escape", for replies that repeat a client's
+# non-ASCII text (replies.reply_line). Without them, every relayed message
+# failed at every retry, and such a reply cut the connection.
+CODECS_USED_AFTER_SWITCH = ("idna", "unicode_escape")
+
+
 def drop_privileges(account: pwd.struct_passwd) -> None:
     """Become ``account`` for good: no supplementary groups, its gid, its uid.
 
@@ -640,6 +650,8 @@ class MailServer:
             if account is not None:
                 if not self.settings.relay.smarthost:  # with one, no MX is ever looked up
                     MxResolver.load_before_switching_user()
+                for codec in CODECS_USED_AFTER_SWITCH:
+                    codecs.lookup(codec)
                 drop_privileges(account)
             elif os.geteuid() == 0:
                 log.warning("running as root: give --run-as USER to drop privileges once the ports are bound")

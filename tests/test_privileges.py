@@ -177,21 +177,26 @@ def test_after_run_as_a_utf8_domain_and_an_aliases_file_need_nothing_more_loaded
         with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
             assert client.sendmail("a@example.org", ["staff@localhost", "alice@xn--bcher-kva.example"],
                                    b"Subject: hi\r\n\r\nhi\r\n") == {}
+            # A reply that repeats non-ASCII text escapes it (the unicode_escape codec).
+            assert client.mail("prøbe@example.org", ["SMTPUTF8"]) == (250, b"2.1.0 sender <pr\\xf8be@example.org> OK")
     finally:
         server.stop()
     assert len(MaildirStore(root).messages("alice")) == 1
 
 
-def test_after_run_as_the_relay_needs_nothing_more_loaded(system_user, shared_dir):
+@pytest.mark.parametrize("route", ["mx", "smarthost"])
+def test_after_run_as_the_relay_needs_nothing_more_loaded(system_user, shared_dir, route):
     # dnspython loaded at the first MX lookup, after the switch of user: where
     # the Python installed is root's alone, mail for another domain failed at
     # every retry (ModuleNotFoundError; then, with the modules loaded, every
-    # record read as generic data), and was never recorded.
+    # record read as generic data), and was never recorded. Through a
+    # smarthost, the idna codec that socket.getaddrinfo loads did the same.
     dns, remote = FakeDns(ZONE), Sink()
     root = make_root(shared_dir, system_user)
     config = shared_dir / "pymailsrv.toml"
-    config.write_text(f'[relay]\ndns_server = "{dns.address}"\nport = {remote.port}\n'
-                      f'trusted_networks = ["127.0.0.0/8"]\n')
+    hop = (f'dns_server = "{dns.address}"\nport = {remote.port}' if route == "mx"
+           else f'smarthost = "127.0.0.1:{remote.port}"')
+    config.write_text(f'[relay]\n{hop}\ntrusted_networks = ["127.0.0.0/8"]\n')
     server = ServerProcess(root, "--run-as", system_user.pw_name, "--config", str(config)).wait_listening()
     try:
         with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
