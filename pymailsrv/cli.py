@@ -16,7 +16,6 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable
-from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -346,23 +345,21 @@ def mailbox() -> None:
 @with_settings
 def mailbox_list(settings: Settings, name: str) -> None:
     """List a user's messages as POP3 numbers them at login."""
+    require_data_root(settings.root)  # else a mistyped --root is "no such user"
     name = _user_name(name)
     if not UserStore(settings.state_dir).exists(name):
         raise click.ClickException(f"no such user {name!r}")
     # Here, not at the top, as for `mailbox show`: start goes without it.
-    from pymailsrv.mailview import READING_POLICY, header_fields
+    from pymailsrv.mailview import summary
 
     # Fields are decoded as `mailbox show` decodes them: one the email package
     # cannot take apart, or a huge one, shows raw, and no message stops the listing.
-    parser = BytesHeaderParser(policy=READING_POLICY)
     rows = []
     for msg_number, (info, path) in enumerate(MaildirStore(settings.root).messages(name), start=1):
         try:
-            with open(path, "rb") as file:
-                headers = parser.parse(file)
+            date, sender, subject = summary(path)
         except FileNotFoundError:
             continue
-        date, sender, subject = (header_fields(headers, field)[0].value or "" for field in ("Date", "From", "Subject"))
         rows.append((msg_number, info.uid, date, sender, subject, info.size))
     echo_table(rows, ["#", "uid", "date", "from", "subject", "size"])
 

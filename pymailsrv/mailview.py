@@ -36,13 +36,14 @@ import email.policy
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
+from email.parser import BytesHeaderParser
 from email.policy import EmailPolicy
 from email.utils import collapse_rfc2231_value
 from pathlib import Path
 
 import click
 
-from pymailsrv.cli_common import echo_report
+from pymailsrv.cli_common import echo_report, require_data_root
 from pymailsrv.commands import is_decimal
 from pymailsrv.config import Settings
 from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
@@ -62,12 +63,14 @@ HEADER_FIELDS = ("Message-ID", "Date", "From", "To", "Reply-To", "Subject",
 IDENTITY_ENCODINGS = ("7bit", "8bit", "binary")
 
 # What the standard email package raises on malformed input it cannot take
-# apart, though anyone can send it (CPython 3.11): IndexError from the header
-# parser on "Content-Type: text/plain; a*", AttributeError on "To: a@[\";
-# ValueError when a charset is no codec name ("a\x00b"); TypeError when an
-# RFC 2231 charset comes back as a (charset, language, text) tuple and is
-# used as a name.
-EMAIL_PACKAGE_ERRORS = (AttributeError, IndexError, TypeError, ValueError)
+# apart, though anyone can send it, has no end (CPython 3.11): IndexError
+# from the header parser on "Content-Type: text/plain; a*", AttributeError
+# on "To: a@[\", UnboundLocalError on "From: a <b@[ ", OverflowError from a
+# Date in a year past any clock, ValueError when a charset is no codec name,
+# TypeError when an RFC 2231 charset comes back as a tuple, RecursionError
+# from nested comments. So whatever it raises while taking a message apart
+# is taken as its giving up on that field or part, and named in the view.
+EMAIL_PACKAGE_ERRORS = Exception
 
 # The most of one field's value that is decoded. RFC 5322 §2.1.1 limits a
 # line to 998 octets, but a field may be folded over any number of lines,
@@ -80,7 +83,8 @@ FIELD_DECODE_MAX = 8 * 1000
 # The most of all a message's fields together that is decoded. A message may
 # hold hundreds of parts, each with fields just under FIELD_DECODE_MAX that
 # the email package parses again at every question asked of the part: 640
-# such parts (10 MB) took 4.5 minutes. Past this the fields are read raw.
+# such parts (10 MB) took 4.5 minutes, and 1 277 To: fields just under it
+# 2.5 minutes. Past this the fields are read raw.
 MESSAGE_DECODE_MAX = 64 * 1000
 
 
@@ -145,8 +149,8 @@ MSG_NUMBER_DIGITS_MAX = 18
 def parse_msg_number(text: str) -> int:
     """A message number as the user typed it: 1, 2, ... (ASCII digits only)."""
     if not (is_decimal(text) and len(text) <= MSG_NUMBER_DIGITS_MAX) or int(text) < 1:
-        shown = text if len(text) <= MSG_NUMBER_DIGITS_MAX else text[:MSG_NUMBER_DIGITS_MAX] + "..."
-        raise MailviewError(f"bad message number {shown!r}: use 1, 2, ... as `mailbox list` shows")
+        typed = text if len(text) <= MSG_NUMBER_DIGITS_MAX else text[:MSG_NUMBER_DIGITS_MAX] + "..."
+        raise MailviewError(f"bad message number {typed!r}: use 1, 2, ... as `mailbox list` shows")
     return int(text)
 
 
@@ -228,7 +232,7 @@ def decode_field(name: str, raw: str) -> tuple[str, str | None]:
         # header object that knows its field's grammar (addresses, dates,
         # encoded words).
         return email.policy.default.header_fetch_parse(name, raw), None
-    except (*EMAIL_PACKAGE_ERRORS, RecursionError) as error:  # the parser recurses into nested comments
+    except EMAIL_PACKAGE_ERRORS as error:
         return raw, f"not decoded: the email package raised {type(error).__name__}"
 
 
@@ -236,8 +240,21 @@ def decode_field(name: str, raw: str) -> tuple[str, str | None]:
 class _Decoding:
     """What one message's fields decoded to, and how many octets more may be."""
 
-    fields: dict[tuple[str, str], str] = dataclasses.field(default_factory=dict)
+    fields: dict[tuple[str, str], tuple[str, str | None]] = dataclasses.field(default_factory=dict)
     octets_left: int = MESSAGE_DECODE_MAX
+
+    def decode(self, name: str, raw: str) -> tuple[str, str | None]:
+        """decode_field's answer, worked out once per field, while the
+        message's MESSAGE_DECODE_MAX lasts; past it ``raw``, cut as
+        decode_field cuts a long field, and a note why."""
+        if (name, raw) not in self.fields:
+            if self.octets_left > 0:
+                self.octets_left -= len(raw)
+                self.fields[name, raw] = decode_field(name, raw)
+            else:
+                self.fields[name, raw] = (raw[:FIELD_DECODE_MAX], f"not decoded: past the first {MESSAGE_DECODE_MAX} "
+                                                                  "octets of the message's fields")
+        return self.fields[name, raw]
 
 
 class _ReadingPolicy(EmailPolicy):
@@ -247,49 +264,54 @@ class _ReadingPolicy(EmailPolicy):
     unfolds it, and one that decode_field cannot decode comes back raw, a
     plain string (as under the compat32 policy), for them to read what they can.
 
-    With a ``decoding`` (one per message: reading_policy()), each field is
-    decoded once however often it is asked for, and only the first
-    MESSAGE_DECODE_MAX octets of the message's fields are decoded at all.
+    Its ``decoding`` (one per message: reading_policy()) decodes each field
+    once however often it is asked for, and only the first
+    MESSAGE_DECODE_MAX octets of the message's fields at all.
     """
 
-    decoding: _Decoding | None = None
+    decoding: _Decoding | None = None  # a class attribute, so that Policy takes it as a keyword
 
     def header_fetch_parse(self, name: str, value: str) -> str:
-        if self.decoding is None:
-            return decode_field(name, value)[0]
-        fields = self.decoding.fields
-        if (name, value) not in fields:
-            if self.decoding.octets_left > 0:
-                self.decoding.octets_left -= len(value)
-                fields[name, value] = decode_field(name, value)[0]
-            else:
-                fields[name, value] = value
-        return fields[name, value]
-
-
-READING_POLICY = _ReadingPolicy()
+        return self.decoding.decode(name, value)[0]
 
 
 def reading_policy() -> _ReadingPolicy:
-    """A READING_POLICY for one message, with its own record of what it decoded."""
+    """The policy to read one message with, with its own record of what it decoded."""
     return _ReadingPolicy(decoding=_Decoding())
 
 
-def header_fields(message: EmailMessage, name: str) -> list[HeaderField]:
-    """Every occurrence of field ``name``, decoded, with its raw form where that differs."""
+def _as_text(raw: str) -> str:
+    """A field as stored, its octets read as UTF-8 (RFC 6532 allows UTF-8
+    in fields), any that are not UTF-8 shown as \\xNN. (The message was read
+    as ASCII with surrogateescape: other octets are surrogates until here.)"""
+    return raw.encode("ascii", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def header_fields(message: EmailMessage, name: str, *, first_only: bool = False) -> list[HeaderField]:
+    """Every occurrence of field ``name`` (or the first), decoded, with its raw
+    form where that differs; ``message`` read with a reading_policy()."""
     raw_values = [value for field, value in message.raw_items() if field.lower() == name.lower()]
     if not raw_values:
         return [HeaderField(name, None)]
     fields = []
-    for raw in raw_values:
-        value, note = decode_field(name, raw)
-        value = _normalized(str(value))
+    for raw in raw_values[:1] if first_only else raw_values:
+        value, note = message.policy.decoding.decode(name, raw)
         if note is not None:
-            fields.append(HeaderField(name, f"{value}  ({note})"))
+            fields.append(HeaderField(name, f"{_normalized(_as_text(value))}  ({note})"))
             continue
-        raw = _normalized(raw)  # short: decode_field cut a long one
+        value, raw = _normalized(str(value)), _normalized(_as_text(raw))  # short: decode cut a long one
         fields.append(HeaderField(name, value, raw if raw != value else None))
     return fields
+
+
+def summary(path: Path) -> tuple[str, str, str]:
+    """The Date, From and Subject of the message in ``path``, decoded as
+    `mailbox show` decodes them (FileNotFoundError if it has gone)."""
+    with open(path, "rb") as file:
+        headers = BytesHeaderParser(policy=reading_policy()).parse(file)
+    date, sender, subject = (header_fields(headers, name, first_only=True)[0].value or ""
+                             for name in ("Date", "From", "Subject"))
+    return date, sender, subject
 
 
 # --- MIME structure ------------------------------------------------------------------
@@ -341,7 +363,7 @@ def describe_part(part: Part) -> str:
     if part.failure is not None:
         facts.append(f"not taken apart: {part.failure}")
     elif part.children:
-        facts.append(f"{len(part.children)} part{'s' if len(part.children) != 1 else ''}")
+        facts.append(counted(len(part.children), "part"))
     else:
         if part.encoding and part.encoding not in IDENTITY_ENCODINGS:
             facts.append(f"{shown(part.encoding)}, {part.decoded_size} octets decoded ({part.stored_size} as stored)")
@@ -367,7 +389,7 @@ def tree_lines(part: Part, prefix: str = "", last: bool = True, root: bool = Tru
 def render(view: MessageView) -> str:
     """The view as text for a terminal."""
     info = view.info
-    where = "new/ (no POP3 session has listed it yet)" if view.file.startswith("new/") else "cur/"
+    where = "new/ (no POP3 login since it arrived)" if view.file.startswith("new/") else "cur/"
     flags = (view.flags + (" (seen)" if view.seen else "")) if view.flags else "none"
     delivered = view.delivered.strftime("%Y-%m-%d %H:%M:%S %z") if view.delivered else "unknown"
     facts = [
@@ -408,6 +430,7 @@ def show_command(with_settings: Callable) -> click.Command:
     @with_settings
     def mailbox_show(settings: Settings, name: str, msg_number: str) -> None:
         """Show message N of NAME: envelope, decoded header fields, MIME tree."""
+        require_data_root(settings.root)  # else a mistyped --root is "no such user"
         try:
             view = view_message(MaildirStore(settings.root), UserStore(settings.state_dir), name,
                                 parse_msg_number(msg_number))

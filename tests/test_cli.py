@@ -315,7 +315,7 @@ def test_a_damaged_user_file_is_one_line_and_deliver_tempfails(cli, root, damage
 
 
 @pytest.mark.parametrize("command", [("user", "add", "bob", "--password-stdin"), ("user", "remove", "bob"),
-                                     ("mailbox", "list", "bob"), ("cert", "generate")])
+                                     ("cert", "generate")])
 def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
     (tmp_path / "a-file").write_bytes(b"")
     result = cli(*command, "--root", str(tmp_path / "a-file" / "root"), input="pw\n", root_option=False)
@@ -324,7 +324,8 @@ def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
 
 
 @pytest.mark.parametrize("command", [("user", "list"), ("alias", "list"), ("queue", "list"), ("queue", "flush"),
-                                     ("transcripts", "list"), ("classroom", "reset"), ("grade", "--all")])
+                                     ("transcripts", "list"), ("classroom", "reset"), ("grade", "--all"),
+                                     ("mailbox", "list", "bob"), ("mailbox", "show", "bob", "1")])
 def test_a_command_that_only_reads_says_when_there_is_no_data_root(cli, tmp_path, command):
     # A mistyped --root: an empty listing, exit 0, would hide the typo.
     result = cli(*command, "--root", str(tmp_path / "mailbxes"), root_option=False)
