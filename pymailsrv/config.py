@@ -219,8 +219,8 @@ class RelaySettings:
     # "opportunistic": STARTTLS when offered, certificate unchecked (as for
     # MX hosts); "required": STARTTLS or no delivery; "verified": required,
     # and the certificate must match the name (CAs: smarthost_ca_file, else
-    # the system's).
-    smarthost_tls: Literal["opportunistic", "required", "verified"] = "opportunistic"
+    # the system's). Unset: see smarthost_tls_policy.
+    smarthost_tls: Literal["opportunistic", "required", "verified"] | None = None
     smarthost_ca_file: Path | None = _checked(None, _existing_file)
     # The port of MX hosts (25 on the Internet; tests use a free port).
     port: int = _checked(25, _remote_port)
@@ -235,6 +235,15 @@ class RelaySettings:
     queue_scan_interval: float = _checked(limits.QUEUE_SCAN_INTERVAL_SECONDS, _positive_seconds)
     timeout: float = _checked(float(limits.SMTP_CLIENT_TIMEOUT_SECONDS), _positive_seconds)
     max_hops: int = _checked(limits.SMTP_MAX_HOPS, _positive)
+
+    @property
+    def smarthost_tls_policy(self) -> str:
+        """smarthost_tls, or where it is not set: "verified" when a password
+        goes to the smarthost (over TLS whose certificate no one checked,
+        whoever stands between could take it), else "opportunistic"."""
+        if self.smarthost_tls is not None:
+            return self.smarthost_tls
+        return "verified" if self.smarthost_user else "opportunistic"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ goes in plaintext on a new connection, as it would to a host that offers
 no TLS at all, and a warning is logged. A smarthost can be made to require
 TLS, and to verify its certificate (``relay.smarthost_tls``): then a failed
 STARTTLS is a failed attempt, retried later. Its AUTH password (RFC 4954)
-is sent only over TLS.
+is sent only over TLS, and unless told otherwise only to a smarthost whose
+certificate was verified.
 
 Extensions. The MAIL command asks for what the message needs: BODY=8BITMIME
 for 8-bit text (RFC 6152), SMTPUTF8 for a UTF-8 address or header (RFC
@@ -368,7 +369,7 @@ class Relay:
         self._smarthost = parse_host_port(relay.smarthost, 25) if relay.smarthost else None
         # Only a smarthost can be made to require TLS; an MX host is always
         # opportunistic, since nothing says which MX hosts can do TLS.
-        self._tls_policy = relay.smarthost_tls if self._smarthost else "opportunistic"
+        self._tls_policy = relay.smarthost_tls_policy if self._smarthost else "opportunistic"
         self._resolver = MxResolver(relay.dns_server)
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -398,6 +399,9 @@ class Relay:
         queued = len(self.queue.ids())
         if queued:
             log.info("resuming %s", counted(queued, "queued message"))
+        if self._smarthost and self.settings.relay.smarthost_user and self._tls_policy != "verified":
+            log.warning("relay.smarthost_tls is %r: the smarthost password goes over TLS whose certificate "
+                        "is not checked, so whoever can stand between the hosts can take it", self._tls_policy)
         self._stopping.clear()
         self.queue.wakeup = self.wake
         for number in range(1, self.settings.relay.workers + 1):

@@ -884,6 +884,35 @@ def test_a_smarthost_with_verified_tls_and_auth(mta, sink, tmp_path):
     assert remote.messages[0].tls
 
 
+def test_a_smarthost_password_goes_only_where_the_certificate_was_checked_unless_told_otherwise(mta, sink, caplog):
+    # With smarthost_tls left at "opportunistic", the password went to any
+    # certificate: whoever stood between the hosts could take it.
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("localhost").configure_cert(server_context)  # a CA the relay does not trust
+    logins = []
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        logins.append(auth_data.login)
+        return AuthResult(success=True)
+
+    remote = sink(tls_context=server_context, authenticator=authenticator, auth_require_tls=True)
+    login = {"smarthost": f"localhost:{remote.port}", "smarthost_user": "relay", "smarthost_password": "s3cret"}
+    server = mta(None, **login)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert logins == [] and remote.messages == []
+    assert server.context.queue.get(queue_id).pending[0].status == "4.4.2"
+    # Told otherwise, it goes, and the server warns as it starts.
+    server = mta(None, smarthost_tls="required", **login)
+    server.context.queue.enqueue(SENDER, ["carol@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert logins == [b"relay"] and remote.messages[0].rcpt_tos == ["carol@example.net"]
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.relay"):
+        server.relay.start().stop()
+    assert ("relay.smarthost_tls is 'required': the smarthost password goes over TLS whose certificate is not "
+            "checked, so whoever can stand between the hosts can take it") in caplog.text
+
+
 def test_a_smarthost_whose_certificate_does_not_verify_is_not_used(mta, sink, tmp_path):
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("localhost").configure_cert(server_context)
