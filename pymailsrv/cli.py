@@ -212,17 +212,20 @@ def cert_generate(settings: Settings, hostname: str | None, force: bool) -> None
     from pymailsrv.tls import self_signed_pair, write_pair
 
     cert_path, key_path = default_certificate_paths(settings)
-    if cert_path.exists() and not force:
-        raise click.ClickException(f"{cert_path} already exists (use --force to replace it)")
+    for path in (cert_path, key_path):  # a key alone may be one a CA certified
+        if path.exists() and not force:
+            raise click.ClickException(f"{path} already exists (use --force to replace it)")
+    if hostname is None:  # given, even empty, it is what the user meant: "" is refused below
+        hostname = settings.hostname
     try:
         # Made before the switch of user: cryptography is loaded on use, and the
         # data root's owner may not be able to read the Python it comes with.
-        pair = self_signed_pair(hostname or settings.hostname)
+        pair = self_signed_pair(hostname)
     except ValueError as error:
         raise click.ClickException(str(error)) from None
     as_data_root_owner(settings.root)
     write_pair(cert_path, key_path, pair)
-    click.echo(f"wrote {cert_path} and {key_path} (self-signed for {hostname or settings.hostname})")
+    click.echo(f"wrote {cert_path} and {key_path} (self-signed for {hostname})")
 
 
 # --- user ---------------------------------------------------------------------------

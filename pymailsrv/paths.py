@@ -222,12 +222,8 @@ def canonical_domain(domain: str) -> str:
     makes it, with no mapping: Python's "idna" codec is IDNA 2003, whose
     mapping makes ``straße`` ``strasse``, another domain.
     """
-    match = _ADDRESS_LITERAL.fullmatch(domain)
-    if match:
-        try:
-            address = (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
-        except ValueError:
-            return domain.lower()
+    address = literal_address(domain)
+    if address is not None:
         address = unmapped(address)
         return f"[IPv6:{address}]" if address.version == 6 else f"[{address}]"
     labels = unicodedata.normalize("NFC", domain.lower()).split(".")
@@ -240,15 +236,23 @@ def in_domains(domain: str, domains: Iterable[str]) -> bool:
     return canonical_domain(domain) in {canonical_domain(each) for each in domains}
 
 
-def _is_address_literal(domain: str) -> bool:
+def literal_address(domain: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address an address literal holds (``[192.0.2.1]``, ``[IPv6:::1]``,
+    RFC 5321 §4.1.3), or None where ``domain`` is no literal of an address."""
     match = _ADDRESS_LITERAL.fullmatch(domain)
     if match is None:
-        return False
+        return None
     try:
-        (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
+        return (ipaddress.IPv6Address if match[1] else ipaddress.IPv4Address)(match[2])
     except ValueError:
+        return None
+
+
+def _is_address_literal(domain: str) -> bool:
+    if literal_address(domain) is None:
         return False
-    return not match[1] or _few_enough_groups(match[2])
+    ipv6, address = _ADDRESS_LITERAL.fullmatch(domain).groups()
+    return not ipv6 or _few_enough_groups(address)
 
 
 def _few_enough_groups(ipv6: str) -> bool:

@@ -19,7 +19,7 @@ import ssl
 from pathlib import Path
 
 from pymailsrv.durable import write_all_atomically
-from pymailsrv.paths import canonical_domain, is_domain
+from pymailsrv.paths import canonical_domain, is_domain, literal_address
 
 # A self-signed certificate is a lab tool; a year is long enough for a course.
 SELF_SIGNED_VALIDITY_DAYS = 365
@@ -31,7 +31,9 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server-side context: TLS 1.2 minimum (RFC 8996 retired 1.0 and 1.1)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=cert, keyfile=key)
+    # A key with a passphrase: OpenSSL would ask for it on the terminal, and
+    # the server sat at that prompt rather than start.
+    context.load_cert_chain(certfile=cert, keyfile=key, password=_no_passphrase)
     # A stopping server shuts the reading half under TLS, and then says its
     # 421 inside TLS (Connection.stop_reading). OpenSSL 3 takes that EOF
     # without close_notify for an error and refuses to write any more; this
@@ -40,6 +42,11 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     # whole one. OpenSSL 1.1.1 has no such option, nor the error.
     context.options |= getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
     return context
+
+
+def _no_passphrase() -> bytes:
+    raise ssl.SSLError("the key is encrypted, and a server cannot ask for its passphrase: "
+                       "give the key unencrypted (openssl pkey -in KEY -out NEWKEY)")
 
 
 def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
@@ -51,19 +58,21 @@ def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    # A lab server reached by its address: clients check an iPAddress SAN
-    # (RFC 5280 §4.2.1.6; RFC 6125 §1.7.2 leaves IP addresses out of scope).
+    # A lab server reached by its address (as the hostname setting may write
+    # it: "[192.0.2.1]"): clients check an iPAddress SAN (RFC 5280 §4.2.1.6;
+    # RFC 6125 §1.7.2 leaves IP addresses out of scope).
     try:
-        for_host: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(hostname))
+        hostname_entry: x509.GeneralName = x509.IPAddress(literal_address(hostname)
+                                                          or ipaddress.ip_address(hostname))
     except ValueError:
-        for_host = x509.DNSName(_a_label(hostname))
+        hostname_entry = x509.DNSName(_a_label(hostname))
     key = ec.generate_private_key(ec.SECP256R1())
     # RFC 5280 Appendix A: a common name is at most 64 characters. Clients go by
     # the SAN anyway (RFC 6125 §6.4.4), so a longer name goes without one.
     common_name = hostname if len(hostname) <= COMMON_NAME_MAX else "pymailsrv self-signed"
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    alternative_names: list[x509.GeneralName] = [for_host, x509.DNSName("localhost"),
-                                                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    loopback = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    alternative_names = [hostname_entry, *(entry for entry in loopback if entry != hostname_entry)]
     now = datetime.datetime.now(datetime.timezone.utc)
     certificate = (
         x509.CertificateBuilder()

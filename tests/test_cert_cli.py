@@ -70,6 +70,9 @@ def test_generate_writes_cert_and_key_under_the_state_directory(root, tls_dir):
 
 @pytest.mark.parametrize("hostname, names", [
     ("192.0.2.10", {"192.0.2.10", "localhost", "127.0.0.1"}),  # an IP SAN, which clients check for an address
+    # As the hostname setting may write an address: it got the DNS SAN "[192.0.2.10]", which no client checks.
+    ("[192.0.2.10]", {"192.0.2.10", "localhost", "127.0.0.1"}),
+    ("[IPv6:2001:db8::1]", {"2001:db8::1", "localhost", "127.0.0.1"}),
     ("über.example", {"xn--ber-goa.example", "localhost", "127.0.0.1"}),  # the A-label
     ("a" * 40 + "." + "b" * 40 + ".example", {"a" * 40 + "." + "b" * 40 + ".example", "localhost", "127.0.0.1"}),
 ])
@@ -77,6 +80,21 @@ def test_generate_for_an_address_a_utf8_name_or_a_name_too_long_for_a_common_nam
     result = generate(root, "--hostname", hostname)
     assert result.exit_code == 0, result.output
     assert names_in(tls_dir / "cert.pem") == names
+
+
+def test_generate_names_localhost_once(root, tls_dir):
+    assert generate(root, "--hostname", "localhost").exit_code == 0
+    certificate = x509.load_pem_x509_certificate((tls_dir / "cert.pem").read_bytes())
+    alternative = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(alternative.get_values_for_type(x509.DNSName)) == ["localhost"]
+
+
+def test_generate_for_an_empty_hostname_is_a_one_line_error(root, tls_dir):
+    # It was taken as "no --hostname": the machine's name, without a word.
+    result = generate(root, "--hostname", "")
+    assert result.exit_code == 1
+    assert result.output == "Error: '' is neither a host name nor an address\n"
+    assert not tls_dir.exists()
 
 
 def test_generate_for_what_is_no_host_name_is_a_one_line_error(root, tls_dir):
@@ -98,6 +116,16 @@ def test_generate_refuses_to_overwrite_without_force(root, tls_dir):
     assert result.exit_code == 1
     assert result.stderr == f"Error: {tls_dir / 'cert.pem'} already exists (use --force to replace it)\n"
     assert ((tls_dir / "cert.pem").read_bytes(), (tls_dir / "key.pem").read_bytes()) == before
+
+
+def test_generate_refuses_to_overwrite_a_key_alone_without_force(root, tls_dir):
+    # A key with no certificate beside it (one sent to a CA, say) was replaced.
+    tls_dir.mkdir(parents=True)
+    (tls_dir / "key.pem").write_bytes(b"the key a CA certified\n")
+    result = generate(root)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: {tls_dir / 'key.pem'} already exists (use --force to replace it)\n"
+    assert (tls_dir / "key.pem").read_bytes() == b"the key a CA certified\n"
 
 
 def test_generate_with_force_replaces_the_pair_and_keeps_the_key_private(root, tls_dir):
@@ -167,6 +195,20 @@ def test_unreadable_certificate_is_a_config_error_naming_it_and_its_key(root, tm
     with pytest.raises(ConfigError, match=(f"^cannot load the TLS certificate '{re.escape(str(bogus))}' "
                                            f"with its key '{re.escape(str(key))}': ")):
         MailServer(make_settings(root, tls={"cert": str(bogus), "key": str(key)}))
+
+
+def test_a_key_with_a_passphrase_is_a_config_error_not_a_prompt(root, tls_dir):
+    # OpenSSL asked for the passphrase on the terminal: the server sat at that prompt.
+    from cryptography.hazmat.primitives import serialization
+
+    assert generate(root).exit_code == 0
+    key_path = tls_dir / "key.pem"
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(ConfigError, match=re.escape(
+            "the key is encrypted, and a server cannot ask for its passphrase: give the key unencrypted")):
+        MailServer(make_settings(root))
 
 
 def test_start_as_a_process_offers_starttls_with_the_generated_pair(root, tls_dir):
