@@ -104,10 +104,15 @@ def output_file(*names: str, help_text: str, new: bool = False) -> Callable[[Cal
     def can_be_written(context: click.Context, parameter: click.Parameter, value: str | None) -> str | None:
         if value == "":  # Path("").parent is ".", which is there: the empty name would pass
             raise click.BadParameter("give a file name")
-        if value is not None and not Path(value).parent.is_dir():
-            raise click.BadParameter(f"no directory {Path(value).parent} to write into")
-        if value is not None and new and os.path.lexists(value):
-            raise click.BadParameter(f"{value} is already there: give a new file name")
+        if value is None:
+            return value
+        try:
+            if not Path(value).parent.is_dir():
+                raise click.BadParameter(f"no directory {Path(value).parent} to write into")
+            if new and os.path.lexists(value):
+                raise click.BadParameter(f"{value} is already there: give a new file name")
+        except OSError as error:  # a name too long, say
+            raise click.BadParameter(f"cannot use {value}: {error.strerror or error}") from None
         return value
 
     return click.option(*names, type=click.Path(dir_okay=False, writable=True), metavar="FILE",

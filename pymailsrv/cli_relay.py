@@ -139,13 +139,15 @@ def queue_group(with_settings: Callable) -> click.Group:
         # The id becomes a file name: "../x" must be refused, not looked up.
         if not is_queue_id(queue_id.upper()):
             raise click.ClickException(f"{queue_id!r} is not a queue id (16 hex digits, as `queue list` shows)")
+        queue_id = queue_id.upper()  # as `queue list` shows it
+        require_data_root(settings.root)  # else a mistyped --root is "no message"
         as_data_root_owner(settings.root)
         try:
-            deleted = OutboundQueue(settings.state_dir).delete(queue_id.upper())
+            deleted = OutboundQueue(settings.state_dir).delete(queue_id)
         except OSError as error:  # e.g. a directory where the envelope should be
-            raise click.ClickException(f"cannot delete {queue_id.upper()}: {error.strerror or error}") from None
+            raise click.ClickException(f"cannot delete {queue_id}: {error.strerror or error}") from None
         if not deleted:
-            raise click.ClickException(f"no message {queue_id!r} in the queue")
-        click.echo(f"deleted {queue_id.upper()}")
+            raise click.ClickException(f"no message {queue_id} in the queue")
+        click.echo(f"deleted {queue_id}")
 
     return queue

@@ -65,6 +65,8 @@ def build(cls: type, values: object, key: str = "") -> Any:
                 check(value)
             except ValueError as error:
                 raise SchemaError(f"{prefix}{name}", str(error)) from None
+            except OSError as error:  # a check that looks at a file: a name too long, a directory shut
+                raise SchemaError(f"{prefix}{name}", f"cannot use {value}: {error.strerror or error}") from None
         arguments[name] = value
     return cls(**arguments)
 

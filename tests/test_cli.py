@@ -325,7 +325,8 @@ def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
 
 @pytest.mark.parametrize("command", [("user", "list"), ("alias", "list"), ("queue", "list"), ("queue", "flush"),
                                      ("transcripts", "list"), ("classroom", "reset"), ("grade", "--all"),
-                                     ("mailbox", "list", "bob"), ("mailbox", "show", "bob", "1")])
+                                     ("mailbox", "list", "bob"), ("mailbox", "show", "bob", "1"),
+                                     ("queue", "delete", "0123456789ABCDEF")])
 def test_a_command_that_only_reads_says_when_there_is_no_data_root(cli, tmp_path, command):
     # A mistyped --root: an empty listing, exit 0, would hide the typo.
     result = cli(*command, "--root", str(tmp_path / "mailbxes"), root_option=False)

@@ -113,6 +113,8 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("hostname = \"mail\\r\\nX-Injected: yes\"\n", "hostname"),
     ("[smtp]\npostmaster = \"../x\"\n", "smtp.postmaster"),  # never a user: refused, not warned of
     ("[relay]\nsmarthost_ca_file = \"/no/such/ca.pem\"\n", "relay.smarthost_ca_file"),
+    # Path.is_file() raised OSError (ENAMETOOLONG): a traceback.
+    (f"[relay]\nsmarthost_ca_file = \"/tmp/{'a' * 300}\"\n", "relay.smarthost_ca_file"),
     # A NUL fits in TOML, in no name or path: os.mkdir, bind and getpwnam raised with a traceback.
     ("root = \"mail\\u0000box\"\n", "root"),
     ("host = \"127.0.0.1\\u0000\"\n", "host"),

@@ -812,6 +812,12 @@ def test_an_output_path_in_no_directory_or_naming_one_is_refused_before_grading(
     assert directory.exit_code == 2
     assert directory.stderr.splitlines()[-1] == (f"Error: Invalid value for '--output': "
                                                  f"File '{tmp_path}' is a directory.")
+    # A directory name past NAME_MAX: Path.is_dir() raised OSError, a traceback.
+    too_long = tmp_path / ("a" * 300) / "class.csv"
+    refused = run(root, "--all", "--output", str(too_long))
+    assert refused.exit_code == 2
+    assert refused.stderr.splitlines()[-1] == (f"Error: Invalid value for '--output': "
+                                               f"cannot use {too_long}: File name too long")
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs Linux's /dev/full")
