@@ -82,6 +82,7 @@ from pymailsrv.replies import (
     POP3_NO_SUCH_MESSAGE,
     POP3_NOOP,
     POP3_RESET,
+    POP3_SASL_LINE_TOO_LONG,
     POP3_SCAN_LISTING,
     POP3_SCAN_LISTINGS_FOLLOW,
     POP3_SHUTTING_DOWN,
@@ -161,7 +162,7 @@ class Pop3Session(Session):
     TOO_MANY_CONNECTIONS = POP3_TOO_MANY_CONNECTIONS
     SASL_CANCELLED = POP3_AUTH_CANCELLED
     SASL_MALFORMED = POP3_AUTH_MALFORMED
-    SASL_LINE_TOO_LONG = POP3_LINE_TOO_LONG
+    SASL_LINE_TOO_LONG = POP3_SASL_LINE_TOO_LONG
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)

@@ -24,7 +24,16 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pymailsrv.limits import REPLY_LINE_MAX
+from pymailsrv.limits import (
+    POP3_COMMAND_LINE_MAX,
+    POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
+    POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
+    REPLY_LINE_MAX,
+    SASL_LINE_MAX,
+    SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE,
+    SMTP_COMMAND_LINE_MAX,
+    SMTP_TEXT_LINE_MAX,
+)
 
 CRLF = b"\r\n"
 # RFC 1939 §3: the line holding a single dot that ends a multi-line reply.
@@ -260,7 +269,10 @@ POP3_UNKNOWN_COMMAND = _err("unknown command", "no such POP3 command, RFC 1939 �
 POP3_WRONG_STATE = _err("{verb} is not valid in the {state} state",
                         "a known command, but not in this state, RFC 1939 §3")
 POP3_SYNTAX = _err("syntax: {syntax}", "wrong arguments for the command, RFC 1939 §3")
-POP3_LINE_TOO_LONG = _err("command line too long", "over 255 octets, RFC 2449 §4")
+POP3_LINE_TOO_LONG = _err("command line too long", f"over pop3.command_line_max octets ({POP3_COMMAND_LINE_MAX} "
+                                                   "unless set), RFC 2449 §4")
+POP3_SASL_LINE_TOO_LONG = _err("authentication exchange line is too long",
+                               f"a SASL response over {SASL_LINE_MAX} octets, RFC 5034 §4")
 POP3_USER_FIRST = _err("send USER first", "PASS needs a USER before it, RFC 1939 §7")
 POP3_APOP_NOT_OFFERED = _err("APOP is not offered: the greeting had no timestamp",
                               "APOP needs the greeting's timestamp, RFC 1939 §7; here only while "
@@ -270,7 +282,7 @@ POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here witho
                              "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",
                              code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
-                            "TLS needs a certificate on the server, RFC 2595 §2.4")
+                            "TLS needs a certificate on the server, RFC 2595 §4")
 POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")
 POP3_UNSUPPORTED_MECHANISM = _err("unsupported SASL mechanism", "see CAPA's SASL line, RFC 5034 §4")
 POP3_AUTH_CANCELLED = _err("authentication cancelled", "the client answered *, RFC 5034 §4")
@@ -302,7 +314,8 @@ POP3_UPDATE_FAILED = _err("some deleted messages were not removed",
                           "UPDATE could not remove everything, RFC 1939 §6 / RFC 3206 §4",
                           code="SYS/TEMP").closing()
 POP3_TOO_MANY_BAD_COMMANDS = _err("too many bad commands, closing",
-                                  "error limit reached (3 before login, 20 after)").closing()
+                                  f"error limit reached ({POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN} before login, "
+                                  f"{POP3_MAX_BAD_COMMANDS_AFTER_LOGIN} after)").closing()
 POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
                                    "third failed login: the connection closes; [AUTH], RFC 3206 §5",
                                    code="AUTH").closing()
@@ -372,9 +385,12 @@ R454_ADDRESS_BLOCKED = SmtpReply(454, "4.7.0", "too many failed authentications 
 R500_UNKNOWN_COMMAND = SmtpReply(500, "5.5.2", "command not recognized",
                                  note="no such SMTP command, RFC 5321 §4.2.4")
 R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long",
-                               note="command line over 512 octets, RFC 5321 §4.5.3.1.4")
+                               note=f"command line over {SMTP_COMMAND_LINE_MAX} octets (MAIL and RCPT: "
+                                    f"{SMTP_COMMAND_LINE_MAX + SMTP_COMMAND_LINE_EXTENSION_ALLOWANCE}, with their "
+                                    "parameters), RFC 5321 §4.5.3.1.4")
 R500_TEXT_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "message has a line longer than 1000 octets",
-                                    note="text line over 1000 octets: message refused, RFC 5321 §4.5.3.1.6")
+                                    note=f"text line over {SMTP_TEXT_LINE_MAX - 1} octets: message refused, "
+                                         "RFC 5321 §4.5.3.1.6")
 R501_SYNTAX = SmtpReply(501, "5.5.4", "syntax: {syntax}", note="bad arguments, RFC 5321 §4.2.2")
 # RFC 3463 §3.2: X.1.7 is a bad sender's address, X.1.3 a bad recipient's.
 R501_BAD_SENDER_ADDRESS = SmtpReply(501, "5.1.7", "bad address syntax: {detail}",
@@ -387,7 +403,7 @@ R501_BAD_PARAMETER = SmtpReply(501, "5.5.4", "bad parameter syntax: {detail}",
 R501_AUTH_CANCELLED = SmtpReply(501, "5.0.0", "authentication cancelled",
                                 note="the client answered *, RFC 4954 §4")
 R500_AUTH_LINE_TOO_LONG = SmtpReply(500, "5.5.6", "authentication exchange line is too long",
-                                    note="a SASL response over 12288 octets, RFC 4954 §4, §6")
+                                    note=f"a SASL response over {SASL_LINE_MAX} octets, RFC 4954 §4, §6")
 R501_AUTH_MALFORMED = SmtpReply(501, "5.5.2", "cannot decode the response",
                                 note="not base64, or not what the mechanism expects, RFC 4954 §4")
 R502_NOT_IMPLEMENTED = SmtpReply(502, "5.5.1", "{verb} not implemented",

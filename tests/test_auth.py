@@ -436,6 +436,14 @@ def test_sasl_answer_over_12288_octets_is_500_and_the_session_goes_on(smtp, alic
 # --- POP3 AUTH (RFC 5034) ---------------------------------------------------------------------
 
 
+def test_pop3_sasl_answer_over_12288_octets_is_its_own_error_and_the_session_goes_on(pop3, alice):
+    # It was "command line too long", whose note said "over 255 octets".
+    client = pop3()
+    assert client.command("AUTH PLAIN") == b"+ \r\n"
+    assert client.command("A" * 13000) == pop3_wire(R.POP3_SASL_LINE_TOO_LONG)
+    assert client.command("NOOP") == b"-ERR NOOP is not valid in the AUTHORIZATION state\r\n"
+
+
 def test_pop3_auth_plain_with_initial_response_logs_in(pop3, alice):
     logged_in = pop3_wire(R.POP3_LOGGED_IN, user="alice", messages="0 messages", size=0)
     assert pop3().command(f"AUTH PLAIN {plain()}") == logged_in
