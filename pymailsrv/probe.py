@@ -48,7 +48,7 @@ from tabulate import tabulate
 from pymailsrv.cli_common import echo_report
 from pymailsrv.config import parse_host_port
 from pymailsrv.limits import LONGEST_WAIT_SECONDS
-from pymailsrv.probe_base import Check, Failed, Probe, Skipped, Target, missing_need
+from pymailsrv.probe_base import NO_REPLY, Check, Failed, Probe, Skipped, Target, missing_need
 from pymailsrv.replies import counted
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
@@ -125,14 +125,31 @@ def select(checks: list[Check], only: Iterable[str]) -> list[Check]:
     return chosen
 
 
+def silent(result: Result) -> bool:
+    """Did the server take the check's connection, then send not a line?"""
+    return (result.status == FAIL and result.detail.startswith(NO_REPLY)
+            and not any(line.startswith("S: ") for line in result.transcript))
+
+
+def nothing_answered(result: Result) -> bool:
+    """Did the check find no server there: refused, or silent?"""
+    return result.status == FAIL and result.detail.startswith(CONNECTION_ERROR) or silent(result)
+
+
 def run_probe(target: Target, only: Iterable[str] = (),
               progress: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every selected check of the target's catalogue, in order."""
+    """Every selected check of the target's catalogue, in order; but where
+    the first to connect got not a line within the timeout, only that one:
+    each of the others would wait out its timeout to say the same (45 of
+    them, 7 minutes, pointed at a port that never speaks)."""
     results = []
     for check in select(CATALOGUES[target.protocol], only):
         results.append(run_check(check, target))
         if progress is not None:
             progress(results[-1])
+        tried = [result for result in results if result.status != SKIP]
+        if len(tried) == 1 and silent(tried[0]):
+            break
     return results
 
 
@@ -251,7 +268,7 @@ def probe(protocol: str, address: str, user: str | None, password_stdin: bool, s
     )
     results = run_probe(target, only)
     tried = [result for result in results if result.status != SKIP]
-    if output_format == "text" and tried and all(result.detail.startswith(CONNECTION_ERROR) for result in tried):
+    if output_format == "text" and tried and all(nothing_answered(result) for result in tried):
         # Nothing there to probe: one line says so, not a row per check.
         raise click.ClickException(f"cannot probe {address}: {tried[0].detail}")
     # What the server sent is in every report: escaped, it can neither

@@ -30,7 +30,9 @@ is shut down by its fixture, pass or fail.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import socket
 import socketserver
 import ssl
 import threading
@@ -40,9 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from pymailsrv.maildir import MaildirStore
-from pymailsrv.probe import FAIL, PASS, SKIP, run_probe, text_report
+from pymailsrv.probe import FAIL, PASS, SKIP, probe, run_probe, text_report
 from pymailsrv.probe_base import Target
 from pymailsrv.tls import self_signed_pair, server_context, write_pair
 from tests.conftest import PASSWORD
@@ -102,7 +105,8 @@ class FakePop3(LineHandler):
         self.messages: list[FakeMessage] | None = None  # None: AUTHORIZATION
         self.deleted: set[int] = set()
         user = None
-        self.send("+OK fake POP3 ready")
+        timestamp = f"<{threading.get_ident()}.{time.monotonic_ns()}@fake>"
+        self.send(f"+OK fake POP3 ready {timestamp}" if server.apop else "+OK fake POP3 ready")
         try:
             for line, verb, argument in self.commands():
                 if len(line) > POP3_LINE_MAX:
@@ -123,7 +127,10 @@ class FakePop3(LineHandler):
                     if verb == "USER" and argument:
                         user = argument
                         self.send("+OK")
-                    elif verb == "PASS" and user == "alice" and argument == PASSWORD:
+                    elif verb == "PASS" and server.broken == "blocked":
+                        self.send("-ERR [AUTH] too many failures: account temporarily blocked")
+                    elif verb == "PASS" and user == "alice" and argument == PASSWORD or (
+                            verb == "APOP" and server.apop and self.apop_accepted(timestamp, argument)):
                         if not server.lock.acquire(blocking=False):
                             self.send("-ERR [IN-USE] maildrop locked")
                             continue
@@ -139,11 +146,24 @@ class FakePop3(LineHandler):
                     time.sleep(0.3)  # past the probe's first retry (0.1 s), well within its 25
                 server.lock.release()
 
+    def apop_accepted(self, timestamp: str, argument: str) -> bool:
+        """RFC 1939 §7, or (``apop="any digest"``) any digest at all."""
+        name, _, digest = argument.partition(" ")
+        return name == "alice" and (self.server.apop == "any digest"
+                                    or digest == hashlib.md5((timestamp + PASSWORD).encode()).hexdigest())
+
     def quit(self) -> None:
         if self.messages is not None:  # UPDATE
             for index in self.deleted:
                 self.messages[index].path.unlink(missing_ok=True)
         self.send("+OK bye")
+
+    def uid(self, message: FakeMessage) -> str:
+        # RFC 1939 §7 allows a hash of the message, so that two identical
+        # copies share their unique-id: no bug, but a "content_uids" server.
+        if self.server.broken == "content_uids":
+            return hashlib.sha1(b"\n".join(message.lines)).hexdigest()
+        return message.uid
 
     def size(self, message: FakeMessage) -> int:
         line_end = 1 if self.server.broken == "lf_sizes" else 2
@@ -170,7 +190,8 @@ class FakePop3(LineHandler):
         elif verb in ("LIST", "UIDL") and not words:
             self.send("+OK")
             for index, message in live:
-                self.send(f"{index + 1} {self.size(message) if verb == 'LIST' else message.uid}")
+                size = f"{self.size(message)}{'o' if self.server.broken == 'size_in_octets' else ''}"
+                self.send(f"{index + 1} {size if verb == 'LIST' else self.uid(message)}")
             self.send(".")
         elif verb in ("LIST", "UIDL", "RETR", "DELE", "TOP") and words:
             index = self.number(words[0])
@@ -180,7 +201,7 @@ class FakePop3(LineHandler):
             if verb == "LIST":
                 self.send(f"+OK {index + 1} {self.size(message)}")
             elif verb == "UIDL":
-                self.send(f"+OK {index + 1} {message.uid}")
+                self.send(f"+OK {index + 1} {self.uid(message)}")
             elif verb == "RETR":
                 self.send(f"+OK {self.size(message)} octets")
                 self.body(message.lines)
@@ -206,9 +227,10 @@ class FakePop3(LineHandler):
 
 class FakePop3Server(FakeServer):
     def __init__(self, maildir: Path, broken: str | None, tls: ssl.SSLContext | None = None,
-                 implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False, apop: str | None = None) -> None:
         self.maildir = maildir
         self.broken = broken
+        self.apop = apop  # None: no APOP; "checked" (RFC 1939 §7); "any digest", a broken one
         self.tls = tls  # offers STLS when set
         self.implicit_tls = implicit_tls  # RFC 8314: the handshake before the greeting
         self.lock = threading.Lock()  # RFC 1939 §4: one session per maildrop
@@ -267,7 +289,9 @@ class FakeSmtp(LineHandler):
                 elif (address in ("postmaster", "postmaster@localhost", "alice@localhost")
                       or self.server.broken == "open_relay"):
                     recipients.append(address)
-                    self.send("250 recipient OK")
+                    # RFC 5321 §4.3.2: 251 is a success too (no bug, but a "rcpt_251" server).
+                    self.send("251 2.1.5 not local; will forward" if self.server.broken == "rcpt_251"
+                              else "250 recipient OK")
                 else:
                     self.send("554 relay access denied" if not address.endswith("@localhost") else "550 no")
             elif verb == "DATA":
@@ -414,6 +438,65 @@ def test_the_failure_says_what_came_back(pymailsrv, fake, store):
     assert result.sent[-2:] == ["LIST", "RETR 1"]
 
 
+def pop3_target(server: FakePop3Server, pymailsrv=None) -> Target:
+    return Target("pop3", server.server_address[:2], user="alice", password=PASSWORD,
+                  pop3=server.server_address[:2], smtp=pymailsrv.addresses["smtp"] if pymailsrv else None,
+                  rcpt="alice@localhost", timeout=SOCKET_TIMEOUT)
+
+
+@pytest.mark.parametrize("apop, expected", [("checked", [PASS, PASS, PASS]), ("any digest", [PASS, PASS, FAIL])])
+def test_apop_checks_wait_for_a_lock_a_session_just_cut_off_holds(pymailsrv, fake, store, apop, expected):
+    # APOP logged in without login()'s wait: the lock of the session before
+    # (cut off, no QUIT) FAILed a correct server, and its -ERR [IN-USE]
+    # PASSed a server that takes any digest.
+    server = fake(FakePop3Server, store.maildir("alice"), "slow_unlock", None, False, apop)
+    results = run_probe(pop3_target(server), only=["pop3.user-pass-login", "pop3.apop-login",
+                                                   "pop3.apop-bad-digest-err"])
+    assert [result.status for result in results] == expected, text_report(results)
+
+
+def test_a_blocked_login_is_not_taken_for_a_locked_maildrop(pymailsrv, fake, store):
+    # "blocked" holds "lock": each login tried 25 times against a server
+    # that was locking the account out.
+    server = fake(FakePop3Server, store.maildir("alice"), "blocked")
+    (result,) = run_probe(pop3_target(server), only=["pop3.user-pass-login"])
+    assert result.status == FAIL
+    assert result.sent.count("PASS ****") == 1
+
+
+def test_identical_messages_may_share_a_uid(pymailsrv, fake, store):
+    # RFC 1939 §7: a unique-id may be "calculated as a hash of the message",
+    # and two identical copies then share it.
+    for _ in range(2):
+        store.deliver("alice", b"Subject: twice\n\nthe same\n")
+    server = fake(FakePop3Server, store.maildir("alice"), "content_uids")
+    (result,) = run_probe(pop3_target(server), only=["pop3.uidl-listing"])
+    assert result.status == PASS, text_report([result])
+
+
+def test_a_scan_listing_whose_size_is_no_number_fails_the_server_not_the_check(pymailsrv, fake, store):
+    store.deliver("alice", b"Subject: sized\n\nhi\n")
+    server = fake(FakePop3Server, store.maildir("alice"), "size_in_octets")
+    (result,) = run_probe(pop3_target(server, pymailsrv), only=["pop3.list-matches-stat"])
+    assert result.status == FAIL
+    assert result.detail.startswith("expected 'msg_number size' lines from LIST, got ")
+
+
+def test_a_server_that_never_speaks_is_one_line_after_one_timeout():
+    # Each of 45 checks waited out its timeout: 7 minutes of silence at the default.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # connections complete in the kernel; no greeting ever comes
+        host, port = silent.getsockname()
+        started = time.monotonic()
+        results = run_probe(Target("pop3", (host, port), timeout=0.5))
+        outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--timeout", "0.5"])
+    assert [result.status for result in results] == [FAIL]
+    assert outcome.exit_code == 1
+    assert outcome.stderr == f"Error: cannot probe {host}:{port}: no reply: timed out after 0.5 s waiting for the server\n"
+    assert time.monotonic() - started < 10
+
+
 # --- SMTP ------------------------------------------------------------------------------------------
 
 SMTP_BROKEN = {
@@ -445,6 +528,16 @@ def test_an_smtp_server_breaking_one_rule_fails_exactly_its_checks(pymailsrv, fa
     assert outcome[FAIL] == SMTP_BROKEN[broken], text_report(results)
     assert outcome[SKIP] == SMTP_SKIPPED | SMTP_ALSO_SKIPPED.get(broken, set()), text_report(results)
     assert store.messages("alice") == []
+
+
+def test_a_251_to_rcpt_is_a_success(pymailsrv, fake, store):
+    # RFC 5321 §4.3.2: the checks that deliver took only 250.
+    server = fake(FakeSmtpServer, store, "rcpt_251")
+    target = Target("smtp", server.server_address[:2], user="alice", password=PASSWORD,
+                    pop3=pymailsrv.addresses["pop3"], smtp=server.server_address[:2], rcpt="alice@localhost",
+                    timeout=SOCKET_TIMEOUT)
+    results = run_probe(target, only=["smtp.data-delivers", "smtp.delivery-round-trip"])
+    assert [result.status for result in results] == [PASS, PASS], text_report(results)
 
 
 def test_a_smuggled_command_shows_in_what_came_back(pymailsrv, fake, store):
