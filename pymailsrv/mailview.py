@@ -125,6 +125,7 @@ class MessageView:
     disk_size: int
     delivered: datetime.datetime | None
     return_path: str | None
+    received: tuple[str, ...]  # the Received: trace fields, newest (ours) first
     headers: tuple[HeaderField, ...]
     structure: Part
 
@@ -194,6 +195,7 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
         disk_size=len(data),
         delivered=_delivery_time(info.key),
         return_path=header_fields(message, "Return-Path")[0].value,
+        received=tuple(field.value for field in header_fields(message, "Received") if field.value is not None),
         headers=tuple(field for name in HEADER_FIELDS for field in header_fields(message, name)),
         structure=mime_tree(message),
     )
@@ -402,6 +404,9 @@ def render(view: MessageView) -> str:
         ("flags", flags),
         ("delivered", delivered),
         ("return path", f"{shown(view.return_path or '(none)')}  (the envelope's MAIL FROM, RFC 5321 §4.4)"),
+        # RFC 5321 §4.4: each SMTP server on the way adds one at the top.
+        *(("received", f"{shown(value)}  (a trace field, RFC 5321 §4.4)" if position == 0 else shown(value))
+          for position, value in enumerate(view.received)),
     ]
     lines = ["Envelope (what the server knows)"]
     lines += [f"  {label + ':':<13}{value}" for label, value in facts]

@@ -137,6 +137,9 @@ def test_smtp_envelope_sender_shows_as_return_path(root, add_user, server):
         client.sendmail("bob@example.org", ["alice@localhost"], b"Subject: hi\r\n\r\nhello\r\n")
     output = show(root, "alice", "1").output
     assert "  return path: <bob@example.org>  (the envelope's MAIL FROM, RFC 5321 §4.4)\n" in output
+    # The other trace field the server adds (teaching.rst asks students to find both).
+    assert re.search(r"\n  received:    from \S+ \(\[127\.0\.0\.1\]\) by \S+ \(pymailsrv\) with ESMTP id [0-9A-F]+ "
+                     r"for <alice@localhost>; .+  \(a trace field, RFC 5321 §4\.4\)\n", output)
 
 
 @pytest.mark.parametrize("arguments, error", [
