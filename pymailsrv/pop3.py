@@ -549,8 +549,9 @@ _BOTH = _AUTHORIZATION | _TRANSACTION
 # moves= and OTHER_TRANSITIONS describe the state diagram (pymailsrv explain);
 # the handlers change the state themselves with self.enter() (_log_in for
 # PASS, APOP and AUTH; do_quit for QUIT), and UPDATE's close comes from the
-# .closing() reply.
-Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK, then close", None),)
+# .closing() reply. RFC 1939 §6: the close follows UPDATE whether the marked
+# messages could all be removed (+OK) or not (-ERR).
+Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK/-ERR, close", None),)
 
 Pop3Session.commands = CommandTable(
     Command("STLS", Pop3Session.do_stls, _AUTHORIZATION, "STLS", "RFC 2595 §4", capability="STLS",

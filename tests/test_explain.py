@@ -55,7 +55,7 @@ TRANSACTION
 
 UPDATE
   (accepts no commands)
-  +OK, then close  -> (connection closed)                       (not a command)
+  +OK/-ERR, close  -> (connection closed)                       (not a command)
 """
 
 
