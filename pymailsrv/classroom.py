@@ -18,8 +18,9 @@ so it is created readable by its owner only (mode 0600), like users.json.
 * An account that already exists is left alone, password included, and
   named in a note: running setup twice never locks a student out. The CSV
   file must be a new one each time, so no earlier sheet's passwords are
-  written over. SIGTERM or a closed terminal stops setup as Ctrl-C does: the
-  accounts made so far are still printed (and written to the CSV file).
+  written over. Ctrl-C, SIGTERM or a closed terminal stops setup between
+  two accounts: those made so far are still printed (and written to the CSV
+  file).
 
 ``classroom reset`` empties every student mailbox between lessons. It takes
 each maildrop's lock first, as a POP3 session does (RFC 1939 §4), so a
@@ -36,6 +37,7 @@ import os
 import re
 import secrets
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import astuple, dataclass
 from pathlib import Path
@@ -148,10 +150,11 @@ def server_host(settings: Settings) -> str:
 
 
 def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
-                shared_password: str | None = None) -> SetupResult:
+                shared_password: str | None = None, stop: threading.Event | None = None) -> SetupResult:
     """Create the class's accounts and Maildirs; existing accounts are skipped untouched.
 
-    SetupInterrupted if it stops part way, with the accounts made so far.
+    SetupInterrupted if it stops part way, with the accounts made so far:
+    on an error, or when ``stop`` is set (looked at between two accounts).
     """
     users = UserStore(settings.state_dir)
     store = MaildirStore(settings.root)
@@ -160,6 +163,8 @@ def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
     result = SetupResult(created=[], skipped=[], inherited={})
     try:
         for name in names:
+            if stop is not None and stop.is_set():
+                raise KeyboardInterrupt  # as Ctrl-C would, but between two accounts
             if users.exists(name):
                 result.skipped.append(name)
                 continue
@@ -183,14 +188,16 @@ def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
 
 
 @contextlib.contextmanager
-def _signals_interrupt() -> Iterator[None]:
-    """SIGTERM and SIGHUP (a closed terminal) interrupt as Ctrl-C does, for
-    the while setup runs: else they end the process, and the passwords of
-    the accounts made so far are lost with it."""
-    stopping = (signal.SIGTERM, signal.SIGHUP)
-    previous = {number: signal.signal(number, signal.default_int_handler) for number in stopping}
+def _stop_requests() -> Iterator[threading.Event]:
+    """An event that Ctrl-C, SIGTERM and SIGHUP (a closed terminal) set while
+    setup runs, for it to stop between two accounts. Else SIGTERM ended the
+    process, and Ctrl-C could land between an account's making and its row
+    on the sheet: either way, passwords written nowhere."""
+    requested = threading.Event()
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {number: signal.signal(number, lambda *_: requested.set()) for number in stopping}
     try:
-        yield
+        yield requested
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -272,8 +279,8 @@ def classroom_group(with_settings: Callable) -> click.Group:
             shared = read_password(from_stdin=True)
         stopped = None
         try:
-            with _signals_interrupt():
-                result = setup_class(settings, students, prefix, shared)
+            with _stop_requests() as stop:
+                result = setup_class(settings, students, prefix, shared, stop)
         except SetupInterrupted as interruption:
             stopped, result = interruption, interruption.result
         except ValueError as error:
