@@ -76,13 +76,13 @@ def as_data_root_owner(root: Path) -> None:
     if os.geteuid() != 0:
         return
     try:
-        owner = root.stat()
+        root_status = root.stat()
     except OSError:  # not there yet: the command makes it, as root
         return
-    if owner.st_uid != 0:
+    if root_status.st_uid != 0:
         os.setgroups([])  # once the uid is not 0, groups can no longer change
-        os.setgid(owner.st_gid)
-        os.setuid(owner.st_uid)
+        os.setgid(root_status.st_gid)
+        os.setuid(root_status.st_uid)
 
 
 def require_data_root(root: Path) -> None:

@@ -18,7 +18,7 @@ from pymailsrv.aliases import AliasError, AliasTable
 from pymailsrv.cli_common import as_data_root_owner, echo_table, require_data_root
 from pymailsrv.config import Settings
 from pymailsrv.outqueue import OutboundQueue, QueueEntry, State, format_duration, is_queue_id
-from pymailsrv.replies import counted
+from pymailsrv.replies import counted, elided
 from pymailsrv.users import UserStore
 
 # A queue listing is one line per message; longer errors are cut to this.
@@ -47,10 +47,10 @@ def alias_group(with_settings: Callable) -> click.Group:
         table = _aliases(settings)
         as_data_root_owner(settings.root)
         try:
-            now = table.add(name, targets)
+            all_targets = table.add(name, targets)
         except AliasError as error:
             raise click.ClickException(str(error)) from None
-        click.echo(f"{name.lower()}: {', '.join(now)}")
+        click.echo(f"{name.lower()}: {', '.join(all_targets)}")
         # Added all the same: aliases may be defined in any order, and the
         # user may be created next. Until then expansion skips the name.
         for unknown in table.unknown_names(targets):
@@ -92,15 +92,12 @@ def _row(entry: QueueEntry, now: float) -> tuple:
     errors = [recipient.last_error for recipient in entry.recipients
               if recipient.last_error and recipient.state is not State.DELIVERED]
     last_error = errors[-1] if errors else ""
-    if len(last_error) > LAST_ERROR_COLUMN_WIDTH:
-        last_error = last_error[:LAST_ERROR_COLUMN_WIDTH - 1] + "…"
-    recipients = ", ".join(f"{recipient.address}" + ("" if recipient.state is State.PENDING
-                                                     else f" ({recipient.state})")
+    recipients = ", ".join(recipient.address + ("" if recipient.state is State.PENDING else f" ({recipient.state})")
                            for recipient in entry.recipients)
     next_try = "-" if not pending else ("now" if entry.next_attempt <= now
                                         else "in " + format_duration(entry.next_attempt - now))
     return (entry.queue_id, format_duration(now - entry.created), f"<{entry.sender}>", recipients, entry.attempts,
-            next_try, last_error)
+            next_try, elided(last_error, LAST_ERROR_COLUMN_WIDTH))
 
 
 def queue_group(with_settings: Callable) -> click.Group:
@@ -114,7 +111,6 @@ def queue_group(with_settings: Callable) -> click.Group:
         """List queued messages, oldest first."""
         require_data_root(settings.root)
         now = time.time()
-        # By arrival: an id begins with its second, then random digits.
         entries = sorted(OutboundQueue(settings.state_dir).entries(), key=lambda entry: entry.created)
         if not entries:
             click.echo("the queue is empty")

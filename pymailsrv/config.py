@@ -372,7 +372,7 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
     try:
         return schema.build(Settings, values)
     except schema.SchemaError as error:
-        if error.problem == schema.UNKNOWN:
+        if error.problem == schema.UNKNOWN_FIELD:
             raise ConfigError(f"unknown setting {error.key!r}") from None
         raise ConfigError(f"bad value for {error.key!r}: {error.problem}") from None
 

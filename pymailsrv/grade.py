@@ -39,7 +39,7 @@ from tabulate import tabulate
 
 from pymailsrv.cli_common import output_file, require_data_root
 from pymailsrv.grade_criteria import CRITERIA, Criterion, exchanges
-from pymailsrv.replies import counted
+from pymailsrv.replies import counted, elided
 from pymailsrv.trace import ascii_json, escape_controls
 from pymailsrv.transcripts import Transcript, TranscriptError, each_transcript, find, transcripts_dir
 
@@ -158,10 +158,6 @@ def grades_asked_for(state_dir: Path, user: str | None, ids: Iterable[str]) -> t
 # --- reports ------------------------------------------------------------------------
 
 
-def _cut(text: str, width: int = EVIDENCE_WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _heading(graded: Grade) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(graded.started))
     return (f"{graded.transcript}: {graded.protocol} session of {graded.user} from {graded.client}, "
@@ -172,7 +168,7 @@ def text_report(grades: list[Grade]) -> str:
     """Per transcript: a heading, the table (criterion, RFC, result, evidence), the score."""
     parts = []
     for graded in grades:
-        rows = [(result.criterion, result.rfc, result.result, _cut(result.evidence)) for result in graded.results]
+        rows = [(result.criterion, result.rfc, result.result, elided(result.evidence, EVIDENCE_WIDTH)) for result in graded.results]
         table = tabulate(rows, headers=["criterion", "rfc", "result", "evidence"])
         parts.append(f"{_heading(graded)}\n{table}\n{graded.summary()}")
     return "\n\n".join(parts)

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from pymailsrv.commands import is_decimal
 from pymailsrv.pop3 import SESSION_CAPABILITIES
-from pymailsrv.replies import POP3_WRONG_STATE, counted
+from pymailsrv.replies import POP3_WRONG_STATE, counted, elided
 from pymailsrv.trace import SENT_BEFORE_TLS, TEXT_BEFORE_354
 from pymailsrv.transcripts import Transcript
 
@@ -149,7 +149,7 @@ def refused(protocol: str, reply: str) -> bool:
 
 def shown(line: str, width: int = 60) -> str:
     """A line for an evidence column, quoted and cut to a readable width."""
-    return repr(line if len(line) <= width else line[: width - 1] + "…")
+    return repr(elided(line, width))
 
 
 def _ending(event: dict) -> str:

@@ -169,12 +169,18 @@ def uid_of(key: str) -> str:
     return hashlib.sha1(base.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def arrival_seconds(key: str) -> int | None:
+    """The delivery time a Maildir name begins with, in seconds since the
+    epoch; None where another program named the file otherwise (only ASCII
+    digits are a time)."""
+    seconds = key.split(".", 1)[0]
+    return int(seconds) if is_decimal(seconds) else None
+
+
 def _arrival_order(key: str) -> tuple[int, str]:
     """(seconds, base): the time a name begins with, then the name without
     its ",S=..." fields, which a name given by another program may lack."""
-    seconds = key.split(".", 1)[0]
-    # Another program may have named the file: only ASCII digits are a time.
-    return (int(seconds) if is_decimal(seconds) else 0, key.split(",", 1)[0])
+    return (arrival_seconds(key) or 0, key.split(",", 1)[0])
 
 
 def _scan(maildir: Path) -> list[tuple[str, str]]:

@@ -46,7 +46,7 @@ import click
 from pymailsrv.cli_common import echo_report, require_data_root
 from pymailsrv.commands import is_decimal
 from pymailsrv.config import Settings
-from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore
+from pymailsrv.maildir import INFO_SEPARATOR, SEEN_FLAG, MaildirStore, arrival_seconds
 from pymailsrv.replies import counted
 from pymailsrv.storage import MessageInfo
 from pymailsrv.trace import shown
@@ -202,12 +202,11 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
 
 
 def _delivery_time(key: str) -> datetime.datetime | None:
-    # The Maildir unique name starts with the delivery time in seconds.
-    seconds = key.split(".", 1)[0]
-    if not is_decimal(seconds):
+    seconds = arrival_seconds(key)
+    if seconds is None:
         return None
     try:
-        return datetime.datetime.fromtimestamp(int(seconds)).astimezone()
+        return datetime.datetime.fromtimestamp(seconds).astimezone()
     except (OverflowError, ValueError, OSError):  # a name another program chose: no time we can show
         return None
 

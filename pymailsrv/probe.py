@@ -49,7 +49,7 @@ from pymailsrv.cli_common import echo_report
 from pymailsrv.config import parse_host_port
 from pymailsrv.limits import LONGEST_WAIT_SECONDS
 from pymailsrv.probe_base import NO_REPLY, Check, Failed, Probe, Skipped, Target, missing_need
-from pymailsrv.replies import counted
+from pymailsrv.replies import counted, elided
 from pymailsrv.probe_checks_pop3 import POP3_CHECKS
 from pymailsrv.probe_checks_smtp import SMTP_CHECKS
 from pymailsrv.trace import ascii_json
@@ -161,10 +161,6 @@ def summary(results: list[Result]) -> str:
 # --- reports ------------------------------------------------------------------------
 
 
-def _cut(text: str, width: int = COLUMN_WIDTH) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def text_report(results: list[Result]) -> str:
     """A table (id, RFC, result, what was sent, what came back on FAIL), then the summary."""
     rows = []
@@ -172,8 +168,8 @@ def text_report(results: list[Result]) -> str:
         # On FAIL the last commands led to it; otherwise the first say what the check does.
         shown = result.sent[-SHOWN_COMMANDS:] if result.status == FAIL else result.sent[:SHOWN_COMMANDS]
         more = "… " if result.status == FAIL and len(result.sent) > SHOWN_COMMANDS else ""
-        rows.append((result.id, result.rfc, result.status, _cut(more + " | ".join(shown)),
-                     _cut(result.detail) if result.status != PASS else ""))
+        rows.append((result.id, result.rfc, result.status, elided(more + " | ".join(shown), COLUMN_WIDTH),
+                     elided(result.detail, COLUMN_WIDTH) if result.status != PASS else ""))
     table = tabulate(rows, headers=["check", "rfc", "result", "sent", "came back"])
     return f"{table}\n{summary(results)}"
 

@@ -64,6 +64,13 @@ def counted(number: int, noun: str, plural: str | None = None, *, grouped: bool 
     return f"{digits} {noun if number == 1 else plural or noun + 's'}"
 
 
+def elided(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the last of them "…" where it
+    was cut: a column of a report or a table, which the eye reads, not a
+    program (the wire's own cut is reply_line's)."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 class After(enum.Enum):
     """What the transport does once the reply is sent."""
 

@@ -25,16 +25,16 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-UNKNOWN = "unknown field"
-MISSING = "missing field"
+UNKNOWN_FIELD = "unknown field"
+MISSING_FIELD = "missing field"
 
 
 class SchemaError(ValueError):
     """A value that does not fit: ``key`` says where (``smtp.port``,
-    ``recipients[0].state``), ``problem`` what is wrong (or UNKNOWN, MISSING)."""
+    ``recipients[0].state``), ``problem`` what is wrong (or UNKNOWN_FIELD, MISSING_FIELD)."""
 
     def __init__(self, key: str, problem: str) -> None:
-        super().__init__(f"{problem} {key}" if problem in (UNKNOWN, MISSING) else f"{key}: {problem}")
+        super().__init__(f"{problem} {key}" if problem in (UNKNOWN_FIELD, MISSING_FIELD) else f"{key}: {problem}")
         self.key = key
         self.problem = problem
 
@@ -50,13 +50,13 @@ def build(cls: type, values: object, key: str = "") -> Any:
     prefix = f"{key}." if key else ""
     for name in values:
         if name not in fields:
-            raise SchemaError(f"{prefix}{name}", UNKNOWN)
+            raise SchemaError(f"{prefix}{name}", UNKNOWN_FIELD)
     hints = _type_hints(cls)
     arguments = {}
     for name, field in fields.items():
         if name not in values:
             if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{prefix}{name}", MISSING)
+                raise SchemaError(f"{prefix}{name}", MISSING_FIELD)
             continue
         value = convert(values[name], hints[name], f"{prefix}{name}")
         check = field.metadata.get("check")
@@ -115,7 +115,9 @@ def convert(value: object, kind: Any, key: str) -> Any:
         return Path(value)
     # TOML and JSON write 5 for 5.0: an int is a fine float. A bool is an int
     # to isinstance, but never what a count, a port or a time means.
-    accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}[kind]
+    accepted = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(kind)
+    if accepted is None:  # a dataclass with a field of a type this module cannot read: the code's mistake
+        raise TypeError(f"schema: {key} is typed {kind!r}, which convert() cannot read")
     if isinstance(value, bool) and kind is not bool or not isinstance(value, accepted):
         raise SchemaError(key, f"expected {kind.__name__}, got {value!r}")
     try:

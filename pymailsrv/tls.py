@@ -1,14 +1,13 @@
 """TLS contexts, and a self-signed certificate for a classroom or a first start.
 
 Only the standard library's ``ssl`` speaks TLS here. The server context
-requires TLS 1.2 or newer and keeps the library's default ciphers: we
-choose nothing cryptographic ourselves.
+requires TLS 1.2 or newer and keeps the library's default ciphers: the
+protocol's cryptography is OpenSSL's choice, not ours.
 
-``self_signed_pair`` makes a certificate and key with the
-``cryptography`` package (no hand-made ASN.1), ``write_pair`` writes them:
-good for a lab or for trying
-STARTTLS with ``curl --insecure``, not for mail from strangers, who will not
-trust it.
+``self_signed_pair`` makes a certificate and key with the ``cryptography``
+package (no hand-made ASN.1; a P-256 key signed with SHA-256), and
+``write_pair`` writes them: good for a lab or for trying STARTTLS with
+``curl --insecure``, not for mail from strangers, who will not trust it.
 """
 
 from __future__ import annotations
@@ -114,9 +113,10 @@ def client_context(verify: bool, ca_file: Path | None = None) -> ssl.SSLContext:
     certificate: without DANE or MTA-STS nothing ties the MX host's name to
     the recipient's domain, so MTAs accept any certificate and still gain
     encryption against a passive listener. A smarthost is a host we chose by
-    name, so its certificate can be checked, and is when ``verify``.
+    name, so its certificate can be checked, and is when ``verify`` (against
+    ``ca_file``, else the system's CAs).
     """
-    context = ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context(cafile=ca_file if verify else None)
     if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
