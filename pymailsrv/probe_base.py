@@ -2,7 +2,8 @@
 
 The prober (``probe.py``) talks to *any* POP3 or SMTP server, not only to
 pymailsrv, so nothing here imports the server's protocol code (only
-``counted``, the wording every report shares). It is a client, and
+``counted``, the wording every report shares, and ``is_decimal``, RFC
+digits' test). It is a client, and
 a deliberately plain one: ``LineClient`` is a socket plus CRLF, so a check
 can send exact bytes - a bare LF in the middle of DATA, a 600-octet command
 line - that a library such as ``smtplib`` would tidy up or refuse to send.
@@ -59,6 +60,12 @@ DELIVERY_POLL_SECONDS = 0.2
 # server notices the closed socket; a login that finds it locked retries.
 LOCK_RETRIES = 25
 LOCK_RETRY_SECONDS = 0.1
+# A body whose lines start with the termination octet, for dot-stuffing
+# (RFC 1939 §3, RFC 5321 §4.5.2), both ways.
+DOTTED_BODY = (b".leading dot", b"..two leading dots", b".", b"last line")
+# The slow checks stay idle for this much less than the least the RFC allows.
+IDLE_MARGIN_SECONDS = 10
+
 # How a FAIL's detail begins when the server sent nothing within the timeout.
 NO_REPLY = "no reply: "
 # Only the newest messages are searched for a check's token: the probe's own
@@ -280,6 +287,12 @@ class LineClient:
         return self.smtp_reply()
 
 
+def stuffed(line: bytes) -> bytes:
+    """A line of text as it goes on the wire: one more "." before a leading
+    "." (RFC 1939 §3, RFC 5321 §4.5.2), without its line end."""
+    return b"." + line if line.startswith(b".") else line
+
+
 def unstuffed(raw: Iterable[bytes]) -> list[bytes]:
     """Body lines with the line end cut and byte-stuffing undone (RFC 1939 §3)."""
     lines = []
@@ -491,9 +504,8 @@ class Probe:
             reply = client.smtp(command)
             if reply.code not in wanted:
                 raise Failed(f"cannot send mail to {self.target.rcpt}: {command} got {reply.text!r}")
-        stuffed = b"".join((b"." + line if line.startswith(b".") else line) + CRLF
-                           for line in message.text.split(CRLF)[:-1])
-        client.send(stuffed + b".\r\n", shown=f"({counted(stuffed.count(CRLF), 'line')} of text) .")
+        text = b"".join(stuffed(line) + CRLF for line in message.text.split(CRLF)[:-1])
+        client.send(text + b".\r\n", shown=f"({counted(text.count(CRLF), 'line')} of text) .")
         reply = client.smtp_reply()
         if own:
             client.smtp("QUIT")

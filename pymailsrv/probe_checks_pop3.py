@@ -20,6 +20,8 @@ import re
 import time
 
 from pymailsrv.probe_base import (
+    DOTTED_BODY,
+    IDLE_MARGIN_SECONDS,
     Check,
     Failed,
     LineClient,
@@ -29,6 +31,7 @@ from pymailsrv.probe_base import (
     apop_timestamp,
     fail_unless,
     octets,
+    stuffed,
     unstuffed,
 )
 
@@ -43,10 +46,6 @@ OVERLONG_COMMAND = "NOOP " + "x" * 300
 # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes' duration";
 # the slow check stays idle for just under that.
 AUTOLOGOUT_MINIMUM_SECONDS = 10 * 60
-IDLE_MARGIN_SECONDS = 10
-
-# A body whose lines start with the termination octet, for byte-stuffing.
-DOTTED_BODY = (b".leading dot", b"..two leading dots", b".", b"last line")
 THREE_LINE_BODY = (b"body line 1", b"body line 2", b"body line 3")
 
 
@@ -253,7 +252,7 @@ def retr_byte_stuffing(p: Probe) -> None:
     client, msg_number = p.session_holding(p.message(DOTTED_BODY))
     raw = multi(client, f"RETR {msg_number}")
     tail = raw[-len(DOTTED_BODY):]
-    wanted = [(b"." + line if line.startswith(b".") else line) + b"\r\n" for line in DOTTED_BODY]
+    wanted = [stuffed(line) + b"\r\n" for line in DOTTED_BODY]
     fail_unless(tail == wanted, "lines starting with '.' sent with another '.' in front", tail)
 
 
