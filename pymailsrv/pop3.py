@@ -64,6 +64,7 @@ from pymailsrv.replies import (
     POP3_CHALLENGE,
     POP3_MECHANISMS_FOLLOW,
     POP3_PRIVACY_REQUIRED,
+    POP3_PRIVACY_REQUIRED_NO_TLS,
     POP3_TLS_UNAVAILABLE,
     POP3_UNSUPPORTED_MECHANISM,
     POP3_AUTOLOGOUT,
@@ -309,9 +310,15 @@ class Pop3Session(Session):
         """USER name (RFC 1939 §7); refused where the password could be overheard."""
         (name,) = self._arguments("USER", argument, 1, 1)
         if not self.plaintext_auth_allowed():
-            raise CommandError(POP3_PRIVACY_REQUIRED)
+            raise self._no_plaintext_password()
         self.pending_user, self._commands_run_at_user = name, self.commands_run
         return POP3_USER_ACCEPTED
+
+    def _no_plaintext_password(self) -> CommandError:
+        """The refusal of a login that would send a password in plaintext: it
+        says to use STLS only where the command table offers STLS."""
+        stls_offered = self.commands.find("STLS").offered_to(self)
+        return CommandError(POP3_PRIVACY_REQUIRED if stls_offered else POP3_PRIVACY_REQUIRED_NO_TLS)
 
     def do_pass(self, argument: str) -> Reply:
         """PASS string (RFC 1939 §7): straight after USER; the password may contain spaces."""
@@ -357,7 +364,7 @@ class Pop3Session(Session):
         if mechanism not in SASL_MECHANISMS:
             raise CommandError(POP3_UNSUPPORTED_MECHANISM)
         if not self.plaintext_auth_allowed():
-            raise CommandError(POP3_PRIVACY_REQUIRED)
+            raise self._no_plaintext_password()
         return self.start_sasl(mechanism, words[1] if len(words) == 2 else None)
 
     def sasl_challenge(self, challenge: str) -> Reply:

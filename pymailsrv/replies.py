@@ -288,6 +288,11 @@ POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here witho
                              "no password over an unencrypted connection, RFC 8314 §4.1 / RFC 2595 §2.3; "
                              "[AUTH]: a login against policy, RFC 3206 §5 (as Dovecot answers)",
                              code="AUTH")
+# The same refusal where STLS is not on offer (no certificate): "use STLS
+# first" would send the student to a command that fails too.
+POP3_PRIVACY_REQUIRED_NO_TLS = _err("plaintext authentication is not allowed here without TLS, which this "
+                                    "server does not offer", "no password over an unencrypted connection, "
+                                    "RFC 8314 §4.1; and no certificate for STLS, RFC 2595 §4", code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
                             "TLS needs a certificate on the server, RFC 2595 §4")
 POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")

@@ -530,6 +530,15 @@ def test_pop3_auth_plain_from_a_non_local_address_is_privacy_required(guarded, p
     assert client.command("AUTH PLAIN") == pop3_wire(R.POP3_PRIVACY_REQUIRED)
 
 
+def test_without_a_certificate_the_refusal_does_not_send_the_client_to_stls(start_server, pop3_at, alice):
+    # It said "use STLS first", and STLS answered "not available".
+    server = start_server(auth=ONLY_LOOPBACK_ONE)
+    client = pop3_at(server, source=NOT_LOCAL)
+    assert client.command("USER alice") == pop3_wire(R.POP3_PRIVACY_REQUIRED_NO_TLS)
+    assert client.command(f"AUTH PLAIN {plain()}") == pop3_wire(R.POP3_PRIVACY_REQUIRED_NO_TLS)
+    assert client.command("STLS") == pop3_wire(R.POP3_TLS_UNAVAILABLE)
+
+
 def test_pop3_capa_from_a_non_local_address_lacks_user_and_sasl(guarded, pop3_at):
     assert capa(pop3_at(guarded, source=NOT_LOCAL)) == capa_lines(stls=True, user=False)
 
