@@ -121,11 +121,13 @@ class SaslExchange:
         return base64.b64encode(self._challenge).decode("ascii")
 
     def answer(self, line: str) -> str | Credentials:
-        if line.strip() == CANCEL:
+        """The next challenge, or the credentials, for the client's ``line``:
+        base64 and nothing else, which RFC 4954 §4 has a server "reject (and
+        not ignore)", blanks around it too; or ``*``, which cancels."""
+        if line == CANCEL:
             raise SaslCancelled
-        text = "" if line.strip() == EMPTY_INITIAL_RESPONSE else line.strip()
         try:
-            decoded = base64.b64decode(text, validate=True)
+            decoded = base64.b64decode(line, validate=True)
         except (binascii.Error, ValueError):
             raise SaslError("the answer is not valid base64") from None
         try:

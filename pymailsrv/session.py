@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, ClassVar
 
-from pymailsrv.auth import Admission, Credentials, SaslCancelled, SaslError, SaslExchange
+from pymailsrv.auth import EMPTY_INITIAL_RESPONSE, Admission, Credentials, SaslCancelled, SaslError, SaslExchange
 from pymailsrv.commands import Command, CommandTable
 from pymailsrv.limits import LOGIN_THROTTLE_POLL_SECONDS, LOGIN_THROTTLE_WAIT_SECONDS, SASL_LINE_MAX
 from pymailsrv.replies import After, CommandError, Reply
@@ -331,7 +331,9 @@ class Session:
         exchange = SaslExchange(mechanism)
         if initial_response is None:
             return self._next_sasl_challenge(exchange, exchange.challenge())
-        return self._sasl_step(exchange, initial_response)
+        # RFC 4954 §4, RFC 5034 §4: "=" is an empty initial response (an
+        # empty argument could not be told from none); only there.
+        return self._sasl_step(exchange, "" if initial_response == EMPTY_INITIAL_RESPONSE else initial_response)
 
     def sasl_challenge(self, challenge: str) -> Reply:
         raise NotImplementedError

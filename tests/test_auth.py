@@ -174,6 +174,22 @@ def test_continuation_that_is_not_base64_is_501(smtp, alice):
     assert exchange(client, "NOOP") == wire(R.R250_OK)  # back to commands
 
 
+@pytest.mark.parametrize("answer", [f" {plain()}", f"{plain()} ", f"\t{plain()}", "="])
+def test_a_continuation_with_blanks_round_its_base64_or_an_equals_sign_is_501(smtp, alice, answer):
+    # RFC 4954 §4: a server MUST reject, not ignore, what is not base64; "="
+    # means an empty *initial* response, and nothing in a continuation.
+    client = smtp()
+    assert exchange(client, "AUTH PLAIN") == b"334 \r\n"
+    assert exchange(client, answer) == wire(R.R501_AUTH_MALFORMED)
+
+
+def test_an_equals_sign_as_the_initial_response_is_an_empty_one(smtp, alice):
+    # RFC 4954 §4: AUTH LOGIN = starts the exchange with no initial response
+    # data; LOGIN's first challenge is then the password's.
+    client = smtp()
+    assert exchange(client, "AUTH LOGIN =") == wire(R.R334_CHALLENGE, challenge=b64("Password:"))
+
+
 def test_wrong_password_is_535(smtp, alice):
     assert exchange(smtp(), f"AUTH PLAIN {plain(password='wrong')}") == wire(R.R535_AUTH_FAILED)
 
