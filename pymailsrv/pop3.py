@@ -558,7 +558,11 @@ _BOTH = _AUTHORIZATION | _TRANSACTION
 # PASS, APOP and AUTH; do_quit for QUIT), and UPDATE's close comes from the
 # .closing() reply. RFC 1939 §6: the close follows UPDATE whether the marked
 # messages could all be removed (+OK) or not (-ERR).
-Pop3Session.OTHER_TRANSITIONS = ((Pop3State.UPDATE, "+OK/-ERR, close", None),)
+Pop3Session.OTHER_TRANSITIONS = (
+    # RFC 1939 §6: a session that ends without QUIT never reaches UPDATE.
+    (Pop3State.TRANSACTION, "cut off: none deleted", None),
+    (Pop3State.UPDATE, "+OK/-ERR, close", None),
+)
 
 Pop3Session.commands = CommandTable(
     Command("STLS", Pop3Session.do_stls, _AUTHORIZATION, "STLS", "RFC 2595 §4", capability="STLS",

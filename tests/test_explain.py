@@ -29,33 +29,34 @@ A command moves the state only when it succeeds; one that fails leaves it as it 
 
 connect -> AUTHORIZATION
 
-  command          on success              defined in           syntax
+  command                on success              defined in           syntax
 
 AUTHORIZATION
-  STLS             (stays)                 RFC 2595 §4          STLS
-  USER             (stays)                 RFC 1939 §7          USER name
-  PASS             -> TRANSACTION          RFC 1939 §7          PASS string
-  APOP             -> TRANSACTION          RFC 1939 §7          APOP name digest
-  AUTH             -> TRANSACTION          RFC 5034 §4          AUTH [mechanism [initial-response]]
-  QUIT             -> (connection closed)  RFC 1939 §4, §6      QUIT
-  CAPA             (stays)                 RFC 2449 §5          CAPA
+  STLS                   (stays)                 RFC 2595 §4          STLS
+  USER                   (stays)                 RFC 1939 §7          USER name
+  PASS                   -> TRANSACTION          RFC 1939 §7          PASS string
+  APOP                   -> TRANSACTION          RFC 1939 §7          APOP name digest
+  AUTH                   -> TRANSACTION          RFC 5034 §4          AUTH [mechanism [initial-response]]
+  QUIT                   -> (connection closed)  RFC 1939 §4, §6      QUIT
+  CAPA                   (stays)                 RFC 2449 §5          CAPA
 
 TRANSACTION
-  QUIT             -> UPDATE               RFC 1939 §4, §6      QUIT
-  STAT             (stays)                 RFC 1939 §5          STAT
-  LIST             (stays)                 RFC 1939 §5          LIST [msg]
-  RETR             (stays)                 RFC 1939 §5          RETR msg
-  DELE             (stays)                 RFC 1939 §5          DELE msg
-  NOOP             (stays)                 RFC 1939 §5          NOOP
-  RSET             (stays)                 RFC 1939 §5          RSET
-  TOP              (stays)                 RFC 1939 §7          TOP msg n
-  UIDL             (stays)                 RFC 1939 §7          UIDL [msg]
-  LAST             (stays)                 RFC 1460 (obsolete)  LAST
-  CAPA             (stays)                 RFC 2449 §5          CAPA
+  QUIT                   -> UPDATE               RFC 1939 §4, §6      QUIT
+  STAT                   (stays)                 RFC 1939 §5          STAT
+  LIST                   (stays)                 RFC 1939 §5          LIST [msg]
+  RETR                   (stays)                 RFC 1939 §5          RETR msg
+  DELE                   (stays)                 RFC 1939 §5          DELE msg
+  NOOP                   (stays)                 RFC 1939 §5          NOOP
+  RSET                   (stays)                 RFC 1939 §5          RSET
+  TOP                    (stays)                 RFC 1939 §7          TOP msg n
+  UIDL                   (stays)                 RFC 1939 §7          UIDL [msg]
+  LAST                   (stays)                 RFC 1460 (obsolete)  LAST
+  CAPA                   (stays)                 RFC 2449 §5          CAPA
+  cut off: none deleted  -> (connection closed)                       (not a command)
 
 UPDATE
   (accepts no commands)
-  +OK/-ERR, close  -> (connection closed)                       (not a command)
+  +OK/-ERR, close        -> (connection closed)                       (not a command)
 """
 
 
