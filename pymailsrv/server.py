@@ -83,8 +83,10 @@ from pymailsrv.limits import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_ADDRESS,
     OUT_OF_DESCRIPTORS_PAUSE_SECONDS,
+    POP3_AUTOLOGOUT_SECONDS,
     POP3_MAX_SESSIONS_PER_USER_ADDRESS,
     SHORTAGE_WARNING_SECONDS,
+    SMTP_COMMAND_TIMEOUT_SECONDS,
 )
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import QUEUE_DIR_NAME, OutboundQueue, RetryPolicy
@@ -661,10 +663,23 @@ class MailServer:
             if removed:
                 log.info("removed %s from tmp/ (older than 36 hours)", counted(removed, "stale file"))
             self._check_postmaster()
+            self._check_timeouts()
         except (OSError, ConfigError):
             self.stop()
             raise
         return self
+
+    def _check_timeouts(self) -> None:
+        """Warn of a wait for the client shorter than its RFC asks: allowed (a
+        test wants answers now), but a client that pauses as long as the RFC
+        lets it is cut off."""
+        for setting, seconds, least, rfc in (
+                ("pop3.autologout", self.settings.pop3.autologout, POP3_AUTOLOGOUT_SECONDS, "RFC 1939 §3"),
+                ("smtp.command_timeout", self.settings.smtp.command_timeout, SMTP_COMMAND_TIMEOUT_SECONDS,
+                 "RFC 5321 §4.5.3.2.7")):
+            if seconds < least:
+                log.warning("%s is %g seconds: %s asks for at least %d, and a client idle longer is cut off",
+                            setting, seconds, rfc, least)
 
     def _make_room_for_connections(self) -> None:
         """Raise the open-files limit to what max_connections needs, or warn that it cannot be.

@@ -177,3 +177,20 @@ def test_missing_config_file_is_one_line(tmp_path):
 def test_settings_are_frozen():
     with pytest.raises(AttributeError):
         Settings().root = Path("x")  # type: ignore[misc]
+
+
+def test_a_wait_for_the_client_shorter_than_its_rfc_asks_is_warned_of(start_server, caplog):
+    # RFC 1939 §3: an autologout timer "MUST be of at least 10 minutes";
+    # RFC 5321 §4.5.3.2.7: 5 minutes for the next SMTP command. Allowed (a
+    # test wants answers now), but said.
+    start_server(pop3={"autologout": 5.0}, smtp={"command_timeout": 10.0})
+    assert ("pop3.autologout is 5 seconds: RFC 1939 §3 asks for at least 600, and a client idle longer "
+            "is cut off") in caplog.text
+    assert ("smtp.command_timeout is 10 seconds: RFC 5321 §4.5.3.2.7 asks for at least 300, and a client "
+            "idle longer is cut off") in caplog.text
+
+
+def test_the_default_waits_are_not_warned_of(caplog, start_server):
+    start_server()
+    assert "running as root" in caplog.text or "there are no users yet" in caplog.text  # the log was caught
+    assert "asks for at least" not in caplog.text
