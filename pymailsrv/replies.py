@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from pymailsrv.limits import (
+    AUTH_MAX_FAILURES_PER_CONNECTION,
     POP3_COMMAND_LINE_MAX,
     POP3_MAX_BAD_COMMANDS_AFTER_LOGIN,
     POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN,
@@ -302,7 +303,8 @@ POP3_AUTH_MALFORMED = _err("malformed SASL response", "not base64, or not what t
                                                       "RFC 5034 §4")
 POP3_TOO_MANY_SESSIONS = _err("too many sessions",
                               "too many sessions of this user from this address (Dovecot's "
-                              "mail_max_userip_connections), RFC 2449 §8.1.2", code="IN-USE")
+                              "mail_max_userip_connections); [IN-USE], RFC 2449 §8.1.2's 'in use', as "
+                              "Dovecot reads it", code="IN-USE")
 # Written by the accepting thread itself, in place of the greeting.
 POP3_TOO_MANY_CONNECTIONS = _err("too many connections", "connection cap reached, try again later, "
                                                          "RFC 3206 §4", code="SYS/TEMP").closing()
@@ -329,7 +331,9 @@ POP3_TOO_MANY_BAD_COMMANDS = _err("too many bad commands, closing",
                                   f"error limit reached ({POP3_MAX_BAD_COMMANDS_BEFORE_LOGIN} before login, "
                                   f"{POP3_MAX_BAD_COMMANDS_AFTER_LOGIN} after)").closing()
 POP3_TOO_MANY_FAILED_LOGINS = _err("too many failed logins, closing",
-                                   "third failed login: the connection closes; [AUTH], RFC 3206 §5",
+                                   "auth.max_failures_per_connection failed logins "
+                                   f"({AUTH_MAX_FAILURES_PER_CONNECTION} unless set): the connection closes; "
+                                   "[AUTH], RFC 3206 §5",
                                    code="AUTH").closing()
 POP3_AUTOLOGOUT = _err("autologout: idle for too long",
                        "inactivity timer expired, no UPDATE, RFC 1939 §3 (which would close without a reply; "
