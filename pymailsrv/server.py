@@ -517,32 +517,35 @@ def check_data_root(settings: Settings) -> None:
         # chown mends only what permissions refuse, not a read-only disk or a file in the way.
         fix = f"; {advice}" if error.errno in (errno.EACCES, errno.EPERM) else ""
         raise ConfigError(f"cannot create {str(state_dir)!r} as {who}: {error.strerror}{fix}") from None
-    # A file where the queue's directory belongs, or a directory where the
-    # aliases file does, would fail only later: the relay with a traceback,
-    # every RCPT with a 451.
-    for name, is_right_kind, kind in ((QUEUE_DIR_NAME, Path.is_dir, "a directory"),
-                                      (ALIASES_FILE_NAME, Path.is_file, "a file")):
-        path = state_dir / name
-        if path.exists() and not is_right_kind(path):
-            raise ConfigError(f"{str(path)!r} must be {kind}: move it out of the way")
-    # Every directory the server writes into (state: locks, queue, transcripts;
-    # each Maildir's tmp/new/cur): one made by a command run as root would
-    # otherwise fail only at the first delivery, with a 451.
-    writable = [root, state_dir, *sorted(path for path in state_dir.iterdir() if path.is_dir())]
-    writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
-    # (A file where one of them should be is that one user's broken Maildir,
-    # refused at their deliveries: no reason to keep the server down.)
-    writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur") and path.is_dir())
-    for path in writable:
-        if os.statvfs(path).f_flag & os.ST_RDONLY:
-            raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")
-        if not os.access(path, os.R_OK | os.W_OK | os.X_OK):  # listed too: the queue, a maildrop
-            kind = "writable" if not os.access(path, os.W_OK | os.X_OK) else "readable"
-            raise ConfigError(f"{str(path)!r} is not {kind} by {who}; {advice}")
-    # The files it reads: users.json, aliases.
-    for path in sorted(state_dir.iterdir()):
-        if path.is_file() and not os.access(path, os.R_OK):
-            raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
+    try:
+        # A file where the queue's directory belongs, or a directory where the
+        # aliases file does, would fail only later: the relay with a traceback,
+        # every RCPT with a 451.
+        for name, is_right_kind, kind in ((QUEUE_DIR_NAME, Path.is_dir, "a directory"),
+                                          (ALIASES_FILE_NAME, Path.is_file, "a file")):
+            path = state_dir / name
+            if path.exists() and not is_right_kind(path):
+                raise ConfigError(f"{str(path)!r} must be {kind}: move it out of the way")
+        # Every directory the server writes into (state: locks, queue, transcripts;
+        # each Maildir's tmp/new/cur): one made by a command run as root would
+        # otherwise fail only at the first delivery, with a 451.
+        writable = [root, state_dir, *sorted(path for path in state_dir.iterdir() if path.is_dir())]
+        writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
+        # (A file where one of them should be is that one user's broken Maildir,
+        # refused at their deliveries: no reason to keep the server down.)
+        writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur") and path.is_dir())
+        for path in writable:
+            if os.statvfs(path).f_flag & os.ST_RDONLY:
+                raise ConfigError(f"{str(path)!r} is on a read-only file system: the server writes there")
+            if not os.access(path, os.R_OK | os.W_OK | os.X_OK):  # listed too: the queue, a maildrop
+                kind = "writable" if not os.access(path, os.W_OK | os.X_OK) else "readable"
+                raise ConfigError(f"{str(path)!r} is not {kind} by {who}; {advice}")
+        # The files it reads: users.json, aliases.
+        for path in sorted(state_dir.iterdir()):
+            if path.is_file() and not os.access(path, os.R_OK):
+                raise ConfigError(f"{str(path)!r} is not readable by {who}; {advice}")
+    except PermissionError as error:  # a directory root made and shut: even is_dir() inside it is refused
+        raise ConfigError(f"cannot look into {str(error.filename)!r} as {who}; {advice}") from None
 
 
 def lock_data_root(settings: Settings) -> int:

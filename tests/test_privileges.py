@@ -248,6 +248,19 @@ def test_run_as_refuses_a_queue_it_cannot_list(system_user, shared_dir):
         f"the server runs as: chown -R {name} {str(root)!r}")
 
 
+def test_run_as_refuses_a_queue_root_made_and_shut_with_the_chown_advice(system_user, shared_dir):
+    # As after a start as root without --run-as: the queue is root's, 0700,
+    # and even asking whether queue/tmp is a directory was refused, so start
+    # said only "Permission denied", without the fix.
+    root = make_root(shared_dir, system_user)
+    (root / ".pymailsrv" / "queue" / "tmp").mkdir(parents=True)
+    (root / ".pymailsrv" / "queue").chmod(0o700)  # root's: make_root chowned only what was there
+    name = system_user.pw_name
+    assert start_fails(root, "--run-as", name) == (
+        f"Error: cannot look into {str(root / '.pymailsrv' / 'queue' / 'tmp')!r} as {name}; the data root must "
+        f"belong to the user the server runs as: chown -R {name} {str(root)!r}")
+
+
 # --- refusals that need no root --------------------------------------------------------------
 
 
