@@ -76,7 +76,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pymailsrv.config import parse_host_port
+from pymailsrv.config import ConfigError, parse_host_port
 from pymailsrv.dsn import build_bounce
 from pymailsrv.limits import SMTP_CLIENT_DATA_TIMEOUT_SECONDS
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
@@ -370,6 +370,14 @@ class Relay:
         # Only a smarthost can be made to require TLS; an MX host is always
         # opportunistic, since nothing says which MX hosts can do TLS.
         self._tls_policy = relay.smarthost_tls_policy if self._smarthost else "opportunistic"
+        # Made now, before --run-as: the CA file is read here, as root may
+        # read it (read at each delivery, a file the server's user could
+        # not read deferred every message until it bounced, days later).
+        try:
+            self._tls_client_context = client_context(self._tls_policy == "verified", relay.smarthost_ca_file)
+        except (OSError, ssl.SSLError) as error:
+            raise ConfigError(f"relay.smarthost_ca_file: cannot load {str(relay.smarthost_ca_file)!r}: "
+                              f"{error}") from None
         self._resolver = MxResolver(relay.dns_server)
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
@@ -700,7 +708,7 @@ class Relay:
             try:
                 # Here smtplib wraps the socket in TLS, with server_hostname
                 # the MX host's name, not its address: see _HopClient for why.
-                client.starttls(context=client_context(self._tls_policy == "verified", relay.smarthost_ca_file))
+                client.starttls(context=self._tls_client_context)
             except smtplib.SMTPResponseException as error:  # e.g. 454 TLS not available (RFC 3207 §4)
                 refusal = outcome_of_reply(error.smtp_code, error.smtp_error, hop)
                 raise StartTlsFailed(hop, "4" + refusal.status[1:], _local_diagnostic(

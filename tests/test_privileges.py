@@ -17,6 +17,7 @@ import pwd
 import re
 import shutil
 import smtplib
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+import trustme
 
 from pymailsrv.config import ConfigError
 from pymailsrv.maildir import MaildirStore
@@ -207,6 +209,31 @@ def test_after_run_as_the_relay_needs_nothing_more_loaded(system_user, shared_di
         server.stop()
         remote.stop()
         dns.stop()
+
+
+def test_a_smarthost_ca_file_only_root_may_read_is_read_before_the_switch(system_user, shared_dir, tmp_path):
+    # It was read at each delivery, as the server's user: every message was
+    # deferred ("Permission denied") until it bounced, five days later.
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(tls)
+    ca_file = tmp_path / "ca.pem"  # pytest's tmp_path is root's alone
+    ca.cert_pem.write_to_path(str(ca_file))
+    ca_file.chmod(0o600)
+    remote = Sink(tls_context=tls)
+    root = make_root(shared_dir, system_user)
+    config = shared_dir / "pymailsrv.toml"
+    config.write_text(f'[relay]\nsmarthost = "localhost:{remote.port}"\nsmarthost_tls = "verified"\n'
+                      f'smarthost_ca_file = "{ca_file}"\ntrusted_networks = ["127.0.0.0/8"]\n')
+    server = ServerProcess(root, "--run-as", system_user.pw_name, "--config", str(config)).wait_listening()
+    try:
+        with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+            assert client.sendmail("alice@localhost", ["bob@example.net"], b"Subject: hi\r\n\r\nhi\r\n") == {}
+        [received] = remote.wait_for(1)
+        assert received.tls and received.rcpt_tos == ["bob@example.net"]
+    finally:
+        server.stop()
+        remote.stop()
 
 
 def test_commands_that_switch_user_load_what_they_need_first(system_user, shared_dir):

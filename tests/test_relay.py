@@ -18,6 +18,7 @@ import email.policy
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -32,6 +33,7 @@ import pytest
 import trustme
 from aiosmtpd.smtp import AuthResult
 
+from pymailsrv.config import ConfigError
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
@@ -911,6 +913,14 @@ def test_a_smarthost_password_goes_only_where_the_certificate_was_checked_unless
         server.relay.start().stop()
     assert ("relay.smarthost_tls is 'required': the smarthost password goes over TLS whose certificate is not "
             "checked, so whoever can stand between the hosts can take it") in caplog.text
+
+
+def test_a_smarthost_ca_file_that_is_no_certificate_is_a_config_error(root, tmp_path):
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match=f"^relay.smarthost_ca_file: cannot load '{re.escape(str(bogus))}': "):
+        MailServer(make_settings(root, relay={"smarthost": "mail.example.net:587", "smarthost_tls": "verified",
+                                              "smarthost_ca_file": str(bogus)}))
 
 
 def test_a_smarthost_whose_certificate_does_not_verify_is_not_used(mta, sink, tmp_path):
