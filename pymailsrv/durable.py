@@ -140,9 +140,10 @@ def _written_beside(path: Path, data: bytes, mode: int) -> Path:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if need be) for the block."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
+    """Hold an exclusive ``flock`` on ``path`` (created if need be, as its
+    directory, readable by the owner only: they name the data it guards)."""
+    make_private_directory(path.parent)
+    with open(path, "a", opener=private) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield  # closing the file drops the lock
 

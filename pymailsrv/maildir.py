@@ -280,7 +280,7 @@ class MaildirStore:
         user = check_user_name(user)
         path = self.create_maildir(user)
         lock_dir = self.state_dir / "locks"
-        lock_dir.mkdir(parents=True, exist_ok=True)
+        make_private_directory(lock_dir)
         fd = os.open(lock_dir / f"{user}.lock", os.O_CREAT | os.O_RDWR, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

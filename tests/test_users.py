@@ -213,3 +213,17 @@ def test_user_added_and_removed_while_the_server_runs(server, root, store):
     assert _login(address, "carol", "changed").startswith(b"+OK")
     users.remove("carol")
     assert _login(address, "carol", "changed") == b"-ERR [AUTH] invalid user name or password\r\n"
+
+
+def test_the_state_directory_a_first_user_add_makes_is_its_owners_alone(tmp_path):
+    # 'user add' made .pymailsrv with the umask's 0755 and users.lock 0644:
+    # the lock names and the aliases file were open to every local account.
+    old_umask = os.umask(0o022)
+    try:
+        users = UserStore(tmp_path / ".pymailsrv")
+        users.add("alice", "secret-enough")
+    finally:
+        os.umask(old_umask)
+    state = tmp_path / ".pymailsrv"
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in [state, *state.iterdir()]} == {
+        ".pymailsrv": 0o700, "users.json": 0o600, "users.lock": 0o600}
