@@ -427,8 +427,13 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError("tls.cert and tls.key must be given together")
     if cert is None:
         cert, key = default_certificate_paths(settings)
-        if not (cert.is_file() and key.is_file()):
-            return None
+        try:
+            if not (cert.is_file() and key.is_file()):
+                return None
+        except PermissionError:  # is_file() inside a directory this user cannot search
+            raise ConfigError(f"cannot look for the generated TLS pair in {str(cert.parent)!r} as {_current_user()}, "
+                              "which reads it before --run-as: give tls.cert and tls.key outside the data root"
+                              ) from None
     try:
         return server_context(cert, key)
     except (OSError, ssl.SSLError) as error:

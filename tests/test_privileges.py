@@ -236,6 +236,23 @@ def test_a_smarthost_ca_file_only_root_may_read_is_read_before_the_switch(system
         remote.stop()
 
 
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv")
+def test_a_generated_pair_root_cannot_look_for_is_one_line_with_the_way_out(system_user, shared_dir):
+    # deploy.rst's unit keeps root out of the data root (no CAP_DAC_*): the
+    # pair 'cert generate' made there, looked for as root, stopped start with
+    # "Permission denied (.../cert.pem)" alone.
+    root = make_root(shared_dir, system_user)
+    assert cli(root, "cert", "generate").returncode == 0  # as the data root's owner, 0700 where the key is
+    (root / ".pymailsrv").chmod(0o700)
+    started = subprocess.run(["setpriv", "--bounding-set", "-dac_override,-dac_read_search", sys.executable, "-m",
+                              "pymailsrv", "start", "--root", str(root), "--smtp-port", "0", "--pop3-port", "0",
+                              "--run-as", system_user.pw_name], capture_output=True, text=True, timeout=30)
+    assert started.returncode == 1
+    assert started.stderr.strip().splitlines()[-1] == (
+        f"Error: cannot look for the generated TLS pair in {str(root / '.pymailsrv' / 'tls')!r} as root, which "
+        "reads it before --run-as: give tls.cert and tls.key outside the data root")
+
+
 def test_commands_that_switch_user_load_what_they_need_first(system_user, shared_dir):
     root = make_root(shared_dir, system_user)
     for command in (("alias", "add", "staff", "alice"), ("cert", "generate")):
