@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +58,12 @@ def with_settings(command: Callable) -> Callable:
         settings = _settings(root, config)
         try:
             return command(settings=settings, **kwargs)
+        except BrokenPipeError:
+            # `... | head`: the reader took what it wanted and left; no error
+            # to print. Python's "Note on SIGPIPE": stdout to devnull, so the
+            # flush at exit cannot fail again, and exit 1.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as error:  # a data root that is not a directory, a file we may not read...
             raise click.ClickException(f"cannot use {error.filename}: {error.strerror}" if error.filename
                                        else str(error)) from None

@@ -15,6 +15,7 @@ import poplib
 import re
 import shutil
 import signal
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -570,3 +571,17 @@ def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root):
     assert result.returncode == 1
     assert b"Traceback" not in result.stderr
     assert re.fullmatch(rb"Error: .*users\.json is damaged: .+", result.stderr.splitlines()[-1])
+
+
+def test_output_cut_short_by_its_reader_is_no_error(root, start_server):
+    # `pymailsrv transcripts show ID | head -1` printed "Error: [Errno 32] Broken pipe".
+    server = start_server(transcripts=True)
+    with smtplib.SMTP(*server.addresses["smtp"], timeout=CLIENT_TIMEOUT) as client:
+        for _ in range(3000):  # a transcript longer than a pipe holds
+            client.noop()
+    server.stop()
+    [transcript] = (root / ".pymailsrv" / "transcripts").iterdir()
+    reader = subprocess.run(f"{sys.executable} -m pymailsrv transcripts show {transcript.stem} --root {root} | head -1",
+                            shell=True, capture_output=True, text=True, timeout=60)
+    assert reader.stdout == "smtp session 1 from 127.0.0.1\n"
+    assert reader.stderr == ""
