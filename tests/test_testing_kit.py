@@ -137,15 +137,21 @@ def test_a_drop_fault_hangs_up_instead_of_answering(mail_server):
         client.ehlo()
 
 
+def until_hang_up(server: MailServer, commands: bytes) -> bytes:
+    """Everything the SMTP server sends, ``commands`` sent at once, until it hangs up."""
+    with socket.create_connection((server.host, server.smtp_port), timeout=CLIENT_TIMEOUT) as client:
+        client.sendall(commands)
+        received = b""
+        while chunk := client.recv(65536):  # CLIENT_TIMEOUT bounds each read
+            received += chunk
+    return received
+
+
 @pytest.mark.mail_server(users={"alice": "pw"}, faults=["smtp:RCPT=drop"])
 def test_a_drop_fault_still_sends_the_replies_owed_before_it(mail_server):
     # Pipelined: the replies to EHLO and MAIL were queued, not yet sent, when
     # RCPT's fault hung up; they were lost, though the trace showed them.
-    with socket.create_connection((mail_server.host, mail_server.smtp_port), timeout=CLIENT_TIMEOUT) as client:
-        client.sendall(b"EHLO pc07\r\nMAIL FROM:<me@example.org>\r\nRCPT TO:<alice@localhost>\r\n")
-        received = b""
-        while chunk := client.recv(65536):  # to the hang-up; CLIENT_TIMEOUT bounds each read
-            received += chunk
+    received = until_hang_up(mail_server, b"EHLO pc07\r\nMAIL FROM:<me@example.org>\r\nRCPT TO:<alice@localhost>\r\n")
     replies = received.split(b"\r\n")
     assert replies[0].startswith(b"220 ") and replies[1].startswith(b"250-")
     assert replies[-3:] == [b"250 HELP", b"250 2.1.0 sender <me@example.org> OK", b""]
@@ -163,12 +169,7 @@ def test_dropping_in_the_middle_of_data_stores_nothing(mail_server):
 
 @pytest.mark.mail_server(faults=["smtp:EHLO=drop-mid"])
 def test_drop_mid_cuts_an_smtp_multiline_reply_after_half_its_lines(mail_server):
-    with socket.create_connection((mail_server.host, mail_server.smtp_port), timeout=CLIENT_TIMEOUT) as client:
-        client.sendall(b"EHLO pc07\r\n")
-        received = b""
-        while chunk := client.recv(65536):  # to the hang-up; CLIENT_TIMEOUT bounds each read
-            received += chunk
-    greeting, *ehlo, end = received.split(b"\r\n")
+    greeting, *ehlo, end = until_hang_up(mail_server, b"EHLO pc07\r\n").split(b"\r\n")
     assert greeting.startswith(b"220 ") and end == b""
     # Each line sent still promises more: the client is left waiting for the last.
     assert len(ehlo) >= 2 and all(line.startswith(b"250-") for line in ehlo)
