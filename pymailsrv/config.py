@@ -202,6 +202,11 @@ def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ascii(value: str) -> None:
+    if not value.isascii():  # the value is no part of the message: it may be a secret
+        raise ValueError("must be ASCII (the relay's smtplib sends AUTH data as ASCII)")
+
+
 def _host_port(value: str) -> None:
     parse_host_port(value, 25)
 
@@ -213,9 +218,10 @@ class RelaySettings:
     # --- outbound delivery (outqueue.py, relay.py) ---
     # "host:port" that takes all outbound mail; None: each domain's MX hosts.
     smarthost: str | None = _checked(None, _host_port)
-    # AUTH at the smarthost (RFC 4954), only ever after STARTTLS.
-    smarthost_user: str | None = None
-    smarthost_password: str | None = None
+    # AUTH at the smarthost (RFC 4954), only ever after STARTTLS. ASCII:
+    # smtplib, which the relay speaks through, sends AUTH data as ASCII.
+    smarthost_user: str | None = _checked(None, _ascii)
+    smarthost_password: str | None = _checked(None, _ascii)
     # "opportunistic": STARTTLS when offered, certificate unchecked (as for
     # MX hosts); "required": STARTTLS or no delivery; "verified": required,
     # and the certificate must match the name (CAs: smarthost_ca_file, else

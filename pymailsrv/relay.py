@@ -594,9 +594,12 @@ class Relay:
                 # A bug of ours, met in talking to some server: a failed
                 # attempt all the same, recorded, so the retries back off
                 # and the message still ends, bounced, after its lifetime.
+                # The diagnostic names only the exception's kind: its text
+                # may hold what it was handed (a password, say), and the
+                # diagnostic goes into queue list and the sender's bounce.
                 log.exception("%s: delivery to %s failed unexpectedly", entry.queue_id, domain or "the smarthost")
-                outcomes.update(dict.fromkeys(addresses, Outcome(
-                    State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local error: {error!r}"))))
+                outcomes.update(dict.fromkeys(addresses, Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(
+                    f"local error: {type(error).__name__} (see the server's log)"))))
         return outcomes
 
     def _settle(self, queue_id: str, settled: set[str], outcomes: dict[str, Outcome]) -> None:
@@ -716,6 +719,13 @@ class Relay:
             except OSError as error:  # ssl.SSLError, or the peer hung up mid-handshake
                 raise StartTlsFailed(hop, STATUS_BAD_CONNECTION,
                                      _local_diagnostic(f"TLS handshake with {hop} failed: {error}")) from None
+            except UnicodeError:
+                # A name the idna codec refuses for SNI (a label dnspython
+                # wrote past 63 characters with \DDD escapes, from octets
+                # in the MX record): TLS cannot start, and for an MX host
+                # the mail goes in plaintext, as when the handshake fails.
+                raise StartTlsFailed(hop, STATUS_BAD_CONNECTION, _local_diagnostic(
+                    f"TLS with {hop} cannot start: its name cannot be sent as the TLS server name")) from None
             client.ehlo()  # RFC 3207 §4.2: start over; the server may offer more now
         elif self._tls_policy != "opportunistic":
             raise HopFailed(hop, STATUS_SECURITY, _local_diagnostic(

@@ -44,7 +44,10 @@ class _DnsHandler(socketserver.BaseRequestHandler):
         data, sock = self.request
         request = DNSRecord.parse(data)
         reply = request.reply()
-        name = str(request.q.qname).rstrip(".").lower()
+        # Answered under the name as asked, octets and all (a name rebuilt
+        # from its text would lose octets dnslib writes as \DDD).
+        qname = request.q.qname
+        name = str(qname).rstrip(".").lower()
         kind = QTYPE[request.q.qtype]
         zone = self.server.zone
         if name not in zone:
@@ -52,9 +55,9 @@ class _DnsHandler(socketserver.BaseRequestHandler):
         for value in zone.get(name, {}).get(kind, []):
             if kind == "MX":
                 preference, exchange = value
-                reply.add_answer(RR(name, QTYPE.MX, rdata=MX(exchange, preference), ttl=60))
+                reply.add_answer(RR(qname, QTYPE.MX, rdata=MX(exchange, preference), ttl=60))
             elif kind == "A":
-                reply.add_answer(RR(name, QTYPE.A, rdata=A(value), ttl=60))
+                reply.add_answer(RR(qname, QTYPE.A, rdata=A(value), ttl=60))
         sock.sendto(reply.pack(), self.client_address)
 
 

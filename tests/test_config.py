@@ -113,6 +113,8 @@ def test_unknown_key_is_named(tmp_path, text, key):
     ("hostname = \"mail\\r\\nX-Injected: yes\"\n", "hostname"),
     ("[smtp]\npostmaster = \"../x\"\n", "smtp.postmaster"),  # never a user: refused, not warned of
     ("[relay]\nsmarthost_ca_file = \"/no/such/ca.pem\"\n", "relay.smarthost_ca_file"),
+    # smtplib sends AUTH data as ASCII: every attempt raised, the password in its text.
+    ("[relay]\nsmarthost_password = \"p\u00e4ssw\u00f6rd\"\n", "relay.smarthost_password"),
     # Path.is_file() raised OSError (ENAMETOOLONG): a traceback.
     (f"[relay]\nsmarthost_ca_file = \"/tmp/{'a' * 300}\"\n", "relay.smarthost_ca_file"),
     # A NUL fits in TOML, in no name or path: os.mkdir, bind and getpwnam raised with a traceback.

@@ -183,6 +183,23 @@ def test_a_bug_in_a_command_is_logged_with_its_traceback_and_answered_without_it
     assert record.exc_info[1].args == ("secret-internal-detail",)
 
 
+def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_user, caplog):
+    # It is the admin's to mend, and no bug: every RCPT and login logged a
+    # full traceback through the catch-all for bugs.
+    add_user("alice")
+    with MailServer(make_settings(root)) as server:
+        (root / ".pymailsrv" / "users.json").write_text('{"users": {"alice": {"password": 5}}}')
+        client = RawClient(server.addresses["smtp"])
+        client.line()
+        assert client.command("HELO client.example").startswith(b"250 ")
+        assert client.command("MAIL FROM:<bob@example.org>").startswith(b"250 ")
+        assert client.command("RCPT TO:<alice@localhost>") == b"451 4.3.0 local error in processing, try again later\r\n"
+        client.close()
+    [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert re.fullmatch(r"smtp session \d+: RCPT failed: .*users\.json is damaged: .+", record.getMessage())
+    assert record.exc_info is None
+
+
 def test_a_session_whose_close_fails_is_still_logged_as_ended(root, caplog, monkeypatch):
     def broken(session) -> None:
         raise RuntimeError("a bug")
