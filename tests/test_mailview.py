@@ -262,13 +262,13 @@ def test_fields_past_the_messages_decoding_budget_are_shown_raw_and_cut(root, ad
     # Each occurrence of a field was decoded whatever the budget: 1 277 To:
     # fields just under FIELD_DECODE_MAX took `mailbox show` 2.5 minutes.
     add_user("alice")
-    addresses = ", ".join(["a@b.example"] * 600)  # 7 799 octets: each field is decoded, if the budget allows
-    fields = "".join(f"To: n{number}@b.example, {addresses}\n" for number in range(10))  # each decoded once
-    store.deliver("alice", fields.encode() + b"Subject: many\n\nhi\n")
-    to_lines = [line for line in show(root, "alice", "1").output.splitlines() if line.startswith("  To:")]
-    assert len(to_lines) == 10
+    words = " ".join(["word"] * 1550)  # 7 749 octets: each field is decoded, if the budget allows
+    fields = "".join(f"Subject: {number} {words}\n" for number in range(10))  # each decoded once
+    store.deliver("alice", fields.encode() + b"\nhi\n")
+    subject_lines = [line for line in show(root, "alice", "1").output.splitlines() if line.startswith("  Subject:")]
+    assert len(subject_lines) == 10
     past = "  (not decoded: past the first 64000 octets of the message's fields)"
-    assert [line.endswith(past) for line in to_lines] == [False] * 9 + [True]
+    assert [line.endswith(past) for line in subject_lines] == [False] * 9 + [True]
 
 
 def test_a_utf8_field_is_not_shown_again_as_raw_escapes(root, add_user, store):
