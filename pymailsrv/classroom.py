@@ -31,14 +31,11 @@ that cannot be opened is skipped with a note too, and the rest are emptied.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import os
 import re
 import secrets
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -46,10 +43,11 @@ import click
 from tabulate import tabulate
 
 from pymailsrv.cli_common import as_data_root_owner, note_mail_left, output_file, read_password, require_data_root
-from pymailsrv.config import Settings
+from pymailsrv.config import Settings, host_and_port
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.replies import counted
-from pymailsrv.server import host_and_port
+from pymailsrv.paths import literal_address
+from pymailsrv.stopping import StopRequest
 from pymailsrv.storage import MaildropLocked, StorageError
 from pymailsrv.users import UserError, UserStore, add_account, check_user_name
 
@@ -145,12 +143,16 @@ def generate_password() -> str:
 
 
 def server_host(settings: Settings) -> str:
-    """The host a student should connect to (``settings.host`` unless it is a wildcard)."""
-    return settings.hostname if settings.host in _WILDCARD_HOSTS else settings.host
+    """The host a student should connect to (``settings.host`` unless it is a
+    wildcard), an address as an address ("[192.0.2.1]", as the hostname
+    setting may write it, is 192.0.2.1)."""
+    host = settings.hostname if settings.host in _WILDCARD_HOSTS else settings.host
+    address = literal_address(host)
+    return str(address) if address is not None else host
 
 
 def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
-                shared_password: str | None = None, stop: threading.Event | None = None) -> SetupResult:
+                shared_password: str | None = None, stop: StopRequest | None = None) -> SetupResult:
     """Create the class's accounts and Maildirs; existing accounts are skipped untouched.
 
     SetupInterrupted if it stops part way, with the accounts made so far:
@@ -163,7 +165,7 @@ def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
     result = SetupResult(created=[], skipped=[], inherited={})
     try:
         for name in names:
-            if stop is not None and stop.is_set():
+            if stop is not None and stop.requested:
                 raise KeyboardInterrupt  # as Ctrl-C would, but between two accounts
             if users.exists(name):
                 result.skipped.append(name)
@@ -185,22 +187,6 @@ def setup_class(settings: Settings, count: int, prefix: str = DEFAULT_PREFIX,
         reason = "interrupted" if isinstance(error, KeyboardInterrupt) else str(error)
         raise SetupInterrupted(result, reason) from error
     return result
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[threading.Event]:
-    """An event that Ctrl-C, SIGTERM and SIGHUP (a closed terminal) set while
-    setup runs, for it to stop between two accounts. Else SIGTERM ended the
-    process, and Ctrl-C could land between an account's making and its row
-    on the sheet: either way, passwords written nowhere."""
-    requested = threading.Event()
-    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {number: signal.signal(number, lambda *_: requested.set()) for number in stopping}
-    try:
-        yield requested
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 def write_csv(path: str | os.PathLike, accounts: list[Account]) -> None:
@@ -278,27 +264,38 @@ def classroom_group(with_settings: Callable) -> click.Group:
         if password_stdin:
             shared = read_password(from_stdin=True)
         stopped = None
+        # Ctrl-C, SIGTERM and SIGHUP (a closed terminal) stop setup between
+        # two accounts: else they could end it between an account's making
+        # and its row on the sheet, a password written nowhere.
+        stop = StopRequest()
         try:
-            with _stop_requests() as stop:
-                result = setup_class(settings, students, prefix, shared, stop)
+            result = setup_class(settings, students, prefix, shared, stop)
         except SetupInterrupted as interruption:
             stopped, result = interruption, interruption.result
         except ValueError as error:
             raise click.ClickException(str(error)) from None
+        finally:
+            stop.restore()
         if stopped is not None and not result.created:
             raise click.ClickException(f"no account made: {stopped}")
-        for name in result.skipped:
-            click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
-        for name, left in result.inherited.items():
-            note_mail_left(name, left)
-        _print_sheet(result.created)  # those passwords exist nowhere else: first, then the rest
         made = counted(len(result.created), "account")
+        # Those passwords exist nowhere else. The file first: after a SIGHUP
+        # the terminal is gone, and the printed sheet with it.
+        unwritten = None
         if csv_path is not None:
             try:
                 write_csv(csv_path, result.created)
             except OSError as error:  # what no check beforehand can rule out: a full disk, say
-                raise click.ClickException(f"cannot write {csv_path}: {error.strerror} "
-                                           "(the accounts exist: their passwords are in the sheet above)") from None
+                unwritten = error
+        for name in result.skipped:
+            click.echo(f"note: {name} already exists: skipped, password unchanged", err=True)
+        for name, left in result.inherited.items():
+            note_mail_left(name, left)
+        _print_sheet(result.created)
+        if unwritten is not None:
+            raise click.ClickException(f"cannot write {csv_path}: {unwritten.strerror} "
+                                       "(the accounts exist: their passwords are in the sheet above)")
+        if csv_path is not None:
             click.echo(f"wrote {made} to {csv_path} (mode 0600)", err=True)
         if stopped is not None:
             raise click.ClickException(f"stopped after {made}: {stopped}; the sheet above holds their passwords")

@@ -157,7 +157,8 @@ def start(root: str | None, config: str | None, host: str | None, smarthost: str
           processes: int | None) -> None:
     """Run the server in the foreground until SIGINT, SIGTERM or SIGHUP."""
     from pymailsrv.server import MailServer
-    from pymailsrv.workers import WATCH_INTERVAL_SECONDS, StopRequest, Workers, WorkersFailing
+    from pymailsrv.stopping import StopRequest
+    from pymailsrv.workers import WATCH_INTERVAL_SECONDS, Workers, WorkersFailing
 
     settings = _settings(root, config, host=host, domains=domains or None, trace=trace,
                          trace_bodies=trace_bodies, trace_format=trace_format, annotate=annotate,

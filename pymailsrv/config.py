@@ -185,6 +185,11 @@ class SmtpSettings:
         return self.postmaster.lower() if self.postmaster else None
 
 
+def host_and_port(host: str, port: int) -> str:
+    """``127.0.0.1:25``, ``[::1]:25``: an IPv6 host in brackets (RFC 3986 §3.2.2)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
     """A server to connect to, "host:port", "host" or "[v6 address]:port", as (host, port);
     ValueError if malformed."""

@@ -94,7 +94,7 @@ class ConnectionClosed(Failed):
 
 
 def maildrop_locked(reply: str) -> bool:
-    """Does this -ERR say the maildrop is locked: RFC 2449 §8.1.1's [IN-USE],
+    """Does this -ERR say the maildrop is locked: RFC 2449 §8.1.2's [IN-USE],
     or words to that effect? A refused login ([AUTH]) is not, whatever its
     words ("account blocked")."""
     return "[IN-USE]" in reply or ("[AUTH]" not in reply

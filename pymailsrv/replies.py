@@ -50,7 +50,9 @@ def reply_line(line: str) -> str:
     characters escaped (é as \\xe9), and cut to REPLY_LINE_MAX with its CRLF."""
     if not _NOT_REPLY_TEXT.search(line) and len(line) <= REPLY_LINE_MAX - len(CRLF):
         return line  # nearly always
-    line = _NOT_REPLY_TEXT.sub(lambda match: match[0].encode("unicode_escape").decode("ascii"), line)
+    # ascii() writes a character as Python escapes it, and loads no codec
+    # (after --run-as, the Python installed may be unreadable: server.py).
+    line = _NOT_REPLY_TEXT.sub(lambda match: ascii(match[0])[1:-1], line)
     if len(line) > REPLY_LINE_MAX - len(CRLF):
         line = line[:REPLY_LINE_MAX - len(CRLF) - len(_CUT_MARK)] + _CUT_MARK
     return line
@@ -293,9 +295,9 @@ POP3_PRIVACY_REQUIRED = _err("plaintext authentication is not allowed here witho
 # first" would send the student to a command that fails too.
 POP3_PRIVACY_REQUIRED_NO_TLS = _err("plaintext authentication is not allowed here without TLS, which this "
                                     "server does not offer", "no password over an unencrypted connection, "
-                                    "RFC 8314 §4.1; and no certificate for STLS, RFC 2595 §4", code="AUTH")
+                                    "RFC 8314 §4.1; and no certificate for STLS (RFC 2595 §4)", code="AUTH")
 POP3_TLS_UNAVAILABLE = _err("STLS is not available: no certificate is configured",
-                            "TLS needs a certificate on the server, RFC 2595 §4")
+                            "STLS, RFC 2595 §4: TLS needs a certificate on the server")
 POP3_ALREADY_TLS = _err("command not permitted when TLS active", "TLS is already on, RFC 2595 §4")
 POP3_UNSUPPORTED_MECHANISM = _err("unsupported SASL mechanism", "see CAPA's SASL line, RFC 5034 §4")
 POP3_AUTH_CANCELLED = _err("authentication cancelled", "the client answered *, RFC 5034 §4")

@@ -69,7 +69,7 @@ from pathlib import Path
 
 from pymailsrv.aliases import ALIASES_FILE_NAME, AliasTable
 from pymailsrv.auth import FailureThrottle
-from pymailsrv.config import ConfigError, Settings
+from pymailsrv.config import ConfigError, Settings, host_and_port
 from pymailsrv.durable import make_private_directory
 from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import (
@@ -241,11 +241,6 @@ def address_family_of(host: str) -> socket.AddressFamily:
     """socketserver opens an IPv4 socket unless told otherwise: "::" and
     "::1" need an IPv6 one (on Linux "::" takes IPv4 clients as well)."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def host_and_port(host: str, port: int) -> str:
-    """``127.0.0.1:25``, ``[::1]:25``: an IPv6 host in brackets (RFC 3986 §3.2.2)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def client_host_and_port(address: tuple) -> tuple[str, int]:
@@ -482,11 +477,10 @@ def account_to_run_as(name: str) -> pwd.struct_passwd:
 
 # Python loads a codec at its first use, from the Python installed, which
 # after the switch of user may be unreadable (root's alone): looked up before
-# it are "idna", which socket and ssl use for every host name the relay
-# connects to, and "unicode_escape", for replies that repeat a client's
-# non-ASCII text (replies.reply_line). Without them, every relayed message
-# failed at every retry, and such a reply cut the connection.
-CODECS_USED_AFTER_SWITCH = ("idna", "unicode_escape")
+# it is "idna", which socket and ssl use for every host name the relay
+# connects to. Without it, every relayed message failed at every retry.
+# (replies.reply_line, which needed "unicode_escape", now needs no codec.)
+CODECS_USED_AFTER_SWITCH = ("idna",)
 
 
 def drop_privileges(account: pwd.struct_passwd) -> None:

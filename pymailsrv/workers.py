@@ -52,49 +52,18 @@ from collections import deque
 from pymailsrv.config import ConfigError
 from pymailsrv.replies import counted
 from pymailsrv.server import MailServer
+from pymailsrv.stopping import STOP_SIGNALS, StopRequest
 
 log = logging.getLogger("pymailsrv.workers")
 
 # How often the main process looks for dead workers, and a worker for its main process.
 WATCH_INTERVAL_SECONDS = 1.0
-# How often a waiting process looks whether a stop signal came (StopRequest).
-STOP_POLL_SECONDS = 0.1
 # How long the main process waits for its workers to stop before it kills them.
 WORKER_STOP_SECONDS = 10.0
 # A worker that keeps dying (it cannot open what it needs, say) is not
 # replaced for ever: after this many deaths within a minute the server
 # stops with status 1, and its supervisor (systemd's Restart=) takes over.
 MAX_WORKER_DEATHS_PER_MINUTE = 5
-
-# SIGHUP too: the server runs in the foreground, and a closed terminal or
-# SSH session sends it. Its default would end the server at once, without
-# the 421 each client is owed (RFC 5321 §3.8).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class StopRequest:
-    """A STOP_SIGNALS signal asked this process to stop: a flag, and a wait that looks at it.
-
-    A signal handler runs between two bytecodes of the main thread, which
-    may hold any lock just then - a ``threading.Event``'s, say, whose
-    ``set()`` would then wait for ever - so the handler only sets a flag.
-    """
-
-    def __init__(self) -> None:
-        self.requested = False
-        for signal_number in STOP_SIGNALS:
-            signal.signal(signal_number, self._note)
-
-    def _note(self, signal_number: int, frame: object) -> None:
-        self.requested = True
-
-    def wait(self, seconds: float) -> bool:
-        """Sleep ``seconds``, or less once a stop is requested; whether one is."""
-        deadline = time.monotonic() + seconds
-        while not self.requested and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(STOP_POLL_SECONDS, deadline - time.monotonic())))
-        return self.requested
-
 
 class WorkersFailing(Exception):
     """Workers die as fast as they are started; the message says how often."""

@@ -256,6 +256,26 @@ def test_setup_stopped_by_sigterm_still_prints_the_passwords_it_made(root, users
     assert stderr.startswith(f"Error: stopped after {len(made)} accounts: interrupted; ")
 
 
+def test_a_closed_terminal_still_leaves_the_csv_of_the_accounts_made(root, users, tmp_path):
+    # SIGHUP: the sheet was printed first, to a terminal no longer there,
+    # and the failed write stopped setup before the CSV was written.
+    sheet = tmp_path / "sheet.csv"
+    setup = subprocess.Popen([sys.executable, "-m", "pymailsrv", "classroom", "setup", "--root", str(root),
+                              "--students", "1000", "--csv", str(sheet)],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: len(users.names()) >= 2, seconds=30, what="two accounts made")
+        setup.stdout.close()  # the terminal goes: printing fails from now on
+        setup.send_signal(signal.SIGHUP)
+        setup.wait(timeout=30)
+    finally:
+        setup.kill()
+        setup.wait()
+    with open(sheet, newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    assert [row[0] for row in rows[1:]] == users.names()
+
+
 def test_reset_goes_on_past_a_mailbox_it_cannot_open(root, add_user, store):
     for name in ("student01", "student02", "student03"):
         add_user(name)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from pymailsrv.config import ConfigError, load_settings
+from pymailsrv.config import ConfigError, host_and_port, load_settings
 from pymailsrv.replies import POP3_TOO_MANY_CONNECTIONS, POP3_TOO_MANY_SESSIONS, R421_TOO_MANY_CONNECTIONS
-from pymailsrv.server import ConnectionLimits, Tally, address_family_of, client_host_and_port, host_and_port
+from pymailsrv.server import ConnectionLimits, Tally, address_family_of, client_host_and_port
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, listening_line, wait_for_open
 
 OTHER_ADDRESS = "127.0.0.2"
