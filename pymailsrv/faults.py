@@ -109,7 +109,9 @@ def _reply(spec: str, protocol: str, action: str) -> Reply:
                      note="an injected fault (--fault)")
 
 
-@dataclass
+# eq=False: a fault is itself, not its spec (two given the same spec are two
+# faults, each with its own count), so it can key a session's counts.
+@dataclass(eq=False)
 class Fault:
     spec: str
     protocol: str
@@ -192,12 +194,10 @@ class FaultPlan:
     def run(self, session: Session, verb: str, argument: str, handler: Callable[[], Reply]) -> Reply:
         """The reply to a command: its handler's, unless a fault fires."""
         firing = None
-        # Faults are only ever appended, so a fault's place in the list names
-        # it (two faults may share a spec, and each keeps its own count).
-        for place, fault in enumerate(self.faults):
+        for fault in self.faults:
             if fault.matches(session, verb, argument):
-                occurrence = session.fault_counts.get(place, 0) + 1
-                session.fault_counts[place] = occurrence
+                occurrence = session.fault_counts.get(fault, 0) + 1
+                session.fault_counts[fault] = occurrence
                 if firing is None and fault.claim(occurrence):
                     firing = fault
         if firing is None:

@@ -50,6 +50,7 @@ from pymailsrv.replies import After, CommandError, Reply
 from pymailsrv.users import DamagedUserFile, UserError, check_user_name
 
 if TYPE_CHECKING:
+    from pymailsrv.faults import Fault
     from pymailsrv.server import ServerContext
 
 log = logging.getLogger("pymailsrv.session")
@@ -117,9 +118,9 @@ class Session:
         self.tls = False  # set by the transport once a TLS handshake is done
         self._line_handler: LineHandler = self.dispatch
         self._input_kind = InputKind.COMMANDS
-        # Injected faults (faults.py): matching commands seen per fault (by its
-        # place in the plan), and whether to hang up at the next line of text.
-        self.fault_counts: dict[int, int] = {}
+        # Injected faults (faults.py): matching commands seen per fault, and
+        # whether to hang up at the next line of text.
+        self.fault_counts: dict[Fault, int] = {}
         self.drop_in_text = False
         self._put_off: list[Callable[[], None]] = []
         # An AUTH was refused, and no known command has come since (mask()).
