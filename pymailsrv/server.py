@@ -735,8 +735,15 @@ class MailServer:
         # Only listeners that serve() started: shutdown() waits for
         # serve_forever to end, for ever if it never began (a bound server
         # whose workers serve it, workers.py).
-        for listener, thread in zip(self.listeners, self._threads):
-            listener.shutdown()
+        # Each shutdown() waits for its serve_forever to look again (up to
+        # LISTENER_POLL_SECONDS): asked of every listener at once, the waits
+        # overlap rather than add up.
+        started = self.listeners[:len(self._threads)]
+        shutdowns = [threading.Thread(target=listener.shutdown, name=f"{listener.name}-shutdown")
+                     for listener in started]
+        for shutdown in shutdowns:
+            shutdown.start()
+        for thread in [*shutdowns, *self._threads]:
             thread.join()
         deadline = time.monotonic() + STOP_DRAIN_SECONDS
         for listener in self.listeners:
