@@ -732,12 +732,11 @@ class MailServer:
 
     def stop(self) -> None:
         """Take no more connections, let each session finish its command, stop the relay."""
-        # Only listeners that serve() started: shutdown() waits for
+        # Only the listeners serve() started: shutdown() waits for
         # serve_forever to end, for ever if it never began (a bound server
-        # whose workers serve it, workers.py).
-        # Each shutdown() waits for its serve_forever to look again (up to
-        # LISTENER_POLL_SECONDS): asked of every listener at once, the waits
-        # overlap rather than add up.
+        # whose workers serve it, workers.py), and each waits for its loop
+        # to look again (up to LISTENER_POLL_SECONDS): asked of every
+        # listener at once, those waits overlap rather than add up.
         started = self.listeners[:len(self._threads)]
         shutdowns = [threading.Thread(target=listener.shutdown, name=f"{listener.name}-shutdown")
                      for listener in started]
