@@ -320,8 +320,11 @@ def classroom_group(with_settings: Callable) -> click.Group:
         total = sum(result.removed.values())
         click.echo(f"removed {counted(total, 'message')} "
                    f"from {counted(len(result.removed), 'mailbox', 'mailboxes')}")
-        trouble = ([f"{counted(result.failures, 'message')} could not be removed"] if result.failures else []) + (
-            [f"{counted(len(result.unopened), 'mailbox', 'mailboxes')} could not be opened"] if result.unopened else [])
+        trouble = []
+        if result.failures:
+            trouble.append(f"{counted(result.failures, 'message')} could not be removed")
+        if result.unopened:
+            trouble.append(f"{counted(len(result.unopened), 'mailbox', 'mailboxes')} could not be opened")
         if trouble:
             raise click.ClickException("; ".join(trouble))
 
