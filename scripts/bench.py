@@ -81,6 +81,7 @@ import contextlib
 import grp
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import poplib
@@ -1026,10 +1027,12 @@ class Record:
 
 
 def percentile(values: list[float], fraction: float) -> float | None:
+    """The nearest-rank percentile: the smallest value that ``fraction`` of
+    the values are at most (of 100 latencies, p99 is the 99th, not the 100th)."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
 def summarise(record: Record, rates: list[float], latencies: list[float], cpu: float,

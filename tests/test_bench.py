@@ -7,7 +7,8 @@ session in step for the next command. It sends mail with its own
 ``send_transaction`` rather than ``smtplib``'s ``sendmail``, so that must
 deliver the text as sent, one command at a time or pipelined, and report
 a refusal. Last, its bookkeeping: the two servers' runs taken in turn, a
-row for a server that fails, and a bounded wait for a slow file system.
+row for a server that fails, a bounded wait for a slow file system, and
+its percentiles.
 """
 
 from __future__ import annotations
@@ -184,3 +185,14 @@ def test_a_slow_file_system_is_waited_for_a_bounded_number_of_looks(bench, monke
     assert len(looks) == 1 + min(slow_looks, bench.FILE_SYSTEM_SETTLE_LOOKS)
     assert ("of waiting for the file system to settle" in note) is waited
     assert note.endswith("wait a few minutes and run again") is (slow_looks > bench.FILE_SYSTEM_SETTLE_LOOKS)
+
+
+@pytest.mark.parametrize("values, fraction, expected", [
+    (list(range(1, 101)), 0.99, 99),  # of 100, p99 is the 99th: the slowest is the 100th
+    (list(range(1, 101)), 0.50, 50),
+    ([3, 1, 2], 0.99, 3),
+    ([7], 0.50, 7),
+    ([], 0.50, None),
+])
+def test_percentiles_are_of_the_nearest_rank(bench, values, fraction, expected):
+    assert bench.percentile(values, fraction) == expected
