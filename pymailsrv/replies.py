@@ -442,8 +442,8 @@ R535_AUTH_FAILED = SmtpReply(535, "5.7.8", "authentication credentials invalid",
                              note="wrong user name or password, RFC 4954 §6")
 R538_ENCRYPTION_REQUIRED = SmtpReply(538, "5.7.11", "encryption required for requested authentication "
                                                     "mechanism",
-                                     note="no password over an unencrypted connection: STARTTLS first, "
-                                          "RFC 4954 §6")
+                                     note="no password over an unencrypted connection: STARTTLS first, where "
+                                          "EHLO offers it (a certificate is configured), RFC 4954 §6")
 R550_NO_SUCH_USER = SmtpReply(550, "5.1.1", "<{address}>: recipient address rejected: user unknown",
                               note="no such mailbox here, RFC 5321 §3.3 / RFC 3463 X.1.1")
 R550_BARE_LINE_END = SmtpReply(550, "5.5.2", "bare <{char}> received",
