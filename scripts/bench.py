@@ -46,7 +46,7 @@ be compared as ratios:
 * ``--peer dovecot``: the same POP3 load against Dovecot (the distribution's
   ``dovecot-pop3d``, 2.3), started with ``dovecot -F`` on a private config
   written into the temporary directory (``configure_dovecot``). It serves the
-  very maildrops pymailsrv just served, and runs after it; the SMTP and
+  very maildrops pymailsrv serves, their runs taken in turn; the SMTP and
   memory scenarios are skipped. Without Dovecot a note says so.
 
 Every rate is the median of 3 runs (min-max shown); latency is per SMTP
@@ -57,10 +57,10 @@ load scenario is the server's peak (VmHWM, summed over its processes, so
 too high for several), each scenario on a freshly started server. An SMTP
 scenario starts pymailsrv and the peer together and takes their runs in
 turn, the order reversed every other run, so that a drift of the machine
-weighs on both alike (``smtp_scenario``); each sends to users of its own
-(``Site.recipients``). Each POP3 scenario has one
-untimed pass first, so the timed runs see maildrops the server has
-already opened once.
+weighs on both alike (``in_turn``); each sends to users of its own
+(``Site.recipients``). A POP3 scenario does the same with Dovecot, over
+the same maildrops, after one untimed pass of each server, so the timed
+runs see maildrops the server has already opened once.
 
 The load generator is Python too and shares the machine: on a small box it
 competes with the server for CPU, which is why only ratios within one run
@@ -1035,15 +1035,43 @@ def percentile(values: list[float], fraction: float) -> float | None:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
 
 
-def summarise(record: Record, rates: list[float], latencies: list[float], cpu: float,
-              messages: int, server: ServerProcess) -> Record:
-    record.msgs_per_s = statistics.median(rates)
-    record.msgs_per_s_min, record.msgs_per_s_max = min(rates), max(rates)
-    record.p50_ms = _ms(percentile(latencies, 0.50))
-    record.p99_ms = _ms(percentile(latencies, 0.99))
-    record.cpu_ms_per_msg = cpu * 1000 / messages if messages else None
-    record.rss_mb = server.memory_mb("VmHWM")
-    record.messages = messages
+@dataclass
+class Tally:
+    """One server's runs of one scenario, added up as they come in."""
+
+    server: ServerProcess
+    record: Record
+    users: list[str]  # whom its load is for: SMTP recipients (Site.recipients) or POP3 maildrops
+    rates: list[float] = field(default_factory=list)
+    byte_rates: list[float] = field(default_factory=list)  # POP3: MB/s
+    latencies: list[float] = field(default_factory=list)
+    cpu: float = 0.0
+    messages: int = 0  # delivered (SMTP) or retrieved (POP3)
+    failed: bool = False
+
+    def add(self, outcome: Outcome, elapsed: float, cpu: float, messages: int) -> None:
+        """One run's figures: ``messages`` counted by the scenario (for SMTP, those in new/)."""
+        self.cpu += cpu
+        self.messages += messages
+        self.rates.append(messages / elapsed)
+        self.latencies += outcome.latencies
+        self.record.errors += outcome.errors
+        if outcome.notes and not self.record.note:
+            self.record.note = outcome.notes[0][:80]
+
+
+def summarise(tally: Tally) -> Record:
+    """The record of one server's runs of one scenario, from its tally."""
+    record = tally.record
+    record.msgs_per_s = statistics.median(tally.rates)
+    record.msgs_per_s_min, record.msgs_per_s_max = min(tally.rates), max(tally.rates)
+    if tally.byte_rates:
+        record.mb_per_s = statistics.median(tally.byte_rates)
+    record.p50_ms = _ms(percentile(tally.latencies, 0.50))
+    record.p99_ms = _ms(percentile(tally.latencies, 0.99))
+    record.cpu_ms_per_msg = tally.cpu * 1000 / tally.messages if tally.messages else None
+    record.rss_mb = tally.server.memory_mb("VmHWM")
+    record.messages = tally.messages
     return record
 
 
@@ -1051,38 +1079,30 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-@dataclass
-class Tally:
-    """One server's runs of one SMTP scenario, added up as they come in."""
-
-    server: ServerProcess
-    record: Record
-    users: list[str]  # its recipients: Site.recipients
-    rates: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    cpu: float = 0.0
-    delivered: int = 0
-    failed: bool = False
+# What a server that fails to start, or fails a run, makes the bench raise.
+RUN_FAILURES = (RuntimeError, OSError, smtplib.SMTPException, poplib.error_proto)
 
 
-def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site, size_name: str,
-                  connections: int, messages: int, runs: int, pipelining: bool) -> list[Record]:
-    """One SMTP scenario on each server, their runs taken in turn, the order
+def in_turn(factories: dict[str, Callable[[], ServerProcess]], record_for: Callable[[str], Record],
+            users_for: Callable[[str], list[str]], runs: int, one_run: Callable[[Tally], None],
+            warm_up: Callable[[Tally], object] | None = None) -> list[Record]:
+    """One scenario on each server, their runs taken in turn, the order
     reversed every other run (pymailsrv, peer; peer, pymailsrv; ...).
 
     All of one server's runs and then all of the other's would lay any
     drift of the machine over those seconds (a noisy neighbour, a disk
     still busy with what was written or deleted before) on one of them;
     in turn, it weighs on both alike. Each server is started fresh for the
-    scenario and idles while the other is driven. One that fails to start,
-    or fails a run, gets a row saying so; the others go on.
+    scenario, given its ``warm_up`` (untimed) if there is one, and idles
+    while the other is driven. One that fails to start, or fails a run,
+    gets a row saying so; the others go on.
     """
-    records = {name: Record(name, "smtp", size_name, connections) for name in factories}
+    records = {name: record_for(name) for name in factories}
     with contextlib.ExitStack() as stack:
         tallies = []
         for name, factory in factories.items():
             try:
-                tallies.append(Tally(stack.enter_context(running(factory)), records[name], site.recipients(name)))
+                tallies.append(Tally(stack.enter_context(running(factory)), records[name], users_for(name)))
             except (RuntimeError, OSError) as error:
                 records[name].note = failure(error)
         for run in range(runs):
@@ -1090,63 +1110,68 @@ def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site,
                 if tally.failed:
                     continue
                 try:
-                    smtp_run(tally, site, size_name, connections, messages, pipelining)
-                except (RuntimeError, OSError, smtplib.SMTPException) as error:
+                    if run == 0 and warm_up is not None:
+                        warm_up(tally)
+                    one_run(tally)
+                except RUN_FAILURES as error:
                     tally.record.note, tally.failed = failure(error), True
                     tally.server.stop()  # whatever it is still doing, not while the other is measured
         for tally in tallies:
             if not tally.failed:
-                summarise(tally.record, tally.rates, tally.latencies, tally.cpu, tally.delivered, tally.server)
+                summarise(tally)
     return list(records.values())
+
+
+def smtp_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site, size_name: str,
+                  connections: int, messages: int, runs: int, pipelining: bool) -> list[Record]:
+    """One SMTP scenario on each server, in turn (``in_turn``)."""
+    return in_turn(factories, lambda name: Record(name, "smtp", size_name, connections), site.recipients, runs,
+                   lambda tally: smtp_run(tally, site, size_name, connections, messages, pipelining))
 
 
 def smtp_run(tally: Tally, site: Site, size_name: str, connections: int, messages: int,
              pipelining: bool) -> None:
     """One run of ``messages`` over ``connections``, added to ``tally``."""
-    server, record, users = tally.server, tally.record, tally.users
+    users = tally.users
     before = site.count_new(users)
     jobs = [list(range(start, messages, connections)) for start in range(connections)]
-    elapsed, run_cpu, outcome = run_load("smtp", server.addresses["smtp"][1], jobs, SIZES[size_name], users,
-                                         lambda merged: site.count_new(users) - before >= merged.messages,
-                                         server.cpu_seconds, pipelining)
-    tally.cpu += run_cpu
+    elapsed, cpu, outcome = run_load("smtp", tally.server.addresses["smtp"][1], jobs, SIZES[size_name], users,
+                                     lambda merged: site.count_new(users) - before >= merged.messages,
+                                     tally.server.cpu_seconds, pipelining)
     in_maildir = site.count_new(users) - before
-    tally.delivered += in_maildir
-    tally.rates.append(in_maildir / elapsed)
-    tally.latencies += outcome.latencies
-    record.errors += outcome.errors
-    if outcome.notes and not record.note:
-        record.note = outcome.notes[0][:80]
+    tally.add(outcome, elapsed, cpu, in_maildir)
     if in_maildir < outcome.messages:
-        record.note = f"{outcome.messages - in_maildir} acknowledged but not in new/"
+        tally.record.note = f"{outcome.messages - in_maildir} acknowledged but not in new/"
 
 
-def pop3_scenario(server: ServerProcess, site: Site, size_name: str, clients: int, runs: int) -> Record:
-    port = server.addresses["pop3"][1]
+def pop3_scenario(factories: dict[str, Callable[[], ServerProcess]], site: Site, size_name: str,
+                  clients: int, runs: int) -> list[Record]:
+    """One POP3 scenario on each server, in turn (``in_turn``), over the same maildrops.
+
+    Each server first makes one untimed pass. A server's first session on a
+    maildrop does one-off work: both servers move new/ to cur/ and mark
+    what was retrieved as seen (renames), and Dovecot builds its index. The
+    timed runs then measure the steady state, whatever ``runs`` is.
+    """
     users = site.pop3_users[size_name][:clients]
-    record = Record(server.name, "pop3", size_name, clients)
-    # One untimed pass first. A server's first session on a maildrop does
-    # one-off work: both servers move new/ to cur/ and mark what was
-    # retrieved as seen (renames), and Dovecot builds its index. The timed
-    # runs then measure the steady state, whatever --runs is.
-    run_load("pop3", port, users, 0, [], lambda merged: True, server.cpu_seconds)
-    rates, byte_rates, latencies, cpu, retrieved = [], [], [], 0.0, 0
-    for _run in range(runs):
-        elapsed, run_cpu, outcome = run_load("pop3", port, users, 0, [], lambda merged: True,
-                                             server.cpu_seconds)
-        cpu += run_cpu
-        retrieved += outcome.messages
-        rates.append(outcome.messages / elapsed)
-        byte_rates.append(outcome.octets / elapsed / 1e6)
-        latencies += outcome.latencies
-        record.errors += outcome.errors
-        if outcome.notes and not record.note:
-            record.note = outcome.notes[0][:80]
-        if outcome.messages != clients * site.pop3_messages and not record.note:
-            # Both servers must serve the same maildrops, all of them.
-            record.note = f"retrieved {outcome.messages} of {clients} x {site.pop3_messages} messages"
-    record.mb_per_s = statistics.median(byte_rates)
-    return summarise(record, rates, latencies, cpu, retrieved, server)
+    return in_turn(factories, lambda name: Record(name, "pop3", size_name, clients), lambda name: users, runs,
+                   lambda tally: pop3_run(tally, site, clients), warm_up=pop3_load)
+
+
+def pop3_load(tally: Tally) -> tuple[float, float, Outcome]:
+    """Every client logs in, retrieves its whole maildrop and quits."""
+    return run_load("pop3", tally.server.addresses["pop3"][1], tally.users, 0, [], lambda merged: True,
+                    tally.server.cpu_seconds)
+
+
+def pop3_run(tally: Tally, site: Site, clients: int) -> None:
+    """One timed ``pop3_load``, added to ``tally``."""
+    elapsed, cpu, outcome = pop3_load(tally)
+    tally.add(outcome, elapsed, cpu, outcome.messages)
+    tally.byte_rates.append(outcome.octets / elapsed / 1e6)
+    if outcome.messages != clients * site.pop3_messages and not tally.record.note:
+        # Both servers must serve the same maildrops, all of them.
+        tally.record.note = f"retrieved {outcome.messages} of {clients} x {site.pop3_messages} messages"
 
 
 def idle_connections_rss(server: ServerProcess, protocol: str, count: int) -> Record:
@@ -1235,7 +1260,7 @@ def attempt(records: list[Record], fallback: Record, server_factory, measure) ->
     try:
         with running(server_factory) as server:
             records.append(measure(server))
-    except (RuntimeError, OSError, smtplib.SMTPException, poplib.error_proto) as error:
+    except RUN_FAILURES as error:
         fallback.note = failure(error)
         records.append(fallback)
 
@@ -1402,26 +1427,22 @@ def run_all(args: argparse.Namespace, base: Path, notes: list[str]) -> list[Reco
                     pymailsrv,
                     lambda server: smtp_source_scenario(server, site, size_name, connections, count))
 
-    for size_name, clients in pop3_plan:
-        progress(f"pop3 {size_name} x {clients} clients over {pop3_messages}-message maildrops")
-        attempt(records, Record("pymailsrv", "pop3", size_name, clients), pymailsrv,
-                lambda server: pop3_scenario(server, site, size_name, clients, runs))
+    pop3_servers = {"pymailsrv": pymailsrv}
     if "aiosmtpd" in peers and pop3_plan:
         notes.append("the peer is SMTP only: no POP3 comparison (--peer dovecot for that)")
     if "dovecot" in peers and pop3_plan:
-        # After pymailsrv: Dovecot adds its index files to the maildrops and
-        # (as root) they are handed to another user, so pymailsrv saw them
-        # as it delivered them. Both then retrieve the same messages.
+        # Set up before either server runs: as root, that hands the maildrops
+        # to Dovecot's mail user (pymailsrv, as root, still reads them). Both
+        # then serve the same messages, in turn.
         try:
             config, port = configure_dovecot(site, base)
         except (OSError, KeyError, RuntimeError) as error:
             notes.append(f"Dovecot could not be configured: {error}")
         else:
-            for size_name, clients in pop3_plan:
-                progress(f"pop3 {size_name} x {clients} clients, Dovecot")
-                attempt(records, Record("dovecot", "pop3", size_name, clients),
-                        lambda: start_dovecot(dovecot, config, port),
-                        lambda server: pop3_scenario(server, site, size_name, clients, runs))
+            pop3_servers["dovecot"] = lambda: start_dovecot(dovecot, config, port)
+    for size_name, clients in pop3_plan:
+        progress(f"pop3 {size_name} x {clients} clients over {pop3_messages}-message maildrops")
+        records += pop3_scenario(pop3_servers, site, size_name, clients, runs)
 
     if not quick and args.peer != "dovecot":
         protocol = "smtp" if has_smtp else "pop3"

@@ -101,7 +101,7 @@ def test_a_refused_recipient_is_raised_and_the_session_reset(bench, add_user, se
 
 
 class StandInServer:
-    """What smtp_scenario asks of a server, without a process behind it."""
+    """What a scenario asks of a server, without a process behind it."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -123,7 +123,7 @@ def scheduled(bench, monkeypatch, tmp_path, factories, failing_run=None):
         if len(order) == failing_run:
             raise RuntimeError("connection refused")
         tally.rates.append(100.0)
-        tally.delivered += messages
+        tally.messages += messages
 
     monkeypatch.setattr(bench, "smtp_run", one_run)
     site = bench.Site(tmp_path, ["user0"], ["peer0"])
@@ -137,6 +137,25 @@ def test_the_two_servers_runs_are_taken_in_turn(bench, monkeypatch, tmp_path):
     assert [(record.server, record.msgs_per_s, record.messages) for record in records] == [
         ("pymailsrv", 100.0, 30), ("aiosmtpd", 100.0, 30)]
     assert all(server.stops == 1 for server in servers.values())
+
+
+def test_pop3_servers_warm_up_once_then_take_turns_over_the_same_maildrops(bench, monkeypatch, tmp_path):
+    passes = []
+
+    def pop3_load(tally):
+        passes.append((tally.record.server, tally.users))
+        return 2.0, 0.1, bench.Outcome(messages=4, octets=4_000_000)
+
+    monkeypatch.setattr(bench, "pop3_load", pop3_load)
+    site = bench.Site(tmp_path, [], [], {"2KB": ["pop2kb0", "pop2kb1", "pop2kb2"]}, pop3_messages=2)
+    servers = {name: StandInServer(name) for name in ("pymailsrv", "dovecot")}
+    records = bench.pop3_scenario({name: (lambda s=s: s) for name, s in servers.items()}, site, "2KB", 2, 3)
+    # Each server's first pass is untimed; then the timed runs, in turn.
+    assert [server for server, _ in passes] == ["pymailsrv", "pymailsrv", "dovecot", "dovecot", "dovecot",
+                                                "pymailsrv", "pymailsrv", "dovecot"]
+    assert all(users == ["pop2kb0", "pop2kb1"] for _, users in passes)
+    assert [(record.server, record.scenario, record.msgs_per_s, record.mb_per_s, record.messages, record.note)
+            for record in records] == [("pymailsrv", "pop3", 2.0, 2.0, 12, ""), ("dovecot", "pop3", 2.0, 2.0, 12, "")]
 
 
 def test_each_server_writes_to_recipients_of_its_own(bench, tmp_path):
