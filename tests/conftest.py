@@ -89,6 +89,17 @@ def add_user(users: UserStore, store: MaildirStore):
 
 
 @pytest.fixture
+def alice(add_user) -> str:
+    """The account most tests use (the POP3 modules' own gives it an APOP secret)."""
+    return add_user("alice")
+
+
+@pytest.fixture
+def bob(add_user) -> str:
+    return add_user("bob")
+
+
+@pytest.fixture
 def start_server(root: Path):
     """start_server(**overrides) -> a running MailServer; all are stopped at teardown.
 

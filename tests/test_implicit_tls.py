@@ -43,11 +43,6 @@ MAX_READS = 100  # reads of a connection the server is about to close
 
 
 @pytest.fixture
-def alice(add_user) -> str:
-    return add_user("alice")
-
-
-@pytest.fixture
 def implicit(start_server, tls_files):
     """A server with smtps and pop3s listeners on free ports."""
     return start_server(tls=tls_files.settings(), pop3={"pop3s_port": 0}, smtp={"smtps_port": 0})

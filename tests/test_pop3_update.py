@@ -32,11 +32,6 @@ def wire(reply: R.Pop3Reply, **fields: object) -> bytes:
 
 
 @pytest.fixture
-def alice(add_user) -> str:
-    return add_user("alice")
-
-
-@pytest.fixture
 def login(raw, pop3_address, alice):
     """login() -> (RawClient, the reply to PASS)."""
 

@@ -82,16 +82,6 @@ def help_line(command) -> str:
 
 
 @pytest.fixture
-def alice(add_user) -> str:
-    return add_user("alice")
-
-
-@pytest.fixture
-def bob(add_user) -> str:
-    return add_user("bob")
-
-
-@pytest.fixture
 def smtp_address(server) -> tuple[str, int]:
     return server.addresses["smtp"]
 

@@ -29,9 +29,7 @@ from pymailsrv.limits import SMTP_TEXT_LINE_MAX
 from pymailsrv.smtp import MessageText
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient
 from tests.test_smtp import (  # noqa: F401 - fixtures are used by name
-    alice,
     answer,
-    bob,
     connect,
     exchange,
     greeted,

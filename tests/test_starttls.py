@@ -145,11 +145,6 @@ def stored_messages(store, user: str) -> list[bytes]:
 
 
 @pytest.fixture
-def alice(add_user) -> str:
-    return add_user("alice")
-
-
-@pytest.fixture
 def tls_server(start_server, tls_files):
     return start_server(tls=tls_files.settings())
 

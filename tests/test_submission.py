@@ -30,16 +30,6 @@ from tests.test_starttls import (  # noqa: F401  (fixtures)
 
 
 @pytest.fixture
-def alice(add_user) -> str:
-    return add_user("alice")
-
-
-@pytest.fixture
-def bob(add_user) -> str:
-    return add_user("bob")
-
-
-@pytest.fixture
 def submission_server(start_server, tls_files):
     return start_server(tls=tls_files.settings(), smtp={"submission_port": 0, "smtps_port": 0},
                         domains=["localhost", "example.net"])
