@@ -604,11 +604,10 @@ class Relay:
 
     def _settle(self, queue_id: str, settled: set[str], outcomes: dict[str, Outcome]) -> None:
         """Before the next transaction (to the next host, or the next chunk
-        for this one), write down the recipients done with that are not yet
-        in ``settled``, and add them to it.
+        for this one) and before QUIT, write down the recipients done with
+        that are not yet in ``settled``, and add them to it.
 
-        Should the server die or stop in that transaction, they are not
-        sent again (the one duplicate RFC 5321 §6.1 accepts is the message
+        Should the server die or stop after that, they are not sent again (the one duplicate RFC 5321 §6.1 accepts is the message
         in flight). A failure to write is no reason to stop: the attempt's
         record() tries again at its end.
         """
@@ -633,7 +632,7 @@ class Relay:
     def _send(self, hops: list[Hop], sender: str, recipients: list[str], data: bytes,
               settle: Callable[[dict[str, Outcome]], None]) -> dict[str, Outcome]:
         """Try the hops in order until one takes part in a transaction (§5.1).
-        ``settle`` writes down outcomes between one host's transactions."""
+        ``settle`` writes down the outcomes each transaction gives, before the next or QUIT."""
         failure: HopFailed | None = None
         for hop in hops:
             try:
@@ -682,6 +681,11 @@ class Relay:
                     # sent the first chunk again as well.
                     sent = dict.fromkeys(waiting, refused.outcome)
                 outcomes.update(sent)
+                # Written down at once, before the next chunk or QUIT (whose
+                # reply may be slow to come): stopped or killed meanwhile,
+                # the server would send them again after the restart, though
+                # this host has taken them (RFC 5321 §6.1).
+                settle(outcomes)
                 # RFC 5321 §4.5.3.1.10: a server may take only so many
                 # recipients a message (100 at least, §4.5.3.1.8) and refuse
                 # the rest with 452 4.5.3. They go in the next transaction,
@@ -690,8 +694,6 @@ class Relay:
                     break
                 waiting = [address for address, outcome in sent.items()
                            if outcome.state is State.PENDING and outcome.status == STATUS_TOO_MANY_RECIPIENTS]
-                if waiting:
-                    settle(outcomes)
             _quietly(client.quit)
             return outcomes
         finally:

@@ -37,7 +37,7 @@ from dnslib import DNSLabel
 from pymailsrv.config import ConfigError
 from pymailsrv.dsn import build_bounce
 from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
-from pymailsrv.relay import MxResolver, Relay, RouteError, count_hops
+from pymailsrv.relay import MxResolver, Relay, RouteError, _HopClient, count_hops
 from pymailsrv.server import MailServer
 from tests.conftest import listening_line, make_settings, start_process, wait_until
 from tests.test_queue import put_broken_entries
@@ -665,6 +665,28 @@ def test_a_crash_between_two_chunks_for_one_host_sends_nothing_again_to_the_firs
     server.relay.attempt(queue_id)  # the retry, after the restart
     assert [message.rcpt_tos for message in remote.messages] == [recipients[:2], recipients[2:]]
     assert server.context.queue.get(queue_id) is None
+
+
+def test_a_message_the_host_took_is_written_down_before_quit(mta, sink, monkeypatch):
+    # The host has the message once it answers 250 to the final dot (RFC 5321
+    # §6.1). A server stopped or killed while QUIT's reply was slow to come
+    # used to find the recipient still pending after the restart, and send
+    # the message again.
+    remote = sink()
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+
+    def killed_waiting_for_quits_reply(client):
+        raise KeyboardInterrupt  # stands in for kill -9: nothing after it runs
+
+    monkeypatch.setattr(_HopClient, "quit", killed_waiting_for_quits_reply)
+    with pytest.raises(KeyboardInterrupt):
+        server.relay.run_once()
+    monkeypatch.undo()
+    [recipient] = server.context.queue.get(queue_id).recipients
+    assert recipient.state is State.DELIVERED
+    server.relay.attempt(queue_id)  # after the restart
+    assert len(remote.messages) == 1 and server.context.queue.get(queue_id) is None
 
 
 def test_a_utf8_address_is_bounced_with_the_utf8_address_type(mta, sink, root):
