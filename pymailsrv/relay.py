@@ -702,12 +702,14 @@ class Relay:
     def _hello(self, client: smtplib.SMTP, hop: Hop, starttls: bool = True) -> None:
         """EHLO (or HELO), STARTTLS when offered (unless ``starttls`` is False), AUTH at the smarthost."""
         # RFC 5321 §4.1.1.1: 250 is the one success EHLO and HELO have (and
-        # smtplib reads the extensions only from a 250).
+        # smtplib reads the extensions only from a 250). §4.1.4: a server
+        # that does not know EHLO refuses it with a 5yz, and only then is
+        # HELO worth a try; a 4yz (421 busy, say) is a failure for now.
         code, reply = client.ehlo()
-        if code != 250:
+        if 500 <= code <= 599:
             code, reply = client.helo()
-            if code != 250:
-                raise HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
+        if code != 250:
+            raise _hello_refused(hop, code, reply)
         relay = self.settings.relay
         if starttls and client.has_extn("starttls"):
             try:
@@ -728,7 +730,11 @@ class Relay:
                 # the mail goes in plaintext, as when the handshake fails.
                 raise StartTlsFailed(hop, STATUS_BAD_CONNECTION, _local_diagnostic(
                     f"TLS with {hop} cannot start: its name cannot be sent as the TLS server name")) from None
-            client.ehlo()  # RFC 3207 §4.2: start over; the server may offer more now
+            # RFC 3207 §4.2: start over; the server may offer more now. Whatever
+            # it offered before TLS is forgotten: without a 250 here, nothing.
+            code, reply = client.ehlo()
+            if code != 250:
+                raise _hello_refused(hop, code, reply)
         elif self._tls_policy != "opportunistic":
             raise HopFailed(hop, STATUS_SECURITY, _local_diagnostic(
                 f"{hop} does not offer STARTTLS, which relay.smarthost_tls requires"))
@@ -962,6 +968,12 @@ class _HopClient(smtplib.SMTP):
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
             except OSError:
                 pass  # closed meanwhile
+
+
+def _hello_refused(hop: Hop, code: int, reply: bytes) -> HopFailed:
+    """EHLO or HELO refused: this host takes no mail now, whatever the code
+    (the next host may, or the retry)."""
+    return HopFailed(hop, STATUS_BAD_CONNECTION, outcome_of_reply(code, reply, hop).diagnostic)
 
 
 def _quietly(command) -> None:

@@ -12,8 +12,8 @@ an empty answer (NOERROR, no records), as a real server says "no MX here".
 told to misbehave: a reply per recipient (``rcpt_replies``), replies for
 the next DATA commands (``data_replies``), STARTTLS with a given context,
 one whose handshake always fails (``failing_tls_context``), or STARTTLS
-offered and then refused (``starttls_reply``), or DATA answered without
-354 (``data_command_reply``).
+offered and then refused (``starttls_reply``), DATA answered without
+354 (``data_command_reply``), or EHLO refused (``ehlo_replies``).
 
 ``dripping_server`` sends its reply a piece at a time, each in good time:
 every read gets something, so only a deadline on the whole reply ends the
@@ -134,12 +134,22 @@ def failing_tls_context() -> ssl.SSLContext:
 
 
 class _ScriptedSmtp(SMTP):
-    """An aiosmtpd server that answers STARTTLS (offered: it has a context) or DATA with a fixed reply."""
+    """An aiosmtpd server that answers STARTTLS (offered: it has a context) or DATA with a fixed
+    reply, and the next EHLO commands from ``ehlo_replies`` (None: as aiosmtpd does)."""
 
-    def __init__(self, *args, starttls_reply: str | None, data_command_reply: str | None, **kwargs) -> None:
+    def __init__(self, *args, starttls_reply: str | None, data_command_reply: str | None,
+                 ehlo_replies: list[str | None], **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._starttls_reply = starttls_reply
         self._data_command_reply = data_command_reply
+        self._ehlo_replies = ehlo_replies  # shared by the connections: a script for the next EHLOs
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        reply = self._ehlo_replies.pop(0) if self._ehlo_replies else None
+        if reply is None:
+            return await super().smtp_EHLO(hostname)
+        await self.push(reply)
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
@@ -158,9 +168,10 @@ class _FreePortController(Controller):
     """aiosmtpd's Controller, on port 0: learn the bound port before the self-test connection."""
 
     def __init__(self, *args, starttls_reply: str | None = None, data_command_reply: str | None = None,
-                 **kwargs) -> None:
+                 ehlo_replies: list[str | None] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._script = {"starttls_reply": starttls_reply, "data_command_reply": data_command_reply}
+        self._script = {"starttls_reply": starttls_reply, "data_command_reply": data_command_reply,
+                        "ehlo_replies": list(ehlo_replies)}
 
     def factory(self) -> SMTP:
         return _ScriptedSmtp(self.handler, **self._script, **self.SMTP_kwargs)
@@ -173,7 +184,7 @@ class _FreePortController(Controller):
 class Sink:
     def __init__(self, **controller_options) -> None:
         """``controller_options``: aiosmtpd's (``tls_context``, ``authenticator`` ...),
-        ``starttls_reply`` and ``data_command_reply``."""
+        ``starttls_reply``, ``data_command_reply`` and ``ehlo_replies``."""
         self.handler = SinkHandler()
         self.controller = _FreePortController(self.handler, hostname="127.0.0.1", port=0,
                                               **controller_options)

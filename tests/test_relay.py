@@ -297,6 +297,39 @@ def test_an_mx_whose_starttls_fails_gets_the_mail_in_plaintext(mta, sink, caplog
     assert warning.startswith("mx2.example.net[127.0.0.1]:") and warning.endswith("; delivering without TLS")
 
 
+EIGHT_BIT_MESSAGE = b"From: Alice <alice@localhost>\nSubject: greetings\n\nGr\xc3\xbc\xc3\x9fe from over here.\n"
+
+
+@pytest.mark.parametrize("script", [
+    {"ehlo_replies": ["451 4.3.0 temporary trouble"]},
+    # RFC 3207 §4.2: after the handshake the client starts over with EHLO.
+    {"ehlo_replies": [None, "421 4.3.2 too busy, try later"], "tls_context": _untrusted_certificate_context()},
+], ids=["before TLS", "after STARTTLS"])
+def test_an_ehlo_refused_for_now_is_retried_not_taken_for_a_host_without_extensions(mta, sink, root, script):
+    # A 4yz is a failure for now (RFC 5321 §4.2.1), so the mail waits for the
+    # retry. It used to end in HELO's session, or in one whose extensions
+    # smtplib had forgotten at STARTTLS: none, so the 8-bit text was bounced
+    # at once for want of 8BITMIME.
+    remote = sink(**script)
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], EIGHT_BIT_MESSAGE)
+    server.relay.run_once()
+    [recipient] = server.context.queue.get(queue_id).pending
+    refusal = script["ehlo_replies"][-1]
+    assert (recipient.status, recipient.last_error) == ("4.4.2", f"smtp; {refusal}")
+    assert remote.messages == [] and maildir_messages(root, "alice") == []  # nothing sent, nothing bounced
+
+
+def test_a_host_that_does_not_know_ehlo_gets_the_mail_after_helo(mta, sink):
+    # RFC 5321 §4.1.4: such a host answers EHLO with 500, 501, 502 or 550.
+    remote = sink(ehlo_replies=["502 5.5.1 command not implemented"])
+    server = mta(remote)
+    server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+
+
 def test_an_mx_whose_name_cannot_go_in_sni_gets_the_mail_in_plaintext(mta, sink):
     # ssl's idna codec refused the name: a UnicodeError that no handler
     # took for a failed STARTTLS, so every attempt failed until the bounce.
