@@ -213,6 +213,16 @@ SMTP_CLIENT_TIMEOUT_SECONDS = 5 * 60
 # at this point would typically result in delivery of multiple copies".
 SMTP_CLIENT_DATA_TIMEOUT_SECONDS = 10 * 60
 
+# RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets, but not how many
+# lines a reply may have. What the relay reads of one reply is bounded, or
+# a host that sends reply lines without end would fill our memory until
+# the timeout; past this it is a broken connection, and the mail is retried.
+SMTP_CLIENT_REPLY_MAX = 64 * 1024
+# What is kept of a remote reply, as a recipient's diagnostic: it is written
+# into the queue, the log, 'queue list' and the sender's bounce. A real
+# server says why in a few lines.
+SMTP_CLIENT_REPLY_KEPT = 1000
+
 # The loop guard. RFC 5321 §6.3: counting Received: fields is "an effective,
 # although rarely optimal, method of detecting loops", and servers "SHOULD
 # use a large rejection threshold, normally at least 100". Postfix uses 50

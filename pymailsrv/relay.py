@@ -74,14 +74,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from pymailsrv.config import ConfigError, parse_host_port
 from pymailsrv.dsn import build_bounce
-from pymailsrv.limits import SMTP_CLIENT_DATA_TIMEOUT_SECONDS
+from pymailsrv.limits import SMTP_CLIENT_DATA_TIMEOUT_SECONDS, SMTP_CLIENT_REPLY_KEPT, SMTP_CLIENT_REPLY_MAX
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
 from pymailsrv.paths import canonical_domain, in_domains, unquoted_local_part
-from pymailsrv.replies import counted
+from pymailsrv.replies import counted, elided
 from pymailsrv.storage import StorageError
 from pymailsrv.tls import client_context
 from pymailsrv.trace import escape_controls
@@ -201,7 +201,7 @@ def outcome_of_reply(code: int, reply: bytes | str, hop: Hop, *, to_text: bool =
     # One line (smtplib joins a multi-line reply with LF), and the remote's
     # control characters escaped: the text goes to the log, 'queue list' and
     # bounces, all read on somebody's terminal.
-    text = escape_controls(reply.replace("\n", " "))
+    text = elided(escape_controls(reply.replace("\n", " ")), SMTP_CLIENT_REPLY_KEPT)
     match = ENHANCED_STATUS.match(text)
     klass = str(code)[0]
     state = {"2": State.DELIVERED if to_text else State.PENDING, "5": State.FAILED}.get(klass, State.PENDING)
@@ -950,7 +950,11 @@ class _HopClient(smtplib.SMTP):
         """smtplib's reply, in ``self.timeout`` all told (relay.timeout; more for DATA). Its own timeout is
         per read: a host that drips a reply, an octet or a line at a time,
         would hold this delivery thread as long as it liked (RFC 5321
-        §4.5.3.2 times each command's whole reply)."""
+        §4.5.3.2 times each command's whole reply). And in
+        SMTP_CLIENT_REPLY_MAX octets: smtplib keeps every line of a reply."""
+        if self.file is None:  # as smtplib makes it, at the first reply and after STARTTLS
+            self.file = _MeteredReply(self.sock.makefile("rb"))
+        self.file.octets_left = SMTP_CLIENT_REPLY_MAX
         watchdog = threading.Timer(self.timeout, self._cut_off)
         watchdog.daemon = True
         watchdog.start()
@@ -968,6 +972,26 @@ class _HopClient(smtplib.SMTP):
                 socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
             except OSError:
                 pass  # closed meanwhile
+
+
+class _MeteredReply:
+    """The connection's file, as smtplib reads a reply from it a line at a
+    time, with ``octets_left`` for the reply: past them, an OSError, which
+    smtplib's getreply turns into a lost connection."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.octets_left = SMTP_CLIENT_REPLY_MAX
+
+    def readline(self, limit: int = -1) -> bytes:
+        if self.octets_left <= 0:
+            raise OSError(f"a reply of more than {SMTP_CLIENT_REPLY_MAX} octets")
+        line = self._file.readline(limit)
+        self.octets_left -= len(line)
+        return line
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _hello_refused(hop: Hop, code: int, reply: bytes) -> HopFailed:
