@@ -89,8 +89,11 @@ def alias_group(with_settings: Callable) -> click.Group:
 
 def _row(entry: QueueEntry, now: float) -> tuple:
     pending = entry.pending
-    errors = [recipient.last_error for recipient in entry.recipients
-              if recipient.last_error and recipient.state is not State.DELIVERED]
+    # What the message waits on: a pending recipient's error, else (failures
+    # still to be bounced) a failed one's.
+    errors = ([recipient.last_error for recipient in pending if recipient.last_error]
+              or [recipient.last_error for recipient in entry.recipients
+                  if recipient.last_error and recipient.state is State.FAILED])
     last_error = errors[-1] if errors else ""
     recipients = ", ".join(recipient.address + ("" if recipient.state is State.PENDING else f" ({recipient.state})")
                            for recipient in entry.recipients)

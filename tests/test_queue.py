@@ -364,6 +364,15 @@ def test_queue_list_flush_and_delete(queue, root):
     assert queue.ids() == []
 
 
+def test_queue_list_shows_the_error_the_message_waits_on(queue, root):
+    # Bob is waiting; carol has failed, her bounce not yet made: the column
+    # used to show her error, the last one, which nothing waits on.
+    queue_id = queue.enqueue("alice@example.org", ["bob@example.net", "carol@example.net"], MESSAGE)
+    queue.record(queue_id, {"bob@example.net": DEFERRED, "carol@example.net": FAILED})
+    listing = CliRunner().invoke(main, ["queue", "list", "--root", str(root)]).output
+    assert "452 4.2.2 mailbox full" in listing and "no such user" not in listing
+
+
 def test_queue_list_is_oldest_first(queue, root):
     # Ids begin with the second they were made in, then random digits: in
     # one second, their order is not the order of arrival.
