@@ -96,7 +96,9 @@ SMTP_RECIPIENTS_RFC_MINIMUM = 100
 SMTP_COMMAND_TIMEOUT_SECONDS = 5 * 60
 SMTP_DATA_TIMEOUT_SECONDS = 10 * 60
 
-# Postfix's smtpd_hard_error_limit default: after 20 errors the session ends.
+# Postfix's smtpd_hard_error_limit default: "the maximal number of errors a
+# remote SMTP client is allowed to make without delivering mail". After 20
+# the session ends; a message delivered starts the count again.
 SMTP_MAX_ERRORS = 20
 
 # sendmail's MaxAliasRecursion default: an alias chain goes at most 10 names

@@ -828,6 +828,9 @@ class SmtpSession(Session):
                 log.error("smtp session %d: delivery failed: %s", self.session_id, error)
                 return self._counted(_storage_refusal(error))
             self._spool = None  # committed: the finally has nothing to throw away
+            # A client that delivers is no attacker: its earlier errors (a list's
+            # stale addresses, say) are forgiven, as Postfix does (SMTP_MAX_ERRORS).
+            self.errors = 0
             # Logged while the client reads the 250: the message is already
             # safe. partial() takes the values now, before the finally below
             # resets the envelope and the text.

@@ -22,6 +22,7 @@ import pytest
 
 from pymailsrv import replies as R
 from pymailsrv.config import ConfigError
+from pymailsrv.limits import SMTP_MAX_ERRORS
 from pymailsrv.smtp import SmtpSession
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, make_settings
 
@@ -902,6 +903,19 @@ def test_every_kind_of_error_counts_towards_the_limit(greeted, hostname):
     assert exchange(client, "BOGUS") == wire(R.R500_UNKNOWN_COMMAND)
     assert read_reply(client) == wire(R.R421_TOO_MANY_ERRORS, host=hostname)
     assert client.closed()
+
+
+def test_a_delivered_message_forgives_the_errors_before_it(greeted, alice):
+    # A list's sender with one stale address a message: 19 messages, 19
+    # refused recipients, and the 20th still goes (Postfix's
+    # smtpd_hard_error_limit counts errors made "without delivering mail").
+    client = greeted()
+    for number in range(SMTP_MAX_ERRORS + 5):
+        assert exchange(client, "MAIL FROM:<list@example.org>")[:3] == b"250"
+        assert exchange(client, "RCPT TO:<alice@localhost>")[:3] == b"250"
+        assert exchange(client, f"RCPT TO:<gone{number}@localhost>")[:3] == b"550"
+        assert exchange(client, "DATA")[:3] == b"354"
+        assert exchange(client, "Subject: list\r\n\r\nhello\r\n.")[:3] == b"250"
 
 
 def test_successful_commands_do_not_count_as_errors(greeted):
