@@ -630,7 +630,10 @@ class MaildirMaildrop:
         # Durable removals, in each directory one was made in: a message
         # read from new/ (see snapshot) is removed from there.
         for subdir in sorted({self._files[key].split("/", 1)[0] for key in keys}):
-            fsync_directory(self._path / subdir)
+            try:
+                fsync_directory(self._path / subdir)
+            except FileNotFoundError:
+                pass  # removed with all it held (the Maildir deleted meanwhile): nothing to make durable
         return failures
 
     def _remove(self, key: str) -> bool:

@@ -8,6 +8,7 @@ server works on, and locks are real ``flock``s, taken also by another process.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -19,16 +20,11 @@ from pymailsrv import replies as R
 from pymailsrv.limits import POP3_MAX_BAD_COMMANDS_AFTER_LOGIN
 from pymailsrv.storage import MaildropLocked
 from tests.conftest import PASSWORD, RawClient
+from tests.test_pop3 import wire
 
 MESSAGE = b"Subject: hi\n\nhello\n"
 SYS_TEMP = b"-ERR [SYS/TEMP] temporary storage failure, try again later\r\n"
 IN_USE = b"-ERR [IN-USE] maildrop is locked by another session\r\n"
-
-
-def wire(reply: R.Pop3Reply, **fields: object) -> bytes:
-    if fields:
-        reply = reply.format(**fields)
-    return reply.head()[0].encode() + b"\r\n"
 
 
 @pytest.fixture
@@ -353,6 +349,17 @@ def test_unreadable_message_answers_sys_temp_without_exception_text(login, store
     assert client.command("RETR 1") == SYS_TEMP
     assert client.command("TOP 1 0") == SYS_TEMP
     assert client.command("NOOP") == b"+OK\r\n"
+
+
+def test_quit_after_the_whole_maildir_was_removed_reports_nothing_left_over(login, store, root):
+    # Every marked message went with the Maildir (RFC 1939 §6: -ERR only
+    # where some remain). The fsync of the directory they were in used to
+    # fail on its absence and make QUIT say some were not removed.
+    deliver(store, 2)
+    client, _ = login()
+    shutil.rmtree(root / "alice")
+    assert client.command("DELE 1") == b"+OK message 1 deleted\r\n"
+    assert client.command("QUIT") == b"+OK pymailsrv POP3 server signing off (1 message left)\r\n"
 
 
 def test_message_removed_underneath_the_session_is_reported_and_deletable(login, store, root):
