@@ -81,6 +81,7 @@ from pymailsrv.limits import MAILDIR_TMP_MAX_AGE_SECONDS, POP3_UIDL_MAX
 from pymailsrv.storage import (
     MaildropLocked,
     MessageInfo,
+    MessageUnreadable,
     MessageVanished,
     StorageError,
     storage_error,
@@ -593,6 +594,10 @@ class MaildirMaildrop:
             except FileNotFoundError:
                 if not self._relocate(key):
                     break
+            except PermissionError as error:
+                # Listed from its W= field, never opened till now.
+                log.warning("%s: cannot read %s: %s", self._path, self._files[key], error.strerror)
+                raise MessageUnreadable(key) from None
         raise MessageVanished(key)
 
     def text(self, key: str) -> Iterator[bytes]:

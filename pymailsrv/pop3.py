@@ -79,6 +79,7 @@ from pymailsrv.replies import (
     POP3_MARKED_DELETED,
     POP3_MESSAGE_DELETED,
     POP3_MESSAGE_FOLLOWS,
+    POP3_MESSAGE_UNREADABLE,
     POP3_MESSAGE_VANISHED,
     POP3_NO_SUCH_MESSAGE,
     POP3_NOOP,
@@ -109,7 +110,7 @@ from pymailsrv.replies import (
     counted,
 )
 from pymailsrv.session import AddressBlocked, Session
-from pymailsrv.storage import MaildropLocked, MessageInfo, MessageVanished, StorageError
+from pymailsrv.storage import MaildropLocked, MessageInfo, MessageUnreadable, MessageVanished, StorageError
 
 log = logging.getLogger("pymailsrv.pop3")
 
@@ -137,8 +138,10 @@ SESSION_CAPABILITIES = (
 # one of these response codes (RFC 2449 §8, RFC 3206). [AUTH] refuses a
 # login, and failed logins have a limit of their own; [IN-USE] means "the
 # authentication was successful" (RFC 2449 §8.1.2) and the session may be
-# "tried again later" (RFC 3206 §3); [SYS/TEMP] is a failure on our side.
-_UNCOUNTED_CODES = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code)
+# "tried again later" (RFC 3206 §3); [SYS/TEMP] and [SYS/PERM] are failures
+# on our side.
+_UNCOUNTED_CODES = (POP3_AUTH_FAILED.code, POP3_IN_USE.code, POP3_STORAGE_FAILURE.code,
+                    POP3_MESSAGE_UNREADABLE.code)
 # Nor does asking for a message another program removed meanwhile (mutt,
 # say). If it counted, a client fetching a maildrop emptied under it would
 # reach the limit before its QUIT, its DELEs would never reach UPDATE, and
@@ -291,6 +294,8 @@ class Pop3Session(Session):
             return self.maildrop.text(self.messages[index].key)
         except MessageVanished:
             raise CommandError(POP3_MESSAGE_VANISHED.format(msg_number=index + 1)) from None
+        except MessageUnreadable:
+            raise CommandError(POP3_MESSAGE_UNREADABLE.format(msg_number=index + 1)) from None
 
     # --- AUTHORIZATION (RFC 1939 §4, §7) ------------------------------------
 

@@ -317,6 +317,10 @@ POP3_MESSAGE_DELETED = _err("message {msg_number} already deleted",
                             "marked messages may not be used, RFC 1939 §5")
 POP3_MESSAGE_VANISHED = _err("message {msg_number} has vanished: another program removed it from the maildrop",
                              "the file went during the session, not the client's fault")
+# RFC 3206 §4: SYS/PERM, a failure on our side that retrying will not mend.
+POP3_MESSAGE_UNREADABLE = _err("message {msg_number} cannot be read by the server: its file's permissions "
+                               "shut the server out; ask the administrator",
+                               "a file another program left, RFC 3206 §4", code="SYS/PERM")
 # RFC 3206 §5: AUTH says the credentials were wrong, not that the server is ill.
 POP3_AUTH_FAILED = _err("invalid user name or password",
                         "credentials refused, after a delay against guessing, RFC 3206 §5", code="AUTH")

@@ -29,6 +29,11 @@ class MessageVanished(StorageError):
     """The message was removed underneath the session (by another program)."""
 
 
+class MessageUnreadable(StorageError):
+    """The message is there, but the server may not read it (a file another
+    program left with permissions that shut us out): only its owner can mend it."""
+
+
 class InsufficientStorage(StorageError):
     """The disk is full (ENOSPC, EDQUOT): RFC 3463 X.3.1."""
 
@@ -59,7 +64,8 @@ class Maildrop(Protocol):
         """The messages present at login, in arrival order (msg_number - 1 = index)."""
 
     def text(self, key: str) -> Iterator[bytes]:
-        """The message with CRLF line ends, in blocks of whole lines (raises MessageVanished)."""
+        """The message with CRLF line ends, in blocks of whole lines (raises MessageVanished,
+        MessageUnreadable)."""
 
     def mark_seen(self, key: str) -> None:
         """Remember that the user has read the message."""

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from pymailsrv import replies as R
 from pymailsrv.config import ConfigError
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.outqueue import OutboundQueue
@@ -35,6 +36,7 @@ from pymailsrv.users import UserStore
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD
 from tests.remote_side import FakeDns, Sink
 from tests.test_crash import ServerProcess
+from tests.test_pop3 import wire
 from tests.test_relay import ZONE
 
 
@@ -369,5 +371,29 @@ def test_an_unreadable_message_is_left_out_and_an_unreadable_maildrop_is_sys_tem
         client.user("alice")
         assert client.pass_(PASSWORD).startswith(b"+OK")  # the lock was released
         client.quit()
+    finally:
+        server.stop()
+
+
+def test_a_message_listed_from_its_name_but_unreadable_is_sys_perm_not_sys_temp(system_user, shared_dir):
+    # Its size comes from W= in its name, so the login lists it unopened; a
+    # retry will not mend its permissions (RFC 3206 §4), so the client is
+    # not told to try again, and the log says which file.
+    root = make_root(shared_dir, system_user)
+    foreign = root / "alice" / "cur" / "1700000000.M1P99.otherhost,S=20,W=23:2,"
+    foreign.write_bytes(b"Subject: secret\n\nno\n")
+    foreign.chmod(0o600)  # root's, as another delivery agent left it
+    server = ServerProcess(root, "--run-as", system_user.pw_name).wait_listening()
+    try:
+        client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+        client.user("alice")
+        assert client.pass_(PASSWORD) == b"+OK alice's maildrop has 1 message (23 octets)"
+        refusal = wire(R.POP3_MESSAGE_UNREADABLE, msg_number=1).rstrip(b"\r\n")
+        for command in ("RETR 1", "TOP 1 0"):
+            with pytest.raises(poplib.error_proto) as refused:
+                client._shortcmd(command)
+            assert refused.value.args[0] == refusal
+        assert client.quit().startswith(b"+OK")
+        assert f"cannot read cur/{foreign.name}: Permission denied" in server.output()
     finally:
         server.stop()
