@@ -371,6 +371,8 @@ def mailbox_list(settings: Settings, name: str) -> None:
             date, sender, subject = summary(path)
         except FileNotFoundError:
             continue
+        except OSError as error:  # listed from its W= field, as POP3 lists it
+            date, sender, subject = "", "", f"(cannot be read: {error.strerror or error})"
         rows.append((msg_number, info.uid, date, sender, subject, info.size))
     echo_table(rows, ["#", "uid", "date", "from", "subject", "size"])
 

@@ -294,7 +294,8 @@ class MaildirStore:
         return MaildirMaildrop(path, fd, self.unique_name)
 
     def messages(self, user: str) -> list[tuple[MessageInfo, Path]]:
-        """A read-only listing (no lock, nothing moved) for the CLI."""
+        """A read-only listing (no lock, nothing moved) for the CLI: what a
+        POP3 login would list, short of the renames it makes."""
         maildir = self.maildir(user)
         listing = []
         for key, relative in _scan(maildir):
@@ -303,6 +304,8 @@ class MaildirStore:
                 listing.append((MessageInfo(key, _pop3_size_of(key, path), uid_of(key)), path))
             except FileNotFoundError:
                 continue
+            except OSError as error:  # as snapshot() leaves it out
+                log.warning("%s: cannot read %s: %s; left out", maildir, relative, error.strerror or error)
         return listing
 
     def remove_stale_files(self) -> int:

@@ -397,3 +397,26 @@ def test_a_message_listed_from_its_name_but_unreadable_is_sys_perm_not_sys_temp(
         assert f"cannot read cur/{foreign.name}: Permission denied" in server.output()
     finally:
         server.stop()
+
+
+def test_mailbox_list_shows_what_a_login_lists_when_some_files_shut_its_user_out(system_user, shared_dir):
+    # As POP3 lists them: the file sized by its name, listed; the one that
+    # must be read for its size, left out with a warning. It used to stop
+    # at the first with "cannot use ...: Permission denied".
+    root = make_root(shared_dir, system_user)
+    cur = root / "alice" / "cur"
+    for name in ("1700000000.M1P99.otherhost,S=20,W=23:2,", "1700000001.M1P99.otherhost:2,"):
+        (cur / name).write_bytes(b"Subject: secret\n\nno\n")
+        (cur / name).chmod(0o600)  # root's, as another delivery agent left them
+    # As that user, who may not read this Python (root's): what it needs is
+    # loaded first, then the process becomes the user, as --run-as does.
+    as_the_user = (f"import os, sys; from pymailsrv.cli import main; import pymailsrv.mailview, tabulate; "
+                   f"os.setgroups([]); os.setgid({system_user.pw_gid}); os.setuid({system_user.pw_uid}); "
+                   f"main(['mailbox', 'list', 'alice', '--root', {str(root)!r}])")
+    listing = subprocess.run([sys.executable, "-c", as_the_user], capture_output=True, text=True,
+                             timeout=CLIENT_TIMEOUT)
+    assert listing.returncode == 0, listing.stderr
+    [row] = listing.stdout.splitlines()[2:]
+    assert row.split()[0] == "1" and "(cannot be read: Permission denied)" in row and row.split()[-1] == "23"
+    assert listing.stderr.strip() == f"{root / 'alice'}: cannot read cur/1700000001.M1P99.otherhost:2,: " \
+                                     "Permission denied; left out"
