@@ -797,7 +797,7 @@ class SmtpSession(Session):
         try:
             self._spool = Spool(self.context, self.envelope)
         except StorageError as error:  # Spool() has taken back whatever it made
-            raise CommandError(_storage_refusal(error)) from None
+            raise CommandError(self._unstored(error)) from None
         self.text = MessageText(self._spool, self.settings.smtp.max_message_size,
                                 self.settings.smtp.bare_newline == "normalize")
         # Writing the trace header makes the file in the Maildir's tmp/ (the
@@ -811,6 +811,12 @@ class SmtpSession(Session):
         self.enter(SmtpState.DATA)
         return R354_START_DATA
 
+    def _unstored(self, error: StorageError) -> Reply:
+        """451, or 452 for a full disk: the refusal of a message we could not
+        store. Why goes to the log, as the client is told only that."""
+        log.error("smtp session %d: delivery failed: %s", self.session_id, error)
+        return _storage_refusal(error)
+
     def _write_trace_header(self) -> None:
         self.text.write_unmetered(self._trace_header(self._spool.queue_id))
 
@@ -818,15 +824,15 @@ class SmtpSession(Session):
         """<CRLF>.<CRLF> came: refuse the text, or deliver it and say 250."""
         self.context.tracer.client_text(self, self.text.lines_read, self.text.octets_read, b".",
                                         self.text.bare_line_end)
-        refusal = self.text.refusal()
+        failed_write = self.text.storage_error
+        refusal = self._unstored(failed_write) if failed_write is not None else self.text.refusal()
         try:
             if refusal is not None:
                 return self._counted(refusal)
             try:
                 queue_id = self._spool.commit(self.envelope)
             except StorageError as error:
-                log.error("smtp session %d: delivery failed: %s", self.session_id, error)
-                return self._counted(_storage_refusal(error))
+                return self._counted(self._unstored(error))
             self._spool = None  # committed: the finally has nothing to throw away
             # A client that delivers is no attacker: its earlier errors (a list's
             # stale addresses, say) are forgiven, as Postfix does (SMTP_MAX_ERRORS).

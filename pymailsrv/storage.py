@@ -42,10 +42,15 @@ _FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
 def storage_error(error: OSError, doing: str) -> StorageError:
-    """The StorageError for an OSError met while ``doing`` something (a full disk is its own kind)."""
+    """The StorageError for an OSError met while ``doing`` something (a full disk is its own kind).
+
+    Its text names the file where the OSError does: the admin reading the
+    log must find it (the SMTP client hears only 451 or 452).
+    """
+    where = f"{error.filename}: " if error.filename else ""
     if error.errno in _FULL_DISK_ERRNOS:
-        return InsufficientStorage(f"{doing}: {error.strerror}")
-    return StorageError(f"{doing}: {error.strerror or error}")
+        return InsufficientStorage(f"{doing}: {where}{error.strerror}")
+    return StorageError(f"{doing}: {where}{error.strerror or error}")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
 import os
 import poplib
 import smtplib
@@ -234,17 +235,34 @@ class FailingStore(MaildirStore):
     ("sync", 0, errno.EIO, R451),  # the fsync before the 250 fails: no 250
     ("sync", 0, errno.ENOSPC, R452),
 ])
-def test_failed_write_or_sync_is_refused_and_nothing_is_left(root, add_user, servers, when, fail_after,
+def test_failed_write_or_sync_is_refused_and_nothing_is_left(root, add_user, servers, caplog, when, fail_after,
                                                              error, reply):
     add_user("alice")
     store = FailingStore(root)
     server = servers(make_settings(root), store)
     store.failing, store.fail_after, store.errno = when, fail_after, error
-    assert smtp_transaction(server.addresses["smtp"]) == reply
+    with caplog.at_level(logging.ERROR, logger="pymailsrv.smtp"):
+        assert smtp_transaction(server.addresses["smtp"]) == reply
+    # The client is told only 451 or 452: why is in the log, every time.
+    [logged] = [record.getMessage() for record in caplog.records if record.name == "pymailsrv.smtp"]
+    assert "delivery failed: " in logged and os.strerror(error) in logged
     assert files(root) == {"tmp": [], "new": [], "cur": []}
     store.failing = None  # the disk is back
     assert smtp_transaction(server.addresses["smtp"]).startswith(b"250 ")
     assert len(files(root)["new"]) == 1
+
+
+def test_a_maildir_broken_by_hand_refuses_data_and_the_log_says_why(root, add_user, servers, caplog):
+    # new/ is a file: no room can be made for the message, so DATA itself
+    # is refused. The admin used to learn of it only from the senders.
+    add_user("alice")
+    (root / "alice" / "new").rmdir()
+    (root / "alice" / "new").write_bytes(b"")
+    server = servers(make_settings(root))
+    with caplog.at_level(logging.ERROR, logger="pymailsrv.smtp"):
+        assert smtp_transaction(server.addresses["smtp"]) == R451
+    [logged] = [record.getMessage() for record in caplog.records if record.name == "pymailsrv.smtp"]
+    assert "delivery failed: " in logged and "alice/new" in logged
 
 
 def test_pop3_answers_sys_temp_when_the_maildrop_fails_and_recovers(root, add_user, servers):
