@@ -526,10 +526,13 @@ def check_data_root(settings: Settings) -> None:
             if path.exists() and not is_right_kind(path):
                 raise ConfigError(f"{str(path)!r} must be {kind}: move it out of the way")
         # Every directory the server writes into (state: locks, queue, transcripts;
-        # each Maildir's tmp/new/cur): one made by a command run as root would
-        # otherwise fail only at the first delivery, with a 451.
+        # each Maildir and its tmp/new/cur): one made by a command run as root
+        # would otherwise fail only at the first delivery, with a 451.
         writable = [root, state_dir, *sorted(path for path in state_dir.iterdir() if path.is_dir())]
         writable += [path for path in (state_dir / "queue" / "tmp",) if path.is_dir()]
+        # A Maildir before what is in it: glob() passes over a directory it
+        # cannot enter, in silence.
+        writable += sorted(path for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
         # (A file where one of them should be is that one user's broken Maildir,
         # refused at their deliveries: no reason to keep the server down.)
         writable += sorted(path for path in root.glob("*/*") if path.name in ("tmp", "new", "cur") and path.is_dir())

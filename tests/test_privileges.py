@@ -266,6 +266,7 @@ def test_commands_that_switch_user_load_what_they_need_first(system_user, shared
 @pytest.mark.parametrize("root_owned, problem", [
     ("", "{root}"),  # the data root itself
     ("alice/new", "{root}/alice/new"),  # a Maildir made by 'user add' as root
+    ("alice", "{root}/alice"),  # the Maildir itself, its own (0700): what is in it cannot be looked at
     (".pymailsrv/users.json", "{root}/.pymailsrv/users.json"),
 ])
 def test_run_as_refuses_a_data_root_the_user_cannot_write(system_user, shared_dir, root_owned, problem):
