@@ -101,7 +101,11 @@ class Workers:
         # main process's handler in the worker's copy.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         cpu = self._cpus[(number - 1) % len(self._cpus)] if self._cpus else None
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # EAGAIN at a process limit, ENOMEM: the stop signals must work all the same
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:  # the worker: serve, and never return into the main process's code
             status = 1
             try:
@@ -133,12 +137,23 @@ class Workers:
 
     def watch(self, stop: StopRequest) -> None:
         """Replace workers that die, until a stop is requested; WorkersFailing if they keep dying."""
+        missing: list[int] = []  # numbers of workers that died and are not replaced yet
         while not stop.wait(WATCH_INTERVAL_SECONDS):
             for number in self._reap():
                 if stop.requested:
                     break  # they end because we are stopping (SIGINT reaches the whole group)
                 self._count_death()
-                self._fork(number)
+                missing.append(number)
+            while missing and not stop.requested:
+                try:
+                    self._fork(missing[0])
+                except OSError as error:
+                    # The others serve meanwhile; a process limit may lift
+                    # (Postfix's master, too, waits and forks again).
+                    log.error("cannot start a process in place of worker %d: %s; trying again in %g s",
+                              missing[0], error.strerror or error, WATCH_INTERVAL_SECONDS)
+                    break
+                missing.pop(0)
 
     def _count_death(self) -> None:
         now = time.monotonic()

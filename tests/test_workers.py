@@ -14,6 +14,8 @@ The server runs as a real process tree (``python -m pymailsrv start``, from
 * mail taken by any worker is stored and relayed exactly once, though
   only the first worker runs the relay (the queue's hold is on disk);
 * the workers stop with the main process, on SIGTERM or when it is killed;
+* a worker that cannot be replaced at once (a process limit) is replaced
+  at a later look, and a failed fork leaves the stop signals unblocked;
 * faults, which count per process, are refused with more than one.
 
 The sigkill-under-load test of ``test_crash.py`` also runs with two workers.
@@ -22,6 +24,8 @@ The sigkill-under-load test of ``test_crash.py`` also runs with two workers.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import signal
@@ -34,6 +38,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -42,7 +47,7 @@ from pymailsrv.maildir import MaildirStore
 from pymailsrv.server import ConnectionLimits
 from pymailsrv.shared import SharedCounter
 from pymailsrv.users import UserStore
-from pymailsrv.workers import MAX_WORKER_DEATHS_PER_MINUTE
+from pymailsrv.workers import MAX_WORKER_DEATHS_PER_MINUTE, Workers
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, RawClient, wait_until
 from tests.remote_side import Sink
 from tests.test_crash import REPOSITORY, processes  # noqa: F401 - a fixture
@@ -460,3 +465,57 @@ def test_threads_of_several_processes_using_two_shared_tables_never_get_edeadlk(
     statuses = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]
     assert statuses == [0] * HAMMER_PROCESSES
     assert limits.open == 0
+
+
+# --- the main process's bookkeeping, with stand-ins for the processes -----------------
+
+
+class StandInStop:
+    """What watch() asks of a StopRequest: ``looks`` waits that are not a stop, then one that is."""
+
+    def __init__(self, looks: int) -> None:
+        self.requested = False
+        self._looks = looks
+
+    def wait(self, seconds: float) -> bool:
+        self._looks -= 1
+        self.requested = self._looks < 0
+        return self.requested
+
+
+def stand_in_server() -> SimpleNamespace:
+    return SimpleNamespace(settings=SimpleNamespace(faults=None, pin_workers=False))
+
+
+def no_process_left(*_arguments) -> int:
+    raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def test_a_fork_that_fails_leaves_the_stop_signals_as_they_were(monkeypatch):
+    # They are blocked while a worker is forked; a fork refused at a process
+    # limit used to leave them blocked, and SIGTERM could no longer stop us.
+    workers = Workers(stand_in_server(), 2)
+    monkeypatch.setattr(os, "fork", no_process_left)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with pytest.raises(BlockingIOError):
+        workers._fork(1)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_a_worker_that_cannot_be_replaced_now_is_replaced_at_a_later_look(monkeypatch, caplog):
+    # It used to end the main process with a traceback.
+    workers = Workers(stand_in_server(), 2)
+    monkeypatch.setattr(workers, "_reap", iter([[2], [], []]).__next__)  # worker 2 dies, at the first look
+    forks = []
+
+    def fork(number: int) -> None:
+        forks.append(number)
+        if len(forks) == 1:
+            no_process_left()
+
+    monkeypatch.setattr(workers, "_fork", fork)
+    with caplog.at_level(logging.ERROR, logger="pymailsrv.workers"):
+        workers.watch(StandInStop(looks=3))
+    assert forks == [2, 2]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"cannot start a process in place of worker 2: {os.strerror(errno.EAGAIN)}; trying again in 1 s"]
