@@ -22,6 +22,7 @@ import socket
 import struct
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -183,12 +184,24 @@ def test_a_bug_in_a_command_is_logged_with_its_traceback_and_answered_without_it
     assert record.exc_info[1].args == ("secret-internal-detail",)
 
 
-def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_user, caplog):
+def no_password(path: Path) -> None:
+    path.write_text('{"users": {"alice": {"password": 5}}}')
+
+
+def a_directory(path: Path) -> None:
+    """In its place: open() fails as for a file the server may not read (the tests run as root)."""
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize("damage, problem", [(no_password, "is damaged: .+"),
+                                             (a_directory, "cannot be read: Is a directory; .+")])
+def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_user, caplog, damage, problem):
     # It is the admin's to mend, and no bug: every RCPT and login logged a
     # full traceback through the catch-all for bugs.
     add_user("alice")
     with MailServer(make_settings(root)) as server:
-        (root / ".pymailsrv" / "users.json").write_text('{"users": {"alice": {"password": 5}}}')
+        damage(root / ".pymailsrv" / "users.json")
         client = RawClient(server.addresses["smtp"])
         client.line()
         assert client.command("HELO client.example").startswith(b"250 ")
@@ -196,7 +209,7 @@ def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_u
         assert client.command("RCPT TO:<alice@localhost>") == b"451 4.3.0 local error in processing, try again later\r\n"
         client.close()
     [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
-    assert re.fullmatch(r"smtp session \d+: RCPT failed: .*users\.json is damaged: .+", record.getMessage())
+    assert re.fullmatch(rf"smtp session \d+: RCPT failed: .*users\.json {problem}", record.getMessage())
     assert record.exc_info is None
 
 
