@@ -379,13 +379,25 @@ def load_settings(config: str | os.PathLike | None = None, overrides: dict[str, 
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {error}") from None
         except RecursionError:  # arrays or tables nested thousands deep
             raise ConfigError(f"config file {str(path)!r} is nested too deep") from None
-    values = _merge(values, _without_none(overrides or {}))
+    flags = _without_none(overrides or {})
+    values = _merge(values, flags)
     try:
         return schema.build(Settings, values)
     except schema.SchemaError as error:
+        # Where a file gave it, the file is named: it may be one found, not named.
+        where = f" in {str(path)!r}" if path is not None and not _given_in(flags, error.key) else ""
         if error.problem == schema.UNKNOWN_FIELD:
-            raise ConfigError(f"unknown setting {error.key!r}") from None
-        raise ConfigError(f"bad value for {error.key!r}: {error.problem}") from None
+            raise ConfigError(f"unknown setting {error.key!r}{where}") from None
+        raise ConfigError(f"bad value for {error.key!r}{where}: {error.problem}") from None
+
+
+def _given_in(values: dict[str, Any], key: str) -> bool:
+    """Whether the dotted ``key`` ("smtp.port") has a value in ``values``."""
+    for part in key.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
 
 
 def _without_none(values: dict[str, Any]) -> dict[str, Any]:

@@ -391,14 +391,15 @@ def test_unknown_key_in_the_config_file_is_one_line_naming_it(cli, tmp_path):
     config.write_text('[pop3]\nport = 110\nautologut = 5\n')
     result = cli("user", "list", "--config", str(config))
     assert result.exit_code == 1
-    assert one_line_error(result) == "Error: unknown setting 'pop3.autologut'"
+    assert one_line_error(result) == f"Error: unknown setting 'pop3.autologut' in {str(config)!r}"
 
 
 def test_config_file_is_found_in_the_working_directory(cli, tmp_path):
     (tmp_path / "pymailsrv.toml").write_text('bogus = 1\n')
     result = cli("user", "list")
     assert result.exit_code == 1
-    assert one_line_error(result) == "Error: unknown setting 'bogus'"
+    # Named, for it was found, not given.
+    assert one_line_error(result) == "Error: unknown setting 'bogus' in 'pymailsrv.toml'"
 
 
 # --- real subprocesses ---------------------------------------------------------------------

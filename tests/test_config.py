@@ -83,8 +83,16 @@ def test_environment_config_file_is_read(tmp_path, monkeypatch):
     ("[pop3]\nautologut = 5\n", "'pop3.autologut'"),
     ("[nosuchtable]\nx = 1\n", "'nosuchtable'"),
 ])
-def test_unknown_key_is_named(tmp_path, text, key):
-    assert error_for(tmp_path, text) == f"unknown setting {key}"
+def test_unknown_key_is_named_with_its_file(tmp_path, text, key):
+    assert error_for(tmp_path, text) == f"unknown setting {key} in {str(tmp_path / 'settings.toml')!r}"
+
+
+def test_a_bad_value_is_blamed_on_the_file_only_where_the_file_gave_it(tmp_path):
+    path = write(tmp_path, "[smtp]\nport = 99999\n")
+    with pytest.raises(ConfigError, match=rf"^bad value for 'smtp.port' in '{path}': a port is 0-65535"):
+        load_settings(path)
+    with pytest.raises(ConfigError, match=r"^bad value for 'smtp.port': a port is 0-65535"):
+        load_settings(path, {"smtp": {"port": 70000}})  # the flag's value, which overrides the file's
 
 
 @pytest.mark.parametrize("text, key", [
