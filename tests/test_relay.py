@@ -506,20 +506,23 @@ def test_a_remote_reply_cannot_add_fields_to_the_bounce(mta, sink, root):
     assert "<bob@example.net>: smtp; 550 5.1.1 Empfänger unbekannt\\x0dFinal-Recipient:" in human
 
 
-def multi_line_reply(code: str, lines: int, width: int) -> str:
-    """A reply of ``lines`` lines of ``width`` x's each, and a last line 'end'."""
-    return "\r\n".join([f"{code}-4.2.1 " + "x" * width] * lines + [f"{code} 4.2.1 end"])
+def pending_after_a_multi_line_rcpt_reply(mta, sink, code: str, lines: int, width: int) -> Recipient:
+    """Bob, after RCPT was answered with ``lines`` lines of ``width`` x's each and a last line 'end'."""
+    remote = sink()
+    remote.handler.rcpt_replies["bob@example.net"] = "\r\n".join(
+        [f"{code}-4.2.1 " + "x" * width] * lines + [f"{code} 4.2.1 end"])
+    server = mta(remote)
+    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
+    server.relay.run_once()
+    assert remote.messages == []
+    [recipient] = server.context.queue.get(queue_id).pending
+    return recipient
 
 
 def test_what_is_kept_of_a_long_remote_reply_is_bounded(mta, sink):
     # Each line under 512 octets (RFC 5321 §4.5.3.1.5), but many: the whole
     # reply went into the queue, the log, 'queue list' and the bounce.
-    remote = sink()
-    remote.handler.rcpt_replies["bob@example.net"] = multi_line_reply("450", 20, 500)
-    server = mta(remote)
-    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
-    server.relay.run_once()
-    [recipient] = server.context.queue.get(queue_id).pending
+    recipient = pending_after_a_multi_line_rcpt_reply(mta, sink, "450", 20, 500)
     assert recipient.status == "4.2.1"
     text = " ".join(["4.2.1 " + "x" * 500] * 20 + ["4.2.1 end"])  # smtplib joins the lines with LF
     assert recipient.last_error == "smtp; 450 " + text[:SMTP_CLIENT_REPLY_KEPT - 1] + "…"
@@ -528,16 +531,10 @@ def test_what_is_kept_of_a_long_remote_reply_is_bounded(mta, sink):
 def test_a_reply_without_end_is_a_broken_connection_not_a_full_memory(mta, sink):
     # smtplib keeps every line of a reply until its last: a host may send
     # lines, each under its 8192 octets, until the timeout.
-    remote = sink()
-    remote.handler.rcpt_replies["bob@example.net"] = multi_line_reply("550", 100, 1000)
-    server = mta(remote)
-    queue_id = server.context.queue.enqueue(SENDER, ["bob@example.net"], MESSAGE)
-    server.relay.run_once()
-    [recipient] = server.context.queue.get(queue_id).pending
+    recipient = pending_after_a_multi_line_rcpt_reply(mta, sink, "550", 100, 1000)
     assert recipient.status == "4.4.2"
     assert recipient.last_error.endswith(f"Connection unexpectedly closed: a reply of more than "
                                          f"{SMTP_CLIENT_REPLY_MAX} octets")
-    assert remote.messages == []
 
 
 def test_a_552_to_rcpt_is_retried_not_bounced(mta, sink, root):
