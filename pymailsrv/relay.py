@@ -607,9 +607,10 @@ class Relay:
         for this one) and before QUIT, write down the recipients done with
         that are not yet in ``settled``, and add them to it.
 
-        Should the server die or stop after that, they are not sent again (the one duplicate RFC 5321 §6.1 accepts is the message
-        in flight). A failure to write is no reason to stop: the attempt's
-        record() tries again at its end.
+        Should the server die or stop after that, they are not sent again
+        (the one duplicate RFC 5321 §6.1 accepts is the message in flight).
+        A failure to write is no reason to stop: the attempt's record()
+        tries again at its end.
         """
         done = {address: outcome for address, outcome in outcomes.items()
                 if outcome.state is not State.PENDING and address not in settled}
