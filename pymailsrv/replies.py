@@ -393,6 +393,9 @@ R421_TOO_MANY_CONNECTIONS = SmtpReply(421, "4.7.0", "{host} too many connections
                                            "RFC 5321 §4.2, §4.2.2").closing()
 R421_TOO_MANY_AUTH_FAILURES = SmtpReply(421, "4.7.0", "{host} too many failed authentications",
                                         note="failed logins are limited per connection").closing()
+R421_TEXT_BEFORE_354 = SmtpReply(421, "4.5.0", "{host} message text came before 354, and DATA was refused",
+                                 note="DATA ends a pipelined group: its text waits for 354, RFC 2920 §3.1; "
+                                      "read as commands, it could send mail the client never meant").closing()
 R451_LOCAL_ERROR = SmtpReply(451, "4.3.0", "local error in processing, try again later",
                              note="temporary failure on our side; the client retries, RFC 3463 X.3.0")
 R452_INSUFFICIENT_STORAGE = SmtpReply(452, "4.3.1", "insufficient system storage",

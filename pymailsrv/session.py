@@ -116,6 +116,8 @@ class Session:
         self.commands_run = 0
         self.user: str | None = None  # who logged in, once someone has
         self.tls = False  # set by the transport once a TLS handshake is done
+        # Set by the transport: has the client sent more than we have read?
+        self.client_is_ahead: Callable[[], bool] = lambda: False
         self._line_handler: LineHandler = self.dispatch
         self._input_kind = InputKind.COMMANDS
         # Injected faults (faults.py): matching commands seen per fault, and

@@ -67,11 +67,13 @@ from pymailsrv.paths import (
     with_utf8_text,
 )
 from pymailsrv.replies import (
+    After,
     R214_HELP,
     R220_GREETING,
     R220_READY_FOR_TLS,
     R235_AUTHENTICATED,
     R334_CHALLENGE,
+    R421_TEXT_BEFORE_354,
     R421_TOO_MANY_AUTH_FAILURES,
     R421_TOO_MANY_CONNECTIONS,
     R454_ADDRESS_BLOCKED,
@@ -121,7 +123,7 @@ from pymailsrv.replies import (
     CommandError,
     Reply,
 )
-from pymailsrv.session import AddressBlocked, Session, in_networks
+from pymailsrv.session import AddressBlocked, Session, command_text, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
 
 if TYPE_CHECKING:
@@ -513,7 +515,16 @@ class SmtpSession(Session):
         # more, and to RCPT too (a UTF-8 path is longer), but to no other.
         if len(line) > SMTP_COMMAND_LINE_MAX and line[:4].upper() not in (b"MAIL", b"RCPT"):
             too_long = True
-        return super().dispatch(line, too_long)
+        reply = super().dispatch(line, too_long)
+        if (reply.refused and reply.after is After.CONTINUE
+                and ascii_upper(command_text(line).partition(" ")[0]) == "DATA" and self.client_is_ahead()):
+            # RFC 2920 §3.1: DATA ends a pipelined group, and its text waits
+            # for 354. Sent already, to a DATA refused, the text would be read
+            # as commands: a MAIL, RCPT and DATA in it would send mail the
+            # client never meant (Postfix's smtpd_forbid_unauth_pipelining
+            # ends such sessions too).
+            return reply.followed_by(R421_TEXT_BEFORE_354.format(host=self.settings.hostname))
+        return reply
 
     # --- helpers -----------------------------------------------------------------
 

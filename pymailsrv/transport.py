@@ -285,6 +285,7 @@ class Connection:
         simply goes away raises ConnectionClosed instead.
         """
         session = self.session
+        session.client_is_ahead = lambda: bool(self._input) or self._input_waiting()
         self._use_timeout(session.timeout)
         if implicit_tls:
             self.start_tls()

@@ -305,6 +305,21 @@ def test_text_sent_with_data_before_its_354_still_follows_the_trace_header(store
     assert without_trace(message) == b"Subject: eager\n\nbody\n"
 
 
+def test_text_sent_with_a_refused_data_before_its_354_ends_the_session_unread(store, greeted, alice, hostname):
+    # The only recipient is refused, so DATA is (554). The text the client
+    # did not wait to send would be read as commands: the transaction
+    # inside it would deliver a message the client never sent as one.
+    client = greeted()
+    smuggled = b"MAIL FROM:<forged@example.org>\r\nRCPT TO:<alice@localhost>\r\nDATA\r\nSubject: smuggled\r\n\r\n.\r\n"
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<nobody@localhost>\r\nDATA\r\n" + smuggled)
+    assert [read_reply(client) for _ in range(4)] == [
+        wire(R.R250_SENDER_OK, address="a@example.org"), wire(R.R550_NO_SUCH_USER, address="nobody@localhost"),
+        wire(R.R554_NO_VALID_RECIPIENTS),
+        wire(R.R421_TEXT_BEFORE_354, host=hostname)]
+    assert client.closed()
+    assert stored(store, "alice") == []
+
+
 def test_second_transaction_on_the_same_connection(store, greeted, alice):
     client = greeted()
     first = deliver(client, ["alice@localhost"], [b"Subject: one"])
