@@ -110,6 +110,10 @@ class Connection:
         self.octets_in += len(chunk)
         return chunk
 
+    def _client_is_ahead(self) -> bool:
+        """Has the client sent what we have not taken yet, in our buffer or the kernel's?"""
+        return bool(self._input) or self._input_waiting()
+
     def _input_waiting(self) -> bool:
         """Has the client sent octets we have not read yet? Never blocks."""
         if isinstance(self.sock, ssl.SSLSocket) and self.sock.pending():
@@ -139,8 +143,7 @@ class Connection:
         # Replies not yet sent while the next line is already here, in our
         # buffer or the kernel's: the client did not wait for them. Only a
         # trace records it, so without one we spare the poll() call.
-        self.line_pipelined = (self.tracer.active and bool(self._output)
-                               and (bool(self._input) or self._input_waiting()))
+        self.line_pipelined = self.tracer.active and bool(self._output) and self._client_is_ahead()
         while True:
             end = self._input.find(b"\n", 0, limit)
             if end >= 0:
@@ -285,7 +288,7 @@ class Connection:
         simply goes away raises ConnectionClosed instead.
         """
         session = self.session
-        session.client_is_ahead = lambda: bool(self._input) or self._input_waiting()
+        session.client_is_ahead = self._client_is_ahead
         self._use_timeout(session.timeout)
         if implicit_tls:
             self.start_tls()
