@@ -299,13 +299,9 @@ class MaildirStore:
         maildir = self.maildir(user)
         listing = []
         for key, relative in _scan(maildir):
-            path = maildir / relative
-            try:
-                listing.append((MessageInfo(key, _pop3_size_of(key, path), uid_of(key)), path))
-            except FileNotFoundError:
-                continue
-            except OSError as error:  # as snapshot() leaves it out
-                log.warning("%s: cannot read %s: %s; left out", maildir, relative, error.strerror or error)
+            size = _listed_size(maildir, key, relative)
+            if size is not None:
+                listing.append((MessageInfo(key, size, uid_of(key)), maildir / relative))
         return listing
 
     def remove_stale_files(self) -> int:
@@ -327,6 +323,18 @@ class MaildirStore:
                 except FileNotFoundError:
                     continue
         return removed
+
+
+def _listed_size(maildir: Path, key: str, relative: str) -> int | None:
+    """The POP3 size of a message _scan found; None where it is gone, or
+    must be read for its size and cannot be (logged: left out)."""
+    try:
+        return _pop3_size_of(key, os.path.join(maildir, relative))
+    except FileNotFoundError:
+        return None
+    except OSError as error:  # another program's file, say, that shuts us out
+        log.warning("%s: cannot read %s: %s; left out", maildir, relative, error.strerror or error)
+        return None
 
 
 def _pop3_size_of(key: str, path: str | Path) -> int:
@@ -518,13 +526,8 @@ class MaildirMaildrop:
             renamed = _key_of(relative.split("/", 1)[1])  # the move to cur/ keeps the key
             if renamed != key:  # a duplicate, given a unique name of its own
                 key, uid = renamed, uid_of(renamed)
-            try:
-                size = _pop3_size_of(key, os.path.join(self._path, relative))
-            except FileNotFoundError:
-                continue
-            except OSError as error:
-                log.warning("%s: cannot read %s: %s; left out of this session",
-                            self._path, relative, error.strerror or error)
+            size = _listed_size(self._path, key, relative)
+            if size is None:
                 continue
             self._files[key] = relative
             uids.add(uid)

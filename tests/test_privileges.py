@@ -360,8 +360,7 @@ def test_an_unreadable_message_is_left_out_and_an_unreadable_maildrop_is_sys_tem
         client.user("alice")
         assert client.pass_(PASSWORD) == b"+OK alice's maildrop has 1 message (28 octets)"
         client.quit()
-        assert "cannot read cur/1700000000.M1P99.otherhost:2,: Permission denied; left out of this session" \
-            in server.output()
+        assert "cannot read cur/1700000000.M1P99.otherhost:2,: Permission denied; left out" in server.output()
         # A maildrop it cannot list at all is a failure of ours, and gives the lock back.
         (maildir / "cur").chmod(0o000)
         client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
