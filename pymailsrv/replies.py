@@ -407,6 +407,9 @@ R454_ADDRESS_BLOCKED = SmtpReply(454, "4.7.0", "too many failed authentications 
                                  "try again later",
                                  note="temporary authentication failure: limited per client address, "
                                       "RFC 4954 §6")
+R454_TEMPORARY_AUTH_FAILURE = SmtpReply(454, "4.7.0", "temporary authentication failure",
+                                        note="the accounts cannot be read now (see the server's log), "
+                                             "RFC 4954 §6")
 R500_UNKNOWN_COMMAND = SmtpReply(500, "5.5.2", "command not recognized",
                                  note="no such SMTP command, RFC 5321 §4.2.4")
 R500_LINE_TOO_LONG = SmtpReply(500, "5.5.2", "line too long",

@@ -100,6 +100,7 @@ class Session:
     SASL_CANCELLED: ClassVar[Reply]  # the client answered "*"
     SASL_MALFORMED: ClassVar[Reply]  # not base64, or not what the mechanism wants
     SASL_LINE_TOO_LONG: ClassVar[Reply]  # a response over SASL_LINE_MAX octets
+    SASL_UNAVAILABLE: ClassVar[Reply]  # credentials that cannot be checked now (users.json unusable)
     # State changes made by something other than a command (the end of DATA's
     # text, the close after UPDATE): (from, what happens, to; None = closed).
     # With the command table's moves they make the whole state diagram.
@@ -271,7 +272,7 @@ class Session:
             return refusal.reply
         except DamagedUserFile as error:  # the admin's to mend, and no bug: its one line, no traceback
             log.error("%s session %d: %s failed: %s", self.protocol, self.session_id, what, error)
-            return self.INTERNAL_ERROR
+            return self.SASL_UNAVAILABLE if what == "AUTH" else self.INTERNAL_ERROR
         except Exception:
             return self._internal_error(what)
 

@@ -108,6 +108,13 @@ def test_auth_plain_with_initial_response_is_235(smtp, alice):
     assert exchange(smtp(), f"AUTH PLAIN {plain()}") == wire(R.R235_AUTHENTICATED)
 
 
+def test_auth_while_the_accounts_cannot_be_read_is_a_temporary_authentication_failure(smtp, alice, root):
+    # RFC 4954 §6 gives 454 4.7.0 to a failure of the server's own; it was
+    # 451 4.3.0, a local error in processing.
+    (root / ".pymailsrv" / "users.json").write_text('{"users": {"alice": {"password": 5}}}')
+    assert exchange(smtp(), f"AUTH PLAIN {plain()}") == wire(R.R454_TEMPORARY_AUTH_FAILURE)
+
+
 def test_auth_plain_after_an_empty_challenge_is_235(smtp, alice):
     client = smtp()
     assert exchange(client, "AUTH PLAIN") == wire(R.R334_CHALLENGE, challenge="") == b"334 \r\n"
