@@ -98,7 +98,7 @@ from pymailsrv.replies import counted
 from pymailsrv.session import Session
 from pymailsrv.shared import FREE, SharedCounter, SharedRecords, client_key
 from pymailsrv.smtp import SmtpSession, SubmissionSession
-from pymailsrv.tls import server_context
+from pymailsrv.tls import KeyEncrypted, server_context, validity_problem
 from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
 from pymailsrv.users import DamagedUserFile, UserStore
@@ -423,18 +423,26 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     if cert is None:
         cert, key = default_certificate_paths(settings)
         try:
-            if not (cert.is_file() and key.is_file()):
+            present = [path for path in (cert, key) if path.is_file()]
+            if len(present) == 1:  # TLS off without a word would shut out every login from afar
+                raise ConfigError(f"the generated TLS pair is half there: {str(present[0])!r} without its "
+                                  f"partner; run 'pymailsrv cert generate --force' to make both again")
+            if not present:
                 return None
         except PermissionError:  # is_file() inside a directory this user cannot search
             raise ConfigError(f"cannot look for the generated TLS pair in {str(cert.parent)!r} as {_current_user()}, "
                               "which reads it before --run-as: give tls.cert and tls.key outside the data root"
                               ) from None
     try:
-        return server_context(cert, key)
-    except (OSError, ssl.SSLError) as error:
+        context = server_context(cert, key)
+    except (OSError, ssl.SSLError, KeyEncrypted) as error:
         # Either file may be the one at fault (an unreadable key, say): both are named.
         raise ConfigError(f"cannot load the TLS certificate {str(cert)!r} with its key {str(key)!r}: {error}"
                           ) from None
+    out_of_date = validity_problem(cert)
+    if out_of_date:  # served all the same, as Postfix and Dovecot serve it: the admin may be renewing it
+        log.warning("the TLS certificate %r %s: clients that check it will refuse it", str(cert), out_of_date)
+    return context
 
 
 def fault_plan(settings: Settings) -> FaultPlan:

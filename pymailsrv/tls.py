@@ -43,9 +43,31 @@ def server_context(cert: Path, key: Path) -> ssl.SSLContext:
     return context
 
 
+class KeyEncrypted(ValueError):
+    """The key has a passphrase, which a server cannot ask for."""
+
+
 def _no_passphrase() -> bytes:
-    raise ssl.SSLError("the key is encrypted, and a server cannot ask for its passphrase: "
+    raise KeyEncrypted("the key is encrypted, and a server cannot ask for its passphrase: "
                        "give the key unencrypted (openssl pkey -in KEY -out NEWKEY)")
+
+
+def validity_problem(cert: Path, now: datetime.datetime | None = None) -> str | None:
+    """"expired on ..." or "is not valid before ...", for the first certificate
+    in ``cert``; None while it is valid, or where it cannot be read as PEM
+    (``ssl`` has taken it, and says what is wrong with it)."""
+    from cryptography import x509
+
+    try:
+        certificate = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError):
+        return None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if now > certificate.not_valid_after_utc:
+        return f"expired on {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+    if now < certificate.not_valid_before_utc:
+        return f"is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
+    return None
 
 
 def self_signed_pair(hostname: str) -> tuple[bytes, bytes]:

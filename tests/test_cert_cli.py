@@ -8,6 +8,8 @@ that trusts the certificate file itself can then verify the server.
 
 from __future__ import annotations
 
+import datetime
+import logging
 import poplib
 import re
 import smtplib
@@ -15,6 +17,7 @@ import ssl
 import stat
 
 import pytest
+import trustme
 from click.testing import CliRunner
 from cryptography import x509
 
@@ -22,6 +25,7 @@ from pymailsrv import replies as R
 from pymailsrv.cli import main
 from pymailsrv.config import ConfigError
 from pymailsrv.server import MailServer
+from pymailsrv.tls import validity_problem
 from tests.conftest import CLIENT_TIMEOUT, PASSWORD, listening_line, make_settings, start_process
 from tests.test_implicit_tls import stop_process
 from tests.test_pop3 import wire as pop3_wire
@@ -206,9 +210,48 @@ def test_a_key_with_a_passphrase_is_a_config_error_not_a_prompt(root, tls_dir):
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                            serialization.BestAvailableEncryption(b"secret")))
-    with pytest.raises(ConfigError, match=re.escape(
-            "the key is encrypted, and a server cannot ask for its passphrase: give the key unencrypted")):
+    with pytest.raises(ConfigError) as refusal:
         MailServer(make_settings(root))
+    # The sentence itself, not the repr of an exception's arguments.
+    assert str(refusal.value).endswith(f"with its key {str(key_path)!r}: the key is encrypted, and a server "
+                                       "cannot ask for its passphrase: give the key unencrypted "
+                                       "(openssl pkey -in KEY -out NEWKEY)")
+
+
+@pytest.mark.parametrize("kept", ["cert.pem", "key.pem"])
+def test_a_generated_pair_half_there_is_a_config_error_not_tls_switched_off(root, tls_dir, kept):
+    # Without a word, every login from outside auth.local_networks would be refused.
+    assert generate(root).exit_code == 0
+    lost = {"cert.pem": "key.pem", "key.pem": "cert.pem"}[kept]
+    (tls_dir / lost).unlink()
+    with pytest.raises(ConfigError, match=rf"^the generated TLS pair is half there: '{re.escape(str(tls_dir / kept))}' "
+                                          r"without its partner; run 'pymailsrv cert generate --force'"):
+        MailServer(make_settings(root))
+
+
+def test_a_certificate_out_of_date_is_served_with_a_warning(root, tmp_path, caplog):
+    # Clients that check it refuse it: the admin should hear of it at start.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    leaf = trustme.CA().issue_cert("localhost", not_before=now - datetime.timedelta(days=30),
+                                   not_after=now - datetime.timedelta(days=1))
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    with caplog.at_level(logging.WARNING, logger="pymailsrv.server"):
+        MailServer(make_settings(root, tls={"cert": str(cert), "key": str(key)}))
+    expired = f"{now - datetime.timedelta(days=1):%Y-%m-%d}"
+    assert any(record.getMessage().startswith(f"the TLS certificate {str(cert)!r} expired on {expired} ")
+               and record.getMessage().endswith("UTC: clients that check it will refuse it")
+               for record in caplog.records)
+
+
+def test_a_certificate_is_out_of_date_before_and_after_its_validity(root, tls_dir):
+    assert generate(root).exit_code == 0
+    cert = tls_dir / "cert.pem"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    assert validity_problem(cert) is None
+    assert validity_problem(cert, now - datetime.timedelta(days=1)).startswith("is not valid before ")
+    assert validity_problem(cert, now + datetime.timedelta(days=366)).startswith("expired on ")
 
 
 def test_start_as_a_process_offers_starttls_with_the_generated_pair(root, tls_dir):
