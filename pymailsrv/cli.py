@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import click
 
@@ -382,9 +382,9 @@ def mailbox_list(settings: Settings, name: str) -> None:
 
 @main.command()
 @click.argument("name")
-@click.argument("file", type=click.File("rb"), default="-")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default="-")
 @settings_options
-def deliver(root: str | None, config: str | None, name: str, file: Any) -> None:
+def deliver(root: str | None, config: str | None, name: str, file: str) -> None:
     """Deliver one RFC 5322 message from FILE (default stdin) into NAME's Maildir."""
     # What runs this (an MTA's pipe, a script) bounces the message on any
     # status but EX_TEMPFAIL. A broken config file or a data root not yet
@@ -395,21 +395,52 @@ def deliver(root: str | None, config: str | None, name: str, file: Any) -> None:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     if not settings.root.is_dir():
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: no data root at {settings.root}")
-    as_data_root_owner(settings.root)  # FILE is open already: it may be root's alone
+    if file != "-":
+        message = open(file, "rb")  # before as_data_root_owner: it may be root's alone
+    elif sys.stdin is None:  # started with its standard input closed: the MTA's to mend
+        _exit(EX_TEMPFAIL, "cannot deliver now, try again later: no message (standard input is closed)")
+    else:
+        message = sys.stdin.buffer
+    as_data_root_owner(settings.root)
     try:
         user = check_user_name(name)
     except UserError as error:
         _exit(EX_NOUSER, str(error))
+    users = UserStore(settings.state_dir)
     try:
-        if not UserStore(settings.state_dir).exists(user):
+        if not users.path.is_file():  # an empty directory: the mount point of a data root not mounted yet
+            _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: no users at {settings.root} "
+                               f"(is the data root mounted?)")
+        if not users.exists(user):
             _exit(EX_NOUSER, f"no such user {user!r}")
-        message = file.read()
-        if not message.strip():
-            _exit(EX_DATAERR, "the message is empty")
-        queue_id = MaildirStore(settings.root).deliver(user, message)
+        with message:
+            queue_id = MaildirStore(settings.root).deliver(user, _NotBlank(message))
+    except BlankMessage:
+        _exit(EX_DATAERR, "the message is empty")
     except (StorageError, OSError, DamagedUserFile) as error:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     click.echo(f"delivered to {user} as {queue_id}")
+
+
+class BlankMessage(Exception):
+    """What deliver was given holds nothing but white space."""
+
+
+class _NotBlank:
+    """A message read for delivery a block at a time, that raises
+    BlankMessage at its end (the delivery then taken back) if it held
+    nothing but white space: a message to refuse, though it streams."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._blank = True
+
+    def read(self, size: int) -> bytes:
+        block = self._file.read(size)
+        if not block and self._blank:
+            raise BlankMessage
+        self._blank = self._blank and not block.strip()
+        return block
 
 
 def _exit(status: int, message: str) -> NoReturn:

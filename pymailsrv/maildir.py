@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import itertools
 import logging
 import os
@@ -259,14 +260,25 @@ class MaildirStore:
         # Each once: a second "ALICE" beside "alice" would be a second link to one name.
         return IncomingMaildirMessage(self, list(dict.fromkeys(check_user_name(user) for user in users)))
 
-    def deliver(self, user: str, message: bytes) -> str:
-        """Deliver one whole message to ``user``; returns its id once it is durable."""
-        text = message.replace(b"\r\n", b"\n")
-        if text and not text.endswith(b"\n"):
-            text += b"\n"
+    def deliver(self, user: str, message: bytes | BinaryIO) -> str:
+        """Deliver one message to ``user``, whole or read from a file a block
+        at a time (memory stays flat whatever its size); returns its id once
+        it is durable. Stored as a Maildir keeps mail: CRLF as LF, and a last
+        line without a line end given one."""
+        file = io.BytesIO(message) if isinstance(message, bytes) else message
         incoming = self.receive([user])
         try:
-            incoming.write(text)
+            held = b""  # a block's last CR: the next block may begin with its LF
+            ended = True  # what is written so far ends with a LF (or is nothing)
+            for block in iter(lambda: file.read(READ_BLOCK_OCTETS), b""):
+                block = held + block
+                held = b"\r" if block.endswith(b"\r") else b""
+                text = block[: len(block) - len(held)].replace(b"\r\n", b"\n")
+                if text:
+                    incoming.write(text)
+                    ended = text.endswith(b"\n")
+            if held or not ended:
+                incoming.write(held + b"\n")
             return incoming.commit()
         except BaseException:
             incoming.discard()

@@ -264,11 +264,12 @@ def test_deliver_from_a_file_and_from_stdin(cli, root, tmp_path):
 
 
 def test_deliver_to_an_unknown_or_invalid_user_is_ex_nouser(cli, root):
+    cli("user", "add", "alice", "--password-stdin", input="pw\n")
     for name in ("nobody", "../x"):
         result = cli("deliver", name, input=MESSAGE)
         assert result.exit_code == EX_NOUSER == 67
         assert one_line_error(result).startswith("Error: ")
-    assert list(root.iterdir()) == []
+    assert sorted(path.name for path in root.iterdir()) == [".pymailsrv", "alice"]  # no Maildir made for them
 
 
 def test_deliver_with_a_broken_config_or_no_data_root_is_ex_tempfail(cli, root, tmp_path):
@@ -282,13 +283,30 @@ def test_deliver_with_a_broken_config_or_no_data_root_is_ex_tempfail(cli, root, 
     assert result.exit_code == EX_TEMPFAIL
     assert one_line_error(result) == ("Error: cannot deliver now, try again later: no data root at "
                                       f"{tmp_path / 'not-mounted'}")
+    # A data root with no users: the empty mount point of one not mounted yet.
+    # It used to be 'no such user', EX_NOUSER, and the MTA bounced the mail.
+    result = cli("deliver", "alice", input=MESSAGE)
+    assert result.exit_code == EX_TEMPFAIL
+    assert one_line_error(result) == (f"Error: cannot deliver now, try again later: no users at {root} "
+                                      "(is the data root mounted?)")
 
 
-def test_deliver_of_an_empty_message_is_ex_dataerr(cli):
+def test_deliver_of_an_empty_message_is_ex_dataerr(cli, root):
     cli("user", "add", "alice", "--password-stdin", input="pw\n")
     result = cli("deliver", "alice", input=b"\n \n")
     assert result.exit_code == EX_DATAERR == 65
     assert one_line_error(result) == "Error: the message is empty"
+    assert os.listdir(root / "alice" / "tmp") == os.listdir(root / "alice" / "new") == []
+
+
+def test_deliver_with_its_standard_input_closed_is_ex_tempfail_in_one_line(root, clean_environment):
+    # click could not open the closed stdin, and said so with a traceback.
+    UserStore(root / ".pymailsrv").add("alice", "pw")
+    MaildirStore(root).create_maildir("alice")
+    result = subprocess.run([sys.executable, "-m", "pymailsrv", "deliver", "alice", "--root", str(root)],
+                            capture_output=True, text=True, timeout=60, preexec_fn=lambda: os.close(0))
+    assert result.returncode == EX_TEMPFAIL
+    assert result.stderr == "Error: cannot deliver now, try again later: no message (standard input is closed)\n"
 
 
 def test_deliver_when_the_maildir_is_broken_is_ex_tempfail(cli, root):

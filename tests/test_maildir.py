@@ -8,6 +8,7 @@ Reading must skip what is not a message and survive files that vanish.
 from __future__ import annotations
 
 import errno
+import io
 import mailbox
 import logging
 import os
@@ -60,6 +61,21 @@ def test_delivery_stores_lf_line_ends_and_adds_a_final_newline(store, root):
     (path,) = (root / "alice" / "new").iterdir()
     assert path.read_bytes() == b"Subject: crlf\n\nno final newline\n"
     assert path.name.endswith(",S=32,W=35")
+
+
+@pytest.mark.parametrize("text, stored", [
+    (b"a" * (READ_BLOCK_OCTETS - 1) + b"\r\nnext\r\n", b"a" * (READ_BLOCK_OCTETS - 1) + b"\nnext\n"),
+    (b"a" * (READ_BLOCK_OCTETS - 1) + b"\r", b"a" * (READ_BLOCK_OCTETS - 1) + b"\r\n"),  # a bare CR last
+    (b"a" * READ_BLOCK_OCTETS, b"a" * READ_BLOCK_OCTETS + b"\n"),
+    (b"", b""),
+], ids=["CRLF split between two reads", "a bare CR at the end", "no line end", "nothing"])
+def test_a_message_read_from_a_file_is_stored_as_the_same_bytes_would_be(store, root, text, stored):
+    # 'pymailsrv deliver' streams stdin a block at a time: a CRLF may fall
+    # across two reads, and it must still be one line end.
+    store.create_maildir("alice")
+    store.deliver("alice", io.BytesIO(text))
+    store.deliver("alice", text)
+    assert [path.read_bytes() for path in (root / "alice" / "new").iterdir()] == [stored, stored]
 
 
 def test_every_delivery_gets_its_own_name(store, root):
