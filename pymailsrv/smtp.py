@@ -722,8 +722,13 @@ class SmtpSession(Session):
         return sender is None or not self._is_local_domain(sender.domain) or self._owns(sender)
 
     def _owns(self, sender: Address) -> bool:
-        """Is ``sender`` the logged-in user's own name, or an alias that delivers to them?"""
-        return self.user in self.context.aliases.expand(unquoted_local_part(sender.local_part)).users
+        """Is ``sender`` the logged-in user's own name, or an alias that delivers to them?
+
+        Their own name stays theirs when an alias of that name sends its mail
+        elsewhere (a user who forwards everything still sends as themselves).
+        """
+        local_part = unquoted_local_part(sender.local_part)
+        return local_part.lower() == self.user or self.user in self.context.aliases.expand(local_part).users
 
     def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
         """Check one MAIL parameter of the extensions we offer."""

@@ -116,6 +116,16 @@ def test_mail_from_the_users_own_address_in_any_local_domain_is_250(logged_in, s
     assert exchange(logged_in(), f"MAIL FROM:<{sender}>").startswith(b"250 2.1.0 ")
 
 
+@pytest.mark.parametrize("aliases, sender", [
+    ("alice: alice@home.example.org\n", "alice@localhost"),  # she forwards all her mail: still her name
+    ("staff: alice, bob\n", "staff@localhost"),  # an alias that delivers to her
+])
+def test_a_user_sends_as_their_own_name_though_forwarded_and_as_an_alias_for_them(logged_in, bob, root, aliases,
+                                                                                    sender):
+    (root / ".pymailsrv" / "aliases").write_text(aliases)
+    assert exchange(logged_in(), f"MAIL FROM:<{sender}>") == wire(R.R250_SENDER_OK, address=sender)
+
+
 def test_own_address_delivers_to_a_local_user_with_esmtpa(logged_in, bob, store):
     connected = logged_in()
     assert exchange(connected, "MAIL FROM:<alice@localhost>") == wire(R.R250_SENDER_OK, address="alice@localhost")
