@@ -217,11 +217,16 @@ class AliasTable:
 
     def _table(self, user_names: list[str]) -> dict[str, list[str]]:
         aliases = {name: list(entry.targets) for name, entry in self._file.get().entries.items()}
-        postmaster = self._postmaster or next(iter(user_names), None)
-        for name in DEFAULT_ALIASES:
-            if name not in aliases and name not in user_names and postmaster is not None:
-                aliases[name] = [postmaster]
+        for name, targets in self._defaults(user_names).items():
+            aliases.setdefault(name, targets)
         return aliases
+
+    def _defaults(self, user_names: list[str]) -> dict[str, list[str]]:
+        """The default aliases (postmaster, abuse) that no user's name takes."""
+        postmaster = self._postmaster or next(iter(user_names), None)
+        if postmaster is None:
+            return {}
+        return {name: [postmaster] for name in DEFAULT_ALIASES if name not in user_names}
 
     def defined_in_file(self) -> set[str]:
         return set(self._file.get().entries)
@@ -233,7 +238,14 @@ class AliasTable:
         (``bool(expansion)`` is False): RCPT answers 550 for it.
         """
         user_names = self._user_names()  # one look at the users file per expansion (per RCPT)
-        aliases = self._table(user_names)
+        # Looked up, not copied: a copy of the whole table per RCPT cost in
+        # proportion to the file (0.3 s a lookup with 200,000 aliases).
+        entries, defaults = self._file.get().entries, self._defaults(user_names)
+
+        def targets_of(alias: str) -> list[str] | None:
+            entry = entries.get(alias)
+            return entry.targets if entry is not None else defaults.get(alias)
+
         users = set(user_names)
         found_users: list[str] = []
         external: list[str] = []
@@ -258,7 +270,8 @@ class AliasTable:
                 if target not in external:
                     external.append(target)
                 continue
-            if target in path or target not in aliases:
+            targets = targets_of(target)
+            if target in path or targets is None:
                 if target in users:
                     if target not in found_users:
                         found_users.append(target)
@@ -273,7 +286,7 @@ class AliasTable:
             if len(path) >= ALIAS_DEPTH_MAX:
                 problems.append(f"more than {ALIAS_DEPTH_MAX} aliases deep: {' -> '.join(path + (target,))}")
                 continue
-            waiting.extend((next_target, path + (target,)) for next_target in aliases[target])
+            waiting.extend((next_target, path + (target,)) for next_target in targets)
         for problem in problems:
             log.warning("expanding %r: %s", name, problem)
         return Expansion(tuple(found_users), tuple(external), tuple(problems))
