@@ -311,7 +311,9 @@ class AliasTable:
             if entry is None:
                 lines.append(_format(name, checked))
                 return checked
-            targets = entry.targets + [target for target in checked if target not in entry.targets]
+            # As remove() compares them: 'Alice' and '"alice"@localhost' are alice.
+            present = {_canonical(target, self.domains) for target in entry.targets}
+            targets = entry.targets + [target for target in dict.fromkeys(checked) if target not in present]
             _replace_entry(lines, entry, _format(name, targets))
             return targets
 

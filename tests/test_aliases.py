@@ -214,6 +214,14 @@ def test_add_and_remove_keep_the_rest_of_the_file_as_written(aliases):
     assert os.stat(aliases.path).st_mode & 0o777 == 0o644
 
 
+def test_add_knows_a_target_by_any_of_its_spellings_as_remove_does(aliases):
+    # 'Alice' and '"bob"@example.com' (hand-written) are alice and bob: add
+    # wrote them a second time, which remove would have taken as one.
+    write(aliases, 'staff: Alice, "bob"@example.com\n')
+    assert aliases.add("staff", ["alice", "bob", "carol", "carol"]) == ["Alice", '"bob"@example.com', "carol"]
+    assert aliases.path.read_text() == 'staff: Alice, "bob"@example.com, carol\n'
+
+
 @pytest.mark.parametrize("name, targets", [("../x", ["alice"]), ("ok", ["a b"]), ("ok", ["x@"]), ("ok", []),
                                            # Valid addresses that the file's "," and "#" would cut apart:
                                            ("ok", ['"sales, europe"@remote.example']),
