@@ -24,6 +24,7 @@ import click
 
 from pymailsrv.cli_common import as_data_root_owner, echo_table, note_mail_left, read_password, require_data_root
 from pymailsrv.config import ConfigError, Settings, load_settings
+from pymailsrv.durable import UnusableFile
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.storage import MaildropLocked, StorageError
 from pymailsrv.users import DamagedUserFile, UserError, UserStore, add_account, check_user_name
@@ -67,7 +68,7 @@ def with_settings(command: Callable) -> Callable:
         except OSError as error:  # a data root that is not a directory, a file we may not read...
             raise click.ClickException(f"cannot use {error.filename}: {error.strerror}" if error.filename
                                        else str(error)) from None
-        except DamagedUserFile as error:
+        except UnusableFile as error:
             raise click.ClickException(str(error)) from None
 
     return wrapper

@@ -27,6 +27,7 @@ Small tools that ``users.py``, ``aliases.py``, ``outqueue.py`` and
   an edit in a text editor, which changes the time or size.
 * ``private`` and ``make_private_directory``: files and directories only
   their owner may read, whatever the umask.
+* ``UnusableFile``: users.json or aliases there but unusable, told in one line.
 * ``discard_file(file, path)``: a half-written file closed and removed,
   even when the close itself fails on a full disk; never raises.
 """
@@ -51,6 +52,13 @@ PRIVATE_FILE_MODE = 0o600
 PRIVATE_DIRECTORY_MODE = 0o700
 
 log = logging.getLogger("pymailsrv.durable")
+
+
+class UnusableFile(Exception):
+    """A file the admin keeps (users.json, aliases) that cannot be used now:
+    damaged, or shut to the server. The admin's to mend, and no bug: the
+    server answers a temporary failure and logs one line, no traceback;
+    the command line says it in one line."""
 
 
 def fsync_directory(path: Path) -> None:

@@ -45,9 +45,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from pymailsrv.auth import EMPTY_INITIAL_RESPONSE, Admission, Credentials, SaslCancelled, SaslError, SaslExchange
 from pymailsrv.commands import Command, CommandTable
+from pymailsrv.durable import UnusableFile
 from pymailsrv.limits import LOGIN_THROTTLE_POLL_SECONDS, LOGIN_THROTTLE_WAIT_SECONDS, SASL_LINE_MAX
 from pymailsrv.replies import After, CommandError, Reply
-from pymailsrv.users import DamagedUserFile, UserError, check_user_name
+from pymailsrv.users import UserError, check_user_name
 
 if TYPE_CHECKING:
     from pymailsrv.faults import Fault
@@ -270,7 +271,7 @@ class Session:
             return function(*arguments)
         except CommandError as refusal:
             return refusal.reply
-        except DamagedUserFile as error:  # the admin's to mend, and no bug: its one line, no traceback
+        except UnusableFile as error:  # the admin's to mend, and no bug: its one line, no traceback
             log.error("%s session %d: %s failed: %s", self.protocol, self.session_id, what, error)
             return self.SASL_UNAVAILABLE if what == "AUTH" else self.INTERNAL_ERROR
         except Exception:

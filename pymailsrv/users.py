@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
+from pymailsrv.durable import ChangedFile, UnusableFile, exclusive_lock, write_atomically
 
 if TYPE_CHECKING:
     from pymailsrv.maildir import MaildirStore
@@ -139,10 +139,9 @@ def verify_password(password: str, phc: str) -> bool:
 _DECOY_HASH = _phc(secrets.token_bytes(SCRYPT_SALT_OCTETS), secrets.token_bytes(SCRYPT_HASH_OCTETS))
 
 
-class DamagedUserFile(Exception):
-    """users.json is there but gives no users (damaged, or shut to us): for
-    the server a temporary failure (no mail is refused for it), logged in
-    one line; for the command line one line."""
+class DamagedUserFile(UnusableFile):
+    """users.json is there but gives no users (damaged, or shut to us): no
+    mail is refused for it, and no login succeeds, till it is mended."""
 
 
 def _read_users(path: Path) -> dict[str, dict[str, str]]:

@@ -194,12 +194,19 @@ def a_directory(path: Path) -> None:
     path.mkdir()
 
 
-@pytest.mark.parametrize("damage, problem", [(no_password, "is damaged: .+"),
-                                             (a_directory, "cannot be read: Is a directory; .+")])
-def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_user, caplog, damage, problem):
+def aliases_a_directory(path: Path) -> None:
+    a_directory(path.with_name("aliases"))
+
+
+@pytest.mark.parametrize("damage, problem", [(no_password, r"users\.json is damaged: .+"),
+                                             (a_directory, r"users\.json cannot be read: Is a directory; .+"),
+                                             (aliases_a_directory, "aliases cannot be read: Is a directory; .+")])
+def test_a_damaged_users_or_aliases_file_is_one_line_in_the_log_not_a_traceback(root, add_user, caplog, damage,
+                                                                                  problem):
     # It is the admin's to mend, and no bug: every RCPT and login logged a
     # full traceback through the catch-all for bugs.
     add_user("alice")
+    (root / ".pymailsrv" / "aliases").write_text("staff: alice\n")
     with MailServer(make_settings(root)) as server:
         damage(root / ".pymailsrv" / "users.json")
         client = RawClient(server.addresses["smtp"])
@@ -209,7 +216,7 @@ def test_a_damaged_users_file_is_one_line_in_the_log_not_a_traceback(root, add_u
         assert client.command("RCPT TO:<alice@localhost>") == b"451 4.3.0 local error in processing, try again later\r\n"
         client.close()
     [record] = [record for record in caplog.records if record.levelno >= logging.ERROR]
-    assert re.fullmatch(rf"smtp session \d+: RCPT failed: .*users\.json {problem}", record.getMessage())
+    assert re.fullmatch(rf"smtp session \d+: RCPT failed: .*{problem}", record.getMessage())
     assert record.exc_info is None
 
 
