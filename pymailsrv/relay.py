@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from pymailsrv.config import ConfigError, parse_host_port
 from pymailsrv.dsn import build_bounce
+from pymailsrv.durable import UnusableFile
 from pymailsrv.limits import SMTP_CLIENT_DATA_TIMEOUT_SECONDS, SMTP_CLIENT_REPLY_KEPT, SMTP_CLIENT_REPLY_MAX
 from pymailsrv.outqueue import ENHANCED_STATUS, Outcome, QueueEntry, State
 from pymailsrv.paths import canonical_domain, in_domains, unquoted_local_part
@@ -848,7 +849,11 @@ class Relay:
         repeats is the local copy.
         """
         local_part = unquoted_local_part(address.rpartition("@")[0])
-        expansion = self.context.aliases.expand(local_part)
+        try:
+            expansion = self.context.aliases.expand(local_part)
+        except UnusableFile as error:  # users.json or aliases: the admin's to mend; the mail waits
+            log.error("cannot deliver to %s now: %s", address, error)
+            return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
         if not expansion:
             return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
                            _local_diagnostic(f"no such user or alias here: {local_part}"))

@@ -958,6 +958,20 @@ def test_an_unknown_local_recipient_fails_with_5_1_1(mta, root):
     assert delivery_status(maildir_messages(root, "alice")[0])[1][0]["Status"] == "5.1.1"
 
 
+def test_a_local_recipient_while_the_aliases_cannot_be_read_waits_and_is_one_log_line(mta, root, caplog):
+    # The admin's to mend: the mail waits for the retry, and the log says
+    # why in one line (it logged a traceback, as for a bug of ours).
+    server = mta(None)
+    queue_id = server.context.queue.enqueue(SENDER, ["alice@localhost"], MESSAGE)
+    (root / ".pymailsrv" / "aliases").mkdir()  # unreadable as a file, even to root
+    with caplog.at_level(logging.ERROR, logger="pymailsrv.relay"):
+        server.relay.run_once()
+    [recipient] = server.context.queue.get(queue_id).pending
+    assert recipient.status == "4.3.0" and "aliases cannot be read: Is a directory" in recipient.last_error
+    [logged] = [record for record in caplog.records if record.name == "pymailsrv.relay"]
+    assert logged.getMessage().startswith("cannot deliver to alice@localhost now: ") and logged.exc_info is None
+
+
 # --- the smarthost ---------------------------------------------------------------------------
 
 
