@@ -169,6 +169,12 @@ POP3_MAX_SESSIONS_PER_USER_ADDRESS = 10
 # calls on large DATA transfers; the line limits above still bound memory.
 RECV_CHUNK = 64 * 1024
 
+# RFC 8446 §6.1: each side sends close_notify before closing its write side
+# (OpenSSL clients report a stream cut without one as truncated). How long
+# the end of a TLS session may wait for the client's own close_notify; a
+# client that has gone, or closed, ends the wait at once.
+TLS_CLOSE_NOTIFY_SECONDS = 1.0
+
 # --- Settings ---------------------------------------------------------------
 
 # The longest timeout, delay or lifetime a setting may name: a year, longer

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from pymailsrv.limits import RECV_CHUNK
+from pymailsrv.limits import RECV_CHUNK, TLS_CLOSE_NOTIFY_SECONDS
 from pymailsrv.replies import CRLF, END_OF_MULTILINE, After, Reply, counted
 from pymailsrv.trace import SENT_BEFORE_TLS, TEXT_BEFORE_354
 
@@ -277,6 +277,15 @@ class Connection:
         except OSError:
             pass  # already closed by its own thread
 
+    def close_tls(self) -> None:
+        """Say TLS's close_notify, then close (TLS_CLOSE_NOTIFY_SECONDS)."""
+        try:
+            self.sock.settimeout(TLS_CLOSE_NOTIFY_SECONDS)
+            self.sock.unwrap()
+        except (OSError, ValueError):
+            pass  # the client went first, the server is stopping, or the handshake never ended
+        self.sock.close()
+
     # --- the session loop --------------------------------------------------------
 
     def serve(self, implicit_tls: bool = False) -> str:
@@ -383,7 +392,7 @@ class SessionHandler(socketserver.BaseRequestHandler):
                 if connection.sock is not self.request:
                     # socketserver closes only the socket it accepted; the TLS
                     # one that took over its descriptor is ours to close.
-                    connection.sock.close()
+                    connection.close_tls()
                 session.run_put_off_work()
                 try:
                     session.close()

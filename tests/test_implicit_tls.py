@@ -191,6 +191,20 @@ def test_pop3s_logs_in_and_capa_lacks_stls(implicit, context, alice, store):
         client.close()
 
 
+@pytest.mark.parametrize("listener, quit_reply", [("smtps", b"221 "), ("pop3s", b"+OK ")])
+def test_quit_ends_tls_with_close_notify_not_a_cut_stream(implicit, context, listener, quit_reply):
+    # RFC 8446 §6.1: close_notify before closing. Without it a client that
+    # takes a stream cut short for an attack (suppress_ragged_eofs=False,
+    # OpenSSL 3's s_client) saw the end of every clean QUIT as an error.
+    with socket.create_connection(implicit.addresses[listener], timeout=CLIENT_TIMEOUT) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
+            replies = tls.makefile("rb")
+            replies.readline()  # the greeting
+            tls.sendall(b"QUIT\r\n")
+            assert replies.readline().startswith(quit_reply)
+            assert tls.recv(4096) == b""  # raised SSLEOFError, "unexpected eof while reading"
+
+
 # --- a failed handshake ends that connection only -------------------------------------------
 
 
