@@ -167,7 +167,7 @@ class Pop3Session(Session):
     SASL_CANCELLED = POP3_AUTH_CANCELLED
     SASL_MALFORMED = POP3_AUTH_MALFORMED
     SASL_LINE_TOO_LONG = POP3_SASL_LINE_TOO_LONG
-    SASL_UNAVAILABLE = POP3_STORAGE_FAILURE
+    LOGIN_UNAVAILABLE = POP3_STORAGE_FAILURE
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)

@@ -101,7 +101,7 @@ class Session:
     SASL_CANCELLED: ClassVar[Reply]  # the client answered "*"
     SASL_MALFORMED: ClassVar[Reply]  # not base64, or not what the mechanism wants
     SASL_LINE_TOO_LONG: ClassVar[Reply]  # a response over SASL_LINE_MAX octets
-    SASL_UNAVAILABLE: ClassVar[Reply]  # credentials that cannot be checked now (users.json unusable)
+    LOGIN_UNAVAILABLE: ClassVar[Reply]  # credentials that cannot be checked now (users.json unusable)
     # State changes made by something other than a command (the end of DATA's
     # text, the close after UPDATE): (from, what happens, to; None = closed).
     # With the command table's moves they make the whole state diagram.
@@ -273,7 +273,7 @@ class Session:
             return refusal.reply
         except UnusableFile as error:  # the admin's to mend, and no bug: its one line, no traceback
             log.error("%s session %d: %s failed: %s", self.protocol, self.session_id, what, error)
-            return self.SASL_UNAVAILABLE if what == "AUTH" else self.INTERNAL_ERROR
+            return self.INTERNAL_ERROR
         except Exception:
             return self._internal_error(what)
 
@@ -313,7 +313,9 @@ class Session:
         a wrong password is one, a check that raises is a fault of ours and
         none. Raises AddressBlocked, checking nothing, where the address has
         failed too often lately; waits first while checks under way from it
-        could still bring it there.
+        could still bring it there. Credentials that cannot be checked now
+        (users.json unusable) are refused with LOGIN_UNAVAILABLE, and no
+        failure is counted.
         """
         throttle, address = self.context.throttle, self.peer[0]
         deadline = time.monotonic() + LOGIN_THROTTLE_WAIT_SECONDS
@@ -328,6 +330,9 @@ class Session:
             except UserError:
                 user = None  # not a possible user name: fails like a wrong password
             failed = not (user is not None and credentials_valid(user))
+        except UnusableFile as error:  # the admin's to mend: one line, and the protocol's own refusal
+            log.error("%s session %d: cannot check a login now: %s", self.protocol, self.session_id, error)
+            raise CommandError(self.LOGIN_UNAVAILABLE) from None
         finally:
             throttle.end(address, failed)
         return None if failed else user

@@ -429,7 +429,7 @@ class SmtpSession(Session):
     SASL_CANCELLED = R501_AUTH_CANCELLED
     SASL_MALFORMED = R501_AUTH_MALFORMED
     SASL_LINE_TOO_LONG = R500_AUTH_LINE_TOO_LONG
-    SASL_UNAVAILABLE = R454_TEMPORARY_AUTH_FAILURE
+    LOGIN_UNAVAILABLE = R454_TEMPORARY_AUTH_FAILURE
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
