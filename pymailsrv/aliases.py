@@ -47,7 +47,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pymailsrv.durable import ChangedFile, UnusableFile, exclusive_lock, write_atomically
+from pymailsrv.durable import ChangedFile, exclusive_lock, write_atomically
 from pymailsrv.limits import ALIAS_DEPTH_MAX
 from pymailsrv.paths import PathError, in_domains, least_quoted, parse_path, unquoted_local_part
 from pymailsrv.users import UserError, check_user_name
@@ -185,21 +185,10 @@ def _parse(text: str, where: str = "aliases") -> _AliasFile:
     return parsed
 
 
-class UnreadableAliasFile(UnusableFile):
-    """The aliases file is there, but the server may not read it (or it is a directory)."""
-
-
 def _read(path: Path) -> _AliasFile:
     # surrogateescape, as _editing reads it: a target that is not UTF-8 is
     # then refused by check_target, not turned into another address.
-    try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
-    except FileNotFoundError:  # gone since ChangedFile looked for it: no aliases
-        return _AliasFile()
-    except OSError as error:  # put there, say, by root with its own permissions
-        raise UnreadableAliasFile(f"{path} cannot be read: {error.strerror or error}; it must be readable by "
-                                  f"the user the server runs as") from None
-    return _parse(text, str(path))
+    return _parse(path.read_text(encoding="utf-8", errors="surrogateescape"), str(path))
 
 
 class AliasTable:

@@ -159,8 +159,10 @@ def exclusive_lock(path: Path) -> Iterator[None]:
 class ChangedFile(Generic[T]):
     """``parse(path)``'s result, recomputed only when the file changes on disk.
 
-    ``get()`` returns ``missing`` while the file does not exist. Threads may
-    share one ``ChangedFile``: the check and the re-read happen under a lock.
+    ``get()`` returns ``missing`` while the file does not exist, and raises
+    UnusableFile where it is there but cannot be read (shut to us, or a
+    directory). Threads may share one ``ChangedFile``: the check and the
+    re-read happen under a lock.
     """
 
     def __init__(self, path: Path, parse: Callable[[Path], T], missing: T) -> None:
@@ -178,5 +180,11 @@ class ChangedFile(Generic[T]):
         signature = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         with self._lock:
             if self._cache is None or self._cache[0] != signature:
-                self._cache = (signature, self._parse(self.path))
+                try:
+                    self._cache = (signature, self._parse(self.path))
+                except FileNotFoundError:  # gone since the stat
+                    return self._missing
+                except OSError as error:  # put there, say, by root with its own permissions
+                    raise UnusableFile(f"{self.path} cannot be read: {error.strerror or error}; it must be "
+                                       f"readable by the user the server runs as") from None
             return self._cache[1]

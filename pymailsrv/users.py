@@ -140,8 +140,8 @@ _DECOY_HASH = _phc(secrets.token_bytes(SCRYPT_SALT_OCTETS), secrets.token_bytes(
 
 
 class DamagedUserFile(UnusableFile):
-    """users.json is there but gives no users (damaged, or shut to us): no
-    mail is refused for it, and no login succeeds, till it is mended."""
+    """users.json is there but holds no users: no mail is refused for it,
+    and no login succeeds, till it is mended."""
 
 
 def _read_users(path: Path) -> dict[str, dict[str, str]]:
@@ -150,11 +150,6 @@ def _read_users(path: Path) -> dict[str, dict[str, str]]:
             document = json.load(file)
     except ValueError as error:  # not JSON, or not UTF-8
         raise DamagedUserFile(f"{path} is damaged: {error}") from None
-    except FileNotFoundError:
-        raise  # no users yet, for _change; ChangedFile looks before it reads
-    except OSError as error:  # put there, say, by root with its own permissions
-        raise DamagedUserFile(f"{path} cannot be read: {error.strerror or error}; it must be readable by the "
-                              f"user the server runs as") from None
     except RecursionError:
         raise DamagedUserFile(f"{path} is damaged: it is nested too deep") from None
     users = document.get("users") if isinstance(document, dict) else None
