@@ -126,6 +126,7 @@ from pymailsrv.replies import (
 )
 from pymailsrv.session import AddressBlocked, Session, command_text, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
+from pymailsrv.users import UserError, check_user_name
 
 if TYPE_CHECKING:
     from pymailsrv.server import ServerContext
@@ -728,7 +729,14 @@ class SmtpSession(Session):
         elsewhere (a user who forwards everything still sends as themselves).
         """
         local_part = unquoted_local_part(sender.local_part)
-        return local_part.lower() == self.user or self.user in self.context.aliases.expand(local_part).users
+        try:
+            # As users.py spells a name, never by str.lower() alone: KELVIN
+            # SIGN lower-cases to "k", and would be a second spelling of it.
+            if check_user_name(local_part) == self.user:
+                return True
+        except UserError:
+            pass
+        return self.user in self.context.aliases.expand(local_part).users
 
     def _mail_parameter(self, envelope: Envelope, keyword: str, value: str | None) -> None:
         """Check one MAIL parameter of the extensions we offer."""

@@ -126,6 +126,17 @@ def test_a_user_sends_as_their_own_name_though_forwarded_and_as_an_alias_for_the
     assert exchange(logged_in(), f"MAIL FROM:<{sender}>") == wire(R.R250_SENDER_OK, address=sender)
 
 
+def test_a_look_alike_of_a_users_name_is_not_theirs_to_send_as(connect, add_user):
+    # KELVIN SIGN lower-cases to "k": "\u212aate" is no spelling of kate's name
+    # (users.py refuses it), so no address of hers.
+    add_user("kate")
+    connected = connect("submission")
+    assert exchange(connected, f"AUTH PLAIN {plain('kate')}") == wire(R.R235_AUTHENTICATED)
+    sender = "\u212aate@localhost"
+    assert exchange(connected, f"MAIL FROM:<{sender}> SMTPUTF8") == wire(R.R550_SENDER_NOT_OWNED, address=sender,
+                                                                          user="kate")
+
+
 def test_own_address_delivers_to_a_local_user_with_esmtpa(logged_in, bob, store):
     connected = logged_in()
     assert exchange(connected, "MAIL FROM:<alice@localhost>") == wire(R.R250_SENDER_OK, address="alice@localhost")
