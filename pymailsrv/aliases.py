@@ -303,7 +303,7 @@ class AliasTable:
     def add(self, name: str, targets: Iterable[str]) -> list[str]:
         """Add targets to ``name`` (created if need be); returns its targets now."""
         name = _checked_name(name)
-        checked = [check_target(target, self.domains) for target in targets]
+        checked = list(dict.fromkeys(check_target(target, self.domains) for target in targets))  # each once
         if not checked:
             raise AliasError("give at least one target")
         with self._editing() as (parsed, lines):
@@ -313,7 +313,7 @@ class AliasTable:
                 return checked
             # As remove() compares them: 'Alice' and '"alice"@localhost' are alice.
             present = {_canonical(target, self.domains) for target in entry.targets}
-            targets = entry.targets + [target for target in dict.fromkeys(checked) if target not in present]
+            targets = entry.targets + [target for target in checked if target not in present]
             _replace_entry(lines, entry, _format(name, targets))
             return targets
 

@@ -220,6 +220,7 @@ def test_add_knows_a_target_by_any_of_its_spellings_as_remove_does(aliases):
     write(aliases, 'staff: Alice, "bob"@example.com\n')
     assert aliases.add("staff", ["alice", "bob", "carol", "carol"]) == ["Alice", '"bob"@example.com', "carol"]
     assert aliases.path.read_text() == 'staff: Alice, "bob"@example.com, carol\n'
+    assert aliases.add("sales", ["carol", "Carol", "carol@example.com"]) == ["carol"]  # a new alias too
 
 
 @pytest.mark.parametrize("name, targets", [("../x", ["alice"]), ("ok", ["a b"]), ("ok", ["x@"]), ("ok", []),
