@@ -851,13 +851,9 @@ class Relay:
         local_part = unquoted_local_part(address.rpartition("@")[0])
         try:
             expansion = self.context.aliases.expand(local_part)
-        except UnusableFile as error:  # users.json or aliases: the admin's to mend; the mail waits
-            log.error("cannot deliver to %s now: %s", address, error)
-            return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
-        if not expansion:
-            return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
-                           _local_diagnostic(f"no such user or alias here: {local_part}"))
-        try:
+            if not expansion:
+                return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
+                               _local_diagnostic(f"no such user or alias here: {local_part}"))
             if expansion.users:
                 text = without_return_path(message).replace(b"\r\n", b"\n")
                 incoming = self.context.store.receive(expansion.users)
@@ -870,7 +866,7 @@ class Relay:
             if expansion.external:
                 # Forwarded on, keeping the original sender for bounces.
                 self.queue.enqueue(sender, expansion.external, message)
-        except StorageError as error:
+        except (StorageError, UnusableFile) as error:  # a Maildir, users.json or aliases: the mail waits
             return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
         return Outcome(State.DELIVERED, STATUS_DELIVERED, _local_diagnostic("delivered locally"))
 
