@@ -116,6 +116,7 @@ class Session:
         self.state: enum.Enum = self.initial_state()
         self.errors = 0
         self.commands_run = 0
+        self.last_command: Command | None = None  # the known command of the line dispatched last
         self.user: str | None = None  # who logged in, once someone has
         self.tls = False  # set by the transport once a TLS handshake is done
         # Set by the transport: has the client sent more than we have read?
@@ -240,10 +241,11 @@ class Session:
     def dispatch(self, line: bytes, too_long: bool = False) -> Reply:
         """Look the verb up in the command table and run its handler."""
         self.commands_run += 1  # every line, too long or unknown too (see Pop3Session.do_pass)
+        self.last_command = None
         if too_long:
             return self._counted(self.LINE_TOO_LONG)
         verb, _, argument = command_text(line).partition(" ")
-        command = self.commands.find(verb)
+        command = self.last_command = self.commands.find(verb)
         reply = self._answer(command, argument)
         # An AUTH refused however (its handler, its state, a fault) may be
         # followed by the base64 lines meant for its exchange; mask() hides

@@ -124,7 +124,7 @@ from pymailsrv.replies import (
     CommandError,
     Reply,
 )
-from pymailsrv.session import AddressBlocked, Session, command_text, in_networks
+from pymailsrv.session import AddressBlocked, Session, in_networks
 from pymailsrv.storage import IncomingMessage, InsufficientStorage, StorageError
 from pymailsrv.users import UserError, check_user_name
 
@@ -519,8 +519,8 @@ class SmtpSession(Session):
         if len(line) > SMTP_COMMAND_LINE_MAX and line[:4].upper() not in (b"MAIL", b"RCPT"):
             too_long = True
         reply = super().dispatch(line, too_long)
-        if (reply.refused and reply.after is After.CONTINUE
-                and ascii_upper(command_text(line).partition(" ")[0]) == "DATA" and self.client_is_ahead()):
+        if (reply.refused and reply.after is After.CONTINUE and self.last_command is not None
+                and self.last_command.verb == "DATA" and self.client_is_ahead()):
             # RFC 2920 §3.1: DATA ends a pipelined group, and its text waits
             # for 354. Sent already, to a DATA refused, the text would be read
             # as commands: a MAIL, RCPT and DATA in it would send mail the
