@@ -389,10 +389,6 @@ class SessionHandler(socketserver.BaseRequestHandler):
             outcome = f"network error: {error.strerror or error}"
         finally:
             try:
-                if connection.sock is not self.request:
-                    # socketserver closes only the socket it accepted; the TLS
-                    # one that took over its descriptor is ours to close.
-                    connection.close_tls()
                 session.run_put_off_work()
                 try:
                     session.close()
@@ -405,7 +401,15 @@ class SessionHandler(socketserver.BaseRequestHandler):
                          self.client_address[0], session.user or "-", session.commands_run,
                          connection.octets_in, connection.octets_out, time.monotonic() - started, outcome)
             finally:
-                # Last, whatever failed above: a stopping server waits for
-                # this, and by now the session holds nothing (its spool
-                # file, its maildrop lock).
-                listener.untrack(connection)
+                try:
+                    if connection.sock is not self.request:
+                        # socketserver closes only the socket it accepted; the
+                        # TLS one that took over its descriptor is ours to close,
+                        # once the session holds nothing: it may wait a moment
+                        # for the client's close_notify.
+                        connection.close_tls()
+                finally:
+                    # Last, whatever failed above: a stopping server waits for
+                    # this, and by now the session holds nothing (its spool
+                    # file, its maildrop lock).
+                    listener.untrack(connection)
