@@ -240,7 +240,7 @@ class MaildirStore:
 
         def unless_gone(function: Callable, name: str, exc_info: tuple) -> None:
             if not isinstance(exc_info[1], FileNotFoundError):
-                raise storage_error(exc_info[1], f"deleting {name}")
+                raise storage_error(exc_info[1], "deleting")  # the error names the file
 
         shutil.rmtree(path, onerror=unless_gone)
 

@@ -686,7 +686,8 @@ class Relay:
                 # Written down at once, before the next chunk or QUIT (whose
                 # reply may be slow to come): stopped or killed meanwhile,
                 # the server would send them again after the restart, though
-                # this host has taken them (RFC 5321 §6.1).
+                # this host has taken them (RFC 5321 §6.1). One queue write
+                # more per message, for no copy sent twice.
                 settle(outcomes)
                 # RFC 5321 §4.5.3.1.10: a server may take only so many
                 # recipients a message (100 at least, §4.5.3.1.8) and refuse

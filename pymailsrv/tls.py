@@ -8,6 +8,8 @@ protocol's cryptography is OpenSSL's choice, not ours.
 package (no hand-made ASN.1; a P-256 key signed with SHA-256), and
 ``write_pair`` writes them: good for a lab or for trying STARTTLS with
 ``curl --insecure``, not for mail from strangers, who will not trust it.
+``validity_problem`` reads a certificate's dates with the same package, so
+that a start can warn of one out of date.
 """
 
 from __future__ import annotations
