@@ -27,7 +27,7 @@ from pymailsrv.config import ConfigError, Settings, load_settings
 from pymailsrv.durable import UnusableFile
 from pymailsrv.maildir import MaildirStore
 from pymailsrv.storage import MaildropLocked, StorageError
-from pymailsrv.users import DamagedUserFile, UserError, UserStore, add_account, check_user_name
+from pymailsrv.users import UserError, UserStore, add_account, check_user_name
 
 # sysexits.h, as mail delivery agents use them.
 EX_DATAERR = 65
@@ -418,7 +418,7 @@ def deliver(root: str | None, config: str | None, name: str, file: str) -> None:
             queue_id = MaildirStore(settings.root).deliver(user, _NotBlank(message))
     except BlankMessage:
         _exit(EX_DATAERR, "the message is empty")
-    except (StorageError, OSError, DamagedUserFile) as error:
+    except (StorageError, OSError, UnusableFile) as error:
         _exit(EX_TEMPFAIL, f"cannot deliver now, try again later: {error}")
     click.echo(f"delivered to {user} as {queue_id}")
 

@@ -70,7 +70,7 @@ from pathlib import Path
 from pymailsrv.aliases import ALIASES_FILE_NAME, AliasTable
 from pymailsrv.auth import FailureThrottle
 from pymailsrv.config import ConfigError, Settings, host_and_port
-from pymailsrv.durable import make_private_directory
+from pymailsrv.durable import UnusableFile, make_private_directory
 from pymailsrv.faults import FaultError, FaultPlan
 from pymailsrv.limits import (
     ACCEPT_DEFER_PAUSE_SECONDS,
@@ -101,7 +101,7 @@ from pymailsrv.smtp import SmtpSession, SubmissionSession
 from pymailsrv.tls import KeyEncrypted, server_context, validity_problem
 from pymailsrv.trace import TraceOptions, Tracer
 from pymailsrv.transport import Connection, SessionHandler
-from pymailsrv.users import DamagedUserFile, UserStore
+from pymailsrv.users import UserStore
 
 log = logging.getLogger("pymailsrv.server")
 
@@ -724,7 +724,7 @@ class MailServer:
         wanted = self.settings.smtp.postmaster_user
         try:
             names = self.context.users.names()
-        except DamagedUserFile as error:  # no login would work: say so now, not at the first client
+        except UnusableFile as error:  # no login would work: say so now, not at the first client
             raise ConfigError(str(error)) from None
         if wanted and wanted not in names:
             log.warning("smtp.postmaster is %r, but there is no such user: postmaster mail will be "

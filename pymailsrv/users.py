@@ -220,7 +220,7 @@ class UserStore:
         be read, when no login can."""
         try:
             users = self._load()
-        except (DamagedUserFile, OSError):
+        except (UnusableFile, OSError):
             return False
         seen_in, answer = self._apop_answer
         if seen_in is not users:  # users.json changed: ask again, once

@@ -333,6 +333,20 @@ def test_a_damaged_user_file_is_one_line_and_deliver_tempfails(cli, root, damage
     assert (root / ".pymailsrv" / "users.json").read_bytes() == damage  # left for the admin to restore
 
 
+def test_a_pop3_greeting_while_users_json_cannot_be_read_is_still_a_greeting(start_server, root, add_user):
+    # Whether to offer APOP reads users.json: unreadable, there is no APOP,
+    # and the greeting still comes (no login can succeed till it is mended).
+    add_user("alice")
+    server = start_server()
+    (root / ".pymailsrv" / "users.json").unlink()
+    (root / ".pymailsrv" / "users.json").mkdir()  # unreadable as a file, even to root
+    client = poplib.POP3(*server.addresses["pop3"], timeout=CLIENT_TIMEOUT)
+    try:
+        assert client.getwelcome() == b"+OK pymailsrv POP3 server ready"
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("command", [("user", "add", "bob", "--password-stdin"), ("user", "remove", "bob"),
                                      ("cert", "generate")])
 def test_a_data_root_below_a_file_is_one_line(cli, tmp_path, command):
@@ -583,13 +597,17 @@ def test_start_with_the_wrong_kind_of_entry_in_the_state_directory_is_one_line(r
         f"Error: {str(root / '.pymailsrv' / name)!r} must be {kind}: move it out of the way").encode()
 
 
-def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root):
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.write_bytes(b"{"), rb"is damaged: .+"),
+    (lambda path: (path.unlink(), path.mkdir()), rb"cannot be read: Is a directory; .+"),
+], ids=["not JSON", "a directory"])
+def test_start_with_a_damaged_user_file_is_exit_1_without_a_traceback(root, damage, problem):
     run_cli("user", "add", "alice", "--password-stdin", "--root", str(root), input=b"pw\n")
-    (root / ".pymailsrv" / "users.json").write_bytes(b"{")
+    damage(root / ".pymailsrv" / "users.json")
     result = run_cli("start", "--root", str(root), "--pop3-port", "0", "--smtp-port", "0")
     assert result.returncode == 1
     assert b"Traceback" not in result.stderr
-    assert re.fullmatch(rb"Error: .*users\.json is damaged: .+", result.stderr.splitlines()[-1])
+    assert re.fullmatch(rb"Error: .*users\.json " + problem, result.stderr.splitlines()[-1])
 
 
 def test_output_cut_short_by_its_reader_is_no_error(root, start_server):
