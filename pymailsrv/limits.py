@@ -217,8 +217,9 @@ RELAY_WORKERS_MAX = 100
 # timeout for every socket operation, so we use the common 5 minutes of the
 # greeting, MAIL and RCPT (§4.5.3.2.1-3) ...
 SMTP_CLIENT_TIMEOUT_SECONDS = 5 * 60
-# ... and §4.5.3.2.6's 10 minutes for DATA and its text: "a spurious timeout
-# at this point would typically result in delivery of multiple copies".
+# ... and §4.5.3.2.6's 10 minutes for DATA and its text: a spurious timeout
+# there "would be very wasteful and would typically result in delivery of
+# multiple copies of the message".
 SMTP_CLIENT_DATA_TIMEOUT_SECONDS = 10 * 60
 
 # RFC 5321 §4.5.3.1.5 limits a reply line to 512 octets, but not how many

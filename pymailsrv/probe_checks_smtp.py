@@ -363,7 +363,7 @@ def pipelining_in_order(p: Probe) -> None:
 
 
 def _size_limit(extensions: dict[str, str]) -> int | None:
-    """The fixed limit SIZE offers, or None (RFC 1870 §4: 0 or none means no fixed one)."""
+    """The fixed limit SIZE offers, or None (RFC 1870 §3 item 3: 0 means no fixed one; §7: nor does none)."""
     limit = offered(extensions, "SIZE").strip()
     return int(limit) if is_decimal(limit) and int(limit) > 0 else None
 

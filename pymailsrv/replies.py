@@ -440,7 +440,7 @@ R503_BAD_SEQUENCE = SmtpReply(503, "5.5.1", "bad sequence of commands: {detail}"
                               note="commands out of order, RFC 5321 §3.3, §4.1.4")
 R503_WRONG_STATE = SmtpReply(503, "5.5.1", "bad sequence of commands: {verb} is not valid in the {state} state",
                              note="commands out of order, RFC 5321 §3.3, §4.1.4")
-R503_ALREADY_TLS = SmtpReply(503, "5.5.1", "TLS already active", note="STARTTLS only once, RFC 3207 §4")
+R503_ALREADY_TLS = SmtpReply(503, "5.5.1", "TLS already active", note="STARTTLS only once, RFC 3207 §4.2")
 R503_ALREADY_AUTHENTICATED = SmtpReply(503, "5.5.1", "already authenticated",
                                        note="AUTH only once per session, RFC 4954 §4")
 R504_UNKNOWN_MECHANISM = SmtpReply(504, "5.5.4", "unrecognized authentication type",
