@@ -208,11 +208,26 @@ def _pipelining_offered(t: Transcript, exchange: Exchange) -> bool:
 # RFC 2920 §3.1: these "can only appear as the last command in a group",
 # as their replies change what may follow (EHLO's lists what is offered).
 _LAST_IN_A_GROUP = ("EHLO", "DATA", "VRFY", "EXPN", "TURN", "QUIT", "NOOP")
+# RFC 4954 §4: AUTH too, unless it carries the initial response of a
+# mechanism that completes in one round trip; "PLAIN [PLAIN] and EXTERNAL
+# [SASL]" are its examples.
+_ONE_ROUND_TRIP_MECHANISMS = ("PLAIN", "EXTERNAL")
+
+
+def _ends_its_group(exchange: Exchange) -> bool:
+    """May nothing be pipelined after this SMTP command (RFC 2920 §3.1, RFC 4954 §4)?"""
+    if exchange.verb == "AUTH":
+        mechanism, *initial_response = exchange.arguments or [""]
+        return not (initial_response and mechanism.upper() in _ONE_ROUND_TRIP_MECHANISMS)
+    # (A line pipelined after DATA's text went with the text, after the
+    # 354: RFC 2920 §3.1 lets the text be the first "command" of a group.)
+    return exchange.verb in _LAST_IN_A_GROUP and not (exchange.verb == "DATA" and exchange.text_events)
 
 
 def waits_for_replies(t: Transcript) -> Verdict:
     """RFC 2920 §3, RFC 2449 §6.6: no command before the last reply, unless a
-    reply the client had already read offered PIPELINING."""
+    reply the client had already read offered PIPELINING; never a SASL
+    answer before its challenge (RFC 4954 §4, RFC 5034 §4)."""
     smtp = t.header["protocol"] == "smtp"
     # What the server recorded of lines that are no command in the transcript:
     for event in t.events:
@@ -241,11 +256,15 @@ def waits_for_replies(t: Transcript) -> Verdict:
             # EHLO's own offer cannot cover the MAIL sent along with it.
             return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
                            f"and no {asked} reply it had read offered PIPELINING")
-        elif smtp and previous.verb in _LAST_IN_A_GROUP and not (previous.verb == "DATA" and previous.text_events):
-            # (A line pipelined after DATA's text went with the text, after the
-            # 354: RFC 2920 §3.1 lets the text be the first "command" of a group.)
+        elif exchange.line == _MASK:
+            # A SASL answer answers the server's challenge (RFC 4954 §4,
+            # RFC 5034 §4): sent ahead, it answered none it had read.
+            return False, (f"a SASL answer (****) was sent before the reply to {shown(previous.line)}: "
+                           "it answers a challenge the client had not yet read")
+        elif smtp and _ends_its_group(previous):
+            rfc = "RFC 4954 §4" if previous.verb == "AUTH" else "RFC 2920 §3.1"
             return False, (f"{shown(exchange.line)} was sent before the reply to {shown(previous.line)}, "
-                           f"which RFC 2920 §3.1 allows only last in a group")
+                           f"which {rfc} allows only last in a group")
         if _pipelining_offered(t, exchange):
             offered = True
         previous = exchange

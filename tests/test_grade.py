@@ -396,6 +396,61 @@ def test_text_sent_with_data_before_its_354_fails_waits_for_replies(classroom, r
     assert item.evidence == "the message text was sent before the 354 reply to DATA, which RFC 2920 §3.1 puts last"
 
 
+_LOGIN_ANSWERS = base64.b64encode(b"alice") + b"\r\n" + base64.b64encode(PASSWORD.encode()) + b"\r\n"
+_PLAIN_ANSWER = base64.b64encode(f"\0alice\0{PASSWORD}".encode())
+
+
+@pytest.mark.parametrize("group, replies, evidence", [
+    # The answers went before the 334 challenges that ask for them.
+    (b"AUTH LOGIN\r\n" + _LOGIN_ANSWERS + b"MAIL FROM:<alice@localhost>\r\n", [b"334", b"334", b"235", b"250"],
+     "a SASL answer (****) was sent before the reply to 'AUTH LOGIN': it answers a challenge the client had not "
+     "yet read"),
+    (b"AUTH PLAIN\r\n" + _PLAIN_ANSWER + b"\r\n", [b"334", b"235"],
+     "a SASL answer (****) was sent before the reply to 'AUTH PLAIN'"),
+    # RFC 4954 §4: AUTH comes last in a group, short of a one-round-trip initial response.
+    (b"AUTH CRAM-MD5\r\nMAIL FROM:<alice@localhost>\r\n", [b"504", b"250"],
+     "'MAIL FROM:<alice@localhost>' was sent before the reply to 'AUTH CRAM-MD5', which RFC 4954 §4 allows only "
+     "last in a group"),
+], ids=["login-answers", "plain-answer", "after-auth"])
+def test_auth_pipelined_where_rfc_4954_forbids_fails_waits_for_replies(classroom, root, group, replies, evidence):
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")  # PIPELINING offered, and read
+    client.send(group)
+    assert [smtp_reply(client)[-1][:3] for _ in replies] == replies
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["smtp.waits-for-replies"]
+    (item,) = [item for item in result.results if item.criterion == "smtp.waits-for-replies"]
+    assert item.evidence.startswith(evidence)
+
+
+def test_mail_pipelined_after_auth_plain_with_its_initial_response_passes(classroom, root):
+    # RFC 4954 §4's exception: PLAIN completes in the one round trip.
+    server = classroom()
+    client = raw_smtp(server)
+    smtp_command(client, "EHLO student.example")
+    client.send(b"AUTH PLAIN " + _PLAIN_ANSWER + b"\r\nMAIL FROM:<alice@localhost>\r\n")
+    assert [smtp_reply(client)[-1][:3] for _ in range(2)] == [b"235", b"250"]
+    smtp_command(client, "QUIT")
+    (result,) = graded(root, server)
+    assert verdicts(result)["smtp.waits-for-replies"] == PASS
+
+
+def test_a_pop3_sasl_answer_sent_before_its_challenge_fails_waits_for_replies(classroom, root):
+    server = classroom()
+    client = RawClient(server.addresses["pop3"])
+    assert client.line().startswith(b"+OK")
+    assert client.command("CAPA").startswith(b"+OK")  # PIPELINING offered, and read
+    assert b"PIPELINING\r\n" in client.multiline()
+    client.send(b"AUTH PLAIN\r\n" + _PLAIN_ANSWER + b"\r\n")
+    assert client.line() == b"+ \r\n"
+    assert client.line().startswith(b"+OK")
+    client.command("QUIT")
+    (result,) = graded(root, server)
+    assert failed(result) == ["pop3.waits-for-replies"]
+
+
 def test_pop3_commands_pipelined_with_capa_fail_waits_for_replies(classroom, root):
     server = classroom()
     client = raw_pop3_login(server)
