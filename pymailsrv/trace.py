@@ -63,16 +63,18 @@ _DIM, _RESET = "\033[2m", "\033[0m"
 # RLM, ALM) stay: right-to-left text uses them, and each only sets the
 # direction of the one place it stands in. The live JSON form is ASCII
 # (json.dumps escapes the rest); transcripts keep the characters, and
-# 'transcripts show' escapes them as the text form does.
+# 'transcripts show' escapes them as the text form does. A lone surrogate
+# (an undecodable octet, or a "\\ud800" written into a transcript by hand)
+# is escaped too: no terminal, and no UTF-8 encoder, takes one.
 _BIDI_CONTROLS = (*range(0x202A, 0x202F), *range(0x2066, 0x206A))
 _CONTROLS_SHOWN = {**{code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)},
-                   **{code: f"\\u{code:04x}" for code in (*range(0x80, 0xA0), *_BIDI_CONTROLS, 0x2028, 0x2029)}}
+                   **{code: f"\\u{code:04x}" for code in (*range(0x80, 0xA0), *_BIDI_CONTROLS, 0x2028, 0x2029,
+                                                          *range(0xD800, 0xE000))}}
 # Reports (grade, probe, mailbox, queue and transcript listings) keep their
 # layout, newlines and tabs, and show everything else as the trace does.
-# Lone surrogates (undecodable octets) too: no terminal or XML file takes them.
-# U+FFFE and U+FFFF are no XML characters either (a JUnit file).
+# U+FFFE and U+FFFF are no XML characters (a JUnit file): escaped there too.
 _SHOWN_IN_REPORTS = {**{code: escape for code, escape in _CONTROLS_SHOWN.items() if code not in (0x09, 0x0A)},
-                     **{code: f"\\u{code:04x}" for code in (*range(0xD800, 0xE000), 0xFFFE, 0xFFFF)}}
+                     **{code: f"\\u{code:04x}" for code in (0xFFFE, 0xFFFF)}}
 
 
 def escape_controls(report: str) -> str:

@@ -22,6 +22,8 @@ by hand, garbage, a directory) is skipped by ``list`` with a note on stderr;
 from __future__ import annotations
 
 import json
+import os
+import stat
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -75,7 +77,11 @@ def load(path: Path, keep_events: bool = True) -> Transcript:
     with ``--trace-bodies`` holds a line of its message text per event.
     """
     transcript = None
-    with open(path, "rb") as file:
+    with open(path, "rb", opener=_without_waiting) as file:
+        # Only a regular file: a FIFO would wait for a writer, and a link to
+        # /dev/zero is one endless line, read into memory as it grows.
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise TranscriptError("not a regular file")
         for number, line in enumerate(file, start=1):
             try:
                 record = json.loads(line.decode("utf-8"))
@@ -103,6 +109,11 @@ def load(path: Path, keep_events: bool = True) -> Transcript:
     if transcript is None:
         raise TranscriptError("no session record: not a transcript")
     return transcript
+
+
+def _without_waiting(path: str, flags: int) -> int:
+    """An ``opener`` for open() that does not wait for a FIFO's writer."""
+    return os.open(path, flags | os.O_NONBLOCK)
 
 
 def _check(record: dict, fields: dict[str, type | tuple[type, ...]], number: int) -> None:
@@ -140,7 +151,7 @@ def each_transcript(state_dir: Path, unreadable: list[str], keep_events: bool = 
         try:
             transcript = load(path, keep_events)
         except (OSError, TranscriptError) as error:
-            unreadable.append(f"{path.name.removesuffix(SUFFIX)}: {_reason(error)}")
+            unreadable.append(shown(f"{path.name.removesuffix(SUFFIX)}: {_reason(error)}"))
             continue
         yield transcript
 

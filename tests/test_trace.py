@@ -420,15 +420,22 @@ MALFORMED = {
 }
 
 
+# Names in the directory that are no file to read -> why, as list and show say it.
+NOT_FILES = {"folder": "Is a directory", "fifo": "not a regular file", "endless": "not a regular file"}
+
+
 @pytest.fixture
 def transcripts(root):
-    """ROOT/.pymailsrv/transcripts holding 'good', every MALFORMED file, and a directory 'folder'."""
+    """ROOT/.pymailsrv/transcripts holding 'good', every MALFORMED file, and NOT_FILES:
+    a directory, a FIFO no one writes to, and a link to /dev/zero."""
     directory = root / ".pymailsrv" / "transcripts"
     directory.mkdir(parents=True)
     (directory / "good.jsonl").write_text(GOOD_TEXT, encoding="utf-8")
     for name, (content, _) in MALFORMED.items():
         (directory / f"{name}.jsonl").write_bytes(content)
     (directory / "folder.jsonl").mkdir()
+    os.mkfifo(directory / "fifo.jsonl")
+    (directory / "endless.jsonl").symlink_to("/dev/zero")
     return directory
 
 
@@ -436,15 +443,15 @@ def test_transcripts_list_shows_the_good_and_notes_each_bad_one_on_stderr(transc
     result = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)])
     assert result.exit_code == 0, result.output
     assert [line.split()[0] for line in result.stdout.splitlines()[2:]] == ["good"]
-    expected = {f"note: skipped {name}: {reason}" for name, (_, reason) in MALFORMED.items()}
-    assert set(result.stderr.splitlines()) == expected | {"note: skipped folder: Is a directory"}
+    reasons = {name: reason for name, (_, reason) in MALFORMED.items()} | NOT_FILES
+    assert set(result.stderr.splitlines()) == {f"note: skipped {name}: {reason}" for name, reason in reasons.items()}
 
 
-@pytest.mark.parametrize("name", [*MALFORMED, "folder"])
+@pytest.mark.parametrize("name", [*MALFORMED, *NOT_FILES])
 def test_transcripts_show_refuses_a_bad_one_in_one_line(transcripts, root, name):
     result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), name])
     assert result.exit_code == 1
-    reason = MALFORMED[name][1] if name in MALFORMED else "Is a directory"
+    reason = MALFORMED[name][1] if name in MALFORMED else NOT_FILES[name]
     assert result.stderr == f"Error: transcript {name!r} cannot be read: {reason}\n"
     assert result.stdout == ""
 
@@ -464,6 +471,22 @@ def test_transcripts_show_escapes_every_field_of_a_file_edited_by_hand(transcrip
                              "-- ended: closed\\x0d\\x0a-- ended: fine\n")
 
 
+def test_a_lone_surrogate_written_into_a_transcript_is_shown_escaped(transcripts, root):
+    # Valid JSON ("\\ud800"), and no UTF-8 encoder takes it: printed as it
+    # was, it ended show and list with a traceback.
+    header, event, end = GOOD_RECORDS
+    edited = [{**header, "client": "127.0.0.1\ud800"}, {**event, "line": "QUIT \udcff"}, end]
+    (transcripts / "surrogate.jsonl").write_text("".join(json.dumps(record) + "\n" for record in edited))
+    shown = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "surrogate"])
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout == ("pop3 session 7 from 127.0.0.1\\ud800\n"
+                            "AUTHORIZATION C: QUIT \\udcff\n"
+                            "-- ended: closed: +OK bye\n")
+    listed = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)])
+    assert listed.exit_code == 0, listed.output
+    assert "127.0.0.1\\ud800" in listed.stdout
+
+
 def test_list_reads_each_transcript_checked_but_without_keeping_its_events(transcripts):
     # With --trace-bodies a session holds an event per line of its message:
     # a term of them must not all be in memory to list (or grade) them.
@@ -480,9 +503,9 @@ def test_transcripts_are_read_one_at_a_time_as_they_are_asked_for(transcripts):
     assert next(reading).id == "good"
     # Only the files before "good" in name order have been read so far.
     assert [note.split(":")[0] for note in unreadable] == [
-        "deeply-nested", "empty", "event-without-line", "folder", "garbage"]
+        "deeply-nested", "empty", "endless", "event-without-line", "fifo", "folder", "garbage"]
     assert list(reading) == []
-    assert len(unreadable) == len(MALFORMED) + 1
+    assert len(unreadable) == len(MALFORMED) + len(NOT_FILES)
 
 
 def test_a_last_line_cut_inside_a_utf8_sequence_is_left_out(transcripts, root):
