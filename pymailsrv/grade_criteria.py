@@ -426,7 +426,9 @@ def dot_stuffs_text(t: Transcript) -> Verdict:
         for line in lines:  # as on the wire: a stuffed line still has both dots
             if line.startswith("."):
                 dotted += 1
-                if line[1:2] not in (".", ""):
+                # A lone "." too: before the end it came with a bare line
+                # end, so it did not end the text, and it was not stuffed.
+                if line[1:2] != ".":
                     return False, f"text line {shown(line)} was sent without its stuffing dot"
     if not dotted:
         return None, "no text line starts with '.'"

@@ -314,6 +314,16 @@ def test_a_leading_dot_sent_unstuffed_fails_dot_stuffs_text(classroom, root):
     assert failed(result) == ["smtp.dot-stuffs-text"]
 
 
+def test_a_lone_dot_sent_unstuffed_with_a_bare_lf_fails_dot_stuffs_text(classroom, root):
+    # ".<LF>" does not end the text (RFC 5321 §4.1.1.4 asks <CRLF>.<CRLF>), so it
+    # is a text line starting with '.', and RFC 5321 §4.5.2 wants it doubled.
+    result = graded_message(classroom, root, b"Subject: x\r\n\r\nfirst\n.\nsecond\r\n.\r\n",
+                            trace_bodies=True)
+    assert failed(result) == ["smtp.uses-crlf", "smtp.dot-stuffs-text"]
+    (item,) = [item for item in result.results if item.criterion == "smtp.dot-stuffs-text"]
+    assert item.evidence == "text line '.' was sent without its stuffing dot"
+
+
 def test_dot_stuffing_is_not_applicable_when_bodies_were_not_traced(classroom, root):
     result = graded_message(classroom, root, b"Subject: x\r\n\r\n.leading dot\r\n.\r\n")
     assert verdicts(result)["smtp.dot-stuffs-text"] == NA
