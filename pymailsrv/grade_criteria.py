@@ -153,8 +153,10 @@ def shown(line: str, width: int = 60) -> str:
 
 
 def _ending(event: dict) -> str:
-    return {"CRLF": "CRLF", "LF": "a bare LF", "CR": "a bare CR", "none": "no line end"}.get(
-        event["ending"], event["ending"])
+    """What a line's recorded end says of it: "ended in a bare LF". A "CR"
+    line may end in CRLF: the CR stands inside it (trace.py's _line_end)."""
+    return {"CRLF": "ended in CRLF", "LF": "ended in a bare LF", "CR": "held a bare CR",
+            "none": "had no line end"}.get(event["ending"], f"ended in {event['ending']}")
 
 
 # --- rules both protocols share ------------------------------------------------------
@@ -180,12 +182,12 @@ def uses_crlf(t: Transcript) -> Verdict:
     wrong = [exchange for exchange in commands if exchange.event["ending"] != "CRLF"]
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        return False, f"{shown(wrong[0].line)} ended in {_ending(wrong[0].event)}{more}"
+        return False, f"{shown(wrong[0].line)} {_ending(wrong[0].event)}{more}"
     # Text lines in transcripts older than their recorded line ends have none: CRLF.
     text = next((event for exchange in commands for event in exchange.text_events
                  if event.get("ending", "CRLF") != "CRLF"), None)
     if text is not None:
-        return False, f"the message text had {_ending(text)} (at {shown(text['line'], 40)})"
+        return False, f"the message text {_ending(text)} (at {shown(text['line'], 40)})"
     every = "all " if len(commands) > 1 else ""
     return True, f"{every}{counted(len(commands), 'command line')} ended in CRLF"
 

@@ -221,7 +221,7 @@ def test_a_bare_lf_in_the_message_text_fails_uses_crlf(classroom, root, trace_bo
     result = graded_message(classroom, root, b"Subject: s3\n\nline one\r\n.\r\n", trace_bodies=trace_bodies)
     assert failed(result) == ["smtp.uses-crlf"]
     evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
-    assert evidence.startswith("the message text had a bare LF (at ")
+    assert evidence.startswith("the message text ended in a bare LF (at ")
 
 
 @pytest.mark.parametrize("trace_bodies", [False, True], ids=["summary", "bodies"])
@@ -232,7 +232,7 @@ def test_a_bare_cr_inside_a_text_line_fails_uses_crlf_traced_or_not(classroom, r
                             trace_bodies=trace_bodies)
     assert failed(result) == ["smtp.uses-crlf"]
     evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
-    assert evidence.startswith("the message text had a bare CR (at ")
+    assert evidence.startswith("the message text held a bare CR (at ")
 
 
 def test_a_command_line_ended_in_cr_cr_lf_fails_uses_crlf(classroom, root):
@@ -245,7 +245,7 @@ def test_a_command_line_ended_in_cr_cr_lf_fails_uses_crlf(classroom, root):
     (result,) = graded(root, server)
     assert failed(result) == ["smtp.uses-crlf"]
     evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
-    assert evidence == "'EHLO student.example\\r' ended in a bare CR"
+    assert evidence == "'EHLO student.example\\r' held a bare CR"
 
 
 def test_a_last_line_never_ended_is_in_the_transcript_and_fails_uses_crlf(classroom, root):
@@ -258,7 +258,7 @@ def test_a_last_line_never_ended_is_in_the_transcript_and_fails_uses_crlf(classr
     client.close()
     (result,) = graded(root, server)
     evidence = next(item.evidence for item in result.results if item.criterion == "smtp.uses-crlf")
-    assert evidence == "'QUIT' ended in no line end"
+    assert evidence == "'QUIT' had no line end"
 
 
 def test_talking_before_the_greeting_fails_waits_for_greeting(classroom, root):
