@@ -145,8 +145,8 @@ def grades_asked_for(state_dir: Path, user: str | None, ids: Iterable[str]) -> t
     if ids:
         try:
             return [grade(find(state_dir, transcript_id)) for transcript_id in ids], []
-        except TranscriptError as error:
-            raise click.BadParameter(str(error), param_hint="--transcript") from None
+        except TranscriptError as error:  # as 'transcripts show' says it: a user error, not a usage error
+            raise click.ClickException(str(error)) from None
     unreadable: list[str] = []
     grades = [grade(transcript) for transcript in each_transcript(state_dir, unreadable)
               if user is None or belongs_to(transcript, user)]

@@ -848,7 +848,8 @@ def test_grade_one_transcript_by_id_and_usage_errors(class_of_two, root):
     assert run(root).exit_code == 2  # nothing chosen
     assert run(root, "--all", "--user", "alice").exit_code == 2  # two choices
     missing = run(root, "--transcript", "nope")
-    assert missing.exit_code == 2 and "no transcript 'nope'" in missing.stderr
+    assert missing.exit_code == 1  # as 'transcripts show nope', and as for a user who is not there
+    assert missing.stderr == "Error: no transcript 'nope' (see 'pymailsrv transcripts list')\n"
     nobody = run(root, "--user", "carol")
     assert nobody.exit_code == 0 and "no saved transcripts of user 'carol'" in nobody.stderr
 
@@ -862,9 +863,8 @@ def test_a_file_that_is_no_transcript_is_noted_and_skipped_or_refused_by_id(root
     assert everything.stderr.splitlines() == ["note: skipped junk: no session record: not a transcript",
                                               f"no saved transcripts under {directory}"]
     by_id = run(root, "--transcript", "junk")
-    assert by_id.exit_code == 2
-    assert by_id.stderr.splitlines()[-1] == ("Error: Invalid value for --transcript: transcript 'junk' cannot be "
-                                             "read: no session record: not a transcript")
+    assert by_id.exit_code == 1
+    assert by_id.stderr == "Error: transcript 'junk' cannot be read: no session record: not a transcript\n"
 
 
 def test_an_output_path_in_no_directory_or_naming_one_is_refused_before_grading(root, tmp_path):
