@@ -262,17 +262,10 @@ class OutboundQueue:
         """Start receiving a message as it streams in (see IncomingQueueMessage)."""
         return IncomingQueueMessage(self)
 
-    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes | Path,
-                now: float | None = None) -> str:
-        """Queue a whole message for ``recipients``; returns its id once it is durable.
-
-        ``message`` is the text (LF or CRLF line ends), or the path of a file
-        that is already durable on disk (the SMTP session's spool file): it
-        is hard-linked, not copied, when it is on the same file system.
-        """
+    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes, now: float | None = None) -> str:
+        """Queue a whole message (LF or CRLF line ends) for ``recipients``;
+        returns its id once it is durable."""
         recipients = _at_least_one(recipients)
-        if isinstance(message, Path):
-            return self._enqueue_file(sender, recipients, message, now)
         incoming = self.receive()
         try:
             incoming.write(message)
@@ -280,31 +273,6 @@ class OutboundQueue:
         except BaseException:
             incoming.discard()
             raise
-
-    def _enqueue_file(self, sender: str, recipients: Iterable[str], path: Path, now: float | None) -> str:
-        recipients = list(recipients)
-        try:
-            self._ensure_directories()
-            while True:
-                queue_id = _new_queue_id()
-                try:
-                    os.link(path, self.message_path(queue_id))
-                    break
-                except FileExistsError:
-                    continue  # the same id twice: draw again
-                except OSError:
-                    # Another file system (EXDEV) or no hard links: copy it,
-                    # through tmp/ like any other message.
-                    with open(path, "rb") as file:
-                        return self.enqueue(sender, recipients, file.read(), now)
-            try:
-                self._commit_envelope(queue_id, sender, recipients, now)
-            except OSError:
-                self._take_back(queue_id)
-                raise
-        except OSError as error:
-            raise storage_error(error, "queueing the message") from error
-        return queue_id
 
     def _commit_envelope(self, queue_id: str, sender: str, recipients: list[str], now: float | None,
                          held: bool = False) -> None:

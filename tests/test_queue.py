@@ -53,14 +53,6 @@ def test_an_enqueued_message_is_a_message_file_and_an_envelope(queue):
     assert os.listdir(queue.directory / "tmp") == []
 
 
-def test_a_spool_file_is_hard_linked_not_copied(queue, tmp_path):
-    spool = tmp_path / "spool"
-    spool.write_bytes(MESSAGE)
-    queue_id = queue.enqueue("", ["bob@example.net"], spool)
-    assert os.path.samefile(spool, queue.message_path(queue_id))
-    assert queue.get(queue_id).sender == ""
-
-
 def test_a_streamed_message_is_queued_only_on_commit(queue):
     incoming = queue.receive()
     incoming.write(b"Subject: hi\n\n")
@@ -320,16 +312,12 @@ def test_leftovers_of_a_crashed_enqueue_are_removed_once_old(queue):
     assert not orphan.exists() and not stale.exists() and len(queue.ids()) == 1
 
 
-@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "spool-file"])
-def test_an_enqueue_whose_last_fsync_fails_leaves_no_envelope_and_no_message(queue, tmp_path, monkeypatch,
-                                                                               streamed):
+def test_an_enqueue_whose_last_fsync_fails_leaves_no_envelope_and_no_message(queue, monkeypatch):
     # The envelope is renamed into place, then the directory's fsync fails:
     # the client hears 451 and sends again, so nothing may stay to go out.
-    spool = tmp_path / "spool"
-    spool.write_bytes(MESSAGE)
     monkeypatch.setattr(durable, "fsync_directory", failing_fsync(queue.directory))
     with pytest.raises(StorageError):
-        queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE if streamed else spool)
+        queue.enqueue("alice@example.org", ["bob@example.net"], MESSAGE)
     assert queue.ids() == []
     assert sorted(path.name for path in queue.directory.iterdir()) == ["lock", "tmp"]
     assert os.listdir(queue.directory / "tmp") == []
