@@ -262,14 +262,15 @@ class OutboundQueue:
         """Start receiving a message as it streams in (see IncomingQueueMessage)."""
         return IncomingQueueMessage(self)
 
-    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes, now: float | None = None) -> str:
+    def enqueue(self, sender: str, recipients: Iterable[str], message: bytes, now: float | None = None,
+                held: bool = False) -> str:
         """Queue a whole message (LF or CRLF line ends) for ``recipients``;
-        returns its id once it is durable."""
+        returns its id once it is durable. ``held``: see IncomingQueueMessage.commit."""
         recipients = _at_least_one(recipients)
         incoming = self.receive()
         try:
             incoming.write(message)
-            return incoming.commit(sender, recipients, now)
+            return incoming.commit(sender, recipients, now, held)
         except BaseException:
             incoming.discard()
             raise

@@ -72,7 +72,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -840,14 +840,15 @@ class Relay:
     def deliver_locally(self, sender: str, address: str, message: bytes) -> Outcome:
         """Deliver to an address of our own domain, through the aliases.
 
-        An alias can have users here and addresses elsewhere. The Maildirs
-        come first and the copy for elsewhere is queued only once they hold
-        the message: a failure in between leaves this recipient pending, and
-        the retry does it all again. Queued first, every retry after a local
-        failure (a broken Maildir stays broken for days) would send the
-        outside addresses one more copy; this way round only a queue write
-        failing just after a local delivery repeats anything, and what it
-        repeats is the local copy.
+        An alias can have users here and addresses elsewhere. Delivery to
+        it is all or nothing, in smtp.Spool's order: the copy for elsewhere
+        is queued held, the Maildirs get theirs, and the held copy is
+        released; a failure before the release takes the held copy back and
+        leaves this recipient pending, to be tried again whole. No retry
+        then repeats a copy, here or elsewhere: with the Maildirs first,
+        each retry while the queue refused the outside copy gave the users
+        here one more. Only a failed release repeats the local copies, as
+        in SMTP.
         """
         local_part = unquoted_local_part(address.rpartition("@")[0])
         try:
@@ -855,21 +856,31 @@ class Relay:
             if not expansion:
                 return Outcome(State.FAILED, STATUS_NO_SUCH_USER,
                                _local_diagnostic(f"no such user or alias here: {local_part}"))
-            if expansion.users:
-                text = without_return_path(message).replace(b"\r\n", b"\n")
-                incoming = self.context.store.receive(expansion.users)
-                try:
-                    incoming.write(f"Return-Path: <{sender}>\n".encode("utf-8") + text)
-                    incoming.commit()
-                except BaseException:
-                    incoming.discard()
-                    raise
-            if expansion.external:
-                # Forwarded on, keeping the original sender for bounces.
-                self.queue.enqueue(sender, expansion.external, message)
+            held = None
+            if expansion.external:  # forwarded on, keeping the original sender for bounces
+                held = self.queue.enqueue(sender, expansion.external, message, held=True)
+            try:
+                if expansion.users:
+                    self._deliver_to_maildirs(expansion.users, sender, message)
+            except BaseException:
+                if held is not None:
+                    self.queue.delete(held)
+                raise
+            if held is not None:
+                self.queue.release(held)
         except (StorageError, UnusableFile) as error:  # a Maildir, users.json or aliases: the mail waits
             return Outcome(State.PENDING, STATUS_LOCAL_ERROR, _local_diagnostic(f"local delivery failed: {error}"))
         return Outcome(State.DELIVERED, STATUS_DELIVERED, _local_diagnostic("delivered locally"))
+
+    def _deliver_to_maildirs(self, users: Iterable[str], sender: str, message: bytes) -> None:
+        text = without_return_path(message).replace(b"\r\n", b"\n")
+        incoming = self.context.store.receive(users)
+        try:
+            incoming.write(f"Return-Path: <{sender}>\n".encode("utf-8") + text)
+            incoming.commit()
+        except BaseException:
+            incoming.discard()
+            raise
 
     def _report(self, entry: QueueEntry, message: bytes) -> QueueEntry | None:
         """Bounce the failures not yet reported (RFC 3464), unless the sender is <>."""

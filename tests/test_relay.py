@@ -40,6 +40,7 @@ from pymailsrv.limits import SMTP_CLIENT_REPLY_KEPT, SMTP_CLIENT_REPLY_MAX
 from pymailsrv.outqueue import OutboundQueue, Outcome, QueueEntry, Recipient, RetryPolicy, State
 from pymailsrv.relay import MxResolver, Relay, RouteError, _HopClient, count_hops
 from pymailsrv.server import MailServer
+from pymailsrv.storage import storage_error
 from tests.conftest import listening_line, make_settings, start_process, wait_until
 from tests.test_queue import put_broken_entries
 from tests.remote_side import FakeDns, Sink, dripping_server, failing_tls_context
@@ -945,6 +946,35 @@ def test_an_alias_whose_maildir_fails_forwards_outside_only_once(mta, sink, root
     new.unlink()
     new.mkdir()  # repaired
     server.context.queue.flush()
+    server.relay.run_once()
+    assert len(maildir_messages(root, "frank")) == 1
+    assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
+    assert server.context.queue.ids() == []
+
+
+def test_an_alias_whose_outside_copy_cannot_be_queued_delivers_nothing_until_it_can(mta, sink, root, add_user,
+                                                                                     monkeypatch):
+    """All or nothing: with the local copy first, every retry while the queue
+    refused the outside copy gave frank the message once more."""
+    remote = sink()
+    server = mta(remote)
+    add_user("frank")
+    server.context.aliases.add("team", ["frank", "bob@example.net"])
+    queue = server.context.queue
+    queue_id = queue.enqueue("someone@example.org", ["team@localhost"], MESSAGE)
+
+    def refused():  # as a queue/tmp/ that the server may not write to
+        raise storage_error(PermissionError(errno.EACCES, "Permission denied"), "creating a file in queue/tmp/")
+
+    monkeypatch.setattr(queue, "receive", refused)
+    for _ in range(2):
+        queue.flush()
+        server.relay.run_once()
+        [recipient] = queue.get(queue_id).pending
+        assert recipient.status == "4.3.0" and "local delivery failed" in recipient.last_error
+        assert maildir_messages(root, "frank") == [] and remote.messages == []
+    monkeypatch.undo()  # mended
+    queue.flush()
     server.relay.run_once()
     assert len(maildir_messages(root, "frank")) == 1
     assert [message.rcpt_tos for message in remote.messages] == [["bob@example.net"]]
