@@ -930,7 +930,7 @@ def test_an_alias_forwards_outside_keeping_the_original_sender(mta, sink, root, 
 
 
 def test_an_alias_whose_maildir_fails_forwards_outside_only_once(mta, sink, root, add_user):
-    """The outside copy is queued only after the local one is delivered, so retries do not repeat it."""
+    """The outside copy is held until the local one is in, and taken back when it fails: retries do not repeat it."""
     remote = sink()
     server = mta(remote)
     add_user("frank")
