@@ -59,6 +59,9 @@ CATALOGUES: dict[str, list[Check]] = {"pop3": POP3_CHECKS, "smtp": SMTP_CHECKS}
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # How a FAIL's detail begins when the server could not be reached at all.
 CONNECTION_ERROR = "connection error: "
+# Checks in a row that waited out the timeout, after which run_probe takes
+# the server for one that has stopped answering.
+UNANSWERED_IN_A_ROW = 2
 
 # The text table keeps to a terminal's width; JSON and JUnit carry everything.
 SHOWN_COMMANDS = 4
@@ -127,8 +130,7 @@ def select(checks: list[Check], only: Iterable[str]) -> list[Check]:
 
 def silent(result: Result) -> bool:
     """Did the server take the check's connection, then send not a line?"""
-    return (result.status == FAIL and result.detail.startswith(NO_REPLY)
-            and not any(line.startswith("S: ") for line in result.transcript))
+    return unanswered(result) and not any(line.startswith("S: ") for line in result.transcript)
 
 
 def nothing_answered(result: Result) -> bool:
@@ -136,19 +138,31 @@ def nothing_answered(result: Result) -> bool:
     return result.status == FAIL and result.detail.startswith(CONNECTION_ERROR) or silent(result)
 
 
+def unanswered(result: Result) -> bool:
+    """Did the check wait out the timeout for a reply (or a TLS handshake)?"""
+    return result.status == FAIL and result.detail.startswith(NO_REPLY)
+
+
 def run_probe(target: Target, only: Iterable[str] = (),
               progress: Callable[[Result], None] | None = None) -> list[Result]:
-    """Every selected check of the target's catalogue, in order; but where
-    the first to connect got not a line within the timeout, only that one:
-    each of the others would wait out its timeout to say the same (45 of
-    them, 7 minutes, pointed at a port that never speaks)."""
-    results = []
-    for check in select(CATALOGUES[target.protocol], only):
+    """Every selected check of the target's catalogue, in order; but once the
+    server has stopped answering, the rest are skipped, not run: each would
+    wait out its timeout to say the same (45 of them, 7 minutes, pointed at
+    a port that never speaks). It has stopped when the first check to
+    connect got not a line, or when UNANSWERED_IN_A_ROW checks in a row
+    waited out the timeout (a server that greets, then never answers)."""
+    checks = select(CATALOGUES[target.protocol], only)
+    results: list[Result] = []
+    for index, check in enumerate(checks):
         results.append(run_check(check, target))
         if progress is not None:
             progress(results[-1])
         tried = [result for result in results if result.status != SKIP]
-        if len(tried) == 1 and silent(tried[0]):
+        last = tried[-UNANSWERED_IN_A_ROW:]
+        if (len(tried) == 1 and silent(tried[0])) or (
+                len(last) == UNANSWERED_IN_A_ROW and all(unanswered(result) for result in last)):
+            why = f"not run: the server stopped answering ({tried[-1].detail.removeprefix(NO_REPLY)})"
+            results += [Result(rest.id, rest.rfc, rest.title, SKIP, [], why, [], 0.0) for rest in checks[index + 1:]]
             break
     return results
 

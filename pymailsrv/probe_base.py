@@ -49,8 +49,14 @@ MAX_REPLY_LINE = 64 * 1024
 # A multi-line reply longer than this is not one we asked for.
 MAX_REPLY_LINES = 100_000
 # Nor one of more octets than this (the probe's own messages are small):
-# with MAX_REPLY_LINE, what bounds the probe's memory against a flood.
+# with MAX_REPLY_LINE, what bounds the probe's memory against one reply.
 MAX_REPLY_OCTETS = 16 * 1024 * 1024
+# What a check's transcript keeps of each reply: its first lines, each cut
+# to the 512 octets the RFCs allow a line (RFC 5321 §4.5.3.1.5, RFC 1939
+# §3), and a count of the rest. A report needs no more, and a server that
+# floods every reply must not fill memory one kept reply after another.
+TRANSCRIPT_REPLY_LINES = 20
+TRANSCRIPT_LINE_OCTETS = 512
 
 # How many times, and how often, to look for mail just sent: a server may
 # hand it to a delivery agent that needs a moment (Postfix to Dovecot).
@@ -99,6 +105,16 @@ def maildrop_locked(reply: str) -> bool:
     words ("account blocked")."""
     return "[IN-USE]" in reply or ("[AUTH]" not in reply
                                    and re.search(r"\block(ed)?\b", reply, re.IGNORECASE) is not None)
+
+
+def skip_if_refused_for_now(reply: str) -> None:
+    """Skip the check if this -ERR refuses every login for a while, right or
+    wrong: RFC 2449 §8.1.1's [LOGIN-DELAY], RFC 3206 §4's [SYS/TEMP] (a
+    limit on failed logins, such as the probe's own wrong ones run up when
+    it is run again and again). The check cannot run, which is no failure
+    of the rule it checks."""
+    if reply.startswith("-ERR") and ("[LOGIN-DELAY]" in reply or "[SYS/TEMP]" in reply):
+        raise Skipped(f"the server refuses logins for now: {reply!r}")
 
 
 def fail_unless(condition: bool, expected: str, got: object) -> None:
@@ -159,11 +175,21 @@ class LineClient:
         self.greeting: object = None  # set by Probe.connect: a str (POP3) or SmtpReply
         self.status_lines: list[bytes] = []  # every status line read, exactly as sent
         if tls is not None:
-            self.sock = tls.wrap_socket(self.sock, server_hostname=address[0])
+            self._handshake(tls)
+
+    def _handshake(self, context: ssl.SSLContext) -> None:
+        """TLS over the connection; a server silent through the handshake
+        is one that sends no reply (run_probe stops on it, as on silence)."""
+        try:
+            self.sock = context.wrap_socket(self.sock, server_hostname=self.address[0])
+        except TimeoutError:
+            self.close()
+            raise Failed(f"{NO_REPLY}the TLS handshake timed out after {self.timeout:g} s") from None
 
     def _note(self, side: str, data: bytes) -> None:
         if self.transcript is not None:
-            self.transcript.append(f"{side}: {data.decode('utf-8', 'replace')}")
+            cut = b"..." if len(data) > TRANSCRIPT_LINE_OCTETS else b""
+            self.transcript.append(f"{side}: {(data[:TRANSCRIPT_LINE_OCTETS] + cut).decode('utf-8', 'replace')}")
 
     def send(self, data: bytes, shown: str | None = None) -> None:
         """Send ``data`` as it is; ``shown`` replaces it in the transcript (a password)."""
@@ -223,7 +249,7 @@ class LineClient:
     def start_tls(self, context: ssl.SSLContext) -> None:
         """After STARTTLS/STLS: handshake; anything buffered was plaintext and is dropped."""
         self._buffer.clear()
-        self.sock = context.wrap_socket(self.sock, server_hostname=self.address[0])
+        self._handshake(context)
 
     def close(self) -> None:
         try:
@@ -273,12 +299,15 @@ class LineClient:
             line = self.line(deadline)
             wire.append(line)
             size += len(line)
-            self._note("S", line.rstrip(b"\r\n"))
+            if len(wire) <= TRANSCRIPT_REPLY_LINES:
+                self._note("S", line.rstrip(b"\r\n"))
             text = line.rstrip(b"\r\n").decode("utf-8", "replace")
             if not re.match(r"[2-5]\d\d([ -]|$)", text):
                 raise Failed(f"expected an SMTP reply line (3 digits), got {text!r}")
             lines.append(text[4:])
             if text[3:4] != "-":
+                if len(wire) > TRANSCRIPT_REPLY_LINES:
+                    self._note("S", f"({counted(len(wire) - TRANSCRIPT_REPLY_LINES, 'more line')})".encode())
                 return SmtpReply(int(text[:3]), lines, wire)
         raise Failed("SMTP reply with no last line")
 
@@ -451,6 +480,7 @@ class Probe:
 
         client, reply = self.until_unlocked(user_pass)
         if not reply.startswith("+OK"):
+            skip_if_refused_for_now(reply)
             raise Failed(f"cannot log in as {self.target.user}: {reply!r}")
         return client
 

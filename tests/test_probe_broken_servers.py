@@ -129,6 +129,8 @@ class FakePop3(LineHandler):
                         self.send("+OK")
                     elif verb == "PASS" and server.broken == "blocked":
                         self.send("-ERR [AUTH] too many failures: account temporarily blocked")
+                    elif verb in ("PASS", "APOP") and server.broken == "throttled":  # as pymailsrv's limit
+                        self.send("-ERR [SYS/TEMP] too many failed logins from your address, try again later")
                     elif verb == "PASS" and user == "alice" and argument == PASSWORD or (
                             verb == "APOP" and server.apop and self.apop_accepted(timestamp, argument)):
                         if not server.lock.acquire(blocking=False):
@@ -464,6 +466,19 @@ def test_a_blocked_login_is_not_taken_for_a_locked_maildrop(pymailsrv, fake, sto
     assert result.sent.count("PASS ****") == 1
 
 
+def test_logins_refused_for_now_skip_the_checks_that_need_one(pymailsrv, fake, store):
+    # Run four or five times in five minutes, the probe's own wrong logins
+    # met pymailsrv's limit, and 34 checks FAILed "cannot log in".
+    server = fake(FakePop3Server, store.maildir("alice"), "throttled", None, False, "checked")
+    results = run_probe(pop3_target(server), only=["pop3.user-pass-login", "pop3.apop-login",
+                                                   "pop3.wrong-password-err"])
+    refused = "the server refuses logins for now: '-ERR [SYS/TEMP] too many failed logins from your address, " \
+              "try again later'"
+    assert {result.id: (result.status, result.detail) for result in results} == {
+        "pop3.wrong-password-err": (PASS, ""),  # an -ERR all the same
+        "pop3.user-pass-login": (SKIP, refused), "pop3.apop-login": (SKIP, refused)}
+
+
 def test_identical_messages_may_share_a_uid(pymailsrv, fake, store):
     # RFC 1939 §7: a unique-id may be "calculated as a hash of the message",
     # and two identical copies then share it.
@@ -491,10 +506,38 @@ def test_a_server_that_never_speaks_is_one_line_after_one_timeout():
         started = time.monotonic()
         results = run_probe(Target("pop3", (host, port), timeout=0.5))
         outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--timeout", "0.5"])
-    assert [result.status for result in results] == [FAIL]
+    first, *rest = results
+    assert first.status == FAIL and rest
+    assert {(result.status, result.detail) for result in rest} == {
+        (SKIP, "not run: the server stopped answering (timed out after 0.5 s waiting for the server)")}
     assert outcome.exit_code == 1
     assert outcome.stderr == f"Error: cannot probe {host}:{port}: no reply: timed out after 0.5 s waiting for the server\n"
     assert time.monotonic() - started < 10
+
+
+def test_a_server_silent_through_the_tls_handshake_is_one_line_after_one_timeout():
+    # Each check waited out its handshake: 8 minutes at the default timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        host, port = silent.getsockname()
+        started = time.monotonic()
+        outcome = CliRunner().invoke(probe, ["pop3", f"{host}:{port}", "--tls", "--timeout", "0.5"])
+    assert outcome.exit_code == 1
+    assert outcome.stderr == f"Error: cannot probe {host}:{port}: no reply: the TLS handshake timed out after 0.5 s\n"
+    assert time.monotonic() - started < 10
+
+
+def test_a_server_that_greets_then_never_answers_stops_the_probe_after_two_timeouts():
+    # A greeting, then silence (a minute at most, should the probe not stop).
+    with dripping_server(b"", 0.1, 600, opening=b"+OK hello\r\n") as address:
+        started = time.monotonic()
+        results = run_probe(Target("pop3", address, timeout=0.5))
+        assert time.monotonic() - started < 10
+    greeting, *unanswered, first_skipped = results[:4]
+    assert (greeting.status, [result.status for result in unanswered]) == (PASS, [FAIL, FAIL])
+    assert {(result.status, result.detail) for result in results[3:]} == {
+        (SKIP, "not run: the server stopped answering (timed out after 0.5 s waiting for the server)")}
 
 
 # --- SMTP ------------------------------------------------------------------------------------------
@@ -568,6 +611,32 @@ def test_the_probe_speaks_implicit_tls_and_stls(pymailsrv, fake, store, tls_cont
     assert [result.status for result in results] == [PASS, PASS, PASS], text_report(results)
     if mode == "starttls":
         assert results[1].sent[:2] == ["STLS", "USER alice"]
+
+
+# --- a server that floods every reply ----------------------------------------------------------
+
+
+class FloodingSmtp(LineHandler):
+    """220, then to every command a reply of FLOOD_LINES lines of FLOOD_LINE_OCTETS."""
+
+    def handle(self) -> None:
+        self.send("220 flood.example ESMTP")
+        for _ in self.commands():
+            self.send(*[f"250-{'x' * FLOOD_LINE_OCTETS}"] * (FLOOD_LINES - 1), "250 ok")
+
+
+FLOOD_LINES, FLOOD_LINE_OCTETS = 200, 4000
+
+
+def test_a_flooding_server_leaves_a_bounded_transcript(fake):
+    # Each 800 KB reply was kept whole, one after another: 1.5 GB for the
+    # 100 replies of smtp.recipients-100-accepted at 15 MB a reply.
+    server = fake(FakeServer, ("127.0.0.1", 0), FloodingSmtp)
+    (result,) = run_probe(Target("smtp", server.server_address[:2], timeout=SOCKET_TIMEOUT),
+                          only=["smtp.ehlo-250"])
+    kept = f"S: 250-{'x' * (512 - len('250-'))}..."  # each line cut to RFC 5321 §4.5.3.1.5's 512
+    assert [line for line in result.transcript if line.startswith("S: ")] == [
+        "S: 220 flood.example ESMTP", *[kept] * 20, "S: (180 more lines)"]
 
 
 # --- a server that answers an octet at a time, never a whole line -------------------------
