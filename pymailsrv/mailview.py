@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import email
 import email.policy
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage, Message
@@ -86,6 +87,14 @@ FIELD_DECODE_MAX = 8 * 1000
 # such parts (10 MB) took 4.5 minutes, and 1 277 To: fields just under it
 # 2.5 minutes. Past this the fields are read raw.
 MESSAGE_DECODE_MAX = 64 * 1000
+# The most of the header section that is read at all. The email package
+# keeps every field in memory, a few hundred octets each: a 10 MB message
+# of 690 000 To: fields, which anyone may send, took 680 MB and 12 s to
+# show. Past this the header is left out, and the view says how much.
+# (Postfix's header_size_limit keeps 100 KB of a header.)
+HEADER_SECTION_MAX = 256 * 1000
+# At most this many fields of one name are shown, then a line counts the rest.
+FIELDS_SHOWN_PER_NAME = 50
 
 
 class MailviewError(Exception):
@@ -128,6 +137,7 @@ class MessageView:
     received: tuple[str, ...]  # the Received: trace fields, newest (ours) first
     headers: tuple[HeaderField, ...]
     structure: Part
+    header_left_out: int = 0  # octets of the header section past HEADER_SECTION_MAX, not read
 
     @property
     def flags(self) -> str:
@@ -185,7 +195,8 @@ def view_message(store: MaildirStore, users: UserStore, name: str, msg_number: i
 def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: Path,
                data: bytes) -> MessageView:
     """The view of one message whose bytes have been read."""
-    message = email.message_from_bytes(data, policy=reading_policy())
+    read, left_out = _header_cut(data)
+    message = email.message_from_bytes(read, policy=reading_policy())
     return MessageView(
         user=user,
         msg_number=msg_number,
@@ -198,7 +209,20 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
         received=tuple(field.value for field in header_fields(message, "Received") if field.value is not None),
         headers=tuple(field for name in HEADER_FIELDS for field in header_fields(message, name)),
         structure=mime_tree(message),
+        header_left_out=left_out,
     )
+
+
+def _header_cut(data: bytes) -> tuple[bytes, int]:
+    """``data`` with its header section cut to HEADER_SECTION_MAX octets, at
+    the end of a line, and how many octets of it were left out. The blank
+    line that ends the header, and the body after it, stay."""
+    blank_line = re.search(rb"^\r?\n", data, re.MULTILINE)
+    header_end = blank_line.start() if blank_line else len(data)
+    if header_end <= HEADER_SECTION_MAX:
+        return data, 0
+    cut = data.rfind(b"\n", 0, HEADER_SECTION_MAX) + 1
+    return data[:cut] + data[header_end:], header_end - cut
 
 
 def _delivery_time(key: str) -> datetime.datetime | None:
@@ -295,13 +319,16 @@ def header_fields(message: EmailMessage, name: str, *, first_only: bool = False)
     if not raw_values:
         return [HeaderField(name, None)]
     fields = []
-    for raw in raw_values[:1] if first_only else raw_values:
+    for raw in raw_values[:1] if first_only else raw_values[:FIELDS_SHOWN_PER_NAME]:
         value, note = message.policy.decoding.decode(name, raw)
         if note is not None:
             fields.append(HeaderField(name, f"{_normalized(_as_text(value))}  ({note})"))
             continue
         value, raw = _normalized(str(value)), _normalized(_as_text(raw))  # short: decode cut a long one
         fields.append(HeaderField(name, value, raw if raw != value else None))
+    if not first_only and len(raw_values) > FIELDS_SHOWN_PER_NAME:
+        rest = counted(len(raw_values) - FIELDS_SHOWN_PER_NAME, f"more {name}: field", grouped=True)
+        fields.append(HeaderField(name, f"(and {rest}, not shown)"))
     return fields
 
 
@@ -309,7 +336,8 @@ def summary(path: Path) -> tuple[str, str, str]:
     """The Date, From and Subject of the message in ``path``, decoded as
     `mailbox show` decodes them (FileNotFoundError if it has gone)."""
     with open(path, "rb") as file:
-        headers = BytesHeaderParser(policy=reading_policy()).parse(file)
+        head = file.read(HEADER_SECTION_MAX)  # the header, or the part of it build_view reads
+    headers = BytesHeaderParser(policy=reading_policy()).parsebytes(head)
     date, sender, subject = (header_fields(headers, name, first_only=True)[0].value or ""
                              for name in ("Date", "From", "Subject"))
     return date, sender, subject
@@ -410,6 +438,9 @@ def render(view: MessageView) -> str:
     lines = ["Envelope (what the server knows)"]
     lines += [f"  {label + ':':<13}{value}" for label, value in facts]
     lines += ["", "Header (decoded with email.policy.default; raw form below a field decoding changed)"]
+    if view.header_left_out:
+        lines.append(f"  (only its first {counted(HEADER_SECTION_MAX, 'octet', grouped=True)} are read: "
+                     f"{counted(view.header_left_out, 'more octet', grouped=True)} not shown)")
     width = max(len(name) for name in HEADER_FIELDS) + 2
     for field in view.headers:
         label = f"{field.name}:"

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from pymailsrv.cli import main
 from pymailsrv.mailview import (
     FIELD_DECODE_MAX,
+    FIELDS_SHOWN_PER_NAME,
     MESSAGE_DECODE_MAX,
     MailviewError,
     mime_tree,
@@ -269,6 +270,24 @@ def test_fields_past_the_messages_decoding_budget_are_shown_raw_and_cut(root, ad
     assert len(subject_lines) == 10
     past = "  (not decoded: past the first 64000 octets of the message's fields)"
     assert [line.endswith(past) for line in subject_lines] == [False] * 9 + [True]
+
+
+def test_a_header_of_many_fields_is_read_and_shown_only_in_part(root, add_user, store):
+    # 690 000 To: fields in 10 MB (anyone may send them) took `mailbox show`
+    # 680 MB and 12 s: every field was parsed, and every one shown.
+    add_user("alice")
+    fields = "".join(f"To: a{number}@example.org\n" for number in range(30_000))  # 568 890 octets
+    store.deliver("alice", fields.encode() + b"Subject: many\n\nhi\n")
+    output = show(root, "alice", "1").output.splitlines()
+    to_lines = [line for line in output if line.startswith("  To:")]
+    assert to_lines[:2] == ["  To:                        a0@example.org", "  To:                        a1@example.org"]
+    # The first 256 000 octets hold 11 613 whole fields: 10 of 19 octets (a0 to
+    # a9), 90 of 20, 900 of 21, 9 000 of 22, and 1 613 of 23 (255 989 in all).
+    assert to_lines[FIELDS_SHOWN_PER_NAME:] == ["  To:                        (and 11 563 more To: fields, not shown)"]
+    assert "  (only its first 256 000 octets are read: 422 915 more octets not shown)" in output
+    assert "  Subject:                   (absent)" in output  # it came after the cut
+    # mailbox list reads as far as show does, and no further.
+    assert "many" not in mailbox_list(root, "alice").output
 
 
 def test_a_utf8_field_is_not_shown_again_as_raw_escapes(root, add_user, store):
