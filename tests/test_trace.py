@@ -456,6 +456,14 @@ def test_transcripts_show_refuses_a_bad_one_in_one_line(transcripts, root, name)
     assert result.stdout == ""
 
 
+def show_edited(transcripts, root, records: list[dict]) -> str:
+    """What 'transcripts show' prints of a transcript written by hand with ``records``."""
+    (transcripts / "edited.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "edited"])
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
 def test_transcripts_show_escapes_every_field_of_a_file_edited_by_hand(transcripts, root):
     header, event, end = GOOD_RECORDS
     # The direction and the line end too: printed as they were, they let an
@@ -463,12 +471,10 @@ def test_transcripts_show_escapes_every_field_of_a_file_edited_by_hand(transcrip
     edited = [{**header, "client": "127.0.0.1\x1b[2J"},
               {**event, "state": "AUTH\x1b]0;owned\x07", "dir": "C\x1b]0;dir\x07", "ending": "LF\x1b]0;end\x07"},
               {**end, "outcome": "closed\r\n-- ended: fine"}]
-    (transcripts / "edited.jsonl").write_text("".join(json.dumps(record) + "\n" for record in edited))
-    result = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "edited"])
-    assert result.exit_code == 0, result.output
-    assert result.stdout == ("pop3 session 7 from 127.0.0.1\\x1b[2J\n"
-                             "AUTH\\x1b]0;owned\\x07 C\\x1b]0;dir\\x07: QUIT  (bare LF\\x1b]0;end\\x07)\n"
-                             "-- ended: closed\\x0d\\x0a-- ended: fine\n")
+    assert show_edited(transcripts, root, edited) == (
+        "pop3 session 7 from 127.0.0.1\\x1b[2J\n"
+        "AUTH\\x1b]0;owned\\x07 C\\x1b]0;dir\\x07: QUIT  (bare LF\\x1b]0;end\\x07)\n"
+        "-- ended: closed\\x0d\\x0a-- ended: fine\n")
 
 
 def test_a_lone_surrogate_written_into_a_transcript_is_shown_escaped(transcripts, root):
@@ -476,12 +482,9 @@ def test_a_lone_surrogate_written_into_a_transcript_is_shown_escaped(transcripts
     # was, it ended show and list with a traceback.
     header, event, end = GOOD_RECORDS
     edited = [{**header, "client": "127.0.0.1\ud800"}, {**event, "line": "QUIT \udcff"}, end]
-    (transcripts / "surrogate.jsonl").write_text("".join(json.dumps(record) + "\n" for record in edited))
-    shown = CliRunner().invoke(main, ["transcripts", "show", "--root", str(root), "surrogate"])
-    assert shown.exit_code == 0, shown.output
-    assert shown.stdout == ("pop3 session 7 from 127.0.0.1\\ud800\n"
-                            "AUTHORIZATION C: QUIT \\udcff\n"
-                            "-- ended: closed: +OK bye\n")
+    assert show_edited(transcripts, root, edited) == ("pop3 session 7 from 127.0.0.1\\ud800\n"
+                                                      "AUTHORIZATION C: QUIT \\udcff\n"
+                                                      "-- ended: closed: +OK bye\n")
     listed = CliRunner().invoke(main, ["transcripts", "list", "--root", str(root)])
     assert listed.exit_code == 0, listed.output
     assert "127.0.0.1\\ud800" in listed.stdout
