@@ -543,7 +543,7 @@ class MaildirMaildrop:
                 continue
             self._files[key] = relative
             uids.add(uid)
-            infos.append(MessageInfo(key, size, uid))
+            infos.append(MessageInfo(key, size, uid, seen=SEEN_FLAG in relative.partition(INFO_SEPARATOR)[2]))
         return infos
 
     def _move_to_cur(self, relative: str) -> str | None:

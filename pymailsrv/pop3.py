@@ -187,7 +187,8 @@ class Pop3Session(Session):
         self.maildrop = None
         self.messages: list[MessageInfo] = []  # the snapshot; index = msg_number - 1
         self.deleted: set[int] = set()  # indexes marked by DELE
-        self.highest_accessed = 0  # for LAST (RFC 1460)
+        self.highest_accessed = 0  # for LAST (RFC 1460) ...
+        self.highest_seen_before = 0  # ... which starts here, and RSET goes back to
         self.failed_logins = 0
         self._session_slot: tuple[str, str] | None = None  # counted in context.pop3_sessions
 
@@ -415,6 +416,9 @@ class Pop3Session(Session):
         except (StorageError, OSError):
             self._release_maildrop()
             raise
+        self.highest_seen_before = max((index + 1 for index, message in enumerate(self.messages) if message.seen),
+                                       default=0)
+        self.highest_accessed = self.highest_seen_before
         self.user = user
         self.enter(Pop3State.TRANSACTION)
         # The limits are per state, as in Dovecot where pop3-login and pop3
@@ -489,7 +493,7 @@ class Pop3Session(Session):
         """RSET (RFC 1939 §5): unmark every message marked as deleted."""
         self._arguments("RSET", argument, 0, 0)
         self.deleted.clear()
-        self.highest_accessed = 0  # RFC 1460: RSET resets the LAST counter too
+        self.highest_accessed = self.highest_seen_before  # RFC 1460: RSET resets the LAST counter too
         count, size = self._totals()
         return POP3_RESET.format(messages=counted(count, "message"), size=size)
 
@@ -513,7 +517,13 @@ class Pop3Session(Session):
         """LAST (RFC 1460, dropped by RFC 1725): the highest msg_number accessed.
 
         Kept because the original design had it and old clients still ask.
-        RETR and DELE count as access; RSET sets it back to 0.
+        RETR and DELE count as access. As in UW's ipop3d, a session starts
+        from the highest message already retrieved (the Maildir's S flag),
+        and RSET goes back there: a client that leaves mail on the server
+        and asks LAST for what is new (fetchmail with "keep" and no "uidl")
+        would otherwise fetch every message again at every poll. UIDL (RFC
+        1939 §7) is the better way, and why RFC 1725 dropped LAST: a
+        message read elsewhere hides the unread ones below it.
         """
         self._arguments("LAST", argument, 0, 0)
         return POP3_LAST.format(msg_number=self.highest_accessed)

@@ -60,6 +60,7 @@ class MessageInfo:
     key: str  # the store's name for it, stable for the life of the message
     size: int  # octets exactly as POP3 sends it: CRLF line ends (RFC 1939 §11)
     uid: str  # the UIDL unique-id (RFC 1939 §7), stable across sessions
+    seen: bool = False  # retrieved before, in an earlier session or by another mail reader
 
 
 class Maildrop(Protocol):

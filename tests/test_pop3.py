@@ -493,6 +493,26 @@ def test_last_reports_the_highest_message_accessed_and_rset_clears_it(login, sto
     assert client.command("LAST 1") == b"-ERR syntax: LAST\r\n"
 
 
+def test_last_starts_each_session_at_the_highest_message_retrieved_before(login, store):
+    """As UW's ipop3d: fetchmail with "keep" and no "uidl" asks LAST what is new,
+    and fetched every message again at every poll while a session began at 0."""
+    for _ in range(3):
+        store.deliver("alice", MESSAGE)
+    client = login()
+    for msg_number in (1, 2):
+        client.command(f"RETR {msg_number}")
+        client.multiline()
+    assert client.command("QUIT").startswith(b"+OK")
+    store.deliver("alice", MESSAGE)
+    client = login()
+    assert client.command("LAST") == b"+OK 2\r\n"  # 3 and 4 are new
+    client.command("RETR 4")
+    client.multiline()
+    assert client.command("LAST") == b"+OK 4\r\n"
+    client.command("RSET")
+    assert client.command("LAST") == b"+OK 2\r\n"  # back to where the session began
+
+
 def test_pipelined_commands_are_answered_in_order(login, store):
     store.deliver("alice", MESSAGE)
     client = login()
