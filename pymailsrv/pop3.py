@@ -109,7 +109,7 @@ from pymailsrv.replies import (
     Reply,
     counted,
 )
-from pymailsrv.session import AddressBlocked, Session
+from pymailsrv.session import AddressBlocked, NothingToGuess, Session
 from pymailsrv.storage import MaildropLocked, MessageInfo, MessageUnreadable, MessageVanished, StorageError
 
 log = logging.getLogger("pymailsrv.pop3")
@@ -351,7 +351,12 @@ class Pop3Session(Session):
         # TypeError on non-ASCII text (our failure, SYS/TEMP, to the client).
         def digest_matches(user: str) -> bool:
             secret = self.context.users.apop_secret(user)
-            if secret is None or not _APOP_DIGEST.fullmatch(digest):
+            if secret is None:
+                # No digest could pass. Clients that try APOP first whenever
+                # the greeting offers it (mutt's "apop:user", s-nail) must not
+                # use up their address's failed logins on it.
+                raise NothingToGuess
+            if not _APOP_DIGEST.fullmatch(digest):
                 return False
             expected = hashlib.md5((self.apop_timestamp + secret).encode("utf-8")).hexdigest()
             return hmac.compare_digest(expected, digest)

@@ -75,6 +75,12 @@ class AddressBlocked(Exception):
     """The client address has failed to log in too often lately to be heard."""
 
 
+class NothingToGuess(Exception):
+    """Raised by a credentials check that no answer could pass (APOP for an
+    account with no APOP secret): refused as a wrong password is, but not
+    counted against the client's address, as it guessed at nothing."""
+
+
 class InputKind(enum.Enum):
     """What the session takes the next client line to be."""
 
@@ -313,8 +319,9 @@ class Session:
 
         The client address's failed logins are counted (``FailureThrottle``):
         a wrong password is one, a check that raises is a fault of ours and
-        none. Raises AddressBlocked, checking nothing, where the address has
-        failed too often lately; waits first while checks under way from it
+        none, and so is a try that could not succeed (NothingToGuess). Raises
+        AddressBlocked, checking nothing, where the address has failed too
+        often lately; waits first while checks under way from it
         could still bring it there. Credentials that cannot be checked now
         (users.json unusable) are refused with LOGIN_UNAVAILABLE, and no
         failure is counted.
@@ -325,18 +332,20 @@ class Session:
             time.sleep(LOGIN_THROTTLE_POLL_SECONDS)
         if admission is not Admission.CHECK:
             raise AddressBlocked
-        failed = False
+        failed, guessed = False, True
         try:
             try:
                 user = check_user_name(name)
             except UserError:
                 user = None  # not a possible user name: fails like a wrong password
             failed = not (user is not None and credentials_valid(user))
+        except NothingToGuess:
+            failed, guessed = True, False
         except UnusableFile as error:  # the admin's to mend: one line, and the protocol's own refusal
             log.error("%s session %d: cannot check a login now: %s", self.protocol, self.session_id, error)
             raise CommandError(self.LOGIN_UNAVAILABLE) from None
         finally:
-            throttle.end(address, failed)
+            throttle.end(address, failed and guessed)
         return None if failed else user
 
     def start_sasl(self, mechanism: str, initial_response: str | None) -> Reply:

@@ -327,6 +327,31 @@ def test_a_login_the_server_could_not_check_is_not_counted_as_a_failure(start_se
     assert client.command(f"PASS {PASSWORD}").startswith(b"+OK alice's maildrop has ")
 
 
+def apop(client, name: str, secret: str) -> bytes:
+    """APOP name with the digest of this greeting's timestamp and ``secret`` (RFC 1939 §7)."""
+    timestamp = client.greeting[client.greeting.index(b"<"):client.greeting.index(b">") + 1].decode()
+    return client.command(f"APOP {name} {hashlib.md5((timestamp + secret).encode()).hexdigest()}")
+
+
+def test_apop_for_an_account_without_an_apop_secret_is_not_counted_against_the_address(start_server, pop3_at,
+                                                                                      add_user):
+    # mutt with "apop:user" tries APOP first whenever the greeting offers it:
+    # each connection of a user with no APOP secret counted a failure.
+    add_user("alice", apop=True)  # so every greeting offers APOP
+    add_user("bob")
+    server = start_server(auth={"max_failures_per_address": 2})
+    for _ in range(3):
+        client = pop3_at(server)
+        assert apop(client, "bob", PASSWORD) == pop3_wire(R.POP3_AUTH_FAILED)
+        assert client.command("USER bob").startswith(b"+OK")
+        assert client.command(f"PASS {PASSWORD}").startswith(b"+OK bob's maildrop has ")
+        client.command("QUIT")
+    # A wrong digest for an account that has a secret is a guess, and counted.
+    for _ in range(2):
+        assert apop(pop3_at(server), "alice", "wrong") == pop3_wire(R.POP3_AUTH_FAILED)
+    assert apop(pop3_at(server), "alice", PASSWORD) == pop3_wire(R.POP3_ADDRESS_BLOCKED)
+
+
 def test_pop3_address_that_failed_too_often_is_refused_unchecked(start_server, pop3_at, alice):
     server = start_server(auth={"max_failures_per_address": 2})
     client = pop3_at(server)
