@@ -306,7 +306,7 @@ class OutboundQueue:
             try:
                 fsync_directory(self.directory)
             except OSError:
-                self._take_back(queue_id)  # the client hears 451 and sends again: no copy may go now
+                self.take_back(queue_id)  # the client hears 451 and sends again: no copy may go now
                 raise
         except OSError as error:
             raise storage_error(error, "releasing the queued message") from error
@@ -503,8 +503,10 @@ class OutboundQueue:
             self.wakeup()
         return flushed
 
-    def _take_back(self, queue_id: str) -> None:
-        """Undo an enqueue that failed part way: no envelope and no message stay.
+    def take_back(self, queue_id: str) -> None:
+        """Undo an enqueue that failed part way, or a held one whose message
+        is not to go (the local delivery beside it failed): no envelope and
+        no message stay.
 
         The envelope may be in place already (renamed, but the directory's
         fsync failed): the client is told 451 and sends again, so it must
@@ -615,7 +617,7 @@ class IncomingQueueMessage:
             self._queue._commit_envelope(self.queue_id, sender, recipients, now, held)
         except OSError as error:
             self.discard()
-            self._queue._take_back(self.queue_id)
+            self._queue.take_back(self.queue_id)
             raise storage_error(error, "queueing the message") from error
         return self.queue_id
 

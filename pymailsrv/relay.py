@@ -864,7 +864,7 @@ class Relay:
                     self._deliver_to_maildirs(expansion.users, sender, message)
             except BaseException:
                 if held is not None:
-                    self.queue.delete(held)
+                    self.queue.take_back(held)
                 raise
             if held is not None:
                 self.queue.release(held)

@@ -243,7 +243,7 @@ class Spool:
                 self._local.commit()
             except BaseException:  # whatever it was, the client hears no 250: take the copy back
                 if queued is not None:
-                    self._queue.delete(queued)
+                    self._queue.take_back(queued)
                 raise
         if queued is not None:
             self._queue.release(queued)
