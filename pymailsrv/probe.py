@@ -59,9 +59,9 @@ CATALOGUES: dict[str, list[Check]] = {"pop3": POP3_CHECKS, "smtp": SMTP_CHECKS}
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 # How a FAIL's detail begins when the server could not be reached at all.
 CONNECTION_ERROR = "connection error: "
-# Checks in a row that waited out the timeout, after which run_probe takes
-# the server for one that has stopped answering.
-UNANSWERED_IN_A_ROW = 2
+# Checks in a row that heard no more than a greeting before the timeout,
+# after which run_probe takes the server for one that has stopped answering.
+STALLED_IN_A_ROW = 2
 
 # The text table keeps to a terminal's width; JSON and JUnit carry everything.
 SHOWN_COMMANDS = 4
@@ -143,14 +143,20 @@ def unanswered(result: Result) -> bool:
     return result.status == FAIL and result.detail.startswith(NO_REPLY)
 
 
+def stalled(result: Result) -> bool:
+    """Did the check wait out the timeout with no more than a greeting heard?
+    A server slow at one step (a content scanner at DATA) answered the rest."""
+    return unanswered(result) and sum(line.startswith("S: ") for line in result.transcript) <= 1
+
+
 def run_probe(target: Target, only: Iterable[str] = (),
               progress: Callable[[Result], None] | None = None) -> list[Result]:
     """Every selected check of the target's catalogue, in order; but once the
     server has stopped answering, the rest are skipped, not run: each would
     wait out its timeout to say the same (45 of them, 7 minutes, pointed at
     a port that never speaks). It has stopped when the first check to
-    connect got not a line, or when UNANSWERED_IN_A_ROW checks in a row
-    waited out the timeout (a server that greets, then never answers)."""
+    connect got not a line, or when STALLED_IN_A_ROW checks in a row heard
+    no more than a greeting (a server that greets, then never answers)."""
     checks = select(CATALOGUES[target.protocol], only)
     results: list[Result] = []
     for index, check in enumerate(checks):
@@ -158,9 +164,9 @@ def run_probe(target: Target, only: Iterable[str] = (),
         if progress is not None:
             progress(results[-1])
         tried = [result for result in results if result.status != SKIP]
-        last = tried[-UNANSWERED_IN_A_ROW:]
+        last = tried[-STALLED_IN_A_ROW:]
         if (len(tried) == 1 and silent(tried[0])) or (
-                len(last) == UNANSWERED_IN_A_ROW and all(unanswered(result) for result in last)):
+                len(last) == STALLED_IN_A_ROW and all(stalled(result) for result in last)):
             why = f"not run: the server stopped answering ({tried[-1].detail.removeprefix(NO_REPLY)})"
             results += [Result(rest.id, rest.rfc, rest.title, SKIP, [], why, [], 0.0) for rest in checks[index + 1:]]
             break

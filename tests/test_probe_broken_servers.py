@@ -30,6 +30,7 @@ is shut down by its fixture, pass or fail.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import socket
@@ -45,7 +46,7 @@ import pytest
 from click.testing import CliRunner
 
 from pymailsrv.maildir import MaildirStore
-from pymailsrv.probe import FAIL, PASS, SKIP, probe, run_probe, text_report
+from pymailsrv.probe import FAIL, PASS, SKIP, Result, probe, run_probe, stalled, text_report
 from pymailsrv.probe_base import Target
 from pymailsrv.tls import self_signed_pair, server_context, write_pair
 from tests.conftest import PASSWORD
@@ -526,6 +527,18 @@ def test_a_server_silent_through_the_tls_handshake_is_one_line_after_one_timeout
     assert outcome.exit_code == 1
     assert outcome.stderr == f"Error: cannot probe {host}:{port}: no reply: the TLS handshake timed out after 0.5 s\n"
     assert time.monotonic() - started < 10
+
+
+def test_a_server_slow_at_one_step_is_not_taken_for_one_that_stopped_answering():
+    # A content scanner slower than --timeout at DATA: two such checks in a
+    # row stopped the run, and ten healthy checks went unrun.
+    slow_at_data = Result("smtp.data-delivers", "RFC 5321 §4.1.1.4", "", FAIL, [],
+                          "no reply: timed out after 1 s waiting for the server",
+                          ["S: 220 mail", "C: EHLO probe.invalid", "S: 250 mail", "C: MAIL FROM:<>",
+                           "S: 250 ok", "C: RCPT TO:<alice@localhost>", "S: 250 ok", "C: DATA", "S: 354 go",
+                           "C: ."], 1.0)
+    greeted_only = dataclasses.replace(slow_at_data, transcript=["S: 220 mail", "C: EHLO probe.invalid"])
+    assert (stalled(slow_at_data), stalled(greeted_only)) == (False, True)
 
 
 def test_a_server_that_greets_then_never_answers_stops_the_probe_after_two_timeouts():
