@@ -215,13 +215,16 @@ def build_view(user: str, msg_number: int, count: int, info: MessageInfo, path: 
 
 def _header_cut(data: bytes) -> tuple[bytes, int]:
     """``data`` with its header section cut to HEADER_SECTION_MAX octets, at
-    the end of a line, and how many octets of it were left out. The blank
-    line that ends the header, and the body after it, stay."""
+    the start of a field (a field folded over the cut is left out whole),
+    and how many octets of it were left out. The blank line that ends the
+    header, and the body after it, stay."""
     blank_line = re.search(rb"^\r?\n", data, re.MULTILINE)
     header_end = blank_line.start() if blank_line else len(data)
     if header_end <= HEADER_SECTION_MAX:
         return data, 0
     cut = data.rfind(b"\n", 0, HEADER_SECTION_MAX) + 1
+    while cut > 0 and data[cut:cut + 1] in (b" ", b"\t"):  # RFC 5322 §2.2.3: a folded line goes on a field
+        cut = data.rfind(b"\n", 0, cut - 1) + 1
     return data[:cut] + data[header_end:], header_end - cut
 
 
@@ -336,8 +339,8 @@ def summary(path: Path) -> tuple[str, str, str]:
     """The Date, From and Subject of the message in ``path``, decoded as
     `mailbox show` decodes them (FileNotFoundError if it has gone)."""
     with open(path, "rb") as file:
-        head = file.read(HEADER_SECTION_MAX)  # the header, or the part of it build_view reads
-    headers = BytesHeaderParser(policy=reading_policy()).parsebytes(head)
+        head = file.read(HEADER_SECTION_MAX + 1)  # enough for _header_cut to know whether to cut
+    headers = BytesHeaderParser(policy=reading_policy()).parsebytes(_header_cut(head)[0])
     date, sender, subject = (header_fields(headers, name, first_only=True)[0].value or ""
                              for name in ("Date", "From", "Subject"))
     return date, sender, subject

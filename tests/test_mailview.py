@@ -290,6 +290,15 @@ def test_a_header_of_many_fields_is_read_and_shown_only_in_part(root, add_user, 
     assert "many" not in mailbox_list(root, "alice").output
 
 
+def test_a_field_folded_over_the_header_cut_is_left_out_whole_by_show_and_list(root, add_user, store):
+    add_user("alice")
+    filler = "".join(f"X-Filler: {number:07d}\n" for number in range(14_221))  # 255 978 octets
+    subject = "Subject: first part\n second part\n"  # its fold goes past octet 256 000 (RFC 5322 §2.2.3)
+    store.deliver("alice", (filler + subject + "\nhi\n").encode())
+    assert "  Subject:                   (absent)" in show(root, "alice", "1").output.splitlines()
+    assert "first part" not in mailbox_list(root, "alice").output
+
+
 def test_a_utf8_field_is_not_shown_again_as_raw_escapes(root, add_user, store):
     # RFC 6532 allows UTF-8 in fields (the server offers SMTPUTF8): decoded,
     # nothing changed, so no raw form is due; and none of \udcc3 and the like.
