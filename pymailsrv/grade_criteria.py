@@ -424,12 +424,15 @@ def dot_stuffs_text(t: Transcript) -> Verdict:
         return None, "message text is summarised in this transcript (run the server with --trace-bodies)"
     dotted = 0
     for exchange in recorded:
-        lines = exchange.text[:-1] if exchange.text[-1:] == ["."] else exchange.text
-        for line in lines:  # as on the wire: a stuffed line still has both dots
+        events = exchange.text_events[:-1] if exchange.text[-1:] == ["."] else exchange.text_events
+        for event in events:  # as on the wire: a stuffed line still has both dots
+            line = event["line"]
+            if line == "." and event.get("ending", "CRLF") != "CRLF":
+                # Meant as the end, surely: its bare line end is what went
+                # wrong (uses-crlf's business), not its stuffing.
+                continue
             if line.startswith("."):
                 dotted += 1
-                # A lone "." too: before the end it came with a bare line
-                # end, so it did not end the text, and it was not stuffed.
                 if line[1:2] != ".":
                     return False, f"text line {shown(line)} was sent without its stuffing dot"
     if not dotted:
