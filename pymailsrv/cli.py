@@ -144,7 +144,7 @@ def main() -> None:
 @click.option("--pop3s-port", type=int, help="Implicit-TLS POP3 port, e.g. 995 (RFC 8314; default off).")
 @click.option("--smtps-port", type=int, help="Implicit-TLS submission port, e.g. 465 (RFC 8314; default off).")
 @click.option("--submission-port", type=int, help="Submission port, e.g. 587 (RFC 6409: AUTH before MAIL; default off).")
-@click.option("--smarthost", metavar="HOST:PORT", help="Send all outbound mail through this host (default: MX lookup).")
+@click.option("--smarthost", metavar="HOST[:PORT]", help="Send all outbound mail through this host, port 25 if none (default: MX lookup).")
 @click.option("--run-as", metavar="USER", help="Started as root: become USER once the ports are bound.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Misbehave on purpose, for testing clients, e.g. 'smtp:RCPT#2=452 4.2.2 mailbox full'.")

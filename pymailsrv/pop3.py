@@ -498,7 +498,8 @@ class Pop3Session(Session):
         """RSET (RFC 1939 §5): unmark every message marked as deleted."""
         self._arguments("RSET", argument, 0, 0)
         self.deleted.clear()
-        self.highest_accessed = self.highest_seen_before  # RFC 1460: RSET resets the LAST counter too
+        # RFC 1460: RSET resets the LAST counter too, to where the session began.
+        self.highest_accessed = self.highest_seen_before
         count, size = self._totals()
         return POP3_RESET.format(messages=counted(count, "message"), size=size)
 

@@ -319,7 +319,8 @@ class Session:
 
         The client address's failed logins are counted (``FailureThrottle``):
         a wrong password is one, a check that raises is a fault of ours and
-        none, and so is a try that could not succeed (NothingToGuess). Raises
+        none, and so is an APOP to an account with no APOP secret
+        (NothingToGuess). Raises
         AddressBlocked, checking nothing, where the address has failed too
         often lately; waits first while checks under way from it
         could still bring it there. Credentials that cannot be checked now

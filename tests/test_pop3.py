@@ -472,7 +472,7 @@ def test_noop_answers_a_bare_ok(login):
     assert client.command("NOOP x") == b"-ERR syntax: NOOP\r\n"
 
 
-def test_last_reports_the_highest_message_accessed_and_rset_clears_it(login, store):
+def test_last_reports_the_highest_message_accessed_and_rset_takes_it_back(login, store):
     """RFC 1460 (obsolete): RETR and DELE count as access, TOP does not."""
     for _ in range(3):
         store.deliver("alice", MESSAGE)
