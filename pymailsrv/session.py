@@ -320,12 +320,11 @@ class Session:
         The client address's failed logins are counted (``FailureThrottle``):
         a wrong password is one, a check that raises is a fault of ours and
         none, and so is an APOP to an account with no APOP secret
-        (NothingToGuess). Raises
-        AddressBlocked, checking nothing, where the address has failed too
-        often lately; waits first while checks under way from it
-        could still bring it there. Credentials that cannot be checked now
-        (users.json unusable) are refused with LOGIN_UNAVAILABLE, and no
-        failure is counted.
+        (NothingToGuess). Raises AddressBlocked, checking nothing, where the
+        address has failed too often lately; waits first while checks under
+        way from it could still bring it there. Credentials that cannot be
+        checked now (users.json unusable) are refused with LOGIN_UNAVAILABLE,
+        and no failure is counted.
         """
         throttle, address = self.context.throttle, self.peer[0]
         deadline = time.monotonic() + LOGIN_THROTTLE_WAIT_SECONDS
